@@ -1,0 +1,227 @@
+"""The local Azure stack: Key Vault, managed identity, APIM (gateway + ARM) and Azure OpenAI on loopback TLS."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from ._common import (
+    TENANT_ID,
+    Clock,
+    Identity,
+    LocalCA,
+    ServerThread,
+    Service,
+    TokenIssuer,
+    temporary_environ,
+)
+from .admin import AdminService
+from .apim import ApimGateway, ApimState, ArmService
+from .identity import IdentityService, write_az_stub
+from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
+from .openai_backend import OpenAIBackend
+
+SECRET_NAME = "apim-subscription-key"
+DEPLOYMENT = "gpt-4o-mini"
+API_VERSION = "2024-10-21"
+ARM_SUBSCRIPTION = "00000000-0000-4000-8000-00000000a11e"
+RESOURCE_GROUP = "rg-apimvault-local"
+APIM_SERVICE = "apim-apimvault-local"
+APIM_SUBSCRIPTION = "apimvault-app"
+VALIDITY_DAYS = 60
+
+# Variables that would send DefaultAzureCredential (or anything else) off this machine; unset in env().
+_FOREIGN_IDENTITY_VARS = (
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_USERNAME",
+    "AZURE_PASSWORD",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    "AZURE_CLIENT_ID",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_AD_TOKEN",
+)
+
+
+class LocalAzure:
+    """An embedded local Azure for tests, demos and drills.
+
+    Use it as a context manager::
+
+        with LocalAzure() as azure, azure.env():
+            ...  # DefaultAzureCredential(), SecretClient(azure.vault_url, ...), AzureOpenAI(...) all work
+
+    ``seed=True`` (the default) creates the APIM subscription ``apimvault-app`` and the vault secret
+    ``apim-subscription-key`` holding its primary key (tags ``CredentialId=primary``,
+    ``ValidityPeriodDays=60``, ``ProviderAddress=<subscription id>``, an expiry), grants the default
+    identity ``Key Vault Secrets User`` on that secret only, and the named identity ``officer``
+    ``Key Vault Secrets Officer`` on the whole vault.
+    """
+
+    def __init__(self, *, directory: str | Path | None = None, clock: Clock = time.time,
+                 seed: bool = True, rate_limit_per_minute: int | None = None) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="apimvault-local-")
+            directory = self._tmp.name
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.ca = LocalCA(self.directory)
+        self.tokens = TokenIssuer(clock=clock)
+        self.identity = IdentityService(self.tokens)
+        self.default_identity: Identity = self.identity.default
+        self.officer_identity: Identity = self.identity.add("officer")
+        self.keyvault = KeyVaultService(self.tokens, clock=clock)
+        self.apim_state = ApimState()
+        self.openai = OpenAIBackend()
+        self.gateway = ApimGateway(self.apim_state, self.openai, rate_limit_per_minute=rate_limit_per_minute)
+        self.arm = ArmService(self.apim_state, self.tokens)
+        self.admin = AdminService({})
+        self.services: dict[str, Service] = {
+            "keyvault": self.keyvault,
+            "identity": self.identity,
+            "gateway": self.gateway,
+            "arm": self.arm,
+            "openai": self.openai,
+        }
+        self.admin.services.update(self.services)
+        self._thread = ServerThread([*self.services.values(), self.admin], self.ca)
+        self._seed = seed
+        self._started = False
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> LocalAzure:
+        self._thread.start()
+        self._started = True
+        if self._seed:
+            self.seed()
+        return self
+
+    def stop(self) -> None:
+        if self._started:
+            self._thread.stop()
+            self._started = False
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalAzure:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------------------------------- seeding
+
+    @property
+    def apim_subscription_id(self) -> str:
+        """The ARM resource id of the seeded APIM subscription."""
+        return (
+            f"/subscriptions/{ARM_SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+            f"Microsoft.ApiManagement/service/{APIM_SERVICE}/subscriptions/{APIM_SUBSCRIPTION}"
+        )
+
+    def seed(self) -> None:
+        sub = self.apim_state.create_subscription(
+            ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION, display_name="apimvault app"
+        )
+        self.keyvault.put_secret(
+            SECRET_NAME,
+            sub.primary_key,
+            content_type="text/plain",
+            tags={
+                "CredentialId": "primary",
+                "ValidityPeriodDays": str(VALIDITY_DAYS),
+                "ProviderAddress": self.apim_subscription_id,
+            },
+            expires=int(self.clock()) + VALIDITY_DAYS * 86400,
+        )
+        self.keyvault.grant(self.default_identity, ROLE_USER, secret=SECRET_NAME)
+        self.keyvault.grant(self.officer_identity, ROLE_OFFICER)
+
+    # ------------------------------------------------------------------------------------- endpoints
+
+    @property
+    def vault_url(self) -> str:
+        return self.keyvault.url
+
+    @property
+    def gateway_url(self) -> str:
+        return self.gateway.url
+
+    @property
+    def arm_url(self) -> str:
+        return self.arm.url
+
+    @property
+    def ca_path(self) -> Path:
+        return self.ca.ca_path
+
+    def environ(self) -> dict[str, str]:
+        """The variables that make unmodified SDK clients with default arguments use this stack."""
+        return {
+            "AZURE_KEYVAULT_URL": self.vault_url,
+            "APIMVAULT_SECRET_NAME": SECRET_NAME,
+            "AZURE_OPENAI_ENDPOINT": self.gateway_url,
+            "OPENAI_API_VERSION": API_VERSION,
+            "APIMVAULT_DEPLOYMENT": DEPLOYMENT,
+            "IDENTITY_ENDPOINT": self.identity.endpoint,
+            "IDENTITY_HEADER": self.identity.header_secret,
+            "AZURE_TOKEN_CREDENTIALS": "managedidentitycredential",
+            "AZURE_TENANT_ID": TENANT_ID,
+            "SSL_CERT_FILE": str(self.ca_path),
+            "REQUESTS_CA_BUNDLE": str(self.ca_path),
+            "APIMVAULT_ARM_ENDPOINT": self.arm_url,
+            "APIMVAULT_APIM_SUBSCRIPTION_ID": self.apim_subscription_id,
+            "APIMVAULT_OFFICER_CLIENT_ID": self.officer_identity.client_id,
+            "APIMVAULT_ADMIN_URL": self.admin.url,
+        }
+
+    @contextlib.contextmanager
+    def env(self, **overrides: str | None) -> Iterator[dict[str, str]]:
+        """Set :meth:`environ` (plus overrides; ``None`` unsets) in ``os.environ`` for the block.
+
+        Variables that would lead a credential off this machine (client secrets, federated token files,
+        other managed-identity endpoints) are unset for the block.
+        """
+        values: dict[str, str | None] = {k: None for k in _FOREIGN_IDENTITY_VARS}
+        values.update(self.environ())
+        values.update(overrides)
+        with temporary_environ(values):
+            yield {k: v for k, v in values.items() if v is not None}
+
+    def write_env_file(self, path: str | Path) -> Path:
+        """Write :meth:`environ` as a dotenv file (mode 0600). It holds endpoints, never the key."""
+        path = Path(path)
+        lines = [f"{k}={v}" for k, v in self.environ().items()]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return path
+
+    def az_stub_dir(self) -> Path:
+        """A directory holding a stand-in ``az`` that answers ``az account get-access-token`` locally.
+
+        Put it first on ``PATH`` (only where a test or command asks for the laptop path) and set
+        ``AZURE_TOKEN_CREDENTIALS=dev`` so ``DefaultAzureCredential`` uses the real ``AzureCliCredential``.
+        """
+        target = self.directory / "az-bin"
+        if not (target / "az").exists():
+            write_az_stub(target, self.identity)
+        return target
+
+    def cleanup_az_stub(self) -> None:
+        shutil.rmtree(self.directory / "az-bin", ignore_errors=True)

@@ -1,0 +1,49 @@
+"""Shared fixtures: one local Azure stack per test session, reset between tests.
+
+Nothing here patches an SDK: the real clients talk HTTPS to the stack on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from apimvault.local import LocalAzure
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loopback_only() -> Iterator[None]:
+    """Refuse, for the whole test session, any connection to an address outside the loopback range."""
+    original = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> object:
+        if isinstance(address, tuple) and self.family in (socket.AF_INET, socket.AF_INET6):
+            host = str(address[0])
+            if not (host.startswith("127.") or host in ("::1", "localhost")):
+                raise ConnectionRefusedError(f"test tried to reach non-loopback address {host!r}")
+        return original(self, address)  # type: ignore[arg-type]
+
+    socket.socket.connect = guarded  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        socket.socket.connect = original  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="session")
+def local_azure() -> Iterator[LocalAzure]:
+    with LocalAzure() as azure, azure.env():
+        yield azure
+
+
+@pytest.fixture
+def azure(local_azure: LocalAzure) -> Iterator[LocalAzure]:
+    """The session's stack with no faults and zeroed counters for this test."""
+    for service in local_azure.services.values():
+        service.faults.clear()
+        service.counters.reset()
+    yield local_azure
+    for service in local_azure.services.values():
+        service.faults.clear()
