@@ -1,1 +1,80 @@
-"""apimvault."""
+"""apimvault: Azure OpenAI through API Management with the subscription key kept in Key Vault.
+
+The key is fetched with ``DefaultAzureCredential``, cached with a jittered TTL, refreshed ahead of
+expiry in the background, served stale (bounded) through Key Vault outages, and put on every request
+of a plain ``openai.AzureOpenAI`` / ``AsyncAzureOpenAI`` client, so a rotation needs no restart::
+
+    from apimvault import SubscriptionKeyProvider, create_azure_openai
+
+    provider = SubscriptionKeyProvider.from_env()       # AZURE_KEYVAULT_URL, APIMVAULT_SECRET_NAME
+    client = create_azure_openai(provider)              # AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._async import AsyncSubscriptionKeyProvider
+from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
+from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
+from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
+from ._events import SecretEvent, arefresh_from_event, parse_secret_events, refresh_from_event
+from ._key import SubscriptionKey, fingerprint
+from ._policy import CachePolicy
+from ._redact import KeyRedactionFilter, install_log_redaction
+from ._sync import SubscriptionKeyProvider
+from .exceptions import (
+    AccessDeniedError,
+    ApimVaultError,
+    ConfigurationError,
+    CredentialError,
+    InsecureTransportError,
+    InvalidSecretValueError,
+    KeyUnavailableError,
+    SecretDisabledError,
+    SecretExpiredError,
+    SecretNotFoundError,
+    SecretNotYetValidError,
+    VaultUnavailableError,
+)
+
+try:
+    __version__ = version("apimvault")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DEFAULT_HEADER",
+    "PLACEHOLDER_API_KEY",
+    "AccessDeniedError",
+    "ApimVaultError",
+    "AsyncSubscriptionKeyProvider",
+    "CachePolicy",
+    "ConfigurationError",
+    "CredentialError",
+    "InsecureTransportError",
+    "InvalidSecretValueError",
+    "KeyEvent",
+    "KeyRedactionFilter",
+    "KeyUnavailableError",
+    "LiveHeaders",
+    "ProviderStats",
+    "SecretDisabledError",
+    "SecretEvent",
+    "SecretExpiredError",
+    "SecretNotFoundError",
+    "SecretNotYetValidError",
+    "SubscriptionKey",
+    "SubscriptionKeyAuth",
+    "SubscriptionKeyProvider",
+    "VaultUnavailableError",
+    "__version__",
+    "arefresh_from_event",
+    "create_async_azure_openai",
+    "create_azure_openai",
+    "fingerprint",
+    "install_log_redaction",
+    "is_apim_key_rejection",
+    "parse_secret_events",
+    "refresh_from_event",
+]

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,8 +191,16 @@ class Faults:
             self._rules.append(fault)
         return fault
 
-    def inject(self, kind: FaultKind, *, operation: str | None = None, times: int | None = None,
-               seconds: float = 0.0, status: int = 503, retry_after: int = 1) -> Fault:
+    def inject(
+        self,
+        kind: FaultKind,
+        *,
+        operation: str | None = None,
+        times: int | None = None,
+        seconds: float = 0.0,
+        status: int = 503,
+        retry_after: int = 1,
+    ) -> Fault:
         return self.add(Fault(kind, operation, times, seconds, status, retry_after))
 
     def fail_next(self, n: int, *, status: int = 503, operation: str | None = None) -> Fault:
@@ -307,8 +315,13 @@ class ServiceMiddleware:
 async def _drop_connection(send: Send) -> None:
     # A response that promises a body it never sends; raising makes uvicorn close the transport,
     # so the client sees the connection go away mid-response (httpx: RemoteProtocolError).
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1024")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"1024")],
+        }
+    )
     await send({"type": "http.response.body", "body": b"{", "more_body": True})
     raise _Reset("connection reset injected")
 
@@ -423,7 +436,7 @@ class ServerThread:
             with contextlib.suppress(OSError):
                 service.socket.close()
 
-    def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+    def call(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """Run a coroutine factory on the stack's loop from another thread and return its result."""
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result()
 
@@ -447,4 +460,3 @@ def temporary_environ(values: dict[str, str | None]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-

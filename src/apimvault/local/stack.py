@@ -1,4 +1,4 @@
-"""The local Azure stack: Key Vault, managed identity, APIM (gateway + ARM) and Azure OpenAI on loopback TLS."""
+"""The local Azure stack: Key Vault, managed identity, APIM (gateway, ARM), Azure OpenAI on loopback TLS."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .identity import IdentityService, write_az_stub
 from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
 from .openai_backend import OpenAIBackend
 
-SECRET_NAME = "apim-subscription-key"
+SECRET_NAME = "apim-subscription-key"  # noqa: S105 - a secret name, not a value
 DEPLOYMENT = "gpt-4o-mini"
 API_VERSION = "2024-10-21"
 ARM_SUBSCRIPTION = "00000000-0000-4000-8000-00000000a11e"
@@ -69,8 +69,14 @@ class LocalAzure:
     ``Key Vault Secrets Officer`` on the whole vault.
     """
 
-    def __init__(self, *, directory: str | Path | None = None, clock: Clock = time.time,
-                 seed: bool = True, rate_limit_per_minute: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        directory: str | Path | None = None,
+        clock: Clock = time.time,
+        seed: bool = True,
+        rate_limit_per_minute: int | None = None,
+    ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="apimvault-local-")
@@ -121,7 +127,9 @@ class LocalAzure:
     def __enter__(self) -> LocalAzure:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # ----------------------------------------------------------------------------------------- seeding

@@ -1,0 +1,131 @@
+"""Push invalidation from Key Vault's Event Grid events (Event Grid schema or CloudEvents 1.0)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._async import AsyncSubscriptionKeyProvider
+from ._sync import SubscriptionKeyProvider
+from .exceptions import ConfigurationError, KeyUnavailableError
+
+__all__ = ["SecretEvent", "arefresh_from_event", "parse_secret_events", "refresh_from_event"]
+
+NEW_VERSION = "Microsoft.KeyVault.SecretNewVersionCreated"
+NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
+EXPIRED = "Microsoft.KeyVault.SecretExpired"
+_SECRET_EVENTS = frozenset({NEW_VERSION, NEAR_EXPIRY, EXPIRED})
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretEvent:
+    """One Key Vault secret event, normalised from either schema."""
+
+    event_type: str
+    vault_name: str
+    secret_name: str
+    version: str | None
+    secret_id: str | None
+
+
+def _event_list(payload: Any) -> list[Mapping[str, Any]]:
+    if isinstance(payload, bytes | str):
+        try:
+            payload = json.loads(payload)
+        except ValueError as exc:
+            raise ConfigurationError(f"event payload is not JSON: {exc}") from None
+    if isinstance(payload, Mapping):
+        payload = [payload]
+    if not isinstance(payload, list) or not all(isinstance(e, Mapping) for e in payload):
+        raise ConfigurationError("event payload must be an Event Grid / CloudEvents object or a list of them")
+    return payload
+
+
+def parse_secret_events(payload: Any) -> list[SecretEvent]:
+    """Key Vault secret events in an Event Grid or CloudEvents payload (dict, list, str or bytes).
+
+    Other event types (e.g. Event Grid's subscription validation) are ignored; a malformed secret
+    event raises :class:`~apimvault.ConfigurationError`.
+    """
+    events = []
+    for raw in _event_list(payload):
+        event_type = raw.get("eventType") or raw.get("type")
+        if event_type not in _SECRET_EVENTS:
+            continue
+        data = raw.get("data")
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(f"{event_type} event has no data object")
+        name = data.get("ObjectName") or raw.get("subject")
+        vault = data.get("VaultName")
+        version = data.get("Version")
+        secret_id = data.get("Id")
+        if not isinstance(name, str) or not name or not isinstance(vault, str) or not vault:
+            raise ConfigurationError(f"{event_type} event lacks VaultName/ObjectName")
+        if version is not None and not isinstance(version, str):
+            raise ConfigurationError(f"{event_type} event has a non-string Version")
+        if secret_id is not None and not isinstance(secret_id, str):
+            raise ConfigurationError(f"{event_type} event has a non-string Id")
+        events.append(SecretEvent(str(event_type), vault, name, version or None, secret_id))
+    return events
+
+
+def _concerns(event: SecretEvent, provider: SubscriptionKeyProvider | AsyncSubscriptionKeyProvider) -> bool:
+    if event.secret_name.lower() != provider.secret_name.lower():
+        return False
+    host = (urlsplit(provider.vault_url).hostname or "").lower()
+    if event.secret_id:
+        try:
+            id_parts = urlsplit(event.secret_id)
+            same_vault = (id_parts.hostname or "").lower() == host and id_parts.port == urlsplit(
+                provider.vault_url
+            ).port
+        except ValueError:
+            same_vault = False
+        if same_vault:
+            return True
+    return host.split(".", 1)[0] == event.vault_name.lower()
+
+
+def _wanted(event: SecretEvent, provider: SubscriptionKeyProvider | AsyncSubscriptionKeyProvider) -> bool:
+    if not _concerns(event, provider):
+        return False
+    if provider.version is not None:  # pinned: a new version changes nothing for this provider
+        return False
+    current = provider.current()
+    return event.event_type != NEW_VERSION or current is None or current.version != event.version
+
+
+def refresh_from_event(
+    payload: Any, providers: Iterable[SubscriptionKeyProvider]
+) -> list[SubscriptionKeyProvider]:
+    """Refresh the providers a ``SecretNewVersionCreated`` (or near-expiry/expired) event concerns.
+
+    A provider already holding the event's version is skipped (no Key Vault read). Returns the providers
+    refreshed. Refresh failures are recorded by the provider (which keeps serving its key) and not raised.
+    """
+    events = parse_secret_events(payload)
+    done: list[SubscriptionKeyProvider] = []
+    for provider in providers:
+        if any(_wanted(e, provider) for e in events):
+            with contextlib.suppress(KeyUnavailableError):
+                provider.refresh()
+            done.append(provider)
+    return done
+
+
+async def arefresh_from_event(
+    payload: Any, providers: Iterable[AsyncSubscriptionKeyProvider]
+) -> list[AsyncSubscriptionKeyProvider]:
+    """The asyncio twin of :func:`refresh_from_event`."""
+    events = parse_secret_events(payload)
+    done: list[AsyncSubscriptionKeyProvider] = []
+    for provider in providers:
+        if any(_wanted(e, provider) for e in events):
+            with contextlib.suppress(KeyUnavailableError):
+                await provider.refresh()
+            done.append(provider)
+    return done

@@ -1,0 +1,102 @@
+"""Every exception apimvault raises. None of them ever carries the subscription key.
+
+The tree::
+
+    ApimVaultError
+    ├── ConfigurationError (also ValueError)     bad arguments or environment: fix the code or the env
+    │   └── InsecureTransportError                 the key would travel over plain http
+    └── KeyUnavailableError                        no usable key could be produced
+        ├── VaultUnavailableError                  transient: Key Vault or the identity endpoint failed
+        │                                          (timeout, connection error, 5xx, 429) and no cached
+        │                                          key is still within its staleness bound
+        ├── CredentialError                        the credential produced no token (which credential, why)
+        ├── AccessDeniedError                      403: the identity lacks a role on the secret
+        ├── SecretNotFoundError                    404: no such secret (or version) in the vault
+        ├── SecretDisabledError                    the secret (version) is disabled
+        ├── SecretExpiredError                     past the secret's ``expires_on``
+        ├── SecretNotYetValidError                 before the secret's ``not_before``
+        └── InvalidSecretValueError                the value cannot be a header (empty, control chars...)
+
+``KeyUnavailableError.permanent`` tells whether retrying without a change on the Azure side can help.
+The Azure SDK's original exception is chained (``raise ... from``) and is safe to log: Key Vault error
+bodies never contain secret values.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDeniedError",
+    "ApimVaultError",
+    "ConfigurationError",
+    "CredentialError",
+    "InsecureTransportError",
+    "InvalidSecretValueError",
+    "KeyUnavailableError",
+    "SecretDisabledError",
+    "SecretExpiredError",
+    "SecretNotFoundError",
+    "SecretNotYetValidError",
+    "VaultUnavailableError",
+]
+
+
+class ApimVaultError(Exception):
+    """Base class of every apimvault error."""
+
+
+class ConfigurationError(ApimVaultError, ValueError):
+    """Invalid arguments or environment (missing ``AZURE_KEYVAULT_URL``, a bad TTL, ...)."""
+
+
+class InsecureTransportError(ConfigurationError):
+    """The key would be sent over plain http; pass ``allow_insecure_http=True`` only for loopback tests."""
+
+
+class KeyUnavailableError(ApimVaultError):
+    """No usable subscription key. ``secret`` names the secret (``vault_url/secrets/name``)."""
+
+    permanent: bool = True
+
+    def __init__(self, message: str, *, secret: str | None = None) -> None:
+        super().__init__(message)
+        self.secret = secret
+
+
+class VaultUnavailableError(KeyUnavailableError):
+    """Key Vault or the identity endpoint failed transiently and no cached key is usable any more."""
+
+    permanent = False
+
+    def __init__(self, message: str, *, secret: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, secret=secret)
+        self.retry_after = retry_after
+
+
+class CredentialError(KeyUnavailableError):
+    """The credential could not produce a token for Key Vault (which credential and why is in the message)."""
+
+    permanent = False
+
+
+class AccessDeniedError(KeyUnavailableError):
+    """Key Vault answered 403: the identity lacks ``Key Vault Secrets User`` (or more) on the secret."""
+
+
+class SecretNotFoundError(KeyUnavailableError):
+    """Key Vault answered 404 for the secret or the pinned version."""
+
+
+class SecretDisabledError(KeyUnavailableError):
+    """The secret version is disabled (``enabled=false``)."""
+
+
+class SecretExpiredError(KeyUnavailableError):
+    """The secret version is past its ``expires_on``; Key Vault still serves it, apimvault does not."""
+
+
+class SecretNotYetValidError(KeyUnavailableError):
+    """The secret version's ``not_before`` is in the future."""
+
+
+class InvalidSecretValueError(KeyUnavailableError):
+    """The secret value cannot be sent as a header (empty, control characters, non-ASCII, too long)."""
