@@ -12,17 +12,21 @@ of a plain ``openai.AzureOpenAI`` / ``AsyncAzureOpenAI`` client, so a rotation n
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from ._async import AsyncSubscriptionKeyProvider
-from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
-from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
-from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
-from ._events import SecretEvent, arefresh_from_event, parse_secret_events, refresh_from_event
-from ._key import SubscriptionKey, fingerprint
-from ._policy import CachePolicy
-from ._redact import KeyRedactionFilter, install_log_redaction
-from ._sync import SubscriptionKeyProvider
+if TYPE_CHECKING:
+    from ._async import AsyncSubscriptionKeyProvider
+    from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
+    from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
+    from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
+    from ._events import SecretEvent, arefresh_from_event, parse_secret_events, refresh_from_event
+    from ._key import SubscriptionKey, fingerprint
+    from ._policy import CachePolicy
+    from ._redact import KeyRedactionFilter, install_log_redaction
+    from ._sync import SubscriptionKeyProvider
+
 from .exceptions import (
     AccessDeniedError,
     ApimVaultError,
@@ -42,6 +46,45 @@ try:
     __version__ = version("apimvault")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
     __version__ = "0+unknown"
+
+# Public names are imported on first use, so ``import apimvault.local`` or ``apimvault.exceptions`` does
+# not pull in openai / azure-core, and ``import apimvault`` stays cheap.
+_LAZY = {
+    "AsyncSubscriptionKeyProvider": "._async",
+    "PLACEHOLDER_API_KEY": "._auth",
+    "SubscriptionKeyAuth": "._auth",
+    "is_apim_key_rejection": "._auth",
+    "DEFAULT_HEADER": "._base",
+    "KeyEvent": "._base",
+    "ProviderStats": "._base",
+    "LiveHeaders": "._client",
+    "create_async_azure_openai": "._client",
+    "create_azure_openai": "._client",
+    "SecretEvent": "._events",
+    "arefresh_from_event": "._events",
+    "parse_secret_events": "._events",
+    "refresh_from_event": "._events",
+    "SubscriptionKey": "._key",
+    "fingerprint": "._key",
+    "CachePolicy": "._policy",
+    "KeyRedactionFilter": "._redact",
+    "install_log_redaction": "._redact",
+    "SubscriptionKeyProvider": "._sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'apimvault' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DEFAULT_HEADER",

@@ -431,6 +431,7 @@ class ServerThread:
                 service.stopping.set()
             for server in self._servers:
                 server.should_exit = True
+                server.force_exit = True  # don't wait for idle keep-alive connections of clients
 
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(_signal)

@@ -67,6 +67,10 @@ class LocalAzure:
     ``ValidityPeriodDays=60``, ``ProviderAddress=<subscription id>``, an expiry), grants the default
     identity ``Key Vault Secrets User`` on that secret only, and the named identity ``officer``
     ``Key Vault Secrets Officer`` on the whole vault.
+
+    ``ca`` reuses a CA made earlier. aiohttp (azure-core's async transport) reads ``SSL_CERT_FILE`` once,
+    when it is imported: a process that imports it before the stack exists must create the CA first,
+    point ``SSL_CERT_FILE`` at ``ca.ca_path`` and hand the CA in (the test suite's conftest does this).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class LocalAzure:
         clock: Clock = time.time,
         seed: bool = True,
         rate_limit_per_minute: int | None = None,
+        ca: LocalCA | None = None,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
@@ -84,7 +89,7 @@ class LocalAzure:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.clock = clock
-        self.ca = LocalCA(self.directory)
+        self.ca = ca if ca is not None else LocalCA(self.directory)
         self.tokens = TokenIssuer(clock=clock)
         self.identity = IdentityService(self.tokens)
         self.default_identity: Identity = self.identity.default

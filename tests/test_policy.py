@@ -1,0 +1,174 @@
+"""The pure cache policy, driven by a fake clock (no I/O, no sleeps)."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+
+from apimvault import CachePolicy, ConfigurationError, SubscriptionKey
+from apimvault._policy import Action, ForceDecision, KeyCache
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def key(version: str = "a" * 32, value: str = "k" * 32, expires_on: float | None = None) -> SubscriptionKey:
+    return SubscriptionKey.create(
+        value, version=version, secret_id=f"https://v/secrets/s/{version}", expires_on=expires_on
+    )
+
+
+def make(policy: CachePolicy | None = None, seed: int = 1) -> tuple[KeyCache, FakeClock]:
+    clock = FakeClock()
+    return KeyCache(policy or CachePolicy(), clock, random.Random(seed)), clock
+
+
+def test_empty_cache_must_load() -> None:
+    cache, _ = make()
+    assert cache.decide() is Action.LOAD
+    assert cache.may_load()
+
+
+def test_lifecycle_fresh_then_refresh_ahead_then_stale_then_load() -> None:
+    policy = CachePolicy(ttl=300, jitter=0, refresh_margin=60, max_staleness=600)
+    cache, clock = make(policy)
+    entry, previous = cache.accept(key())
+    assert previous is None
+    assert (entry.refresh_at, entry.fresh_until, entry.usable_until) == (
+        clock.now + 240,
+        clock.now + 300,
+        clock.now + 900,
+    )
+    assert cache.decide() is Action.SERVE
+    clock.advance(239.9)
+    assert cache.decide() is Action.SERVE
+    clock.advance(0.2)
+    assert cache.decide() is Action.SERVE_AND_REFRESH
+    clock.advance(300)  # past fresh, within staleness: still served while refreshing
+    assert cache.decide() is Action.SERVE_AND_REFRESH
+    clock.advance(400)  # past the hard limit: cachetools has evicted the entry
+    assert cache.entry() is None
+    assert cache.decide() is Action.LOAD
+
+
+def test_jitter_shortens_ttl_within_bounds_and_differs_per_provider() -> None:
+    policy = CachePolicy(ttl=1000, jitter=0.2)
+    ttls = {KeyCache(policy, FakeClock(), random.Random(seed)).ttl for seed in range(50)}
+    assert all(800 <= t <= 1000 for t in ttls)
+    assert len(ttls) == 50
+    assert KeyCache(CachePolicy(ttl=1000, jitter=0), FakeClock()).ttl == 1000
+
+
+def test_secret_expiry_caps_fresh_and_usable_periods() -> None:
+    cache, clock = make(CachePolicy(ttl=300, jitter=0, refresh_margin=60, max_staleness=3600))
+    entry, _ = cache.accept(key(expires_on=clock.now + 100))
+    assert entry.fresh_until == clock.now + 100
+    assert entry.usable_until == clock.now + 100
+    assert entry.refresh_at == clock.now + 40
+    clock.advance(100)
+    assert cache.decide() is Action.LOAD
+
+
+def test_failure_backs_off_refresh_but_keeps_serving() -> None:
+    cache, clock = make(CachePolicy(ttl=300, jitter=0, refresh_margin=60, backoff_initial=2, backoff_max=30))
+    cache.accept(key())
+    clock.advance(250)
+    assert cache.decide() is Action.SERVE_AND_REFRESH
+    delay = cache.reject(RuntimeError("boom"))
+    assert 1 <= delay <= 2
+    assert cache.decide() is Action.SERVE  # backing off: no new attempt yet
+    clock.advance(delay)
+    assert cache.decide() is Action.SERVE_AND_REFRESH
+    assert cache.entry() is not None  # the good key was never dropped
+
+
+def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
+    policy = CachePolicy(backoff_initial=1, backoff_max=30, backoff_multiplier=2, retry_after_max=120)
+    rng = random.Random(3)
+    delays = [policy.backoff(n, rng) for n in range(1, 10)]
+    for n, d in enumerate(delays, start=1):
+        nominal = min(30, 2 ** (n - 1))
+        assert nominal / 2 <= d <= nominal
+    assert policy.backoff(3, rng, retry_after=45) == 45
+    assert policy.backoff(3, rng, retry_after=1000) == 120  # capped
+
+
+def test_load_is_refused_while_backing_off_without_a_key() -> None:
+    cache, clock = make(CachePolicy(backoff_initial=4, backoff_max=4))
+    delay = cache.reject(RuntimeError("down"))
+    assert not cache.may_load()
+    clock.advance(delay)
+    assert cache.may_load()
+
+
+def test_forced_refresh_decisions() -> None:
+    cache, clock = make(CachePolicy(forced_refresh_interval=10))
+    cache.accept(key("b" * 32))
+    assert cache.decide_forced("a" * 32) is ForceDecision.USE_NEWER
+    assert cache.decide_forced("b" * 32) is ForceDecision.REFRESH
+    cache.note_forced()
+    clock.advance(5)
+    assert cache.decide_forced("b" * 32) is ForceDecision.RATE_LIMITED
+    clock.advance(5)
+    assert cache.decide_forced("b" * 32) is ForceDecision.REFRESH
+
+
+def test_accept_reports_rotation_and_resets_failures() -> None:
+    cache, _ = make()
+    cache.accept(key("a" * 32))
+    cache.reject(RuntimeError("x"))
+    _, previous = cache.accept(key("b" * 32))
+    assert previous == "a" * 32
+    assert cache.failures == 0 and cache.last_error is None
+    _, previous = cache.accept(key("b" * 32))
+    assert previous is None
+
+
+def test_invalidate_forces_a_background_refresh_without_dropping_the_key() -> None:
+    cache, _ = make()
+    cache.accept(key())
+    cache.invalidate()
+    assert cache.decide() is Action.SERVE_AND_REFRESH
+    assert cache.entry() is not None
+
+
+def test_timedelta_durations() -> None:
+    policy = CachePolicy(ttl=timedelta(minutes=10), max_staleness=timedelta(hours=2))
+    assert policy.ttl_s == 600
+    assert policy.staleness_s == 7200
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ttl": 0},
+        {"ttl": -1},
+        {"ttl": float("nan")},
+        {"ttl": "300"},
+        {"ttl": True},
+        {"jitter": 0.9},
+        {"jitter": -0.1},
+        {"max_staleness": -5},
+        {"backoff_multiplier": 0.5},
+        {"backoff_initial": 10, "backoff_max": 1},
+    ],
+)
+def test_invalid_policy_is_a_configuration_error(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        CachePolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_refresh_margin_is_capped_at_half_the_ttl() -> None:
+    cache, clock = make(CachePolicy(ttl=100, jitter=0, refresh_margin=1000))
+    entry, _ = cache.accept(key())
+    assert entry.refresh_at == clock.now + 50
