@@ -1,4 +1,4 @@
-"""AsyncSubscriptionKeyProvider against the local stack through the real aio SecretClient (no mocks, no sleeps)."""
+"""AsyncSubscriptionKeyProvider on the local stack via the real aio SecretClient (no mocks, no sleeps)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def provider(
     return AsyncSubscriptionKeyProvider(azure.vault_url, name, clock=clock or FakeClock(), **kwargs)  # type: ignore[arg-type]
 
 
-async def wait_for(predicate: object, timeout: float = 30) -> None:
+async def wait_for(predicate: object, limit_s: float = 30) -> None:
     """Yield to the loop until ``predicate()`` holds (bounded by a deadline, not a sleep for time)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     while not predicate():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)

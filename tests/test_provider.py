@@ -1,4 +1,4 @@
-"""SubscriptionKeyProvider against the local Azure stack through the real SecretClient (no mocks, no sleeps)."""
+"""SubscriptionKeyProvider against the local stack via the real SecretClient (no mocks, no sleeps)."""
 
 from __future__ import annotations
 
