@@ -1,0 +1,448 @@
+// Automated dual-key rotation.
+//   Key Vault --(SecretNearExpiry, 30 days before exp)--> Event Grid system topic --> event subscription
+//   (filtered to the one secret; retries; dead-letter to a blob container) --> Azure Function (Python, Event
+//   Grid trigger) that calls apimvault.rotation.rotate_from_event with the rotator identity.
+//
+// Network: the function reaches Key Vault and its own storage through VNet integration and private endpoints;
+// its inbound side accepts only the AzureEventGrid service tag (Event Grid push delivery cannot reach a
+// private endpoint). Storage takes Entra ID only (shared keys off) and denies public traffic except trusted
+// Azure services (Event Grid writes dead letters with the system topic's managed identity).
+
+param location string
+param tags object = {}
+
+param storageAccountName string
+param functionAppName string
+param functionPlanName string
+param systemTopicName string
+
+@description('Name of the function inside the app (function_app.py @app.function_name).')
+param functionName string = 'rotate_apim_key'
+
+param keyVaultName string
+param keyVaultUri string
+param secretName string
+
+@description('Resource id of the APIM subscription the secret holds a key of (passed to the function).')
+param apimSubscriptionResourceId string
+
+param rotatorIdentityId string
+param rotatorClientId string
+param functionHostIdentityId string
+param functionHostPrincipalId string
+param functionHostClientId string
+
+param functionSubnetId string
+param privateEndpointSubnetId string
+param blobDnsZoneId string
+
+param logAnalyticsWorkspaceId string
+param appInsightsName string
+param appInsightsConnectionString string
+
+@description('Public IPs allowed to the function app\'s deployment (SCM) endpoint, for publishing the code.')
+param deployerIpAddresses array = []
+
+@description('Create the Event Grid subscription. Event Grid validates the function endpoint on creation, so enable this once the function code is published.')
+param enableEventSubscription bool = false
+
+var deploymentContainerName = 'deploymentpackage'
+var deadLetterContainerName = 'rotation-deadletter'
+var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
+var storageBlobDataContributorRoleId = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+var monitoringMetricsPublisherRoleId = '3913510d-42f4-4e42-8a64-420c390055eb'
+
+// ----------------------------------------------------------------------------------------------- storage
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  name: storageAccountName
+  location: location
+  tags: tags
+  kind: 'StorageV2'
+  sku: {
+    name: 'Standard_GZRS'
+  }
+  properties: {
+    // checkov:skip=CKV_AZURE_59: Public network access stays "Enabled from selected networks" (default Deny, no IP rules) so the trusted-service exception lets Event Grid write dead letters with its managed identity; everything else goes through the blob private endpoint.
+    // checkov:skip=CKV_AZURE_43: The name is computed ('st' + namePrefix + uniqueString), lowercase alphanumeric and at most 21 characters by main.bicep's parameter constraints; checkov cannot evaluate the expression.
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+    allowBlobPublicAccess: false
+    allowSharedKeyAccess: false
+    defaultToOAuthAuthentication: true
+    allowCrossTenantReplication: false
+    publicNetworkAccess: 'Enabled'
+    networkAcls: {
+      defaultAction: 'Deny'
+      bypass: 'AzureServices'
+      ipRules: []
+      virtualNetworkRules: []
+    }
+    encryption: {
+      keySource: 'Microsoft.Storage'
+      requireInfrastructureEncryption: true
+      services: {
+        blob: {
+          enabled: true
+        }
+        file: {
+          enabled: true
+        }
+      }
+    }
+  }
+}
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    deleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+    containerDeleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+  }
+}
+
+resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: deploymentContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+resource deadLetterContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: deadLetterContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+resource storageBlobDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: blobService
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'audit'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'Transaction'
+        enabled: true
+      }
+    ]
+  }
+}
+
+module storagePrivateEndpoint 'privateEndpoint.bicep' = {
+  name: 'pe-${storageAccountName}-blob'
+  params: {
+    name: 'pe-${storageAccountName}-blob'
+    location: location
+    tags: tags
+    subnetId: privateEndpointSubnetId
+    targetResourceId: storage.id
+    groupId: 'blob'
+    privateDnsZoneId: blobDnsZoneId
+  }
+}
+
+// The Functions host (not the rotation code) reads its deployment package and keeps its leases in this account.
+resource hostBlobOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, functionHostPrincipalId, storageBlobDataOwnerRoleId)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataOwnerRoleId)
+    principalId: functionHostPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: appInsightsName
+}
+
+// Entra-authenticated telemetry (App Insights local auth is off).
+resource hostMetricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(appInsights.id, functionHostPrincipalId, monitoringMetricsPublisherRoleId)
+  scope: appInsights
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', monitoringMetricsPublisherRoleId)
+    principalId: functionHostPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- function
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: functionPlanName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    // checkov:skip=CKV_AZURE_225: Zone redundancy is not offered for Flex Consumption in every region; the function runs about once a month and Event Grid retries delivery for 24 hours, then dead-letters.
+    reserved: true
+  }
+}
+
+resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
+  name: functionAppName
+  location: location
+  tags: tags
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${rotatorIdentityId}': {}
+      '${functionHostIdentityId}': {}
+    }
+  }
+  properties: {
+    // checkov:skip=CKV_AZURE_222: Event Grid push delivery cannot reach a private endpoint; inbound is limited to the AzureEventGrid service tag (ipSecurityRestrictions, default Deny) plus the function's system key.
+    // checkov:skip=CKV_AZURE_17: Event Grid cannot present a client certificate; callers are limited by service tag and function key instead.
+    // checkov:skip=CKV_AZURE_212: Flex Consumption scales from zero; a missed delivery is retried by Event Grid for 24 hours and then dead-lettered, so no standby instance is kept.
+    // checkov:skip=CKV_AZURE_213: The app serves only the Event Grid trigger (no HTTP route to probe); Flex Consumption manages instance health itself.
+    serverFarmId: plan.id
+    httpsOnly: true
+    publicNetworkAccess: 'Enabled'
+    clientCertEnabled: false
+    virtualNetworkSubnetId: functionSubnetId
+    keyVaultReferenceIdentity: rotatorIdentityId
+    siteConfig: {
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+      remoteDebuggingEnabled: false
+      cors: {
+        allowedOrigins: []
+      }
+      ipSecurityRestrictionsDefaultAction: 'Deny'
+      ipSecurityRestrictions: [
+        {
+          name: 'AllowEventGrid'
+          description: 'Event Grid push delivery of SecretNearExpiry events'
+          action: 'Allow'
+          priority: 100
+          tag: 'ServiceTag'
+          ipAddress: 'AzureEventGrid'
+        }
+      ]
+      scmIpSecurityRestrictionsUseMain: false
+      scmIpSecurityRestrictionsDefaultAction: 'Deny'
+      scmIpSecurityRestrictions: [for (ip, i) in deployerIpAddresses: {
+        name: 'AllowDeployer${i}'
+        action: 'Allow'
+        priority: 100 + i
+        ipAddress: contains(ip, '/') ? ip : '${ip}/32'
+      }]
+      appSettings: [
+        {
+          name: 'AzureWebJobsStorage__accountName'
+          value: storage.name
+        }
+        {
+          name: 'AzureWebJobsStorage__credential'
+          value: 'managedidentity'
+        }
+        {
+          name: 'AzureWebJobsStorage__clientId'
+          value: functionHostClientId
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+          value: appInsightsConnectionString
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+          value: 'ClientId=${functionHostClientId};Authorization=AAD'
+        }
+        {
+          // DefaultAzureCredential in the rotation code picks the rotator identity.
+          name: 'AZURE_CLIENT_ID'
+          value: rotatorClientId
+        }
+        {
+          name: 'AZURE_KEYVAULT_URL'
+          value: keyVaultUri
+        }
+        {
+          name: 'APIMVAULT_SECRET_NAME'
+          value: secretName
+        }
+        {
+          // The only APIM subscription the function may rotate; a ProviderAddress tag naming another is refused.
+          name: 'APIMVAULT_APIM_SUBSCRIPTION_ID'
+          value: apimSubscriptionResourceId
+        }
+      ]
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storage.properties.primaryEndpoints.blob}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: functionHostIdentityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: 40
+        instanceMemoryMB: 2048
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+  }
+  dependsOn: [
+    deploymentContainer
+    hostBlobOwner
+  ]
+}
+
+resource functionDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: functionApp
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        category: 'FunctionAppLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- event grid
+
+resource vault 'Microsoft.KeyVault/vaults@2024-11-01' existing = {
+  name: keyVaultName
+}
+
+resource systemTopic 'Microsoft.EventGrid/systemTopics@2025-02-15' = {
+  name: systemTopicName
+  location: location
+  tags: tags
+  identity: {
+    type: 'SystemAssigned'
+  }
+  properties: {
+    source: vault.id
+    topicType: 'Microsoft.KeyVault.vaults'
+  }
+}
+
+resource systemTopicDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: systemTopic
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+// The system topic's identity may write dead letters into the one container.
+resource topicDeadLetterWriter 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(deadLetterContainer.id, systemTopic.id, storageBlobDataContributorRoleId)
+  scope: deadLetterContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributorRoleId)
+    principalId: systemTopic.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource nearExpirySubscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-02-15' = if (enableEventSubscription) {
+  parent: systemTopic
+  name: 'apim-key-near-expiry'
+  properties: {
+    eventDeliverySchema: 'EventGridSchema'
+    destination: {
+      endpointType: 'AzureFunction'
+      properties: {
+        resourceId: '${functionApp.id}/functions/${functionName}'
+        maxEventsPerBatch: 1
+        preferredBatchSizeInKilobytes: 64
+      }
+    }
+    filter: {
+      includedEventTypes: [
+        'Microsoft.KeyVault.SecretNearExpiry'
+      ]
+      subjectBeginsWith: secretName
+      subjectEndsWith: secretName
+      isSubjectCaseSensitive: true
+      enableAdvancedFilteringOnArrays: true
+      advancedFilters: [
+        {
+          operatorType: 'StringIn'
+          key: 'data.ObjectName'
+          values: [
+            secretName
+          ]
+        }
+      ]
+    }
+    retryPolicy: {
+      maxDeliveryAttempts: 30
+      eventTimeToLiveInMinutes: 1440
+    }
+    deadLetterWithResourceIdentity: {
+      identity: {
+        type: 'SystemAssigned'
+      }
+      deadLetterDestination: {
+        endpointType: 'StorageBlob'
+        properties: {
+          resourceId: storage.id
+          blobContainerName: deadLetterContainerName
+        }
+      }
+    }
+  }
+  dependsOn: [
+    topicDeadLetterWriter
+  ]
+}
+
+output functionAppName string = functionApp.name
+output functionName string = functionName
+output systemTopicName string = systemTopic.name
+output deadLetterContainerName string = deadLetterContainerName
