@@ -1,0 +1,249 @@
+"""create_azure_openai / create_async_azure_openai: real openai clients through the local APIM gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2
+import openai
+import pytest
+
+from apimvault import (
+    PLACEHOLDER_API_KEY,
+    AsyncSubscriptionKeyProvider,
+    CachePolicy,
+    ConfigurationError,
+    InsecureTransportError,
+    SubscriptionKeyAuth,
+    SubscriptionKeyProvider,
+    create_async_azure_openai,
+    create_azure_openai,
+    fingerprint,
+)
+from apimvault.local import DEPLOYMENT, LocalAzure
+
+from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary
+
+HEADER = "Ocp-Apim-Subscription-Key"
+MESSAGES = [{"role": "user", "content": "hello"}]
+POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
+
+
+def sync_setup(
+    azure: LocalAzure, **kwargs: object
+) -> tuple[SubscriptionKeyProvider, openai.AzureOpenAI, object]:
+    app = new_app_secret(azure)
+    clock = kwargs.pop("clock", None) or FakeClock()
+    provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock, policy=POLICY)  # type: ignore[arg-type]
+    client = create_azure_openai(provider, max_retries=0, **kwargs)  # type: ignore[arg-type]
+    return provider, client, app
+
+
+def test_chat_streaming_and_embeddings_carry_the_key(azure: LocalAzure) -> None:
+    provider, client, app = sync_setup(azure)
+    reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    emb = client.embeddings.create(model="text-embedding-3-small", input="hello")
+    assert emb.data[0].embedding
+    used = [u for u in azure.gateway.recent() if u.sid == app.sid]  # type: ignore[attr-defined]
+    assert [u.slot for u in used] == ["primary"] * 3
+    assert client.default_headers[HEADER] == provider.get()
+
+
+def test_placeholder_api_key_is_never_sent(azure: LocalAzure) -> None:
+    _, client, _ = sync_setup(azure)
+    raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    sent = raw.http_response.request.headers
+    assert "api-key" not in sent
+    assert PLACEHOLDER_API_KEY not in str(dict(sent))
+    assert sent[HEADER]
+
+
+def test_rotation_reaches_default_headers_copies_and_next_request(azure: LocalAzure) -> None:
+    clock = FakeClock()
+    provider, client, app = sync_setup(azure, clock=clock)
+    frozen = client.with_options(default_headers={"X-Trace": "1"})  # openai freezes a dict copy here
+    copied = client.copy()
+    client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    old = provider.get()
+    new_version = rotate_to_secondary(azure, app)  # type: ignore[arg-type]
+    provider.refresh()
+    assert provider.get_key().version == new_version
+    assert client.default_headers[HEADER] == provider.get() != old
+    assert copied.default_headers[HEADER] == provider.get()
+    for c in (client, frozen, copied):
+        c.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    used = [u for u in azure.gateway.recent() if u.sid == app.sid][-3:]  # type: ignore[attr-defined]
+    assert [u.slot for u in used] == ["secondary"] * 3
+    assert {u.fingerprint for u in used} == {fingerprint(provider.get())}
+    assert provider.stats().resends_401 == 0
+
+
+def test_revoked_key_in_flight_every_request_succeeds_after_one_refresh(azure: LocalAzure) -> None:
+    provider, client, app = sync_setup(azure)
+    client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # warm the cache
+    rotate_to_secondary(azure, app)  # the cached key is now revoked at the gateway
+    reads_before = provider.stats().vault_reads
+
+    def call(i: int) -> str:
+        if i % 2:
+            stream = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        return reply.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, range(64)))
+    assert all(results)
+    stats = provider.stats()
+    assert stats.vault_reads == reads_before + 1  # one coalesced refresh for all 401s
+    assert stats.forced_refreshes == 1
+    assert 1 <= stats.resends_401 <= 64
+    labels = azure.gateway.counters.labels()
+    assert labels["key:invalid"] == stats.resends_401  # each refused request was re-sent exactly once
+    assert labels[f"sub:{app.sid}:secondary"] == 64  # type: ignore[attr-defined]
+
+
+def test_second_401_surfaces_and_forced_refresh_is_rate_limited(azure: LocalAzure) -> None:
+    clock = FakeClock()
+    provider, client, app = sync_setup(azure, clock=clock)
+    client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+    azure.apim_state.regenerate(app.sid, "primary")  # revoked, and the vault still holds the old key  # type: ignore[attr-defined]
+    with pytest.raises(openai.AuthenticationError, match="invalid subscription key"):
+        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+    assert provider.stats().vault_reads == 2 and provider.stats().resends_401 == 0
+    for _ in range(5):  # within forced_refresh_interval: no more vault reads
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+    assert provider.stats().vault_reads == 2
+    clock.advance(6)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+    assert provider.stats().vault_reads == 3
+
+
+def test_backend_401_does_not_trigger_a_refresh(azure: LocalAzure) -> None:
+    provider, client, _ = sync_setup(azure)
+    client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+    azure.openai.faults.inject("status", status=401, times=1)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+    stats = provider.stats()
+    assert stats.vault_reads == 1 and stats.forced_refreshes == 0 and stats.resends_401 == 0
+
+
+def test_insecure_endpoint_refused(azure: LocalAzure) -> None:
+    app = new_app_secret(azure)
+    provider = SubscriptionKeyProvider(azure.vault_url, app.name)
+    with pytest.raises(InsecureTransportError):
+        create_azure_openai(provider, azure_endpoint="http://127.0.0.1:9")
+
+
+def test_insecure_request_url_refused_by_auth(azure: LocalAzure) -> None:
+    app = new_app_secret(azure)
+    provider = SubscriptionKeyProvider(azure.vault_url, app.name)
+    auth = SubscriptionKeyAuth(provider)
+    with httpx2.Client(auth=auth) as http, pytest.raises(InsecureTransportError):
+        http.get("http://127.0.0.1:9/openai")
+    assert provider.stats().vault_reads == 1  # the key was read but never sent
+
+
+def test_conflicting_credentials_are_refused(azure: LocalAzure) -> None:
+    provider = SubscriptionKeyProvider(azure.vault_url, "x", credential=object())  # type: ignore[arg-type]
+    for kwargs in ({"api_key": "k"}, {"azure_ad_token": "t"}, {"base_url": "https://x"}):
+        with pytest.raises(ConfigurationError):
+            create_azure_openai(provider, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        create_async_azure_openai(provider)  # type: ignore[arg-type]
+
+
+def test_cross_origin_redirect_drops_the_key_same_origin_keeps_it(azure: LocalAzure) -> None:
+    app = new_app_secret(azure)
+    provider = SubscriptionKeyProvider(azure.vault_url, app.name)
+    auth = SubscriptionKeyAuth(provider)
+    first = httpx2.Request("POST", f"{azure.gateway_url}/openai/x")
+    flow = auth.sync_auth_flow(first)
+    sent = next(flow)
+    assert sent.headers[HEADER] == provider.get()
+    same = httpx2.Request(
+        "POST", f"{azure.gateway_url}/openai/y", headers=dict(sent.headers), extensions=sent.extensions
+    )
+    auth.on_request(same)
+    assert same.headers[HEADER] == provider.get()
+    other = httpx2.Request(
+        "POST", f"{azure.vault_url}/elsewhere", headers=dict(sent.headers), extensions=sent.extensions
+    )
+    auth.on_request(other)
+    assert HEADER not in other.headers
+
+
+def test_key_never_in_debug_logs(azure: LocalAzure, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("openai", "httpx2", "httpcore2", "azure", "apimvault"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    try:
+        provider, client, app = sync_setup(azure)
+        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+        list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+        rotate_to_secondary(azure, app)  # type: ignore[arg-type]
+        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # 401 -> refresh -> re-send
+        keys = {app.subscription.primary_key, provider.get()}  # type: ignore[attr-defined]
+    finally:
+        for name in ("openai", "httpx2", "httpcore2", "azure", "apimvault"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+    text = caplog.text + "".join(repr(r.args) for r in caplog.records)
+    assert len(caplog.records) > 10  # debug logging really was on
+    for key in keys:
+        for i in range(len(key) - 7):
+            assert key[i : i + 8] not in text
+
+
+async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> None:
+    app = new_app_secret(azure)
+    async with AsyncSubscriptionKeyProvider(
+        azure.vault_url, app.name, clock=FakeClock(), policy=POLICY
+    ) as provider:
+        client = create_async_azure_openai(provider, max_retries=0)
+        reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content
+        assert client.default_headers[HEADER] == await provider.get()
+        rotate_to_secondary(azure, app)
+
+        async def call(i: int) -> str:
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model=DEPLOYMENT, messages=MESSAGES, stream=True
+                )  # type: ignore[arg-type]
+                return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            r = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            return r.choices[0].message.content or ""
+
+        results = await asyncio.gather(*(call(i) for i in range(100)))
+        assert all(results)
+        stats = provider.stats()
+        assert stats.vault_reads == 2 and stats.forced_refreshes == 1 and stats.resends_401 >= 1
+        assert client.default_headers[HEADER] == app.subscription.secondary_key
+        emb = await client.with_options(timeout=30).embeddings.create(
+            model="text-embedding-3-small", input="x"
+        )
+        assert emb.data
+        await client.close()
+
+
+def test_many_threads_one_client_one_cold_read(azure: LocalAzure) -> None:
+    provider, client, _ = sync_setup(azure)
+    azure.keyvault.faults.inject("latency", operation="GetSecret", seconds=0.3, times=1)
+    barrier = threading.Barrier(32)
+
+    def call(_: int) -> bool:
+        barrier.wait()
+        return bool(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices)  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(call, range(32)))
+    assert provider.stats().vault_reads == 1
