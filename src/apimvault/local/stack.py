@@ -233,7 +233,7 @@ class LocalAzure:
         """
         target = self.directory / "az-bin"
         if not (target / "az").exists():
-            write_az_stub(target, self.identity)
+            write_az_stub(target, self.identity, ca_path=self.ca_path)
         return target
 
     def cleanup_az_stub(self) -> None:

@@ -1,0 +1,266 @@
+"""The stack's admin API (its own HTTPS port) and a small sync client for driving a stack in another process.
+
+Routes (JSON; errors are ``{"error": {"code", "message"}}``)::
+
+    GET    /services                   names, URLs and request totals of the services
+    GET    /{service}/counters         {"operations": {...}, "labels": {...}}
+    POST   /{service}/counters/reset   204
+    GET    /{service}/faults           {"faults": [...]}
+    POST   /{service}/faults           body: Fault fields (kind, operation, times, seconds, status,
+                                       retry_after); on "openai" also slow_stream / drop_stream (after_chunks)
+    DELETE /{service}/faults           204
+    GET    /gateway/recent             recent gateway key uses: time, sid, slot, fingerprint (never a key)
+
+Nothing here returns a key or token value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import ssl
+from pathlib import Path
+from typing import Any, cast
+
+import httpx2
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._common import Fault, FaultKind, Service, json_response
+from .apim import ApimGateway
+from .openai_backend import STREAM_FAULT_KINDS, BackendFaults, StreamFaultKind
+
+FAULT_KINDS: tuple[str, ...] = ("latency", "status", "throttle", "reset", "hang")
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _number(
+    body: dict[str, Any], name: str, default: float, *, integer: bool = False, minimum: float = 0
+) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return None if name == "times" else default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+    ):
+        raise _BadRequest(f"'{name}' must be a {'integer' if integer else 'number'}")
+    if value < minimum:
+        raise _BadRequest(f"'{name}' must be >= {minimum}")
+    return value
+
+
+class AdminService(Service):
+    """Counters, faults and recent key use of the other services, over HTTPS on its own port."""
+
+    name = "admin"
+
+    def __init__(self, services: dict[str, Service]) -> None:
+        super().__init__()
+        self.services = services
+
+    def classify(self, method: str, path: str) -> str:
+        return "Admin"
+
+    def error_response(self, status: int, message: str) -> Response:
+        return _error(status, str(status), message)
+
+    def build_app(self) -> ASGIApp:
+        return self._app
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self._handle(request)
+        except _BadRequest as exc:
+            response = _error(400, "BadRequest", str(exc))
+        await response(scope, receive, send)
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise _BadRequest("Content-Type must be application/json")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise _BadRequest(f"body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise _BadRequest("body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _BadRequest("body must be a JSON object")
+        return body
+
+    async def _handle(self, request: Request) -> Response:
+        parts = [p for p in request.url.path.split("/") if p]
+        method = request.method
+        if parts == ["services"]:
+            if method != "GET":
+                return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+            return json_response(
+                {
+                    "services": [
+                        {"name": name, "url": svc.url, "requests": svc.counters.total()}
+                        for name, svc in self.services.items()
+                    ]
+                }
+            )
+        if not parts or len(parts) > 3:
+            return _error(404, "NotFound", f"no admin route {request.url.path}")
+        service = self.services.get(parts[0])
+        if service is None:
+            return _error(
+                404, "ServiceNotFound", f"no service {parts[0]!r}; known: {', '.join(sorted(self.services))}"
+            )
+        route = parts[1:]
+        if route == ["counters"] and method == "GET":
+            return json_response(
+                {"operations": service.counters.snapshot(), "labels": service.counters.labels()}
+            )
+        if route == ["counters", "reset"] and method == "POST":
+            service.counters.reset()
+            return Response(status_code=204)
+        if route == ["faults"]:
+            if method == "GET":
+                return json_response({"faults": _faults_of(service)})
+            if method == "DELETE":
+                service.faults.clear()
+                return Response(status_code=204)
+            if method == "POST":
+                return json_response(self._add_fault(service, await self._json(request)), 201)
+            return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        if route == ["recent"] and method == "GET" and isinstance(service, ApimGateway):
+            return json_response({"recent": [u._asdict() for u in service.recent()]})
+        return _error(404, "NotFound", f"no admin route {method} {request.url.path}")
+
+    @staticmethod
+    def _add_fault(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+        known = {"kind", "operation", "times", "seconds", "status", "retry_after", "after_chunks"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise _BadRequest(f"unknown fault fields: {', '.join(unknown)}")
+        kind = body.get("kind")
+        operation = body.get("operation")
+        if operation is not None and not isinstance(operation, str):
+            raise _BadRequest("'operation' must be a string or null")
+        times = _number(body, "times", 0, integer=True, minimum=1) if body.get("times") is not None else None
+        seconds = float(_number(body, "seconds", 0.0))
+        if kind in STREAM_FAULT_KINDS:
+            if not isinstance(service.faults, BackendFaults):
+                raise _BadRequest(f"fault kind {kind!r} applies to the openai service only")
+            stream = service.faults.inject_stream(
+                cast(StreamFaultKind, kind),
+                operation=operation,
+                times=times,
+                seconds=seconds if "seconds" in body else 0.1,
+                after_chunks=int(_number(body, "after_chunks", 2, integer=True)),
+            )
+            return dataclasses.asdict(stream)
+        if kind not in FAULT_KINDS:
+            raise _BadRequest(f"'kind' must be one of {', '.join(FAULT_KINDS + STREAM_FAULT_KINDS)}")
+        status = int(_number(body, "status", 503, integer=True, minimum=100))
+        if status > 599:
+            raise _BadRequest("'status' must be an HTTP status code")
+        fault = service.faults.add(
+            Fault(
+                cast(FaultKind, kind),
+                operation,
+                times,
+                seconds,
+                status,
+                int(_number(body, "retry_after", 1, integer=True)),
+            )
+        )
+        return dataclasses.asdict(fault)
+
+
+def _faults_of(service: Service) -> list[dict[str, Any]]:
+    faults = [dataclasses.asdict(f) for f in service.faults.active]
+    if isinstance(service.faults, BackendFaults):
+        faults += [dataclasses.asdict(f) for f in service.faults.stream_active]
+    return faults
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+class AdminError(Exception):
+    """The admin API answered with an error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class AdminClient:
+    """Sync client of :class:`AdminService`, for driving a stack that runs in another process."""
+
+    def __init__(self, url: str, ca_path: str | Path, *, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self._client = httpx2.Client(
+            base_url=self.url, timeout=timeout, verify=ssl.create_default_context(cafile=str(ca_path))
+        )
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = self._client.request(method, path, json=body)
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text
+            raise AdminError(response.status_code, str(message))
+        return response.json() if response.content else None
+
+    def services(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", "/services")["services"])
+
+    def counters(self, service: str) -> dict[str, dict[str, int]]:
+        return cast(dict[str, dict[str, int]], self._call("GET", f"/{service}/counters"))
+
+    def reset_counters(self, service: str) -> None:
+        self._call("POST", f"/{service}/counters/reset")
+
+    def faults(self, service: str) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", f"/{service}/faults")["faults"])
+
+    def add_fault(
+        self,
+        service: str,
+        kind: str,
+        *,
+        operation: str | None = None,
+        times: int | None = None,
+        **fields: float | int,
+    ) -> dict[str, Any]:
+        """Inject a fault (``seconds``, ``status``, ``retry_after``, ``after_chunks`` as keyword fields)."""
+        body: dict[str, Any] = {"kind": kind, "operation": operation, "times": times, **fields}
+        return cast(dict[str, Any], self._call("POST", f"/{service}/faults", body))
+
+    def clear_faults(self, service: str) -> None:
+        self._call("DELETE", f"/{service}/faults")
+
+    def recent(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", "/gateway/recent")["recent"])

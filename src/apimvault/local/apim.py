@@ -1,0 +1,519 @@
+"""Local Azure API Management: subscription state, the gateway in front of Azure OpenAI, and the ARM plane.
+
+* :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; protocols.md D).
+* :class:`ApimGateway` checks ``Ocp-Apim-Subscription-Key`` (or the ``subscription-key`` query parameter),
+  applies an optional rate-limit policy, strips the key and forwards to the Azure OpenAI backend in-process
+  (the backend's ASGI app, faults and counters included), relaying the response, SSE chunks included, as the
+  backend sends it.
+* :class:`ArmService` is the ``Microsoft.ApiManagement`` management plane for subscriptions: get, list,
+  ``listSecrets`` and ``regeneratePrimaryKey`` / ``regenerateSecondaryKey``, behind ARM bearer auth, so the
+  unmodified ``azure.mgmt.apimanagement.ApiManagementClient`` works against it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import math
+import re
+import secrets
+import threading
+import time
+import uuid
+from typing import Any, Literal, NamedTuple
+from urllib.parse import unquote_plus
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._common import TENANT_ID, Service, TokenError, TokenIssuer, fingerprint, json_response
+from .openai_backend import OpenAIBackend
+
+Slot = Literal["primary", "secondary"]
+UseSlot = Literal["primary", "secondary", "invalid", "missing"]
+
+# protocols.md D: gateway 401 bodies as observed on the wire ("... to an API.", not the Learn table's
+# "... to this API.").
+MISSING_KEY_MESSAGE = (
+    "Access denied due to missing subscription key. Make sure to include subscription key when making "
+    "requests to an API."
+)
+INVALID_KEY_MESSAGE = (
+    "Access denied due to invalid subscription key. Make sure to provide a valid key for an active "
+    "subscription."
+)
+# APIM's answer when no API/operation matches the request.
+NOT_FOUND_MESSAGE = "Resource not found"
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _new_key() -> str:
+    # Real APIM subscription keys are 32 lower-case hex characters.
+    return secrets.token_hex(16)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclasses.dataclass
+class Subscription:
+    """One APIM subscription (``Microsoft.ApiManagement/service/subscriptions``) and its two keys."""
+
+    arm_subscription: str
+    resource_group: str
+    service: str
+    sid: str
+    display_name: str
+    primary_key: str
+    secondary_key: str
+    created_date: str
+    state: str = "active"
+    allow_tracing: bool = False
+    etag: str = dataclasses.field(default_factory=lambda: f'"{uuid.uuid4().hex[:16].upper()}"')
+
+    @property
+    def service_id(self) -> str:
+        return (
+            f"/subscriptions/{self.arm_subscription}/resourceGroups/{self.resource_group}/providers/"
+            f"Microsoft.ApiManagement/service/{self.service}"
+        )
+
+    @property
+    def id(self) -> str:
+        return f"{self.service_id}/subscriptions/{self.sid}"
+
+    def key(self, which: Slot) -> str:
+        return self.primary_key if which == "primary" else self.secondary_key
+
+    def contract(self) -> dict[str, Any]:
+        """The ARM GET shape (``SubscriptionContract``); like real APIM it carries no keys."""
+        return {
+            "id": self.id,
+            "type": "Microsoft.ApiManagement/service/subscriptions",
+            "name": self.sid,
+            "properties": {
+                "scope": f"{self.service_id}/apis",
+                "displayName": self.display_name,
+                "state": self.state,
+                "createdDate": self.created_date,
+                "startDate": None,
+                "expirationDate": None,
+                "endDate": None,
+                "notificationDate": None,
+                "stateComment": None,
+                "allowTracing": self.allow_tracing,
+            },
+        }
+
+
+class ApimState:
+    """Thread-safe store of APIM subscriptions shared by the gateway and the ARM plane."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[str, Subscription] = {}
+        self._keys: dict[str, tuple[Subscription, Slot]] = {}
+
+    def create_subscription(
+        self, arm_subscription: str, resource_group: str, service: str, sid: str, *, display_name: str
+    ) -> Subscription:
+        sub = Subscription(
+            arm_subscription,
+            resource_group,
+            service,
+            sid,
+            display_name,
+            primary_key=_new_key(),
+            secondary_key=_new_key(),
+            created_date=_now_iso(),
+        )
+        with self._lock:
+            if sid in self._subs:
+                raise ValueError(f"APIM subscription {sid!r} already exists")
+            self._subs[sid] = sub
+            self._keys[sub.primary_key] = (sub, "primary")
+            self._keys[sub.secondary_key] = (sub, "secondary")
+        return sub
+
+    def get(self, sid: str) -> Subscription | None:
+        with self._lock:
+            return self._subs.get(sid)
+
+    def find(self, arm_subscription: str, resource_group: str, service: str, sid: str) -> Subscription | None:
+        """The subscription at this ARM address (resource group and service names are case-insensitive)."""
+        with self._lock:
+            sub = self._subs.get(sid)
+        if sub is None or not self.service_exists(arm_subscription, resource_group, service):
+            return None
+        if sub.resource_group.lower() != resource_group.lower() or sub.service.lower() != service.lower():
+            return None
+        return sub
+
+    def service_exists(self, arm_subscription: str, resource_group: str, service: str) -> bool:
+        with self._lock:
+            return any(
+                s.arm_subscription.lower() == arm_subscription.lower()
+                and s.resource_group.lower() == resource_group.lower()
+                and s.service.lower() == service.lower()
+                for s in self._subs.values()
+            )
+
+    def list(self, arm_subscription: str, resource_group: str, service: str) -> list[Subscription]:
+        with self._lock:
+            return [
+                s
+                for s in self._subs.values()
+                if s.arm_subscription.lower() == arm_subscription.lower()
+                and s.resource_group.lower() == resource_group.lower()
+                and s.service.lower() == service.lower()
+            ]
+
+    def regenerate(self, sid: str, which: Slot) -> None:
+        """Replace one key of ``sid``; the old key stops working immediately."""
+        if which not in ("primary", "secondary"):
+            raise ValueError(f"which must be 'primary' or 'secondary', not {which!r}")
+        with self._lock:
+            sub = self._subs.get(sid)
+            if sub is None:
+                raise KeyError(sid)
+            old = sub.key(which)
+            self._keys.pop(old, None)
+            new = _new_key()
+            if which == "primary":
+                sub.primary_key = new
+            else:
+                sub.secondary_key = new
+            self._keys[new] = (sub, which)
+            sub.etag = f'"{uuid.uuid4().hex[:16].upper()}"'
+
+    def lookup(self, key: str) -> tuple[Subscription, Slot] | None:
+        """The subscription and slot a key belongs to, or None (unknown, regenerated or inactive)."""
+        with self._lock:
+            found = self._keys.get(key)
+        if found is None or found[0].state != "active":
+            return None
+        return found
+
+
+# ---------------------------------------------------------------------------------------------- gateway
+
+
+class KeyUse(NamedTuple):
+    """One gateway request: when, which subscription and slot, and the key's fingerprint (never the key)."""
+
+    time: float
+    sid: str | None
+    slot: UseSlot
+    fingerprint: str | None
+
+
+def _apim_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"statusCode": status, "message": message}, status, headers)
+
+
+class ApimGateway(Service):
+    """The APIM gateway for the ``/openai`` API, forwarding to :class:`OpenAIBackend`."""
+
+    name = "gateway"
+    api_path = "/openai"
+
+    def __init__(
+        self,
+        state: ApimState,
+        backend: OpenAIBackend,
+        *,
+        rate_limit_per_minute: int | None = None,
+        header_name: str = "Ocp-Apim-Subscription-Key",
+        query_name: str = "subscription-key",
+        recent_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.backend = backend
+        self.rate_limit_per_minute = rate_limit_per_minute
+        self.header_name = header_name
+        self.query_name = query_name
+        self._header_bytes = header_name.lower().encode("latin-1")
+        self._recent: collections.deque[KeyUse] = collections.deque(maxlen=recent_size)
+        self._windows: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+        self._backend_app: ASGIApp | None = None
+
+    # ------------------------------------------------------------------------------ Service protocol
+
+    def classify(self, method: str, path: str) -> str:
+        if not path.startswith("/openai/"):
+            return "unknown"
+        if path.endswith("/chat/completions") or path.endswith("/chat/completions/"):
+            return "ChatCompletions"
+        if path.endswith("/embeddings") or path.endswith("/embeddings/"):
+            return "Embeddings"
+        if path.rstrip("/") == "/openai/v1/models":
+            return "Models"
+        return "OpenAI"
+
+    def error_response(self, status: int, message: str) -> Response:
+        return _apim_error(status, message)
+
+    def build_app(self) -> ASGIApp:
+        self._backend_app = self.backend.asgi()
+        return self._app
+
+    # ------------------------------------------------------------------------------------ inspection
+
+    def recent(self) -> list[KeyUse]:
+        """Recent requests (bounded), oldest first, as ``(monotonic_time, sid, slot, fingerprint)``."""
+        with self._lock:
+            return list(self._recent)
+
+    @property
+    def challenge(self) -> str:
+        return (
+            f'AzureApiManagementKey realm="{self.url}{self.api_path}",name="{self.header_name}",type="header"'
+        )
+
+    # ------------------------------------------------------------------------------------------ app
+
+    def _record(self, sid: str | None, slot: UseSlot, key: str | None) -> None:
+        self.counters.label(f"key:{slot}")
+        if sid is not None:
+            self.counters.label(f"sub:{sid}:{slot}")
+        with self._lock:
+            self._recent.append(KeyUse(time.monotonic(), sid, slot, fingerprint(key) if key else None))
+
+    def _throttle(self, sid: str) -> int | None:
+        """Seconds to wait if ``sid`` is over the rate limit, else None (and count this call)."""
+        limit = self.rate_limit_per_minute
+        if limit is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.setdefault(sid, collections.deque())
+            while window and window[0] <= now - 60:
+                window.popleft()
+            if len(window) >= limit:
+                return max(1, math.ceil(window[0] + 60 - now))
+            window.append(now)
+        return None
+
+    def _extract(self, scope: Scope) -> tuple[str | None, list[tuple[bytes, bytes]], bytes]:
+        """The subscription key and the request headers and query string without it."""
+        key: str | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in scope["headers"]:
+            if name == self._header_bytes:
+                if key is None:
+                    key = bytes(value).decode("latin-1")
+            elif name not in (b"api-key", b"authorization", b"host"):
+                headers.append((name, value))
+        query: bytes = scope.get("query_string", b"")
+        if query and self.query_name.encode() in query:
+            kept = []
+            for part in query.split(b"&"):
+                k, _, v = part.partition(b"=")
+                if unquote_plus(k.decode("latin-1")) == self.query_name:
+                    if key is None:
+                        key = unquote_plus(v.decode("latin-1"))
+                else:
+                    kept.append(part)
+            query = b"&".join(kept)
+        return key, headers, query
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        if not (path == self.api_path or path.startswith(self.api_path + "/")):
+            await _apim_error(404, NOT_FOUND_MESSAGE)(scope, receive, send)
+            return
+        key, headers, query = self._extract(scope)
+        if not key:
+            self._record(None, "missing", None)
+            await _apim_error(401, MISSING_KEY_MESSAGE, {"WWW-Authenticate": self.challenge})(
+                scope, receive, send
+            )
+            return
+        found = self.state.lookup(key)
+        if found is None:
+            self._record(None, "invalid", key)
+            await _apim_error(401, INVALID_KEY_MESSAGE, {"WWW-Authenticate": self.challenge})(
+                scope, receive, send
+            )
+            return
+        sub, slot = found
+        self._record(sub.sid, slot, key)
+        wait = self._throttle(sub.sid)
+        if wait is not None:
+            # Wire body of APIM's rate-limit policy (Learn "API Management access restriction policies"
+            # example and community captures): {"statusCode":429,"message":"Rate limit is exceeded. Try
+            # again in N seconds."} with Retry-After.
+            await _apim_error(
+                429, f"Rate limit is exceeded. Try again in {wait} seconds.", {"Retry-After": str(wait)}
+            )(scope, receive, send)
+            return
+        # Forward as an APIM backend with a key credential would: the caller's key and auth headers are
+        # removed and the backend's own api-key set.
+        headers.append((b"host", f"127.0.0.1:{self.backend.port}".encode()))
+        headers.append((b"api-key", self.backend.api_key.encode()))
+        forwarded = dict(scope)
+        forwarded["headers"] = headers
+        forwarded["query_string"] = query
+        forwarded["server"] = ("127.0.0.1", self.backend.port)
+        assert self._backend_app is not None
+        await self._backend_app(forwarded, receive, send)
+
+
+# -------------------------------------------------------------------------------------------------- ARM
+
+_ARM_PATH = re.compile(
+    r"^/subscriptions/(?P<arm>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.ApiManagement/"
+    r"service/(?P<svc>[^/]+)/subscriptions(?:/(?P<sid>[^/]+)(?:/(?P<action>[^/]+))?)?/?$",
+    re.IGNORECASE,
+)
+_ACTIONS = {
+    "listsecrets": "ListSecrets",
+    "regenerateprimarykey": "RegeneratePrimaryKey",
+    "regeneratesecondarykey": "RegenerateSecondaryKey",
+}
+
+
+def _arm_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+class ArmService(Service):
+    """``Microsoft.ApiManagement`` subscription operations behind ARM bearer-token auth."""
+
+    name = "arm"
+    audience_prefix = "https://management."
+
+    def __init__(self, state: ApimState, tokens: TokenIssuer) -> None:
+        super().__init__()
+        self.state = state
+        self.tokens = tokens
+
+    def classify(self, method: str, path: str) -> str:
+        match = _ARM_PATH.match(path)
+        if match is None:
+            return "unknown"
+        if match.group("action"):
+            return _ACTIONS.get(match.group("action").lower(), "unknown")
+        if match.group("sid") is None:
+            return "ListSubscriptions"
+        return {"GET": "GetSubscription", "HEAD": "GetSubscriptionEntityTag"}.get(method, "unknown")
+
+    def error_response(self, status: int, message: str) -> Response:
+        code = {429: "TooManyRequests", 500: "InternalServerError", 503: "ServiceUnavailable"}.get(
+            status, str(status)
+        )
+        return _arm_error(status, code, message)
+
+    def build_app(self) -> ASGIApp:
+        return self._app
+
+    @staticmethod
+    def _challenge(description: str) -> dict[str, str]:
+        # The challenge ARM sends (captured in Azure SDK tests, e.g. azure-sdk-for-go's bearer-token policy
+        # tests): authorization_uri on login.windows.net with the tenant, error="invalid_token".
+        return {
+            "WWW-Authenticate": (
+                f'Bearer authorization_uri="https://login.windows.net/{TENANT_ID}", '
+                f'error="invalid_token", error_description="{description}"'
+            )
+        }
+
+    def _authenticate(self, request: Request) -> Response | None:
+        token = TokenIssuer.bearer(request)
+        if token is None:
+            return _arm_error(
+                401,
+                "AuthenticationFailed",
+                "Authentication failed. The 'Authorization' header is missing.",
+                self._challenge("The authentication failed because of missing 'Authorization' header."),
+            )
+        try:
+            claims = self.tokens.verify(token)
+        except TokenError as exc:
+            code = "ExpiredAuthenticationToken" if "expired" in str(exc) else "InvalidAuthenticationToken"
+            message = (
+                "The access token expiry UTC time is earlier than current UTC time."
+                if code.startswith("Expired")
+                else "The access token is invalid."
+            )
+            return _arm_error(401, code, message, self._challenge("The access token is invalid."))
+        audience = str(claims.get("aud", ""))
+        if not audience.startswith(self.audience_prefix):
+            return _arm_error(
+                401,
+                "InvalidAuthenticationTokenAudience",
+                f"The access token has been obtained for wrong audience or resource '{audience}'. It should "
+                "exactly match with one of the allowed audiences 'https://management.core.windows.net/',"
+                "'https://management.core.windows.net','https://management.azure.com/',"
+                "'https://management.azure.com'.",
+                self._challenge("The access token has been obtained for wrong audience or resource."),
+            )
+        return None
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        response = await self._handle(request)
+        response.headers.setdefault("x-ms-request-id", str(uuid.uuid4()))
+        response.headers.setdefault(
+            "x-ms-correlation-request-id", request.headers.get("x-ms-client-request-id", str(uuid.uuid4()))
+        )
+        await response(scope, receive, send)
+
+    async def _handle(self, request: Request) -> Response:
+        denied = self._authenticate(request)
+        if denied is not None:
+            return denied
+        if not request.query_params.get("api-version"):
+            return _arm_error(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            )
+        match = _ARM_PATH.match(request.url.path)
+        if match is None:
+            return _arm_error(404, "NotFound", f"No route for '{request.method} {request.url.path}'.")
+        arm, rg, svc = match.group("arm"), match.group("rg"), match.group("svc")
+        sid, action = match.group("sid"), match.group("action")
+        if not self.state.service_exists(arm, rg, svc):
+            return _arm_error(
+                404,
+                "ResourceNotFound",
+                f"The Resource 'Microsoft.ApiManagement/service/{svc}' under resource group '{rg}' was not "
+                "found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
+            )
+        if sid is None:
+            if request.method != "GET":
+                return _arm_error(405, "MethodNotAllowed", f"The method '{request.method}' is not allowed.")
+            subs = self.state.list(arm, rg, svc)
+            return json_response(
+                {"value": [s.contract() for s in subs], "count": len(subs), "nextLink": None}
+            )
+        sub = self.state.find(arm, rg, svc, sid)
+        if sub is None:
+            return _arm_error(404, "ResourceNotFound", "Subscription not found.")
+        if action is None:
+            if request.method in ("GET", "HEAD"):
+                return json_response(sub.contract(), headers={"ETag": sub.etag})
+            return _arm_error(405, "MethodNotAllowed", f"The method '{request.method}' is not allowed.")
+        operation = _ACTIONS.get(action.lower())
+        if operation is None:
+            return _arm_error(404, "NotFound", f"No route for '{request.method} {request.url.path}'.")
+        if request.method != "POST":
+            return _arm_error(405, "MethodNotAllowed", f"The method '{request.method}' is not allowed.")
+        if operation == "ListSecrets":
+            return json_response(
+                {"primaryKey": sub.primary_key, "secondaryKey": sub.secondary_key}, headers={"ETag": sub.etag}
+            )
+        self.state.regenerate(sub.sid, "primary" if operation == "RegeneratePrimaryKey" else "secondary")
+        return Response(status_code=204)

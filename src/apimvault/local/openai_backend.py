@@ -1,0 +1,562 @@
+"""A local Azure OpenAI data plane: chat completions (plain and SSE), embeddings, and the ``/openai/v1`` API.
+
+Only the APIM gateway reaches it in a normal stack: the gateway replaces the caller's ``api-key`` with the
+backend's own key (as an APIM backend credential would), and the backend answers any other caller with Azure
+OpenAI's 401 body, which carries no APIM ``WWW-Authenticate`` challenge.
+
+Wire shapes follow protocols.md section E (openai-python 3.x; Azure's streaming sequence with a first
+``choices: []`` chunk carrying ``prompt_filter_results``, a role chunk, content chunks, a finish chunk, an
+optional usage chunk and ``data: [DONE]``). Replies are deterministic: a digest of the last user message.
+
+The app is a plain ASGI callable (no router) because it sits on the gateway's hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import json
+import re
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._common import Faults, Service, json_response
+
+CHAT_DEPLOYMENTS: dict[str, str] = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
+"""Chat deployments of the local resource: deployment name -> model version reported in responses."""
+EMBEDDING_DEPLOYMENTS: dict[str, int] = {"text-embedding-3-small": 1536}
+"""Embedding deployments: deployment name -> default vector dimensions."""
+MAX_BODY_BYTES = 4 * 1024 * 1024
+SYSTEM_FINGERPRINT = "fp_apimvault"
+
+# protocols.md E.1, "Errors" (azure-sdk-for-js recording).
+INVALID_KEY_MESSAGE = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
+    "for an active subscription and use a correct regional API endpoint for your resource."
+)
+DEPLOYMENT_NOT_FOUND_MESSAGE = "The API deployment for this resource does not exist."
+# OpenAI's own message for an unparsable body (Azure OpenAI relays the OpenAI-style error object).
+BAD_JSON_MESSAGE = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
+    "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+
+_FILTER_OK = {"filtered": False, "severity": "safe"}
+_CONTENT_FILTER_RESULTS = {
+    "hate": _FILTER_OK,
+    "self_harm": _FILTER_OK,
+    "sexual": _FILTER_OK,
+    "violence": _FILTER_OK,
+}
+_PROMPT_FILTER_RESULTS = [{"prompt_index": 0, "content_filter_results": _CONTENT_FILTER_RESULTS}]
+
+_DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)/?$")
+
+
+def reply_for(text: str) -> str:
+    """The deterministic assistant reply for a last user message ``text``."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return f"apimvault local reply to {digest}."
+
+
+def _reply_pieces(text: str) -> list[str]:
+    words = reply_for(text).split(" ")
+    return [words[0]] + [" " + w for w in words[1:]]
+
+
+def embedding_for(item: str, dimensions: int) -> list[float]:
+    """The deterministic unit vector for one embeddings input item."""
+    raw = hashlib.shake_256(item.encode("utf-8")).digest(2 * dimensions)
+    values = [(v - 32768) / 32768.0 for v in struct.unpack(f"<{dimensions}H", raw)]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [round(v / norm, 7) for v in values]
+
+
+# --------------------------------------------------------------------------------------------- faults
+
+StreamFaultKind = Literal["slow_stream", "drop_stream"]
+STREAM_FAULT_KINDS: tuple[str, ...] = ("slow_stream", "drop_stream")
+
+
+@dataclasses.dataclass
+class StreamFault:
+    """A fault applied inside an SSE response (the request itself is answered 200).
+
+    * ``slow_stream``: wait ``seconds`` before each chunk after the first;
+    * ``drop_stream``: close the connection after ``after_chunks`` SSE events, without ``[DONE]``.
+
+    ``times=None`` applies it to every matching stream until cleared.
+    """
+
+    kind: StreamFaultKind
+    operation: str | None = None
+    times: int | None = None
+    seconds: float = 0.1
+    after_chunks: int = 2
+
+    def matches(self, operation: str) -> bool:
+        return self.operation is None or self.operation == operation
+
+
+class BackendFaults(Faults):
+    """The backend's faults: the shared request faults plus stream faults, cleared together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stream_lock = threading.Lock()
+        self._stream: list[StreamFault] = []
+
+    def inject_stream(
+        self,
+        kind: StreamFaultKind,
+        *,
+        operation: str | None = None,
+        times: int | None = None,
+        seconds: float = 0.1,
+        after_chunks: int = 2,
+    ) -> StreamFault:
+        if kind not in STREAM_FAULT_KINDS:
+            raise ValueError(f"unknown stream fault kind {kind!r}")
+        fault = StreamFault(kind, operation, times, seconds, after_chunks)
+        with self._stream_lock:
+            self._stream.append(fault)
+        return fault
+
+    def take_stream(self, operation: str) -> list[StreamFault]:
+        chosen: list[StreamFault] = []
+        with self._stream_lock:
+            for rule in list(self._stream):
+                if not rule.matches(operation):
+                    continue
+                chosen.append(rule)
+                if rule.times is not None:
+                    rule.times -= 1
+                    if rule.times <= 0:
+                        self._stream.remove(rule)
+        return chosen
+
+    @property
+    def stream_active(self) -> list[StreamFault]:
+        with self._stream_lock:
+            return list(self._stream)
+
+    def clear(self) -> None:
+        super().clear()
+        with self._stream_lock:
+            self._stream.clear()
+
+
+class StreamDropped(Exception):
+    """Raised inside the ASGI app so the server drops the connection in the middle of an SSE response."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class _HttpError(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+def azure_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    """Azure OpenAI's service error shape: ``{"error": {"code", "message"}}``."""
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def invalid_request(message: str, param: str | None = None, status: int = 400) -> Response:
+    """The OpenAI-style validation error Azure OpenAI returns for bad request bodies."""
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+    return json_response(body, status)
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """First value of request header ``name`` (lower-case bytes) or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def query_param(scope: Scope, name: str) -> str | None:
+    from urllib.parse import unquote_plus
+
+    raw: bytes = scope.get("query_string", b"")
+    if not raw:
+        return None
+    for part in raw.decode("latin-1").split("&"):
+        key, _, value = part.partition("=")
+        if unquote_plus(key) == name:
+            return unquote_plus(value)
+    return None
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """Read the whole request body, or raise a 413 once it grows past ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _HttpError(
+                azure_error(400, "BadRequest", "The client disconnected before sending the body.")
+            )
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _HttpError(
+                azure_error(
+                    413, "RequestEntityTooLarge", f"The request body is larger than the {limit} byte limit."
+                )
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _sse(event: dict[str, Any] | str) -> bytes:
+    data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _count_tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+# -------------------------------------------------------------------------------------------- service
+
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class OpenAIBackend(Service):
+    """The Azure OpenAI resource behind the gateway (deployments ``gpt-4o-mini``, ``text-embedding-3-small``).
+
+    ``api_key`` is the backend's own key; the gateway sends it in ``api-key`` on every forwarded request.
+    """
+
+    name = "openai"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults: BackendFaults = BackendFaults()
+        self.api_key = secrets.token_hex(16)
+        self.max_body_bytes = MAX_BODY_BYTES
+
+    # ------------------------------------------------------------------------------ Service protocol
+
+    def classify(self, method: str, path: str) -> str:
+        if path.endswith("/chat/completions") or path.endswith("/chat/completions/"):
+            return "ChatCompletions"
+        if path.endswith("/embeddings") or path.endswith("/embeddings/"):
+            return "Embeddings"
+        if path.rstrip("/") == "/openai/v1/models":
+            return "Models"
+        return "unknown"
+
+    def error_response(self, status: int, message: str) -> Response:
+        if status == 429:
+            message = (
+                "Requests to the ChatCompletions_Create Operation under Azure OpenAI API have exceeded "
+                "call rate limit of your current OpenAI S0 pricing tier. Please retry after 1 second."
+            )
+        return azure_error(status, str(status), message)
+
+    def build_app(self) -> ASGIApp:
+        return self._app
+
+    # ----------------------------------------------------------------------------------------- routing
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            response = await self._dispatch(scope, receive, send)
+        except _HttpError as exc:
+            response = exc.response
+        if response is not None:
+            await response(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Response | None:
+        if header(scope, b"api-key") != self.api_key:
+            return azure_error(401, "401", INVALID_KEY_MESSAGE)
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path.startswith("/openai/v1/"):
+            rest = path[len("/openai/v1/") :].rstrip("/")
+            if rest == "models":
+                if method != "GET":
+                    return azure_error(405, "405", "Method not allowed.")
+                return self._models()
+            if rest in ("chat/completions", "embeddings"):
+                if method != "POST":
+                    return azure_error(405, "405", "Method not allowed.")
+                body = await self._json_body(scope, receive)
+                model = body.get("model")
+                if not isinstance(model, str) or not model:
+                    raise _HttpError(invalid_request("you must provide a model parameter", "model"))
+                if rest == "embeddings":
+                    return self._embeddings(model, body)
+                return await self._chat(scope, send, model, body, "ChatCompletions")
+            return azure_error(404, "404", "Resource not found")
+        match = _DEPLOYMENT_PATH.match(path)
+        if match is None:
+            return azure_error(404, "404", "Resource not found")
+        if not query_param(scope, "api-version"):
+            return azure_error(
+                400,
+                "BadRequest",
+                "Missing required query parameter 'api-version'. Supported versions are listed "
+                "at https://aka.ms/oai/docs/api-lifecycle.",
+            )
+        if method != "POST":
+            return azure_error(405, "405", "Method not allowed.")
+        deployment, operation = match.group(1), match.group(2)
+        body = await self._json_body(scope, receive)
+        if operation == "embeddings":
+            return self._embeddings(deployment, body)
+        return await self._chat(scope, send, deployment, body, "ChatCompletions")
+
+    async def _json_body(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        ctype = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise _HttpError(
+                invalid_request(
+                    f"Invalid Content-Type header ({ctype or 'none'}), expected application/json.", status=415
+                )
+            )
+        raw = await read_body(receive, self.max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise _HttpError(invalid_request(BAD_JSON_MESSAGE)) from None
+        if not isinstance(body, dict):
+            raise _HttpError(invalid_request(f"{raw[:40]!r} is not of type 'object'"))
+        return body
+
+    # ------------------------------------------------------------------------------------ operations
+
+    def _models(self) -> Response:
+        created = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "system"}
+            for name in (*CHAT_DEPLOYMENTS, *EMBEDDING_DEPLOYMENTS)
+        ]
+        return json_response({"object": "list", "data": data})
+
+    def _embeddings(self, deployment: str, body: dict[str, Any]) -> Response:
+        if deployment not in EMBEDDING_DEPLOYMENTS:
+            if deployment in CHAT_DEPLOYMENTS:
+                return azure_error(
+                    400,
+                    "OperationNotSupported",
+                    f"The embeddings operation does not work with the specified model, "
+                    f"{deployment}. Please choose different model and try again.",
+                )
+            return azure_error(404, "DeploymentNotFound", DEPLOYMENT_NOT_FOUND_MESSAGE)
+        raw_input = body.get("input")
+        if isinstance(raw_input, str) or (
+            isinstance(raw_input, list) and raw_input and all(isinstance(t, int) for t in raw_input)
+        ):
+            items: list[Any] = [raw_input]
+        elif isinstance(raw_input, list) and raw_input:
+            items = raw_input
+        else:
+            raise _HttpError(invalid_request("'input' is a required property", "input"))
+        if len(items) > 2048:
+            raise _HttpError(invalid_request("Too many inputs. The max number of inputs is 2048.", "input"))
+        dims = body.get("dimensions", EMBEDDING_DEPLOYMENTS[deployment])
+        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 3072:
+            raise _HttpError(invalid_request("Invalid value for 'dimensions'.", "dimensions"))
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise _HttpError(invalid_request("Invalid value for 'encoding_format'.", "encoding_format"))
+        data = []
+        tokens = 0
+        for index, item in enumerate(items):
+            text = item if isinstance(item, str) else json.dumps(item)
+            tokens += _count_tokens(text)
+            vector = embedding_for(text, dims)
+            embedding: list[float] | str = (
+                vector if fmt == "float" else base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        return json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": deployment,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    async def _chat(
+        self, scope: Scope, send: Send, deployment: str, body: dict[str, Any], operation: str
+    ) -> Response | None:
+        if deployment not in CHAT_DEPLOYMENTS:
+            if deployment in EMBEDDING_DEPLOYMENTS:
+                return azure_error(
+                    400,
+                    "OperationNotSupported",
+                    f"The chatCompletion operation does not work with the specified model, "
+                    f"{deployment}. Please choose different model and try again.",
+                )
+            return azure_error(404, "DeploymentNotFound", DEPLOYMENT_NOT_FOUND_MESSAGE)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _HttpError(
+                invalid_request("'messages' is a required property and must be a non-empty array", "messages")
+            )
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise _HttpError(invalid_request("Each message must be an object with a 'role'.", "messages"))
+        users = [m for m in messages if m.get("role") == "user"]
+        last = _text_of((users or messages)[-1].get("content"))
+        prompt_tokens = sum(_count_tokens(_text_of(m.get("content"))) for m in messages)
+        pieces = _reply_pieces(last)
+        finish = "stop"
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(pieces):
+            pieces, finish = pieces[:limit], "length"
+        model = CHAT_DEPLOYMENTS[deployment]
+        ident = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        usage = {
+            "completion_tokens": len(pieces),
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + len(pieces),
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": 0,
+                "audio_tokens": 0,
+                "reasoning_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+            "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
+        }
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            await self._stream(
+                send, operation, ident, created, model, pieces, finish, usage if include_usage else None
+            )
+            return None
+        return json_response(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+                "prompt_filter_results": _PROMPT_FILTER_RESULTS,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": finish,
+                        "logprobs": None,
+                        "message": {
+                            "role": "assistant",
+                            "content": "".join(pieces),
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "content_filter_results": _CONTENT_FILTER_RESULTS,
+                    }
+                ],
+                "usage": usage,
+            }
+        )
+
+    async def _stream(
+        self,
+        send: Send,
+        operation: str,
+        ident: str,
+        created: int,
+        model: str,
+        pieces: list[str],
+        finish: str,
+        usage: dict[str, Any] | None,
+    ) -> None:
+        def chunk(
+            delta: dict[str, Any], finish_reason: str | None, filters: dict[str, Any]
+        ) -> dict[str, Any]:
+            return {
+                "choices": [
+                    {
+                        "content_filter_results": filters,
+                        "delta": delta,
+                        "finish_reason": finish_reason,
+                        "index": 0,
+                        "logprobs": None,
+                    }
+                ],
+                "created": created,
+                "id": ident,
+                "model": model,
+                "object": "chat.completion.chunk",
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+            }
+
+        events: list[dict[str, Any] | str] = [
+            {
+                "choices": [],
+                "created": 0,
+                "id": "",
+                "model": "",
+                "object": "",
+                "prompt_filter_results": _PROMPT_FILTER_RESULTS,
+            },
+            chunk({"content": "", "refusal": None, "role": "assistant"}, None, {}),
+            *(chunk({"content": p}, None, _CONTENT_FILTER_RESULTS) for p in pieces),
+            chunk({}, finish, {}),
+        ]
+        if usage is not None:
+            events.append(
+                {
+                    "choices": [],
+                    "created": created,
+                    "id": ident,
+                    "model": model,
+                    "object": "chat.completion.chunk",
+                    "system_fingerprint": SYSTEM_FINGERPRINT,
+                    "usage": usage,
+                }
+            )
+        events.append("[DONE]")
+        faults = self.faults.take_stream(operation)
+        delay = sum(f.seconds for f in faults if f.kind == "slow_stream")
+        drops = [f.after_chunks for f in faults if f.kind == "drop_stream"]
+        drop_after = min(drops) if drops else None
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-request-id", ident.encode()),
+                ],
+            }
+        )
+        for index, event in enumerate(events):
+            if drop_after is not None and index >= drop_after:
+                raise StreamDropped(f"stream dropped after {index} events (injected)")
+            if delay and index:
+                await asyncio.sleep(delay)
+            await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
