@@ -44,7 +44,6 @@ param subscriptionName string = 'apimvault-app'
 param rotatorPrincipalId string
 
 var cognitiveServicesOpenAiUserRoleId = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
-var protocolSettingPrefix = 'Microsoft.WindowsAzure.ApiManagement.Gateway.Security'
 
 resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
   name: name
@@ -71,13 +70,13 @@ resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
     }
     developerPortalStatus: 'Disabled'
     customProperties: {
-      '${protocolSettingPrefix}.Protocols.Tls10': 'False'
-      '${protocolSettingPrefix}.Protocols.Tls11': 'False'
-      '${protocolSettingPrefix}.Protocols.Ssl30': 'False'
-      '${protocolSettingPrefix}.Backend.Protocols.Tls10': 'False'
-      '${protocolSettingPrefix}.Backend.Protocols.Tls11': 'False'
-      '${protocolSettingPrefix}.Backend.Protocols.Ssl30': 'False'
-      '${protocolSettingPrefix}.Ciphers.TripleDes168': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls11': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Ssl30': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls10': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls11': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Ssl30': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Ciphers.TripleDes168': 'False'
     }
   }
 }

@@ -27,8 +27,9 @@ param logAnalyticsWorkspaceId string
 @description('Add a CanNotDelete lock on the vault.')
 param lockVault bool = true
 
-var publicAccess = networkMode == 'ipAllowList' ? 'Enabled' : 'Disabled'
-var ipRules = [for ip in (networkMode == 'ipAllowList' ? allowedIpAddresses : []): {
+var devAllowList = networkMode == 'ipAllowList'
+var publicAccess = devAllowList ? 'Enabled' : 'Disabled'
+var ipRules = [for ip in (devAllowList ? allowedIpAddresses : []): {
   value: ip
 }]
 

@@ -1,0 +1,477 @@
+"""Policy checks over the parsed Bicep in ``infra/`` for what checkov does not check (or checks vacuously).
+
+Each ``check_*`` function takes parsed templates and returns a list of violations (strings); an empty list
+means compliant. ``tests/infra/test_bicep_policy.py`` runs them over the real templates and over
+deliberately bad snippets, so every check is shown to be able to fail.
+
+Parsing is pycep (the parser checkov's Bicep runner uses). pycep does not tell a string literal from an
+identifier, so a string equal to a symbol of the same file (parameter, variable, resource, module) is read
+as a reference to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pycep import BicepParser
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+
+KEY_VAULT = "Microsoft.KeyVault/vaults"
+SECRET = "Microsoft.KeyVault/vaults/secrets"
+APIM = "Microsoft.ApiManagement/service"
+APIM_API = "Microsoft.ApiManagement/service/apis"
+APIM_SUBSCRIPTION = "Microsoft.ApiManagement/service/subscriptions"
+ROLE_ASSIGNMENT = "Microsoft.Authorization/roleAssignments"
+ROLE_DEFINITION = "Microsoft.Authorization/roleDefinitions"
+DIAGNOSTIC_SETTINGS = "Microsoft.Insights/diagnosticSettings"
+SYSTEM_TOPIC = "Microsoft.EventGrid/systemTopics"
+EVENT_SUBSCRIPTION = "Microsoft.EventGrid/systemTopics/eventSubscriptions"
+COGNITIVE_ACCOUNT = "Microsoft.CognitiveServices/accounts"
+
+KEY_VAULT_ROLES = {
+    "4633458b-17de-408a-b874-0445c86b69e6": "Key Vault Secrets User",
+    "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": "Key Vault Secrets Officer",
+    "00482a5a-887f-4fb3-b363-3b7fe8e74483": "Key Vault Administrator",
+    "21090545-7ca7-4776-b22c-e363652d74d2": "Key Vault Reader",
+    "f25e0fa2-a7c8-4377-a976-54943a77a395": "Key Vault Contributor",
+}
+SECRETS_USER = "4633458b-17de-408a-b874-0445c86b69e6"
+SECRETS_OFFICER = "b86a8fe4-44ce-4948-aee5-eccb2c155cd7"
+
+# Principals (parameter names) that are the app's and the rotation function's identities.
+APP_OR_ROTATOR_PRINCIPALS = re.compile(r"^(app|rotator)PrincipalId$")
+# What a role assignment for those identities may be scoped to.
+NARROW_SCOPES = {SECRET, APIM_SUBSCRIPTION}
+ROTATOR_ACTIONS = {
+    "Microsoft.ApiManagement/service/subscriptions/read",
+    "Microsoft.ApiManagement/service/subscriptions/listSecrets/action",
+    "Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action",
+    "Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action",
+}
+WEAK_PROTOCOLS = [
+    f"Microsoft.WindowsAzure.ApiManagement.Gateway.Security.{side}Protocols.{proto}"
+    for side in ("", "Backend.")
+    for proto in ("Tls10", "Tls11", "Ssl30")
+]
+# Output values must not touch these (names, accessors or functions in the parsed expression).
+SECRET_MARKERS = re.compile(
+    r"listSecrets|listKeys|\blist[A-Z]\w*|primaryKey|secondaryKey|getSecret", re.IGNORECASE
+)
+SECRET_OUTPUT_NAME = re.compile(r"password|primarykey|secondarykey|subscriptionkey|apikey|accountkey", re.I)
+
+
+@dataclasses.dataclass
+class Template:
+    """One parsed Bicep file."""
+
+    name: str
+    doc: dict[str, Any]
+
+    @property
+    def resources(self) -> dict[str, dict[str, Any]]:
+        return self.doc.get("resources") or {}
+
+    @property
+    def parameters(self) -> dict[str, dict[str, Any]]:
+        return self.doc.get("parameters") or {}
+
+    @property
+    def variables(self) -> dict[str, dict[str, Any]]:
+        return self.doc.get("variables") or {}
+
+    @property
+    def outputs(self) -> dict[str, dict[str, Any]]:
+        return self.doc.get("outputs") or {}
+
+    @property
+    def modules(self) -> dict[str, dict[str, Any]]:
+        return self.doc.get("modules") or {}
+
+    def of_type(self, rtype: str, *, include_existing: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+        for symbol, res in self.resources.items():
+            if res.get("type", "").lower() == rtype.lower() and (include_existing or not res.get("existing")):
+                yield symbol, res
+
+    def resolve(self, value: Any, _depth: int = 0) -> Any:
+        """Follow variable references to their value and parameter references to their default."""
+        if _depth > 10 or not isinstance(value, str):
+            return value
+        if value in self.variables:
+            return self.resolve(self.variables[value].get("value"), _depth + 1)
+        if value in self.parameters and self.parameters[value].get("default") is not None:
+            return self.resolve(self.parameters[value]["default"], _depth + 1)
+        return value
+
+    def resource_type_of(self, symbol: Any) -> str | None:
+        if isinstance(symbol, str) and symbol in self.resources:
+            return str(self.resources[symbol].get("type"))
+        return None
+
+    def decorator(self, param: str, kind: str) -> Any:
+        for deco in self.parameters.get(param, {}).get("decorators") or []:
+            if deco.get("type") == kind:
+                return deco.get("argument")
+        return None
+
+
+def parse_text(text: str, name: str = "<snippet>") -> Template:
+    return Template(name, BicepParser().parse(text=text))
+
+
+def load_templates(root: Path = INFRA) -> list[Template]:
+    files = sorted(p for p in root.rglob("*.bicep") if ".venv" not in p.parts)
+    return [Template(str(p.relative_to(root)), BicepParser().parse(file_path=p)) for p in files]
+
+
+def config_of(res: dict[str, Any]) -> dict[str, Any]:
+    """A resource's body; a conditional resource (``= if (cond) {...}``) is checked as if deployed."""
+    config = res.get("config") or {}
+    if set(config) == {"condition", "config"} and isinstance(config["config"], dict):
+        config = config["config"]
+    return config
+
+
+def _props(res: dict[str, Any]) -> dict[str, Any]:
+    props = config_of(res).get("properties")
+    return props if isinstance(props, dict) else {}
+
+
+def _strip_quotes(key: str) -> str:
+    return key[1:-1] if len(key) >= 2 and key[0] == key[-1] == "'" else key
+
+
+def _accessor(value: Any) -> tuple[Any, Any] | None:
+    """``(operand_1, operand_2)`` of a property accessor such as ``x.id``."""
+    if isinstance(value, dict):
+        op = value.get("operator") or {}
+        if op.get("type") == "property_accessor":
+            operands = op.get("operands") or {}
+            return operands.get("operand_1"), operands.get("operand_2")
+    return None
+
+
+def dotted(value: Any) -> str | None:
+    """``a.b.c`` for a chain of property accessors (pycep nests them as ``a.(b.c)``), else None."""
+    if isinstance(value, str):
+        return value
+    acc = _accessor(value)
+    if acc is None:
+        return None
+    left, right = dotted(acc[0]), dotted(acc[1])
+    return None if left is None or right is None else f"{left}.{right}"
+
+
+def _literals(value: Any) -> set[Any]:
+    """The literal values an expression can take (through conditionals), or {value} for a literal."""
+    if isinstance(value, dict):
+        op = value.get("operator") or {}
+        if op.get("type") == "conditional":
+            operands = op.get("operands") or {}
+            return _literals(operands.get("true_value")) | _literals(operands.get("false_value"))
+        return {json.dumps(value, sort_keys=True)}
+    return {value}
+
+
+def _is_true(value: Any) -> bool:
+    return value is True
+
+
+def _is_false(value: Any) -> bool:
+    return value is False or (isinstance(value, str) and value.lower() == "false")
+
+
+# ------------------------------------------------------------------------------------------- Key Vault
+
+
+def check_key_vaults(templates: Iterable[Template]) -> list[str]:
+    """RBAC mode, explicit soft delete with 90 days, purge protection, network default Deny, public access
+    Disabled (or, through a parameter switch, Enabled only with Deny + IP rules), enabledFor* false,
+    diagnostics with audit logs and metrics, a private endpoint."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type(KEY_VAULT):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            if not _is_true(t.resolve(p.get("enableRbacAuthorization"))):
+                problems.append(f"{where}: enableRbacAuthorization is not true")
+            if p.get("accessPolicies") not in (None, []):
+                problems.append(f"{where}: has access policies")
+            if not _is_true(t.resolve(p.get("enableSoftDelete"))):
+                problems.append(f"{where}: enableSoftDelete is not set true explicitly")
+            if t.resolve(p.get("softDeleteRetentionInDays")) != 90:
+                problems.append(f"{where}: softDeleteRetentionInDays is not 90")
+            if not _is_true(t.resolve(p.get("enablePurgeProtection"))):
+                problems.append(f"{where}: enablePurgeProtection is not true")
+            for flag in ("enabledForDeployment", "enabledForTemplateDeployment", "enabledForDiskEncryption"):
+                if t.resolve(p.get(flag)) is not False:
+                    problems.append(f"{where}: {flag} is not false")
+            acls = p.get("networkAcls") if isinstance(p.get("networkAcls"), dict) else {}
+            if t.resolve(acls.get("defaultAction")) != "Deny":
+                problems.append(f"{where}: networkAcls.defaultAction is not Deny")
+            public = _literals(t.resolve(p.get("publicNetworkAccess")))
+            public = {t.resolve(v) for v in public}
+            if "Disabled" not in public or not public <= {"Disabled", "Enabled"}:
+                problems.append(
+                    f"{where}: publicNetworkAccess is not Disabled (got {sorted(map(str, public))})"
+                )
+            problems += _diagnostics_problems(t, symbol, where, need_logs=True)
+            if not _has_private_endpoint(t, symbol, "vault"):
+                problems.append(f"{where}: no private endpoint (groupId 'vault')")
+    return problems
+
+
+def _diagnostics_problems(t: Template, symbol: str, where: str, *, need_logs: bool) -> list[str]:
+    for _, diag in t.of_type(DIAGNOSTIC_SETTINGS):
+        if config_of(diag).get("scope") != symbol:
+            continue
+        p = _props(diag)
+        groups = {
+            (log.get("categoryGroup") or log.get("category"))
+            for log in p.get("logs") or []
+            if isinstance(log, dict) and log.get("enabled") is True
+        }
+        metrics = {
+            m.get("category") for m in p.get("metrics") or [] if isinstance(m, dict) and m.get("enabled")
+        }
+        missing = []
+        if need_logs and not groups & {"audit", "allLogs", "AuditEvent", "GatewayLogs"}:
+            missing.append("audit logs")
+        if "AllMetrics" not in metrics:
+            missing.append("AllMetrics")
+        if not p.get("workspaceId"):
+            missing.append("a Log Analytics workspace")
+        return [f"{where}: diagnostic settings lack {', '.join(missing)}"] if missing else []
+    return [f"{where}: no diagnostic settings scoped to it"]
+
+
+def _has_private_endpoint(t: Template, symbol: str, group_id: str) -> bool:
+    for mod in t.modules.values():
+        params = (mod.get("config") or {}).get("params") or {}
+        if _accessor(params.get("targetResourceId")) == (symbol, "id") and params.get("groupId") == group_id:
+            return True
+    for _, pe in t.of_type("Microsoft.Network/privateEndpoints"):
+        text = json.dumps(pe)
+        if f'"operand_1": "{symbol}"' in text and f'"{group_id}"' in text:
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------------- role assignments
+
+
+def check_role_assignments(templates: Iterable[Template]) -> list[str]:
+    """Every role assignment has an explicit resource scope (never the resource group or the vault); Key Vault
+    roles are granted on a secret only; the app and rotator identities get roles only on the secret or the
+    APIM subscription; custom roles hold exactly the four APIM subscription-key actions."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type(ROLE_ASSIGNMENT):
+            where = f"{t.name}:{symbol}"
+            scope = config_of(res).get("scope")
+            scope_type = t.resource_type_of(scope)
+            p = _props(res)
+            role = _role_id(t, p.get("roleDefinitionId"))
+            principal = p.get("principalId")
+            if scope is None:
+                problems.append(f"{where}: no scope (assigned at the resource group)")
+                continue
+            if scope_type is None:
+                problems.append(f"{where}: scope {json.dumps(scope)} is not a resource of this file")
+                continue
+            if scope_type.lower() == KEY_VAULT.lower():
+                problems.append(f"{where}: scoped to the whole vault")
+            if role in KEY_VAULT_ROLES and scope_type.lower() != SECRET.lower():
+                problems.append(f"{where}: {KEY_VAULT_ROLES[role]} scoped to {scope_type}, not to the secret")
+            principal_name = principal if isinstance(principal, str) else ""
+            if APP_OR_ROTATOR_PRINCIPALS.match(principal_name) and scope_type not in NARROW_SCOPES:
+                problems.append(
+                    f"{where}: {principal_name} gets a role on {scope_type}, not the secret/APIM subscription"
+                )
+            if role == "custom" and scope_type != APIM_SUBSCRIPTION:
+                problems.append(f"{where}: custom role assigned on {scope_type}, not an APIM subscription")
+            if p.get("principalType") != "ServicePrincipal":
+                problems.append(f"{where}: principalType is not ServicePrincipal")
+        for symbol, res in t.of_type(ROLE_DEFINITION):
+            where = f"{t.name}:{symbol}"
+            for perm in _props(res).get("permissions") or []:
+                actions = set(perm.get("actions") or [])
+                if actions != ROTATOR_ACTIONS:
+                    problems.append(
+                        f"{where}: actions {sorted(actions)} are not exactly the APIM key-rotator set"
+                    )
+                if perm.get("dataActions"):
+                    problems.append(f"{where}: has data actions")
+    return problems
+
+
+def _role_id(t: Template, value: Any) -> str | None:
+    """The built-in role GUID of a roleDefinitionId expression, or 'custom' for a role defined in the file."""
+    if isinstance(value, dict) and "function" in value:
+        fn = value["function"]
+        if fn.get("type") == "subscription_resource_id":
+            params = fn.get("parameters") or {}
+            return str(t.resolve(params.get("resource_name_1")))
+    acc = _accessor(value)
+    if acc and t.resource_type_of(acc[0]) == ROLE_DEFINITION:
+        return "custom"
+    resolved = t.resolve(value)
+    return resolved if isinstance(resolved, str) else None
+
+
+def role_grants(templates: Iterable[Template]) -> set[tuple[str, str, str]]:
+    """(role, principal parameter, scope type) of every role assignment, for presence checks."""
+    grants = set()
+    for t in templates:
+        for _, res in t.of_type(ROLE_ASSIGNMENT):
+            p = _props(res)
+            scope_type = t.resource_type_of(config_of(res).get("scope")) or "?"
+            grants.add(
+                (str(_role_id(t, p.get("roleDefinitionId"))), json.dumps(p.get("principalId")), scope_type)
+            )
+    return grants
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def check_outputs_and_parameters(templates: Iterable[Template]) -> list[str]:
+    """No output carries a key (list*() calls, primaryKey/secondaryKey, a secret's .value, getSecret, a
+    @secure() parameter) or has a key-like name; no parameter default holds a key; secure params have no
+    default."""
+    problems: list[str] = []
+    for t in templates:
+        secure = {
+            n
+            for n, p in t.parameters.items()
+            if any(d.get("type") == "secure" for d in p.get("decorators") or [])
+        }
+        for name, out in t.outputs.items():
+            where = f"{t.name}: output {name}"
+            text = json.dumps(out.get("value"))
+            if SECRET_MARKERS.search(text):
+                problems.append(f"{where}: value references a key ({SECRET_MARKERS.search(text).group(0)})")
+            if _accesses_value(out.get("value")):
+                problems.append(f"{where}: value reads a .value property")
+            if any(f'"{p}"' in text for p in secure):
+                problems.append(f"{where}: value references a @secure() parameter")
+            if SECRET_OUTPUT_NAME.search(name):
+                problems.append(f"{where}: name suggests a secret")
+        for name, param in t.parameters.items():
+            default = json.dumps(param.get("default"))
+            if name in secure and param.get("default") not in (None, ""):
+                problems.append(f"{t.name}: @secure() parameter {name} has a default")
+            if SECRET_MARKERS.search(default):
+                problems.append(f"{t.name}: parameter {name} default references a key")
+    return problems
+
+
+def _accesses_value(value: Any) -> bool:
+    if isinstance(value, dict):
+        acc = _accessor(value)
+        if acc and acc[1] == "value":
+            return True
+        return any(_accesses_value(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_accesses_value(v) for v in value)
+    return isinstance(value, str) and value.endswith(".value")
+
+
+# --------------------------------------------------------------------------------------------------- APIM
+
+
+def check_apim(templates: Iterable[Template]) -> list[str]:
+    """TLS 1.0/1.1 and SSL 3.0 off on both sides, a minimum management API version, diagnostics; APIs require
+    a subscription with the Ocp-Apim-Subscription-Key header; subscriptions are product-scoped with tracing
+    explicitly off."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type(APIM):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            custom = {_strip_quotes(k): t.resolve(v) for k, v in (p.get("customProperties") or {}).items()}
+            for setting in WEAK_PROTOCOLS:
+                if not _is_false(custom.get(setting)):
+                    problems.append(f"{where}: {setting.rsplit('.', 2)[-2:]} not explicitly disabled")
+            if not (p.get("apiVersionConstraint") or {}).get("minApiVersion"):
+                problems.append(f"{where}: no apiVersionConstraint.minApiVersion")
+            problems += _diagnostics_problems(t, symbol, where, need_logs=True)
+        for symbol, res in t.of_type(APIM_API):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            if not _is_true(p.get("subscriptionRequired")):
+                problems.append(f"{where}: subscriptionRequired is not true")
+            header = (p.get("subscriptionKeyParameterNames") or {}).get("header")
+            if header != "Ocp-Apim-Subscription-Key":
+                problems.append(f"{where}: subscription key header is {header!r}")
+        for symbol, res in t.of_type(APIM_SUBSCRIPTION):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            if p.get("allowTracing") is not False:
+                problems.append(f"{where}: allowTracing is not explicitly false")
+            scope = _accessor(p.get("scope"))
+            scope_text = t.resolve(p.get("scope"))
+            scoped_to_product = (
+                scope and t.resource_type_of(scope[0]) == "Microsoft.ApiManagement/service/products"
+            ) or (isinstance(scope_text, str) and "/products/" in scope_text)
+            if not scoped_to_product:
+                problems.append(f"{where}: not scoped to a product")
+            name = t.resolve(config_of(res).get("name"))
+            if isinstance(name, str) and name.lower() == "master":
+                problems.append(f"{where}: uses the built-in all-access 'master' subscription")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- the secret
+
+
+def check_rotation_secret(templates: Iterable[Template]) -> list[str]:
+    """The APIM key secret: seeded from an APIM subscription's listSecrets().primaryKey, contentType and exp
+    set, tags CredentialId=primary, ProviderAddress=<APIM subscription id>, ValidityPeriodDays > 30."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type(SECRET):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            tags = config_of(res).get("tags") or {}
+            if t.resolve(tags.get("CredentialId")) != "primary":
+                problems.append(f"{where}: tag CredentialId is not 'primary'")
+            provider = _accessor(tags.get("ProviderAddress"))
+            if not provider or provider[1] != "id" or t.resource_type_of(provider[0]) != APIM_SUBSCRIPTION:
+                problems.append(f"{where}: tag ProviderAddress is not an APIM subscription's id")
+            days = _validity_days(t, tags.get("ValidityPeriodDays"))
+            if days is None or days <= 30:
+                problems.append(f"{where}: tag ValidityPeriodDays is {days!r}, must be > 30")
+            if not p.get("contentType"):
+                problems.append(f"{where}: no contentType")
+            if not (p.get("attributes") or {}).get("exp"):
+                problems.append(f"{where}: no attributes.exp (SecretNearExpiry never fires)")
+            value = json.dumps(p.get("value"))
+            if "listSecrets" not in value or "primaryKey" not in value:
+                problems.append(f"{where}: value is not seeded from listSecrets().primaryKey")
+    return problems
+
+
+def _validity_days(t: Template, value: Any) -> int | None:
+    """An int for ValidityPeriodDays: a literal, or string(param) with the param's default and @minValue."""
+    if isinstance(value, dict) and (value.get("function") or {}).get("type") == "string":
+        ref = (value["function"].get("parameters") or {}).get("value_to_convert")
+        if isinstance(ref, str) and ref in t.parameters:
+            floor = t.decorator(ref, "min_value")
+            default = t.parameters[ref].get("default")
+            candidates = [v for v in (floor, default) if isinstance(v, int)]
+            if floor is None:
+                return None  # unbounded parameter: a caller could pass 1
+            return min(candidates)
+        return None
+    resolved = t.resolve(value)
+    try:
+        return int(resolved)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,421 @@
+"""Our own policy tests over the parsed Bicep (what checkov does not check, or checks vacuously).
+
+Every check runs over the real templates (must find nothing) and over a deliberately bad snippet (must
+flag it), so none of them can pass by not looking.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
+
+from .bicep_policy import (
+    APIM_SUBSCRIPTION,
+    EVENT_SUBSCRIPTION,
+    INFRA,
+    SECRET,
+    SECRETS_OFFICER,
+    SECRETS_USER,
+    SYSTEM_TOPIC,
+    Template,
+    check_apim,
+    check_key_vaults,
+    check_outputs_and_parameters,
+    check_role_assignments,
+    check_rotation_secret,
+    dotted,
+    load_templates,
+    parse_text,
+    role_grants,
+)
+
+
+@pytest.fixture(scope="module")
+def templates() -> list[Template]:
+    return load_templates()
+
+
+def _one(templates: list[Template], name: str) -> Template:
+    return next(t for t in templates if t.name == name)
+
+
+# ----------------------------------------------------------------------------------- the real templates
+
+
+def test_every_bicep_file_parses(templates: list[Template]) -> None:
+    names = {t.name for t in templates}
+    assert {
+        "main.bicep",
+        "modules/keyvault.bicep",
+        "modules/secret.bicep",
+        "modules/apim.bicep",
+        "modules/rotation.bicep",
+    } <= names
+
+
+def test_key_vault_rbac_soft_delete_purge_protection_network_and_diagnostics(
+    templates: list[Template],
+) -> None:
+    assert check_key_vaults(templates) == []
+    assert sum(1 for t in templates for _ in t.of_type("Microsoft.KeyVault/vaults")) == 1
+
+
+def test_key_vault_network_default_deny_and_private_by_default(templates: list[Template]) -> None:
+    """Covers CKV_AZURE_189, which raises inside checkov on the expression (checkov-known-errors.txt)."""
+    kv = _one(templates, "modules/keyvault.bicep")
+    assert kv.parameters["networkMode"]["default"] == "private"
+    assert kv.variables["publicAccess"]["value"]["operator"]["operands"] == {
+        "condition": "devAllowList",
+        "true_value": "Enabled",
+        "false_value": "Disabled",
+    }
+    assert kv.variables["devAllowList"]["value"]["operator"] == {
+        "type": "equals",
+        "operands": {"operand_1": "networkMode", "operand_2": "ipAllowList"},
+    }
+    main = _one(templates, "main.bicep")
+    assert main.parameters["keyVaultNetworkMode"]["default"] == "private"
+    params = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert params["keyVaultNetworkMode"]["value"] == "private"
+
+
+def test_role_assignments_are_scoped_to_the_secret_or_the_apim_subscription(
+    templates: list[Template],
+) -> None:
+    assert check_role_assignments(templates) == []
+
+
+def test_the_expected_least_privilege_grants_exist(templates: list[Template]) -> None:
+    grants = role_grants(templates)
+    assert (SECRETS_USER, '"appPrincipalId"', SECRET) in grants
+    assert (SECRETS_OFFICER, '"rotatorPrincipalId"', SECRET) in grants
+    assert ("custom", '"rotatorPrincipalId"', APIM_SUBSCRIPTION) in grants
+    # The app identity gets nothing else; the rotator nothing beyond the secret and the APIM subscription.
+    assert {g for g in grants if g[1] == '"appPrincipalId"'} == {(SECRETS_USER, '"appPrincipalId"', SECRET)}
+    assert {g[2] for g in grants if g[1] == '"rotatorPrincipalId"'} == {SECRET, APIM_SUBSCRIPTION}
+
+
+def test_main_wires_each_identity_to_its_own_principal_parameter(templates: list[Template]) -> None:
+    main = _one(templates, "main.bicep")
+    wiring = {}
+    for symbol, mod in main.modules.items():
+        for key, value in ((mod.get("config") or {}).get("params") or {}).items():
+            if key.endswith("PrincipalId"):
+                wiring[(symbol, key)] = dotted(value)
+    assert wiring[("secret", "appPrincipalId")] == "identities.outputs.appPrincipalId"
+    assert wiring[("secret", "rotatorPrincipalId")] == "identities.outputs.rotatorPrincipalId"
+    assert wiring[("apim", "rotatorPrincipalId")] == "identities.outputs.rotatorPrincipalId"
+    assert all(v == f"identities.outputs.{k[1]}" for k, v in wiring.items()), wiring
+
+
+def test_no_key_in_outputs_or_parameter_defaults(templates: list[Template]) -> None:
+    assert check_outputs_and_parameters(templates) == []
+    params = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    main = _one(templates, "main.bicep")
+    assert set(params) <= set(main.parameters), "main.parameters.json names a parameter main.bicep lacks"
+    key_like = re.compile(r"password|secretvalue|primarykey|secondarykey|subscriptionkey|apikey", re.I)
+    assert not [name for name in params if key_like.search(name)]
+    values = json.dumps(params)
+    assert not re.search(r"[0-9a-f]{32}", values), "main.parameters.json holds something key-shaped"
+
+
+def test_main_outputs_are_the_apimvault_environment(templates: list[Template]) -> None:
+    outputs = set(_one(templates, "main.bicep").outputs)
+    assert {
+        "AZURE_KEYVAULT_URL",
+        "APIMVAULT_SECRET_NAME",
+        "AZURE_CLIENT_ID",
+        "AZURE_OPENAI_ENDPOINT",
+        "OPENAI_API_VERSION",
+        "APIMVAULT_APIM_SUBSCRIPTION_ID",
+    } <= outputs
+
+
+def test_apim_tls_min_api_version_subscription_header_and_tracing_off(templates: list[Template]) -> None:
+    """CKV_AZURE_173 passes vacuously on Bicep (pycep keeps the quotes of quoted keys), so TLS is here."""
+    assert check_apim(templates) == []
+    assert sum(1 for t in templates for _ in t.of_type(APIM_SUBSCRIPTION)) == 1
+
+
+def test_secret_rotation_tags_expiry_and_seed(templates: list[Template]) -> None:
+    assert check_rotation_secret(templates) == []
+    secret = _one(templates, "modules/secret.bicep")
+    assert secret.parameters["validityDays"]["default"] == 60
+    main = _one(templates, "main.bicep")
+    assert main.parameters["secretValidityDays"]["default"] == 60
+    assert main.decorator("secretValidityDays", "min_value") > 30
+    params = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert params["secretValidityDays"]["value"] > 30
+
+
+def test_near_expiry_event_subscription_filtered_with_retry_and_dead_letter(
+    templates: list[Template],
+) -> None:
+    rotation = _one(templates, "modules/rotation.bicep")
+    ((_, topic),) = rotation.of_type(SYSTEM_TOPIC)
+    assert topic["config"]["properties"]["topicType"] == "Microsoft.KeyVault.vaults"
+    ((_, sub),) = rotation.of_type(EVENT_SUBSCRIPTION)
+    assert sub["config"]["condition"] == "enableEventSubscription"  # phase 2 of the rollout (README)
+    p = sub["config"]["config"]["properties"]
+    assert p["filter"]["includedEventTypes"] == ["Microsoft.KeyVault.SecretNearExpiry"]
+    assert p["filter"]["subjectBeginsWith"] == p["filter"]["subjectEndsWith"] == "secretName"
+    assert p["filter"]["isSubjectCaseSensitive"] is True
+    assert p["retryPolicy"]["maxDeliveryAttempts"] >= 1
+    dead_letter = p["deadLetterWithResourceIdentity"]["deadLetterDestination"]
+    assert dead_letter["endpointType"] == "StorageBlob"
+    assert p["destination"]["endpointType"] == "AzureFunction"
+    assert p["destination"]["properties"]["maxEventsPerBatch"] == 1
+
+
+def test_backend_local_auth_disabled_and_apim_uses_managed_identity(templates: list[Template]) -> None:
+    openai = _one(templates, "modules/openai.bicep")
+    ((_, account),) = openai.of_type("Microsoft.CognitiveServices/accounts")
+    assert account["config"]["properties"]["disableLocalAuth"] is True
+    assert account["config"]["properties"]["publicNetworkAccess"] == "Disabled"
+    policy = (INFRA / "modules" / "policies" / "openai-api.xml").read_text()
+    assert '<authentication-managed-identity resource="https://cognitiveservices.azure.com"' in policy
+    assert '<set-header name="Ocp-Apim-Subscription-Key" exists-action="delete" />' in policy
+
+
+def test_function_identity_is_the_rotator_and_function_name_matches(templates: list[Template]) -> None:
+    rotation = _one(templates, "modules/rotation.bicep")
+    settings = {
+        s["name"]: s["value"]
+        for s in rotation.resources["functionApp"]["config"]["properties"]["siteConfig"]["appSettings"]
+    }
+    assert settings["AZURE_CLIENT_ID"] == "rotatorClientId"
+    assert settings["AzureWebJobsStorage__clientId"] == "functionHostClientId"
+    app_py = (INFRA / "rotation_function" / "function_app.py").read_text()
+    assert f'FUNCTION_NAME = "{rotation.parameters["functionName"]["default"]}"' in app_py
+
+
+# ------------------------------------------------------------------------- each check can fail (negative)
+
+BAD_VAULT = """
+resource kv 'Microsoft.KeyVault/vaults@2024-11-01' = {
+  name: 'kv'
+  properties: {
+    enableRbacAuthorization: false
+    softDeleteRetentionInDays: 7
+    enablePurgeProtection: false
+    enabledForDeployment: true
+    publicNetworkAccess: 'Enabled'
+    networkAcls: {
+      defaultAction: 'Allow'
+    }
+  }
+}
+"""
+
+BAD_ROLE_ASSIGNMENTS = """
+param appPrincipalId string
+param rotatorPrincipalId string
+var user = '4633458b-17de-408a-b874-0445c86b69e6'
+var officer = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
+resource kv 'Microsoft.KeyVault/vaults@2024-11-01' existing = {
+  name: 'kv'
+}
+resource apimSub 'Microsoft.ApiManagement/service/subscriptions@2024-05-01' existing = {
+  name: 'apim/sub'
+}
+resource vaultWide 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid('a')
+  scope: kv
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', user)
+    principalId: appPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+resource groupWide 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid('b')
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', officer)
+    principalId: rotatorPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+resource broadRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid('c')
+  properties: {
+    roleName: 'too broad'
+    permissions: [
+      {
+        actions: [
+          'Microsoft.ApiManagement/service/*'
+        ]
+      }
+    ]
+    assignableScopes: [
+      resourceGroup().id
+    ]
+  }
+}
+"""
+
+BAD_OUTPUTS = """
+@secure()
+param adminPassword string = 'hunter2'
+resource apimSub 'Microsoft.ApiManagement/service/subscriptions@2024-05-01' existing = {
+  name: 'apim/sub'
+}
+resource secret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' existing = {
+  name: 'kv/s'
+}
+output key string = apimSub.listSecrets().primaryKey
+output second string = apimSub.listSecrets().secondaryKey
+output value string = secret.properties.value
+output echo string = adminPassword
+output apiKey string = 'x'
+"""
+
+BAD_APIM = """
+resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
+  name: 'apim'
+  properties: {
+    customProperties: {
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'True'
+    }
+  }
+}
+resource api 'Microsoft.ApiManagement/service/apis@2024-05-01' = {
+  parent: apim
+  name: 'api'
+  properties: {
+    subscriptionRequired: false
+    subscriptionKeyParameterNames: {
+      header: 'api-key'
+    }
+  }
+}
+resource sub 'Microsoft.ApiManagement/service/subscriptions@2024-05-01' = {
+  parent: apim
+  name: 'master'
+  properties: {
+    scope: '/apis'
+    allowTracing: true
+  }
+}
+resource quiet 'Microsoft.ApiManagement/service/subscriptions@2024-05-01' = {
+  parent: apim
+  name: 'other'
+  properties: {
+    scope: '/products/p'
+  }
+}
+"""
+
+BAD_SECRET = """
+param validityDays int = 30
+resource apim 'Microsoft.ApiManagement/service@2024-05-01' existing = {
+  name: 'apim'
+}
+resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
+  name: 'kv/apim-subscription-key'
+  tags: {
+    CredentialId: 'key1'
+    ProviderAddress: apim.id
+    ValidityPeriodDays: string(validityDays)
+  }
+  properties: {
+    value: 'literal'
+  }
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("check", "snippet", "expected"),
+    [
+        pytest.param(
+            check_key_vaults,
+            BAD_VAULT,
+            [
+                "enableRbacAuthorization is not true",
+                "enableSoftDelete is not set true explicitly",
+                "softDeleteRetentionInDays is not 90",
+                "enablePurgeProtection is not true",
+                "enabledForDeployment is not false",
+                "enabledForTemplateDeployment is not false",
+                "networkAcls.defaultAction is not Deny",
+                "publicNetworkAccess is not Disabled",
+                "no diagnostic settings",
+                "no private endpoint",
+            ],
+            id="key-vault",
+        ),
+        pytest.param(
+            check_role_assignments,
+            BAD_ROLE_ASSIGNMENTS,
+            [
+                "vaultWide: scoped to the whole vault",
+                "vaultWide: Key Vault Secrets User scoped to Microsoft.KeyVault/vaults",
+                "vaultWide: appPrincipalId gets a role on Microsoft.KeyVault/vaults",
+                "groupWide: no scope (assigned at the resource group)",
+                "broadRole: actions",
+            ],
+            id="role-assignments",
+        ),
+        pytest.param(
+            check_outputs_and_parameters,
+            BAD_OUTPUTS,
+            [
+                "output key: value references a key",
+                "output second: value references a key",
+                "output value: value reads a .value property",
+                "output echo: value references a @secure() parameter",
+                "output apiKey: name suggests a secret",
+                "@secure() parameter adminPassword has a default",
+            ],
+            id="outputs",
+        ),
+        pytest.param(
+            check_apim,
+            BAD_APIM,
+            [
+                "Tls10'] not explicitly disabled",
+                "Tls11'] not explicitly disabled",
+                "Ssl30'] not explicitly disabled",
+                "no apiVersionConstraint.minApiVersion",
+                "apim: no diagnostic settings",
+                "subscriptionRequired is not true",
+                "subscription key header is 'api-key'",
+                "sub: allowTracing is not explicitly false",
+                "sub: not scoped to a product",
+                "built-in all-access 'master'",
+                "quiet: allowTracing is not explicitly false",
+            ],
+            id="apim",
+        ),
+        pytest.param(
+            check_rotation_secret,
+            BAD_SECRET,
+            [
+                "tag CredentialId is not 'primary'",
+                "tag ProviderAddress is not an APIM subscription's id",
+                "tag ValidityPeriodDays is None, must be > 30",
+                "no contentType",
+                "no attributes.exp",
+                "value is not seeded from listSecrets().primaryKey",
+            ],
+            id="secret",
+        ),
+    ],
+)
+def test_each_check_flags_a_bad_snippet(check, snippet: str, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    problems = check([parse_text(snippet)])
+    text = "\n".join(problems)
+    missing = [e for e in expected if e not in text]
+    assert not missing, f"not flagged: {missing}\nproblems:\n{text}"
+
+
+def test_validity_days_at_or_below_thirty_is_flagged() -> None:
+    snippet = BAD_SECRET.replace("param validityDays int = 30", "@minValue(1)\nparam validityDays int = 30")
+    problems = check_rotation_secret([parse_text(snippet)])
+    assert any("ValidityPeriodDays is 1, must be > 30" in p for p in problems), problems
+    literal = BAD_SECRET.replace("string(validityDays)", "'14'")
+    assert any("ValidityPeriodDays is 14" in p for p in check_rotation_secret([parse_text(literal)]))
