@@ -90,17 +90,20 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
         fast = self._fast
         if fast is not None and self.clock() < fast[0]:
             return fast[1]
-        action = self._cache.decide()
-        entry = self._cache.entry()
-        if action is Action.SERVE and entry is not None:
-            self._fast = (entry.refresh_at, entry.key) if not self._cache.invalidated else None
-            return entry.key
-        self._fast = None
+        with self._lock:
+            action = self._cache.decide()
+            entry = self._cache.entry()
+            if action is Action.SERVE and entry is not None:
+                self._fast = (self._cache.serve_deadline(), entry.key)
+                return entry.key
+            self._fast = None
+            invalidated = self._cache.invalidated
+            may_load = self._cache.may_load()
         if action is Action.SERVE_AND_REFRESH and entry is not None:
             if self._task is None:
-                self._start("refresh ahead" if not self._cache.invalidated else "invalidated")
+                self._start("invalidated" if invalidated else "refresh ahead")
             return entry.key
-        if self._task is None and not self._cache.may_load():
+        if self._task is None and not may_load:
             raise self._no_key_error()
         return await self._await(self._task or self._start("load"))
 
@@ -114,22 +117,23 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
 
     def invalidate(self) -> None:
         """Push invalidation: the next ``get_key()`` starts a background refresh (no caller waits)."""
-        self._invalidate()
-        self._fast = None
+        with self._lock:
+            self._invalidate()
+            self._fast = None
 
     async def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """Async twin of :meth:`SubscriptionKeyProvider.refresh_after_rejection`."""
-        decision = self._cache.decide_forced(sent.version)
-        if decision is ForceDecision.USE_NEWER:
+        with self._lock:
+            decision = self._cache.decide_forced(sent.version)
             entry = self._cache.entry()
-            return entry.key if entry is not None else None
-        task = self._task
-        if task is None:
-            if decision is ForceDecision.RATE_LIMITED:
+            if decision is ForceDecision.USE_NEWER:
+                return entry.key if entry is not None else None
+            if self._task is None and decision is ForceDecision.RATE_LIMITED:
                 return None
-            self._cache.note_forced()
-            self._n["forced"] += 1
-            task = self._start("401 from gateway")
+            if self._task is None:
+                self._cache.note_forced()
+                self._n.add("forced")
+        task = self._task or self._start("401 from gateway")
         try:
             key = await self._await(task)
         except KeyUnavailableError:
@@ -172,19 +176,23 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
         error: BaseException | None = None
         try:
             key = await self._fetch()
-            pending = self._succeeded(key, reason)
-            entry = self._cache.entry()
-            self._fast = (entry.refresh_at, entry.key) if entry is not None else None
         except Exception as exc:
             error = exc
-            pending = self._failed(exc, reason, retry_after_of(exc))
         finally:
             self._task = None
+        with self._lock:
+            if key is not None:
+                pending = self._succeeded(key, reason)
+                entry = self._cache.entry()
+                self._fast = (self._cache.serve_deadline(), entry.key) if entry is not None else None
+            else:
+                assert error is not None
+                pending = self._failed(error, reason, retry_after_of(error))
         self._emit_all(pending)
         return key, error
 
     async def _fetch(self) -> SubscriptionKey:
-        self._n["vault_reads"] += 1
+        self._n.add("vault_reads")
         try:
             secret = await self.secret_client.get_secret(self.secret_name, self.version)
         except Exception as exc:

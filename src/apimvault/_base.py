@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -70,6 +71,25 @@ class ProviderStats:
     last_error: str | None
 
 
+class _Tally:
+    """Thread-safe counters (``+=`` on a shared dict loses increments under contention)."""
+
+    __slots__ = ("_counts", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            ("vault_reads", "refreshes", "rotations", "failures", "forced", "resends", "invalidations"), 0
+        )
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def __getitem__(self, name: str) -> int:
+        return self._counts[name]
+
+
 def check_header_name(name: str) -> str:
     if not isinstance(name, str) or not name or any(c not in _HEADER_NAME for c in name):
         raise ConfigurationError(f"header name {name!r} is not a valid HTTP header name")
@@ -110,15 +130,10 @@ class ProviderBase:
         self.where = f"{self.vault_url}/secrets/{self.secret_name}" + (
             f"/{self.version}" if self.version else ""
         )
-        self._n = {
-            "vault_reads": 0,
-            "refreshes": 0,
-            "rotations": 0,
-            "failures": 0,
-            "forced": 0,
-            "resends": 0,
-            "invalidations": 0,
-        }
+        self._n = _Tally()
+        self._recent_values: tuple[str, ...] = ()
+        # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
+        self._lock = threading.Lock()
 
     @staticmethod
     def env_args(kwargs: dict[str, Any]) -> tuple[str, str]:
@@ -137,12 +152,18 @@ class ProviderBase:
 
     def current(self) -> SubscriptionKey | None:
         """The cached key without any I/O or refresh (``None`` before the first load or past its limit)."""
-        entry = self._cache.entry()
+        with self._lock:
+            entry = self._cache.entry()
         return entry.key if entry is not None else None
+
+    def redaction_values(self) -> tuple[str, ...]:
+        """The current and previous key values, read without locking (for the log redaction filter)."""
+        return self._recent_values
 
     def stats(self) -> ProviderStats:
         now = self.clock()
-        entry = self._cache.entry()
+        with self._lock:
+            entry = self._cache.entry()
         if entry is None:
             state = "expired" if self._cache.last_version else "empty"
         elif now < entry.refresh_at and not self._cache.invalidated:
@@ -172,7 +193,7 @@ class ProviderBase:
 
     def record_resend(self) -> None:
         """Counted by the auth flow each time it re-sends a request after a 401."""
-        self._n["resends"] += 1
+        self._n.add("resends")
 
     # ------------------------------------------------------------------------------- callbacks
 
@@ -193,14 +214,16 @@ class ProviderBase:
     ) -> list[tuple[Callable[[KeyEvent], None] | None, KeyEvent]]:
         """Record a fetched key; return the callbacks to run (outside any lock)."""
         _, previous = self._cache.accept(key)
-        self._n["refreshes"] += 1
+        # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
+        self._recent_values = (key.reveal(), *self._recent_values[:1])
+        self._n.add("refreshes")
         event = KeyEvent(self.where, key.version, key.fingerprint, previous, reason)
         log.debug(
             "apimvault: %s loaded version %s (fp %s, %s)", self.where, key.version, key.fingerprint, reason
         )
         pending = [(self._on_refresh, event)]
         if previous is not None:
-            self._n["rotations"] += 1
+            self._n.add("rotations")
             log.info(
                 "apimvault: %s rotated %s -> %s (fp %s)", self.where, previous, key.version, key.fingerprint
             )
@@ -212,7 +235,7 @@ class ProviderBase:
     ) -> list[tuple[Callable[[KeyEvent], None] | None, KeyEvent]]:
         """Record a failed fetch; return the callbacks to run (outside any lock)."""
         delay = self._cache.reject(error, retry_after=retry_after)
-        self._n["failures"] += 1
+        self._n.add("failures")
         entry = self._cache.entry()
         log.warning(
             "apimvault: %s %s failed (%s: %s); %s; next attempt in %.1fs",
@@ -237,10 +260,11 @@ class ProviderBase:
         ]
 
     def _invalidate(self) -> None:
-        self._n["invalidations"] += 1
+        self._n.add("invalidations")
         self._cache.invalidate()
 
     def __repr__(self) -> str:
-        entry = self._cache.entry()
+        with self._lock:
+            entry = self._cache.entry()
         shown = f"version={entry.key.version!r}, fingerprint={entry.key.fingerprint!r}" if entry else "no key"
         return f"{type(self).__name__}({self.where!r}, {shown})"

@@ -21,6 +21,7 @@ from .exceptions import (
     AccessDeniedError,
     ConfigurationError,
     CredentialError,
+    InsecureTransportError,
     KeyUnavailableError,
     SecretDisabledError,
     SecretExpiredError,
@@ -41,7 +42,7 @@ def validate_vault_url(vault_url: str, *, allow_insecure_http: bool = False) -> 
     url = vault_url.strip().rstrip("/")
     try:
         parts = urlsplit(url)
-        port = parts.port
+        _ = parts.port  # raises ValueError for a malformed port
     except ValueError as exc:
         raise ConfigurationError(f"vault_url {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -49,12 +50,9 @@ def validate_vault_url(vault_url: str, *, allow_insecure_http: bool = False) -> 
             f"vault_url {url!r} must be an https URL such as https://my-vault.vault.azure.net"
         )
     if parts.scheme == "http" and not allow_insecure_http:
-        from .exceptions import InsecureTransportError
-
         raise InsecureTransportError(f"vault_url {url!r} is not https; Key Vault only speaks TLS")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigurationError(f"vault_url {url!r} must be the vault's base URL, without path or query")
-    del port
     return url
 
 

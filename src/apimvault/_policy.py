@@ -186,6 +186,19 @@ class KeyCache:
             return Action.SERVE_AND_REFRESH
         return Action.SERVE
 
+    def serve_deadline(self, now: float | None = None) -> float:
+        """Until when :meth:`decide` keeps answering SERVE (for a lock-free fast path); -inf if not now."""
+        now = self.clock() if now is None else now
+        entry = self.entry()
+        if entry is None or now >= entry.usable_until:
+            return -math.inf
+        if self.invalidated:
+            return -math.inf if now >= self.next_attempt_at else self.next_attempt_at
+        if now < entry.refresh_at:
+            return entry.refresh_at
+        # Refresh due but backing off: SERVE until the next attempt (or the hard limit).
+        return min(self.next_attempt_at, entry.usable_until) if now < self.next_attempt_at else -math.inf
+
     def may_load(self, now: float | None = None) -> bool:
         """Whether a blocking load may hit Key Vault now (``False`` while backing off after a failure)."""
         now = self.clock() if now is None else now

@@ -50,11 +50,9 @@ class KeyRedactionFilter(logging.Filter):
     def _secrets(self) -> list[str]:
         with self._lock:
             providers = list(self._providers)
-        values = []
+        values: list[str] = []
         for provider in providers:
-            key = provider.current()
-            if key is not None:
-                values.append(key.reveal())
+            values.extend(provider.redaction_values())
         return values
 
     def _scrub(self, value: Any, secrets: Iterable[str]) -> Any:

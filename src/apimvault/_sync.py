@@ -114,7 +114,6 @@ class SubscriptionKeyProvider(ProviderBase):
             )
             self._owned.insert(0, secret_client)
         self.secret_client = secret_client
-        self._lock = threading.Lock()
         self._flight: _Flight | None = None
         self._fast: tuple[float, SubscriptionKey] | None = None
 
@@ -170,7 +169,7 @@ class SubscriptionKeyProvider(ProviderBase):
                 return None
             if self._flight is None:
                 self._cache.note_forced()
-                self._n["forced"] += 1
+                self._n.add("forced")
             flight, run = self._join_or_start("401 from gateway")
         if run:
             self._run(flight)
@@ -201,7 +200,7 @@ class SubscriptionKeyProvider(ProviderBase):
             action = self._cache.decide()
             entry = self._cache.entry()
             if action is Action.SERVE and entry is not None:
-                self._fast = (entry.refresh_at, entry.key) if not self._cache.invalidated else None
+                self._fast = (self._cache.serve_deadline(), entry.key)
                 return entry.key
             if action is Action.SERVE_AND_REFRESH and entry is not None:
                 self._fast = None
@@ -243,7 +242,7 @@ class SubscriptionKeyProvider(ProviderBase):
                 if key is not None:
                     pending = self._succeeded(key, flight.reason)
                     entry = self._cache.entry()
-                    self._fast = (entry.refresh_at, entry.key) if entry is not None else None
+                    self._fast = (self._cache.serve_deadline(), entry.key) if entry is not None else None
                 elif isinstance(error, Exception):
                     pending = self._failed(error, flight.reason, retry_after_of(error))
             finally:
@@ -255,7 +254,7 @@ class SubscriptionKeyProvider(ProviderBase):
             raise error
 
     def _fetch(self) -> SubscriptionKey:
-        self._n["vault_reads"] += 1
+        self._n.add("vault_reads")
         try:
             secret = self.secret_client.get_secret(self.secret_name, self.version)
         except Exception as exc:
