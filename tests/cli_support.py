@@ -1,0 +1,147 @@
+"""Helpers for the CLI, rotation and drill tests: per-test APIM subscriptions and secrets set up the way
+``apimvault local`` seeds them, gateway probes, and a check that output never carries a key."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import ssl
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+
+from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure
+from apimvault.local.apim import Subscription
+from apimvault.local.stack import API_VERSION, APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
+
+
+@dataclass
+class RotatingApp:
+    """An APIM subscription of its own and a vault secret holding its primary key, tagged for rotation."""
+
+    azure: LocalAzure
+    name: str
+    subscription: Subscription
+    seen_keys: set[str] = field(default_factory=set)
+
+    @property
+    def sid(self) -> str:
+        return self.subscription.sid
+
+    @property
+    def resource_id(self) -> str:
+        return (
+            f"/subscriptions/{ARM_SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+            f"Microsoft.ApiManagement/service/{APIM_SERVICE}/subscriptions/{self.sid}"
+        )
+
+    def keys(self) -> tuple[str, str]:
+        sub = self.azure.apim_state.get(self.sid)
+        assert sub is not None
+        self.seen_keys.update((sub.primary_key, sub.secondary_key))
+        return sub.primary_key, sub.secondary_key
+
+    def env(self) -> dict[str, str | None]:
+        """Overrides pointing the CLI at this app instead of the stack's seeded secret."""
+        return {
+            "APIMVAULT_SECRET_NAME": self.name,
+            "APIMVAULT_APIM_SUBSCRIPTION_ID": self.resource_id,
+            "AZURE_CLIENT_ID": None,
+        }
+
+
+def new_rotating_app(
+    azure: LocalAzure, *, tags: dict[str, str] | None = None, grant: bool = True, **secret_kwargs: Any
+) -> RotatingApp:
+    suffix = uuid.uuid4().hex[:10]
+    sub = azure.apim_state.create_subscription(
+        ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, f"app-{suffix}", display_name=f"cli test {suffix}"
+    )
+    app = RotatingApp(azure, f"key-{suffix}", sub)
+    all_tags = {
+        "CredentialId": "primary",
+        "ValidityPeriodDays": "60",
+        "ProviderAddress": app.resource_id,
+        **(tags or {}),
+    }
+    value = secret_kwargs.pop("value", sub.primary_key)
+    azure.keyvault.put_secret(app.name, value, content_type="text/plain", tags=all_tags, **secret_kwargs)
+    if grant:
+        azure.keyvault.grant(azure.default_identity, ROLE_USER, secret=app.name)
+    app.keys()
+    return app
+
+
+def gateway_status(azure: LocalAzure, key: str) -> int:
+    """Status of a one-token chat through the gateway with ``key`` (TLS verified against the stack CA)."""
+    with httpx2.Client(verify=ssl.create_default_context(cafile=str(azure.ca_path)), timeout=10) as client:
+        response = client.post(
+            f"{azure.gateway_url}/openai/deployments/{DEPLOYMENT}/chat/completions",
+            params={"api-version": API_VERSION},
+            headers={"Ocp-Apim-Subscription-Key": key},
+            json={"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1},
+        )
+    return response.status_code
+
+
+def assert_no_key(text: str, keys: Iterable[str]) -> None:
+    """Neither any key nor any 8-character piece of one appears in ``text``."""
+    for key in keys:
+        assert key not in text, "a full key leaked into the output"
+        for i in range(len(key) - 7):
+            piece = key[i : i + 8]
+            assert piece not in text, f"8 characters of a key ({i}:{i + 8}) appear in the output"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@contextlib.contextmanager
+def _env(overrides: dict[str, str | None]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in overrides}
+    try:
+        for k, v in overrides.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_cli(argv: list[str], env: dict[str, str | None] | None = None, stdin: str | None = None) -> Run:
+    """``apimvault.cli.main(argv)`` in-process with captured stdout/stderr and temporary env overrides."""
+    from apimvault.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        _env(env or {}),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        contextlib.ExitStack() as stack,
+    ):
+        if stdin is not None:
+            import sys
+
+            saved = sys.stdin
+            sys.stdin = io.StringIO(stdin)
+            stack.callback(setattr, sys, "stdin", saved)
+        code = main(argv)
+    return Run(code, out.getvalue(), err.getvalue())
