@@ -247,3 +247,28 @@ def test_many_threads_one_client_one_cold_read(azure: LocalAzure) -> None:
     with ThreadPoolExecutor(32) as pool:
         assert all(pool.map(call, range(32)))
     assert provider.stats().vault_reads == 1
+
+
+def test_api_key_mode_uses_openais_provider_path(local_azure: LocalAzure) -> None:
+    """APIM configured to read ``api-key``: the key travels in ``api-key`` via openai's callable api_key."""
+    from tests.conftest import SESSION_CA
+
+    with LocalAzure(ca=SESSION_CA, gateway_header_name="api-key") as azure, azure.env():
+        provider = SubscriptionKeyProvider.from_env(header_name="api-key")
+        client = create_azure_openai(provider, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        sent = raw.http_response.request.headers
+        assert sent["api-key"] == provider.get()
+        assert HEADER not in sent
+        assert callable(client._api_key_provider)  # openai's own provider path is in use
+        assert azure.gateway.counters.labels()["key:primary"] == 1
+        # Rotation + revocation also recovers through the re-send in this mode.
+        sub = azure.apim_state.get("apimvault-app")
+        assert sub is not None
+        azure.apim_state.regenerate(sub.sid, "secondary")
+        azure.keyvault.put_secret("apim-subscription-key", sub.secondary_key)
+        azure.apim_state.regenerate(sub.sid, "primary")
+        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        assert provider.stats().resends_401 == 1
+        assert provider.get() == sub.secondary_key
+        provider.close()

@@ -344,3 +344,51 @@ def test_plain_http_vault_is_refused() -> None:
 
     with pytest.raises(InsecureTransportError):
         SubscriptionKeyProvider("http://127.0.0.1:1", "s", credential=object())  # type: ignore[arg-type]
+
+
+def test_event_grid_new_version_refreshes_only_concerned_providers(azure: LocalAzure) -> None:
+    from apimvault import refresh_from_event
+
+    app, other = new_app_secret(azure), new_app_secret(azure)
+    p, q = provider(azure, app.name), provider(azure, other.name)
+    p.get_key(), q.get_key()
+    version = azure.keyvault.put_secret(app.name, app.subscription.secondary_key).version
+    event = [
+        {
+            "id": "e1",
+            "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v",
+            "subject": app.name,
+            "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
+            "eventTime": "2026-11-26T10:00:00Z",
+            "data": {
+                "Id": f"{azure.vault_url}/secrets/{app.name}/{version}",
+                "VaultName": "v",
+                "ObjectType": "Secret",
+                "ObjectName": app.name,
+                "Version": version,
+            },
+            "dataVersion": "1",
+            "metadataVersion": "1",
+        },
+        {"id": "v", "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent", "data": {}},
+    ]
+    assert refresh_from_event(event, [p, q]) == [p]
+    assert p.get_key().version == version
+    assert (p.stats().vault_reads, q.stats().vault_reads) == (2, 1)
+    assert refresh_from_event(event, [p, q]) == []  # idempotent: already holds that version
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "not json",
+        b"[1, 2]",
+        {"eventType": "Microsoft.KeyVault.SecretNewVersionCreated", "data": "x"},
+        {"eventType": "Microsoft.KeyVault.SecretNewVersionCreated", "data": {"VaultName": "v"}},
+    ],
+)
+def test_malformed_events_are_configuration_errors(payload: object) -> None:
+    from apimvault import parse_secret_events
+
+    with pytest.raises(ConfigurationError):
+        parse_secret_events(payload)

@@ -68,9 +68,12 @@ class LocalAzure:
     identity ``Key Vault Secrets User`` on that secret only, and the named identity ``officer``
     ``Key Vault Secrets Officer`` on the whole vault.
 
-    ``ca`` reuses a CA made earlier. aiohttp (azure-core's async transport) reads ``SSL_CERT_FILE`` once,
-    when it is imported: a process that imports it before the stack exists must create the CA first,
-    point ``SSL_CERT_FILE`` at ``ca.ca_path`` and hand the CA in (the test suite's conftest does this).
+    ``gateway_header_name`` renames the header the gateway reads the key from (APIM's
+    ``subscriptionKeyParameterNames.header``, e.g. ``api-key``).
+
+    ``ca`` reuses a CA made earlier. aiohttp (azure-core's async transport) reads ``SSL_CERT_FILE``
+    once, when it is imported: a process that imports it before the stack exists must create the CA
+    first, point ``SSL_CERT_FILE`` at ``ca.ca_path`` and hand the CA in (the tests' conftest does this).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class LocalAzure:
         seed: bool = True,
         rate_limit_per_minute: int | None = None,
         ca: LocalCA | None = None,
+        gateway_header_name: str = "Ocp-Apim-Subscription-Key",
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
@@ -97,7 +101,12 @@ class LocalAzure:
         self.keyvault = KeyVaultService(self.tokens, clock=clock)
         self.apim_state = ApimState()
         self.openai = OpenAIBackend()
-        self.gateway = ApimGateway(self.apim_state, self.openai, rate_limit_per_minute=rate_limit_per_minute)
+        self.gateway = ApimGateway(
+            self.apim_state,
+            self.openai,
+            rate_limit_per_minute=rate_limit_per_minute,
+            header_name=gateway_header_name,
+        )
         self.arm = ArmService(self.apim_state, self.tokens)
         self.admin = AdminService({})
         self.services: dict[str, Service] = {
