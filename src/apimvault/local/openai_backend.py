@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import dataclasses
 import hashlib
 import json
@@ -23,8 +24,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -242,7 +242,11 @@ def _count_tokens(text: str) -> int:
 # -------------------------------------------------------------------------------------------- service
 
 
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+class SeenRequest(NamedTuple):
+    method: str
+    path: str
+    query: str
+    header_names: tuple[str, ...]
 
 
 class OpenAIBackend(Service):
@@ -258,6 +262,11 @@ class OpenAIBackend(Service):
         self.faults: BackendFaults = BackendFaults()
         self.api_key = secrets.token_hex(16)
         self.max_body_bytes = MAX_BODY_BYTES
+        self._seen: collections.deque[SeenRequest] = collections.deque(maxlen=200)
+
+    def seen(self) -> list[SeenRequest]:
+        """Recent requests as the backend received them: method, path, query and header names (no values)."""
+        return list(self._seen)
 
     # ------------------------------------------------------------------------------ Service protocol
 
@@ -294,6 +303,14 @@ class OpenAIBackend(Service):
             await response(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Response | None:
+        self._seen.append(
+            SeenRequest(
+                scope["method"],
+                scope["path"],
+                bytes(scope["query_string"]).decode("latin-1"),
+                tuple(bytes(k).decode("latin-1") for k, _ in scope["headers"]),
+            )
+        )
         if header(scope, b"api-key") != self.api_key:
             return azure_error(401, "401", INVALID_KEY_MESSAGE)
         path: str = scope["path"]
