@@ -1,0 +1,120 @@
+"""``apimvault check`` against the local stack: the healthy path and each broken link, in-process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from apimvault.local import LocalAzure
+
+from .cli_support import RotatingApp, assert_no_key, new_rotating_app, run_cli
+
+
+def _check(app: RotatingApp, **env: str | None) -> tuple[int, dict[str, object], str]:
+    run = run_cli(["check", "--json"], {**app.env(), **env})
+    assert_no_key(run.out + run.err, app.seen_keys)
+    human = run_cli(["check"], {**app.env(), **env})
+    assert human.code == run.code
+    assert_no_key(human.out + human.err, app.seen_keys)
+    return run.code, run.json(), human.out
+
+
+def _failed_step(doc: dict[str, object]) -> dict[str, object]:
+    steps = doc["steps"]
+    assert isinstance(steps, list)
+    assert [s["ok"] for s in steps[:-1]] == [True] * (len(steps) - 1)
+    assert steps[-1]["ok"] is False
+    return steps[-1]  # type: ignore[no-any-return]
+
+
+def test_healthy(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    code, doc, human = _check(app)
+    assert code == 0 and doc["ok"] is True and doc["exit_code"] == 0
+    assert [s["name"] for s in doc["steps"]] == ["config", "credential", "vault", "access", "secret", "apim"]  # type: ignore[attr-defined]
+    credential = doc["credential"]
+    assert credential["used"] == "ManagedIdentityCredential"  # type: ignore[index]
+    assert credential["identity"]["oid"] == azure.default_identity.object_id  # type: ignore[index]
+    assert credential["identity"]["appid"] == azure.default_identity.client_id  # type: ignore[index]
+    secret = doc["secret"]
+    latest = azure.keyvault.latest(app.name)
+    assert secret["version"] == latest.version and secret["credential_id"] == "primary"  # type: ignore[index]
+    assert len(secret["fingerprint"]) == 8 and secret["age_s"] is not None  # type: ignore[index]
+    assert "OK: the whole path works" in human
+    assert "ManagedIdentityCredential" in human and azure.default_identity.object_id in human
+
+
+def test_no_role_names_the_role_and_scope(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure, grant=False)
+    code, doc, human = _check(app)
+    assert code == 5
+    step = _failed_step(doc)
+    assert step["name"] == "access"
+    assert step["data"]["role"] == "Key Vault Secrets User"  # type: ignore[index]
+    assert step["data"]["scope"].endswith(f"/secrets/{app.name}")  # type: ignore[index]
+    assert step["data"]["principal"] == azure.default_identity.object_id  # type: ignore[index]
+    assert "Key Vault Secrets User" in human and f"/secrets/{app.name}" in human
+
+
+def test_missing_secret(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    azure.keyvault.grant(azure.default_identity, "Key Vault Secrets User", secret="no-such-secret")
+    code, doc, _ = _check(app, APIMVAULT_SECRET_NAME="no-such-secret")
+    assert code == 6
+    assert _failed_step(doc)["name"] == "secret"
+
+
+@pytest.mark.parametrize("broken", ["disabled", "expired"])
+def test_disabled_or_expired_secret(azure: LocalAzure, broken: str) -> None:
+    kwargs: dict[str, object] = (
+        {"enabled": False} if broken == "disabled" else {"expires": int(time.time()) - 60}
+    )
+    app = new_rotating_app(azure, **kwargs)
+    code, doc, human = _check(app)
+    assert code == 7
+    step = _failed_step(doc)
+    assert step["name"] == "secret" and broken in str(step["detail"]).lower()
+    assert "FAILED at secret" in human
+
+
+def test_revoked_key(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    azure.apim_state.regenerate(app.sid, "primary")  # the stored key no longer works
+    app.keys()
+    code, doc, human = _check(app)
+    assert code == 8 and "FAILED at apim" in human
+    step = _failed_step(doc)
+    assert step["name"] == "apim" and "revoked key" in str(step["detail"])
+    assert "invalid subscription key" in str(step["detail"])
+
+
+def test_vault_down(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    azure.keyvault.faults.inject("status", operation="GetSecret", status=503)
+    code, doc, _ = _check(app)
+    assert code == 4
+    step = _failed_step(doc)
+    assert step["name"] == "vault" and "503" in str(step["detail"])
+
+
+def test_no_credential(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    code, doc, human = _check(app, IDENTITY_HEADER="wrong-header")
+    assert code == 3 and "FAILED at credential" in human
+    step = _failed_step(doc)
+    assert step["name"] == "credential" and "DefaultAzureCredential" in str(step["detail"])
+
+
+def test_configuration(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    code, doc, _ = _check(app, AZURE_KEYVAULT_URL=None)
+    assert code == 2
+    assert "AZURE_KEYVAULT_URL" in str(_failed_step(doc)["detail"])
+
+
+def test_help_lists_the_exit_codes() -> None:
+    run = run_cli(["check", "--help"])
+    assert run.code == 0
+    for code in ("  0  success", "  3  no token", "  5  access denied", "  8  APIM rejected the key"):
+        assert code in run.out
