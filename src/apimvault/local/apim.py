@@ -387,7 +387,12 @@ def _arm_error(status: int, code: str, message: str, headers: dict[str, str] | N
 
 
 class ArmService(Service):
-    """``Microsoft.ApiManagement`` subscription operations behind ARM bearer-token auth."""
+    """``Microsoft.ApiManagement`` subscription operations behind ARM bearer-token auth.
+
+    azure-mgmt-apimanagement 5.0.0 sends ``api-version=2024-05-01`` and asks for the default scope
+    ``https://management.azure.com/.default`` (``_configuration.py``); the local identity endpoint issues
+    that audience, so the client needs no ``credential_scopes`` override. Any api-version is accepted.
+    """
 
     name = "arm"
     audience_prefix = "https://management."
@@ -428,6 +433,10 @@ class ArmService(Service):
         }
 
     def _authenticate(self, request: Request) -> Response | None:
+        # Missing header: ARM's body {"error":{"code":"AuthenticationFailed","message":"Authentication failed.
+        # The 'Authorization' header is missing."}} as Azure docs and ARM test doubles record it (e.g. the
+        # Azure Monitor resource-scoped query docs, mock ARM servers in Go SDK tests). Bad tokens get ARM's
+        # InvalidAuthenticationToken / ExpiredAuthenticationToken / InvalidAuthenticationTokenAudience codes.
         token = TokenIssuer.bearer(request)
         if token is None:
             return _arm_error(
