@@ -45,7 +45,7 @@ async def wait_for(predicate: object, limit_s: float = 30) -> None:
 async def test_from_env(azure: LocalAzure) -> None:
     async with AsyncSubscriptionKeyProvider.from_env() as p:
         key = await p.get_key()
-    assert key.reveal() == azure.apim_state.get("apimvault-app").primary_key  # type: ignore[union-attr]
+    assert key.reveal() == azure.keyvault.latest("apim-subscription-key").value
 
 
 async def test_cold_start_of_1000_tasks_reads_the_vault_once(azure: LocalAzure) -> None:

@@ -38,8 +38,9 @@ def provider(
 def test_from_env_reads_the_seeded_secret(azure: LocalAzure) -> None:
     with SubscriptionKeyProvider.from_env() as p:
         key = p.get_key()
-    assert key.reveal() == azure.apim_state.get("apimvault-app").primary_key  # type: ignore[union-attr]
-    assert key.credential_id == "primary"
+    # Other tests may have rotated the seeded secret: compare with what the vault holds now.
+    assert key.reveal() == azure.keyvault.latest("apim-subscription-key").value
+    assert key.credential_id in ("primary", "secondary")
     assert azure.keyvault.counters["GetSecret"] >= 1
 
 
