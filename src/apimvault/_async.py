@@ -159,6 +159,9 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
 
     # -------------------------------------------------------------------------------- internals
 
+    def _drop_fast(self) -> None:
+        self._fast = None
+
     def _start(self, reason: str) -> asyncio.Task[_Outcome]:
         self._task = asyncio.get_running_loop().create_task(self._run(reason), name="apimvault-refresh")
         return self._task

@@ -14,7 +14,7 @@ from typing import Any
 from ._fetch import validate_secret_name, validate_vault_url, validate_version
 from ._key import SubscriptionKey
 from ._policy import CachePolicy, Clock, KeyCache
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, SecretDisabledError
 
 __all__ = ["KeyEvent", "ProviderStats"]
 
@@ -233,7 +233,15 @@ class ProviderBase:
     def _failed(
         self, error: BaseException, reason: str, retry_after: float | None
     ) -> list[tuple[Callable[[KeyEvent], None] | None, KeyEvent]]:
-        """Record a failed fetch; return the callbacks to run (outside any lock)."""
+        """Record a failed fetch; return the callbacks to run (outside any lock).
+
+        A disabled secret is a statement about the key itself (an operator pulled it): the cached key
+        is dropped at once, so callers get :class:`SecretDisabledError` instead of a key Azure says is
+        off. Other failures keep the cached key until its hard limit (stale-if-error).
+        """
+        if isinstance(error, SecretDisabledError):
+            self._cache.clear()
+            self._drop_fast()
         delay = self._cache.reject(error, retry_after=retry_after)
         self._n.add("failures")
         entry = self._cache.entry()
@@ -258,6 +266,9 @@ class ProviderBase:
                 ),
             )
         ]
+
+    def _drop_fast(self) -> None:
+        """Forget the shells' lock-free fast-path snapshot (overridden where there is one)."""
 
     def _invalidate(self) -> None:
         self._n.add("invalidations")

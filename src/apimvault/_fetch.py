@@ -173,6 +173,12 @@ def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | Config
                 retry_after=_retry_after(exc),
             )
         return KeyUnavailableError(f"Key Vault answered {status} {code} for {where}", secret=where)
+    if isinstance(exc, HttpResponseError) and exc.status_code is None:
+        # A response that broke off mid-body (IncompleteReadError, DecodeError): the vault or the network
+        # failed in transit, which is transient.
+        return VaultUnavailableError(
+            f"Key Vault response for {where} was cut off: {type(exc).__name__}", secret=where
+        )
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
         return VaultUnavailableError(
             f"Key Vault unreachable for {where}: {type(exc).__name__}: {exc}", secret=where

@@ -195,6 +195,9 @@ class SubscriptionKeyProvider(ProviderBase):
 
     # -------------------------------------------------------------------------------- internals
 
+    def _drop_fast(self) -> None:
+        self._fast = None
+
     def _get_slow(self) -> SubscriptionKey:
         with self._lock:
             action = self._cache.decide()
