@@ -288,14 +288,19 @@ def embedded_stack(*, need_async: bool) -> Iterator[Any]:
         from .local import LocalAzure
 
         azure = LocalAzure(directory=directory, ca=ca)
-        with azure, azure.env():
-            try:
-                yield azure
-            finally:
-                # Requests still in flight when the stack stops (a background refresh, a client that timed
-                # out) make uvicorn and asyncio log tracebacks about cancelled tasks; they are not news.
-                for name in ("uvicorn.error", "asyncio"):
-                    logging.getLogger(name).setLevel(logging.CRITICAL)
+        # Requests still in flight when the stack stops (a background refresh, a client that timed out)
+        # make uvicorn and asyncio log tracebacks about cancelled tasks; they are not news.
+        quiet = {name: logging.getLogger(name).level for name in ("uvicorn.error", "asyncio")}
+        try:
+            with azure, azure.env():
+                try:
+                    yield azure
+                finally:
+                    for name in quiet:
+                        logging.getLogger(name).setLevel(logging.CRITICAL)
+        finally:
+            for name, level in quiet.items():
+                logging.getLogger(name).setLevel(level)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -1,0 +1,130 @@
+"""``apimvault rotate`` and ``apimvault chat`` against the local stack, in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from apimvault.local import LocalAzure
+
+from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
+
+
+def _event(azure: LocalAzure, name: str, version: str) -> str:
+    return json.dumps(
+        [
+            {
+                "id": "1",
+                "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv-local",
+                "subject": name,
+                "eventType": "Microsoft.KeyVault.SecretNearExpiry",
+                "eventTime": "2026-01-01T00:00:00Z",
+                "data": {
+                    "Id": f"{azure.vault_url}/secrets/{name}/{version}",
+                    "VaultName": "kv-apimvault-local",
+                    "ObjectType": "Secret",
+                    "ObjectName": name,
+                    "Version": version,
+                    "NBF": None,
+                    "EXP": None,
+                },
+                "dataVersion": "1",
+                "metadataVersion": "1",
+            }
+        ]
+    )
+
+
+def test_rotate_twice_json_and_human(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    started_with, _ = app.keys()
+    v1 = azure.keyvault.latest(app.name).version
+
+    first = run_cli(["rotate", "--json"], app.env())  # loopback target: no confirmation needed
+    assert first.code == 0, first.err
+    doc = first.json()
+    result = doc["result"]
+    assert doc["ok"] is True and result["skipped"] is False
+    assert result["old_version"] == v1 and result["credential_id"] == "secondary"
+    assert doc["plan"]["regenerate"] == "secondary" and doc["plan"]["current_version"] == v1
+    latest = azure.keyvault.latest(app.name)
+    assert latest.version == result["new_version"] and latest.tags["CredentialId"] == "secondary"
+    assert gateway_status(azure, started_with) == 200  # the key in use survives the first rotation
+
+    second = run_cli(["rotate"], app.env())
+    assert second.code == 0, second.err
+    assert "rotation plan:" in second.out and "regenerate   the primary key" in second.out
+    assert f"-> {azure.keyvault.latest(app.name).version} (primary" in second.out
+    app.keys()
+    assert gateway_status(azure, started_with) == 401  # revoked by the second rotation only
+    assert_no_key(first.out + first.err + second.out + second.err, app.seen_keys)
+
+
+def test_rotate_with_events_is_idempotent(azure: LocalAzure, tmp_path: Path) -> None:
+    app = new_rotating_app(azure)
+    v1 = azure.keyvault.latest(app.name).version
+    event_file = tmp_path / "event.json"
+    event_file.write_text(_event(azure, app.name, v1))
+
+    rotated = run_cli(["rotate", "--json", "--event", str(event_file)], app.env())
+    assert rotated.code == 0, rotated.err
+    assert rotated.json()["result"]["skipped"] is False
+    keys_after = app.keys()
+
+    again = run_cli(["rotate", "--json", "--event", "-"], app.env(), stdin=_event(azure, app.name, v1))
+    assert again.code == 0, again.err
+    result = again.json()["result"]
+    assert result["skipped"] is True and "already rotated" in result["reason"]
+    assert app.keys() == keys_after
+    human = run_cli(["rotate", "--event", str(event_file)], app.env())
+    assert human.code == 0 and "skipped: version" in human.out
+    assert_no_key(rotated.out + rotated.err + again.out + again.err + human.out, app.seen_keys)
+
+
+def test_rotate_refuses_a_remote_target_without_yes(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    keys = app.keys()
+    remote = {**app.env(), "AZURE_KEYVAULT_URL": "https://kv-prod.vault.azure.net"}
+    run = run_cli(["rotate", "--json", "--event", "-"], remote, stdin=_event(azure, app.name, "0" * 32))
+    assert run.code == 1
+    assert "without --yes" in run.err and run.json()["declined"] is True
+    assert app.keys() == keys
+
+
+def test_rotate_errors_map_to_exit_codes(azure: LocalAzure) -> None:
+    wrong_tag = new_rotating_app(azure, tags={"CredentialId": "secondary"})
+    run = run_cli(["rotate", "--json"], wrong_tag.env())
+    assert run.code == 10 and "RotationError" in run.json()["error"]
+
+    reader = new_rotating_app(azure)
+    run = run_cli(["rotate"], {**reader.env(), "APIMVAULT_OFFICER_CLIENT_ID": None})  # default identity
+    assert run.code == 5 and "Key Vault Secrets Officer" in run.err
+
+    run = run_cli(["rotate"], {**reader.env(), "APIMVAULT_SECRET_NAME": None})
+    assert run.code == 2
+    assert_no_key(run.out + run.err, wrong_tag.seen_keys | reader.seen_keys)
+
+
+def test_chat_streams_and_reports_the_version(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    human = run_cli(["chat", "Say hello"], app.env())
+    assert human.code == 0, human.err
+    assert human.out.strip()  # the streamed reply
+    version = azure.keyvault.latest(app.name).version
+    assert f"key version {version}" in human.err
+
+    doc = run_cli(["chat", "--json", "Say hello"], app.env())
+    assert doc.code == 0
+    body = doc.json()
+    assert body["content"] and body["content"].strip() == human.out.strip()
+    assert body["key_version"] == version and body["finish_reason"] == "stop"
+    assert_no_key(human.out + human.err + doc.out + doc.err, app.seen_keys)
+
+
+def test_chat_with_a_revoked_key(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    azure.apim_state.regenerate(app.sid, "primary")
+    app.keys()
+    run = run_cli(["chat", "--json", "hi"], app.env())
+    assert run.code == 8 and "AuthenticationError" in run.json()["error"]
+    assert_no_key(run.out + run.err, app.seen_keys)

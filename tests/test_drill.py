@@ -1,0 +1,77 @@
+"""``apimvault drill`` in-process against the session's local stack (its env, admin API for chaos)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from apimvault.local import LocalAzure
+
+from .cli_support import RotatingApp, assert_no_key, new_rotating_app, run_cli
+
+STABLE_FIELDS = ("requests", "failed", "recovered_401", "vault_reads", "rotations", "convergence_s", "ok")
+
+
+def _every_key(azure: LocalAzure, app: RotatingApp) -> set[str]:
+    app.keys()
+    return app.seen_keys | {v.value for v in azure.keyvault.versions(app.name)}
+
+
+def _check_report(report: dict[str, Any]) -> None:
+    for field in STABLE_FIELDS:
+        assert field in report, field
+    assert set(report["latency_ms"]) == {"p50", "p99", "max"}
+    assert report["ok"] is True, report["verdict"]
+    assert report["failed"] == 0 and report["errors"] == {}
+    assert report["requests"] > 50 and report["streaming_requests"] > 0
+    assert report["rotations"] >= 2 and len(report["convergence_s"]) == report["rotations"]
+    assert all(c is not None for c in report["convergence_s"])
+    # Both keys were regenerated, and the key the clients started with was revoked while they held it.
+    log = report["rotation_log"]
+    assert {r["regenerated"] for r in log} == {"primary", "secondary"}
+    assert log[1]["clients_on_revoked_key"] > 0 and log[1]["revocation_recovery_s"] is not None
+    assert report["recovered_401"] > 0
+    assert report["gateway_key_use"]["invalid"] == report["recovered_401"]  # every 401 was re-sent once
+    kinds = {c["kind"] for c in report["clients_detail"]}
+    assert kinds == {"sync", "async"}
+    last = log[-1]["new_version"]
+    assert all(c["version"] == last for c in report["clients_detail"])
+    assert report["vault_reads"] >= len(report["clients_detail"])
+
+
+def test_drill_json(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    run = run_cli(["drill", "--json", "--duration", "5", "--concurrency", "8"], app.env())
+    assert run.code == 0, run.err + run.out[-2000:]
+    report = run.json()
+    _check_report(report)
+    assert report["chaos"] is None
+    assert azure.keyvault.latest(app.name).version == report["rotation_log"][-1]["new_version"]
+    assert_no_key(run.out + run.err, _every_key(azure, app))
+
+
+def test_drill_chaos_human_output(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    run = run_cli(["drill", "--chaos", "--duration", "5", "--concurrency", "8"], app.env())
+    assert run.code == 0, run.err + run.out[-3000:]
+    assert "PASS:" in run.out and "failed            0" in run.out
+    assert "chaos: Key Vault outage begins" in run.out and "latency spikes" in run.out
+    assert "rotation 2" in run.out and "recovered_401" in run.out
+    assert_no_key(run.out + run.err, _every_key(azure, app))
+
+
+def test_drill_refusals(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    remote = run_cli(
+        ["drill", "--json"], {**app.env(), "AZURE_KEYVAULT_URL": "https://kv-prod.vault.azure.net"}
+    )
+    assert remote.code == 1 and "--yes" in remote.err and remote.json()["declined"] is True
+    no_admin = run_cli(["drill", "--chaos", "--duration", "2"], {**app.env(), "APIMVAULT_ADMIN_URL": None})
+    assert no_admin.code == 2 and "admin API" in no_admin.err
+    assert azure.keyvault.latest(app.name).tags["CredentialId"] == "primary"  # nothing rotated
+
+
+@pytest.mark.parametrize("argv", [["--duration", "0"], ["--concurrency", "1"]])
+def test_drill_bad_arguments(argv: list[str]) -> None:
+    assert run_cli(["drill", *argv]).code == 2
