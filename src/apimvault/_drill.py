@@ -45,6 +45,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cli import Output
 
 MESSAGES = [{"role": "user", "content": "Rotation drill: say something short."}]
+# How a client reached a version (the provider's refresh reasons, named for the report). In the drill only
+# the Event Grid push calls ``provider.refresh()``.
+_VIA = {
+    "401 from gateway": "401 -> refresh",
+    "refresh ahead": "refresh-ahead",
+    "refresh": "Event Grid push",
+    "invalidated": "invalidate",
+}
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -235,8 +243,9 @@ class Drill:
 
     def _on_refresh(self, slot: ClientSlot) -> Callable[[Any], None]:
         def record(event: Any) -> None:
+            reason = _VIA.get(event.reason, event.reason)
             with self._lock:
-                slot.via.append((event.version, event.reason))
+                slot.via.append((event.version, reason))
 
         return record
 
@@ -820,7 +829,11 @@ def _print_report(out: Output, report: dict[str, Any]) -> None:
     server = report["vault_get_secret_server"]
     out.line(
         f"vault_reads       {report['vault_reads']}"
-        + (f" (Key Vault saw {server} GetSecret)" if server is not None else "")
+        + (
+            f" (Key Vault saw {server} GetSecret, SDK retries and the rotations' reads included)"
+            if server is not None
+            else ""
+        )
     )
     for r in report["rotation_log"]:
         conv = f"{r['convergence_s']:.2f}s" if r["convergence_s"] is not None else "NOT CONVERGED"
