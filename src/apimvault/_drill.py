@@ -268,6 +268,7 @@ class Drill:
         from azure.identity import DefaultAzureCredential
 
         from . import SubscriptionKeyProvider, create_azure_openai
+        from .cli import header_name
         from .rotation import plan_rotation
 
         with contextlib.suppress(ImportError):  # a heavy import: not during the first rotation
@@ -296,6 +297,7 @@ class Drill:
                 self.target.secret_name,
                 credential=self._sync_credential,
                 policy=self.policy,
+                header_name=header_name(),
                 on_refresh=self._on_refresh(slot),
             )
             slot.provider = provider
@@ -338,6 +340,7 @@ class Drill:
         from azure.identity.aio import DefaultAzureCredential
 
         from . import AsyncSubscriptionKeyProvider, create_async_azure_openai
+        from .cli import header_name
 
         credential = DefaultAzureCredential()
         n_async = self.n_clients - math.ceil(self.n_clients / 2)
@@ -350,6 +353,7 @@ class Drill:
                     self.target.secret_name,
                     credential=credential,
                     policy=self.policy,
+                    header_name=header_name(),
                     on_refresh=self._on_refresh(slot),
                 )
                 slot.provider = provider

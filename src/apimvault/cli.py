@@ -171,6 +171,11 @@ def _env(name: str) -> str | None:
     return value or None
 
 
+def header_name() -> str:
+    """The header APIM reads the key from (``APIMVAULT_HEADER_NAME``, default Ocp-Apim-Subscription-Key)."""
+    return _env("APIMVAULT_HEADER_NAME") or "Ocp-Apim-Subscription-Key"
+
+
 def _is_loopback_url(url: str | None) -> bool:
     if not url:
         return True
@@ -612,7 +617,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         from . import CachePolicy, SubscriptionKeyProvider
 
         provider = SubscriptionKeyProvider(
-            vault_url, secret_name, credential=credential, policy=CachePolicy()
+            vault_url, secret_name, credential=credential, policy=CachePolicy(), header_name=header_name()
         )
         try:
             try:
@@ -805,7 +810,7 @@ def cmd_chat(args: argparse.Namespace, out: Output) -> int:
                 client.close()
             ms = (time.perf_counter() - started) * 1000
             used = provider.current() or key
-    except (ApimVaultError, Exception) as exc:
+    except Exception as exc:
         if not out.json:
             out.stdout.write("\n")
         return _fail(out, exc, {"deployment": deployment})
@@ -924,8 +929,6 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
             expected_version=plan.current_version,
         )
         return _rotated(out, result, plan.as_dict())
-    except (ApimVaultError, OSError, ValueError) as exc:
-        return _fail(out, exc)
     except Exception as exc:
         return _fail(out, exc)
     finally:
