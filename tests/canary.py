@@ -36,6 +36,10 @@ CANARY_PRIMARY = "c0ffee00deadbeefcafef00d5eed1e55"
 CANARY_SECONDARY = "5ca1ab1e0ddba11fee1dead0b5e55ed0"
 MIN_PIECE = 8
 LOGGERS = ("apimvault", "openai", "httpx2", "httpcore2", "azure")
+# Not scanned in whole-suite mode: the local stack's own tests send raw keys with plain httpx2 (no apimvault,
+# e.g. a key in the ``subscription-key`` query string that httpx2 logs), and the canary's self-test logs a
+# piece of the canary on purpose.
+EXEMPT = ("tests/local/", "tests/test_canary.py::test_capture_sees_debug_records")
 
 
 # ------------------------------------------------------------------------------------------ seeding
@@ -252,6 +256,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     capture = item.stash.get(_CAPTURE, None)
     if capture is None:
+        return report
+    if item.nodeid.startswith(EXEMPT):
+        if call.when == "teardown":
+            capture.__exit__()
         return report
     texts = {f"{item.nodeid} logs": capture.text()}
     for name, content in report.sections:

@@ -146,12 +146,6 @@ def test_whitespace_wrapped_value_is_stripped_and_works(azure: LocalAzure, wrap:
 # ------------------------------------------------------------------------------- attribute states
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: README promises a key is never served 'when disabled', but a cached version that gets "
-    "disabled keeps being served (SecretDisabledError is treated like a transient failure) until "
-    "fresh + max_staleness",
-)
 @pytest.mark.parametrize("api", APIS)
 def test_current_version_disabled_mid_run_is_no_longer_served(
     azure: LocalAzure, officer: SecretClient, api: Api
