@@ -1,0 +1,275 @@
+"""The five contenders, each built the way a user would build it, as a key source and as a chat client.
+
+1. ``static``        read the key once at start-up, put it in ``default_headers``;
+2. ``per-request``   openai's own ``api_key=callable``, the callable reading Key Vault on every request;
+3. ``ttl-lock``      ``cachetools.cached(TTLCache(...), lock=threading.Lock())`` around ``get_secret``;
+4. ``ttl-cond``      the same with ``condition=threading.Condition()``;
+5. ``apimvault``     ``SubscriptionKeyProvider`` + ``create_azure_openai`` (and the async twins).
+
+Faithfulness note for 2-4: with ``AzureOpenAI`` a callable ``api_key`` fills the ``api-key`` header, but the
+APIM gateway reads ``Ocp-Apim-Subscription-Key``. Those contenders keep openai's own mechanism (openai calls
+the callable once per request) and add an httpx2 request hook that moves the ``api-key`` value into
+``Ocp-Apim-Subscription-Key`` — what APIM configured to read ``api-key`` would do server-side. The hook
+costs the same for all three.
+
+Every Key Vault client (contenders and apimvault) uses the same ``SecretClient`` settings (apimvault's
+``DEFAULT_CLIENT_KWARGS``: one quick SDK retry) so transport and retry behaviour are equal.
+
+Importing this module imports openai and azure: call :func:`bench._stack.prepare_ca` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import cachetools
+import httpx2
+import openai
+from azure.identity import DefaultAzureCredential
+from azure.identity.aio import DefaultAzureCredential as AsyncDefaultAzureCredential
+from azure.keyvault.secrets import SecretClient
+from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
+
+from apimvault import (
+    AsyncSubscriptionKeyProvider,
+    CachePolicy,
+    SubscriptionKeyProvider,
+    create_async_azure_openai,
+    create_azure_openai,
+)
+from apimvault._base import DEFAULT_CLIENT_KWARGS
+
+APIM_HEADER = "Ocp-Apim-Subscription-Key"
+TTL = 300.0  # the cachetools contenders' TTL (apimvault's default TTL)
+
+Clock = Callable[[], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    key: str
+    label: str
+    has_async: bool
+    has_sync: bool = True
+
+
+STATIC = Contender("static", "1 static key at start-up", has_async=True)
+PER_REQUEST = Contender("per-request", "2 openai api_key=callable, KV per request", has_async=True)
+TTL_LOCK = Contender("ttl-lock", "3 cachetools TTLCache + lock", has_async=False)
+TTL_COND = Contender("ttl-cond", "4 cachetools TTLCache + condition", has_async=False)
+APIMVAULT = Contender("apimvault", "5 apimvault", has_async=True)
+CONTENDERS = (STATIC, PER_REQUEST, TTL_LOCK, TTL_COND, APIMVAULT)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a contender gets its key: a vault, a secret, a gateway."""
+
+    vault_url: str
+    secret_name: str
+    gateway_url: str
+    api_version: str
+    deployment: str
+    warm_secret: str | None = None  # read once beforehand so token + challenge are cached
+
+
+# ------------------------------------------------------------------------------------- key sources
+
+
+@dataclasses.dataclass
+class KeySource:
+    """A sync key getter plus what to close; ``provider`` is set for apimvault."""
+
+    get: Callable[[], str]
+    closers: list[Callable[[], Any]]
+    provider: SubscriptionKeyProvider | None = None
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+@dataclasses.dataclass
+class AsyncKeySource:
+    get: Callable[[], Awaitable[str]]
+    closers: list[Callable[[], Awaitable[Any]]]
+    provider: AsyncSubscriptionKeyProvider | None = None
+
+    async def close(self) -> None:
+        for close in self.closers:
+            await close()
+
+
+def secret_client(target: Target) -> tuple[SecretClient, DefaultAzureCredential]:
+    credential = DefaultAzureCredential()
+    client = SecretClient(target.vault_url, credential, **DEFAULT_CLIENT_KWARGS)
+    if target.warm_secret:
+        client.get_secret(target.warm_secret)
+    return client, credential
+
+
+async def async_secret_client(target: Target) -> tuple[AsyncSecretClient, AsyncDefaultAzureCredential]:
+    credential = AsyncDefaultAzureCredential()
+    client = AsyncSecretClient(target.vault_url, credential, **DEFAULT_CLIENT_KWARGS)
+    if target.warm_secret:
+        await client.get_secret(target.warm_secret)
+    return client, credential
+
+
+def key_source(
+    contender: Contender,
+    target: Target,
+    *,
+    clock: Clock = time.time,
+    policy: CachePolicy | None = None,
+    rng: random.Random | None = None,
+    mark: Callable[[], object] | None = None,
+) -> KeySource:
+    """Build ``contender``'s key getter; the static contender reads Key Vault here, at "start-up".
+
+    ``mark`` is called once the Key Vault client is warm (token and challenge cached), before the
+    contender's first read: the figures start counting vault reads there.
+    """
+    client, credential = secret_client(target)
+    if mark is not None:
+        mark()
+    closers: list[Callable[[], Any]] = [client.close, credential.close]
+    name = target.secret_name
+
+    def read() -> str:
+        value = client.get_secret(name).value
+        assert value is not None
+        return value
+
+    if contender is STATIC:
+        value = read()
+        return KeySource(lambda: value, closers)
+    if contender is PER_REQUEST:
+        return KeySource(read, closers)
+    if contender is TTL_LOCK:
+        cached = cachetools.cached(
+            cachetools.TTLCache(maxsize=1, ttl=TTL, timer=clock), lock=threading.Lock()
+        )
+        return KeySource(cached(read), closers)
+    if contender is TTL_COND:
+        cached = cachetools.cached(
+            cachetools.TTLCache(maxsize=1, ttl=TTL, timer=clock), condition=threading.Condition()
+        )
+        return KeySource(cached(read), closers)
+    if contender is APIMVAULT:
+        provider = SubscriptionKeyProvider(
+            target.vault_url, name, secret_client=client, clock=clock, policy=policy, rng=rng
+        )
+        return KeySource(provider.get, [provider.close, *closers], provider)
+    raise ValueError(contender)
+
+
+async def async_key_source(
+    contender: Contender,
+    target: Target,
+    *,
+    clock: Clock = time.time,
+    policy: CachePolicy | None = None,
+    rng: random.Random | None = None,
+    mark: Callable[[], object] | None = None,
+) -> AsyncKeySource:
+    client, credential = await async_secret_client(target)
+    if mark is not None:
+        mark()
+    closers: list[Callable[[], Awaitable[Any]]] = [client.close, credential.close]
+    name = target.secret_name
+
+    async def read() -> str:
+        value = (await client.get_secret(name)).value
+        assert value is not None
+        return value
+
+    if contender is STATIC:
+        value = await read()
+
+        async def constant() -> str:
+            return value
+
+        return AsyncKeySource(constant, closers)
+    if contender is PER_REQUEST:
+        return AsyncKeySource(read, closers)
+    if contender is APIMVAULT:
+        provider = AsyncSubscriptionKeyProvider(
+            target.vault_url, name, secret_client=client, clock=clock, policy=policy, rng=rng
+        )
+        return AsyncKeySource(provider.get, [provider.close, *closers], provider)
+    raise ValueError(f"{contender.key} has no asyncio form")
+
+
+# ------------------------------------------------------------------------------------ chat clients
+
+
+def _api_key_to_apim(request: httpx2.Request) -> None:
+    value = request.headers.pop("api-key", None)
+    if value is not None:
+        request.headers[APIM_HEADER] = value
+
+
+async def _aapi_key_to_apim(request: httpx2.Request) -> None:
+    _api_key_to_apim(request)
+
+
+def chat_client(
+    contender: Contender, target: Target, source: KeySource, transport: httpx2.BaseTransport | None = None
+) -> openai.AzureOpenAI:
+    """The openai client a user of ``contender`` would build (``source`` built by :func:`key_source`).
+
+    ``transport`` replaces the network (the client-overhead figure uses an ``httpx2.MockTransport``).
+    """
+    common: dict[str, Any] = {"azure_endpoint": target.gateway_url, "api_version": target.api_version}
+    http = {"transport": transport} if transport is not None else {}
+    if contender is STATIC:
+        value = source.get()
+        if http:
+            common["http_client"] = openai.DefaultHttpxClient(**http)
+        return openai.AzureOpenAI(api_key=value, default_headers={APIM_HEADER: value}, **common)
+    if contender is APIMVAULT:
+        assert source.provider is not None
+        if http:
+            common["http_client"] = openai.DefaultHttpxClient(**http)
+        return create_azure_openai(source.provider, **common)
+    http_client = openai.DefaultHttpxClient(event_hooks={"request": [_api_key_to_apim]}, **http)
+    return openai.AzureOpenAI(api_key=source.get, http_client=http_client, **common)
+
+
+async def async_chat_client(
+    contender: Contender,
+    target: Target,
+    source: AsyncKeySource,
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> openai.AsyncAzureOpenAI:
+    common: dict[str, Any] = {"azure_endpoint": target.gateway_url, "api_version": target.api_version}
+    http = {"transport": transport} if transport is not None else {}
+    if contender is STATIC:
+        value = await source.get()
+        if http:
+            common["http_client"] = openai.DefaultAsyncHttpxClient(**http)
+        return openai.AsyncAzureOpenAI(api_key=value, default_headers={APIM_HEADER: value}, **common)
+    if contender is APIMVAULT:
+        assert source.provider is not None
+        if http:
+            common["http_client"] = openai.DefaultAsyncHttpxClient(**http)
+        return create_async_azure_openai(source.provider, **common)
+    http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_aapi_key_to_apim]}, **http)
+    return openai.AsyncAzureOpenAI(api_key=source.get, http_client=http_client, **common)
+
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+def chat_once(client: openai.AzureOpenAI, target: Target) -> None:
+    client.chat.completions.create(model=target.deployment, messages=MESSAGES)
+
+
+async def achat_once(client: openai.AsyncAzureOpenAI, target: Target) -> None:
+    await client.chat.completions.create(model=target.deployment, messages=MESSAGES)
