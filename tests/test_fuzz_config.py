@@ -98,11 +98,6 @@ def test_header_name(header_name: Any) -> None:
     _construct("https://kv.vault.azure.net", "s", header_name=header_name if header_name is not None else "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validate_vault_url tests parts.query / parts.fragment for truthiness, so a bare '?' or '#' "
-    "(empty query/fragment) passes and stays in vault_url; requests then go to https://vault/?/secrets/...",
-)
 @pytest.mark.parametrize(
     "url", ["https://kv.vault.azure.net/?", "https://kv.vault.azure.net#", "https://kv.vault.azure.net?#"]
 )
@@ -169,11 +164,6 @@ def test_cache_policy_arguments(kwargs: dict[str, Any]) -> None:
         assert delay >= 0 and math.isfinite(delay)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CachePolicy compares jitter / backoff_multiplier without a type check, so a str or None "
-    "raises TypeError instead of ConfigurationError",
-)
 @pytest.mark.parametrize("field", ["jitter", "backoff_multiplier"])
 @pytest.mark.parametrize("value", ["", "0.1", None])
 def test_non_numeric_fractions_are_a_configuration_error(field: str, value: Any) -> None:
@@ -181,11 +171,6 @@ def test_non_numeric_fractions_are_a_configuration_error(field: str, value: Any)
         CachePolicy(**{field: value})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CachePolicy.backoff computes multiplier**exponent in floats; with a large multiplier and "
-    "many consecutive failures it raises OverflowError (inside the provider's failure path)",
-)
 def test_huge_backoff_multiplier_never_overflows() -> None:
     import random
 

@@ -51,7 +51,7 @@ def validate_vault_url(vault_url: str, *, allow_insecure_http: bool = False) -> 
         )
     if parts.scheme == "http" and not allow_insecure_http:
         raise InsecureTransportError(f"vault_url {url!r} is not https; Key Vault only speaks TLS")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+    if parts.path not in ("", "/") or "?" in url or "#" in url or parts.username or parts.password:
         raise ConfigurationError(f"vault_url {url!r} must be the vault's base URL, without path or query")
     return url
 
@@ -143,6 +143,14 @@ def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | Config
             "or recover the secret if it was deleted",
             secret=where,
         )
+    if isinstance(exc, ClientAuthenticationError) and exc.status_code != 401:
+        # No token: azure-identity's errors (CredentialUnavailableError included) name the credential(s)
+        # tried and why. Checked before the status branch: an identity endpoint's 5xx is not the vault's.
+        lines = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[:6]
+        return CredentialError(
+            f"no token for Key Vault ({type(exc).__name__}): " + " ".join(line.strip() for line in lines),
+            secret=where,
+        )
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         status = exc.status_code
         error = _error_body(exc)
@@ -173,33 +181,21 @@ def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | Config
                 retry_after=_retry_after(exc),
             )
         return KeyUnavailableError(f"Key Vault answered {status} {code} for {where}", secret=where)
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return VaultUnavailableError(
+            f"Key Vault unreachable for {where}: {type(exc).__name__}: {exc}", secret=where
+        )
     if isinstance(exc, HttpResponseError) and exc.status_code is None:
         # A response that broke off mid-body (IncompleteReadError, DecodeError): the vault or the network
         # failed in transit, which is transient.
         return VaultUnavailableError(
             f"Key Vault response for {where} was cut off: {type(exc).__name__}", secret=where
         )
-    if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        return VaultUnavailableError(
-            f"Key Vault unreachable for {where}: {type(exc).__name__}: {exc}", secret=where
-        )
-    if isinstance(exc, ClientAuthenticationError):
-        # Includes azure-identity's CredentialUnavailableError: the message names the credential(s) tried.
-        first_line = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[:6]
-        return CredentialError(
-            f"no token for Key Vault ({type(exc).__name__}): "
-            + " ".join(line.strip() for line in first_line),
-            secret=where,
-        )
     if isinstance(exc, ValueError) and "challenge" in str(exc).lower():
         return ConfigurationError(f"Key Vault challenge for {where} failed verification: {exc}")
     if isinstance(exc, TimeoutError | ConnectionError):
         return VaultUnavailableError(f"Key Vault unreachable for {where}: {type(exc).__name__}", secret=where)
     return None
-
-
-def is_transient(error: BaseException) -> bool:
-    return isinstance(error, KeyUnavailableError) and not error.permanent
 
 
 def retry_after_of(error: BaseException) -> float | None:

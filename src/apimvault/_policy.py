@@ -85,6 +85,11 @@ class CachePolicy:
             if value < 0:
                 raise ConfigurationError(f"{name} must not be negative, got {value}")
             object.__setattr__(self, name, value)
+        for name in ("jitter", "backoff_multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
         if self.ttl <= 0:  # type: ignore[operator]
             raise ConfigurationError("ttl must be positive")
         if not 0 <= self.jitter <= 0.5:
@@ -116,7 +121,10 @@ class CachePolicy:
         initial = float(self.backoff_initial)  # type: ignore[arg-type]
         cap = float(self.backoff_max)  # type: ignore[arg-type]
         exponent = min(max(failures - 1, 0), 64)
-        delay = min(cap, initial * self.backoff_multiplier**exponent)
+        try:
+            delay = min(cap, initial * self.backoff_multiplier**exponent)
+        except OverflowError:  # a large multiplier after many failures: the cap applies
+            delay = cap
         delay = delay / 2 + rng.random() * delay / 2
         if retry_after is not None and retry_after > 0:
             delay = max(delay, min(retry_after, float(self.retry_after_max)))  # type: ignore[arg-type]

@@ -261,13 +261,6 @@ def test_keyvault_outage_longer_than_max_staleness(
 
 # ------------------------------------------------------------------------------- identity endpoint
 
-CREDENTIAL_REGRESSION = pytest.mark.xfail(
-    strict=True,
-    reason="REGRESSION (7b87943): map_error's new 'HttpResponseError with status_code None -> "
-    "VaultUnavailableError' branch runs before the ClientAuthenticationError branch "
-    "(ClientAuthenticationError is an HttpResponseError with no status), so an identity outage is "
-    "reported as VaultUnavailableError instead of CredentialError",
-)
 IDENTITY_FAULTS: dict[str, dict[str, Any]] = {
     "down (500)": {"kind": "status", "status": 500},
     "down (connection reset)": {"kind": "reset"},
@@ -278,7 +271,7 @@ IDENTITY_FAULTS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize(
     "fault",
-    [pytest.param(f, marks=CREDENTIAL_REGRESSION) if f.startswith("down") else f for f in IDENTITY_FAULTS],
+    list(IDENTITY_FAULTS),
 )
 @pytest.mark.parametrize("api", APIS)
 def test_identity_fault_on_cold_credential(

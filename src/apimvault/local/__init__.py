@@ -1,4 +1,4 @@
-"""apimvault.local — an embedded local Azure (Key Vault, managed identity, APIM, Azure OpenAI) on loopback TLS.
+"""apimvault.local: an embedded local Azure (Key Vault, identity, APIM, Azure OpenAI) on loopback TLS.
 
 Install with the ``local`` extra. The core package never imports this module.
 """
