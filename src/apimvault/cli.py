@@ -38,6 +38,7 @@ from .exceptions import (
     CredentialError,
     InvalidSecretValueError,
     KeyUnavailableError,
+    RotationError,
     SecretDisabledError,
     SecretExpiredError,
     SecretNotFoundError,
@@ -107,7 +108,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_SECRET_UNUSABLE
     if isinstance(exc, KeyUnavailableError):
         return EXIT_VAULT_UNREACHABLE
-    if type(exc).__name__ == "RotationError":
+    if isinstance(exc, RotationError):
         return EXIT_ROTATION
     module = type(exc).__module__
     if module.startswith("openai"):

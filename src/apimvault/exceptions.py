@@ -5,6 +5,7 @@ The tree::
     ApimVaultError
     ├── ConfigurationError (also ValueError)     bad arguments or environment: fix the code or the env
     │   └── InsecureTransportError                 the key would travel over plain http
+    ├── RotationError                              a dual-key rotation could not be done safely
     └── KeyUnavailableError                        no usable key could be produced
         ├── VaultUnavailableError                  transient: Key Vault or the identity endpoint failed
         │                                          (timeout, connection error, 5xx, 429) and no cached
@@ -32,6 +33,7 @@ __all__ = [
     "InsecureTransportError",
     "InvalidSecretValueError",
     "KeyUnavailableError",
+    "RotationError",
     "SecretDisabledError",
     "SecretExpiredError",
     "SecretNotFoundError",
@@ -50,6 +52,17 @@ class ConfigurationError(ApimVaultError, ValueError):
 
 class InsecureTransportError(ConfigurationError):
     """The key would be sent over plain http; pass ``allow_insecure_http=True`` only for loopback tests."""
+
+
+class RotationError(ApimVaultError):
+    """A dual-key rotation could not be done safely (inconsistent tags, unknown key, ARM refused or failed).
+
+    ``permanent`` says whether retrying without a change on the Azure side can help.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class KeyUnavailableError(ApimVaultError):

@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 from ._key import fingerprint
 from .exceptions import (
     AccessDeniedError,
-    ApimVaultError,
     ConfigurationError,
     CredentialError,
+    RotationError,
     SecretNotFoundError,
 )
 
@@ -81,17 +81,6 @@ _APIM_SUB_ID = re.compile(
     re.IGNORECASE,
 )
 _SLOTS = ("primary", "secondary")
-
-
-class RotationError(ApimVaultError):
-    """The rotation could not be done safely (inconsistent tags, unknown key, ARM refused or failed).
-
-    ``permanent`` says whether retrying without a change on the Azure side can help.
-    """
-
-    def __init__(self, message: str, *, permanent: bool = True) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 @dataclasses.dataclass(frozen=True)
