@@ -117,8 +117,9 @@ whose 401 reached the caller.
   {base.storm_converged_s:.0f} s to converge (the floor is {n / limit * 10:.0f} s = {n:,} reads at {limit:,} per
   10 s), {sum(base.failed.values()):,} failed requests, {base.peak.get("storm", 0):,} vault requests in the
   busiest 10 s (most of them 429s: the 401 path retries every `forced_refresh_interval` = 5 s whatever
-  `Retry-After` said). Push does not help here ({sum(push.failed.values()):,} failed): the key is revoked
-  before anyone could have the new one. Only revoking later avoids the storm.
+  `Retry-After` said). Push makes it worse ({sum(push.failed.values()):,} failed): its refreshes and the
+  401-forced ones hit the throttled vault together, and the key is revoked before anyone could have the new
+  one anyway. Only revoking later avoids the storm.
 """
 
 
