@@ -172,3 +172,29 @@ def test_refresh_margin_is_capped_at_half_the_ttl() -> None:
     cache, clock = make(CachePolicy(ttl=100, jitter=0, refresh_margin=1000))
     entry, _ = cache.accept(key())
     assert entry.refresh_at == clock.now + 50
+
+
+def test_forced_refresh_waits_out_back_off_and_retry_after() -> None:
+    cache, clock = make(CachePolicy(forced_refresh_interval=1, backoff_initial=1, backoff_max=1))
+    cache.accept(key())
+    cache.reject(RuntimeError("429"), retry_after=30)
+    clock.advance(5)
+    assert cache.decide_forced("a" * 32) is ForceDecision.RATE_LIMITED  # Key Vault said: 30 s
+    clock.advance(26)
+    assert cache.decide_forced("a" * 32) is ForceDecision.REFRESH
+
+
+def test_invalidate_with_spread_scatters_the_refresh() -> None:
+    starts = []
+    for seed in range(20):
+        cache, clock = make(CachePolicy(ttl=300, jitter=0), seed=seed)
+        cache.accept(key())
+        cache.invalidate(spread=30)
+        assert cache.decide() is Action.SERVE  # not yet
+        waited = 0.0
+        while cache.decide() is Action.SERVE:
+            clock.advance(0.5)
+            waited += 0.5
+            assert waited <= 30.5
+        starts.append(waited)
+    assert len(set(starts)) > 5  # scattered, not all at once

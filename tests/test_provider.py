@@ -393,3 +393,21 @@ def test_malformed_events_are_configuration_errors(payload: object) -> None:
 
     with pytest.raises(ConfigurationError):
         parse_secret_events(payload)
+
+
+def test_invalidate_with_spread_defers_the_background_refresh(azure: LocalAzure) -> None:
+    app = new_app_secret(azure)
+    clock = FakeClock()
+    events = Events()
+    p = provider(azure, app.name, clock, **events.callbacks())
+    p.get_key()
+    p.invalidate(spread=60)
+    for _ in range(5):
+        p.get_key()
+    assert p.stats().vault_reads == 1  # scattered into the next 60 s, not now
+    clock.advance(61)
+    p.get_key()
+    events.wait("refreshed", 2)
+    assert p.stats().vault_reads == 2
+    with pytest.raises(ConfigurationError):
+        p.invalidate(spread=-1)

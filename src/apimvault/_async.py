@@ -115,10 +115,14 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
         """Read Key Vault now (joining a read in flight); raise the typed error if it fails."""
         return await self._await(self._task or self._start("refresh"))
 
-    def invalidate(self) -> None:
-        """Push invalidation: the next ``get_key()`` starts a background refresh (no caller waits)."""
+    def invalidate(self, *, spread: float = 0.0) -> None:
+        """Push invalidation: a ``get_key()`` starts a background refresh (no caller waits).
+
+        ``spread`` delays that refresh by a random part of ``spread`` seconds: pass about
+        ``fleet_size / 400`` when every process of a fleet is told at once (BENCHMARKS.md).
+        """
         with self._lock:
-            self._invalidate()
+            self._invalidate(spread)
             self._fast = None
 
     async def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:

@@ -132,6 +132,7 @@ class ProviderBase:
         )
         self._n = _Tally()
         self._recent_values: tuple[str, ...] = ()
+        self._header_value: str | None = None  # lock-free copy of the cached key for LiveHeaders
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
 
@@ -159,6 +160,10 @@ class ProviderBase:
     def redaction_values(self) -> tuple[str, ...]:
         """The current and previous key values, read without locking (for the log redaction filter)."""
         return self._recent_values
+
+    def header_value(self) -> str | None:
+        """The cached key's value without locking or I/O (for ``default_headers``); never log it."""
+        return self._header_value
 
     def stats(self) -> ProviderStats:
         now = self.clock()
@@ -216,6 +221,7 @@ class ProviderBase:
         _, previous = self._cache.accept(key)
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
         self._recent_values = (key.reveal(), *self._recent_values[:1])
+        self._header_value = key.reveal()
         self._n.add("refreshes")
         event = KeyEvent(self.where, key.version, key.fingerprint, previous, reason)
         log.debug(
@@ -241,6 +247,7 @@ class ProviderBase:
         """
         if isinstance(error, SecretDisabledError):
             self._cache.clear()
+            self._header_value = None
             self._drop_fast()
         delay = self._cache.reject(error, retry_after=retry_after)
         self._n.add("failures")
@@ -270,9 +277,11 @@ class ProviderBase:
     def _drop_fast(self) -> None:
         """Forget the shells' lock-free fast-path snapshot (overridden where there is one)."""
 
-    def _invalidate(self) -> None:
+    def _invalidate(self, spread: float) -> None:
+        if not isinstance(spread, int | float) or isinstance(spread, bool) or not 0 <= spread < float("inf"):
+            raise ConfigurationError(f"spread must be a finite number of seconds >= 0, got {spread!r}")
         self._n.add("invalidations")
-        self._cache.invalidate()
+        self._cache.invalidate(spread)
 
     def __repr__(self) -> str:
         with self._lock:

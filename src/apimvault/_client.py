@@ -42,8 +42,8 @@ class LiveHeaders(Mapping[str, str]):
         self._base = {k: v for k, v in (base or {}).items() if k.lower() != header_name.lower()}
 
     def _value(self) -> str | None:
-        key = self._provider.current()
-        return key.reveal() if key is not None else None
+        # openai reads default_headers several times per request: a plain attribute read, no lock, no I/O.
+        return self._provider.header_value()
 
     def __getitem__(self, name: str) -> str:
         if name == self._header:

@@ -100,32 +100,41 @@ def _wanted(event: SecretEvent, provider: SubscriptionKeyProvider | AsyncSubscri
 
 
 def refresh_from_event(
-    payload: Any, providers: Iterable[SubscriptionKeyProvider]
+    payload: Any, providers: Iterable[SubscriptionKeyProvider], *, spread: float = 0.0
 ) -> list[SubscriptionKeyProvider]:
     """Refresh the providers a ``SecretNewVersionCreated`` (or near-expiry/expired) event concerns.
 
     A provider already holding the event's version is skipped (no Key Vault read). Returns the providers
     refreshed. Refresh failures are recorded by the provider (which keeps serving its key) and not raised.
+    With ``spread > 0`` the providers are only invalidated with that spread (see
+    :meth:`SubscriptionKeyProvider.invalidate`): their background refreshes are scattered over ``spread``
+    seconds instead of happening now, which keeps a fleet under Key Vault's rate limit.
     """
     events = parse_secret_events(payload)
     done: list[SubscriptionKeyProvider] = []
     for provider in providers:
         if any(_wanted(e, provider) for e in events):
-            with contextlib.suppress(KeyUnavailableError):
-                provider.refresh()
+            if spread > 0:
+                provider.invalidate(spread=spread)
+            else:
+                with contextlib.suppress(KeyUnavailableError):
+                    provider.refresh()
             done.append(provider)
     return done
 
 
 async def arefresh_from_event(
-    payload: Any, providers: Iterable[AsyncSubscriptionKeyProvider]
+    payload: Any, providers: Iterable[AsyncSubscriptionKeyProvider], *, spread: float = 0.0
 ) -> list[AsyncSubscriptionKeyProvider]:
     """The asyncio twin of :func:`refresh_from_event`."""
     events = parse_secret_events(payload)
     done: list[AsyncSubscriptionKeyProvider] = []
     for provider in providers:
         if any(_wanted(e, provider) for e in events):
-            with contextlib.suppress(KeyUnavailableError):
-                await provider.refresh()
+            if spread > 0:
+                provider.invalidate(spread=spread)
+            else:
+                with contextlib.suppress(KeyUnavailableError):
+                    await provider.refresh()
             done.append(provider)
     return done

@@ -220,6 +220,8 @@ class KeyCache:
             return ForceDecision.USE_NEWER
         if now - self.last_forced_at < float(self.policy.forced_refresh_interval):  # type: ignore[arg-type]
             return ForceDecision.RATE_LIMITED
+        if now < self.next_attempt_at and not self.invalidated:
+            return ForceDecision.RATE_LIMITED  # backing off after failures (or Key Vault's Retry-After)
         return ForceDecision.REFRESH
 
     # --------------------------------------------------------------------------------- writing
@@ -257,10 +259,15 @@ class KeyCache:
     def note_forced(self, now: float | None = None) -> None:
         self.last_forced_at = self.clock() if now is None else now
 
-    def invalidate(self) -> None:
-        """Make the next read start a background refresh (the current key stays in use meanwhile)."""
+    def invalidate(self, spread: float = 0.0, now: float | None = None) -> None:
+        """Make a read start a background refresh (the current key stays in use meanwhile).
+
+        ``spread`` (seconds) delays that refresh by a random fraction of it, so a fleet told about a new
+        version at the same instant does not read the vault at the same instant (see BENCHMARKS.md).
+        """
+        now = self.clock() if now is None else now
         self.invalidated = True
-        self.next_attempt_at = -math.inf
+        self.next_attempt_at = now + self.rng.random() * spread if spread > 0 else -math.inf
 
     def clear(self) -> None:
         self._store.clear()

@@ -148,10 +148,14 @@ class SubscriptionKeyProvider(ProviderBase):
             self._run(flight)
         return flight.outcome()
 
-    def invalidate(self) -> None:
-        """Push invalidation: the next ``get_key()`` starts a background refresh (no caller waits)."""
+    def invalidate(self, *, spread: float = 0.0) -> None:
+        """Push invalidation: a ``get_key()`` starts a background refresh (no caller waits).
+
+        ``spread`` delays that refresh by a random part of ``spread`` seconds: pass about
+        ``fleet_size / 400`` when every process of a fleet is told at once (BENCHMARKS.md).
+        """
         with self._lock:
-            self._invalidate()
+            self._invalidate(spread)
             self._fast = None
 
     def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
