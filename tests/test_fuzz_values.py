@@ -1,7 +1,7 @@
 """Fuzzing what may become a header: ``validate_key_value`` and ``SubscriptionKey``. Every value is either
-refused with ``InvalidSecretValueError`` (which never quotes it) or returned header-safe: 1..4096 visible ASCII
-characters (inner spaces allowed), equal to the input minus surrounding spaces/tabs/CR/LF, and accepted by
-httpx2 as a header value. Never another exception."""
+refused with ``InvalidSecretValueError`` (which never quotes it) or returned header-safe: 1..4096 visible
+ASCII characters (inner spaces allowed), equal to the input minus surrounding spaces/tabs/CR/LF, and
+accepted by httpx2 as a header value. Never another exception."""
 
 from __future__ import annotations
 
