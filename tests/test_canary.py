@@ -389,12 +389,6 @@ def test_capture_sees_debug_records() -> None:
     assert find_leaks({"logs": capture.text()}, [CANARY_PRIMARY])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: KeyRedactionFilter._secrets holds a non-reentrant Lock while iterating its WeakSet; a "
-    "cyclic GC run there finalizes a dropped openai client whose httpcore2 'close' DEBUG record re-enters "
-    "the filter on the same thread -> self-deadlock (seen in the whole-suite canary run). Fix: RLock",
-)
 def test_redaction_filter_survives_reentry_from_a_finalizer() -> None:
     """A private filter and logger: if the bug bites, only this probe's daemon thread stays stuck."""
     from apimvault import KeyRedactionFilter

@@ -425,12 +425,6 @@ def _blocked_in_flight_join(thread: threading.Thread) -> bool:
     return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a 401 joins a Key Vault read that started before the rotation wrote the new version; the "
-    "read returns the refused key, refresh_after_rejection gives up (None) without a read of its own, and "
-    "the caller gets openai.AuthenticationError (seen as rare 401s in tests/stress)",
-)
 def test_401_that_joins_a_read_started_before_the_rotation_still_recovers(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
     gate = _Gate()

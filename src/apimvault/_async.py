@@ -127,22 +127,28 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
 
     async def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """Async twin of :meth:`SubscriptionKeyProvider.refresh_after_rejection`."""
-        with self._lock:
-            decision = self._cache.decide_forced(sent.version)
-            entry = self._cache.entry()
-            if decision is ForceDecision.USE_NEWER:
-                return entry.key if entry is not None else None
-            if self._task is None and decision is ForceDecision.RATE_LIMITED:
+        for _ in range(2):  # see the sync twin: a joined read may predate the rotation
+            with self._lock:
+                decision = self._cache.decide_forced(sent.version)
+                entry = self._cache.entry()
+                if decision is ForceDecision.USE_NEWER:
+                    return entry.key if entry is not None else None
+                joined = self._task is not None
+                if not joined and decision is ForceDecision.RATE_LIMITED:
+                    return None
+                if not joined:
+                    self._cache.note_forced()
+                    self._n.add("forced")
+            task = self._task or self._start("401 from gateway")
+            try:
+                key = await self._await(task)
+            except KeyUnavailableError:
                 return None
-            if self._task is None:
-                self._cache.note_forced()
-                self._n.add("forced")
-        task = self._task or self._start("401 from gateway")
-        try:
-            key = await self._await(task)
-        except KeyUnavailableError:
-            return None
-        return key if key != sent else None
+            if key != sent:
+                return key
+            if not joined:
+                return None
+        return None
 
     async def close(self) -> None:
         """Cancel a background refresh and close the SecretClient/credential this provider created."""

@@ -41,7 +41,9 @@ class KeyRedactionFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._providers: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        # Re-entrant: garbage collection during the WeakSet walk can finalize a client whose close()
+        # logs (httpcore2 DEBUG) and so re-enters this filter on the same thread.
+        self._lock = threading.RLock()
 
     def watch(self, provider: Any) -> None:
         with self._lock:

@@ -162,26 +162,34 @@ class SubscriptionKeyProvider(ProviderBase):
         """The gateway refused ``sent`` (APIM 401). Return a different key to re-send with, or ``None``.
 
         Coalesced: concurrent 401s share one read; skipped if the cache already holds a newer version;
-        rate limited by ``policy.forced_refresh_interval``.
+        rate limited by ``policy.forced_refresh_interval`` and by back-off after failures.
         """
-        with self._lock:
-            decision = self._cache.decide_forced(sent.version)
-            if decision is ForceDecision.USE_NEWER:
-                entry = self._cache.entry()
-                return entry.key if entry is not None else None
-            if self._flight is None and decision is ForceDecision.RATE_LIMITED:
+        # Twice at most: a read joined here may have started before the rotation wrote the new version,
+        # and so return the refused key; then one read of our own settles it.
+        for _ in range(2):
+            with self._lock:
+                decision = self._cache.decide_forced(sent.version)
+                if decision is ForceDecision.USE_NEWER:
+                    entry = self._cache.entry()
+                    return entry.key if entry is not None else None
+                joined = self._flight is not None
+                if not joined and decision is ForceDecision.RATE_LIMITED:
+                    return None
+                if not joined:
+                    self._cache.note_forced()
+                    self._n.add("forced")
+                flight, run = self._join_or_start("401 from gateway")
+            if run:
+                self._run(flight)
+            try:
+                key = flight.outcome()
+            except KeyUnavailableError:
                 return None
-            if self._flight is None:
-                self._cache.note_forced()
-                self._n.add("forced")
-            flight, run = self._join_or_start("401 from gateway")
-        if run:
-            self._run(flight)
-        try:
-            key = flight.outcome()
-        except KeyUnavailableError:
-            return None
-        return key if key != sent else None
+            if key != sent:
+                return key
+            if not joined:  # our own read returned the refused key: the vault has nothing newer
+                return None
+        return None
 
     def close(self) -> None:
         """Close the SecretClient and credential this provider created (not ones passed in)."""

@@ -15,13 +15,6 @@ from bench.stress import run_stress
 from apimvault.local import LocalAzure
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="TEMPORARY until the refresh_after_rejection fix lands: a 401 that joins a Key Vault read started "
-    "before a rotation surfaces as AuthenticationError in a few % of repetitions (deterministic repro: "
-    "tests/test_secret_states.py::test_401_that_joins_a_read_started_before_the_rotation_still_recovers). "
-    "Remove this marker with the fix.",
-)
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("repetition", range(20))
 def test_stress_ci_sized(azure: LocalAzure, repetition: int) -> None:
