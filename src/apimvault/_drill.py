@@ -502,9 +502,13 @@ class Drill:
 
     def _schedule(self) -> None:
         d = self.duration
+        # Rotations stay at least two forced-refresh intervals apart, however short the drill: a client
+        # may force one refresh per interval, and two revocations inside one interval would be a drill of
+        # the rate limit, not of the rotation.
+        gap = 2 * float(self.policy.forced_refresh_interval)  # type: ignore[arg-type]
         self._wait_until(0.10 * d)
         self._rotate(push=False)
-        self._wait_until(0.20 * d)
+        self._wait_until(max(0.20 * d, self.elapsed() + gap))
         self._rotate(push=False)
         if self.chaos and self.target.faults is not None:
             # Only once nobody holds the revoked key: an outage then costs no request (stale-if-error).
@@ -516,7 +520,7 @@ class Drill:
             self._wait_until(0.60 * d)
             self.target.faults.clear("keyvault")
             self.log("chaos: Key Vault outage ends")
-        self._wait_until(0.70 * d)
+        self._wait_until(max(0.70 * d, self.elapsed() + gap))
         self._rotate(push=True)
         if self.chaos and self.target.faults is not None:
             self._wait_until(0.85 * d)
