@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import ssl
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 
 from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure
+from apimvault.local._common import temporary_environ
 from apimvault.local.apim import Subscription
 from apimvault.local.stack import API_VERSION, APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
 
@@ -108,31 +108,13 @@ class Run:
         return json.loads(self.out)
 
 
-@contextlib.contextmanager
-def _env(overrides: dict[str, str | None]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in overrides}
-    try:
-        for k, v in overrides.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_cli(argv: list[str], env: dict[str, str | None] | None = None, stdin: str | None = None) -> Run:
     """``apimvault.cli.main(argv)`` in-process with captured stdout/stderr and temporary env overrides."""
     from apimvault.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with (
-        _env(env or {}),
+        temporary_environ(env or {}),
         contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(err),
         contextlib.ExitStack() as stack,

@@ -98,13 +98,41 @@ def _endpoint(azure_endpoint: str | None, allow_insecure_http: bool) -> str:
     return endpoint
 
 
-def _wire(client: httpx2.Client | httpx2.AsyncClient, auth: SubscriptionKeyAuth, is_async: bool) -> None:
+def _client_kwargs(
+    provider: SubscriptionKeyProvider | AsyncSubscriptionKeyProvider,
+    client: httpx2.Client | httpx2.AsyncClient | None,
+    *,
+    azure_endpoint: str | None,
+    api_version: str | None,
+    header_name: str | None,
+    default_headers: Mapping[str, str] | None,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """What both factories hand to openai: endpoint checked, auth and redirect hook installed."""
+    _check_kwargs(kwargs)
+    header = check_header_name(header_name or provider.header_name)
+    endpoint = _endpoint(azure_endpoint, provider.allow_insecure_http)
+    if client is None:  # made only once the arguments are known good, so nothing is left unclosed
+        is_async = isinstance(provider, AsyncSubscriptionKeyProvider)
+        client = openai.DefaultAsyncHttpxClient() if is_async else openai.DefaultHttpxClient()
     if client.auth is not None:
         raise ConfigurationError("http_client already has an auth; apimvault installs its own")
+    auth = SubscriptionKeyAuth(provider, header_name=header)
     client.auth = auth
     hooks = client.event_hooks
-    hooks["request"] = [*hooks.get("request", []), auth.aon_request if is_async else auth.on_request]
+    hook = auth.aon_request if isinstance(client, httpx2.AsyncClient) else auth.on_request
+    hooks["request"] = [*hooks.get("request", []), hook]
     client.event_hooks = hooks
+    install_log_redaction(provider)
+    return {
+        "azure_endpoint": endpoint,
+        "api_version": api_version,
+        # APIM reading ``api-key``: openai's own provider path; otherwise a placeholder the auth removes.
+        "api_key": provider.get if header.lower() == "api-key" else PLACEHOLDER_API_KEY,
+        "default_headers": LiveHeaders(provider, header, default_headers),
+        "http_client": client,
+        **kwargs,
+    }
 
 
 def create_azure_openai(
@@ -130,21 +158,16 @@ def create_azure_openai(
             "create_azure_openai needs a SubscriptionKeyProvider (use create_async_azure_openai "
             "for AsyncSubscriptionKeyProvider)"
         )
-    _check_kwargs(kwargs)
-    header = check_header_name(header_name or provider.header_name)
-    endpoint = _endpoint(azure_endpoint, provider.allow_insecure_http)
-    auth = SubscriptionKeyAuth(provider, header_name=header)
-    install_log_redaction(provider)
-    client = http_client if http_client is not None else openai.DefaultHttpxClient()
-    _wire(client, auth, is_async=False)
-    api_key: Any = provider.get if header.lower() == "api-key" else PLACEHOLDER_API_KEY
     return openai.AzureOpenAI(
-        azure_endpoint=endpoint,
-        api_version=api_version,
-        api_key=api_key,
-        default_headers=LiveHeaders(provider, header, default_headers),
-        http_client=client,
-        **kwargs,
+        **_client_kwargs(
+            provider,
+            http_client,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            header_name=header_name,
+            default_headers=default_headers,
+            kwargs=kwargs,
+        )
     )
 
 
@@ -161,19 +184,14 @@ def create_async_azure_openai(
     """The asyncio twin of :func:`create_azure_openai`, returning a plain ``openai.AsyncAzureOpenAI``."""
     if not isinstance(provider, AsyncSubscriptionKeyProvider):
         raise ConfigurationError("create_async_azure_openai needs an AsyncSubscriptionKeyProvider")
-    _check_kwargs(kwargs)
-    header = check_header_name(header_name or provider.header_name)
-    endpoint = _endpoint(azure_endpoint, provider.allow_insecure_http)
-    auth = SubscriptionKeyAuth(provider, header_name=header)
-    install_log_redaction(provider)
-    client = http_client if http_client is not None else openai.DefaultAsyncHttpxClient()
-    _wire(client, auth, is_async=True)
-    api_key: Any = provider.get if header.lower() == "api-key" else PLACEHOLDER_API_KEY
     return openai.AsyncAzureOpenAI(
-        azure_endpoint=endpoint,
-        api_version=api_version,
-        api_key=api_key,
-        default_headers=LiveHeaders(provider, header, default_headers),
-        http_client=client,
-        **kwargs,
+        **_client_kwargs(
+            provider,
+            http_client,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            header_name=header_name,
+            default_headers=default_headers,
+            kwargs=kwargs,
+        )
     )

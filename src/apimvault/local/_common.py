@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import jwt
 import trustme
@@ -179,6 +179,29 @@ ErrorBody = Callable[[int, str], Response]
 """How a service shapes an injected error: ``(status, message) -> Response``."""
 
 
+class _CountedRule(Protocol):
+    times: int | None
+
+    def matches(self, operation: str) -> bool: ...
+
+
+R = TypeVar("R", bound=_CountedRule)
+
+
+def take_matching(rules: list[R], operation: str) -> list[R]:
+    """The rules matching ``operation``, consuming one use of each counted rule (caller holds the lock)."""
+    chosen: list[R] = []
+    for rule in list(rules):
+        if not rule.matches(operation):
+            continue
+        chosen.append(rule)
+        if rule.times is not None:
+            rule.times -= 1
+            if rule.times <= 0:
+                rules.remove(rule)
+    return chosen
+
+
 class Faults:
     """Runtime-settable faults of one service; thread-safe, consulted by :class:`ServiceMiddleware`."""
 
@@ -218,17 +241,8 @@ class Faults:
 
     def take(self, operation: str) -> list[Fault]:
         """The faults that apply to this request, consuming one use of each counted fault."""
-        chosen: list[Fault] = []
         with self._lock:
-            for rule in list(self._rules):
-                if not rule.matches(operation):
-                    continue
-                chosen.append(rule)
-                if rule.times is not None:
-                    rule.times -= 1
-                    if rule.times <= 0:
-                        self._rules.remove(rule)
-        return chosen
+            return take_matching(self._rules, operation)
 
 
 class Counters:

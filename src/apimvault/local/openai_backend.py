@@ -29,7 +29,7 @@ from typing import Any, Literal, NamedTuple
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import Faults, Service, json_response
+from ._common import Faults, Service, json_response, take_matching
 
 CHAT_DEPLOYMENTS: dict[str, str] = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
 """Chat deployments of the local resource: deployment name -> model version reported in responses."""
@@ -132,17 +132,8 @@ class BackendFaults(Faults):
         return fault
 
     def take_stream(self, operation: str) -> list[StreamFault]:
-        chosen: list[StreamFault] = []
         with self._stream_lock:
-            for rule in list(self._stream):
-                if not rule.matches(operation):
-                    continue
-                chosen.append(rule)
-                if rule.times is not None:
-                    rule.times -= 1
-                    if rule.times <= 0:
-                        self._stream.remove(rule)
-        return chosen
+            return take_matching(self._stream, operation)
 
     @property
     def stream_active(self) -> list[StreamFault]:
