@@ -280,40 +280,39 @@ def prepare_embedded_ca(directory: Path) -> LocalCA:
 @contextlib.contextmanager
 def embedded_stack(*, need_async: bool) -> Iterator[Any]:
     """Start an embedded :class:`~apimvault.local.LocalAzure` with its environment applied."""
+    from .local._common import temporary_environ
+
     directory = Path(tempfile.mkdtemp(prefix="apimvault-local-"))
-    saved = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
-    try:
-        if need_async:
-            ca = prepare_embedded_ca(directory)
-        else:  # sync SDK clients read SSL_CERT_FILE / REQUESTS_CA_BUNDLE when they are created
-            from .local._common import LocalCA
-
-            ca = LocalCA(directory)
-            os.environ["SSL_CERT_FILE"] = str(ca.ca_path)
-            os.environ["REQUESTS_CA_BUNDLE"] = str(ca.ca_path)
-        from .local import LocalAzure
-
-        azure = LocalAzure(directory=directory, ca=ca)
-        # Requests still in flight when the stack stops (a background refresh, a client that timed out)
-        # make uvicorn and asyncio log tracebacks about cancelled tasks; they are not news.
-        quiet = {name: logging.getLogger(name).level for name in ("uvicorn.error", "asyncio")}
+    # Entered with today's values, so leaving it restores the two trust variables set below.
+    trust = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
+    with temporary_environ(trust):
         try:
-            with azure, azure.env():
-                try:
-                    yield azure
-                finally:
-                    for name in quiet:
-                        logging.getLogger(name).setLevel(logging.CRITICAL)
+            if need_async:
+                ca = prepare_embedded_ca(directory)
+            else:  # sync SDK clients read SSL_CERT_FILE / REQUESTS_CA_BUNDLE when they are created
+                from .local._common import LocalCA
+
+                ca = LocalCA(directory)
+                os.environ["SSL_CERT_FILE"] = str(ca.ca_path)
+                os.environ["REQUESTS_CA_BUNDLE"] = str(ca.ca_path)
+            from .local import LocalAzure
+
+            azure = LocalAzure(directory=directory, ca=ca)
+            # Requests still in flight when the stack stops (a background refresh, a client that timed out)
+            # make uvicorn and asyncio log tracebacks about cancelled tasks; they are not news.
+            quiet = {name: logging.getLogger(name).level for name in ("uvicorn.error", "asyncio")}
+            try:
+                with azure, azure.env():
+                    try:
+                        yield azure
+                    finally:
+                        for name in quiet:
+                            logging.getLogger(name).setLevel(logging.CRITICAL)
+            finally:
+                for name, level in quiet.items():
+                    logging.getLogger(name).setLevel(level)
         finally:
-            for name, level in quiet.items():
-                logging.getLogger(name).setLevel(level)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- local

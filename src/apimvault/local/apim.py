@@ -249,13 +249,8 @@ class ApimGateway(Service):
     def classify(self, method: str, path: str) -> str:
         if not path.startswith("/openai/"):
             return "unknown"
-        if path.endswith("/chat/completions") or path.endswith("/chat/completions/"):
-            return "ChatCompletions"
-        if path.endswith("/embeddings") or path.endswith("/embeddings/"):
-            return "Embeddings"
-        if path.rstrip("/") == "/openai/v1/models":
-            return "Models"
-        return "OpenAI"
+        operation = self.backend.classify(method, path)  # the API's operations are the backend's
+        return "OpenAI" if operation == "unknown" else operation
 
     def error_response(self, status: int, message: str) -> Response:
         return _apim_error(status, message)
