@@ -116,8 +116,8 @@ whose 401 reached the caller.
 - **401 storm:** every process needs a new key at the same moment, so the vault limit sets the pace:
   {base.storm_converged_s:.0f} s to converge (the floor is {n / limit * 10:.0f} s = {n:,} reads at {limit:,} per
   10 s), {sum(base.failed.values()):,} failed requests, {base.peak.get("storm", 0):,} vault requests in the
-  busiest 10 s (most of them 429s: the 401 path retries every `forced_refresh_interval` = 5 s whatever
-  `Retry-After` said). Push makes it worse ({sum(push.failed.values()):,} failed): its refreshes and the
+  busiest 10 s (most of them 429s: every process's first 401 forces one read at the same instant; after a
+  429 the 401 path waits out `Retry-After` before it reads again). Push makes it worse ({sum(push.failed.values()):,} failed): its refreshes and the
   401-forced ones hit the throttled vault together, and the key is revoked before anyone could have the new
   one anyway. Only revoking later avoids the storm.
 """
