@@ -47,6 +47,7 @@ def test_local_check_in_process() -> None:
     assert "matches the vault" in services[2]["detail"]
 
 
+@pytest.mark.slow
 def test_local_check_subprocess() -> None:
     proc = subprocess.run(
         [APIMVAULT, "local", "--check"], env=clean_env(), capture_output=True, text=True, timeout=90
@@ -85,6 +86,7 @@ def _all_keys(env: dict[str, str]) -> set[str]:
     return values
 
 
+@pytest.mark.slow
 def test_local_foreground_serves_other_processes_and_stops_on_sigterm(tmp_path: Path) -> None:
     env_file = tmp_path / "local.env"
     proc = subprocess.Popen(
@@ -136,6 +138,7 @@ def test_local_foreground_serves_other_processes_and_stops_on_sigterm(tmp_path: 
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_drill_subprocess_embedded_json() -> None:
     proc = subprocess.run(
         [APIMVAULT, "drill", "--json", "--duration", "5"],
