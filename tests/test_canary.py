@@ -119,7 +119,8 @@ def test_sync_core_flows_never_leak_the_key(azure: LocalAzure, capsys: pytest.Ca
         refresh_from_event(_event_payload(azure, app.name, version), [provider])
         texts.add("SecretEvent", parse_secret_events(_event_payload(azure, app.name, version))[0])
         provider.invalidate()
-        provider.get_key()
+        provider.get_key()  # starts a background refresh of the (still good) latest version
+        provider.refresh()  # waits for it, so the bad version below is read by a refresh of its own
         azure.keyvault.put_secret(app.name, "not a\nkey")
         with pytest.raises(Exception) as bad:
             provider.refresh()
