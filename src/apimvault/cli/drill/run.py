@@ -39,10 +39,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ApimVaultError, ConfigurationError
+from ...exceptions import ApimVaultError, ConfigurationError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cli import Output
+    from .. import Output
 
 MESSAGES = [{"role": "user", "content": "Rotation drill: say something short."}]
 # How a client reached a version (the provider's refresh reasons, named for the report). In the drill only
@@ -188,7 +188,7 @@ class RotationRecord:
 
 class Drill:
     def __init__(self, target: Target, args: argparse.Namespace, out: Output) -> None:
-        from . import CachePolicy
+        from ... import CachePolicy
 
         self.target = target
         self.out = out
@@ -267,9 +267,9 @@ class Drill:
     def setup(self) -> None:
         from azure.identity import DefaultAzureCredential
 
-        from . import SubscriptionKeyProvider, create_azure_openai
-        from .cli import header_name
-        from .rotation import plan_rotation
+        from ... import SubscriptionKeyProvider, create_azure_openai
+        from ...rotation import plan_rotation
+        from .. import header_name
 
         with contextlib.suppress(ImportError):  # a heavy import: not during the first rotation
             import azure.mgmt.apimanagement  # noqa: F401
@@ -339,8 +339,8 @@ class Drill:
     async def _async_main(self) -> None:
         from azure.identity.aio import DefaultAzureCredential
 
-        from . import AsyncSubscriptionKeyProvider, create_async_azure_openai
-        from .cli import header_name
+        from ... import AsyncSubscriptionKeyProvider, create_async_azure_openai
+        from .. import header_name
 
         credential = DefaultAzureCredential()
         n_async = self.n_clients - math.ceil(self.n_clients / 2)
@@ -548,7 +548,7 @@ class Drill:
             time.sleep(0.02)
 
     def _rotate(self, *, push: bool) -> None:
-        from .rotation import rotate
+        from ...rotation import rotate
 
         started = self.elapsed()
         index = len(self.rotations) + 1
@@ -595,7 +595,7 @@ class Drill:
 
     def _push(self, version: str) -> None:
         """Event Grid delivery of SecretNewVersionCreated, handled by the core's helpers."""
-        from ._events import arefresh_from_event, refresh_from_event
+        from ..._events import arefresh_from_event, refresh_from_event
 
         event = {
             "id": f"drill-{version}",
@@ -862,7 +862,7 @@ def _print_report(out: Output, report: dict[str, Any]) -> None:
 
 
 def _external_target(args: argparse.Namespace) -> Target:
-    from .cli import _env, _is_loopback_url, rotator_client_id
+    from .. import _env, _is_loopback_url, rotator_client_id
 
     vault_url = _env("AZURE_KEYVAULT_URL")
     secret_name = _env("APIMVAULT_SECRET_NAME")
@@ -888,7 +888,7 @@ def _external_target(args: argparse.Namespace) -> Target:
     faults = None
     admin_url = _env("APIMVAULT_ADMIN_URL")
     if admin_url and loopback and _env("SSL_CERT_FILE"):
-        from .local.admin import AdminClient
+        from ...local.admin import AdminClient
 
         faults = _Faults(admin=AdminClient(admin_url, os.environ["SSL_CERT_FILE"]))
     return Target(
@@ -906,7 +906,7 @@ def _external_target(args: argparse.Namespace) -> Target:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    from .cli import EXIT_CONFIG, EXIT_FAILED, _fail, embedded_stack
+    from .. import EXIT_CONFIG, EXIT_FAILED, _fail, embedded_stack
 
     if args.duration <= 0 or args.concurrency < 2 or args.clients < 2:
         return _fail(out, ConfigurationError("--duration must be > 0, --concurrency and --clients >= 2"))
@@ -955,7 +955,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
 
 
 def _run_target(target: Target, args: argparse.Namespace, out: Output) -> int:
-    from .cli import EXIT_FAILED, EXIT_OK
+    from .. import EXIT_FAILED, EXIT_OK
 
     drill = Drill(target, args, out)
     if not out.json:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .exceptions import (
+from ..exceptions import (
     AccessDeniedError,
     ApimVaultError,
     ConfigurationError,
@@ -47,7 +47,7 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .local._common import LocalCA
+    from ..local._common import LocalCA
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -262,7 +262,7 @@ def prepare_embedded_ca(directory: Path) -> LocalCA:
     Raises :class:`ConfigurationError` when aiohttp was already imported with another trust store (then
     the async Azure SDK could not verify the stack's certificates).
     """
-    from .local._common import LocalCA
+    from ..local._common import LocalCA
 
     already = "aiohttp" in sys.modules
     ca = LocalCA(directory)
@@ -280,7 +280,7 @@ def prepare_embedded_ca(directory: Path) -> LocalCA:
 @contextlib.contextmanager
 def embedded_stack(*, need_async: bool) -> Iterator[Any]:
     """Start an embedded :class:`~apimvault.local.LocalAzure` with its environment applied."""
-    from .local._common import temporary_environ
+    from ..local._common import temporary_environ
 
     directory = Path(tempfile.mkdtemp(prefix="apimvault-local-"))
     # Entered with today's values, so leaving it restores the two trust variables set below.
@@ -290,12 +290,12 @@ def embedded_stack(*, need_async: bool) -> Iterator[Any]:
             if need_async:
                 ca = prepare_embedded_ca(directory)
             else:  # sync SDK clients read SSL_CERT_FILE / REQUESTS_CA_BUNDLE when they are created
-                from .local._common import LocalCA
+                from ..local._common import LocalCA
 
                 ca = LocalCA(directory)
                 os.environ["SSL_CERT_FILE"] = str(ca.ca_path)
                 os.environ["REQUESTS_CA_BUNDLE"] = str(ca.ca_path)
-            from .local import LocalAzure
+            from ..local import LocalAzure
 
             azure = LocalAzure(directory=directory, ca=ca)
             # Requests still in flight when the stack stops (a background refresh, a client that timed out)
@@ -381,9 +381,9 @@ def _local_check(out: Output) -> int:
         from azure.identity import DefaultAzureCredential
         from azure.keyvault.secrets import SecretClient
 
-        from . import SubscriptionKeyProvider, create_azure_openai, fingerprint
-        from .local.admin import AdminClient
-        from .local.stack import APIM_SERVICE, APIM_SUBSCRIPTION, ARM_SUBSCRIPTION, RESOURCE_GROUP
+        from .. import SubscriptionKeyProvider, create_azure_openai, fingerprint
+        from ..local.admin import AdminClient
+        from ..local.stack import APIM_SERVICE, APIM_SUBSCRIPTION, ARM_SUBSCRIPTION, RESOURCE_GROUP
 
         env = azure.environ()
         vault_fp: dict[str, str] = {}
@@ -556,7 +556,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         return finish(EXIT_CONFIG)
     assert vault_url and secret_name and endpoint and deployment
     try:
-        from ._fetch import validate_secret_name, validate_vault_url
+        from .._fetch import validate_secret_name, validate_vault_url
 
         vault_url = validate_vault_url(vault_url)
         validate_secret_name(secret_name)
@@ -614,7 +614,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         )
 
         # 3. vault, access, secret ------------------------------------------------------------------
-        from . import CachePolicy, SubscriptionKeyProvider
+        from .. import CachePolicy, SubscriptionKeyProvider
 
         provider = SubscriptionKeyProvider(
             vault_url, secret_name, credential=credential, policy=CachePolicy(), header_name=header_name()
@@ -713,7 +713,7 @@ def _check_apim(
 ) -> int:
     import openai
 
-    from . import create_azure_openai
+    from .. import create_azure_openai
 
     client = create_azure_openai(provider, azure_endpoint=endpoint, max_retries=0, timeout=20)
     started = time.perf_counter()
@@ -784,7 +784,7 @@ def cmd_chat(args: argparse.Namespace, out: Output) -> int:
     if not deployment:
         return _fail(out, ConfigurationError("set APIMVAULT_DEPLOYMENT or pass --deployment"))
     try:
-        from . import SubscriptionKeyProvider, create_azure_openai
+        from .. import SubscriptionKeyProvider, create_azure_openai
 
         with SubscriptionKeyProvider.from_env() as provider:
             key = provider.get_key()
@@ -867,7 +867,7 @@ def confirm(out: Output, question: str, target: str) -> bool:
 
 
 def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
-    from .rotation import plan_rotation, rotate, rotate_from_event
+    from ..rotation import plan_rotation, rotate, rotate_from_event
 
     arm_endpoint = _env("APIMVAULT_ARM_ENDPOINT")
     apim_subscription_id = args.apim_subscription_id or _env("APIMVAULT_APIM_SUBSCRIPTION_ID")
@@ -876,7 +876,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
         credential = _rotation_credential(rotator_client_id(args.client_id))
         if args.event is not None:
             raw = sys.stdin.read() if args.event == "-" else Path(args.event).read_text(encoding="utf-8")
-            from ._events import parse_secret_events
+            from .._events import parse_secret_events
 
             events = parse_secret_events(raw)
             for event in events:
@@ -963,9 +963,9 @@ def _rotated(out: Output, result: Any, plan: dict[str, Any] | None) -> int:
 
 
 def cmd_drill(args: argparse.Namespace, out: Output) -> int:
-    from . import _drill
+    from .drill.run import run
 
-    return _drill.run(args, out)
+    return run(args, out)
 
 
 # -------------------------------------------------------------------------------------------- parser

@@ -1,0 +1,1 @@
+"""``apimvault drill``: the rotation drill under live traffic."""
