@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from ...exceptions import ApimVaultError, ConfigurationError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .. import Output
+    from ..output import Output
 
 MESSAGES = [{"role": "user", "content": "Rotation drill: say something short."}]
 # How a client reached a version (the provider's refresh reasons, named for the report). In the drill only
@@ -269,7 +269,7 @@ class Drill:
 
         from ... import SubscriptionKeyProvider, create_azure_openai
         from ...rotation import plan_rotation
-        from .. import header_name
+        from ..config import header_name
 
         with contextlib.suppress(ImportError):  # a heavy import: not during the first rotation
             import azure.mgmt.apimanagement  # noqa: F401
@@ -340,7 +340,7 @@ class Drill:
         from azure.identity.aio import DefaultAzureCredential
 
         from ... import AsyncSubscriptionKeyProvider, create_async_azure_openai
-        from .. import header_name
+        from ..config import header_name
 
         credential = DefaultAzureCredential()
         n_async = self.n_clients - math.ceil(self.n_clients / 2)
@@ -862,19 +862,19 @@ def _print_report(out: Output, report: dict[str, Any]) -> None:
 
 
 def _external_target(args: argparse.Namespace) -> Target:
-    from .. import _env, _is_loopback_url, rotator_client_id
+    from ..config import env_var, is_loopback_url, rotator_client_id
 
-    vault_url = _env("AZURE_KEYVAULT_URL")
-    secret_name = _env("APIMVAULT_SECRET_NAME")
-    gateway = _env("AZURE_OPENAI_ENDPOINT")
-    deployment = args.deployment or _env("APIMVAULT_DEPLOYMENT")
+    vault_url = env_var("AZURE_KEYVAULT_URL")
+    secret_name = env_var("APIMVAULT_SECRET_NAME")
+    gateway = env_var("AZURE_OPENAI_ENDPOINT")
+    deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
     missing = [
         n
         for n, v in (
             ("APIMVAULT_SECRET_NAME", secret_name),
             ("AZURE_OPENAI_ENDPOINT", gateway),
             ("APIMVAULT_DEPLOYMENT (or --deployment)", deployment),
-            ("OPENAI_API_VERSION", _env("OPENAI_API_VERSION")),
+            ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
         )
         if not v
     ]
@@ -883,11 +883,11 @@ def _external_target(args: argparse.Namespace) -> Target:
             f"AZURE_KEYVAULT_URL is set, so the drill targets it; also set {', '.join(missing)}"
         )
     assert vault_url and secret_name and gateway and deployment
-    arm = _env("APIMVAULT_ARM_ENDPOINT")
-    loopback = all(_is_loopback_url(u) for u in (vault_url, gateway, arm))
+    arm = env_var("APIMVAULT_ARM_ENDPOINT")
+    loopback = all(is_loopback_url(u) for u in (vault_url, gateway, arm))
     faults = None
-    admin_url = _env("APIMVAULT_ADMIN_URL")
-    if admin_url and loopback and _env("SSL_CERT_FILE"):
+    admin_url = env_var("APIMVAULT_ADMIN_URL")
+    if admin_url and loopback and env_var("SSL_CERT_FILE"):
         from ...local.admin import AdminClient
 
         faults = _Faults(admin=AdminClient(admin_url, os.environ["SSL_CERT_FILE"]))
@@ -896,7 +896,7 @@ def _external_target(args: argparse.Namespace) -> Target:
         secret_name=secret_name,
         gateway_url=gateway,
         deployment=deployment,
-        apim_subscription_id=_env("APIMVAULT_APIM_SUBSCRIPTION_ID"),
+        apim_subscription_id=env_var("APIMVAULT_APIM_SUBSCRIPTION_ID"),
         arm_endpoint=arm,
         rotator_client_id=rotator_client_id(args.client_id),
         label=f"{vault_url} (secret {secret_name}) via {gateway}",
@@ -906,10 +906,11 @@ def _external_target(args: argparse.Namespace) -> Target:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    from .. import EXIT_CONFIG, EXIT_FAILED, _fail, embedded_stack
+    from ..embedded import embedded_stack
+    from ..output import EXIT_CONFIG, EXIT_FAILED, fail
 
     if args.duration <= 0 or args.concurrency < 2 or args.clients < 2:
-        return _fail(out, ConfigurationError("--duration must be > 0, --concurrency and --clients >= 2"))
+        return fail(out, ConfigurationError("--duration must be > 0, --concurrency and --clients >= 2"))
     try:
         if os.environ.get("AZURE_KEYVAULT_URL", "").strip():
             target = _external_target(args)
@@ -921,7 +922,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 out.document({"ok": False, "exit_code": EXIT_FAILED, "declined": True})
                 return EXIT_FAILED
             if args.chaos and target.faults is None:
-                return _fail(
+                return fail(
                     out,
                     ConfigurationError(
                         "--chaos needs a local stack's admin API (APIMVAULT_ADMIN_URL from `apimvault local`)"
@@ -948,14 +949,14 @@ def run(args: argparse.Namespace, out: Output) -> int:
             )
             return _run_target(target, args, out)
     except ConfigurationError as exc:
-        _fail(out, exc)
+        fail(out, exc)
         return EXIT_CONFIG
     except Exception as exc:
-        return _fail(out, exc)
+        return fail(out, exc)
 
 
 def _run_target(target: Target, args: argparse.Namespace, out: Output) -> int:
-    from .. import EXIT_FAILED, EXIT_OK
+    from ..output import EXIT_FAILED, EXIT_OK
 
     drill = Drill(target, args, out)
     if not out.json:
