@@ -29,238 +29,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import math
 import os
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...exceptions import ApimVaultError, ConfigurationError
+from ..embedded import embedded_stack
+from ..output import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, fail
+from .metrics import ClientSlot
+from .report import DrillReport, print_report
+from .schedule import RotationSchedule
+from .target import StackFaults, Target, external_target
+from .traffic import async_worker, sync_worker
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..output import Output
 
-MESSAGES = [{"role": "user", "content": "Rotation drill: say something short."}]
-# How a client reached a version (the provider's refresh reasons, named for the report). In the drill only
-# the Event Grid push calls ``provider.refresh()``.
-_VIA = {
-    "401 from gateway": "401 -> refresh",
-    "refresh ahead": "refresh-ahead",
-    "refresh": "Event Grid push",
-    "invalidated": "invalidate",
-}
 
-
-# ------------------------------------------------------------------------------------------- targets
-
-
-class _Faults:
-    """Fault injection and counters of a local stack: in-process, or over its admin API."""
-
-    def __init__(self, azure: Any = None, admin: Any = None) -> None:
-        self.azure = azure
-        self.admin = admin
-
-    def inject(self, service: str, kind: str, **fields: Any) -> None:
-        if self.azure is not None:
-            self.azure.services[service].faults.inject(kind, **fields)
-        else:
-            self.admin.add_fault(service, kind, **fields)
-
-    def clear(self, service: str) -> None:
-        if self.azure is not None:
-            self.azure.services[service].faults.clear()
-        else:
-            self.admin.clear_faults(service)
-
-    def counters(self, service: str) -> tuple[dict[str, int], dict[str, int]]:
-        if self.azure is not None:
-            svc = self.azure.services[service]
-            return svc.counters.snapshot(), svc.counters.labels()
-        data = self.admin.counters(service)
-        return dict(data.get("operations", {})), dict(data.get("labels", {}))
-
-    def close(self) -> None:
-        if self.admin is not None:
-            self.admin.close()
-
-
-@dataclasses.dataclass
-class Target:
-    vault_url: str
-    secret_name: str
-    gateway_url: str
-    deployment: str
-    apim_subscription_id: str | None
-    arm_endpoint: str | None
-    rotator_client_id: str | None
-    label: str
-    loopback: bool
-    faults: _Faults | None
-
-
-# ------------------------------------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Thread-safe request outcomes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.latencies: list[float] = []
-        self.requests = 0
-        self.failed = 0
-        self.streaming = 0
-        self.errors: Counter[str] = Counter()
-        self._window: list[float] = []
-
-    def ok(self, seconds: float, streaming: bool) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.requests += 1
-            self.streaming += streaming
-            self.latencies.append(seconds)
-            self._window.append(now)
-
-    def fail(self, seconds: float, streaming: bool, exc: BaseException) -> None:
-        now = time.monotonic()
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        with self._lock:
-            self.requests += 1
-            self.failed += 1
-            self.streaming += streaming
-            self.latencies.append(seconds)
-            self.errors[message] += 1
-            self._window.append(now)
-
-    def rate(self, window: float = 2.0) -> float:
-        now = time.monotonic()
-        with self._lock:
-            self._window = [t for t in self._window if t > now - window]
-            return len(self._window) / window
-
-    def percentiles(self) -> dict[str, float]:
-        with self._lock:
-            data = sorted(self.latencies)
-        if not data:
-            return {"p50": 0.0, "p99": 0.0, "max": 0.0}
-
-        def q(p: float) -> float:
-            return data[min(len(data) - 1, max(0, math.ceil(p * len(data)) - 1))] * 1000
-
-        return {"p50": round(q(0.50), 1), "p99": round(q(0.99), 1), "max": round(data[-1] * 1000, 1)}
-
-
-@dataclasses.dataclass
-class ClientSlot:
-    """One provider + client pair that several workers share."""
-
-    name: str
-    kind: str  # "sync" | "async"
-    provider: Any
-    client: Any = None
-    via: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (version, reason) loads
-
-
-@dataclasses.dataclass
-class RotationRecord:
-    index: int
-    at_s: float
-    old_version: str | None
-    new_version: str
-    credential_id: str
-    regenerated: str | None
-    fingerprint: str | None
-    push: bool
-    started_s: float = 0.0
-    clients_on_revoked_key: int = 0
-    convergence_s: float | None = None
-    converged_via: dict[str, int] = dataclasses.field(default_factory=dict)
-    revocation_recovery_s: float | None = None
-
-
-# --------------------------------------------------------------------------------------------- drill
-
-
-class Drill:
-    def __init__(self, target: Target, args: argparse.Namespace, out: Output) -> None:
-        from ... import CachePolicy
-
-        self.target = target
-        self.out = out
-        self.duration = max(2.0, float(args.duration))
-        self.concurrency = max(2, int(args.concurrency))
-        self.n_clients = max(2, min(int(args.clients), self.concurrency))
-        self.chaos = bool(args.chaos)
-        ttl = max(4.0, self.duration * 0.6)
-        self.policy = CachePolicy(
-            ttl=ttl,
-            jitter=0.2,
-            refresh_margin=ttl / 4,
-            max_staleness=max(60.0, self.duration * 2),
-            backoff_initial=0.25,
-            backoff_max=2.0,
-            forced_refresh_interval=1.0,
-        )
-        self.metrics = Metrics()
-        self.stop = threading.Event()
-        self.slots: list[ClientSlot] = []
-        self.rotations: list[RotationRecord] = []
-        self.versions: list[str] = []  # rank of each version in this drill
-        self.timeline: list[str] = []
-        self.chaos_log: list[str] = []
-        self._lock = threading.Lock()
-        self._t0 = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
-        self._async_ready = threading.Event()
-        self._async_done = threading.Event()
-        self._async_error: BaseException | None = None
-        self._rotation_credential: Any = None
-        self._sync_credential: Any = None
-        self._started = threading.Event()
-        self._async_loaded = threading.Event()
-        self._traffic = threading.Event()
-        self._ticking = False
-        self.live = False
-        self.start_credential_id = ""
-
-    # ---------------------------------------------------------------------------- helpers
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self._t0 if self._t0 else 0.0
-
-    def log(self, text: str) -> None:
-        line = f"t={self.elapsed():5.1f}s  {text}"
-        with self._lock:
-            self.timeline.append(line)
-        if not self.live and not self.out.json:
-            self.out.line(line)
-
-    def _on_refresh(self, slot: ClientSlot) -> Callable[[Any], None]:
-        def record(event: Any) -> None:
-            reason = _VIA.get(event.reason, event.reason)
-            with self._lock:
-                slot.via.append((event.version, reason))
-
-        return record
-
-    def _ranks(self) -> list[int]:
-        ranks = []
-        for slot in self.slots:
-            key = slot.provider.current()
-            ranks.append(self.rank(key.version if key is not None else None))
-        return ranks
-
-    def rank(self, version: str | None) -> int:
-        try:
-            return self.versions.index(version or "")
-        except ValueError:
-            return -1
+class Drill(RotationSchedule, DrillReport):
+    """One drill: clients, traffic, rotations, report."""
 
     # ---------------------------------------------------------------------------- setup
 
@@ -375,7 +165,12 @@ class Drill:
                 self._async_loaded.set()
             await asyncio.get_running_loop().run_in_executor(None, self._traffic.wait)
             n_tasks = self.concurrency // 2
-            tasks = [asyncio.create_task(self._async_worker(mine[i % len(mine)], i)) for i in range(n_tasks)]
+            tasks = [
+                asyncio.create_task(
+                    async_worker(self.stop, self.metrics, mine[i % len(mine)], self.target.deployment, i)
+                )
+                for i in range(n_tasks)
+            ]
             if tasks:
                 await asyncio.gather(*tasks)
         finally:
@@ -385,49 +180,6 @@ class Drill:
                 with contextlib.suppress(Exception):
                     await slot.provider.close()
             await credential.close()
-
-    async def _async_worker(self, slot: ClientSlot, n: int) -> None:
-        streaming = n % 2 == 1
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                if streaming:
-                    stream = await slot.client.chat.completions.create(
-                        model=self.target.deployment, messages=MESSAGES, max_tokens=16, stream=True
-                    )
-                    async with stream:
-                        async for _chunk in stream:
-                            pass
-                else:
-                    await slot.client.chat.completions.create(
-                        model=self.target.deployment, messages=MESSAGES, max_tokens=16
-                    )
-            except Exception as exc:
-                self.metrics.fail(time.monotonic() - started, streaming, exc)
-            else:
-                self.metrics.ok(time.monotonic() - started, streaming)
-            streaming = not streaming
-
-    def _sync_worker(self, slot: ClientSlot, n: int) -> None:
-        streaming = n % 2 == 1
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                if streaming:
-                    with slot.client.chat.completions.create(
-                        model=self.target.deployment, messages=MESSAGES, max_tokens=16, stream=True
-                    ) as stream:
-                        for _chunk in stream:
-                            pass
-                else:
-                    slot.client.chat.completions.create(
-                        model=self.target.deployment, messages=MESSAGES, max_tokens=16
-                    )
-            except Exception as exc:
-                self.metrics.fail(time.monotonic() - started, streaming, exc)
-            else:
-                self.metrics.ok(time.monotonic() - started, streaming)
-            streaming = not streaming
 
     # ---------------------------------------------------------------------------- run
 
@@ -447,8 +199,14 @@ class Drill:
             sync_slots = [s for s in self.slots if s.kind == "sync"]
             workers = [
                 threading.Thread(
-                    target=self._sync_worker,
-                    args=(sync_slots[i % len(sync_slots)], i),
+                    target=sync_worker,
+                    args=(
+                        self.stop,
+                        self.metrics,
+                        sync_slots[i % len(sync_slots)],
+                        self.target.deployment,
+                        i,
+                    ),
                     daemon=True,
                     name=f"drill-{i}",
                 )
@@ -493,427 +251,14 @@ class Drill:
                 with contextlib.suppress(Exception):
                     credential.close()
 
-    def _wait_until(self, at: float) -> None:
-        while not self.stop.is_set():
-            remaining = at - self.elapsed()
-            if remaining <= 0:
-                return
-            self.stop.wait(min(remaining, 0.1))
-
-    def _schedule(self) -> None:
-        d = self.duration
-        # Rotations stay at least two forced-refresh intervals apart, however short the drill: a client
-        # may force one refresh per interval, and two revocations inside one interval would be a drill of
-        # the rate limit, not of the rotation.
-        gap = 2 * float(self.policy.forced_refresh_interval)  # type: ignore[arg-type]
-        self._wait_until(0.10 * d)
-        self._rotate(push=False)
-        self._wait_until(max(0.20 * d, self.elapsed() + gap))
-        self._rotate(push=False)
-        if self.chaos and self.target.faults is not None:
-            # Only once nobody holds the revoked key: an outage then costs no request (stale-if-error).
-            self._wait_converged(0, 0.45 * d + 5)
-            self._wait_until(0.45 * d)
-            self._inject("keyvault", "status", operation="GetSecret", status=503)
-            self.chaos_log.append(f"{self.elapsed():.1f}s Key Vault GetSecret -> 503 for {0.15 * d:.1f}s")
-            self.log("chaos: Key Vault outage begins (GetSecret answers 503)")
-            self._wait_until(0.60 * d)
-            self.target.faults.clear("keyvault")
-            self.log("chaos: Key Vault outage ends")
-        self._wait_until(max(0.70 * d, self.elapsed() + gap))
-        self._rotate(push=True)
-        if self.chaos and self.target.faults is not None:
-            self._wait_until(0.85 * d)
-            spikes = max(8, self.concurrency * 3)
-            self._inject("gateway", "latency", operation="ChatCompletions", seconds=0.25, times=spikes)
-            self._inject("keyvault", "latency", operation="GetSecret", seconds=0.5, times=2)
-            self.chaos_log.append(
-                f"{self.elapsed():.1f}s gateway +250 ms on {spikes} chats; Key Vault +500 ms on 2 reads"
-            )
-            self.log("chaos: latency spikes on the gateway and Key Vault")
-        self._wait_until(d)
-        last = len(self.rotations) - 1
-        if self.rotations and self.rotations[last].convergence_s is None:
-            self.log("waiting for every client to reach the last version")
-            self._wait_converged(last, d + self.policy.ttl_s + 5)
-
-    def _inject(self, service: str, kind: str, **fields: Any) -> None:
-        assert self.target.faults is not None
-        self.target.faults.inject(service, kind, **fields)
-
-    def _wait_converged(self, index: int, deadline: float) -> None:
-        while self.elapsed() < deadline:
-            if index < 0 or self.rotations[index].convergence_s is not None:
-                return
-            time.sleep(0.02)
-
-    def _rotate(self, *, push: bool) -> None:
-        from ...rotation import rotate
-
-        started = self.elapsed()
-        index = len(self.rotations) + 1
-        with self._lock:  # who holds the key this rotation is about to regenerate (version index - 2)
-            held = sum(1 for rank in self._ranks() if 0 <= rank <= index - 2)
-        result = rotate(
-            vault_url=self.target.vault_url,
-            secret_name=self.target.secret_name,
-            apim_subscription_id=self.target.apim_subscription_id,
-            arm_endpoint=self.target.arm_endpoint,
-            credential=self._rotation_credential,
-        )
-        assert result.new_version is not None
-        at = self.elapsed()
-        with self._lock:
-            self.versions.append(result.new_version)
-            record = RotationRecord(
-                index=index,
-                at_s=round(at, 3),
-                old_version=result.old_version,
-                new_version=result.new_version,
-                credential_id=result.credential_id,
-                regenerated=result.regenerated,
-                fingerprint=result.fingerprint,
-                push=push,
-                started_s=round(started, 3),
-            )
-            record.clients_on_revoked_key = held
-            if held == 0 and index > 1:
-                record.revocation_recovery_s = 0.0
-            self.rotations.append(record)
-        revoked = (
-            f"; {record.clients_on_revoked_key} clients held the {result.regenerated} key it revoked"
-            if record.index > 1
-            else f"; the {self.start_credential_id} key the clients use stays valid"
-        )
-        self.log(
-            f"rotation {record.index}: regenerated {result.regenerated}, "
-            f"stored version {result.new_version[:8]} "
-            f"(fp {result.fingerprint}){revoked}"
-        )
-        if push:
-            self._push(result.new_version)
-
-    def _push(self, version: str) -> None:
-        """Event Grid delivery of SecretNewVersionCreated, handled by the core's helpers."""
-        from ..._events import arefresh_from_event, refresh_from_event
-
-        event = {
-            "id": f"drill-{version}",
-            "subject": self.target.secret_name,
-            "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
-            "data": {
-                "Id": f"{self.target.vault_url}/secrets/{self.target.secret_name}/{version}",
-                "VaultName": (self.target.vault_url.split("//", 1)[-1].split(".", 1)[0]),
-                "ObjectType": "Secret",
-                "ObjectName": self.target.secret_name,
-                "Version": version,
-            },
-        }
-        sync = [s.provider for s in self.slots if s.kind == "sync"]
-        refreshed = len(refresh_from_event(event, sync))
-        asyncs = [s.provider for s in self.slots if s.kind == "async"]
-        if asyncs and self._loop is not None:
-            future = asyncio.run_coroutine_threadsafe(arefresh_from_event(event, asyncs), self._loop)
-            refreshed += len(future.result(30))
-        self.log(f"Event Grid push (SecretNewVersionCreated) refreshed {refreshed} clients")
-
-    def _monitor(self) -> None:
-        while not self.stop.is_set():
-            with self._lock:
-                pending = [r for r in self.rotations if r.convergence_s is None]
-                recovering = [r for r in self.rotations if r.revocation_recovery_s is None and r.index > 1]
-                slots = list(self.slots)
-                ranks = self._ranks()
-            low = min(ranks) if ranks else -1
-            for record in recovering:
-                if low > record.index - 2:
-                    record.revocation_recovery_s = round(max(0.0, self.elapsed() - record.started_s), 3)
-                    self.log(
-                        f"no client holds the key revoked by rotation {record.index} any more "
-                        f"({record.revocation_recovery_s:.2f}s after it began)"
-                    )
-            if pending:
-                for record in pending:
-                    if low >= record.index:
-                        record.convergence_s = round(max(0.0, self.elapsed() - record.at_s), 3)
-                        record.converged_via = self._via(record, slots)
-                        self.log(
-                            f"all {len(slots)} clients on version >= rotation {record.index} after "
-                            f"{record.convergence_s:.2f}s ({_counts(record.converged_via)})"
-                        )
-            time.sleep(0.01)
-
-    def _via(self, record: RotationRecord, slots: list[ClientSlot]) -> dict[str, int]:
-        counts: Counter[str] = Counter()
-        with self._lock:
-            for slot in slots:
-                reason = next(
-                    (r for v, r in slot.via if self.rank(v) >= record.index),
-                    "unknown",
-                )
-                counts[reason] += 1
-        return dict(counts)
-
-    # ---------------------------------------------------------------------------- display
-
-    @contextlib.contextmanager
-    def _display(self) -> Iterator[None]:
-        if not self.live:
-            yield
-            return
-        from rich.live import Live
-
-        with Live(self._table(), refresh_per_second=4, console=None, transient=False) as live:
-            ticker = threading.Thread(target=self._tick, args=(live,), daemon=True)
-            ticker.start()
-            try:
-                yield
-            finally:
-                self._ticking = False
-                ticker.join(2)
-                live.update(self._table())
-
-    def _tick(self, live: Any) -> None:
-        self._ticking = True
-        while self._ticking:
-            live.update(self._table())
-            time.sleep(0.25)
-
-    def _table(self) -> Any:
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
-
-        head = Text(
-            f"apimvault drill  t={self.elapsed():5.1f}s/{self.duration:.0f}s  "
-            f"requests {self.metrics.requests}  "
-            f"{self.metrics.rate():6.0f} req/s  failed {self.metrics.failed}  "
-            f"401 recovered {sum(s.provider.stats().resends_401 for s in self.slots)}  "
-            f"rotations {len(self.rotations)}",
-            style="bold red" if self.metrics.failed else "bold",
-        )
-        table = Table(box=None, pad_edge=False)
-        for column in ("client", "kind", "version", "CredentialId", "state", "vault reads", "401 re-sends"):
-            table.add_column(column)
-        for slot in list(self.slots):
-            stats = slot.provider.stats()
-            table.add_row(
-                slot.name,
-                slot.kind,
-                (stats.version or "-")[:8],
-                stats.credential_id or "-",
-                stats.state,
-                str(stats.vault_reads),
-                str(stats.resends_401),
-            )
-        lines = Text("\n".join(self.timeline[-6:]), style="dim")
-        return Group(head, table, lines)
-
-    # ---------------------------------------------------------------------------- report
-
-    def _counters(self) -> dict[str, Any] | None:
-        if self.target.faults is None:
-            return None
-        try:
-            kv_ops, _ = self.target.faults.counters("keyvault")
-            _, gw_labels = self.target.faults.counters("gateway")
-        except Exception:
-            return None
-        return {"GetSecret": kv_ops.get("GetSecret", 0), "labels": gw_labels}
-
-    def _report(
-        self, elapsed: float, before: dict[str, Any] | None, after: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        stats = [(s, s.provider.stats()) for s in self.slots]
-        recovered = sum(st.resends_401 for _, st in stats)
-        vault_reads = sum(st.vault_reads for _, st in stats)
-        convergence = [r.convergence_s for r in self.rotations]
-        converged = all(c is not None for c in convergence)
-        failed = self.metrics.failed
-        ok = failed == 0 and converged and len(self.rotations) >= 2 and self.metrics.requests > 0
-        gateway = None
-        server_reads = None
-        if before is not None and after is not None:
-            labels = {
-                k.split(":", 1)[1]: after["labels"].get(k, 0) - before["labels"].get(k, 0)
-                for k in after["labels"]
-                if k.startswith("key:")
-            }
-            gateway = {k: v for k, v in labels.items() if v}
-            server_reads = after["GetSecret"] - before["GetSecret"]
-        if ok:
-            verdict = (
-                f"PASS: {self.metrics.requests} requests, 0 failed across {len(self.rotations)} rotations "
-                f"({recovered} refused requests re-sent after a refresh); every client converged"
-            )
-        else:
-            why = []
-            if failed:
-                why.append(f"{failed} of {self.metrics.requests} requests failed")
-            if not converged:
-                why.append("not every client reached the last version")
-            if len(self.rotations) < 2:
-                why.append("fewer than 2 rotations")
-            verdict = "FAIL: " + "; ".join(why or ["no traffic"])
-        return {
-            "ok": ok,
-            "verdict": verdict,
-            "target": self.target.label,
-            "requests": self.metrics.requests,
-            "failed": failed,
-            "recovered_401": recovered,
-            "vault_reads": vault_reads,
-            "rotations": len(self.rotations),
-            "convergence_s": convergence,
-            "latency_ms": self.metrics.percentiles(),
-            "duration_s": self.duration,
-            "elapsed_s": round(elapsed, 2),
-            "requests_per_s": round(self.metrics.requests / elapsed, 1) if elapsed else 0.0,
-            "streaming_requests": self.metrics.streaming,
-            "concurrency": {
-                "threads": math.ceil(self.concurrency / 2),
-                "asyncio_tasks": self.concurrency // 2,
-            },
-            "clients": len(self.slots),
-            "policy": {
-                "ttl_s": self.policy.ttl_s,
-                "jitter": self.policy.jitter,
-                "refresh_margin_s": self.policy.margin_s,
-                "max_staleness_s": self.policy.staleness_s,
-                "forced_refresh_interval_s": float(self.policy.forced_refresh_interval),  # type: ignore[arg-type]
-            },
-            "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
-            "chaos": self.chaos_log if self.chaos else None,
-            "errors": dict(self.metrics.errors.most_common(10)),
-            "clients_detail": [
-                {
-                    "client": slot.name,
-                    "kind": slot.kind,
-                    "version": st.version,
-                    "fingerprint": st.fingerprint,
-                    "credential_id": st.credential_id,
-                    "vault_reads": st.vault_reads,
-                    "refreshes": st.refreshes,
-                    "rotations": st.rotations,
-                    "failures": st.failures,
-                    "forced_refreshes": st.forced_refreshes,
-                    "resends_401": st.resends_401,
-                }
-                for slot, st in stats
-            ],
-            "gateway_key_use": gateway,
-            "vault_get_secret_server": server_reads,
-            "timeline": list(self.timeline),
-        }
-
-
-# ----------------------------------------------------------------------------------------- the command
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in counts.items())
-
-
-def _print_report(out: Output, report: dict[str, Any]) -> None:
-    lat = report["latency_ms"]
-    out.line("")
-    out.line(f"target            {report['target']}")
-    out.line(
-        f"policy            ttl {report['policy']['ttl_s']:.0f}s (jitter {report['policy']['jitter']:.0%}), "
-        f"refresh margin {report['policy']['refresh_margin_s']:.1f}s, max staleness "
-        f"{report['policy']['max_staleness_s']:.0f}s"
-    )
-    out.line(
-        f"traffic           {report['concurrency']['threads']} threads + "
-        f"{report['concurrency']['asyncio_tasks']} "
-        f"asyncio tasks over {report['clients']} clients, {report['elapsed_s']:.1f}s"
-    )
-    out.line(
-        f"requests          {report['requests']} ({report['streaming_requests']} streaming), "
-        f"{report['requests_per_s']:.0f}/s"
-    )
-    out.line(f"failed            {report['failed']}")
-    out.line(f"recovered_401     {report['recovered_401']} (re-sent once after a coalesced refresh)")
-    server = report["vault_get_secret_server"]
-    out.line(
-        f"vault_reads       {report['vault_reads']}"
-        + (
-            f" (Key Vault saw {server} GetSecret, SDK retries and the rotations' reads included)"
-            if server is not None
-            else ""
-        )
-    )
-    for r in report["rotation_log"]:
-        conv = f"{r['convergence_s']:.2f}s" if r["convergence_s"] is not None else "NOT CONVERGED"
-        via = _counts(r["converged_via"])
-        out.line(
-            f"rotation {r['index']}        t={r['at_s']:.1f}s regenerated {r['regenerated']}, version "
-            f"{r['new_version'][:8]} (fp {r['fingerprint']}); converged in {conv} ({via})"
-        )
-    if report["gateway_key_use"] is not None:
-        out.line(f"gateway key use   {report['gateway_key_use']}")
-    if report["chaos"]:
-        for item in report["chaos"]:
-            out.line(f"chaos             {item}")
-    out.line(f"latency           p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms")
-    for message, count in report["errors"].items():
-        out.line(f"error x{count:<6}   {message}")
-    out.line(report["verdict"])
-
-
-def _external_target(args: argparse.Namespace) -> Target:
-    from ..config import env_var, is_loopback_url, rotator_client_id
-
-    vault_url = env_var("AZURE_KEYVAULT_URL")
-    secret_name = env_var("APIMVAULT_SECRET_NAME")
-    gateway = env_var("AZURE_OPENAI_ENDPOINT")
-    deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
-    missing = [
-        n
-        for n, v in (
-            ("APIMVAULT_SECRET_NAME", secret_name),
-            ("AZURE_OPENAI_ENDPOINT", gateway),
-            ("APIMVAULT_DEPLOYMENT (or --deployment)", deployment),
-            ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
-        )
-        if not v
-    ]
-    if missing:
-        raise ConfigurationError(
-            f"AZURE_KEYVAULT_URL is set, so the drill targets it; also set {', '.join(missing)}"
-        )
-    assert vault_url and secret_name and gateway and deployment
-    arm = env_var("APIMVAULT_ARM_ENDPOINT")
-    loopback = all(is_loopback_url(u) for u in (vault_url, gateway, arm))
-    faults = None
-    admin_url = env_var("APIMVAULT_ADMIN_URL")
-    if admin_url and loopback and env_var("SSL_CERT_FILE"):
-        from ...local.admin import AdminClient
-
-        faults = _Faults(admin=AdminClient(admin_url, os.environ["SSL_CERT_FILE"]))
-    return Target(
-        vault_url=vault_url,
-        secret_name=secret_name,
-        gateway_url=gateway,
-        deployment=deployment,
-        apim_subscription_id=env_var("APIMVAULT_APIM_SUBSCRIPTION_ID"),
-        arm_endpoint=arm,
-        rotator_client_id=rotator_client_id(args.client_id),
-        label=f"{vault_url} (secret {secret_name}) via {gateway}",
-        loopback=loopback,
-        faults=faults,
-    )
-
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    from ..embedded import embedded_stack
-    from ..output import EXIT_CONFIG, EXIT_FAILED, fail
 
     if args.duration <= 0 or args.concurrency < 2 or args.clients < 2:
         return fail(out, ConfigurationError("--duration must be > 0, --concurrency and --clients >= 2"))
     try:
         if os.environ.get("AZURE_KEYVAULT_URL", "").strip():
-            target = _external_target(args)
+            target = external_target(args)
             if not target.loopback and not args.yes:
                 out.error(
                     f"the drill regenerates the APIM keys of {target.label}; it does so against a "
@@ -945,7 +290,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 rotator_client_id=azure.officer_identity.client_id,
                 label="embedded local Azure (127.0.0.1, TLS)",
                 loopback=True,
-                faults=_Faults(azure=azure),
+                faults=StackFaults(azure=azure),
             )
             return _run_target(target, args, out)
     except ConfigurationError as exc:
@@ -956,8 +301,6 @@ def run(args: argparse.Namespace, out: Output) -> int:
 
 
 def _run_target(target: Target, args: argparse.Namespace, out: Output) -> int:
-    from ..output import EXIT_FAILED, EXIT_OK
-
     drill = Drill(target, args, out)
     if not out.json:
         out.line(
@@ -968,6 +311,6 @@ def _run_target(target: Target, args: argparse.Namespace, out: Output) -> int:
     if out.json:
         out.document(report)
     else:
-        _print_report(out, report)
+        print_report(out, report)
     sys.stdout.flush()
     return EXIT_OK if report["ok"] else EXIT_FAILED
