@@ -40,8 +40,7 @@ from azure.core.rest import AsyncHttpResponse, HttpResponse
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
-from apimvault.local import ROLE_OFFICER, ROLE_USER, SECRET_NAME, Identity, LocalAzure
-from apimvault.local._common import TENANT_ID, TokenIssuer
+from apimvault.local import ROLE_OFFICER, ROLE_USER, SECRET_NAME, TENANT_ID, Identity, LocalAzure, TokenIssuer
 from apimvault.local.keyvault import KeyVaultService
 
 SPEC_PATH = Path(__file__).parent / "data" / "keyvault-secrets-2026-04-01.json"

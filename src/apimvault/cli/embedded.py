@@ -6,64 +6,35 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..exceptions import (
     ConfigurationError,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..local._common import LocalCA
-
-
-# ------------------------------------------------------------------------------- embedded local Azure
-
-
-def prepare_embedded_ca(directory: Path) -> LocalCA:
-    """Create an embedded stack's CA and trust it process-wide, before aiohttp is imported.
-
-    Raises :class:`ConfigurationError` when aiohttp was already imported with another trust store (then
-    the async Azure SDK could not verify the stack's certificates).
-    """
-    from ..local._common import LocalCA
-
-    already = "aiohttp" in sys.modules
-    ca = LocalCA(directory)
-    if already and os.environ.get("SSL_CERT_FILE") != str(ca.ca_path):
-        raise ConfigurationError(
-            "aiohttp is already imported in this process, so it cannot trust a new embedded stack's CA; "
-            "run `apimvault local` in another terminal and point this command at it (set -a; "
-            ". .apimvault-local.env; set +a), or start the embedded stack before importing openai/azure aio"
-        )
-    os.environ["SSL_CERT_FILE"] = str(ca.ca_path)
-    os.environ["REQUESTS_CA_BUNDLE"] = str(ca.ca_path)
-    return ca
-
 
 @contextlib.contextmanager
 def embedded_stack(*, need_async: bool) -> Iterator[Any]:
     """Start an embedded :class:`~apimvault.local.LocalAzure` with its environment applied."""
-    from ..local._common import temporary_environ
+    from ..local import LocalAzure, prepare_ca, temporary_environ
 
     directory = Path(tempfile.mkdtemp(prefix="apimvault-local-"))
     # Entered with today's values, so leaving it restores the two trust variables set below.
     trust = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
     with temporary_environ(trust):
         try:
-            if need_async:
-                ca = prepare_embedded_ca(directory)
-            else:  # sync SDK clients read SSL_CERT_FILE / REQUESTS_CA_BUNDLE when they are created
-                from ..local._common import LocalCA
-
-                ca = LocalCA(directory)
-                os.environ["SSL_CERT_FILE"] = str(ca.ca_path)
-                os.environ["REQUESTS_CA_BUNDLE"] = str(ca.ca_path)
-            from ..local import LocalAzure
-
+            # Sync SDK clients read SSL_CERT_FILE / REQUESTS_CA_BUNDLE when they are created; aiohttp reads
+            # SSL_CERT_FILE once, when it is imported, so only async use needs it not imported yet.
+            try:
+                ca = prepare_ca(directory, for_aiohttp=need_async)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"{exc}; or run `apimvault local` in another terminal and point this command at it "
+                    "(set -a; . .apimvault-local.env; set +a)"
+                ) from exc
             azure = LocalAzure(directory=directory, ca=ca)
             # Requests still in flight when the stack stops (a background refresh, a client that timed out)
             # make uvicorn and asyncio log tracebacks about cancelled tasks; they are not news.

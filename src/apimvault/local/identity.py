@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import TENANT_ID, Identity, Service, TokenIssuer, json_response
+from ._server import Service, json_response
+from ._tokens import TENANT_ID, Identity, TokenIssuer
 
 TOKEN_PATH = "/msi/token"  # noqa: S105 - a URL path, not a secret
 API_VERSION = "2019-08-01"

@@ -51,7 +51,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import TENANT_ID, Clock, Identity, Service, TokenError, TokenIssuer, json_response
+from ._server import Service, json_response
+from ._tokens import TENANT_ID, Clock, Identity, TokenError, TokenIssuer
 
 __all__ = [
     "ROLE_ADMINISTRATOR",

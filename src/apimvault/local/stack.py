@@ -11,16 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from ._common import (
-    TENANT_ID,
-    Clock,
-    Identity,
-    LocalCA,
-    ServerThread,
-    Service,
-    TokenIssuer,
-    temporary_environ,
-)
+from ._env import temporary_environ
+from ._server import ServerThread, Service
+from ._tls import LocalCA
+from ._tokens import TENANT_ID, Clock, Identity, TokenIssuer
 from .admin import AdminService
 from .apim import ApimGateway, ApimState, ArmService
 from .identity import IdentityService, write_az_stub
