@@ -93,7 +93,6 @@ VAULT_RESOURCE = (
 _KEYVAULT_APP_ID = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093"
 
 _NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")  # spec pattern ^[0-9a-zA-Z-]+$ plus the documented 1..127
-_VERSION_RE = re.compile(r"^[0-9a-f]{32}$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 _CLIENT_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
 
