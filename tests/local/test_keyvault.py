@@ -1011,13 +1011,10 @@ def test_concurrent_writers_keep_a_consistent_history(azure: LocalAzure, client:
     assert all(b.previous_version == a.version for a, b in itertools.pairwise(history))
 
 
-def test_get_throughput(azure: LocalAzure, officer_credential: DefaultAzureCredential) -> None:
-    """A regression guard for per-request overhead; the target is >= 500 GETs/s through SecretClient on two
-    cores (client and server share this process here, so the bound asserted is looser)."""
+def test_many_gets_on_one_connection(azure: LocalAzure, officer_credential: DefaultAzureCredential) -> None:
+    """300 GETs through one SecretClient: each reaches the service once and answers the same version.
+    (Throughput is measured in bench/, "stack throughput", not asserted here.)"""
     with SecretClient(azure.vault_url, officer_credential) as client:
-        client.get_secret(SECRET_NAME)
-        started = time.perf_counter()
-        for _ in range(300):
-            client.get_secret(SECRET_NAME)
-        rate = 300 / (time.perf_counter() - started)
-    assert rate >= 250, f"{rate:.0f} GETs/s"
+        versions = {client.get_secret(SECRET_NAME).properties.version for _ in range(300)}
+    assert versions == {azure.keyvault.latest(SECRET_NAME).version}
+    assert azure.keyvault.counters["GetSecret"] == 301  # + the bodiless first request the challenge answers
