@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +128,31 @@ def test_nothing_outside_local_imports_a_private_local_module() -> None:
                     if parts[:2] == ["apimvault", "local"] and any(p.startswith("_") for p in parts[2:]):
                         offenders.append(f"{path.relative_to(ROOT)}: {name}")
     assert offenders == []
+
+
+def test_import_apimvault_is_cheap() -> None:
+    """``import apimvault`` loads neither openai, azure, importlib.metadata nor apimvault.local."""
+    code = (
+        "import json, sys; import apimvault; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('openai', 'azure', 'aiohttp', 'importlib') or m.startswith('apimvault'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(done.stdout)
+    assert not [m for m in loaded if m.split(".")[0] in ("openai", "azure", "aiohttp")], loaded
+    assert "importlib.metadata" not in loaded and "apimvault.local" not in loaded, loaded
+    assert {m for m in loaded if m.startswith("apimvault")} == {"apimvault", "apimvault.exceptions"}, loaded
+
+
+def test_all_is_the_lazy_map_plus_the_exceptions_and_version() -> None:
+    import apimvault
+    from apimvault import exceptions
+
+    errors = {n for n in vars(exceptions) if isinstance(getattr(exceptions, n), type) and n.endswith("Error")}
+    assert errors <= set(dir(apimvault))
+    assert sorted(apimvault.__all__) == sorted({*apimvault._LAZY, *errors, "__version__"})
+    assert isinstance(apimvault.__version__, str) and apimvault.__version__
+    for name in apimvault.__all__:
+        assert getattr(apimvault, name) is not None
