@@ -14,33 +14,24 @@ Importing this module imports no SDK.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from apimvault.local._common import LocalCA
+from apimvault.local import LocalCA
+from apimvault.local import prepare_ca as _prepare_ca
 
 
 def prepare_ca(directory: Path | None = None) -> LocalCA:
     """Create the run's CA and trust it process-wide (before openai / azure are imported)."""
-    directory = directory if directory is not None else Path(tempfile.mkdtemp(prefix="apimvault-bench-"))
-    ca = LocalCA(directory)
-    os.environ["SSL_CERT_FILE"] = str(ca.ca_path)
-    os.environ["REQUESTS_CA_BUNDLE"] = str(ca.ca_path)
-    return ca
+    return _prepare_ca(directory if directory is not None else tempfile.mkdtemp(prefix="apimvault-bench-"))
 
 
 def reuse_ca(directory: Path) -> LocalCA:
     """The CA files :func:`prepare_ca` wrote in ``directory``, without making a new CA."""
-    ca = LocalCA.__new__(LocalCA)
-    ca.directory = directory
-    ca.ca_path = directory / "ca.pem"
-    ca.cert_path = directory / "server.pem"
-    ca.key_path = directory / "server-key.pem"
-    return ca
+    return LocalCA.load(directory)
 
 
 class RemoteStack:

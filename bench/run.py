@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from apimvault import CachePolicy
-from apimvault.local import LocalAzure
-from apimvault.local._common import LocalCA
+from apimvault.local import LocalAzure, LocalCA
 
 from . import figures
 from ._stack import RemoteStack

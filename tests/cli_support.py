@@ -14,8 +14,7 @@ from typing import Any
 
 import httpx2
 
-from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure
-from apimvault.local._common import temporary_environ
+from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure, temporary_environ
 from apimvault.local.apim import Subscription
 from apimvault.local.stack import API_VERSION, APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
 
@@ -35,10 +34,7 @@ class RotatingApp:
 
     @property
     def resource_id(self) -> str:
-        return (
-            f"/subscriptions/{ARM_SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
-            f"Microsoft.ApiManagement/service/{APIM_SERVICE}/subscriptions/{self.sid}"
-        )
+        return self.subscription.id
 
     def keys(self) -> tuple[str, str]:
         sub = self.azure.apim_state.get(self.sid)

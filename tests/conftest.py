@@ -5,24 +5,17 @@ Nothing here patches an SDK: the real clients talk HTTPS to the stack on 127.0.0
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from apimvault.local._common import LocalCA
+from apimvault.local import LocalAzure, prepare_ca
 
 # aiohttp (azure-core's async transport) builds its default SSL context from SSL_CERT_FILE once, when it
 # is first imported. So the session's CA exists, and the variable points at it, before anything imports it.
-_CA_DIR = Path(tempfile.mkdtemp(prefix="apimvault-tests-"))
-SESSION_CA = LocalCA(_CA_DIR)
-os.environ["SSL_CERT_FILE"] = str(SESSION_CA.ca_path)
-os.environ["REQUESTS_CA_BUNDLE"] = str(SESSION_CA.ca_path)
-
-from apimvault.local import LocalAzure  # noqa: E402
+SESSION_CA = prepare_ca(tempfile.mkdtemp(prefix="apimvault-tests-"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from apimvault import CachePolicy
-from apimvault.local import LocalAzure
-from apimvault.local._common import temporary_environ
+from apimvault.local import LocalAzure, temporary_environ
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -34,8 +34,7 @@ from apimvault import (
     parse_secret_events,
     refresh_from_event,
 )
-from apimvault.local import DEPLOYMENT, LocalAzure
-from apimvault.local._common import ServerThread, Service
+from apimvault.local import DEPLOYMENT, LocalAzure, ServerThread, Service
 
 from .canary import (
     CANARY_PRIMARY,

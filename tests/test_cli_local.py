@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from apimvault.local._common import temporary_environ
+from apimvault.local import temporary_environ
 
 from .cli_support import assert_no_key, run_cli
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from apimvault.local import LocalAzure
 
 from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
@@ -128,3 +130,26 @@ def test_chat_with_a_revoked_key(azure: LocalAzure) -> None:
     run = run_cli(["chat", "--json", "hi"], app.env())
     assert run.code == 8 and "AuthenticationError" in run.json()["error"]
     assert_no_key(run.out + run.err, app.seen_keys)
+
+
+class _BrokenCredential:
+    """A TokenCredential (the public protocol) whose token source fails with an error no mapper knows."""
+
+    def get_token(self, *scopes: str, **kwargs: object) -> object:
+        raise LookupError("token cache corrupted")
+
+
+def test_an_unmapped_error_is_not_its_own_cause(azure: LocalAzure) -> None:
+    """An error the rotation's mappers do not know surfaces as itself, never as its own ``__cause__``."""
+    from apimvault.rotation import plan_rotation
+
+    app = new_rotating_app(azure)
+    with pytest.raises(LookupError) as caught:
+        plan_rotation(
+            vault_url=azure.vault_url,
+            secret_name=app.name,
+            apim_subscription_id=app.resource_id,
+            arm_endpoint=azure.arm_url,
+            credential=_BrokenCredential(),
+        )
+    assert caught.value.__cause__ is not caught.value

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from apimvault import CachePolicy, ConfigurationError, InsecureTransportError, SubscriptionKeyProvider
 from apimvault._base import ENV_HEADER, ENV_SECRET_NAME, ENV_SECRET_VERSION, ENV_VAULT_URL
-from apimvault.local._common import temporary_environ
+from apimvault.local import temporary_environ
 
 FAST = settings(
     max_examples=150, deadline=timedelta(milliseconds=1500), suppress_health_check=[HealthCheck.too_slow]

@@ -13,10 +13,10 @@ of a plain ``openai.AzureOpenAI`` / ``AsyncAzureOpenAI`` client, so a rotation n
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    __version__: str
     from ._async import AsyncSubscriptionKeyProvider
     from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
     from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
@@ -42,11 +42,6 @@ from .exceptions import (
     SecretNotYetValidError,
     VaultUnavailableError,
 )
-
-try:
-    __version__ = version("apimvault")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
-    __version__ = "0+unknown"
 
 # Public names are imported on first use, so ``import apimvault.local`` or ``apimvault.exceptions`` does
 # not pull in openai / azure-core, and ``import apimvault`` stays cheap.
@@ -74,7 +69,19 @@ _LAZY = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("apimvault")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # importlib.metadata costs most of `import apimvault`: only on demand
+        globals()[name] = value = _version()
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'apimvault' has no attribute {name!r}")

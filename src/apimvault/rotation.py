@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from ._key import fingerprint
@@ -231,6 +231,13 @@ def _arm_endpoint(arm_endpoint: str | None) -> str:
     return endpoint
 
 
+def _raise_from(mapped: BaseException, exc: BaseException) -> NoReturn:
+    """Raise ``mapped`` caused by ``exc``; an error no mapper knows is re-raised as is (not its own cause)."""
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
+
+
 def _kv_error(exc: BaseException, *, where: str, writing: bool) -> BaseException:
     """Typed apimvault error for a Key Vault failure during rotation (the rotation needs read + write)."""
     from azure.core.exceptions import HttpResponseError
@@ -351,7 +358,7 @@ def _read_current(session: _Session, secret_name: str, where: str) -> _Current:
     try:
         secret = session.secrets.get_secret(secret_name)
     except Exception as exc:
-        raise _kv_error(exc, where=where, writing=False) from exc
+        _raise_from(_kv_error(exc, where=where, writing=False), exc)
     props = secret.properties
     if secret.value is None or props.version is None:
         raise SecretNotFoundError(f"{where} has no current value", secret=where)
@@ -395,7 +402,7 @@ def _list_keys(session: _Session, ref: ApimSubscriptionRef, what: str) -> dict[s
             ref.resource_group, ref.service, ref.sid
         )
     except Exception as exc:
-        raise _arm_error(exc, what=what, ref=ref) from exc
+        _raise_from(_arm_error(exc, what=what, ref=ref), exc)
     return {"primary": keys.primary_key or "", "secondary": keys.secondary_key or ""}
 
 
@@ -529,7 +536,7 @@ def rotate(
         try:
             regenerate(ref.resource_group, ref.service, ref.sid)
         except Exception as exc:
-            raise _arm_error(exc, what=f"regenerate the {other} key", ref=ref) from exc
+            _raise_from(_arm_error(exc, what=f"regenerate the {other} key", ref=ref), exc)
         log.info("rotation of %s: regenerated the %s key of %s", where, other, ref.resource_id)
 
         after = _list_keys(session, ref, f"listSecrets after regenerating the {other} key")
@@ -572,7 +579,7 @@ def rotate(
                 enabled=True,
             )
         except Exception as exc:
-            raise _kv_error(exc, where=where, writing=True) from exc
+            _raise_from(_kv_error(exc, where=where, writing=True), exc)
         new_version = written.properties.version
         log.info(
             "rotated %s: version %s -> %s (CredentialId=%s, fingerprint %s)",

@@ -14,8 +14,7 @@ from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, 
 from azure.identity import DefaultAzureCredential
 from azure.mgmt.apimanagement import ApiManagementClient
 
-from apimvault.local import API_VERSION, DEPLOYMENT, LocalAzure, fingerprint
-from apimvault.local._common import ServerThread, TokenIssuer
+from apimvault.local import API_VERSION, DEPLOYMENT, LocalAzure, ServerThread, TokenIssuer, fingerprint
 from apimvault.local.apim import (
     INVALID_KEY_MESSAGE,
     MISSING_KEY_MESSAGE,

@@ -39,8 +39,7 @@ from azure.core.rest import AsyncHttpResponse, HttpResponse
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
-from apimvault.local import ROLE_OFFICER, ROLE_USER, SECRET_NAME, Identity, LocalAzure
-from apimvault.local._common import TENANT_ID, TokenIssuer
+from apimvault.local import ROLE_OFFICER, ROLE_USER, SECRET_NAME, TENANT_ID, Identity, LocalAzure, TokenIssuer
 from apimvault.local.keyvault import KeyVaultService
 
 SPEC_PATH = Path(__file__).parent / "data" / "keyvault-secrets-2026-04-01.json"
@@ -1013,3 +1012,12 @@ def test_concurrent_writers_keep_a_consistent_history(azure: LocalAzure, client:
     assert {v.version for v in history} == written and len(history) == 40
     assert history[0].previous_version is None
     assert all(b.previous_version == a.version for a, b in itertools.pairwise(history))
+
+
+def test_many_gets_on_one_connection(azure: LocalAzure, officer_credential: DefaultAzureCredential) -> None:
+    """300 GETs through one SecretClient: each reaches the service once and answers the same version.
+    (Throughput is measured in bench/, "stack throughput", not asserted here.)"""
+    with SecretClient(azure.vault_url, officer_credential) as client:
+        versions = {client.get_secret(SECRET_NAME).properties.version for _ in range(300)}
+    assert versions == {azure.keyvault.latest(SECRET_NAME).version}
+    assert azure.keyvault.counters["GetSecret"] == 301  # + the bodiless first request the challenge answers

@@ -1,9 +1,23 @@
 """apimvault.local: an embedded local Azure (Key Vault, identity, APIM, Azure OpenAI) on loopback TLS.
 
 Install with the ``local`` extra. The core package never imports this module.
+
+A process that uses the async SDKs (aiohttp) against a stack trusts its CA first::
+
+    from apimvault.local import LocalAzure, prepare_ca
+
+    ca = prepare_ca()  # before openai / azure aio are imported: sets SSL_CERT_FILE, REQUESTS_CA_BUNDLE
+    with LocalAzure(ca=ca) as azure, azure.env():
+        ...
+
+Only the names below are public; the modules starting with ``_`` are not.
 """
 
-from ._common import Fault, Faults, Identity, TokenError, TokenIssuer, fingerprint
+from ._env import temporary_environ
+from ._faults import Counters, Fault, Faults
+from ._server import ServerThread, Service
+from ._tls import LocalCA, prepare_ca
+from ._tokens import TENANT_ID, Identity, TokenError, TokenIssuer, fingerprint
 from .keyvault import ROLE_OFFICER, ROLE_USER
 from .stack import API_VERSION, DEPLOYMENT, SECRET_NAME, LocalAzure
 
@@ -13,11 +27,18 @@ __all__ = [
     "ROLE_OFFICER",
     "ROLE_USER",
     "SECRET_NAME",
+    "TENANT_ID",
+    "Counters",
     "Fault",
     "Faults",
     "Identity",
     "LocalAzure",
+    "LocalCA",
+    "ServerThread",
+    "Service",
     "TokenError",
     "TokenIssuer",
     "fingerprint",
+    "prepare_ca",
+    "temporary_environ",
 ]

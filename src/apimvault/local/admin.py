@@ -27,7 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import Fault, FaultKind, Service, json_response
+from ._faults import Fault, FaultKind
+from ._server import Service, json_response
 from .apim import ApimGateway
 from .openai_backend import STREAM_FAULT_KINDS, BackendFaults, StreamFaultKind
 

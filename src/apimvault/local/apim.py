@@ -28,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import TENANT_ID, Service, TokenError, TokenIssuer, fingerprint, json_response
+from ._server import Service, json_response
+from ._tokens import TENANT_ID, TokenError, TokenIssuer, fingerprint
 from .openai_backend import OpenAIBackend
 
 Slot = Literal["primary", "secondary"]

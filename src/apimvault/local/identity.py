@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import TENANT_ID, Identity, Service, TokenIssuer, json_response
+from ._server import Service, json_response
+from ._tokens import TENANT_ID, Identity, TokenIssuer
 
 TOKEN_PATH = "/msi/token"  # noqa: S105 - a URL path, not a secret
 API_VERSION = "2019-08-01"
@@ -212,18 +213,14 @@ def write_az_stub(
     target_dir: Path,
     identity: IdentityService,
     *,
+    subscription: str,
     ca_path: Path | None = None,
-    subscription: str | None = None,
 ) -> None:
     """Write an executable ``az`` into ``target_dir`` that gets tokens for the default identity.
 
     The stub bakes in the endpoint, the header secret and the CA (default: ``ca.pem`` next to
     ``target_dir``, where :class:`~apimvault.local.LocalAzure` keeps it) and only talks to 127.0.0.1.
     """
-    if subscription is None:
-        from .stack import ARM_SUBSCRIPTION
-
-        subscription = ARM_SUBSCRIPTION
     if ca_path is None:
         ca_path = target_dir.parent / "ca.pem"
     target_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ Behaviour worth knowing:
   ``WWW-Authenticate`` challenge before routing or body validation (protocols.md B.2), so the SDK's bodiless
   first request and unknown routes are challenged alike. The challenge names ``resource="https://0.0.1:PORT"``,
   which makes ``https://127.0.0.1:PORT`` pass the SDK's challenge-resource verification with it left ON.
-* **Tokens** must come from the stack's :class:`~apimvault.local._common.TokenIssuer`, be unexpired and carry
+* **Tokens** must come from the stack's :class:`~apimvault.local.TokenIssuer`, be unexpired and carry
   a Key Vault audience (``https://vault.azure.net`` or the challenge resource); anything else is 401.
 * **RBAC** is keyed by the token's ``oid``. ``Key Vault Secrets User`` may read values and metadata;
   ``Key Vault Secrets Officer`` (and ``Key Vault Administrator``) may do everything. Assignments are at vault
@@ -32,12 +32,10 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import bisect
 import dataclasses
 import json
-import re
 import secrets
 import threading
 import time
@@ -51,7 +49,66 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import TENANT_ID, Clock, Identity, Service, TokenError, TokenIssuer, json_response
+from ._kv_parsing import (
+    _b64url_decode,
+    _b64url_encode,
+    _maxresults,
+    _parse_set,
+    _parse_update,
+    _Route,
+    _route,
+    _skiptoken,
+)
+from ._kv_store import SecretVersion, _Secret
+from ._kv_wire import (
+    _CLIENT_REQUEST_ID_RE,
+    _HOST_RE,
+    _KEYVAULT_APP_ID,
+    _NAME_RE,
+    _ROLE_ACTIONS,
+    _STATUS_CODES,
+    _VAULT_WIDE,
+    _WITH_BODY,
+    ACTIONS,
+    MAX_BODY_BYTES,
+    MAX_TAGS,
+    MAX_VALUE_BYTES,
+    MSG_API_VERSION,
+    MSG_BAD_BACKUP,
+    MSG_BAD_NAME,
+    MSG_BAD_SIGNATURE,
+    MSG_BODY_TOO_LARGE,
+    MSG_CONTENT_TYPE,
+    MSG_DELETED_BUT_RECOVERABLE,
+    MSG_DELETED_NOT_FOUND,
+    MSG_DISABLED,
+    MSG_EXISTS,
+    MSG_EXPIRED,
+    MSG_FORBIDDEN_RBAC,
+    MSG_INVALID_AUDIENCE,
+    MSG_INVALID_ISSUER,
+    MSG_MISSING_TOKEN,
+    MSG_NO_ROUTE,
+    MSG_NOT_FOUND,
+    MSG_NOT_JSON,
+    MSG_NOT_OBJECT,
+    MSG_PROPERTY_INVALID,
+    MSG_TOO_LARGE,
+    MSG_TOO_MANY_TAGS,
+    MSG_VALUE_REQUIRED,
+    RECOVERABLE_DAYS,
+    ROLE_ADMINISTRATOR,
+    ROLE_OFFICER,
+    ROLE_USER,
+    SERVICE_VERSION,
+    VAULT_LOCATION,
+    VAULT_NAME,
+    VAULT_RESOURCE,
+    KeyVaultError,
+    _bad,
+)
+from ._server import Service, json_response
+from ._tokens import TENANT_ID, Clock, Identity, TokenError, TokenIssuer
 
 __all__ = [
     "ROLE_ADMINISTRATOR",
@@ -60,312 +117,6 @@ __all__ = [
     "KeyVaultService",
     "SecretVersion",
 ]
-
-ROLE_USER = "Key Vault Secrets User"
-"""Read secret values and metadata (``getSecret/action``, ``readMetadata/action``)."""
-ROLE_OFFICER = "Key Vault Secrets Officer"
-"""Every secrets data action (``Microsoft.KeyVault/vaults/secrets/*``)."""
-ROLE_ADMINISTRATOR = "Key Vault Administrator"
-"""All data actions; for secrets the same as :data:`ROLE_OFFICER`."""
-
-# -------------------------------------------------------------------------------------------- constants
-
-RECOVERY_LEVEL = "Recoverable+Purgeable"
-RECOVERABLE_DAYS = 90
-MAX_VALUE_BYTES = 25_600
-"""Largest secret value accepted (Key Vault's documented 25k-byte limit)."""
-MAX_BODY_BYTES = 256 * 1024
-"""Request bodies above this are refused with 413 without being read in full."""
-MAX_TAGS = 15  # Key Vault's per-object tag limit (inference from the service docs; not verified on the wire)
-DEFAULT_PAGE = 25  # spec: "If not specified the service will return up to 25 results."
-SERVICE_VERSION = "1.9.2658.1"  # any value of the recorded shape (recordings show e.g. "1.1.6.0")
-
-# The ARM resource the 403 messages name. The values are fictitious but shaped like the real ones.
-VAULT_NAME = "kv-apimvault-local"
-VAULT_LOCATION = "local"
-VAULT_RESOURCE = (
-    "/subscriptions/00000000-0000-4000-8000-00000000a11e/resourcegroups/rg-apimvault-local"
-    f"/providers/microsoft.keyvault/vaults/{VAULT_NAME}"
-)
-
-# Key Vault's first-party application id, which is also an accepted token audience.
-_KEYVAULT_APP_ID = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093"
-
-_NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")  # spec pattern ^[0-9a-zA-Z-]+$ plus the documented 1..127
-_VERSION_RE = re.compile(r"^[0-9a-f]{32}$")
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-_CLIENT_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
-
-_ACTION_PREFIX = "Microsoft.KeyVault/vaults/secrets/"
-# operationId -> the RBAC data action it needs. Source: the Key Vault access-policy-to-RBAC mapping
-# ("Secret Get,Microsoft.KeyVault/vaults/secrets/getSecret/action", "Secret List,.../readMetadata/action",
-# "Secret Set,.../setSecret/action;.../update/action", "Secret Delete,.../delete", ...). Reading deleted
-# secrets as readMetadata is an inference.
-ACTIONS: dict[str, str] = {
-    "GetSecret": _ACTION_PREFIX + "getSecret/action",
-    "GetSecrets": _ACTION_PREFIX + "readMetadata/action",
-    "GetSecretVersions": _ACTION_PREFIX + "readMetadata/action",
-    "GetDeletedSecrets": _ACTION_PREFIX + "readMetadata/action",
-    "GetDeletedSecret": _ACTION_PREFIX + "readMetadata/action",
-    "SetSecret": _ACTION_PREFIX + "setSecret/action",
-    "UpdateSecret": _ACTION_PREFIX + "update/action",
-    "DeleteSecret": _ACTION_PREFIX + "delete",
-    "PurgeDeletedSecret": _ACTION_PREFIX + "purge/action",
-    "RecoverDeletedSecret": _ACTION_PREFIX + "recover/action",
-    "BackupSecret": _ACTION_PREFIX + "backup/action",
-    "RestoreSecret": _ACTION_PREFIX + "restore/action",
-}
-_ROLE_ACTIONS: dict[str, frozenset[str]] = {
-    ROLE_USER: frozenset({ACTIONS["GetSecret"], ACTIONS["GetSecrets"]}),
-    ROLE_OFFICER: frozenset(ACTIONS.values()),
-    ROLE_ADMINISTRATOR: frozenset(ACTIONS.values()),
-}
-_VAULT_WIDE = frozenset({"GetSecrets", "GetDeletedSecrets", "RestoreSecret"})
-_WITH_BODY = frozenset({"SetSecret", "UpdateSecret", "RestoreSecret"})
-
-# ---- error strings (real ones are cited; the rest are inference) -------------------------------------------
-
-# protocols.md A.4 / B.2 (azure-sdk-for-js Key Vault recordings).
-MSG_MISSING_TOKEN = "Request is missing a Bearer or PoP token."  # noqa: S105
-# Real strings: AKV10032 in MicrosoftDocs/azure-docs#75410; AKV10022 in MicrosoftDocs/azure-docs#109562 and
-# public write-ups ("AKV10022: Invalid audience. Expected https://vault.azure.net, found: https://management...");
-# AKV10046 in Azure-Samples/azuresandbox#362. The expired-token text is an inference.
-MSG_INVALID_ISSUER = (
-    "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/{tenant}/, found {found}."
-)
-MSG_INVALID_AUDIENCE = "AKV10022: Invalid audience. Expected https://vault.azure.net, found: {found}."
-MSG_BAD_SIGNATURE = "AKV10046: Unable to resolve the key used for signature validation."
-MSG_EXPIRED = "Token validation failed: the token is expired."  # (inference)
-# protocols.md A.4.
-MSG_NOT_FOUND = (
-    "A secret with (name/id) {name} was not found in this key vault. If you recently deleted this secret "
-    "you may be able to recover it using the correct recovery command. For help resolving this issue, "
-    "please see https://go.microsoft.com/fwlink/?linkid=2125182"
-)
-MSG_DELETED_NOT_FOUND = "Deleted Secret not found: {name}"
-MSG_DELETED_BUT_RECOVERABLE = (
-    "Secret {name} is currently in a deleted but recoverable state, and its name cannot be reused; "
-    "in this state, the secret can only be recovered or purged."
-)
-# Azure/azure-sdk-for-js#24756 and ansible-collections/azure#1989 (code Forbidden, innererror SecretDisabled).
-MSG_DISABLED = "Operation get is not allowed on a disabled secret."
-# Observed: "(BadParameter) Secret is beyond the maximum permitted length of 25600 characters. Inner error:
-# { "code": "SecretTooLarge" }" (quoted in a public PQC-on-Key-Vault write-up; also Azure/azure-cli#5639).
-MSG_TOO_LARGE = "Secret is beyond the maximum permitted length of 25600 characters."
-# The ForbiddenByRbac message as the real service formats it (hashicorp/terraform-provider-azurerm#27817,
-# piyushsachdeva/Terraform_AKS#2): CRLF-separated lines, a space before the last CRLF of DecisionReason.
-MSG_FORBIDDEN_RBAC = (
-    "Caller is not authorized to perform action on resource.\r\n"
-    "If role assignments, deny assignments or role definitions were changed recently, please observe "
-    "propagation time.\r\n"
-    "Caller: appid={appid};oid={oid};iss={iss}\r\n"
-    "Action: '{action}'\r\n"
-    "Resource: '{resource}'\r\n"
-    "Assignment: (not found)\r\n"
-    "DenyAssignmentId: null\r\n"
-    "DecisionReason: 'DeniedWithNoValidRBAC' \r\n"
-    "Vault: {vault};location={location}\r\n"
-)
-# Real text seen for an invalid request body: "Property  has invalid value" (Azure/azure-sdk-for-node#2198).
-MSG_PROPERTY_INVALID = "Property {name} has invalid value"
-# The following are inference (shapes follow the real BadParameter errors above).
-MSG_API_VERSION = "The api-version query parameter (?api-version=) is required for all requests."
-MSG_BAD_NAME = "The request URI contains an invalid name: {name}"
-MSG_MAXRESULTS = "The value of maxresults is invalid: it must be an integer between 1 and 25."
-MSG_SKIPTOKEN = "The $skiptoken value is invalid."
-MSG_NOT_JSON = "The request body is not valid JSON."
-MSG_NOT_OBJECT = "The request body must be a JSON object."
-MSG_CONTENT_TYPE = "The request content type must be application/json."
-MSG_VALUE_REQUIRED = "Property value is required."
-MSG_TOO_MANY_TAGS = "The number of tags exceeds the maximum of 15."
-MSG_BAD_BACKUP = "Backup blob contains invalid or corrupt version."
-MSG_EXISTS = "Secret {name} already exists."
-MSG_BODY_TOO_LARGE = "The request body is too large."
-MSG_NO_ROUTE = "The requested resource does not exist: {method} {path}"
-
-_STATUS_CODES = {
-    400: "BadParameter",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    409: "Conflict",
-    413: "RequestEntityTooLarge",
-    429: "Throttled",
-    500: "InternalServerError",
-    502: "BadGateway",
-    503: "ServiceUnavailable",
-    504: "GatewayTimeout",
-}
-
-
-class KeyVaultError(Exception):
-    """An error answer: HTTP status, Key Vault error code, message and optional inner error code."""
-
-    def __init__(self, status: int, code: str, message: str, inner: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.inner = inner
-
-    def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.inner is not None:
-            error["innererror"] = {"code": self.inner}
-        return {"error": error}
-
-
-def _bad(message: str, inner: str | None = None) -> KeyVaultError:
-    return KeyVaultError(400, "BadParameter", message, inner)
-
-
-# ------------------------------------------------------------------------------------------------ state
-
-
-@dataclasses.dataclass(frozen=True)
-class SecretVersion:
-    """One version of a secret. Immutable: updates replace the record."""
-
-    name: str
-    version: str
-    value: str
-    content_type: str | None
-    tags: dict[str, str] | None
-    enabled: bool
-    not_before: int | None
-    expires: int | None
-    created: int
-    updated: int
-    previous_version: str | None = None
-
-    def __repr__(self) -> str:  # never show the value
-        return f"SecretVersion(name={self.name!r}, version={self.version!r}, enabled={self.enabled})"
-
-    def attributes(self) -> dict[str, Any]:
-        attrs: dict[str, Any] = {"enabled": self.enabled}
-        if self.not_before is not None:
-            attrs["nbf"] = self.not_before
-        if self.expires is not None:
-            attrs["exp"] = self.expires
-        attrs["created"] = self.created
-        attrs["updated"] = self.updated
-        attrs["recoveryLevel"] = RECOVERY_LEVEL
-        attrs["recoverableDays"] = RECOVERABLE_DAYS
-        return attrs
-
-    def item(self, base: str, *, with_version: bool) -> dict[str, Any]:
-        """The metadata fields shared by every shape (no value)."""
-        ident = (
-            f"{base}/secrets/{self.name}/{self.version}" if with_version else f"{base}/secrets/{self.name}"
-        )
-        body: dict[str, Any] = {"id": ident, "attributes": self.attributes()}
-        if self.tags is not None:
-            body["tags"] = dict(self.tags)
-        if self.content_type is not None:
-            body["contentType"] = self.content_type
-        return body
-
-    def bundle(self, base: str, *, with_value: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {}
-        if with_value:
-            body["value"] = self.value
-        body.update(self.item(base, with_version=True))
-        if self.previous_version is not None:
-            body["previousVersion"] = self.previous_version
-        return body
-
-
-@dataclasses.dataclass
-class _Secret:
-    name: str  # the casing it was created with
-    versions: list[SecretVersion] = dataclasses.field(default_factory=list)
-    by_version: dict[str, int] = dataclasses.field(default_factory=dict)
-    deleted_date: int | None = None
-    scheduled_purge_date: int | None = None
-
-    @property
-    def latest(self) -> SecretVersion:
-        return self.versions[-1]
-
-    def add(self, version: SecretVersion) -> None:
-        self.by_version[version.version] = len(self.versions)
-        self.versions.append(version)
-
-    def find(self, version: str) -> SecretVersion | None:
-        if not version:
-            return self.latest
-        index = self.by_version.get(version)
-        return None if index is None else self.versions[index]
-
-    def replace(self, version: SecretVersion) -> None:
-        self.versions[self.by_version[version.version]] = version
-
-    def deleted_fields(self, base: str) -> dict[str, Any]:
-        return {
-            "recoveryId": f"{base}/deletedsecrets/{self.name}",
-            "deletedDate": self.deleted_date,
-            "scheduledPurgeDate": self.scheduled_purge_date,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class _Route:
-    operation: str
-    name: str | None = None
-    version: str = ""
-
-
-_UNKNOWN = _Route("unknown")
-
-
-def _route(method: str, path: str) -> _Route:
-    """Map ``method path`` to an operation of the spec (``unknown`` when it is none of them)."""
-    segs = path.lstrip("/").split("/")
-    if len(segs) > 1 and segs[-1] == "":
-        segs.pop()
-    n = len(segs)
-    head = segs[0].lower()
-    if head == "secrets":
-        if n == 1:
-            return _Route("GetSecrets") if method == "GET" else _UNKNOWN
-        name = segs[1]
-        if n == 2:
-            if name.lower() == "restore" and method == "POST":
-                return _Route("RestoreSecret")
-            op = {"PUT": "SetSecret", "GET": "GetSecret", "PATCH": "UpdateSecret", "DELETE": "DeleteSecret"}
-            return _Route(op[method], name) if method in op else _UNKNOWN
-        if n == 3:
-            tail = segs[2]
-            if tail == "versions" and method == "GET":
-                return _Route("GetSecretVersions", name)
-            if tail == "backup" and method == "POST":
-                return _Route("BackupSecret", name)
-            if method == "GET":
-                return _Route("GetSecret", name, tail)
-            if method == "PATCH":
-                return _Route("UpdateSecret", name, tail)
-        return _UNKNOWN
-    if head == "deletedsecrets":  # both /deletedsecrets and /deletedSecrets (lowkey-vault accepts both)
-        if n == 1:
-            return _Route("GetDeletedSecrets") if method == "GET" else _UNKNOWN
-        if n == 2:
-            if method == "GET":
-                return _Route("GetDeletedSecret", segs[1])
-            if method == "DELETE":
-                return _Route("PurgeDeletedSecret", segs[1])
-        if n == 3 and segs[2] == "recover" and method == "POST":
-            return _Route("RecoverDeletedSecret", segs[1])
-    return _UNKNOWN
-
-
-def _b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_decode(text: str) -> bytes:
-    text = text.strip().replace("+", "-").replace("/", "_")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 # -------------------------------------------------------------------------------------------- the service
@@ -840,94 +591,3 @@ class KeyVaultService(Service):
                 raise KeyVaultError(409, "Conflict", MSG_EXISTS.format(name=secret.name))
             self._secrets[key] = secret
         return secret
-
-
-# ------------------------------------------------------------------------------------ request parsing
-
-
-def _optional_str(payload: dict[str, Any], key: str) -> str | None:
-    value = payload.get(key)
-    if value is not None and not isinstance(value, str):
-        raise _bad(MSG_PROPERTY_INVALID.format(name=key))
-    return value
-
-
-def _tags(payload: dict[str, Any]) -> dict[str, str] | None:
-    tags = payload.get("tags")
-    if tags is None:
-        return None
-    if not isinstance(tags, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
-    ):
-        raise _bad(MSG_PROPERTY_INVALID.format(name="tags"))
-    return dict(tags)
-
-
-def _attributes(payload: dict[str, Any]) -> dict[str, Any]:
-    """The writable attributes present in the body (read-only ones are ignored, as the service does)."""
-    attrs = payload.get("attributes")
-    if attrs is None:
-        return {}
-    if not isinstance(attrs, dict):
-        raise _bad(MSG_PROPERTY_INVALID.format(name="attributes"))
-    out: dict[str, Any] = {}
-    enabled = attrs.get("enabled")
-    if enabled is not None:
-        if not isinstance(enabled, bool):
-            raise _bad(MSG_PROPERTY_INVALID.format(name="attributes.enabled"))
-        out["enabled"] = enabled
-    for wire, field in (("nbf", "not_before"), ("exp", "expires")):
-        stamp = attrs.get(wire)
-        if stamp is not None:
-            if isinstance(stamp, bool) or not isinstance(stamp, int) or not 0 <= stamp < 2**40:
-                raise _bad(MSG_PROPERTY_INVALID.format(name=f"attributes.{wire}"))
-            out[field] = stamp
-    return out
-
-
-def _parse_set(payload: dict[str, Any]) -> dict[str, Any]:
-    if "value" not in payload or payload["value"] is None:
-        raise _bad(MSG_VALUE_REQUIRED)
-    if not isinstance(payload["value"], str):
-        raise _bad(MSG_PROPERTY_INVALID.format(name="value"))
-    attrs = _attributes(payload)
-    return {
-        "value": payload["value"],
-        "content_type": _optional_str(payload, "contentType"),
-        "tags": _tags(payload),
-        "enabled": attrs.get("enabled", True),
-        "not_before": attrs.get("not_before"),
-        "expires": attrs.get("expires"),
-    }
-
-
-def _parse_update(payload: dict[str, Any]) -> dict[str, Any]:
-    changes = _attributes(payload)
-    if payload.get("contentType") is not None:
-        changes["content_type"] = _optional_str(payload, "contentType")
-    if payload.get("tags") is not None:
-        changes["tags"] = _tags(payload)
-    return changes
-
-
-def _maxresults(query: dict[str, list[str]]) -> int:
-    raw = query.get("maxresults")
-    if raw is None:
-        return DEFAULT_PAGE
-    text = raw[0].strip()
-    if not text.isdigit() or not 1 <= int(text) <= 25:
-        raise _bad(MSG_MAXRESULTS)
-    return int(text)
-
-
-def _skiptoken(query: dict[str, list[str]]) -> str | None:
-    raw = query.get("$skiptoken")
-    if raw is None or raw[0] == "":
-        return None
-    try:
-        marker = json.loads(_b64url_decode(raw[0]))["NextMarker"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise _bad(MSG_SKIPTOKEN) from None
-    if not isinstance(marker, str):
-        raise _bad(MSG_SKIPTOKEN)
-    return marker

@@ -29,7 +29,8 @@ from typing import Any, Literal, NamedTuple
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._common import Faults, Service, json_response, take_matching
+from ._faults import Faults, take_matching
+from ._server import Service, json_response
 
 CHAT_DEPLOYMENTS: dict[str, str] = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
 """Chat deployments of the local resource: deployment name -> model version reported in responses."""

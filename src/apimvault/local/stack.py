@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from ._common import (
-    TENANT_ID,
-    Clock,
-    Identity,
-    LocalCA,
-    ServerThread,
-    Service,
-    TokenIssuer,
-    temporary_environ,
-)
+from ..rotation import ApimSubscriptionRef
+from ._env import temporary_environ
+from ._server import ServerThread, Service
+from ._tls import LocalCA
+from ._tokens import TENANT_ID, Clock, Identity, TokenIssuer
 from .admin import AdminService
 from .apim import ApimGateway, ApimState, ArmService
 from .identity import IdentityService, write_az_stub
@@ -151,10 +145,9 @@ class LocalAzure:
     @property
     def apim_subscription_id(self) -> str:
         """The ARM resource id of the seeded APIM subscription."""
-        return (
-            f"/subscriptions/{ARM_SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
-            f"Microsoft.ApiManagement/service/{APIM_SERVICE}/subscriptions/{APIM_SUBSCRIPTION}"
-        )
+        return ApimSubscriptionRef(
+            ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION
+        ).resource_id
 
     def seed(self) -> None:
         sub = self.apim_state.create_subscription(
@@ -242,8 +235,5 @@ class LocalAzure:
         """
         target = self.directory / "az-bin"
         if not (target / "az").exists():
-            write_az_stub(target, self.identity, ca_path=self.ca_path)
+            write_az_stub(target, self.identity, subscription=ARM_SUBSCRIPTION, ca_path=self.ca_path)
         return target
-
-    def cleanup_az_stub(self) -> None:
-        shutil.rmtree(self.directory / "az-bin", ignore_errors=True)

@@ -1,0 +1,349 @@
+"""``apimvault check``: walk the request path and stop at the first broken link."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..exceptions import (
+    AccessDeniedError,
+    ConfigurationError,
+    CredentialError,
+    KeyUnavailableError,
+    SecretNotFoundError,
+    VaultUnavailableError,
+)
+from .config import env_var, header_name
+from .identity import capture_identity_log, describe_identity, identity_of, jwt_claims, vault_scope
+from .output import (
+    EXIT_ACCESS_DENIED,
+    EXIT_APIM_UNREACHABLE,
+    EXIT_CODES,
+    EXIT_CONFIG,
+    EXIT_CREDENTIAL,
+    EXIT_KEY_REJECTED,
+    EXIT_OK,
+    EXIT_REQUEST_FAILED,
+    EXIT_SECRET_MISSING,
+    EXIT_SECRET_UNUSABLE,
+    EXIT_VAULT_UNREACHABLE,
+    Output,
+    exit_code_for,
+)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------- check
+
+
+@dataclasses.dataclass
+class _Step:
+    name: str
+    ok: bool
+    detail: str
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _forbidden_scope(exc: BaseException) -> str | None:
+    """The ``Resource: '...'`` line of Key Vault's 403 body (the scope to grant the role on)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if response is not None:
+            with contextlib.suppress(Exception):
+                text = response.text()
+                match = re.search(r"Resource:\s*'([^']+)'", text) or re.search(
+                    r'Resource:\s*\\?"([^"\\]+)', text
+                )
+                if match:
+                    return match.group(1)
+        cause = cause.__cause__
+    return None
+
+
+def cmd_check(args: argparse.Namespace, out: Output) -> int:
+    steps: list[_Step] = []
+    report: dict[str, Any] = {}
+
+    def record(step: _Step) -> None:
+        steps.append(step)
+        mark = "ok  " if step.ok else "FAIL"
+        out.line(f"{mark} {step.name:<10} {step.detail}")
+
+    def finish(code: int) -> int:
+        ok = code == EXIT_OK
+        out.document({"ok": ok, "exit_code": code, "steps": [dataclasses.asdict(s) for s in steps], **report})
+        if ok:
+            out.line("OK: the whole path works")
+        else:
+            out.line(f"FAILED at {steps[-1].name} (exit {code}: {EXIT_CODES[code]})")
+        return code
+
+    out.line("apimvault check")
+    # 1. configuration ------------------------------------------------------------------------------
+    vault_url, secret_name = env_var("AZURE_KEYVAULT_URL"), env_var("APIMVAULT_SECRET_NAME")
+    endpoint = args.endpoint or env_var("AZURE_OPENAI_ENDPOINT")
+    deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
+    missing = [
+        name
+        for name, value in (
+            ("AZURE_KEYVAULT_URL", vault_url),
+            ("APIMVAULT_SECRET_NAME", secret_name),
+            ("AZURE_OPENAI_ENDPOINT", endpoint),
+            ("APIMVAULT_DEPLOYMENT (or --deployment)", deployment),
+            ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
+        )
+        if not value
+    ]
+    report["config"] = {
+        "vault_url": vault_url,
+        "secret_name": secret_name,
+        "endpoint": endpoint,
+        "deployment": deployment,
+        "api_version": env_var("OPENAI_API_VERSION"),
+    }
+    if missing:
+        record(_Step("config", False, f"not set: {', '.join(missing)}"))
+        return finish(EXIT_CONFIG)
+    assert vault_url and secret_name and endpoint and deployment
+    try:
+        from .._fetch import validate_secret_name, validate_vault_url
+
+        vault_url = validate_vault_url(vault_url)
+        validate_secret_name(secret_name)
+    except ConfigurationError as exc:
+        record(_Step("config", False, str(exc)))
+        return finish(EXIT_CONFIG)
+    record(
+        _Step(
+            "config",
+            True,
+            f"secret {vault_url}/secrets/{secret_name}, APIM {endpoint}, deployment {deployment}",
+        )
+    )
+
+    # 2. credential ---------------------------------------------------------------------------------
+    from azure.core.exceptions import ClientAuthenticationError
+    from azure.identity import DefaultAzureCredential
+
+    credential = DefaultAzureCredential()
+    try:
+        chain = [type(c).__name__ for c in getattr(credential, "credentials", ())]
+        scope = vault_scope(vault_url)
+        with capture_identity_log() as log:
+            try:
+                token = credential.get_token(scope).token
+            except ClientAuthenticationError as exc:
+                lines = [line.strip() for line in str(exc.message).splitlines() if line.strip()][:10]
+                record(
+                    _Step(
+                        "credential",
+                        False,
+                        "DefaultAzureCredential got no token for Key Vault: " + " | ".join(lines),
+                        {"chain": chain, "token_credentials": env_var("AZURE_TOKEN_CREDENTIALS")},
+                    )
+                )
+                return finish(EXIT_CREDENTIAL)
+        used = None
+        for message in log.messages:
+            found = re.search(r"acquired a token from (\w+)", message)
+            if found:
+                used = found.group(1)
+        if used is None:
+            successful = getattr(credential, "_successful_credential", None)
+            used = type(successful).__name__ if successful is not None else "unknown"
+        identity = identity_of(jwt_claims(token))
+        report["credential"] = {"chain": chain, "used": used, "identity": identity}
+        record(
+            _Step(
+                "credential",
+                True,
+                f"DefaultAzureCredential -> {used} (chain: {', '.join(chain) or '?'}); identity "
+                f"{describe_identity(identity)}",
+                {"used": used, "chain": chain, "identity": identity},
+            )
+        )
+
+        # 3. vault, access, secret ------------------------------------------------------------------
+        from .. import CachePolicy, SubscriptionKeyProvider
+
+        provider = SubscriptionKeyProvider(
+            vault_url, secret_name, credential=credential, policy=CachePolicy(), header_name=header_name()
+        )
+        try:
+            try:
+                key = provider.get_key()
+            except VaultUnavailableError as exc:
+                record(_Step("vault", False, f"Key Vault unreachable: {exc}"))
+                return finish(EXIT_VAULT_UNREACHABLE)
+            except CredentialError as exc:
+                record(_Step("vault", True, f"{vault_url} answered"))
+                record(_Step("access", False, f"Key Vault refused the token: {exc}"))
+                return finish(EXIT_CREDENTIAL)
+            except AccessDeniedError as exc:
+                record(_Step("vault", True, f"{vault_url} answered"))
+                scope_id = _forbidden_scope(exc) or f"<vault resource id>/secrets/{secret_name}"
+                principal = identity.get("oid", "<object id>")
+                record(
+                    _Step(
+                        "access",
+                        False,
+                        f"403: identity {describe_identity(identity)} may not read secret {secret_name}. "
+                        f"Grant it the role 'Key Vault Secrets User' on scope '{scope_id}': "
+                        "az role assignment create --role 'Key Vault Secrets User' "
+                        f"--assignee-object-id {principal} --assignee-principal-type ServicePrincipal "
+                        f"--scope '{scope_id}'",
+                        {"role": "Key Vault Secrets User", "scope": scope_id, "principal": principal},
+                    )
+                )
+                return finish(EXIT_ACCESS_DENIED)
+            except SecretNotFoundError as exc:
+                record(_Step("vault", True, f"{vault_url} answered"))
+                record(_Step("access", True, "no 403"))
+                record(_Step("secret", False, str(exc)))
+                return finish(EXIT_SECRET_MISSING)
+            except KeyUnavailableError as exc:
+                code = exit_code_for(exc)
+                record(_Step("vault", True, f"{vault_url} answered"))
+                if code == EXIT_SECRET_UNUSABLE:
+                    record(_Step("access", True, "the identity may read the secret"))
+                    record(_Step("secret", False, str(exc)))
+                else:
+                    record(_Step("secret", False, f"{type(exc).__name__}: {exc}"))
+                return finish(code)
+            now = time.time()
+            record(_Step("vault", True, f"{vault_url} answered"))
+            record(_Step("access", True, "the identity may read the secret (Key Vault Secrets User or more)"))
+            secret_info = {
+                "version": key.version,
+                "fingerprint": key.fingerprint,
+                "credential_id": key.credential_id,
+                "enabled": True,
+                "created_on": _iso(key.created_on),
+                "age_s": round(now - key.created_on, 1) if key.created_on else None,
+                "expires_on": _iso(key.expires_on),
+                "tags": {k: v for k, v in key.tags.items()},
+            }
+            report["secret"] = secret_info
+            expiry = "no expiry"
+            if key.expires_on is not None:
+                days = (key.expires_on - now) / 86400
+                expiry = f"expires in {days:.1f} days" + (
+                    " (rotation due: under 30 days)" if days < 30 else ""
+                )
+            warn = "" if key.credential_id else "; WARNING: no CredentialId tag, `apimvault rotate` needs it"
+            record(
+                _Step(
+                    "secret",
+                    True,
+                    f"enabled, version {key.version}, CredentialId={key.credential_id}, fingerprint "
+                    f"{key.fingerprint}, age {_age(now - key.created_on) if key.created_on else '?'}, "
+                    f"{expiry}{warn}",
+                    secret_info,
+                )
+            )
+
+            # 4. APIM accepts the key ---------------------------------------------------------------
+            return finish(_check_apim(provider, key, endpoint, deployment, record, report))
+        finally:
+            provider.close()
+    except ConfigurationError as exc:
+        record(_Step("config", False, str(exc)))
+        return finish(EXIT_CONFIG)
+    finally:
+        credential.close()
+
+
+def _check_apim(
+    provider: Any,
+    key: Any,
+    endpoint: str,
+    deployment: str,
+    record: Callable[[_Step], None],
+    report: dict[str, Any],
+) -> int:
+    import openai
+
+    from .. import create_azure_openai
+
+    client = create_azure_openai(provider, azure_endpoint=endpoint, max_retries=0, timeout=20)
+    started = time.perf_counter()
+    try:
+        client.chat.completions.create(
+            model=deployment, messages=[{"role": "user", "content": "ping"}], max_tokens=1
+        )
+    except openai.AuthenticationError as exc:
+        record(
+            _Step(
+                "apim",
+                False,
+                f"APIM rejected the key (401, revoked key?): version {key.version} "
+                f"fingerprint {key.fingerprint} "
+                f"is not a valid key of an active subscription: {_api_message(exc).rstrip('.')}. The key was "
+                "regenerated without updating the vault: store the current key, or run `apimvault rotate`",
+            )
+        )
+        return EXIT_KEY_REJECTED
+    except openai.PermissionDeniedError as exc:
+        record(
+            _Step(
+                "apim", False, f"APIM refused the request (403; subscription suspended?): {_api_message(exc)}"
+            )
+        )
+        return EXIT_KEY_REJECTED
+    except openai.RateLimitError as exc:
+        record(_Step("apim", True, f"key accepted (APIM throttled the probe: {_api_message(exc)})"))
+        return EXIT_OK
+    except openai.APIConnectionError as exc:
+        record(_Step("apim", False, f"APIM gateway {endpoint} unreachable: {type(exc).__name__}: {exc}"))
+        return EXIT_APIM_UNREACHABLE
+    except openai.APIStatusError as exc:
+        if exc.status_code >= 500:
+            record(_Step("apim", False, f"APIM/Azure OpenAI answered {exc.status_code}: {_api_message(exc)}"))
+            return EXIT_APIM_UNREACHABLE
+        record(
+            _Step(
+                "apim",
+                False,
+                f"key accepted, but the request failed ({exc.status_code}): {_api_message(exc)} "
+                f"(deployment {deployment!r}, OPENAI_API_VERSION {env_var('OPENAI_API_VERSION')})",
+            )
+        )
+        return EXIT_REQUEST_FAILED
+    finally:
+        client.close()
+    ms = (time.perf_counter() - started) * 1000
+    report["apim"] = {"endpoint": endpoint, "deployment": deployment, "latency_ms": round(ms, 1)}
+    record(_Step("apim", True, f"key accepted by {endpoint} (1-token chat on {deployment}, {ms:.0f} ms)"))
+    return EXIT_OK
+
+
+def _api_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        message = body.get("message") or (body.get("error") or {}).get("message")
+        if isinstance(message, str):
+            return message
+    return str(getattr(exc, "message", exc))

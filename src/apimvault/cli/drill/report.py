@@ -1,0 +1,220 @@
+"""The drill's live display and its report (a dict for ``--json``, lines for a terminal)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .metrics import counts_text
+from .state import DrillState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..output import Output
+
+
+class DrillReport(DrillState):
+    """The live table while the drill runs, and the report at the end."""
+
+    # ---------------------------------------------------------------------------- display
+
+    @contextlib.contextmanager
+    def _display(self) -> Iterator[None]:
+        if not self.live:
+            yield
+            return
+        from rich.live import Live
+
+        with Live(self._table(), refresh_per_second=4, console=None, transient=False) as live:
+            ticker = threading.Thread(target=self._tick, args=(live,), daemon=True)
+            ticker.start()
+            try:
+                yield
+            finally:
+                self._ticking = False
+                ticker.join(2)
+                live.update(self._table())
+
+    def _tick(self, live: Any) -> None:
+        self._ticking = True
+        while self._ticking:
+            live.update(self._table())
+            time.sleep(0.25)
+
+    def _table(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        head = Text(
+            f"apimvault drill  t={self.elapsed():5.1f}s/{self.duration:.0f}s  "
+            f"requests {self.metrics.requests}  "
+            f"{self.metrics.rate():6.0f} req/s  failed {self.metrics.failed}  "
+            f"401 recovered {sum(s.provider.stats().resends_401 for s in self.slots)}  "
+            f"rotations {len(self.rotations)}",
+            style="bold red" if self.metrics.failed else "bold",
+        )
+        table = Table(box=None, pad_edge=False)
+        for column in ("client", "kind", "version", "CredentialId", "state", "vault reads", "401 re-sends"):
+            table.add_column(column)
+        for slot in list(self.slots):
+            stats = slot.provider.stats()
+            table.add_row(
+                slot.name,
+                slot.kind,
+                (stats.version or "-")[:8],
+                stats.credential_id or "-",
+                stats.state,
+                str(stats.vault_reads),
+                str(stats.resends_401),
+            )
+        lines = Text("\n".join(self.timeline[-6:]), style="dim")
+        return Group(head, table, lines)
+
+    # ---------------------------------------------------------------------------- report
+
+    def _counters(self) -> dict[str, Any] | None:
+        if self.target.faults is None:
+            return None
+        try:
+            kv_ops, _ = self.target.faults.counters("keyvault")
+            _, gw_labels = self.target.faults.counters("gateway")
+        except Exception:
+            return None
+        return {"GetSecret": kv_ops.get("GetSecret", 0), "labels": gw_labels}
+
+    def _report(
+        self, elapsed: float, before: dict[str, Any] | None, after: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        stats = [(s, s.provider.stats()) for s in self.slots]
+        recovered = sum(st.resends_401 for _, st in stats)
+        vault_reads = sum(st.vault_reads for _, st in stats)
+        convergence = [r.convergence_s for r in self.rotations]
+        converged = all(c is not None for c in convergence)
+        failed = self.metrics.failed
+        ok = failed == 0 and converged and len(self.rotations) >= 2 and self.metrics.requests > 0
+        gateway = None
+        server_reads = None
+        if before is not None and after is not None:
+            labels = {
+                k.split(":", 1)[1]: after["labels"].get(k, 0) - before["labels"].get(k, 0)
+                for k in after["labels"]
+                if k.startswith("key:")
+            }
+            gateway = {k: v for k, v in labels.items() if v}
+            server_reads = after["GetSecret"] - before["GetSecret"]
+        if ok:
+            verdict = (
+                f"PASS: {self.metrics.requests} requests, 0 failed across {len(self.rotations)} rotations "
+                f"({recovered} refused requests re-sent after a refresh); every client converged"
+            )
+        else:
+            why = []
+            if failed:
+                why.append(f"{failed} of {self.metrics.requests} requests failed")
+            if not converged:
+                why.append("not every client reached the last version")
+            if len(self.rotations) < 2:
+                why.append("fewer than 2 rotations")
+            verdict = "FAIL: " + "; ".join(why or ["no traffic"])
+        return {
+            "ok": ok,
+            "verdict": verdict,
+            "target": self.target.label,
+            "requests": self.metrics.requests,
+            "failed": failed,
+            "recovered_401": recovered,
+            "vault_reads": vault_reads,
+            "rotations": len(self.rotations),
+            "convergence_s": convergence,
+            "latency_ms": self.metrics.percentiles(),
+            "duration_s": self.duration,
+            "elapsed_s": round(elapsed, 2),
+            "requests_per_s": round(self.metrics.requests / elapsed, 1) if elapsed else 0.0,
+            "streaming_requests": self.metrics.streaming,
+            "concurrency": {
+                "threads": math.ceil(self.concurrency / 2),
+                "asyncio_tasks": self.concurrency // 2,
+            },
+            "clients": len(self.slots),
+            "policy": {
+                "ttl_s": self.policy.ttl_s,
+                "jitter": self.policy.jitter,
+                "refresh_margin_s": self.policy.margin_s,
+                "max_staleness_s": self.policy.staleness_s,
+                "forced_refresh_interval_s": float(self.policy.forced_refresh_interval),  # type: ignore[arg-type]
+            },
+            "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
+            "chaos": self.chaos_log if self.chaos else None,
+            "errors": dict(self.metrics.errors.most_common(10)),
+            "clients_detail": [
+                {
+                    "client": slot.name,
+                    "kind": slot.kind,
+                    "version": st.version,
+                    "fingerprint": st.fingerprint,
+                    "credential_id": st.credential_id,
+                    "vault_reads": st.vault_reads,
+                    "refreshes": st.refreshes,
+                    "rotations": st.rotations,
+                    "failures": st.failures,
+                    "forced_refreshes": st.forced_refreshes,
+                    "resends_401": st.resends_401,
+                }
+                for slot, st in stats
+            ],
+            "gateway_key_use": gateway,
+            "vault_get_secret_server": server_reads,
+            "timeline": list(self.timeline),
+        }
+
+
+def print_report(out: Output, report: dict[str, Any]) -> None:
+    lat = report["latency_ms"]
+    out.line("")
+    out.line(f"target            {report['target']}")
+    out.line(
+        f"policy            ttl {report['policy']['ttl_s']:.0f}s (jitter {report['policy']['jitter']:.0%}), "
+        f"refresh margin {report['policy']['refresh_margin_s']:.1f}s, max staleness "
+        f"{report['policy']['max_staleness_s']:.0f}s"
+    )
+    out.line(
+        f"traffic           {report['concurrency']['threads']} threads + "
+        f"{report['concurrency']['asyncio_tasks']} "
+        f"asyncio tasks over {report['clients']} clients, {report['elapsed_s']:.1f}s"
+    )
+    out.line(
+        f"requests          {report['requests']} ({report['streaming_requests']} streaming), "
+        f"{report['requests_per_s']:.0f}/s"
+    )
+    out.line(f"failed            {report['failed']}")
+    out.line(f"recovered_401     {report['recovered_401']} (re-sent once after a coalesced refresh)")
+    server = report["vault_get_secret_server"]
+    out.line(
+        f"vault_reads       {report['vault_reads']}"
+        + (
+            f" (Key Vault saw {server} GetSecret, SDK retries and the rotations' reads included)"
+            if server is not None
+            else ""
+        )
+    )
+    for r in report["rotation_log"]:
+        conv = f"{r['convergence_s']:.2f}s" if r["convergence_s"] is not None else "NOT CONVERGED"
+        via = counts_text(r["converged_via"])
+        out.line(
+            f"rotation {r['index']}        t={r['at_s']:.1f}s regenerated {r['regenerated']}, version "
+            f"{r['new_version'][:8]} (fp {r['fingerprint']}); converged in {conv} ({via})"
+        )
+    if report["gateway_key_use"] is not None:
+        out.line(f"gateway key use   {report['gateway_key_use']}")
+    if report["chaos"]:
+        for item in report["chaos"]:
+            out.line(f"chaos             {item}")
+    out.line(f"latency           p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms")
+    for message, count in report["errors"].items():
+        out.line(f"error x{count:<6}   {message}")
+    out.line(report["verdict"])

@@ -1,0 +1,316 @@
+"""``apimvault drill``: rotate the APIM key under live chat traffic and prove no request fails.
+
+Clients are built by the core (:func:`create_azure_openai` / :func:`create_async_azure_openai`); sync
+workers are threads, async workers are asyncio tasks on one loop; every worker alternates plain and
+streaming chat completions. openai's own retries are off, so every recovery is apimvault's.
+
+Timeline (``D`` = duration; every client loads the key just before traffic starts)::
+
+    0.10 D  rotation 1   regenerates the secondary key and stores it; the primary key the clients hold
+                         stays valid
+    0.20 D  rotation 2   regenerates the primary key: the key every client started with is revoked while
+                         they still hold it (their TTL is longer), so they recover via APIM's 401 -> one
+                         coalesced refresh -> one re-send per refused request (landing on rotation 1's
+                         version, which is valid); they reach rotation 2's version at their refresh-ahead
+    0.45 D  chaos only   Key Vault GetSecret answers 503 for 0.15 D (refreshes fail; stale-if-error)
+    0.70 D  rotation 3   regenerates the secondary key; clients converge via the Event Grid helper
+                         (``refresh_from_event`` with a SecretNewVersionCreated event)
+    0.85 D  chaos only   latency spikes on the gateway and on Key Vault
+    D       traffic stops once every client holds the last version (at most TTL + 5 s more)
+
+The provider TTL is ``max(4 s, 0.6 D)`` with a quarter of it as refresh margin, so refresh-ahead happens
+during the run but not before rotation 2. Convergence after a rotation is the time from its Key Vault write
+until every client's current version is that version (or a later one); revocation recovery is the time
+from the start of a rotation until no client holds the key it regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ...exceptions import ApimVaultError, ConfigurationError
+from ..embedded import embedded_stack
+from ..output import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, fail
+from .metrics import ClientSlot
+from .report import DrillReport, print_report
+from .schedule import RotationSchedule
+from .target import StackFaults, Target, external_target
+from .traffic import async_worker, sync_worker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..output import Output
+
+
+class Drill(RotationSchedule, DrillReport):
+    """One drill: clients, traffic, rotations, report."""
+
+    # ---------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        from azure.identity import DefaultAzureCredential
+
+        from ... import SubscriptionKeyProvider, create_azure_openai
+        from ...rotation import plan_rotation
+        from ..config import header_name
+
+        with contextlib.suppress(ImportError):  # a heavy import: not during the first rotation
+            import azure.mgmt.apimanagement  # noqa: F401
+
+        self._rotation_credential = (
+            DefaultAzureCredential(managed_identity_client_id=self.target.rotator_client_id)
+            if self.target.rotator_client_id
+            else DefaultAzureCredential()
+        )
+        plan = plan_rotation(  # fail fast: tags, subscription, rotator access
+            vault_url=self.target.vault_url,
+            secret_name=self.target.secret_name,
+            apim_subscription_id=self.target.apim_subscription_id,
+            arm_endpoint=self.target.arm_endpoint,
+            credential=self._rotation_credential,
+        )
+        self.versions.append(plan.current_version)
+        self.start_credential_id = plan.credential_id
+        self._sync_credential = DefaultAzureCredential()
+        n_sync = math.ceil(self.n_clients / 2)
+        for i in range(n_sync):
+            slot = ClientSlot(f"sync-{i + 1}", "sync", None)
+            provider = SubscriptionKeyProvider(
+                self.target.vault_url,
+                self.target.secret_name,
+                credential=self._sync_credential,
+                policy=self.policy,
+                header_name=header_name(),
+                on_refresh=self._on_refresh(slot),
+            )
+            slot.provider = provider
+            slot.client = create_azure_openai(
+                provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+            )
+            self.slots.append(slot)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._run_loop, name="apimvault-drill-async", daemon=True)
+        self._loop_thread.start()
+        if not self._async_ready.wait(60):
+            raise RuntimeError("the async clients did not start")
+        if self._async_error is not None:
+            raise self._async_error
+        for slot in self.slots:
+            if slot.kind == "sync":
+                slot.provider.get_key()
+
+    def _check_loaded(self) -> None:
+        for slot in self.slots:
+            key = slot.provider.current()
+            if key is None or key.version != self.versions[0]:
+                raise ApimVaultError(
+                    f"{slot.name} loaded version {key.version if key else None}, expected {self.versions[0]}"
+                )
+
+    def _run_loop(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._async_main())
+        except BaseException as exc:
+            self._async_error = exc
+            self._async_ready.set()
+        finally:
+            self._async_done.set()
+            self._loop.close()
+
+    async def _async_main(self) -> None:
+        from azure.identity.aio import DefaultAzureCredential
+
+        from ... import AsyncSubscriptionKeyProvider, create_async_azure_openai
+        from ..config import header_name
+
+        credential = DefaultAzureCredential()
+        n_async = self.n_clients - math.ceil(self.n_clients / 2)
+        mine: list[ClientSlot] = []
+        try:
+            for i in range(n_async):
+                slot = ClientSlot(f"async-{i + 1}", "async", None)
+                provider = AsyncSubscriptionKeyProvider(
+                    self.target.vault_url,
+                    self.target.secret_name,
+                    credential=credential,
+                    policy=self.policy,
+                    header_name=header_name(),
+                    on_refresh=self._on_refresh(slot),
+                )
+                slot.provider = provider
+                slot.client = create_async_azure_openai(
+                    provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+                )
+                mine.append(slot)
+            with self._lock:
+                self.slots.extend(mine)
+            self._async_ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._started.wait)
+            try:
+                for slot in mine:
+                    await slot.provider.get_key()
+            except BaseException as exc:
+                self._async_error = exc
+                raise
+            finally:
+                self._async_loaded.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._traffic.wait)
+            n_tasks = self.concurrency // 2
+            tasks = [
+                asyncio.create_task(
+                    async_worker(self.stop, self.metrics, mine[i % len(mine)], self.target.deployment, i)
+                )
+                for i in range(n_tasks)
+            ]
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for slot in mine:
+                with contextlib.suppress(Exception):
+                    await slot.client.close()
+                with contextlib.suppress(Exception):
+                    await slot.provider.close()
+            await credential.close()
+
+    # ---------------------------------------------------------------------------- run
+
+    def run(self) -> dict[str, Any]:
+        self.live = self.out.stdout.isatty() and not self.out.json
+        counters_before = self._counters()
+        try:
+            self.setup()
+            self._started.set()
+            if not self._async_loaded.wait(60):
+                raise RuntimeError("the async clients did not load the key")
+            if self._async_error is not None:
+                raise self._async_error
+            self._check_loaded()
+            self._t0 = time.monotonic()
+            self._traffic.set()
+            sync_slots = [s for s in self.slots if s.kind == "sync"]
+            workers = [
+                threading.Thread(
+                    target=sync_worker,
+                    args=(
+                        self.stop,
+                        self.metrics,
+                        sync_slots[i % len(sync_slots)],
+                        self.target.deployment,
+                        i,
+                    ),
+                    daemon=True,
+                    name=f"drill-{i}",
+                )
+                for i in range(math.ceil(self.concurrency / 2))
+            ]
+            for worker in workers:
+                worker.start()
+            self.log(
+                f"traffic started: {len(workers)} threads + {self.concurrency // 2} asyncio tasks over "
+                f"{len(self.slots)} clients on version {self.versions[0][:8]} ({self.start_credential_id})"
+            )
+            monitor = threading.Thread(target=self._monitor, daemon=True, name="drill-monitor")
+            monitor.start()
+            with self._display():
+                self._schedule()
+                self.stop.set()
+            for worker in workers:
+                worker.join(60)
+            self._async_done.wait(60)
+            monitor.join(5)
+            elapsed = self.elapsed()
+        finally:
+            self.stop.set()
+            self._traffic.set()
+            self._started.set()
+            self._cleanup()
+        return self._report(elapsed, counters_before, self._counters())
+
+    def _cleanup(self) -> None:
+        if self.target.faults is not None:
+            for service in ("keyvault", "gateway"):
+                with contextlib.suppress(Exception):
+                    self.target.faults.clear(service)
+        for slot in self.slots:
+            if slot.kind == "sync":
+                with contextlib.suppress(Exception):
+                    slot.client.close()
+                with contextlib.suppress(Exception):
+                    slot.provider.close()
+        for credential in (self._sync_credential, self._rotation_credential):
+            if credential is not None:
+                with contextlib.suppress(Exception):
+                    credential.close()
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
+
+    if args.duration <= 0 or args.concurrency < 2 or args.clients < 2:
+        return fail(out, ConfigurationError("--duration must be > 0, --concurrency and --clients >= 2"))
+    try:
+        if os.environ.get("AZURE_KEYVAULT_URL", "").strip():
+            target = external_target(args)
+            if not target.loopback and not args.yes:
+                out.error(
+                    f"the drill regenerates the APIM keys of {target.label}; it does so against a "
+                    "non-loopback target only with --yes"
+                )
+                out.document({"ok": False, "exit_code": EXIT_FAILED, "declined": True})
+                return EXIT_FAILED
+            if args.chaos and target.faults is None:
+                return fail(
+                    out,
+                    ConfigurationError(
+                        "--chaos needs a local stack's admin API (APIMVAULT_ADMIN_URL from `apimvault local`)"
+                    ),
+                )
+            try:
+                return _run_target(target, args, out)
+            finally:
+                if target.faults is not None:
+                    target.faults.close()
+        with embedded_stack(need_async=True) as azure:
+            env = azure.environ()
+            target = Target(
+                vault_url=azure.vault_url,
+                secret_name=env["APIMVAULT_SECRET_NAME"],
+                gateway_url=azure.gateway_url,
+                deployment=args.deployment or env["APIMVAULT_DEPLOYMENT"],
+                apim_subscription_id=azure.apim_subscription_id,
+                arm_endpoint=azure.arm_url,
+                rotator_client_id=azure.officer_identity.client_id,
+                label="embedded local Azure (127.0.0.1, TLS)",
+                loopback=True,
+                faults=StackFaults(azure=azure),
+            )
+            return _run_target(target, args, out)
+    except ConfigurationError as exc:
+        fail(out, exc)
+        return EXIT_CONFIG
+    except Exception as exc:
+        return fail(out, exc)
+
+
+def _run_target(target: Target, args: argparse.Namespace, out: Output) -> int:
+    drill = Drill(target, args, out)
+    if not out.json:
+        out.line(
+            f"apimvault drill: {drill.duration:.0f}s of traffic against {target.label}"
+            + (", with chaos" if drill.chaos else "")
+        )
+    report = drill.run()
+    if out.json:
+        out.document(report)
+    else:
+        print_report(out, report)
+    sys.stdout.flush()
+    return EXIT_OK if report["ok"] else EXIT_FAILED

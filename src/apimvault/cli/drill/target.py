@@ -1,0 +1,99 @@
+"""What the drill runs against: the endpoints, and the local stack's fault switches and counters."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from ...exceptions import ConfigurationError
+from ..config import env_var, is_loopback_url, rotator_client_id
+
+
+class StackFaults:
+    """Fault injection and counters of a local stack: in-process, or over its admin API."""
+
+    def __init__(self, azure: Any = None, admin: Any = None) -> None:
+        self.azure = azure
+        self.admin = admin
+
+    def inject(self, service: str, kind: str, **fields: Any) -> None:
+        if self.azure is not None:
+            self.azure.services[service].faults.inject(kind, **fields)
+        else:
+            self.admin.add_fault(service, kind, **fields)
+
+    def clear(self, service: str) -> None:
+        if self.azure is not None:
+            self.azure.services[service].faults.clear()
+        else:
+            self.admin.clear_faults(service)
+
+    def counters(self, service: str) -> tuple[dict[str, int], dict[str, int]]:
+        if self.azure is not None:
+            svc = self.azure.services[service]
+            return svc.counters.snapshot(), svc.counters.labels()
+        data = self.admin.counters(service)
+        return dict(data.get("operations", {})), dict(data.get("labels", {}))
+
+    def close(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+
+
+@dataclasses.dataclass
+class Target:
+    vault_url: str
+    secret_name: str
+    gateway_url: str
+    deployment: str
+    apim_subscription_id: str | None
+    arm_endpoint: str | None
+    rotator_client_id: str | None
+    label: str
+    loopback: bool
+    faults: StackFaults | None
+
+
+def external_target(args: argparse.Namespace) -> Target:
+
+    vault_url = env_var("AZURE_KEYVAULT_URL")
+    secret_name = env_var("APIMVAULT_SECRET_NAME")
+    gateway = env_var("AZURE_OPENAI_ENDPOINT")
+    deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
+    missing = [
+        n
+        for n, v in (
+            ("APIMVAULT_SECRET_NAME", secret_name),
+            ("AZURE_OPENAI_ENDPOINT", gateway),
+            ("APIMVAULT_DEPLOYMENT (or --deployment)", deployment),
+            ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
+        )
+        if not v
+    ]
+    if missing:
+        raise ConfigurationError(
+            f"AZURE_KEYVAULT_URL is set, so the drill targets it; also set {', '.join(missing)}"
+        )
+    assert vault_url and secret_name and gateway and deployment
+    arm = env_var("APIMVAULT_ARM_ENDPOINT")
+    loopback = all(is_loopback_url(u) for u in (vault_url, gateway, arm))
+    faults = None
+    admin_url = env_var("APIMVAULT_ADMIN_URL")
+    if admin_url and loopback and env_var("SSL_CERT_FILE"):
+        from ...local.admin import AdminClient
+
+        faults = StackFaults(admin=AdminClient(admin_url, os.environ["SSL_CERT_FILE"]))
+    return Target(
+        vault_url=vault_url,
+        secret_name=secret_name,
+        gateway_url=gateway,
+        deployment=deployment,
+        apim_subscription_id=env_var("APIMVAULT_APIM_SUBSCRIPTION_ID"),
+        arm_endpoint=arm,
+        rotator_client_id=rotator_client_id(args.client_id),
+        label=f"{vault_url} (secret {secret_name}) via {gateway}",
+        loopback=loopback,
+        faults=faults,
+    )

@@ -1,0 +1,159 @@
+"""``apimvault local``: run the embedded local Azure in the foreground, or check every service once."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .embedded import embedded_stack
+from .identity import describe_identity, identity_of, jwt_claims
+from .output import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Output,
+)
+
+# --------------------------------------------------------------------------------------------- local
+
+
+def cmd_local(args: argparse.Namespace, out: Output) -> int:
+    if args.check:
+        return _local_check(out)
+    env_file = Path(args.env_file)
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _stop)
+    try:
+        with embedded_stack(need_async=False) as azure:
+            azure.write_env_file(env_file)
+            services = {name: svc.url for name, svc in azure.services.items()}
+            services["admin"] = azure.admin.url
+            if out.json:
+                print(
+                    json.dumps({"event": "ready", "env_file": str(env_file), "services": services}),
+                    file=out.stdout,
+                    flush=True,
+                )
+            else:
+                out.line("local Azure is running on 127.0.0.1 (TLS, per-stack CA):")
+                for name, url in services.items():
+                    out.line(f"  {name:<9} {url}")
+                out.line(f"  secret    {azure.environ()['APIMVAULT_SECRET_NAME']} (CredentialId=primary)")
+                out.line(f"environment written to {env_file} (endpoints only, never a key); use it with")
+                out.line(f"  set -a; . {env_file}; set +a; apimvault check")
+                out.line("Ctrl-C (or SIGTERM) stops the stack.")
+            while not stop.wait(0.5):
+                pass
+            with contextlib.suppress(OSError):
+                env_file.unlink()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if out.json:
+        print(json.dumps({"event": "stopped"}), file=out.stdout, flush=True)
+    else:
+        out.line("local Azure stopped; environment file removed.")
+    return EXIT_OK
+
+
+def _local_check(out: Output) -> int:
+    results: list[dict[str, Any]] = []
+
+    def step(name: str, fn: Callable[[], str]) -> None:
+        started = time.perf_counter()
+        try:
+            detail, ok = fn(), True
+        except Exception as exc:
+            detail, ok = f"{type(exc).__name__}: {exc}".splitlines()[0][:300], False
+        ms = (time.perf_counter() - started) * 1000
+        results.append({"service": name, "ok": ok, "detail": detail, "ms": round(ms, 1)})
+        out.line(f"{'ok  ' if ok else 'FAIL'} {name:<9} {detail} ({ms:.0f} ms)")
+
+    with embedded_stack(need_async=False) as azure:
+        from azure.identity import DefaultAzureCredential
+        from azure.keyvault.secrets import SecretClient
+
+        from .. import SubscriptionKeyProvider, create_azure_openai, fingerprint
+        from ..local.admin import AdminClient
+        from ..local.stack import APIM_SERVICE, APIM_SUBSCRIPTION, ARM_SUBSCRIPTION, RESOURCE_GROUP
+
+        env = azure.environ()
+        vault_fp: dict[str, str] = {}
+
+        def identity() -> str:
+            with DefaultAzureCredential() as credential:
+                token = credential.get_token("https://vault.azure.net/.default").token
+            who = identity_of(jwt_claims(token))
+            return f"DefaultAzureCredential -> ManagedIdentityCredential: {describe_identity(who)}"
+
+        def keyvault() -> str:
+            with DefaultAzureCredential() as credential, SecretClient(azure.vault_url, credential) as client:
+                secret = client.get_secret(env["APIMVAULT_SECRET_NAME"])
+            vault_fp["fp"] = fingerprint(secret.value or "")
+            tags = secret.properties.tags or {}
+            return (
+                f"SecretClient read {secret.name} version {secret.properties.version} "
+                f"(CredentialId={tags.get('CredentialId')}, fingerprint {vault_fp['fp']})"
+            )
+
+        def arm() -> str:
+            from azure.mgmt.apimanagement import ApiManagementClient
+
+            officer = env["APIMVAULT_OFFICER_CLIENT_ID"]
+            with DefaultAzureCredential(managed_identity_client_id=officer) as credential:
+                client = ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url)
+                try:
+                    keys = client.subscription.list_secrets(RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION)
+                finally:
+                    client.close()
+            match = (
+                "matches the vault"
+                if fingerprint(keys.primary_key or "") == vault_fp.get("fp")
+                else "MISMATCH"
+            )
+            return f"ApiManagementClient listSecrets {APIM_SUBSCRIPTION}: primary key {match}"
+
+        def gateway() -> str:
+            with SubscriptionKeyProvider.from_env() as provider:
+                client = create_azure_openai(provider, max_retries=0, timeout=15)
+                try:
+                    reply = client.chat.completions.create(
+                        model=env["APIMVAULT_DEPLOYMENT"], messages=[{"role": "user", "content": "ping"}]
+                    )
+                finally:
+                    client.close()
+            used = azure.gateway.recent()[-1]
+            content = (reply.choices[0].message.content or "").strip()
+            deployment = env["APIMVAULT_DEPLOYMENT"]
+            return f"AzureOpenAI chat via APIM ({used.slot} key) -> {deployment}: {content[:40]!r}"
+
+        def admin() -> str:
+            with AdminClient(azure.admin.url, azure.ca_path) as client:
+                names = [s["name"] for s in client.services()]
+            return f"admin API lists {', '.join(names)}"
+
+        for name, fn in (
+            ("identity", identity),
+            ("keyvault", keyvault),
+            ("arm", arm),
+            ("gateway", gateway),
+            ("admin", admin),
+        ):
+            step(name, fn)
+    ok = all(r["ok"] for r in results)
+    out.document({"ok": ok, "services": results})
+    out.line("local Azure: all services answer" if ok else "local Azure: some services failed")
+    return EXIT_OK if ok else EXIT_FAILED

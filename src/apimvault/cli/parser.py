@@ -1,0 +1,121 @@
+"""The argument parser of the ``apimvault`` command."""
+
+from __future__ import annotations
+
+import argparse
+
+from .chat import cmd_chat
+from .check import cmd_check
+from .drill import cmd_drill
+from .local import cmd_local
+from .output import (
+    exit_code_table,
+)
+from .rotate import cmd_rotate
+
+# -------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apimvault",
+        description="Azure OpenAI through APIM with the subscription key in Key Vault: diagnose, chat, "
+        "rotate, and drill a rotation under live traffic. Keys are never printed (version + fingerprint).",
+        epilog=exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log apimvault's INFO messages to stderr"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog=exit_code_table(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--json", action="store_true", help="machine-readable output (one JSON document)")
+        return p
+
+    p = add(
+        "local",
+        "run the embedded local Azure in the foreground",
+        "Start Key Vault, managed identity, APIM (gateway + ARM) and Azure OpenAI on loopback TLS, seed "
+        "an APIM subscription and the secret apim-subscription-key, write a dotenv file for SDK clients, "
+        "and run until Ctrl-C/SIGTERM. --check starts it, proves each service through the real SDKs, exits.",
+    )
+    p.add_argument(
+        "--env-file", default=".apimvault-local.env", help="dotenv file to write (default %(default)s)"
+    )
+    p.add_argument("--check", action="store_true", help="start, check every service, stop; exit 0/1")
+    p.set_defaults(func=cmd_local)
+
+    p = add(
+        "check",
+        "walk the request path and stop at the first broken link",
+        "Check, in order: configuration; which credential of DefaultAzureCredential gets a token and for "
+        "which identity (claims only, never the token); Key Vault reachable; access (a 403 names the role "
+        "and scope to grant); the secret (enabled, not expired, version, age, CredentialId, fingerprint); "
+        "APIM accepting the key (a 1-token chat). Uses AZURE_KEYVAULT_URL, APIMVAULT_SECRET_NAME, "
+        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT.",
+    )
+    p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
+    p.add_argument("--endpoint", help="APIM gateway URL (default: AZURE_OPENAI_ENDPOINT)")
+    p.set_defaults(func=cmd_check)
+
+    p = add(
+        "chat",
+        "one streamed chat completion through the core's client",
+        "Send one prompt, stream the answer.",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
+    p.add_argument("--timeout", type=float, default=60.0, help="request timeout in seconds")
+    p.add_argument("--retries", type=int, default=2, help="openai's retries on transient errors")
+    p.set_defaults(func=cmd_chat)
+
+    p = add(
+        "rotate",
+        "dual-key rotation of the APIM subscription key",
+        "Read the secret's CredentialId, regenerate the OTHER APIM key (ARM), read it back, store it as a "
+        "new secret version with CredentialId flipped and expiry now + ValidityPeriodDays. The key in use "
+        "stays valid. Asks before acting on a non-loopback target unless --yes. Credential: "
+        "DefaultAzureCredential (managed identity client id from --client-id, APIMVAULT_ROTATOR_CLIENT_ID or "
+        "APIMVAULT_OFFICER_CLIENT_ID); needs Key Vault Secrets Officer and APIM key rights. "
+        "APIMVAULT_APIM_SUBSCRIPTION_ID (or the ProviderAddress tag) names the subscription; "
+        "APIMVAULT_ARM_ENDPOINT defaults to https://management.azure.com.",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--event", metavar="FILE|-", help="Event Grid SecretNearExpiry payload: rotate only if current"
+    )
+    p.add_argument("--vault-url", help="default: AZURE_KEYVAULT_URL")
+    p.add_argument("--secret", help="default: APIMVAULT_SECRET_NAME")
+    p.add_argument(
+        "--apim-subscription-id", help="default: APIMVAULT_APIM_SUBSCRIPTION_ID or the ProviderAddress tag"
+    )
+    p.add_argument("--client-id", help="managed identity client id of the rotator")
+    p.set_defaults(func=cmd_rotate)
+
+    p = add(
+        "drill",
+        "rotation drill under live traffic (embedded local Azure unless AZURE_KEYVAULT_URL is set)",
+        "Run chat traffic (threads and asyncio tasks, plain and streaming) through clients built by the core "
+        "while rotating the key at least twice, so both APIM keys are regenerated and the key the clients "
+        "started with is revoked mid-traffic; report failures, 401s recovered, vault reads, convergence "
+        "and latency. Exit 1 if any request failed. Against a non-loopback target it needs --yes.",
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="workers in total (default %(default)s)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default %(default)s)")
+    p.add_argument(
+        "--clients", type=int, default=4, help="providers/clients the workers share (default %(default)s)"
+    )
+    p.add_argument("--chaos", action="store_true", help="add a Key Vault outage and latency spikes")
+    p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
+    p.add_argument("--client-id", help="managed identity client id of the rotator")
+    p.add_argument("--yes", action="store_true", help="allow regenerating keys of a non-loopback target")
+    p.set_defaults(func=cmd_drill)
+    return parser

@@ -1,0 +1,158 @@
+"""The shape of the source tree: no import cycles, local's private modules stay private, cheap import."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+
+
+def _module_name(path: Path, src: Path) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import of a module, function-level ones included, ``if TYPE_CHECKING:`` blocks excluded."""
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph(src: Path = SRC) -> dict[str, set[str]]:
+    """Module -> the modules of ``src`` it imports (``from pkg import mod`` counts as an import of mod)."""
+    paths = {_module_name(p, src): p for p in src.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        is_package = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                if node.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join([*base, node.module] if node.module else base)
+                else:
+                    target = node.module or ""
+                targets = [
+                    f"{target}.{a.name}" if f"{target}.{a.name}" in paths else target for a in node.names
+                ]
+            edges.update(t for t in targets if t in paths and t != name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that starts and ends at the same module), or None."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .a import x\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n")
+    graph = import_graph(tmp_path)
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.a"} and graph["pkg.c"] == set()
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+def test_no_import_cycles_in_src() -> None:
+    graph = import_graph()
+    assert "apimvault.cli.drill.run" in graph and "apimvault.local.stack" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_nothing_outside_local_imports_a_private_local_module() -> None:
+    offenders = []
+    for top in ("src", "tests", "bench"):
+        for path in (ROOT / top).rglob("*.py"):
+            if (SRC / "apimvault" / "local") in path.parents:
+                continue
+            for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [f"{node.module}.{a.name}" for a in node.names]
+                    if node.module and not node.level
+                    else []
+                )
+                for name in names:
+                    parts = name.split(".")
+                    if parts[:2] == ["apimvault", "local"] and any(p.startswith("_") for p in parts[2:]):
+                        offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []
+
+
+def test_import_apimvault_is_cheap() -> None:
+    """``import apimvault`` loads neither openai, azure, importlib.metadata nor apimvault.local."""
+    code = (
+        "import json, sys; import apimvault; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('openai', 'azure', 'aiohttp', 'importlib') or m.startswith('apimvault'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(done.stdout)
+    assert not [m for m in loaded if m.split(".")[0] in ("openai", "azure", "aiohttp")], loaded
+    assert "importlib.metadata" not in loaded and "apimvault.local" not in loaded, loaded
+    assert {m for m in loaded if m.startswith("apimvault")} == {"apimvault", "apimvault.exceptions"}, loaded
+
+
+def test_all_is_the_lazy_map_plus_the_exceptions_and_version() -> None:
+    import apimvault
+    from apimvault import exceptions
+
+    errors = {n for n in vars(exceptions) if isinstance(getattr(exceptions, n), type) and n.endswith("Error")}
+    assert errors <= set(dir(apimvault))
+    assert sorted(apimvault.__all__) == sorted({*apimvault._LAZY, *errors, "__version__"})
+    assert isinstance(apimvault.__version__, str) and apimvault.__version__
+    for name in apimvault.__all__:
+        assert getattr(apimvault, name) is not None
