@@ -12,12 +12,17 @@ as a reference to it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pycep
 from pycep import BicepParser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,13 +126,46 @@ class Template:
         return None
 
 
+@functools.cache
+def _parser() -> BicepParser:
+    """One parser per process: building pycep's Lark grammar is what costs time, not parsing."""
+    return BicepParser()
+
+
+def _cache_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"apimvault-pycep-{os.getuid() if hasattr(os, 'getuid') else 0}"
+
+
+def parse_bicep(text: str) -> dict[str, Any]:
+    """pycep's JSON for ``text``, cached on disk by content hash (and pycep version) across test runs."""
+    version = getattr(pycep, "__version__", "?")
+    digest = hashlib.sha256(f"{version}\0{text}".encode()).hexdigest()
+    cached = _cache_dir() / f"{digest}.json"
+    try:
+        return json.loads(cached.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        pass
+    doc: dict[str, Any] = json.loads(json.dumps(_parser().parse(text=text)))
+    try:
+        cached.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(cached)
+    except OSError:
+        pass  # a read-only temp dir only costs speed
+    return doc
+
+
 def parse_text(text: str, name: str = "<snippet>") -> Template:
-    return Template(name, BicepParser().parse(text=text))
+    return Template(name, parse_bicep(text))
+
+
+def bicep_files(root: Path = INFRA) -> list[Path]:
+    return sorted(p for p in root.rglob("*.bicep") if not any(x.startswith(".venv") for x in p.parts))
 
 
 def load_templates(root: Path = INFRA) -> list[Template]:
-    files = sorted(p for p in root.rglob("*.bicep") if ".venv" not in p.parts)
-    return [Template(str(p.relative_to(root)), BicepParser().parse(file_path=p)) for p in files]
+    return [Template(str(p.relative_to(root)), parse_bicep(p.read_text())) for p in bicep_files(root)]
 
 
 def config_of(res: dict[str, Any]) -> dict[str, Any]:

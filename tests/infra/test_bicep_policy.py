@@ -28,15 +28,9 @@ from .bicep_policy import (
     check_role_assignments,
     check_rotation_secret,
     dotted,
-    load_templates,
     parse_text,
     role_grants,
 )
-
-
-@pytest.fixture(scope="module")
-def templates() -> list[Template]:
-    return load_templates()
 
 
 def _one(templates: list[Template], name: str) -> Template:
