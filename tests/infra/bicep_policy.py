@@ -49,6 +49,7 @@ KEY_VAULT_ROLES = {
 }
 SECRETS_USER = "4633458b-17de-408a-b874-0445c86b69e6"
 SECRETS_OFFICER = "b86a8fe4-44ce-4948-aee5-eccb2c155cd7"
+KEY_VAULT_ADMINISTRATOR = "00482a5a-887f-4fb3-b363-3b7fe8e74483"
 
 # Principals (parameter names) that are the app's and the rotation function's identities.
 APP_OR_ROTATOR_PRINCIPALS = re.compile(r"^(app|rotator)PrincipalId$")
@@ -59,6 +60,18 @@ ROTATOR_ACTIONS = {
     "Microsoft.ApiManagement/service/subscriptions/listSecrets/action",
     "Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action",
     "Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action",
+}
+# The rotator's Key Vault data role: read the value, write new versions, read versions' metadata. No delete,
+# purge, backup, restore or recover (Key Vault Secrets Officer has all of those).
+SECRET_ROTATOR_DATA_ACTIONS = {
+    "Microsoft.KeyVault/vaults/secrets/getSecret/action",
+    "Microsoft.KeyVault/vaults/secrets/setSecret/action",
+    "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
+}
+# Custom role kind -> (actions, data actions, the resource type it is assignable on, where it is assigned).
+CUSTOM_ROLES = {
+    "apim-key-rotator": (ROTATOR_ACTIONS, set(), APIM, APIM_SUBSCRIPTION),
+    "secret-rotator": (set(), SECRET_ROTATOR_DATA_ACTIONS, KEY_VAULT, SECRET),
 }
 WEAK_PROTOCOLS = [
     f"Microsoft.WindowsAzure.ApiManagement.Gateway.Security.{side}Protocols.{proto}"
@@ -307,7 +320,9 @@ def _has_private_endpoint(t: Template, symbol: str, group_id: str) -> bool:
 def check_role_assignments(templates: Iterable[Template]) -> list[str]:
     """Every role assignment has an explicit resource scope (never the resource group or the vault); Key Vault
     roles are granted on a secret only; the app and rotator identities get roles only on the secret or the
-    APIM subscription; custom roles hold exactly the four APIM subscription-key actions."""
+    APIM subscription; each custom role is one of CUSTOM_ROLES (exactly its actions / data actions),
+    assignable on one resource (not a resource group or subscription) and assigned where its kind says;
+    no built-in Key Vault role that can delete (Secrets Officer and above) is granted."""
     problems: list[str] = []
     for t in templates:
         for symbol, res in t.of_type(ROLE_ASSIGNMENT):
@@ -332,25 +347,65 @@ def check_role_assignments(templates: Iterable[Template]) -> list[str]:
                 problems.append(
                     f"{where}: {principal_name} gets a role on {scope_type}, not the secret/APIM subscription"
                 )
-            if role == "custom" and scope_type != APIM_SUBSCRIPTION:
-                problems.append(f"{where}: custom role assigned on {scope_type}, not an APIM subscription")
+            if role is not None and role.startswith("custom:"):
+                kind = role.split(":", 1)[1]
+                wanted = CUSTOM_ROLES[kind][3] if kind in CUSTOM_ROLES else None
+                if scope_type != wanted:
+                    problems.append(f"{where}: custom role {kind} assigned on {scope_type}, not {wanted}")
+            if role in (SECRETS_OFFICER, KEY_VAULT_ADMINISTRATOR):
+                problems.append(
+                    f"{where}: {KEY_VAULT_ROLES[role]} can delete and purge; use the secret-rotator role"
+                )
             if p.get("principalType") != "ServicePrincipal":
                 problems.append(f"{where}: principalType is not ServicePrincipal")
         for symbol, res in t.of_type(ROLE_DEFINITION):
             where = f"{t.name}:{symbol}"
-            for perm in _props(res).get("permissions") or []:
-                actions = set(perm.get("actions") or [])
-                if actions != ROTATOR_ACTIONS:
-                    problems.append(
-                        f"{where}: actions {sorted(actions)} are not exactly the APIM key-rotator set"
-                    )
-                if perm.get("dataActions"):
-                    problems.append(f"{where}: has data actions")
+            kind = custom_role_kind(res)
+            if kind is None:
+                problems.append(
+                    f"{where}: permissions are not exactly one of the custom roles {sorted(CUSTOM_ROLES)}"
+                )
+                continue
+            scopes = _props(res).get("assignableScopes") or []
+            assignable = [_accessor(sc) for sc in scopes]
+            if len(scopes) != 1 or not assignable[0] or assignable[0][1] != "id":
+                problems.append(f"{where}: assignableScopes {json.dumps(scopes)} is not one resource's id")
+            elif t.resource_type_of(assignable[0][0]) != CUSTOM_ROLES[kind][2]:
+                on = t.resource_type_of(assignable[0][0])
+                problems.append(f"{where}: assignable on {on}, not {CUSTOM_ROLES[kind][2]}")
+    return problems
+
+
+def custom_role_kind(res: dict[str, Any]) -> str | None:
+    """The CUSTOM_ROLES key whose actions and data actions a role definition holds exactly, else None."""
+    perms = _props(res).get("permissions") or []
+    if len(perms) != 1 or not isinstance(perms[0], dict):
+        return None
+    actions, data = set(perms[0].get("actions") or []), set(perms[0].get("dataActions") or [])
+    if perms[0].get("notActions") or perms[0].get("notDataActions"):
+        return None
+    for kind, (want_actions, want_data, _, _) in CUSTOM_ROLES.items():
+        if actions == want_actions and data == want_data:
+            return kind
+    return None
+
+
+def check_custom_role_ordering(templates: Iterable[Template]) -> list[str]:
+    """A custom role defined in a file is assigned only under a condition (the second deployment): a role
+    definition created moments before can still be replicating ("RoleDefinitionDoesNotExist")."""
+    problems = []
+    for t in templates:
+        for symbol, res in t.of_type(ROLE_ASSIGNMENT):
+            role = _role_id(t, _props(res).get("roleDefinitionId"))
+            config = res.get("config") or {}
+            if role and role.startswith("custom:") and not config.get("condition"):
+                problems.append(f"{t.name}:{symbol}: assigns a custom role defined in the same deployment")
     return problems
 
 
 def _role_id(t: Template, value: Any) -> str | None:
-    """The built-in role GUID of a roleDefinitionId expression, or 'custom' for a role defined in the file."""
+    """The built-in role GUID of a roleDefinitionId expression, or 'custom:<kind>' for a role defined in the
+    file (kind from CUSTOM_ROLES, '?' if it matches none)."""
     if isinstance(value, dict) and "function" in value:
         fn = value["function"]
         if fn.get("type") == "subscription_resource_id":
@@ -358,7 +413,7 @@ def _role_id(t: Template, value: Any) -> str | None:
             return str(t.resolve(params.get("resource_name_1")))
     acc = _accessor(value)
     if acc and t.resource_type_of(acc[0]) == ROLE_DEFINITION:
-        return "custom"
+        return f"custom:{custom_role_kind(t.resources[acc[0]]) or '?'}"
     resolved = t.resolve(value)
     return resolved if isinstance(resolved, str) else None
 
@@ -433,10 +488,16 @@ def check_apim(templates: Iterable[Template]) -> list[str]:
         for symbol, res in t.of_type(APIM):
             where = f"{t.name}:{symbol}"
             p = _props(res)
-            custom = {_strip_quotes(k): t.resolve(v) for k, v in (p.get("customProperties") or {}).items()}
-            for setting in WEAK_PROTOCOLS:
-                if not _is_false(custom.get(setting)):
-                    problems.append(f"{where}: {setting.rsplit('.', 2)[-2:]} not explicitly disabled")
+            for guard, custom in custom_property_branches(t, p.get("customProperties")):
+                for setting in WEAK_PROTOCOLS:
+                    if not _is_false(custom.get(setting)):
+                        problems.append(f"{where}: {setting.rsplit('.', 2)[-2:]} not explicitly disabled")
+                ciphers = sorted(k for k in custom if ".Security.Ciphers." in k)
+                if ciphers and not _excludes_v2_tiers(t, guard):
+                    problems.append(
+                        f"{where}: cipher settings {ciphers} also sent to v2 tiers, which do not support "
+                        "changes to the default cipher configuration"
+                    )
             if not (p.get("apiVersionConstraint") or {}).get("minApiVersion"):
                 problems.append(f"{where}: no apiVersionConstraint.minApiVersion")
             problems += _diagnostics_problems(t, symbol, where, need_logs=True)
@@ -464,6 +525,46 @@ def check_apim(templates: Iterable[Template]) -> list[str]:
             if isinstance(name, str) and name.lower() == "master":
                 problems.append(f"{where}: uses the built-in all-access 'master' subscription")
     return problems
+
+
+V2_TIERS = {"BasicV2", "StandardV2", "PremiumV2"}
+
+
+def custom_property_branches(t: Template, value: Any, guard: Any = None) -> list[tuple[Any, dict[str, Any]]]:
+    """Every object an APIM customProperties expression can evaluate to (through variables, conditionals and
+    union()), each with the condition that selects it (None: unconditional; ("not", c) for a false branch)."""
+    value = t.resolve(value)
+    if isinstance(value, dict):
+        op = value.get("operator") or {}
+        fn = value.get("function") or {}
+        if op.get("type") == "conditional":
+            ops = op.get("operands") or {}
+            cond = ops.get("condition")
+            return custom_property_branches(t, ops.get("true_value"), cond) + custom_property_branches(
+                t, ops.get("false_value"), ("not", cond)
+            )
+        if fn.get("type") == "union":
+            merged: dict[str, Any] = {}
+            for arg in (fn.get("parameters") or {}).values():
+                for _, part in custom_property_branches(t, arg):
+                    merged.update(part)
+            return [(guard, merged)]
+        if not op and not fn:
+            return [(guard, {_strip_quotes(k): t.resolve(v) for k, v in value.items()})]
+    return [(guard, {})]
+
+
+def _excludes_v2_tiers(t: Template, guard: Any) -> bool:
+    """True if ``guard`` is (a variable holding) ``!contains([...all v2 tiers...], <sku parameter>)``."""
+    if guard is None or isinstance(guard, tuple):
+        return False
+    op = (t.resolve(guard) or {}).get("operator") if isinstance(t.resolve(guard), dict) else None
+    if not op or op.get("type") != "not":
+        return False
+    fn = ((op.get("operands") or {}).get("bool_value") or {}).get("function") or {}
+    params = fn.get("parameters") or {}
+    container = params.get("container")
+    return fn.get("type") == "contains" and isinstance(container, list) and set(container) >= V2_TIERS
 
 
 # --------------------------------------------------------------------------------------------- the secret

@@ -23,6 +23,8 @@ from .bicep_policy import (
     SYSTEM_TOPIC,
     Template,
     check_apim,
+    check_custom_role_ordering,
+    custom_role_kind,
     check_key_vaults,
     check_outputs_and_parameters,
     check_role_assignments,
@@ -86,11 +88,46 @@ def test_role_assignments_are_scoped_to_the_secret_or_the_apim_subscription(
 def test_the_expected_least_privilege_grants_exist(templates: list[Template]) -> None:
     grants = role_grants(templates)
     assert (SECRETS_USER, '"appPrincipalId"', SECRET) in grants
-    assert (SECRETS_OFFICER, '"rotatorPrincipalId"', SECRET) in grants
-    assert ("custom", '"rotatorPrincipalId"', APIM_SUBSCRIPTION) in grants
+    # The rotator: a custom data role with only get/set/readMetadata on the secret (Secrets Officer could
+    # also delete, purge, back up and restore), and the four-action custom role on the APIM subscription.
+    assert ("custom:secret-rotator", '"rotatorPrincipalId"', SECRET) in grants
+    assert ("custom:apim-key-rotator", '"rotatorPrincipalId"', APIM_SUBSCRIPTION) in grants
+    assert not [g for g in grants if g[0] == SECRETS_OFFICER]
     # The app identity gets nothing else; the rotator nothing beyond the secret and the APIM subscription.
     assert {g for g in grants if g[1] == '"appPrincipalId"'} == {(SECRETS_USER, '"appPrincipalId"', SECRET)}
     assert {g[2] for g in grants if g[1] == '"rotatorPrincipalId"'} == {SECRET, APIM_SUBSCRIPTION}
+
+
+def test_custom_roles_are_assignable_on_one_resource_and_assigned_only_on_the_second_deployment(
+    templates: list[Template],
+) -> None:
+    """Issue 15 points 6-8: exact permissions, a single resource as assignable scope, and no assignment of a
+    role definition created in the same deployment (phase 2 assigns what phase 1 defined)."""
+    assert check_custom_role_ordering(templates) == []
+    kinds = {}
+    for t in templates:
+        for symbol, res in t.of_type("Microsoft.Authorization/roleDefinitions"):
+            kinds[custom_role_kind(res)] = (t.name, res["config"]["properties"]["assignableScopes"])
+    assert set(kinds) == {"apim-key-rotator", "secret-rotator"}
+    assert kinds["secret-rotator"][1] == [
+        {"operator": {"type": "property_accessor", "operands": {"operand_1": "vault", "operand_2": "id"}}}
+    ]
+    assert kinds["apim-key-rotator"][1] == [
+        {"operator": {"type": "property_accessor", "operands": {"operand_1": "apim", "operand_2": "id"}}}
+    ]
+    # Both role assignments hang on the phase-2 switch.
+    main = _one(templates, "main.bicep")
+    assert main.modules["apim"]["config"]["params"]["assignRotatorRole"] == "enableRotationEventSubscription"
+    assert (
+        main.modules["secret"]["config"]["params"]["assignRotatorRole"] == "enableRotationEventSubscription"
+    )
+    for name, symbol in (
+        ("modules/apim.bicep", "rotatorOnSubscription"),
+        ("modules/secret.bicep", "rotatorSecretRotator"),
+    ):
+        t = _one(templates, name)
+        assert t.resources[symbol]["config"]["condition"] == "assignRotatorRole"
+        assert t.parameters["assignRotatorRole"]["default"] is False
 
 
 def test_main_wires_each_identity_to_its_own_principal_parameter(templates: list[Template]) -> None:
@@ -137,7 +174,7 @@ def test_apim_tls_min_api_version_subscription_header_and_tracing_off(templates:
 
 def test_secret_rotation_tags_expiry_and_seed(templates: list[Template]) -> None:
     assert check_rotation_secret(templates) == []
-    secret = _one(templates, "modules/secret.bicep")
+    secret = _one(templates, "modules/secretSeed.bicep")
     assert secret.parameters["validityDays"]["default"] == 60
     main = _one(templates, "main.bicep")
     assert main.parameters["secretValidityDays"]["default"] == 60
@@ -229,6 +266,47 @@ resource groupWide 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid('b')
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', officer)
+    principalId: rotatorPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+resource secret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' existing = {
+  parent: kv
+  name: 's'
+}
+resource officerOnSecret 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid('d')
+  scope: secret
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', officer)
+    principalId: rotatorPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+resource groupScopedRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid('e')
+  properties: {
+    roleName: 'right actions, resource-group scope'
+    permissions: [
+      {
+        actions: [
+          'Microsoft.ApiManagement/service/subscriptions/read'
+          'Microsoft.ApiManagement/service/subscriptions/listSecrets/action'
+          'Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action'
+          'Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action'
+        ]
+      }
+    ]
+    assignableScopes: [
+      resourceGroup().id
+    ]
+  }
+}
+resource sameDeployment 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid('f')
+  scope: secret
+  properties: {
+    roleDefinitionId: groupScopedRole.id
     principalId: rotatorPrincipalId
     principalType: 'ServicePrincipal'
   }
@@ -350,7 +428,11 @@ resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
                 "vaultWide: Key Vault Secrets User scoped to Microsoft.KeyVault/vaults",
                 "vaultWide: appPrincipalId gets a role on Microsoft.KeyVault/vaults",
                 "groupWide: no scope (assigned at the resource group)",
-                "broadRole: actions",
+                "broadRole: permissions are not exactly one of the custom roles",
+                "officerOnSecret: Key Vault Secrets Officer can delete and purge",
+                "groupScopedRole: assignableScopes",
+                "sameDeployment: custom role apim-key-rotator assigned on Microsoft.KeyVault/vaults/secrets",
+                "sameDeployment: assigns a custom role defined in the same deployment",
             ],
             id="role-assignments",
         ),
@@ -401,10 +483,16 @@ resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
     ],
 )
 def test_each_check_flags_a_bad_snippet(check, snippet: str, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    if check is check_role_assignments:
+        check = _role_checks
     problems = check([parse_text(snippet)])
     text = "\n".join(problems)
     missing = [e for e in expected if e not in text]
     assert not missing, f"not flagged: {missing}\nproblems:\n{text}"
+
+
+def _role_checks(templates: list[Template]) -> list[str]:
+    return check_role_assignments(templates) + check_custom_role_ordering(templates)
 
 
 def test_validity_days_at_or_below_thirty_is_flagged() -> None:

@@ -260,14 +260,15 @@ class _Checker:
                 problems.append(f"{path}: read-only property of {typ.get('name', 'object')}")
                 continue
             problems += self.check(item, prop["type"], path)
+        present = {k[1:-1] if len(k) >= 2 and k[0] == k[-1] == "'" else k for k in value}
         for key, prop in properties.items():
-            if prop["flags"] & REQUIRED and not prop["flags"] & READ_ONLY and key not in value:
+            if prop["flags"] & REQUIRED and not prop["flags"] & READ_ONLY and key not in present:
                 problems.append(f"{where}: required property {key} missing")
         return problems
 
     def discriminated(self, value: dict[str, Any], typ: dict[str, Any], where: str) -> list[str]:
         key = typ["discriminator"]
-        chosen = value.get(key)
+        chosen = value.get(key, value.get(f"'{key}'"))
         elements: dict[str, Any] = typ["elements"]
         if isinstance(chosen, str) and chosen not in self.symbols and chosen in elements:
             element = self.index.deref(elements[chosen])
