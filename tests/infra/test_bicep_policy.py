@@ -24,11 +24,11 @@ from .bicep_policy import (
     Template,
     check_apim,
     check_custom_role_ordering,
-    custom_role_kind,
     check_key_vaults,
     check_outputs_and_parameters,
     check_role_assignments,
     check_rotation_secret,
+    custom_role_kind,
     dotted,
     parse_text,
     role_grants,
@@ -106,7 +106,7 @@ def test_custom_roles_are_assignable_on_one_resource_and_assigned_only_on_the_se
     assert check_custom_role_ordering(templates) == []
     kinds = {}
     for t in templates:
-        for symbol, res in t.of_type("Microsoft.Authorization/roleDefinitions"):
+        for _, res in t.of_type("Microsoft.Authorization/roleDefinitions"):
             kinds[custom_role_kind(res)] = (t.name, res["config"]["properties"]["assignableScopes"])
     assert set(kinds) == {"apim-key-rotator", "secret-rotator"}
     assert kinds["secret-rotator"][1] == [
