@@ -48,7 +48,7 @@ param enableEventSubscription bool = false
 
 @description('Most instances the function app scales out to. Rotation runs about once a month; more instances only widen the window in which two deliveries of the same event run at once.')
 @minValue(1)
-@maxValue(40)
+@maxValue(4)
 param maximumInstanceCount int = 1
 
 var deploymentContainerName = 'deploymentpackage'
@@ -292,6 +292,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           // The only APIM subscription the function may rotate; a ProviderAddress tag naming another is refused.
           name: 'APIMVAULT_APIM_SUBSCRIPTION_ID'
           value: apimSubscriptionResourceId
+        }
+        {
+          // One invocation at a time per instance: the (synchronous) Python function runs on this thread pool.
+          name: 'PYTHON_THREADPOOL_THREAD_COUNT'
+          value: '1'
         }
       ]
     }

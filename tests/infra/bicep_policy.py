@@ -614,3 +614,184 @@ def _validity_days(t: Template, value: Any) -> int | None:
         return int(resolved)
     except (TypeError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------------------------ the function app
+
+FUNCTION_APP = "Microsoft.Web/sites"
+MAX_ROTATION_INSTANCES = 4
+
+
+def _max_value(t: Template, value: Any) -> int | None:
+    """An int literal, or the largest value a parameter can take (its @maxValue, else None = unbounded)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value in t.parameters:
+        ceiling = t.decorator(value, "max_value")
+        return ceiling if isinstance(ceiling, int) else None
+    return None
+
+
+def check_function_apps(templates: Iterable[Template]) -> list[str]:
+    """Flex Consumption function apps: no cors block (unsupported there), few instances (at most
+    MAX_ROTATION_INSTANCES, parameter ceiling included) with one invocation per instance (HTTP trigger
+    concurrency 1 and a one-thread Python pool), and the app deployed after its storage's private endpoint."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type(FUNCTION_APP):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            site = p.get("siteConfig") or {}
+            if "cors" in site:
+                problems.append(f"{where}: siteConfig.cors is not supported on Flex Consumption")
+            scale = (p.get("functionAppConfig") or {}).get("scaleAndConcurrency") or {}
+            most = _max_value(t, scale.get("maximumInstanceCount"))
+            if most is None or most > MAX_ROTATION_INSTANCES:
+                problems.append(
+                    f"{where}: maximumInstanceCount can be {most!r} (at most {MAX_ROTATION_INSTANCES})"
+                )
+            per_instance = ((scale.get("triggers") or {}).get("http") or {}).get("perInstanceConcurrency")
+            if per_instance != 1:
+                problems.append(f"{where}: triggers.http.perInstanceConcurrency is {per_instance!r}, not 1")
+            settings = {
+                s.get("name"): s.get("value") for s in site.get("appSettings") or [] if isinstance(s, dict)
+            }
+            if settings.get("PYTHON_THREADPOOL_THREAD_COUNT") != "1":
+                problems.append(f"{where}: PYTHON_THREADPOOL_THREAD_COUNT is not '1'")
+            depends = config_of(res).get("dependsOn") or []
+            blob_endpoints = {
+                name
+                for name, mod in t.modules.items()
+                if ((mod.get("config") or {}).get("params") or {}).get("groupId") == "blob"
+            }
+            if not blob_endpoints & set(depends):
+                problems.append(f"{where}: does not depend on the storage account's blob private endpoint")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------- redeploys
+
+
+def check_secret_seeding(templates: Iterable[Template]) -> list[str]:
+    """Redeploys keep the rotation: a file that writes a Key Vault secret is deployed only by a module whose
+    condition is a bool parameter defaulting to false (the first deployment sets it), and no other file writes
+    a secret (the role-assignment module references it as existing)."""
+    problems: list[str] = []
+    templates = list(templates)
+    writers = {t.name for t in templates if any(True for _ in t.of_type(SECRET))}
+    for t in templates:
+        for symbol, mod in t.modules.items():
+            path = str(((mod.get("detail") or {}).get("path")) or "")
+            if path not in writers:
+                continue
+            condition = (mod.get("config") or {}).get("condition")
+            param = t.parameters.get(condition) if isinstance(condition, str) else None
+            if param is None or param.get("type") != "bool" or param.get("default") is not False:
+                problems.append(
+                    f"{t.name}:{symbol}: deploys {path}, which writes the secret, on every deployment "
+                    "(needs `if (<bool param defaulting to false>)`)"
+                )
+    seeded = {
+        str(((mod.get("detail") or {}).get("path")) or "") for t in templates for mod in t.modules.values()
+    }
+    for name in sorted(writers):
+        if name not in seeded and "main" not in name:
+            problems.append(f"{name}: writes a secret but no module deploys it conditionally")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- alerts
+
+ACTION_GROUP = "Microsoft.Insights/actionGroups"
+METRIC_ALERT = "Microsoft.Insights/metricAlerts"
+SCHEDULED_QUERY = "Microsoft.Insights/scheduledQueryRules"
+REQUIRED_METRIC_ALERTS = {
+    ("Microsoft.EventGrid/systemTopics", "DeadLetteredCount"): "a dead-lettered rotation event",
+    ("Microsoft.EventGrid/systemTopics", "DeliveryAttemptFailCount"): "Event Grid delivery failures",
+    ("microsoft.insights/components", "requests/failed"): "rotation function errors",
+}
+
+
+def check_alerts(templates: Iterable[Template]) -> list[str]:
+    """The alerts that make a silent stop of rotation page someone: metric alerts for dead-lettered events,
+    delivery failures and function errors, and a scheduled query on the vault's audit logs for "near expiry
+    and no new version written"; every alert notifies the action group taken from an actionGroupId
+    parameter (or the group created when it is empty)."""
+    problems: list[str] = []
+    templates = list(templates)
+    found: set[tuple[str, str]] = set()
+    overdue = False
+    for t in templates:
+        has_param = "actionGroupId" in t.parameters
+        group_refs = {"actionGroupResourceId", "actionGroupId"}
+        for symbol, res in t.of_type(METRIC_ALERT):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            for criterion in (p.get("criteria") or {}).get("allOf") or []:
+                found.add((str(criterion.get("metricNamespace")), str(criterion.get("metricName"))))
+                if criterion.get("threshold") != 0 or criterion.get("operator") != "GreaterThan":
+                    problems.append(f"{where}: must fire on the first occurrence (GreaterThan 0)")
+            targets = {a.get("actionGroupId") for a in p.get("actions") or [] if isinstance(a, dict)}
+            if not has_param or not targets & group_refs:
+                problems.append(f"{where}: does not notify the actionGroupId parameter's action group")
+        for symbol, res in t.of_type(SCHEDULED_QUERY):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            criteria = (p.get("criteria") or {}).get("allOf") or []
+            text = json.dumps([t.resolve(c.get("query")) for c in criteria if isinstance(c, dict)])
+            if "SecretNearExpiryEventGridNotification" in text and "SecretSet" in text:
+                overdue = True
+                if p.get("autoMitigate") is not False:
+                    problems.append(f"{where}: autoMitigate must be false (the alert stays until closed)")
+                if "ago(overdue)" not in text:
+                    problems.append(f"{where}: query has no overdue grace period")
+            groups = set((p.get("actions") or {}).get("actionGroups") or [])
+            if not has_param or not groups & group_refs:
+                problems.append(f"{where}: does not notify the actionGroupId parameter's action group")
+    for key, what in REQUIRED_METRIC_ALERTS.items():
+        if key not in found:
+            problems.append(f"no metric alert for {what} ({key[0]} {key[1]})")
+    if not overdue:
+        problems.append("no scheduled query alert for a secret near expiry without a new version")
+    return problems
+
+
+# ------------------------------------------------------------------------------------ token limits
+
+
+def check_token_limits(templates: Iterable[Template]) -> list[str]:
+    """The APIM named value the token-limit policy reads is set from a bounded parameter with a default, and
+    the API's Application Insights diagnostic has custom metrics on (the token-metric policy needs it)."""
+    problems: list[str] = []
+    named = metrics = False
+    for t in templates:
+        for symbol, res in t.of_type("Microsoft.ApiManagement/service/namedValues"):
+            p = _props(res)
+            if config_of(res).get("name") != "apimvault-tokens-per-minute":
+                continue
+            named = True
+            value = p.get("value")
+            fn = value.get("function") if isinstance(value, dict) else None
+            ref = ((fn or {}).get("parameters") or {}).get("value_to_convert")
+            param = t.parameters.get(ref) if isinstance(ref, str) else None
+            if (
+                param is None
+                or not isinstance(param.get("default"), int)
+                or t.decorator(ref, "min_value") is None
+            ):
+                problems.append(
+                    f"{t.name}:{symbol}: value is not string(<int param with default and @minValue>)"
+                )
+            if p.get("secret") is not False:
+                problems.append(f"{t.name}:{symbol}: secret is not explicitly false")
+        for _, res in t.of_type("Microsoft.ApiManagement/service/apis/diagnostics"):
+            p = _props(res)
+            if p.get("metrics") is True and p.get("logClientIp") is False:
+                metrics = True
+    if not named:
+        problems.append("no named value apimvault-tokens-per-minute for the azure-openai-token-limit policy")
+    if not metrics:
+        problems.append("no API diagnostic with metrics: true (and logClientIp: false) for the token metrics")
+    return problems
