@@ -1,6 +1,7 @@
 // apimvault: Azure OpenAI behind API Management, the APIM subscription key kept in Key Vault and rotated by
 // itself. Deploy to a resource group:
-//   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json -p publisherEmail=...
+//   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json -p publisherEmail=... \
+//     -p seedSecret=true   (first deployment only; see infra/README.md "Deploy" and "Runbook: what-if first")
 // See infra/README.md for what each choice guards against, the two-phase rollout (code, then Event Grid
 // subscription) and the post-deploy checks.
 //
