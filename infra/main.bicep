@@ -1,11 +1,12 @@
 // apimvault: Azure OpenAI behind API Management, the APIM subscription key kept in Key Vault and rotated by
 // itself. Deploy to a resource group:
-//   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json -p publisherEmail=...
+//   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json -p publisherEmail=... \
+//     -p seedSecret=true   (first deployment only; see infra/README.md "Deploy" and "Runbook: what-if first")
 // See infra/README.md for what each choice guards against, the two-phase rollout (code, then Event Grid
 // subscription) and the post-deploy checks.
 //
-// The subscription key is written to Key Vault inside the deployment (listSecrets) and appears in no
-// parameter and no output.
+// The subscription key is written to Key Vault inside the first deployment (listSecrets, seedSecret=true) and
+// appears in no parameter and no output; later deployments leave the secret to the rotation.
 
 targetScope = 'resourceGroup'
 
@@ -73,8 +74,26 @@ param secretValidityDays int = 60
 @description('Seed time of the secret expiry. Leave the default: utcNow() is only allowed as a parameter default.')
 param seedTime string = utcNow()
 
-@description('Create the Event Grid subscription to the rotation function. Event Grid validates the function endpoint, so set true on the second deployment, after the function code is published.')
+@description('Second deployment (phase 2): create the Event Grid subscription to the rotation function and assign the rotator\'s two custom roles. Event Grid validates the function endpoint, so set true after the function code is published; the role definitions, created in phase 1, have replicated by then.')
 param enableRotationEventSubscription bool = false
+
+@description('Write the first version of the secret (the APIM primary key, fresh expiry). True on the first deployment only: every other deployment must leave the secret\'s versions and expiry to the rotation.')
+param seedSecret bool = false
+
+@description('Tokens one APIM subscription may use per minute (azure-openai-token-limit); excess requests get 429 with Retry-After.')
+@minValue(1000)
+param tokensPerMinute int = 10000
+
+@description('Resource id of an existing action group for the rotation alerts. Empty: one is created with alertEmailAddresses.')
+param alertActionGroupId string = ''
+
+@description('E-mail addresses paged by the rotation alerts (used when alertActionGroupId is empty).')
+param alertEmailAddresses array = []
+
+@description('Hours after Key Vault\'s near-expiry notification without a new secret version before the overdue-rotation alert fires (25-47).')
+@minValue(25)
+@maxValue(47)
+param rotationOverdueHours int = 26
 
 @description('Put a CanNotDelete lock on the vault.')
 param lockKeyVault bool = true
@@ -99,6 +118,7 @@ var names = {
   functionPlan: 'plan-${namePrefix}-rotation-${suffix}'
   functionApp: 'func-${namePrefix}-rotation-${suffix}'
   systemTopic: 'evgt-${namePrefix}-kv-${suffix}'
+  actionGroup: 'ag-${namePrefix}-rotation'
 }
 
 module monitoring 'modules/monitoring.bicep' = {
@@ -182,6 +202,22 @@ module apim 'modules/apim.bicep' = {
     openAiAccountName: openAi.outputs.name
     openAiEndpoint: openAi.outputs.endpoint
     rotatorPrincipalId: identities.outputs.rotatorPrincipalId
+    assignRotatorRole: enableRotationEventSubscription
+    tokensPerMinute: tokensPerMinute
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}
+
+// First deployment only (seedSecret): a redeploy leaves the secret's versions, tags and expiry alone.
+module secretSeed 'modules/secretSeed.bicep' = if (seedSecret) {
+  name: 'secret-seed'
+  params: {
+    keyVaultName: keyVault.outputs.name
+    secretName: secretName
+    apimName: apim.outputs.name
+    apimSubscriptionName: apim.outputs.subscriptionName
+    validityDays: secretValidityDays
+    seedTime: seedTime
   }
 }
 
@@ -190,13 +226,13 @@ module secret 'modules/secret.bicep' = {
   params: {
     keyVaultName: keyVault.outputs.name
     secretName: secretName
-    apimName: apim.outputs.name
-    apimSubscriptionName: apim.outputs.subscriptionName
-    validityDays: secretValidityDays
-    seedTime: seedTime
     appPrincipalId: identities.outputs.appPrincipalId
     rotatorPrincipalId: identities.outputs.rotatorPrincipalId
+    assignRotatorRole: enableRotationEventSubscription
   }
+  dependsOn: [
+    secretSeed
+  ]
 }
 
 module rotation 'modules/rotation.bicep' = {
@@ -225,6 +261,23 @@ module rotation 'modules/rotation.bicep' = {
     appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
     deployerIpAddresses: allowedIpAddresses
     enableEventSubscription: enableRotationEventSubscription
+  }
+}
+
+module alerts 'modules/alerts.bicep' = {
+  name: 'alerts'
+  params: {
+    location: location
+    tags: tags
+    actionGroupId: alertActionGroupId
+    actionGroupName: names.actionGroup
+    emailAddresses: alertEmailAddresses
+    systemTopicName: rotation.outputs.systemTopicName
+    appInsightsName: monitoring.outputs.appInsightsName
+    logAnalyticsWorkspaceId: monitoring.outputs.workspaceId
+    keyVaultName: keyVault.outputs.name
+    secretName: secretName
+    rotationOverdueHours: rotationOverdueHours
   }
 }
 

@@ -1,12 +1,19 @@
 // API Management in front of Azure OpenAI.
-//  - Old protocols off: TLS 1.0/1.1 and SSL 3.0 disabled on the client (frontend) and backend side, 3DES off.
+//  - Old protocols off: TLS 1.0/1.1 and SSL 3.0 disabled on the client (frontend) and backend side. The 3DES
+//    cipher setting (TripleDes168) is only sent to classic tiers: Microsoft documents that v2 tiers do not
+//    support changes to the default cipher configuration (their defaults exclude 3DES already).
 //  - Management API calls below apiVersionConstraint.minApiVersion are refused.
 //  - The API requires a subscription, accepts its key only in the Ocp-Apim-Subscription-Key header, and reaches
 //    Azure OpenAI with APIM's system-assigned managed identity (Cognitive Services OpenAI User on that account).
 //  - One product and one product-scoped subscription (tracing off): that subscription's key is what Key Vault
 //    holds and what the rotation function regenerates.
 //  - The rotator identity gets a custom role, assigned on that one APIM subscription only: read it, list its
-//    keys, regenerate either key. Nothing else in APIM.
+//    keys, regenerate either key. Nothing else in APIM. The definition is created on every deployment; the
+//    assignment only when assignRotatorRole is true (the second deployment, see infra/README.md), so it never
+//    races the replication of a role definition created moments before.
+//  - Token limit per APIM subscription and token metrics (policies/openai-api.xml): the limit comes from the
+//    named value apimvault-tokens-per-minute (parameter tokensPerMinute); metrics go to Application Insights
+//    through an APIM logger that authenticates with APIM's managed identity (the component has local auth off).
 //  - Diagnostic settings (gateway logs and metrics) to Log Analytics; gateway request logging never records
 //    headers or bodies (the key is a header).
 
@@ -43,7 +50,37 @@ param subscriptionName string = 'apimvault-app'
 @description('Principal id of the rotator identity (gets the key-rotator custom role on the APIM subscription).')
 param rotatorPrincipalId string
 
+@description('Assign the key-rotator custom role to the rotator identity. False on the first deployment (the role definition is created then); true from the second one on, once the definition has replicated.')
+param assignRotatorRole bool = false
+
+@description('Tokens (prompt + completion) one APIM subscription may use per minute across all deployments (azure-openai-token-limit). Excess requests get 429 with Retry-After.')
+@minValue(1000)
+param tokensPerMinute int = 10000
+
+@description('Name of the workspace-based Application Insights component that receives the token metrics (same resource group).')
+param appInsightsName string
+
 var cognitiveServicesOpenAiUserRoleId = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
+var monitoringMetricsPublisherRoleId = '3913510d-42f4-4e42-8a64-420c390055eb'
+
+// Protocol settings every tier accepts.
+var protocolSettings = {
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls11': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Ssl30': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls10': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls11': 'False'
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Ssl30': 'False'
+}
+// Cipher settings: classic tiers only ("v2 tiers don't support changes to the default cipher configuration").
+var cipherSettings = {
+  'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Ciphers.TripleDes168': 'False'
+}
+var supportsCipherSettings = !contains([
+  'BasicV2'
+  'StandardV2'
+  'PremiumV2'
+], skuName)
 
 resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
   name: name
@@ -69,15 +106,7 @@ resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
       minApiVersion: '2021-08-01'
     }
     developerPortalStatus: 'Disabled'
-    customProperties: {
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls11': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Ssl30': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls10': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls11': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Ssl30': 'False'
-      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Ciphers.TripleDes168': 'False'
-    }
+    customProperties: supportsCipherSettings ? union(protocolSettings, cipherSettings) : protocolSettings
   }
 }
 
@@ -194,6 +223,66 @@ resource openAiApi 'Microsoft.ApiManagement/service/apis@2024-05-01' = {
   }
 }
 
+// Read by the azure-openai-token-limit policy as {{apimvault-tokens-per-minute}}.
+resource tokensPerMinuteValue 'Microsoft.ApiManagement/service/namedValues@2024-05-01' = {
+  parent: apim
+  name: 'apimvault-tokens-per-minute'
+  properties: {
+    displayName: 'apimvault-tokens-per-minute'
+    value: string(tokensPerMinute)
+    secret: false
+  }
+}
+
+resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: appInsightsName
+}
+
+// APIM's managed identity may publish metrics to the component (its local auth is off).
+resource apimMetricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(appInsights.id, apim.id, monitoringMetricsPublisherRoleId)
+  scope: appInsights
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', monitoringMetricsPublisherRoleId)
+    principalId: apim.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource appInsightsLogger 'Microsoft.ApiManagement/service/loggers@2024-05-01' = {
+  parent: apim
+  name: 'appinsights'
+  properties: {
+    loggerType: 'applicationInsights'
+    description: 'Token metrics (azure-openai-emit-token-metric); Entra ID auth with the APIM managed identity.'
+    resourceId: appInsights.id
+    credentials: {
+      connectionString: appInsights.properties.ConnectionString
+      identityClientId: 'SystemAssigned'
+    }
+  }
+  dependsOn: [
+    apimMetricsPublisher
+  ]
+}
+
+// Custom metrics on (the token metric policy needs it); no headers, no bodies, no client IP, errors only.
+resource openAiApiDiagnostics 'Microsoft.ApiManagement/service/apis/diagnostics@2024-05-01' = {
+  parent: openAiApi
+  name: 'applicationinsights'
+  properties: {
+    loggerId: appInsightsLogger.id
+    metrics: true
+    alwaysLog: 'allErrors'
+    logClientIp: false
+    verbosity: 'error'
+    sampling: {
+      samplingType: 'fixed'
+      percentage: 0
+    }
+  }
+}
+
 resource openAiApiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = {
   parent: openAiApi
   name: 'policy'
@@ -203,6 +292,8 @@ resource openAiApiPolicy 'Microsoft.ApiManagement/service/apis/policies@2024-05-
   }
   dependsOn: [
     openAiBackend
+    tokensPerMinuteValue
+    openAiApiDiagnostics
   ]
 }
 
@@ -256,8 +347,8 @@ resource appSubscription 'Microsoft.ApiManagement/service/subscriptions@2024-05-
 }
 
 // Least-privilege custom role for the rotation function: the four actions it needs on an APIM subscription.
-// Custom roles cannot list a single resource as assignable scope, so the definition is assignable in this
-// resource group and the assignment below narrows it to the one subscription.
+// Its assignable scope is this one APIM service (a custom role may name a single resource), and the assignment
+// below narrows it further to the one APIM subscription.
 resource keyRotatorRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(resourceGroup().id, apim.id, 'apimvault-apim-subscription-key-rotator')
   properties: {
@@ -278,12 +369,14 @@ resource keyRotatorRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
       }
     ]
     assignableScopes: [
-      resourceGroup().id
+      apim.id
     ]
   }
 }
 
-resource rotatorOnSubscription 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+// Second deployment only (assignRotatorRole): a role definition created in the same deployment can still be
+// replicating ("RoleDefinitionDoesNotExist"). A rerun of the same command is idempotent.
+resource rotatorOnSubscription 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (assignRotatorRole) {
   name: guid(appSubscription.id, rotatorPrincipalId, keyRotatorRole.id)
   scope: appSubscription
   properties: {
@@ -297,3 +390,4 @@ output name string = apim.name
 output gatewayUrl string = apim.properties.gatewayUrl
 output subscriptionName string = appSubscription.name
 output apimSubscriptionId string = appSubscription.id
+output id string = apim.id

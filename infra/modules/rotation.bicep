@@ -46,6 +46,11 @@ param deployerIpAddresses array = []
 @description('Create the Event Grid subscription. Event Grid validates the function endpoint on creation, so enable this once the function code is published.')
 param enableEventSubscription bool = false
 
+@description('Most instances the function app scales out to. Rotation runs about once a month; more instances only widen the window in which two deliveries of the same event run at once.')
+@minValue(1)
+@maxValue(4)
+param maximumInstanceCount int = 1
+
 var deploymentContainerName = 'deploymentpackage'
 var deadLetterContainerName = 'rotation-deadletter'
 var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
@@ -229,9 +234,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       ftpsState: 'Disabled'
       http20Enabled: true
       remoteDebuggingEnabled: false
-      cors: {
-        allowedOrigins: []
-      }
+      // No cors block: Flex Consumption does not support it (and nothing calls the function from a browser).
       ipSecurityRestrictionsDefaultAction: 'Deny'
       ipSecurityRestrictions: [
         {
@@ -290,6 +293,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           name: 'APIMVAULT_APIM_SUBSCRIPTION_ID'
           value: apimSubscriptionResourceId
         }
+        {
+          // One invocation at a time per instance: the (synchronous) Python function runs on this thread pool.
+          name: 'PYTHON_THREADPOOL_THREAD_COUNT'
+          value: '1'
+        }
       ]
     }
     functionAppConfig: {
@@ -303,9 +311,16 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           }
         }
       }
+      // Few instances, one invocation each: overlapping deliveries of one event (Event Grid is at-least-once)
+      // are rare and the library's rotation tolerates the ones that remain.
       scaleAndConcurrency: {
-        maximumInstanceCount: 40
+        maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: 2048
+        triggers: {
+          http: {
+            perInstanceConcurrency: 1
+          }
+        }
       }
       runtime: {
         name: 'python'
@@ -313,9 +328,12 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       }
     }
   }
+  // The host reaches its storage only through the blob private endpoint (public access is Deny): the app must
+  // not start before the endpoint and its DNS record exist.
   dependsOn: [
     deploymentContainer
     hostBlobOwner
+    storagePrivateEndpoint
   ]
 }
 

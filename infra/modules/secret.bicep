@@ -1,62 +1,55 @@
-// The Key Vault secret holding the APIM subscription key, and the only two data-plane role assignments on it.
-//  - Seeded from the product subscription's listSecrets().primaryKey at deployment time; the key never passes
-//    through a parameter or an output. Every deployment writes a new version (primary key, CredentialId=primary,
-//    expiry reset to now + validityDays). That is safe with dual keys: the primary key is valid whatever the
-//    last rotation did, the rotated-away key stays valid, and the reset expiry puts the next rotation at least
-//    30 days out, far beyond any client cache TTL.
-//  - Tags are the dual-credential rotation contract: CredentialId (which APIM key the latest version holds),
-//    ProviderAddress (the APIM subscription's resource id), ValidityPeriodDays (expiry of each new version).
-//  - Expiry = seed time + validityDays; Key Vault raises SecretNearExpiry 30 days before it.
-//  - App identity: Key Vault Secrets User on this secret only. Rotator identity: Key Vault Secrets Officer on this
-//    secret only. Neither has any right on the vault or on other secrets.
+// Rights on the Key Vault secret holding the APIM subscription key (the secret itself is written once, by
+// secretSeed.bicep, and afterwards only by the rotation). Both assignments are scoped to the one secret.
+//  - App identity: Key Vault Secrets User (read the value).
+//  - Rotator identity: a custom data role with exactly get, set and read-metadata on secrets. Key Vault Secrets
+//    Officer would also let it delete, purge, back up and restore; rotation needs none of that. The definition is
+//    assignable on this vault only and is created on every deployment; the assignment only when
+//    assignRotatorRole is true (the second deployment), so it never races the replication of a role definition
+//    created moments before ("RoleDefinitionDoesNotExist").
+//  - Neither identity has any right on the vault or on other secrets.
 
 param keyVaultName string
 param secretName string
-param apimName string
-param apimSubscriptionName string
-
-@description('Days each secret version is valid; must exceed the 30-day near-expiry lead time.')
-@minValue(31)
-@maxValue(365)
-param validityDays int = 60
-
-@description('Seed time (ISO 8601). Pass utcNow() from the caller; it can only be a parameter default.')
-param seedTime string
 
 param appPrincipalId string
 param rotatorPrincipalId string
 
+@description('Assign the secret-rotator custom role to the rotator identity (false on the first deployment, see infra/README.md).')
+param assignRotatorRole bool = false
+
 var keyVaultSecretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
-var keyVaultSecretsOfficerRoleId = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
 
 resource vault 'Microsoft.KeyVault/vaults@2024-11-01' existing = {
   name: keyVaultName
 }
 
-resource apim 'Microsoft.ApiManagement/service@2024-05-01' existing = {
-  name: apimName
-}
-
-resource apimSubscription 'Microsoft.ApiManagement/service/subscriptions@2024-05-01' existing = {
-  parent: apim
-  name: apimSubscriptionName
-}
-
-resource apimKeySecret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
+// Existing on every deployment: seeded by secretSeed.bicep (main.bicep deploys it first when seedSecret is true).
+resource apimKeySecret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' existing = {
   parent: vault
   name: secretName
-  tags: {
-    CredentialId: 'primary'
-    ProviderAddress: apimSubscription.id
-    ValidityPeriodDays: string(validityDays)
-  }
+}
+
+resource secretRotatorRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(vault.id, 'apimvault-secret-rotator')
   properties: {
-    value: apimSubscription.listSecrets().primaryKey
-    contentType: 'text/plain'
-    attributes: {
-      enabled: true
-      exp: dateTimeToEpoch(dateTimeAdd(seedTime, 'P${validityDays}D'))
-    }
+    roleName: 'apimvault secret rotator (${vault.name}, ${uniqueString(vault.id)})'
+    description: 'Read a Key Vault secret, write new versions of it and read its metadata. No delete, purge, backup or restore.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: []
+        notActions: []
+        dataActions: [
+          'Microsoft.KeyVault/vaults/secrets/getSecret/action'
+          'Microsoft.KeyVault/vaults/secrets/setSecret/action'
+          'Microsoft.KeyVault/vaults/secrets/readMetadata/action'
+        ]
+        notDataActions: []
+      }
+    ]
+    assignableScopes: [
+      vault.id
+    ]
   }
 }
 
@@ -70,11 +63,11 @@ resource appSecretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource rotatorSecretsOfficer 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(vault.id, secretName, rotatorPrincipalId, keyVaultSecretsOfficerRoleId)
+resource rotatorSecretRotator 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (assignRotatorRole) {
+  name: guid(vault.id, secretName, rotatorPrincipalId, 'apimvault-secret-rotator')
   scope: apimKeySecret
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsOfficerRoleId)
+    roleDefinitionId: secretRotatorRole.id
     principalId: rotatorPrincipalId
     principalType: 'ServicePrincipal'
   }

@@ -12,12 +12,17 @@ as a reference to it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pycep
 from pycep import BicepParser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +49,7 @@ KEY_VAULT_ROLES = {
 }
 SECRETS_USER = "4633458b-17de-408a-b874-0445c86b69e6"
 SECRETS_OFFICER = "b86a8fe4-44ce-4948-aee5-eccb2c155cd7"
+KEY_VAULT_ADMINISTRATOR = "00482a5a-887f-4fb3-b363-3b7fe8e74483"
 
 # Principals (parameter names) that are the app's and the rotation function's identities.
 APP_OR_ROTATOR_PRINCIPALS = re.compile(r"^(app|rotator)PrincipalId$")
@@ -54,6 +60,18 @@ ROTATOR_ACTIONS = {
     "Microsoft.ApiManagement/service/subscriptions/listSecrets/action",
     "Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action",
     "Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action",
+}
+# The rotator's Key Vault data role: read the value, write new versions, read versions' metadata. No delete,
+# purge, backup, restore or recover (Key Vault Secrets Officer has all of those).
+SECRET_ROTATOR_DATA_ACTIONS = {
+    "Microsoft.KeyVault/vaults/secrets/getSecret/action",
+    "Microsoft.KeyVault/vaults/secrets/setSecret/action",
+    "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
+}
+# Custom role kind -> (actions, data actions, the resource type it is assignable on, where it is assigned).
+CUSTOM_ROLES = {
+    "apim-key-rotator": (ROTATOR_ACTIONS, set(), APIM, APIM_SUBSCRIPTION),
+    "secret-rotator": (set(), SECRET_ROTATOR_DATA_ACTIONS, KEY_VAULT, SECRET),
 }
 WEAK_PROTOCOLS = [
     f"Microsoft.WindowsAzure.ApiManagement.Gateway.Security.{side}Protocols.{proto}"
@@ -121,13 +139,46 @@ class Template:
         return None
 
 
+@functools.cache
+def _parser() -> BicepParser:
+    """One parser per process: building pycep's Lark grammar is what costs time, not parsing."""
+    return BicepParser()
+
+
+def _cache_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"apimvault-pycep-{os.getuid() if hasattr(os, 'getuid') else 0}"
+
+
+def parse_bicep(text: str) -> dict[str, Any]:
+    """pycep's JSON for ``text``, cached on disk by content hash (and pycep version) across test runs."""
+    version = getattr(pycep, "__version__", "?")
+    digest = hashlib.sha256(f"{version}\0{text}".encode()).hexdigest()
+    cached = _cache_dir() / f"{digest}.json"
+    try:
+        return json.loads(cached.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        pass
+    doc: dict[str, Any] = json.loads(json.dumps(_parser().parse(text=text)))
+    try:
+        cached.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(cached)
+    except OSError:
+        pass  # a read-only temp dir only costs speed
+    return doc
+
+
 def parse_text(text: str, name: str = "<snippet>") -> Template:
-    return Template(name, BicepParser().parse(text=text))
+    return Template(name, parse_bicep(text))
+
+
+def bicep_files(root: Path = INFRA) -> list[Path]:
+    return sorted(p for p in root.rglob("*.bicep") if not any(x.startswith(".venv") for x in p.parts))
 
 
 def load_templates(root: Path = INFRA) -> list[Template]:
-    files = sorted(p for p in root.rglob("*.bicep") if ".venv" not in p.parts)
-    return [Template(str(p.relative_to(root)), BicepParser().parse(file_path=p)) for p in files]
+    return [Template(str(p.relative_to(root)), parse_bicep(p.read_text())) for p in bicep_files(root)]
 
 
 def config_of(res: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +320,9 @@ def _has_private_endpoint(t: Template, symbol: str, group_id: str) -> bool:
 def check_role_assignments(templates: Iterable[Template]) -> list[str]:
     """Every role assignment has an explicit resource scope (never the resource group or the vault); Key Vault
     roles are granted on a secret only; the app and rotator identities get roles only on the secret or the
-    APIM subscription; custom roles hold exactly the four APIM subscription-key actions."""
+    APIM subscription; each custom role is one of CUSTOM_ROLES (exactly its actions / data actions),
+    assignable on one resource (not a resource group or subscription) and assigned where its kind says;
+    no built-in Key Vault role that can delete (Secrets Officer and above) is granted."""
     problems: list[str] = []
     for t in templates:
         for symbol, res in t.of_type(ROLE_ASSIGNMENT):
@@ -294,25 +347,65 @@ def check_role_assignments(templates: Iterable[Template]) -> list[str]:
                 problems.append(
                     f"{where}: {principal_name} gets a role on {scope_type}, not the secret/APIM subscription"
                 )
-            if role == "custom" and scope_type != APIM_SUBSCRIPTION:
-                problems.append(f"{where}: custom role assigned on {scope_type}, not an APIM subscription")
+            if role is not None and role.startswith("custom:"):
+                kind = role.split(":", 1)[1]
+                wanted = CUSTOM_ROLES[kind][3] if kind in CUSTOM_ROLES else None
+                if scope_type != wanted:
+                    problems.append(f"{where}: custom role {kind} assigned on {scope_type}, not {wanted}")
+            if role in (SECRETS_OFFICER, KEY_VAULT_ADMINISTRATOR):
+                problems.append(
+                    f"{where}: {KEY_VAULT_ROLES[role]} can delete and purge; use the secret-rotator role"
+                )
             if p.get("principalType") != "ServicePrincipal":
                 problems.append(f"{where}: principalType is not ServicePrincipal")
         for symbol, res in t.of_type(ROLE_DEFINITION):
             where = f"{t.name}:{symbol}"
-            for perm in _props(res).get("permissions") or []:
-                actions = set(perm.get("actions") or [])
-                if actions != ROTATOR_ACTIONS:
-                    problems.append(
-                        f"{where}: actions {sorted(actions)} are not exactly the APIM key-rotator set"
-                    )
-                if perm.get("dataActions"):
-                    problems.append(f"{where}: has data actions")
+            kind = custom_role_kind(res)
+            if kind is None:
+                problems.append(
+                    f"{where}: permissions are not exactly one of the custom roles {sorted(CUSTOM_ROLES)}"
+                )
+                continue
+            scopes = _props(res).get("assignableScopes") or []
+            assignable = [_accessor(sc) for sc in scopes]
+            if len(scopes) != 1 or not assignable[0] or assignable[0][1] != "id":
+                problems.append(f"{where}: assignableScopes {json.dumps(scopes)} is not one resource's id")
+            elif t.resource_type_of(assignable[0][0]) != CUSTOM_ROLES[kind][2]:
+                on = t.resource_type_of(assignable[0][0])
+                problems.append(f"{where}: assignable on {on}, not {CUSTOM_ROLES[kind][2]}")
+    return problems
+
+
+def custom_role_kind(res: dict[str, Any]) -> str | None:
+    """The CUSTOM_ROLES key whose actions and data actions a role definition holds exactly, else None."""
+    perms = _props(res).get("permissions") or []
+    if len(perms) != 1 or not isinstance(perms[0], dict):
+        return None
+    actions, data = set(perms[0].get("actions") or []), set(perms[0].get("dataActions") or [])
+    if perms[0].get("notActions") or perms[0].get("notDataActions"):
+        return None
+    for kind, (want_actions, want_data, _, _) in CUSTOM_ROLES.items():
+        if actions == want_actions and data == want_data:
+            return kind
+    return None
+
+
+def check_custom_role_ordering(templates: Iterable[Template]) -> list[str]:
+    """A custom role defined in a file is assigned only under a condition (the second deployment): a role
+    definition created moments before can still be replicating ("RoleDefinitionDoesNotExist")."""
+    problems = []
+    for t in templates:
+        for symbol, res in t.of_type(ROLE_ASSIGNMENT):
+            role = _role_id(t, _props(res).get("roleDefinitionId"))
+            config = res.get("config") or {}
+            if role and role.startswith("custom:") and not config.get("condition"):
+                problems.append(f"{t.name}:{symbol}: assigns a custom role defined in the same deployment")
     return problems
 
 
 def _role_id(t: Template, value: Any) -> str | None:
-    """The built-in role GUID of a roleDefinitionId expression, or 'custom' for a role defined in the file."""
+    """The built-in role GUID of a roleDefinitionId expression, or 'custom:<kind>' for a role defined in the
+    file (kind from CUSTOM_ROLES, '?' if it matches none)."""
     if isinstance(value, dict) and "function" in value:
         fn = value["function"]
         if fn.get("type") == "subscription_resource_id":
@@ -320,7 +413,7 @@ def _role_id(t: Template, value: Any) -> str | None:
             return str(t.resolve(params.get("resource_name_1")))
     acc = _accessor(value)
     if acc and t.resource_type_of(acc[0]) == ROLE_DEFINITION:
-        return "custom"
+        return f"custom:{custom_role_kind(t.resources[acc[0]]) or '?'}"
     resolved = t.resolve(value)
     return resolved if isinstance(resolved, str) else None
 
@@ -395,10 +488,16 @@ def check_apim(templates: Iterable[Template]) -> list[str]:
         for symbol, res in t.of_type(APIM):
             where = f"{t.name}:{symbol}"
             p = _props(res)
-            custom = {_strip_quotes(k): t.resolve(v) for k, v in (p.get("customProperties") or {}).items()}
-            for setting in WEAK_PROTOCOLS:
-                if not _is_false(custom.get(setting)):
-                    problems.append(f"{where}: {setting.rsplit('.', 2)[-2:]} not explicitly disabled")
+            for guard, custom in custom_property_branches(t, p.get("customProperties")):
+                for setting in WEAK_PROTOCOLS:
+                    if not _is_false(custom.get(setting)):
+                        problems.append(f"{where}: {setting.rsplit('.', 2)[-2:]} not explicitly disabled")
+                ciphers = sorted(k for k in custom if ".Security.Ciphers." in k)
+                if ciphers and not _excludes_v2_tiers(t, guard):
+                    problems.append(
+                        f"{where}: cipher settings {ciphers} also sent to v2 tiers, which do not support "
+                        "changes to the default cipher configuration"
+                    )
             if not (p.get("apiVersionConstraint") or {}).get("minApiVersion"):
                 problems.append(f"{where}: no apiVersionConstraint.minApiVersion")
             problems += _diagnostics_problems(t, symbol, where, need_logs=True)
@@ -426,6 +525,46 @@ def check_apim(templates: Iterable[Template]) -> list[str]:
             if isinstance(name, str) and name.lower() == "master":
                 problems.append(f"{where}: uses the built-in all-access 'master' subscription")
     return problems
+
+
+V2_TIERS = {"BasicV2", "StandardV2", "PremiumV2"}
+
+
+def custom_property_branches(t: Template, value: Any, guard: Any = None) -> list[tuple[Any, dict[str, Any]]]:
+    """Every object an APIM customProperties expression can evaluate to (through variables, conditionals and
+    union()), each with the condition that selects it (None: unconditional; ("not", c) for a false branch)."""
+    value = t.resolve(value)
+    if isinstance(value, dict):
+        op = value.get("operator") or {}
+        fn = value.get("function") or {}
+        if op.get("type") == "conditional":
+            ops = op.get("operands") or {}
+            cond = ops.get("condition")
+            return custom_property_branches(t, ops.get("true_value"), cond) + custom_property_branches(
+                t, ops.get("false_value"), ("not", cond)
+            )
+        if fn.get("type") == "union":
+            merged: dict[str, Any] = {}
+            for arg in (fn.get("parameters") or {}).values():
+                for _, part in custom_property_branches(t, arg):
+                    merged.update(part)
+            return [(guard, merged)]
+        if not op and not fn:
+            return [(guard, {_strip_quotes(k): t.resolve(v) for k, v in value.items()})]
+    return [(guard, {})]
+
+
+def _excludes_v2_tiers(t: Template, guard: Any) -> bool:
+    """True if ``guard`` is (a variable holding) ``!contains([...all v2 tiers...], <sku parameter>)``."""
+    if guard is None or isinstance(guard, tuple):
+        return False
+    op = (t.resolve(guard) or {}).get("operator") if isinstance(t.resolve(guard), dict) else None
+    if not op or op.get("type") != "not":
+        return False
+    fn = ((op.get("operands") or {}).get("bool_value") or {}).get("function") or {}
+    params = fn.get("parameters") or {}
+    container = params.get("container")
+    return fn.get("type") == "contains" and isinstance(container, list) and set(container) >= V2_TIERS
 
 
 # --------------------------------------------------------------------------------------------- the secret
@@ -475,3 +614,184 @@ def _validity_days(t: Template, value: Any) -> int | None:
         return int(resolved)
     except (TypeError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------------------------ the function app
+
+FUNCTION_APP = "Microsoft.Web/sites"
+MAX_ROTATION_INSTANCES = 4
+
+
+def _max_value(t: Template, value: Any) -> int | None:
+    """An int literal, or the largest value a parameter can take (its @maxValue, else None = unbounded)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value in t.parameters:
+        ceiling = t.decorator(value, "max_value")
+        return ceiling if isinstance(ceiling, int) else None
+    return None
+
+
+def check_function_apps(templates: Iterable[Template]) -> list[str]:
+    """Flex Consumption function apps: no cors block (unsupported there), few instances (at most
+    MAX_ROTATION_INSTANCES, parameter ceiling included) with one invocation per instance (HTTP trigger
+    concurrency 1 and a one-thread Python pool), and the app deployed after its storage's private endpoint."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type(FUNCTION_APP):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            site = p.get("siteConfig") or {}
+            if "cors" in site:
+                problems.append(f"{where}: siteConfig.cors is not supported on Flex Consumption")
+            scale = (p.get("functionAppConfig") or {}).get("scaleAndConcurrency") or {}
+            most = _max_value(t, scale.get("maximumInstanceCount"))
+            if most is None or most > MAX_ROTATION_INSTANCES:
+                problems.append(
+                    f"{where}: maximumInstanceCount can be {most!r} (at most {MAX_ROTATION_INSTANCES})"
+                )
+            per_instance = ((scale.get("triggers") or {}).get("http") or {}).get("perInstanceConcurrency")
+            if per_instance != 1:
+                problems.append(f"{where}: triggers.http.perInstanceConcurrency is {per_instance!r}, not 1")
+            settings = {
+                s.get("name"): s.get("value") for s in site.get("appSettings") or [] if isinstance(s, dict)
+            }
+            if settings.get("PYTHON_THREADPOOL_THREAD_COUNT") != "1":
+                problems.append(f"{where}: PYTHON_THREADPOOL_THREAD_COUNT is not '1'")
+            depends = config_of(res).get("dependsOn") or []
+            blob_endpoints = {
+                name
+                for name, mod in t.modules.items()
+                if ((mod.get("config") or {}).get("params") or {}).get("groupId") == "blob"
+            }
+            if not blob_endpoints & set(depends):
+                problems.append(f"{where}: does not depend on the storage account's blob private endpoint")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------- redeploys
+
+
+def check_secret_seeding(templates: Iterable[Template]) -> list[str]:
+    """Redeploys keep the rotation: a file that writes a Key Vault secret is deployed only by a module whose
+    condition is a bool parameter defaulting to false (the first deployment sets it), and no other file writes
+    a secret (the role-assignment module references it as existing)."""
+    problems: list[str] = []
+    templates = list(templates)
+    writers = {t.name for t in templates if any(True for _ in t.of_type(SECRET))}
+    for t in templates:
+        for symbol, mod in t.modules.items():
+            path = str(((mod.get("detail") or {}).get("path")) or "")
+            if path not in writers:
+                continue
+            condition = (mod.get("config") or {}).get("condition")
+            param = t.parameters.get(condition) if isinstance(condition, str) else None
+            if param is None or param.get("type") != "bool" or param.get("default") is not False:
+                problems.append(
+                    f"{t.name}:{symbol}: deploys {path}, which writes the secret, on every deployment "
+                    "(needs `if (<bool param defaulting to false>)`)"
+                )
+    seeded = {
+        str(((mod.get("detail") or {}).get("path")) or "") for t in templates for mod in t.modules.values()
+    }
+    for name in sorted(writers):
+        if name not in seeded and "main" not in name:
+            problems.append(f"{name}: writes a secret but no module deploys it conditionally")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- alerts
+
+ACTION_GROUP = "Microsoft.Insights/actionGroups"
+METRIC_ALERT = "Microsoft.Insights/metricAlerts"
+SCHEDULED_QUERY = "Microsoft.Insights/scheduledQueryRules"
+REQUIRED_METRIC_ALERTS = {
+    ("Microsoft.EventGrid/systemTopics", "DeadLetteredCount"): "a dead-lettered rotation event",
+    ("Microsoft.EventGrid/systemTopics", "DeliveryAttemptFailCount"): "Event Grid delivery failures",
+    ("microsoft.insights/components", "requests/failed"): "rotation function errors",
+}
+
+
+def check_alerts(templates: Iterable[Template]) -> list[str]:
+    """The alerts that make a silent stop of rotation page someone: metric alerts for dead-lettered events,
+    delivery failures and function errors, and a scheduled query on the vault's audit logs for "near expiry
+    and no new version written"; every alert notifies the action group taken from an actionGroupId
+    parameter (or the group created when it is empty)."""
+    problems: list[str] = []
+    templates = list(templates)
+    found: set[tuple[str, str]] = set()
+    overdue = False
+    for t in templates:
+        has_param = "actionGroupId" in t.parameters
+        group_refs = {"actionGroupResourceId", "actionGroupId"}
+        for symbol, res in t.of_type(METRIC_ALERT):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            for criterion in (p.get("criteria") or {}).get("allOf") or []:
+                found.add((str(criterion.get("metricNamespace")), str(criterion.get("metricName"))))
+                if criterion.get("threshold") != 0 or criterion.get("operator") != "GreaterThan":
+                    problems.append(f"{where}: must fire on the first occurrence (GreaterThan 0)")
+            targets = {a.get("actionGroupId") for a in p.get("actions") or [] if isinstance(a, dict)}
+            if not has_param or not targets & group_refs:
+                problems.append(f"{where}: does not notify the actionGroupId parameter's action group")
+        for symbol, res in t.of_type(SCHEDULED_QUERY):
+            where = f"{t.name}:{symbol}"
+            p = _props(res)
+            criteria = (p.get("criteria") or {}).get("allOf") or []
+            text = json.dumps([t.resolve(c.get("query")) for c in criteria if isinstance(c, dict)])
+            if "SecretNearExpiryEventGridNotification" in text and "SecretSet" in text:
+                overdue = True
+                if p.get("autoMitigate") is not False:
+                    problems.append(f"{where}: autoMitigate must be false (the alert stays until closed)")
+                if "ago(overdue)" not in text:
+                    problems.append(f"{where}: query has no overdue grace period")
+            groups = set((p.get("actions") or {}).get("actionGroups") or [])
+            if not has_param or not groups & group_refs:
+                problems.append(f"{where}: does not notify the actionGroupId parameter's action group")
+    for key, what in REQUIRED_METRIC_ALERTS.items():
+        if key not in found:
+            problems.append(f"no metric alert for {what} ({key[0]} {key[1]})")
+    if not overdue:
+        problems.append("no scheduled query alert for a secret near expiry without a new version")
+    return problems
+
+
+# ------------------------------------------------------------------------------------ token limits
+
+
+def check_token_limits(templates: Iterable[Template]) -> list[str]:
+    """The APIM named value the token-limit policy reads is set from a bounded parameter with a default, and
+    the API's Application Insights diagnostic has custom metrics on (the token-metric policy needs it)."""
+    problems: list[str] = []
+    named = metrics = False
+    for t in templates:
+        for symbol, res in t.of_type("Microsoft.ApiManagement/service/namedValues"):
+            p = _props(res)
+            if config_of(res).get("name") != "apimvault-tokens-per-minute":
+                continue
+            named = True
+            value = p.get("value")
+            fn = value.get("function") if isinstance(value, dict) else None
+            ref = ((fn or {}).get("parameters") or {}).get("value_to_convert")
+            param = t.parameters.get(ref) if isinstance(ref, str) else None
+            if (
+                param is None
+                or not isinstance(param.get("default"), int)
+                or t.decorator(ref, "min_value") is None
+            ):
+                problems.append(
+                    f"{t.name}:{symbol}: value is not string(<int param with default and @minValue>)"
+                )
+            if p.get("secret") is not False:
+                problems.append(f"{t.name}:{symbol}: secret is not explicitly false")
+        for _, res in t.of_type("Microsoft.ApiManagement/service/apis/diagnostics"):
+            p = _props(res)
+            if p.get("metrics") is True and p.get("logClientIp") is False:
+                metrics = True
+    if not named:
+        problems.append("no named value apimvault-tokens-per-minute for the azure-openai-token-limit policy")
+    if not metrics:
+        problems.append("no API diagnostic with metrics: true (and logClientIp: false) for the token metrics")
+    return problems

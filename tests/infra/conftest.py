@@ -1,4 +1,5 @@
-"""Fixtures for the infra tests: the function folder on ``sys.path`` as the Functions host sees it."""
+"""Fixtures for the infra tests: the function folder on ``sys.path`` as the Functions host sees it, and the
+parsed Bicep templates (parsed once per session; pycep results are also cached on disk by content hash)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .bicep_policy import Template
 
 FUNCTION_DIR = Path(__file__).resolve().parents[2] / "infra" / "rotation_function"
 
@@ -25,3 +30,12 @@ def function_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def handler(function_dir: Path) -> ModuleType:
     """``infra/rotation_function/rotation_handler.py``, imported the way the Functions host imports it."""
     return importlib.import_module("rotation_handler")
+
+
+@pytest.fixture(scope="session")
+def templates() -> list[Template]:
+    """Every ``infra/**/*.bicep`` file parsed by pycep, once per test session."""
+    pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
+    from .bicep_policy import load_templates
+
+    return load_templates()

@@ -21,22 +21,24 @@ from .bicep_policy import (
     SECRETS_OFFICER,
     SECRETS_USER,
     SYSTEM_TOPIC,
+    V2_TIERS,
     Template,
+    check_alerts,
     check_apim,
+    check_custom_role_ordering,
+    check_function_apps,
     check_key_vaults,
     check_outputs_and_parameters,
     check_role_assignments,
     check_rotation_secret,
+    check_secret_seeding,
+    check_token_limits,
+    custom_property_branches,
+    custom_role_kind,
     dotted,
-    load_templates,
     parse_text,
     role_grants,
 )
-
-
-@pytest.fixture(scope="module")
-def templates() -> list[Template]:
-    return load_templates()
 
 
 def _one(templates: list[Template], name: str) -> Template:
@@ -92,11 +94,46 @@ def test_role_assignments_are_scoped_to_the_secret_or_the_apim_subscription(
 def test_the_expected_least_privilege_grants_exist(templates: list[Template]) -> None:
     grants = role_grants(templates)
     assert (SECRETS_USER, '"appPrincipalId"', SECRET) in grants
-    assert (SECRETS_OFFICER, '"rotatorPrincipalId"', SECRET) in grants
-    assert ("custom", '"rotatorPrincipalId"', APIM_SUBSCRIPTION) in grants
+    # The rotator: a custom data role with only get/set/readMetadata on the secret (Secrets Officer could
+    # also delete, purge, back up and restore), and the four-action custom role on the APIM subscription.
+    assert ("custom:secret-rotator", '"rotatorPrincipalId"', SECRET) in grants
+    assert ("custom:apim-key-rotator", '"rotatorPrincipalId"', APIM_SUBSCRIPTION) in grants
+    assert not [g for g in grants if g[0] == SECRETS_OFFICER]
     # The app identity gets nothing else; the rotator nothing beyond the secret and the APIM subscription.
     assert {g for g in grants if g[1] == '"appPrincipalId"'} == {(SECRETS_USER, '"appPrincipalId"', SECRET)}
     assert {g[2] for g in grants if g[1] == '"rotatorPrincipalId"'} == {SECRET, APIM_SUBSCRIPTION}
+
+
+def test_custom_roles_are_assignable_on_one_resource_and_assigned_only_on_the_second_deployment(
+    templates: list[Template],
+) -> None:
+    """Issue 15 points 6-8: exact permissions, a single resource as assignable scope, and no assignment of a
+    role definition created in the same deployment (phase 2 assigns what phase 1 defined)."""
+    assert check_custom_role_ordering(templates) == []
+    kinds = {}
+    for t in templates:
+        for _, res in t.of_type("Microsoft.Authorization/roleDefinitions"):
+            kinds[custom_role_kind(res)] = (t.name, res["config"]["properties"]["assignableScopes"])
+    assert set(kinds) == {"apim-key-rotator", "secret-rotator"}
+    assert kinds["secret-rotator"][1] == [
+        {"operator": {"type": "property_accessor", "operands": {"operand_1": "vault", "operand_2": "id"}}}
+    ]
+    assert kinds["apim-key-rotator"][1] == [
+        {"operator": {"type": "property_accessor", "operands": {"operand_1": "apim", "operand_2": "id"}}}
+    ]
+    # Both role assignments hang on the phase-2 switch.
+    main = _one(templates, "main.bicep")
+    assert main.modules["apim"]["config"]["params"]["assignRotatorRole"] == "enableRotationEventSubscription"
+    assert (
+        main.modules["secret"]["config"]["params"]["assignRotatorRole"] == "enableRotationEventSubscription"
+    )
+    for name, symbol in (
+        ("modules/apim.bicep", "rotatorOnSubscription"),
+        ("modules/secret.bicep", "rotatorSecretRotator"),
+    ):
+        t = _one(templates, name)
+        assert t.resources[symbol]["config"]["condition"] == "assignRotatorRole"
+        assert t.parameters["assignRotatorRole"]["default"] is False
 
 
 def test_main_wires_each_identity_to_its_own_principal_parameter(templates: list[Template]) -> None:
@@ -143,7 +180,7 @@ def test_apim_tls_min_api_version_subscription_header_and_tracing_off(templates:
 
 def test_secret_rotation_tags_expiry_and_seed(templates: list[Template]) -> None:
     assert check_rotation_secret(templates) == []
-    secret = _one(templates, "modules/secret.bicep")
+    secret = _one(templates, "modules/secretSeed.bicep")
     assert secret.parameters["validityDays"]["default"] == 60
     main = _one(templates, "main.bicep")
     assert main.parameters["secretValidityDays"]["default"] == 60
@@ -235,6 +272,47 @@ resource groupWide 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid('b')
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', officer)
+    principalId: rotatorPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+resource secret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' existing = {
+  parent: kv
+  name: 's'
+}
+resource officerOnSecret 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid('d')
+  scope: secret
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', officer)
+    principalId: rotatorPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+resource groupScopedRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid('e')
+  properties: {
+    roleName: 'right actions, resource-group scope'
+    permissions: [
+      {
+        actions: [
+          'Microsoft.ApiManagement/service/subscriptions/read'
+          'Microsoft.ApiManagement/service/subscriptions/listSecrets/action'
+          'Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action'
+          'Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action'
+        ]
+      }
+    ]
+    assignableScopes: [
+      resourceGroup().id
+    ]
+  }
+}
+resource sameDeployment 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid('f')
+  scope: secret
+  properties: {
+    roleDefinitionId: groupScopedRole.id
     principalId: rotatorPrincipalId
     principalType: 'ServicePrincipal'
   }
@@ -356,7 +434,11 @@ resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
                 "vaultWide: Key Vault Secrets User scoped to Microsoft.KeyVault/vaults",
                 "vaultWide: appPrincipalId gets a role on Microsoft.KeyVault/vaults",
                 "groupWide: no scope (assigned at the resource group)",
-                "broadRole: actions",
+                "broadRole: permissions are not exactly one of the custom roles",
+                "officerOnSecret: Key Vault Secrets Officer can delete and purge",
+                "groupScopedRole: assignableScopes",
+                "sameDeployment: custom role apim-key-rotator assigned on Microsoft.KeyVault/vaults/secrets",
+                "sameDeployment: assigns a custom role defined in the same deployment",
             ],
             id="role-assignments",
         ),
@@ -407,10 +489,16 @@ resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
     ],
 )
 def test_each_check_flags_a_bad_snippet(check, snippet: str, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    if check is check_role_assignments:
+        check = _role_checks
     problems = check([parse_text(snippet)])
     text = "\n".join(problems)
     missing = [e for e in expected if e not in text]
     assert not missing, f"not flagged: {missing}\nproblems:\n{text}"
+
+
+def _role_checks(templates: list[Template]) -> list[str]:
+    return check_role_assignments(templates) + check_custom_role_ordering(templates)
 
 
 def test_validity_days_at_or_below_thirty_is_flagged() -> None:
@@ -419,3 +507,175 @@ def test_validity_days_at_or_below_thirty_is_flagged() -> None:
     assert any("ValidityPeriodDays is 1, must be > 30" in p for p in problems), problems
     literal = BAD_SECRET.replace("string(validityDays)", "'14'")
     assert any("ValidityPeriodDays is 14" in p for p in check_rotation_secret([parse_text(literal)]))
+
+
+# ------------------------------------------- issue 15 points 3, 4, 9, 10 and issue 11's redeploy point
+
+
+def test_triple_des_setting_only_for_tiers_that_support_cipher_changes(templates: list[Template]) -> None:
+    """Point 3: v2 tiers do not support changes to the default cipher configuration."""
+    apim = _one(templates, "modules/apim.bicep")
+    branches = custom_property_branches(
+        apim, apim.resources["apim"]["config"]["properties"]["customProperties"]
+    )
+    with_cipher = [guard for guard, props in branches if any(".Ciphers." in k for k in props)]
+    assert with_cipher == ["supportsCipherSettings"]
+    allowed = set(apim.decorator("skuName", "allowed"))
+    assert allowed <= V2_TIERS  # every allowed tier takes the branch without cipher settings
+    main = _one(templates, "main.bicep")
+    assert set(main.decorator("apimSkuName", "allowed")) <= V2_TIERS
+
+
+def test_function_app_has_no_cors_few_instances_one_invocation_each_and_waits_for_storage_endpoint(
+    templates: list[Template],
+) -> None:
+    """Point 4."""
+    assert check_function_apps(templates) == []
+    rotation = _one(templates, "modules/rotation.bicep")
+    assert rotation.parameters["maximumInstanceCount"]["default"] == 1
+    assert "storagePrivateEndpoint" in rotation.resources["functionApp"]["config"]["dependsOn"]
+
+
+def test_redeploys_leave_the_secret_versions_and_expiry_alone(templates: list[Template]) -> None:
+    """Issue 11 point 6: only a first deployment (seedSecret=true) writes a secret version; every other
+    deployment (phase 2 included) deploys no resource that writes the secret."""
+    assert check_secret_seeding(templates) == []
+    main = _one(templates, "main.bicep")
+    assert main.parameters["seedSecret"] == {
+        **main.parameters["seedSecret"],
+        "type": "bool",
+        "default": False,
+    }
+    assert main.modules["secretSeed"]["config"]["condition"] == "seedSecret"
+    assert "secretSeed" in main.modules["secret"]["config"]["dependsOn"]
+    writers = [t.name for t in templates if any(True for _ in t.of_type(SECRET))]
+    assert writers == ["modules/secretSeed.bicep"]
+    secret = _one(templates, "modules/secret.bicep")
+    assert secret.resources["apimKeySecret"]["existing"] is True
+    params = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert "seedSecret" not in params, "the parameter file is used for every deployment: no seedSecret there"
+
+
+def test_alerts_page_when_rotation_stops(templates: list[Template]) -> None:
+    """Point 9: dead letters, delivery failures, function errors, near expiry without a new version."""
+    assert check_alerts(templates) == []
+    alerts = _one(templates, "modules/alerts.bicep")
+    assert alerts.parameters["actionGroupId"]["default"] == ""
+    main = _one(templates, "main.bicep")
+    assert main.modules["alerts"]["config"]["params"]["actionGroupId"] == "alertActionGroupId"
+    assert main.decorator("rotationOverdueHours", "min_value") >= 25  # past Event Grid's 24 h of retries
+
+
+def test_token_limit_and_metrics_have_safe_defaults(templates: list[Template]) -> None:
+    """Point 10: the limit is a bounded parameter with a default; metrics need the API diagnostic."""
+    assert check_token_limits(templates) == []
+    main = _one(templates, "main.bicep")
+    assert main.parameters["tokensPerMinute"]["default"] == 10000
+    assert main.modules["apim"]["config"]["params"]["tokensPerMinute"] == "tokensPerMinute"
+
+
+BAD_FUNCTION = """
+@maxValue(100)
+param instances int = 40
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: 'st'
+}
+resource app 'Microsoft.Web/sites@2024-04-01' = {
+  name: 'func'
+  properties: {
+    siteConfig: {
+      cors: {
+        allowedOrigins: []
+      }
+      appSettings: []
+    }
+    functionAppConfig: {
+      scaleAndConcurrency: {
+        maximumInstanceCount: instances
+      }
+    }
+  }
+}
+"""
+
+BAD_SEEDING = """
+param seedSecret bool = true
+module seed 'modules/seed.bicep' = if (seedSecret) {
+  name: 'seed'
+}
+module always 'modules/seed.bicep' = {
+  name: 'always'
+}
+"""
+
+BAD_ALERTS = """
+resource topic 'Microsoft.EventGrid/systemTopics@2025-02-15' existing = {
+  name: 't'
+}
+resource a 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: 'a'
+  properties: {
+    criteria: {
+      allOf: [
+        {
+          metricNamespace: 'Microsoft.EventGrid/systemTopics'
+          metricName: 'DeadLetteredCount'
+          operator: 'GreaterThan'
+          threshold: 5
+        }
+      ]
+    }
+    actions: []
+  }
+}
+"""
+
+
+def test_function_seeding_alert_and_token_checks_flag_bad_snippets() -> None:
+    function = "\n".join(check_function_apps([parse_text(BAD_FUNCTION)]))
+    for expected in (
+        "siteConfig.cors is not supported",
+        "maximumInstanceCount can be 100",
+        "perInstanceConcurrency is None, not 1",
+        "PYTHON_THREADPOOL_THREAD_COUNT is not '1'",
+        "does not depend on the storage account's blob private endpoint",
+    ):
+        assert expected in function, function
+    seed = parse_text("resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {\n  name: 'kv/s'\n}\n")
+    seed.name = "modules/seed.bicep"
+    seeding = "\n".join(check_secret_seeding([parse_text(BAD_SEEDING, "main.bicep"), seed]))
+    assert "main.bicep:seed: deploys modules/seed.bicep" in seeding, seeding
+    assert "main.bicep:always: deploys modules/seed.bicep" in seeding, seeding
+    alerts = "\n".join(check_alerts([parse_text(BAD_ALERTS)]))
+    for expected in (
+        "a: must fire on the first occurrence",
+        "a: does not notify the actionGroupId parameter's action group",
+        "Event Grid delivery failures",
+        "rotation function errors",
+        "no scheduled query alert",
+    ):
+        assert expected in alerts, alerts
+    tokens = "\n".join(check_token_limits([parse_text(BAD_FUNCTION)]))
+    assert "no named value apimvault-tokens-per-minute" in tokens
+    assert "no API diagnostic with metrics: true" in tokens
+
+
+def test_cipher_settings_unconditionally_on_a_v2_tier_are_flagged() -> None:
+    snippet = """
+resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
+  name: 'apim'
+  properties: {
+    customProperties: {
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls11': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Ssl30': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls10': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Tls11': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Backend.Protocols.Ssl30': 'False'
+      'Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Ciphers.TripleDes168': 'False'
+    }
+  }
+}
+"""
+    problems = check_apim([parse_text(snippet)])
+    assert any("TripleDes168" in p and "v2 tiers" in p for p in problems), problems

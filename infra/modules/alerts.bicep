@@ -1,0 +1,229 @@
+// Alerts that page someone when rotation stops silently. All go to one action group: an existing one
+// (actionGroupId) or, when that is empty, one created here with e-mail receivers.
+//  1. A rotation event was dead-lettered (Event Grid gave up after its retries: the key was NOT rotated).
+//  2. Event Grid failed to deliver to the function (each failed attempt; retries may still succeed).
+//  3. The rotation function failed (failed invocations in Application Insights).
+//  4. The secret is near expiry and no new version was written: Key Vault logged its SecretNearExpiry
+//     notification for the secret more than rotationOverdueHours ago (by then Event Grid's 24-hour retry
+//     window is over) and no successful SecretSet on the secret followed. The secret is then within
+//     30 days - rotationOverdueHours of expiry (about 29 days with the default) and nothing is rotating it.
+//     A scheduled query on the vault's audit logs (AzureDiagnostics), not on the function's own telemetry, so
+//     it also fires when the function, its identity or the Event Grid subscription is gone. It stays fired
+//     (autoMitigate false) until someone closes it.
+
+param location string
+param tags object = {}
+
+@description('Resource id of an existing action group. Empty: create one with alertEmailAddresses as receivers.')
+param actionGroupId string = ''
+
+@description('Name of the action group created when actionGroupId is empty.')
+param actionGroupName string
+
+@description('E-mail receivers of the created action group.')
+param emailAddresses array = []
+
+param systemTopicName string
+param appInsightsName string
+param logAnalyticsWorkspaceId string
+param keyVaultName string
+param secretName string
+
+@description('Hours after Key Vault\'s SecretNearExpiry notification without a new secret version before the overdue-rotation alert fires. At least 25 (Event Grid retries for 24 hours), at most 47 (the query looks back 2 days).')
+@minValue(25)
+@maxValue(47)
+param rotationOverdueHours int = 26
+
+var createActionGroup = empty(actionGroupId)
+
+resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (createActionGroup) {
+  name: actionGroupName
+  location: 'global'
+  tags: tags
+  properties: {
+    groupShortName: 'apimvault'
+    enabled: true
+    emailReceivers: [for (address, i) in emailAddresses: {
+      name: 'email-${i}'
+      emailAddress: address
+      useCommonAlertSchema: true
+    }]
+  }
+}
+
+var actionGroupResourceId = createActionGroup ? actionGroup.id : actionGroupId
+
+resource systemTopic 'Microsoft.EventGrid/systemTopics@2025-02-15' existing = {
+  name: systemTopicName
+}
+
+resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: appInsightsName
+}
+
+resource deadLettered 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: 'apimvault-rotation-dead-lettered'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'A SecretNearExpiry event for the APIM key was dead-lettered: the key was NOT rotated. See the rotation-deadletter container and the function logs; rotate with apimvault rotate.'
+    severity: 1
+    enabled: true
+    scopes: [
+      systemTopic.id
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: false
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'DeadLettered'
+          metricNamespace: 'Microsoft.EventGrid/systemTopics'
+          metricName: 'DeadLetteredCount'
+          operator: 'GreaterThan'
+          threshold: 0
+          timeAggregation: 'Total'
+        }
+      ]
+    }
+    actions: [
+      {
+        actionGroupId: actionGroupResourceId
+      }
+    ]
+  }
+}
+
+resource deliveryFailures 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: 'apimvault-rotation-delivery-failures'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'Event Grid could not deliver a rotation event to the function (it retries for 24 hours, then dead-letters). Check the function app, its inbound restrictions and the AegDeliveryFailureLogs table.'
+    severity: 2
+    enabled: true
+    scopes: [
+      systemTopic.id
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'DeliveryFailed'
+          metricNamespace: 'Microsoft.EventGrid/systemTopics'
+          metricName: 'DeliveryAttemptFailCount'
+          operator: 'GreaterThan'
+          threshold: 0
+          timeAggregation: 'Total'
+        }
+      ]
+    }
+    actions: [
+      {
+        actionGroupId: actionGroupResourceId
+      }
+    ]
+  }
+}
+
+resource functionErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: 'apimvault-rotation-function-errors'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'The rotation function failed (failed invocations in Application Insights). Event Grid retries; the function logs (FunctionAppLogs, AppExceptions) name the error, never the key.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'FailedInvocations'
+          metricNamespace: 'microsoft.insights/components'
+          metricName: 'requests/failed'
+          operator: 'GreaterThan'
+          threshold: 0
+          timeAggregation: 'Count'
+        }
+      ]
+    }
+    actions: [
+      {
+        actionGroupId: actionGroupResourceId
+      }
+    ]
+  }
+}
+
+// Key Vault audit logs land in AzureDiagnostics (the vault's diagnostic setting sets no destination type).
+// SecretNearExpiryEventGridNotification is logged whether or not an Event Grid subscription exists.
+var overdueQuery = format('''
+let secretName = "{0}";
+let vaultName = "{1}";
+let overdue = {2}h;
+let vaultLogs = AzureDiagnostics
+  | where ResourceProvider == "MICROSOFT.KEYVAULT" and Resource =~ vaultName;
+let lastWrite = toscalar(vaultLogs
+  | where OperationName == "SecretSet" and httpStatusCode_d == 200
+  | where id_s contains strcat("/secrets/", secretName, "/")
+  | summarize max(TimeGenerated));
+vaultLogs
+  | where OperationName == "SecretNearExpiryEventGridNotification"
+  | where eventGridEventProperties_data_ObjectName_s == secretName
+  | summarize notifiedAt = max(TimeGenerated), expiresAt = max(unixtime_seconds_todatetime(eventGridEventProperties_data_EXP_d))
+  | where isnotnull(notifiedAt) and notifiedAt < ago(overdue)
+  | where isnull(lastWrite) or lastWrite < notifiedAt
+  | extend daysToExpiry = datetime_diff("day", expiresAt, now())
+''', secretName, keyVaultName, rotationOverdueHours)
+
+resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: 'apimvault-rotation-overdue'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'apimvault: APIM key near expiry and not rotated'
+    description: 'Key Vault announced SecretNearExpiry for the APIM key more than ${rotationOverdueHours} hours ago and no new version was written. Clients keep working until the expiry (daysToExpiry in the result); rotate now with apimvault rotate and find out why the function did not.'
+    severity: 1
+    enabled: true
+    scopes: [
+      logAnalyticsWorkspaceId
+    ]
+    evaluationFrequency: 'PT1H'
+    windowSize: 'P2D'
+    autoMitigate: false
+    criteria: {
+      allOf: [
+        {
+          query: overdueQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: [
+        actionGroupResourceId
+      ]
+    }
+  }
+}
+
+output actionGroupId string = actionGroupResourceId
