@@ -31,7 +31,6 @@ from apimvault import (
     InvalidSecretValueError,
     SecretDisabledError,
     SecretNotFoundError,
-    SecretNotYetValidError,
     SubscriptionKeyProvider,
     VaultUnavailableError,
     create_azure_openai,
@@ -173,25 +172,30 @@ def test_current_version_disabled_mid_run_is_no_longer_served(
 
 @pytest.mark.parametrize("api", APIS)
 def test_pre_staged_not_yet_valid_version_waits_for_its_not_before(azure: LocalAzure, api: Api) -> None:
+    """Issue 10 item 11: a version staged far ahead (not_before past the hard limit) is no outage: the
+    cached version is confirmed by id and kept until the staged one becomes valid, then replaced."""
     app = new_app_secret(azure)
     clock = FakeClock()
     h = harness(api, azure, app, clock=clock)
     try:
         assert h.chat(False)
         good = h.current()
+        assert good is not None
         staged = azure.keyvault.put_secret(
-            app.name, app.subscription.secondary_key, not_before=int(clock.now) + 400
+            app.name, app.subscription.secondary_key, not_before=int(clock.now) + 3 * HARD_LIMIT
         ).version
-        h.advance(STALE)
-        assert h.chat(False)  # the old key keeps working
-        h.wait("errors", 1)
-        assert isinstance(h.rec.errors[0].error, SecretNotYetValidError)
-        assert h.current() == good
-        h.advance(100)  # now past not_before (and past the back-off)
+        for step in range(1, 9):  # 8 x 310 s: well past the old key's hard limit (900 s)
+            h.advance(STALE)
+            assert h.chat(False)  # the old key keeps working
+            h.wait("refreshed", step + 1)
+            assert h.current() == good
+        assert h.rec.errors == []  # a pre-staged version is not a failure
+        h.advance(3 * HARD_LIMIT - 8 * STALE + 1)  # now past not_before: the next read takes it
         assert h.chat(False)
-        h.wait("refreshed", 2)
+        h.wait("refreshed", 10)
         assert h.current().version == staged  # type: ignore[union-attr]
-        assert gateway_uses(azure, app)[-1] in ("primary", "secondary")
+        assert h.chat(False)
+        assert gateway_uses(azure, app)[-1] == "secondary"
     finally:
         h.close()
 

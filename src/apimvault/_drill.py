@@ -505,7 +505,7 @@ class Drill:
         # Rotations stay at least two forced-refresh intervals apart, however short the drill: a client
         # may force one refresh per interval, and two revocations inside one interval would be a drill of
         # the rate limit, not of the rotation.
-        gap = 2 * float(self.policy.forced_refresh_interval)  # type: ignore[arg-type]
+        gap = 2 * self.policy.forced_refresh_interval
         self._wait_until(0.10 * d)
         self._rotate(push=False)
         self._wait_until(max(0.20 * d, self.elapsed() + gap))
@@ -535,7 +535,7 @@ class Drill:
         last = len(self.rotations) - 1
         if self.rotations and self.rotations[last].convergence_s is None:
             self.log("waiting for every client to reach the last version")
-            self._wait_converged(last, d + self.policy.ttl_s + 5)
+            self._wait_converged(last, d + self.policy.ttl + 5)
 
     def _inject(self, service: str, kind: str, **fields: Any) -> None:
         assert self.target.faults is not None
@@ -776,11 +776,11 @@ class Drill:
             },
             "clients": len(self.slots),
             "policy": {
-                "ttl_s": self.policy.ttl_s,
+                "ttl_s": self.policy.ttl,
                 "jitter": self.policy.jitter,
-                "refresh_margin_s": self.policy.margin_s,
-                "max_staleness_s": self.policy.staleness_s,
-                "forced_refresh_interval_s": float(self.policy.forced_refresh_interval),  # type: ignore[arg-type]
+                "refresh_margin_s": self.policy.margin,
+                "max_staleness_s": self.policy.max_staleness,
+                "forced_refresh_interval_s": self.policy.forced_refresh_interval,
             },
             "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
             "chaos": self.chaos_log if self.chaos else None,
