@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from types import TracebackType
 
@@ -29,13 +28,17 @@ class _Flight:
     generation: int
     task: asyncio.Task[_Outcome] | None = None
 
-    async def outcome(self, where: str) -> SubscriptionKey:
-        """Await (bounded by ``FLIGHT_WAIT_LIMIT``) and return the key or raise the read's error."""
+    async def settle(self, where: str) -> _Outcome:
+        """Await the read's end, bounded by ``FLIGHT_WAIT_LIMIT`` (then raise VaultUnavailableError)."""
         assert self.task is not None
         try:
-            key, error = await asyncio.wait_for(asyncio.shield(self.task), FLIGHT_WAIT_LIMIT)
+            return await asyncio.wait_for(asyncio.shield(self.task), FLIGHT_WAIT_LIMIT)
         except TimeoutError:
             raise flight_timeout(where) from None
+
+    async def outcome(self, where: str) -> SubscriptionKey:
+        """Await (bounded) and return the key or raise the read's error."""
+        key, error = await self.settle(where)
         if error is not None:
             raise fresh_copy(error)
         assert key is not None
@@ -92,8 +95,7 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
                 flight = self._flight or self._start("refresh")
             if flight.generation >= wanted:
                 return await flight.outcome(self.where)
-            with contextlib.suppress(KeyUnavailableError):
-                await flight.outcome(self.where)
+            await flight.settle(self.where)
 
     async def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """Async twin of :meth:`SubscriptionKeyProvider.refresh_after_rejection`."""

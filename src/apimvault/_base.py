@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import logging
 import math
 import os
@@ -63,6 +64,14 @@ FLIGHT_WAIT_LIMIT = 70.0
 
 Reason = Literal["load", "refresh ahead", "invalidated", "refresh", "401 from gateway"]
 """Why a provider read Key Vault (``KeyEvent.reason``)."""
+
+
+class PushPlan(enum.Enum):
+    """What a provider does about a Key Vault event (see ``ProviderBase._push_event``)."""
+
+    SKIP = "skip"  # it already holds the version the event names
+    READ = "read"  # read Key Vault now (refresh)
+    DEFERRED = "deferred"  # invalidated: one background refresh, rate limited or spread
 
 
 class Read(NamedTuple):
@@ -405,17 +414,23 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             self._cache.invalidate(spread, self.monotonic())
             self._fast = None
 
-    def _claim_push_read(self, version: str | None) -> bool:
-        """For an event naming ``version``: ``True`` if the caller should read Key Vault now; otherwise
-        the event costs nothing (version held) or leaves one background refresh pending (rate limit)."""
+    def _push_event(self, version: str | None, spread: float) -> PushPlan:
+        """An event about this provider's secret (naming ``version``, if it does): what to do.
+
+        An event naming the version already held costs nothing. Otherwise at most one push-triggered
+        read per ``policy.forced_refresh_interval`` happens now (``READ``: the caller calls
+        ``refresh()``); more events in the interval coalesce into one background refresh when it ends
+        (``DEFERRED``), as does every event when ``spread`` scatters the fleet's reads.
+        """
         with self._lock:
             entry = self._cache.usable()
             if version is not None and entry is not None and entry.key.version == version:
-                return False
-            self._n.add("invalidations")
-            claimed = self._cache.claim_push_read(self.monotonic())
+                return PushPlan.SKIP
             self._fast = None
-            return claimed
+            if spread == 0 and self._cache.claim_push_read(self.monotonic()):
+                return PushPlan.READ
+        self.invalidate(spread=spread)
+        return PushPlan.DEFERRED
 
     # ------------------------------------------------------------------------- Key Vault reads
 

@@ -380,13 +380,12 @@ class KeyCache:
         return self.pushes
 
     def claim_push_read(self, now: float | None = None) -> bool:
-        """May a push read Key Vault now? At most one push-triggered read per ``forced_refresh_interval``:
-        ``True`` records it; ``False`` leaves one background refresh pending for when the interval ends."""
+        """May a push read Key Vault now? At most one push-triggered read per ``forced_refresh_interval``;
+        ``True`` records it."""
         now = self._now(now)
         if now >= self.last_push_at + self.policy.forced_refresh_interval:
             self.last_push_at = now
             return True
-        self.invalidate(now=now)
         return False
 
     def invalidate(self, spread: float = 0.0, now: float | None = None) -> None:

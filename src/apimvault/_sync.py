@@ -28,10 +28,14 @@ class _Flight:
     key: SubscriptionKey | None = None
     error: BaseException | None = None
 
-    def outcome(self, where: str) -> SubscriptionKey:
-        """Wait (bounded by ``FLIGHT_WAIT_LIMIT``) and return the key or raise the read's error."""
+    def settle(self, where: str) -> None:
+        """Wait for the read to end, bounded by ``FLIGHT_WAIT_LIMIT`` (then raise VaultUnavailableError)."""
         if not self.done.wait(FLIGHT_WAIT_LIMIT):
             raise flight_timeout(where)
+
+    def outcome(self, where: str) -> SubscriptionKey:
+        """Wait (bounded) and return the key or raise the read's error."""
+        self.settle(where)
         if self.error is not None:
             raise fresh_copy(self.error)
         assert self.key is not None
@@ -101,8 +105,7 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
                 self._run(flight)
             if flight.generation >= wanted:
                 return flight.outcome(self.where)
-            if not flight.done.wait(FLIGHT_WAIT_LIMIT):
-                raise flight_timeout(self.where)
+            flight.settle(self.where)
 
     def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """The gateway refused ``sent`` (APIM 401). Return a different key to re-send with, or ``None``.
