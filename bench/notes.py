@@ -83,7 +83,7 @@ def fleet_reading(r: Results) -> str:
         return ""
     n = base.config.processes
     limit = base.config.limit
-    sweep = {f.config.policy.ttl_s: f for name, f in r.fleet if name.startswith("sweep")}
+    sweep = {f.config.policy.ttl: f for name, f in r.fleet if name.startswith("sweep")}
     ttl60 = sweep.get(60.0)
     ttl60_line = ""
     if ttl60 is not None:

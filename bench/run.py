@@ -394,7 +394,7 @@ def sweep_rows(r: Results) -> list[list[str]]:
         rate = f.reads / f.config.day * 10
         rows.append(
             [
-                f"{f.config.policy.ttl_s:g} s",
+                f"{f.config.policy.ttl:g} s",
                 f"{rate:,.0f}",
                 str(steady),
                 f"{f.config.limit / max(rate, 1e-9):.1f}x",

@@ -353,8 +353,8 @@ def run_stress(
     sync_provider.close()
     # What the policy allows: a cold read, one refresh per (shortest jittered TTL - margin) of simulated time,
     # one forced refresh per forced_refresh_interval, and one read per push.
-    cycle = policy.ttl_s * (1 - policy.jitter) - policy.margin_s
-    forced = float(policy.forced_refresh_interval)  # type: ignore[arg-type]
+    cycle = policy.ttl * (1 - policy.jitter) - policy.margin
+    forced = policy.forced_refresh_interval
     result.read_bound = (
         1
         + math.ceil(result.simulated_s / cycle)

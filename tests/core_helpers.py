@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
+
+from azure.core.pipeline.policies import AsyncHTTPPolicy, SansIOHTTPPolicy
 
 from apimvault import KeyEvent
 from apimvault.local import ROLE_USER, LocalAzure
@@ -94,3 +99,53 @@ class Events:
         with self._cond:
             ok = self._cond.wait_for(lambda: len(getattr(self, what)) >= count, timeout)
         assert ok, f"timed out waiting for {count} {what} (have {len(getattr(self, what))})"
+
+
+class Gate(SansIOHTTPPolicy):  # type: ignore[misc]
+    """A public azure-core per-call policy: holds the next GetSecret response until the test opens it."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+        self.holding = threading.Event()
+        self.open = threading.Event()
+
+    def on_response(self, request: Any, response: Any) -> None:
+        if self.armed.is_set() and request.http_request.method == "GET":
+            self.armed.clear()
+            self.holding.set()
+            assert self.open.wait(30)
+
+
+class AsyncGate(AsyncHTTPPolicy):  # type: ignore[misc]
+    """The aio twin of :class:`Gate` (holds the response without blocking the event loop)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.holding = asyncio.Event()
+        self.open = asyncio.Event()
+
+    async def send(self, request: Any) -> Any:
+        response = await self.next.send(request)
+        if self.armed and request.http_request.method == "GET":
+            self.armed = False
+            self.holding.set()
+            await asyncio.wait_for(self.open.wait(), 30)
+        return response
+
+
+def blocked_in(thread: threading.Thread, *names: str, module: str = "_sync.py") -> bool:
+    """Whether ``thread`` is inside a function called one of ``names`` of ``module`` (a wait, not time)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name in names and frame.f_code.co_filename.endswith(module):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def wait_until(predicate: Any, what: str, limit_s: float = 30) -> None:
+    """Poll ``predicate()`` until it holds, bounded by a generous deadline (a condition, not a sleep)."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        threading.Event().wait(0.005)

@@ -151,14 +151,14 @@ def test_cache_policy_arguments(kwargs: dict[str, Any]) -> None:
         policy = CachePolicy(**kwargs)
     except ConfigurationError:
         return
-    assert policy.ttl_s > 0 and math.isfinite(policy.ttl_s)
+    assert policy.ttl > 0 and math.isfinite(policy.ttl)
     assert 0 <= policy.jitter <= 0.5
-    assert 0 <= policy.margin_s <= policy.ttl_s / 2
-    assert policy.staleness_s >= 0
+    assert 0 <= policy.margin <= policy.ttl / 2
+    assert policy.max_staleness >= 0
     import random
 
     rng = random.Random(0)
-    assert 0 < policy.jittered_ttl(rng) <= policy.ttl_s
+    assert 0 < policy.jittered_ttl(rng) <= policy.ttl
     for failures in (1, 2, 10, 10**6):
         delay = policy.backoff(failures, rng, retry_after=rng.choice([None, 0, 5, 1e9]))
         assert delay >= 0 and math.isfinite(delay)

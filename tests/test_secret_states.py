@@ -14,12 +14,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
 import pytest
 from azure.core.credentials import AccessToken
-from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
@@ -30,15 +30,15 @@ from apimvault import (
     CredentialError,
     InvalidSecretValueError,
     SecretDisabledError,
+    SecretExpiredError,
     SecretNotFoundError,
-    SecretNotYetValidError,
     SubscriptionKeyProvider,
     VaultUnavailableError,
     create_azure_openai,
 )
 from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure
 
-from .core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary
+from .core_helpers import AppSecret, FakeClock, Gate, new_app_secret, rotate_to_secondary
 from .faults.harness import Api, Harness, make, outcome
 
 POLICY = CachePolicy(
@@ -172,26 +172,56 @@ def test_current_version_disabled_mid_run_is_no_longer_served(
 
 
 @pytest.mark.parametrize("api", APIS)
+def test_served_version_that_key_vault_reports_expired_is_dropped(
+    azure: LocalAzure, officer: SecretClient, api: Api
+) -> None:
+    """Issue 10 item 10: once Key Vault says the served version expired, it is dropped like a disabled
+    one (it was served up to max_staleness as if the error were transient)."""
+    app = new_app_secret(azure)
+    h = harness(api, azure, app)
+    try:
+        assert h.chat(False)
+        version = h.current().version  # type: ignore[union-attr]
+        past = datetime.now(UTC) - timedelta(minutes=5)
+        officer.update_secret_properties(app.name, version, expires_on=past)
+        h.provider.invalidate()  # e.g. a SecretExpired event: refresh now
+        h.get_key()
+        h.wait("errors", 1)
+        assert isinstance(h.rec.errors[0].error, SecretExpiredError)
+        assert h.current() is None
+        seen, exc = outcome(lambda: h.chat(False))
+        assert isinstance(exc, SecretExpiredError), seen
+        assert h.stats().state == "expired"
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("api", APIS)
 def test_pre_staged_not_yet_valid_version_waits_for_its_not_before(azure: LocalAzure, api: Api) -> None:
+    """Issue 10 item 11: a version staged far ahead (not_before past the hard limit) is no outage: the
+    cached version is confirmed by id and kept until the staged one becomes valid, then replaced."""
     app = new_app_secret(azure)
     clock = FakeClock()
     h = harness(api, azure, app, clock=clock)
     try:
         assert h.chat(False)
         good = h.current()
+        assert good is not None
         staged = azure.keyvault.put_secret(
-            app.name, app.subscription.secondary_key, not_before=int(clock.now) + 400
+            app.name, app.subscription.secondary_key, not_before=int(clock.now) + 3 * HARD_LIMIT
         ).version
-        h.advance(STALE)
-        assert h.chat(False)  # the old key keeps working
-        h.wait("errors", 1)
-        assert isinstance(h.rec.errors[0].error, SecretNotYetValidError)
-        assert h.current() == good
-        h.advance(100)  # now past not_before (and past the back-off)
+        for step in range(1, 9):  # 8 x 310 s: well past the old key's hard limit (900 s)
+            h.advance(STALE)
+            assert h.chat(False)  # the old key keeps working
+            h.wait("refreshed", step + 1)
+            assert h.current() == good
+        assert h.rec.errors == []  # a pre-staged version is not a failure
+        h.advance(3 * HARD_LIMIT - 8 * STALE + 1)  # now past not_before: the next read takes it
         assert h.chat(False)
-        h.wait("refreshed", 2)
+        h.wait("refreshed", 10)
         assert h.current().version == staged  # type: ignore[union-attr]
-        assert gateway_uses(azure, app)[-1] in ("primary", "secondary")
+        assert h.chat(False)
+        assert gateway_uses(azure, app)[-1] == "secondary"
     finally:
         h.close()
 
@@ -401,21 +431,6 @@ def test_wrong_tenant_is_a_credential_error(azure: LocalAzure) -> None:
 # --------------------------------------------------------------------- 401 joining an older read
 
 
-class _Gate(SansIOHTTPPolicy):  # type: ignore[misc]
-    """A public azure-core per-call policy: holds the next GetSecret response until the test opens it."""
-
-    def __init__(self) -> None:
-        self.armed = threading.Event()
-        self.holding = threading.Event()
-        self.open = threading.Event()
-
-    def on_response(self, request: Any, response: Any) -> None:
-        if self.armed.is_set() and request.http_request.method == "GET":
-            self.armed.clear()
-            self.holding.set()
-            assert self.open.wait(30)
-
-
 def _blocked_in_flight_join(thread: threading.Thread) -> bool:
     frame = sys._current_frames().get(thread.ident or -1)
     while frame is not None:
@@ -427,7 +442,7 @@ def _blocked_in_flight_join(thread: threading.Thread) -> bool:
 
 def test_401_that_joins_a_read_started_before_the_rotation_still_recovers(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
-    gate = _Gate()
+    gate = Gate()
     clock = FakeClock()
     provider = SubscriptionKeyProvider(
         azure.vault_url,

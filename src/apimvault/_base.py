@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
 import logging
+import math
 import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from importlib import import_module
+from types import MappingProxyType
+from typing import Any, Generic, Literal, NamedTuple, NoReturn, Self, TypeVar
 
-from ._fetch import validate_secret_name, validate_vault_url, validate_version
+from azure.keyvault.secrets import KeyVaultSecret
+
 from ._key import SubscriptionKey
-from ._policy import CachePolicy, Clock, KeyCache
-from .exceptions import ConfigurationError, SecretDisabledError
+from ._policy import Action, CacheEntry, CachePolicy, Clock, ForceDecision, KeyCache
+from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
+from ._vault_errors import map_error, retry_after_of
+from .exceptions import (
+    ConfigurationError,
+    SecretDisabledError,
+    SecretExpiredError,
+    SecretNotYetValidError,
+    VaultUnavailableError,
+)
 
-__all__ = ["KeyEvent", "ProviderStats"]
+__all__ = ["KeyEvent", "ProviderStats", "Reason"]
 
 log = logging.getLogger("apimvault")
 
@@ -28,14 +43,50 @@ ENV_HEADER = "APIMVAULT_HEADER_NAME"
 _HEADER_NAME = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 # SecretClient settings: apimvault retries on its own schedule (back-off, stale-if-error), so the SDK
-# retries little and never holds a caller for long.
-DEFAULT_CLIENT_KWARGS: Mapping[str, Any] = {
-    "retry_total": 1,
-    "retry_backoff_factor": 0.2,
-    "retry_backoff_max": 2,
-    "connection_timeout": 5,
-    "read_timeout": 10,
-}
+# retries little and never holds a caller for long. The shells add a retry policy that never sleeps on
+# a Retry-After inside a read (the provider's back-off honours it instead, see ``_retry``).
+DEFAULT_CLIENT_KWARGS: Mapping[str, Any] = MappingProxyType(
+    {
+        "retry_total": 1,
+        "retry_backoff_factor": 0.2,
+        "retry_backoff_max": 2,
+        "connection_timeout": 5,
+        "read_timeout": 10,
+    }
+)
+# The DefaultAzureCredential a provider creates itself (credential=None) gets the same bounds for the
+# identity endpoint (managed identity, workload identity, ...) instead of azure-core's 300 s read timeout
+# and up to 10 retries (minutes behind a hanging identity endpoint).
+DEFAULT_CREDENTIAL_KWARGS: Mapping[str, Any] = DEFAULT_CLIENT_KWARGS
+# How long a caller waits for a read in flight before it gets VaultUnavailableError (the read goes on).
+# With the defaults above a read takes at most ~2 x (5 + 10) s for the token and as much for the secret.
+FLIGHT_WAIT_LIMIT = 70.0
+
+Reason = Literal["load", "refresh ahead", "invalidated", "refresh", "401 from gateway"]
+"""Why a provider read Key Vault (``KeyEvent.reason``)."""
+
+
+class PushPlan(enum.Enum):
+    """What a provider does about a Key Vault event (see ``ProviderBase._push_event``)."""
+
+    SKIP = "skip"  # it already holds the version the event names
+    READ = "read"  # read Key Vault now (refresh)
+    DEFERRED = "deferred"  # invalidated: one background refresh, rate limited or spread
+
+
+class Read(NamedTuple):
+    """One ``get_secret`` to do: ``version`` (``None``: the latest); ``staged_at``: set when re-reading the
+    cached version because the latest is pre-staged (its ``not_before``, Unix time)."""
+
+    version: str | None
+    staged_at: float | None = None
+
+
+class Fetched(NamedTuple):
+    """A key read from Key Vault, and when (Unix time) to look again for a pre-staged newer version."""
+
+    key: SubscriptionKey
+    revisit_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +110,7 @@ class ProviderStats:
     fingerprint: str | None
     credential_id: str | None
     age_s: float | None
-    state: str  # "empty" | "fresh" | "refresh-due" | "stale" | "expired"
+    state: str  # a apimvault._policy.State value: "empty" | "fresh" | "refresh-due" | "stale" | "expired"
     vault_reads: int
     refreshes: int
     rotations: int
@@ -89,6 +140,9 @@ class _Tally:
     def __getitem__(self, name: str) -> int:
         return self._counts[name]
 
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
 
 def check_header_name(name: str) -> str:
     if not isinstance(name, str) or not name or any(c not in _HEADER_NAME for c in name):
@@ -96,23 +150,72 @@ def check_header_name(name: str) -> str:
     return name
 
 
-class ProviderBase:
-    """Configuration, counters and callbacks common to both providers."""
+def fresh_copy(error: BaseException) -> BaseException:
+    """A copy of ``error`` to raise in one more thread or task, so they never share a traceback."""
+    clone = copy.copy(error)
+    clone.__traceback__ = None
+    clone.__cause__ = error.__cause__
+    return clone
+
+
+def flight_timeout(where: str) -> VaultUnavailableError:
+    return VaultUnavailableError(
+        f"a Key Vault read for {where} did not finish within {FLIGHT_WAIT_LIMIT:.0f} s; it goes on in the "
+        "background",
+        secret=where,
+    )
+
+
+# Every live provider, so a forked child can reset what it inherited (see ProviderBase._after_fork).
+_PROVIDERS: weakref.WeakSet[ProviderBase[Any, Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for provider in list(_PROVIDERS):
+        provider._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+CredentialT = TypeVar("CredentialT")
+ClientT = TypeVar("ClientT")
+
+
+class ProviderBase(Generic[CredentialT, ClientT]):
+    """Everything the sync and async providers share that is not about threads or tasks: configuration,
+    the owned Azure clients, the cache decisions under the lock, turning Key Vault answers into keys,
+    counters, callbacks and repr. No I/O.
+
+    A shell names its flavour of the Azure clients (``_secret_client_class``, ``_identity_module`` whose
+    ``DefaultAzureCredential`` it uses when given no credential, ``_retry_policy_class``) and keeps its
+    read in flight (a ``_Flight`` holding an event or a task) in ``_flight``.
+    """
+
+    _secret_client_class: Callable[..., ClientT]
+    _identity_module: str
+    _retry_policy_class: Callable[..., Any]
 
     def __init__(
         self,
         vault_url: str,
         secret_name: str,
         *,
-        version: str | None,
-        policy: CachePolicy | None,
-        clock: Clock | None,
-        rng: random.Random | None,
-        header_name: str,
-        allow_insecure_http: bool,
-        on_refresh: Callable[[KeyEvent], None] | None,
-        on_error: Callable[[KeyEvent], None] | None,
-        on_rotate: Callable[[KeyEvent], None] | None,
+        credential: CredentialT | None = None,
+        version: str | None = None,
+        policy: CachePolicy | None = None,
+        clock: Clock | None = None,
+        monotonic: Clock | None = None,
+        rng: random.Random | None = None,
+        header_name: str = DEFAULT_HEADER,
+        secret_client: ClientT | None = None,
+        client_kwargs: Mapping[str, Any] | None = None,
+        credential_kwargs: Mapping[str, Any] | None = None,
+        allow_insecure_http: bool = False,
+        on_refresh: Callable[[KeyEvent], None] | None = None,
+        on_error: Callable[[KeyEvent], None] | None = None,
+        on_rotate: Callable[[KeyEvent], None] | None = None,
     ) -> None:
         self.vault_url = validate_vault_url(vault_url, allow_insecure_http=allow_insecure_http)
         self.secret_name = validate_secret_name(secret_name)
@@ -122,8 +225,11 @@ class ProviderBase:
         self.policy = policy if policy is not None else CachePolicy()
         if not isinstance(self.policy, CachePolicy):
             raise ConfigurationError("policy must be an apimvault.CachePolicy")
+        # Wall clock (Unix time) for expires_on / not_before; scheduling clock for everything else. One
+        # injected clock (tests) serves as both.
         self.clock: Clock = clock if clock is not None else time.time
-        self._cache = KeyCache(self.policy, self.clock, rng)
+        self.monotonic: Clock = monotonic if monotonic is not None else clock or time.monotonic
+        self._cache = KeyCache(self.policy, self.monotonic, rng, wall=self.clock)
         self._on_refresh = on_refresh
         self._on_error = on_error
         self._on_rotate = on_rotate
@@ -135,9 +241,19 @@ class ProviderBase:
         self._header_value: str | None = None  # lock-free copy of the cached key for LiveHeaders
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
+        self._flight: Any = None  # the read in flight: the shell's _Flight or asyncio.Task
+        # Lock-free fast path: (scheduling deadline, wall deadline, key) while decide() answers SERVE.
+        self._fast: tuple[float, float, SubscriptionKey] | None = None
+        self._owned: list[Any] = []
+        self._build = (credential, client_kwargs, credential_kwargs) if secret_client is None else None
+        self._rebuild = False
+        self.secret_client: ClientT = secret_client if secret_client is not None else self._make_clients()
+        _PROVIDERS.add(self)
 
-    @staticmethod
-    def env_args(kwargs: dict[str, Any]) -> tuple[str, str]:
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> Self:
+        """Build from ``AZURE_KEYVAULT_URL`` and ``APIMVAULT_SECRET_NAME`` (optional
+        ``APIMVAULT_SECRET_VERSION``, ``APIMVAULT_HEADER_NAME``); keyword arguments as for the constructor."""
         vault_url = os.environ.get(ENV_VAULT_URL, "").strip()
         secret_name = os.environ.get(ENV_SECRET_NAME, "").strip()
         missing = [n for n, v in ((ENV_VAULT_URL, vault_url), (ENV_SECRET_NAME, secret_name)) if not v]
@@ -147,14 +263,104 @@ class ProviderBase:
             kwargs["version"] = os.environ[ENV_SECRET_VERSION].strip()
         if "header_name" not in kwargs and os.environ.get(ENV_HEADER, "").strip():
             kwargs["header_name"] = os.environ[ENV_HEADER].strip()
-        return vault_url, secret_name
+        return cls(vault_url, secret_name, **kwargs)
+
+    # ------------------------------------------------------------------------- owned Azure clients
+
+    def _make_clients(self) -> ClientT:
+        """Build the SecretClient (and the credential, if none was given) this provider owns."""
+        assert self._build is not None
+        credential, client_kwargs, credential_kwargs = self._build
+        owned: list[Any] = []
+        if credential is None:
+            identity = import_module(self._identity_module)
+            credential = identity.DefaultAzureCredential(
+                **{**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
+            )
+            owned.append(credential)
+        settings = {**DEFAULT_CLIENT_KWARGS, **(client_kwargs or {})}
+        settings.setdefault("retry_policy", self._retry_policy_class(**settings))
+        client = self._secret_client_class(self.vault_url, credential, **settings)
+        self._owned = [client, *owned]
+        return client
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop what belongs to the parent's threads, tasks and connections.
+
+        The parent's read in flight has no thread here to finish it, and its locks may be held by a
+        thread that does not exist here. Clients this provider built share pooled connections with
+        the parent: they are rebuilt before the child's first read (never closed here: that would
+        touch the parent's sockets). A SecretClient or credential passed in is the caller's to handle.
+        """
+        self._lock = threading.Lock()
+        self._n.after_fork()
+        self._flight = None
+        self._fast = None
+        self._rebuild = self._build is not None
 
     # ---------------------------------------------------------------------------------- reading
+
+    def _now(self) -> tuple[float, float]:
+        """Both clocks, read once for one decision: (scheduling, wall)."""
+        return self.monotonic(), self.clock()
+
+    def _fast_key(self) -> SubscriptionKey | None:
+        """The hot path: the cached key while it is certainly servable, without a lock."""
+        fast = self._fast
+        if (
+            fast is not None
+            and self.monotonic() < fast[0]
+            and (fast[1] == math.inf or self.clock() < fast[1])
+        ):
+            return fast[2]
+        return None
+
+    def _snapshot(self, now: float, wall: float) -> None:
+        """Under the lock: refresh the fast-path snapshot from the cache."""
+        entry = self._cache.usable(now, wall)
+        until, expiry = self._cache.serve_deadline(now, wall)
+        self._fast = (until, expiry, entry.key) if entry is not None and until > now else None
+
+    def _decide(self) -> tuple[Action, CacheEntry | None, Reason]:
+        """Under the lock: what a ``get_key()`` does now. Raises the last error for a LOAD that may not
+        read Key Vault (no read in flight, backing off and no probe due)."""
+        now, wall = self._now()
+        action = self._cache.decide(now, wall)
+        entry = self._cache.usable(now, wall)
+        self._snapshot(now, wall)
+        if action is Action.LOAD:
+            if self._flight is None and not self._cache.may_load(now):
+                raise self._no_key_error()
+            return action, None, "load"
+        return action, entry, "invalidated" if self._cache.invalidated else "refresh ahead"
+
+    def _forced(self, sent: SubscriptionKey) -> tuple[bool, SubscriptionKey | None, bool]:
+        """Under the lock, for a 401 on ``sent``: ``(stop, key, joined)``. ``stop``: return ``key`` now;
+        otherwise join the read in flight (``joined``) or start one (counted as forced)."""
+        decision = self._cache.decide_forced(sent.version, self.monotonic())
+        if decision is ForceDecision.USE_NEWER:
+            entry = self._cache.entry()
+            return True, entry.key if entry is not None else None, False
+        joined = self._flight is not None
+        if not joined and decision is ForceDecision.RATE_LIMITED:
+            return True, None, False
+        if not joined:
+            self._cache.note_forced(self.monotonic())
+            self._n.add("forced")
+        return False, None, joined
+
+    def _push(self) -> int:
+        """Under the lock: a ``refresh()`` call; only a read started from now on answers it."""
+        return self._cache.push()
+
+    def _begin(self) -> int:
+        """Under the lock: a read starts; its push generation."""
+        return self._cache.begin(self.monotonic())
 
     def current(self) -> SubscriptionKey | None:
         """The cached key without any I/O or refresh (``None`` before the first load or past its limit)."""
         with self._lock:
-            entry = self._cache.entry()
+            entry = self._cache.usable()
         return entry.key if entry is not None else None
 
     def redaction_values(self) -> tuple[str, ...]:
@@ -166,17 +372,10 @@ class ProviderBase:
         return self._header_value
 
     def stats(self) -> ProviderStats:
-        now = self.clock()
+        now, wall = self._now()
         with self._lock:
-            entry = self._cache.entry()
-        if entry is None:
-            state = "expired" if self._cache.last_version else "empty"
-        elif now < entry.refresh_at and not self._cache.invalidated:
-            state = "fresh"
-        elif now < entry.fresh_until:
-            state = "refresh-due"
-        else:
-            state = "stale"
+            entry = self._cache.usable(now, wall)
+            state = self._cache.state(now, wall)
         err = self._cache.last_error
         return ProviderStats(
             secret=self.where,
@@ -184,7 +383,7 @@ class ProviderBase:
             fingerprint=entry.key.fingerprint if entry else None,
             credential_id=entry.key.credential_id if entry else None,
             age_s=(now - entry.loaded_at) if entry else None,
-            state=state,
+            state=state.value,
             vault_reads=self._n["vault_reads"],
             refreshes=self._n["refreshes"],
             rotations=self._n["rotations"],
@@ -199,6 +398,110 @@ class ProviderBase:
     def record_resend(self) -> None:
         """Counted by the auth flow each time it re-sends a request after a 401."""
         self._n.add("resends")
+
+    def invalidate(self, *, spread: float = 0.0) -> None:
+        """Push invalidation: a ``get_key()`` starts a background refresh (no caller waits).
+
+        ``spread`` delays that refresh by a random part of ``spread`` seconds: pass about
+        ``fleet_size / 400`` when every process of a fleet is told at once (BENCHMARKS.md). A read
+        already in flight does not answer an invalidation (it may predate the change). Push-triggered
+        reads are at most one per ``policy.forced_refresh_interval``.
+        """
+        if not isinstance(spread, int | float) or isinstance(spread, bool) or not 0 <= spread < math.inf:
+            raise ConfigurationError(f"spread must be a finite number of seconds >= 0, got {spread!r}")
+        with self._lock:
+            self._n.add("invalidations")
+            self._cache.invalidate(spread, self.monotonic())
+            self._fast = None
+
+    def _push_event(self, version: str | None, spread: float) -> PushPlan:
+        """An event about this provider's secret (naming ``version``, if it does): what to do.
+
+        An event naming the version already held costs nothing. Otherwise at most one push-triggered
+        read per ``policy.forced_refresh_interval`` happens now (``READ``: the caller calls
+        ``refresh()``); more events in the interval coalesce into one background refresh when it ends
+        (``DEFERRED``), as does every event when ``spread`` scatters the fleet's reads.
+        """
+        with self._lock:
+            entry = self._cache.usable()
+            if version is not None and entry is not None and entry.key.version == version:
+                return PushPlan.SKIP
+            self._fast = None
+            if spread == 0 and self._cache.claim_push_read(self.monotonic()):
+                return PushPlan.READ
+        self.invalidate(spread=spread)
+        return PushPlan.DEFERRED
+
+    # ------------------------------------------------------------------------- Key Vault reads
+
+    def _first_read(self) -> Read:
+        """A shell is about to read Key Vault: what to read first (the pinned or the latest version)."""
+        if self._rebuild:  # first read in a forked child: new connections, not the parent's
+            self._rebuild = False
+            self.secret_client = self._make_clients()
+        self._n.add("vault_reads")
+        return Read(self.version)
+
+    def _raise_typed(self, exc: Exception) -> NoReturn:
+        """Called in a shell's ``except`` block for ``get_secret``: raise the typed error (or ``exc``)."""
+        mapped = map_error(exc, where=self.where)
+        if mapped is None:
+            log.debug("apimvault: unexpected error reading %s", self.where, exc_info=True)
+            raise
+        raise mapped from exc
+
+    def _read_done(self, secret: KeyVaultSecret, read: Read) -> Fetched | Read:
+        """A secret read as ``read`` asked: the key to accept, or the next read to do.
+
+        A latest version that is not valid yet (pre-staged, ``not_before`` in the future) does not
+        replace the cached one: the cached version is read again by id and, if still valid, kept
+        until the staged one's ``not_before``. A served version Key Vault reports expired is dropped.
+        """
+        key = to_key(secret, where=self.where)
+        wall = self.clock()
+        try:
+            check_validity(key, where=self.where, wall=wall)
+        except SecretNotYetValidError:
+            with self._lock:
+                held = self._cache.entry(wall)
+            if read.staged_at is None and self.version is None and held is not None and held.key != key:
+                self._n.add("vault_reads")
+                return Read(held.key.version, staged_at=key.not_before)
+            raise
+        except SecretExpiredError:
+            with self._lock:  # Key Vault says this version expired: never serve it again
+                held = self._cache.entry(wall)
+                if held is not None and held.key.version == key.version:
+                    self._drop()
+            raise
+        return Fetched(key, read.staged_at)
+
+    def _finish(
+        self, fetched: Fetched | None, error: BaseException | None, reason: Reason, generation: int
+    ) -> list[tuple[Callable[[KeyEvent], None] | None, KeyEvent]]:
+        """Under the lock: record a read's outcome; return the callbacks to run outside the lock."""
+        self._flight = None
+        now, wall = self._now()
+        if fetched is not None:
+            pending = self._succeeded(fetched, reason, now, wall, generation)
+        elif isinstance(error, Exception):
+            pending = self._failed(error, reason, now)
+        else:
+            pending = []
+        self._snapshot(now, wall)
+        return pending
+
+    def _drop(self) -> None:
+        """Under the lock: forget the cached key (Key Vault says it is disabled or expired)."""
+        self._cache.clear()
+        self._header_value = None
+        self._fast = None
+
+    def _no_key_error(self) -> BaseException:
+        last = self._cache.last_error
+        if last is None:
+            return VaultUnavailableError(f"no usable key for {self.where}", secret=self.where)
+        return fresh_copy(last)
 
     # ------------------------------------------------------------------------------- callbacks
 
@@ -215,12 +518,16 @@ class ProviderBase:
             self._emit(callback, event)
 
     def _succeeded(
-        self, key: SubscriptionKey, reason: str
+        self, fetched: Fetched, reason: Reason, now: float, wall: float, generation: int
     ) -> list[tuple[Callable[[KeyEvent], None] | None, KeyEvent]]:
         """Record a fetched key; return the callbacks to run (outside any lock)."""
-        _, previous = self._cache.accept(key)
+        key = fetched.key
+        _, previous = self._cache.accept(
+            key, now, wall=wall, generation=generation, revisit_at=fetched.revisit_at
+        )
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
-        self._recent_values = (key.reveal(), *self._recent_values[:1])
+        if not self._recent_values or self._recent_values[0] != key.reveal():
+            self._recent_values = (key.reveal(), *self._recent_values[:1])
         self._header_value = key.reveal()
         self._n.add("refreshes")
         event = KeyEvent(self.where, key.version, key.fingerprint, previous, reason)
@@ -237,19 +544,18 @@ class ProviderBase:
         return pending
 
     def _failed(
-        self, error: BaseException, reason: str, retry_after: float | None
+        self, error: BaseException, reason: Reason, now: float
     ) -> list[tuple[Callable[[KeyEvent], None] | None, KeyEvent]]:
         """Record a failed fetch; return the callbacks to run (outside any lock).
 
         A disabled secret is a statement about the key itself (an operator pulled it): the cached key
         is dropped at once, so callers get :class:`SecretDisabledError` instead of a key Azure says is
-        off. Other failures keep the cached key until its hard limit (stale-if-error).
+        off (an expired served version is dropped in :meth:`_read_done`). Other failures keep the
+        cached key until its hard limit (stale-if-error).
         """
         if isinstance(error, SecretDisabledError):
-            self._cache.clear()
-            self._header_value = None
-            self._drop_fast()
-        delay = self._cache.reject(error, retry_after=retry_after)
+            self._drop()
+        delay = self._cache.reject(error, retry_after=retry_after_of(error), now=now)
         self._n.add("failures")
         entry = self._cache.entry()
         log.warning(
@@ -273,15 +579,6 @@ class ProviderBase:
                 ),
             )
         ]
-
-    def _drop_fast(self) -> None:
-        """Forget the shells' lock-free fast-path snapshot (overridden where there is one)."""
-
-    def _invalidate(self, spread: float) -> None:
-        if not isinstance(spread, int | float) or isinstance(spread, bool) or not 0 <= spread < float("inf"):
-            raise ConfigurationError(f"spread must be a finite number of seconds >= 0, got {spread!r}")
-        self._n.add("invalidations")
-        self._cache.invalidate(spread)
 
     def __repr__(self) -> str:
         with self._lock:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._async import AsyncSubscriptionKeyProvider
+from ._base import PushPlan
 from ._sync import SubscriptionKeyProvider
 from .exceptions import ConfigurationError, KeyUnavailableError
 
@@ -19,6 +20,7 @@ NEW_VERSION = "Microsoft.KeyVault.SecretNewVersionCreated"
 NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
 EXPIRED = "Microsoft.KeyVault.SecretExpired"
 _SECRET_EVENTS = frozenset({NEW_VERSION, NEAR_EXPIRY, EXPIRED})
+P = TypeVar("P", SubscriptionKeyProvider, AsyncSubscriptionKeyProvider)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +92,22 @@ def _concerns(event: SecretEvent, provider: SubscriptionKeyProvider | AsyncSubsc
     return host.split(".", 1)[0] == event.vault_name.lower()
 
 
-def _wanted(event: SecretEvent, provider: SubscriptionKeyProvider | AsyncSubscriptionKeyProvider) -> bool:
-    if not _concerns(event, provider):
-        return False
-    if provider.version is not None:  # pinned: a new version changes nothing for this provider
-        return False
-    current = provider.current()
-    return event.event_type != NEW_VERSION or current is None or current.version != event.version
+def _plans(payload: Any, providers: Iterable[P], spread: float) -> Iterator[tuple[P, PushPlan]]:
+    """For each provider an event concerns: the plan (an event naming the version held costs nothing)."""
+    if not isinstance(spread, int | float) or isinstance(spread, bool) or not 0 <= spread < float("inf"):
+        raise ConfigurationError(f"spread must be a finite number of seconds >= 0, got {spread!r}")
+    events = parse_secret_events(payload)
+    for provider in providers:
+        if provider.version is not None:  # pinned: a new version changes nothing for this provider
+            continue
+        mine = [e for e in events if _concerns(e, provider)]
+        if not mine:
+            continue
+        # Only SecretNewVersionCreated names a version to compare with; near-expiry/expired always push.
+        version = mine[-1].version if all(e.event_type == NEW_VERSION for e in mine) else None
+        plan = provider._push_event(version, spread)
+        if plan is not PushPlan.SKIP:
+            yield provider, plan
 
 
 def refresh_from_event(
@@ -104,22 +115,21 @@ def refresh_from_event(
 ) -> list[SubscriptionKeyProvider]:
     """Refresh the providers a ``SecretNewVersionCreated`` (or near-expiry/expired) event concerns.
 
-    A provider already holding the event's version is skipped (no Key Vault read). Returns the providers
-    refreshed. Refresh failures are recorded by the provider (which keeps serving its key) and not raised.
+    A provider already holding the event's version is skipped (no Key Vault read). Push-triggered reads
+    are bounded: at most one per provider per ``policy.forced_refresh_interval`` happens here; further
+    events within the interval leave one background refresh pending for when it ends, so a flood of
+    (forged) events costs at most one read per interval. Returns the providers refreshed or invalidated.
+    Refresh failures are recorded by the provider (which keeps serving its key) and not raised.
     With ``spread > 0`` the providers are only invalidated with that spread (see
     :meth:`SubscriptionKeyProvider.invalidate`): their background refreshes are scattered over ``spread``
     seconds instead of happening now, which keeps a fleet under Key Vault's rate limit.
     """
-    events = parse_secret_events(payload)
     done: list[SubscriptionKeyProvider] = []
-    for provider in providers:
-        if any(_wanted(e, provider) for e in events):
-            if spread > 0:
-                provider.invalidate(spread=spread)
-            else:
-                with contextlib.suppress(KeyUnavailableError):
-                    provider.refresh()
-            done.append(provider)
+    for provider, plan in _plans(payload, providers, spread):
+        if plan is PushPlan.READ:
+            with contextlib.suppress(KeyUnavailableError):
+                provider.refresh()
+        done.append(provider)
     return done
 
 
@@ -127,14 +137,10 @@ async def arefresh_from_event(
     payload: Any, providers: Iterable[AsyncSubscriptionKeyProvider], *, spread: float = 0.0
 ) -> list[AsyncSubscriptionKeyProvider]:
     """The asyncio twin of :func:`refresh_from_event`."""
-    events = parse_secret_events(payload)
     done: list[AsyncSubscriptionKeyProvider] = []
-    for provider in providers:
-        if any(_wanted(e, provider) for e in events):
-            if spread > 0:
-                provider.invalidate(spread=spread)
-            else:
-                with contextlib.suppress(KeyUnavailableError):
-                    await provider.refresh()
-            done.append(provider)
+    for provider, plan in _plans(payload, providers, spread):
+        if plan is PushPlan.READ:
+            with contextlib.suppress(KeyUnavailableError):
+                await provider.refresh()
+        done.append(provider)
     return done

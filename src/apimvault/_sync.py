@@ -1,23 +1,19 @@
-"""The synchronous provider: a thin shell of locks and threads around :class:`~apimvault._policy.KeyCache`."""
+"""The synchronous provider: a thin shell of locks and threads over :class:`~apimvault._base.ProviderBase`."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import random
 import threading
-from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
 
 from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
-from ._base import DEFAULT_CLIENT_KWARGS, DEFAULT_HEADER, KeyEvent, ProviderBase, log
-from ._fetch import map_error, retry_after_of, to_key
+from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, flight_timeout, fresh_copy
 from ._key import SubscriptionKey
-from ._policy import Action, CachePolicy, Clock, ForceDecision
-from .exceptions import KeyUnavailableError, VaultUnavailableError
+from ._policy import Action
+from ._retry import NoRetryAfterSleep
+from .exceptions import KeyUnavailableError
 
 __all__ = ["SubscriptionKeyProvider"]
 
@@ -26,137 +22,90 @@ __all__ = ["SubscriptionKeyProvider"]
 class _Flight:
     """One in-flight Key Vault read that any number of threads can wait for."""
 
-    reason: str
+    reason: Reason
+    generation: int
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     key: SubscriptionKey | None = None
     error: BaseException | None = None
 
-    def outcome(self) -> SubscriptionKey:
-        self.done.wait()
+    def settle(self, where: str) -> None:
+        """Wait for the read to end, bounded by ``FLIGHT_WAIT_LIMIT`` (then raise VaultUnavailableError)."""
+        if not self.done.wait(FLIGHT_WAIT_LIMIT):
+            raise flight_timeout(where)
+
+    def outcome(self, where: str) -> SubscriptionKey:
+        """Wait (bounded) and return the key or raise the read's error."""
+        self.settle(where)
         if self.error is not None:
-            raise _fresh_copy(self.error)
+            raise fresh_copy(self.error)
         assert self.key is not None
         return self.key
 
 
-def _fresh_copy(error: BaseException) -> BaseException:
-    """A copy of ``error`` to raise in one more thread, so threads never share a traceback."""
-    clone = copy.copy(error)
-    clone.__traceback__ = None
-    clone.__cause__ = error.__cause__
-    return clone
-
-
-class SubscriptionKeyProvider(ProviderBase):
+class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
     """Serves the APIM key from Key Vault: cached, refreshed ahead, single-flight, stale-if-error.
 
     Args:
         vault_url: ``https://<vault>.vault.azure.net``.
         secret_name: the secret holding the key.
         credential: any ``TokenCredential``; ``None`` means ``DefaultAzureCredential()`` (owned and
-            closed by the provider).
+            closed by the provider) with bounded timeouts and retries for the identity endpoint
+            (``DEFAULT_CREDENTIAL_KWARGS``: 5 s connect, 10 s read, 1 retry), overridable through
+            ``credential_kwargs``.
         version: pin one secret version (rotation then needs a new pin).
         policy: a :class:`CachePolicy` (TTL, jitter, refresh margin, max staleness, back-off).
-        clock: returns Unix seconds; inject one in tests. ``rng``: the jitter source.
+        clock: returns Unix seconds, compared with a secret's ``expires_on`` / ``not_before``.
+            ``monotonic``: the scheduling clock (``time.monotonic``; an injected ``clock`` alone serves
+            as both). Inject them in tests. ``rng``: the jitter source.
         header_name: the header APIM reads (``Ocp-Apim-Subscription-Key``; ``api-key`` if APIM was
             configured so).
         secret_client: a ready ``SecretClient`` (then ``credential``/``client_kwargs`` are ignored).
-        client_kwargs: extra ``SecretClient`` keyword arguments (transport, retries, timeouts).
+        client_kwargs: extra ``SecretClient`` keyword arguments (transport, retries, timeouts). The
+            provider's retry policy never sleeps on Key Vault's ``Retry-After`` inside a read: its own
+            back-off honours it.
         allow_insecure_http: allow ``http://`` endpoints. **Security:** only for loopback tests.
         on_refresh / on_error / on_rotate: callbacks receiving a :class:`KeyEvent` (never the key).
 
-    ``get_key()`` is the hot path: a fresh key costs one clock read and no lock. Within
+    ``get_key()`` is the hot path: a fresh key costs a clock read and no lock. Within
     ``refresh_margin`` of the end of the fresh period one background thread refreshes while callers
     keep the current key; only a cold start or a key past its hard limit makes callers wait, and then
-    all of them wait for the same single read.
+    all of them wait for the same single read (at most ``FLIGHT_WAIT_LIMIT`` seconds).
+
+    Fork-safe: in a child process the provider forgets the parent's read in flight and locks, and
+    rebuilds the clients it created before its first read (see README, "fork").
     """
 
-    def __init__(
-        self,
-        vault_url: str,
-        secret_name: str,
-        *,
-        credential: TokenCredential | None = None,
-        version: str | None = None,
-        policy: CachePolicy | None = None,
-        clock: Clock | None = None,
-        rng: random.Random | None = None,
-        header_name: str = DEFAULT_HEADER,
-        secret_client: SecretClient | None = None,
-        client_kwargs: Mapping[str, Any] | None = None,
-        allow_insecure_http: bool = False,
-        on_refresh: Callable[[KeyEvent], None] | None = None,
-        on_error: Callable[[KeyEvent], None] | None = None,
-        on_rotate: Callable[[KeyEvent], None] | None = None,
-    ) -> None:
-        super().__init__(
-            vault_url,
-            secret_name,
-            version=version,
-            policy=policy,
-            clock=clock,
-            rng=rng,
-            header_name=header_name,
-            allow_insecure_http=allow_insecure_http,
-            on_refresh=on_refresh,
-            on_error=on_error,
-            on_rotate=on_rotate,
-        )
-        self._owned: list[Any] = []
-        if secret_client is None:
-            if credential is None:
-                from azure.identity import DefaultAzureCredential
+    _secret_client_class = SecretClient
 
-                credential = DefaultAzureCredential()
-                self._owned.append(credential)
-            secret_client = SecretClient(
-                self.vault_url, credential, **{**DEFAULT_CLIENT_KWARGS, **(client_kwargs or {})}
-            )
-            self._owned.insert(0, secret_client)
-        self.secret_client = secret_client
-        self._flight: _Flight | None = None
-        self._fast: tuple[float, SubscriptionKey] | None = None
-
-    @classmethod
-    def from_env(cls, **kwargs: Any) -> SubscriptionKeyProvider:
-        """Build from ``AZURE_KEYVAULT_URL`` and ``APIMVAULT_SECRET_NAME`` (optional
-        ``APIMVAULT_SECRET_VERSION``, ``APIMVAULT_HEADER_NAME``); keyword arguments as for the constructor."""
-        vault_url, secret_name = cls.env_args(kwargs)
-        return cls(vault_url, secret_name, **kwargs)
+    _identity_module = "azure.identity"
+    _retry_policy_class = NoRetryAfterSleep
 
     # ------------------------------------------------------------------------------ public API
 
     def get_key(self) -> SubscriptionKey:
         """The current key. Blocks only on a cold start or past the hard limit (then single-flight)."""
-        fast = self._fast
-        if fast is not None and self.clock() < fast[0]:
-            return fast[1]
-        return self._get_slow()
+        return self._fast_key() or self._get_slow()
 
     def get(self) -> str:
         """The current key's value, for ``api_key=`` style callables. Never log it."""
         return self.get_key().reveal()
 
     def refresh(self) -> SubscriptionKey:
-        """Read Key Vault now (joining a read already in flight) and return the result.
+        """Read Key Vault now and return the result; a read already in flight that started before this
+        call is waited for and not trusted (it may predate the change this call is about).
 
         Raises the typed error if the read fails; the cached key, if any, stays in use.
         """
         with self._lock:
-            flight, run = self._join_or_start("refresh")
-        if run:
-            self._run(flight)
-        return flight.outcome()
-
-    def invalidate(self, *, spread: float = 0.0) -> None:
-        """Push invalidation: a ``get_key()`` starts a background refresh (no caller waits).
-
-        ``spread`` delays that refresh by a random part of ``spread`` seconds: pass about
-        ``fleet_size / 400`` when every process of a fleet is told at once (BENCHMARKS.md).
-        """
-        with self._lock:
-            self._invalidate(spread)
-            self._fast = None
+            wanted = self._push()
+        while True:
+            with self._lock:
+                flight, run = self._join_or_start("refresh")
+            if run:
+                self._run(flight)
+            if flight.generation >= wanted:
+                return flight.outcome(self.where)
+            flight.settle(self.where)
 
     def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """The gateway refused ``sent`` (APIM 401). Return a different key to re-send with, or ``None``.
@@ -168,21 +117,14 @@ class SubscriptionKeyProvider(ProviderBase):
         # and so return the refused key; then one read of our own settles it.
         for _ in range(2):
             with self._lock:
-                decision = self._cache.decide_forced(sent.version)
-                if decision is ForceDecision.USE_NEWER:
-                    entry = self._cache.entry()
-                    return entry.key if entry is not None else None
-                joined = self._flight is not None
-                if not joined and decision is ForceDecision.RATE_LIMITED:
-                    return None
-                if not joined:
-                    self._cache.note_forced()
-                    self._n.add("forced")
+                stop, newer, joined = self._forced(sent)
+                if stop:
+                    return newer
                 flight, run = self._join_or_start("401 from gateway")
             if run:
                 self._run(flight)
             try:
-                key = flight.outcome()
+                key = flight.outcome(self.where)
             except KeyUnavailableError:
                 return None
             if key != sent:
@@ -207,81 +149,54 @@ class SubscriptionKeyProvider(ProviderBase):
 
     # -------------------------------------------------------------------------------- internals
 
-    def _drop_fast(self) -> None:
-        self._fast = None
-
     def _get_slow(self) -> SubscriptionKey:
         with self._lock:
-            action = self._cache.decide()
-            entry = self._cache.entry()
-            if action is Action.SERVE and entry is not None:
-                self._fast = (self._cache.serve_deadline(), entry.key)
-                return entry.key
-            if action is Action.SERVE_AND_REFRESH and entry is not None:
-                self._fast = None
-                if self._flight is None:
-                    flight, _ = self._join_or_start(
-                        "refresh ahead" if not self._cache.invalidated else "invalidated"
-                    )
+            action, entry, reason = self._decide()
+            if entry is not None:
+                if action is Action.SERVE_AND_REFRESH and self._flight is None:
+                    flight, _ = self._join_or_start(reason)
                     threading.Thread(
                         target=self._run, args=(flight,), name="apimvault-refresh", daemon=True
                     ).start()
                 return entry.key
-            # LOAD: no usable key.
-            self._fast = None
-            if self._flight is None and not self._cache.may_load():
-                raise self._no_key_error()
-            flight, run = self._join_or_start("load")
+            flight, run = self._join_or_start(reason)
         if run:
             self._run(flight)
-        return flight.outcome()
+        return flight.outcome(self.where)
 
-    def _join_or_start(self, reason: str) -> tuple[_Flight, bool]:
+    def _join_or_start(self, reason: Reason) -> tuple[_Flight, bool]:
         """Under the lock: the flight in progress, or a new one the caller must run."""
         if self._flight is not None:
             return self._flight, False
-        self._flight = _Flight(reason)
+        self._flight = _Flight(reason, self._begin())
         return self._flight, True
 
     def _run(self, flight: _Flight) -> None:
         """Read Key Vault once (outside the lock) and publish the outcome to every waiter."""
-        key: SubscriptionKey | None = None
+        fetched: Fetched | None = None
         error: BaseException | None = None
         try:
-            key = self._fetch()
+            fetched = self._fetch()
         except BaseException as exc:  # published to waiters, never lost
             error = exc
         pending = []
         with self._lock:
             try:
-                if key is not None:
-                    pending = self._succeeded(key, flight.reason)
-                    entry = self._cache.entry()
-                    self._fast = (self._cache.serve_deadline(), entry.key) if entry is not None else None
-                elif isinstance(error, Exception):
-                    pending = self._failed(error, flight.reason, retry_after_of(error))
+                if self._flight is flight:  # (not after a fork reset it)
+                    pending = self._finish(fetched, error, flight.reason, flight.generation)
             finally:
-                flight.key, flight.error = key, error
-                self._flight = None
+                flight.key, flight.error = (fetched.key if fetched else None), error
                 flight.done.set()
         self._emit_all(pending)
         if error is not None and not isinstance(error, Exception):
             raise error
 
-    def _fetch(self) -> SubscriptionKey:
-        self._n.add("vault_reads")
-        try:
-            secret = self.secret_client.get_secret(self.secret_name, self.version)
-        except Exception as exc:
-            mapped = map_error(exc, where=self.where)
-            if mapped is None:
-                log.debug("apimvault: unexpected error reading %s", self.where, exc_info=True)
-                raise
-            raise mapped from exc
-        return to_key(secret, where=self.where, now=self.clock())
-
-    def _no_key_error(self) -> BaseException:
-        last = self._cache.last_error
-        if last is None:
-            return VaultUnavailableError(f"no usable key for {self.where}", secret=self.where)
-        return _fresh_copy(last)
+    def _fetch(self) -> Fetched:
+        step: Fetched | Read = self._first_read()
+        while not isinstance(step, Fetched):
+            try:
+                secret = self.secret_client.get_secret(self.secret_name, step.version)
+            except Exception as exc:
+                self._raise_typed(exc)
+            step = self._read_done(secret, step)
+        return step

@@ -242,7 +242,7 @@ def _kv_error(exc: BaseException, *, where: str, writing: bool) -> BaseException
     """Typed apimvault error for a Key Vault failure during rotation (the rotation needs read + write)."""
     from azure.core.exceptions import HttpResponseError
 
-    from ._fetch import map_error
+    from ._vault_errors import map_error
 
     if writing and isinstance(exc, HttpResponseError) and exc.status_code == 403:
         return AccessDeniedError(
@@ -439,7 +439,7 @@ def plan_rotation(
     credential: TokenCredential | None = None,
 ) -> RotationPlan:
     """Read the secret and describe what :func:`rotate` would do, changing nothing."""
-    from ._fetch import validate_secret_name, validate_vault_url
+    from ._validation import validate_secret_name, validate_vault_url
 
     vault_url = validate_vault_url(vault_url)
     secret_name = validate_secret_name(secret_name)
@@ -494,7 +494,7 @@ def rotate(
     :class:`ConfigurationError` for bad input and :class:`RotationError` when rotating would be unsafe or
     ARM refused.
     """
-    from ._fetch import validate_secret_name, validate_vault_url, validate_version
+    from ._validation import validate_secret_name, validate_vault_url, validate_version
 
     vault_url = validate_vault_url(vault_url)
     secret_name = validate_secret_name(secret_name)
@@ -606,7 +606,7 @@ def rotate(
 
 def _event_vault_url(event: Any, configured: str | None) -> str:
     """The vault an event is about; must agree with ``AZURE_KEYVAULT_URL`` when that is set."""
-    from ._fetch import validate_vault_url
+    from ._validation import validate_vault_url
 
     from_id = None
     if event.secret_id:

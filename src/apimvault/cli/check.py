@@ -129,7 +129,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         return finish(EXIT_CONFIG)
     assert vault_url and secret_name and endpoint and deployment
     try:
-        from .._fetch import validate_secret_name, validate_vault_url
+        from .._validation import validate_secret_name, validate_vault_url
 
         vault_url = validate_vault_url(vault_url)
         validate_secret_name(secret_name)

@@ -142,11 +142,11 @@ class DrillReport(DrillState):
             },
             "clients": len(self.slots),
             "policy": {
-                "ttl_s": self.policy.ttl_s,
+                "ttl_s": self.policy.ttl,
                 "jitter": self.policy.jitter,
-                "refresh_margin_s": self.policy.margin_s,
-                "max_staleness_s": self.policy.staleness_s,
-                "forced_refresh_interval_s": float(self.policy.forced_refresh_interval),  # type: ignore[arg-type]
+                "refresh_margin_s": self.policy.margin,
+                "max_staleness_s": self.policy.max_staleness,
+                "forced_refresh_interval_s": self.policy.forced_refresh_interval,
             },
             "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
             "chaos": self.chaos_log if self.chaos else None,

@@ -26,7 +26,7 @@ class RotationSchedule(DrillState):
         # Rotations stay at least two forced-refresh intervals apart, however short the drill: a client
         # may force one refresh per interval, and two revocations inside one interval would be a drill of
         # the rate limit, not of the rotation.
-        gap = 2 * float(self.policy.forced_refresh_interval)  # type: ignore[arg-type]
+        gap = 2 * self.policy.forced_refresh_interval
         self._wait_until(0.10 * d)
         self._rotate(push=False)
         self._wait_until(max(0.20 * d, self.elapsed() + gap))
@@ -56,7 +56,7 @@ class RotationSchedule(DrillState):
         last = len(self.rotations) - 1
         if self.rotations and self.rotations[last].convergence_s is None:
             self.log("waiting for every client to reach the last version")
-            self._wait_converged(last, d + self.policy.ttl_s + 5)
+            self._wait_converged(last, d + self.policy.ttl + 5)
 
     def _inject(self, service: str, kind: str, **fields: Any) -> None:
         assert self.target.faults is not None

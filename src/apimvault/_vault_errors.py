@@ -1,11 +1,10 @@
-"""Turning Key Vault answers into keys or typed errors. Pure functions shared by the sync and async shells."""
+"""Key Vault's answers as apimvault's typed errors: the mapping from Azure SDK exceptions, pure functions."""
 
 from __future__ import annotations
 
 import json
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -14,100 +13,20 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.keyvault.secrets import KeyVaultSecret
 
-from ._key import SubscriptionKey, validate_key_value
 from .exceptions import (
     AccessDeniedError,
     ConfigurationError,
     CredentialError,
-    InsecureTransportError,
     KeyUnavailableError,
     SecretDisabledError,
-    SecretExpiredError,
     SecretNotFoundError,
-    SecretNotYetValidError,
     VaultUnavailableError,
 )
 
-_NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")
-_VERSION = re.compile(r"[0-9a-fA-F]{32}")
+__all__ = ["map_error", "retry_after_of"]
+
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-
-def validate_vault_url(vault_url: str, *, allow_insecure_http: bool = False) -> str:
-    """Normalise and check a vault URL (``https://name.vault.azure.net``); raise ConfigurationError."""
-    if not isinstance(vault_url, str) or not vault_url.strip():
-        raise ConfigurationError("vault_url is required (e.g. https://my-vault.vault.azure.net)")
-    url = vault_url.strip().rstrip("/")
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises ValueError for a malformed port
-    except ValueError as exc:
-        raise ConfigurationError(f"vault_url {url!r} is not a valid URL: {exc}") from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigurationError(
-            f"vault_url {url!r} must be an https URL such as https://my-vault.vault.azure.net"
-        )
-    if parts.scheme == "http" and not allow_insecure_http:
-        raise InsecureTransportError(f"vault_url {url!r} is not https; Key Vault only speaks TLS")
-    if parts.path not in ("", "/") or "?" in url or "#" in url or parts.username or parts.password:
-        raise ConfigurationError(f"vault_url {url!r} must be the vault's base URL, without path or query")
-    return url
-
-
-def validate_secret_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigurationError(
-            f"secret name {name!r} is not a valid Key Vault name (1-127 characters: letters, digits, '-')"
-        )
-    return name
-
-
-def validate_version(version: str | None) -> str | None:
-    if version is None or version == "":
-        return None
-    if not isinstance(version, str) or not _VERSION.fullmatch(version):
-        raise ConfigurationError(f"secret version {version!r} is not a Key Vault version (32 hex digits)")
-    return version.lower()
-
-
-def _ts(value: Any) -> float | None:
-    return None if value is None else float(value.timestamp())
-
-
-def to_key(secret: KeyVaultSecret, *, where: str, now: float) -> SubscriptionKey:
-    """Check a fetched secret's attributes and value; return the key or raise a typed error."""
-    props = secret.properties
-    version = props.version or ""
-    if props.enabled is False:
-        raise SecretDisabledError(
-            f"{where} version {version} is disabled; enable it or set a new version", secret=where
-        )
-    not_before = _ts(props.not_before)
-    expires_on = _ts(props.expires_on)
-    if not_before is not None and now < not_before:
-        raise SecretNotYetValidError(
-            f"{where} version {version} is not valid before {props.not_before:%Y-%m-%dT%H:%M:%SZ}",
-            secret=where,
-        )
-    if expires_on is not None and now >= expires_on:
-        raise SecretExpiredError(
-            f"{where} version {version} expired at {props.expires_on:%Y-%m-%dT%H:%M:%SZ}; "
-            "rotate the key (apimvault rotate) or extend the expiry",
-            secret=where,
-        )
-    value = validate_key_value(secret.value, secret=f"{where} version {version}")
-    return SubscriptionKey.create(
-        value,
-        version=version,
-        secret_id=props.id or where,
-        expires_on=expires_on,
-        not_before=not_before,
-        created_on=_ts(props.created_on),
-        updated_on=_ts(props.updated_on),
-        tags=props.tags,
-    )
 
 
 def _error_body(exc: HttpResponseError) -> dict[str, Any]:
