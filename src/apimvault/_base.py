@@ -131,8 +131,9 @@ class ProviderBase:
             f"/{self.version}" if self.version else ""
         )
         self._n = _Tally()
-        self._recent_values: tuple[str, ...] = ()
-        self._header_value: str | None = None  # lock-free copy of the cached key for LiveHeaders
+        # The current and previous keys for the log redaction filter, as SubscriptionKey objects (their
+        # repr is redacted), so no attribute of the provider is the key as a plain string.
+        self._recent_values: tuple[SubscriptionKey, ...] = ()
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
 
@@ -159,11 +160,7 @@ class ProviderBase:
 
     def redaction_values(self) -> tuple[str, ...]:
         """The current and previous key values, read without locking (for the log redaction filter)."""
-        return self._recent_values
-
-    def header_value(self) -> str | None:
-        """The cached key's value without locking or I/O (for ``default_headers``); never log it."""
-        return self._header_value
+        return tuple(key.reveal() for key in self._recent_values)
 
     def stats(self) -> ProviderStats:
         now = self.clock()
@@ -220,8 +217,7 @@ class ProviderBase:
         """Record a fetched key; return the callbacks to run (outside any lock)."""
         _, previous = self._cache.accept(key)
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
-        self._recent_values = (key.reveal(), *self._recent_values[:1])
-        self._header_value = key.reveal()
+        self._recent_values = (key, *self._recent_values[:1])
         self._n.add("refreshes")
         event = KeyEvent(self.where, key.version, key.fingerprint, previous, reason)
         log.debug(
@@ -247,7 +243,6 @@ class ProviderBase:
         """
         if isinstance(error, SecretDisabledError):
             self._cache.clear()
-            self._header_value = None
             self._drop_fast()
         delay = self._cache.reject(error, retry_after=retry_after)
         self._n.add("failures")
