@@ -11,11 +11,12 @@ from typing import Any
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.keyvault.secrets.aio import SecretClient
 
-from ._base import DEFAULT_CLIENT_KWARGS, DEFAULT_HEADER, KeyEvent, ProviderBase, log
+from ._base import DEFAULT_HEADER, KeyEvent, ProviderBase, log
 from ._fetch import map_error, retry_after_of, to_key
 from ._key import SubscriptionKey
 from ._policy import Action, CachePolicy, Clock, ForceDecision
 from ._sync import _fresh_copy
+from ._vaultclient import build_async_secret_client, check_secret_client
 from .exceptions import KeyUnavailableError, VaultUnavailableError
 
 __all__ = ["AsyncSubscriptionKeyProvider"]
@@ -63,16 +64,10 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
             on_rotate=on_rotate,
         )
         self._owned: list[Any] = []
-        if secret_client is None:
-            if credential is None:
-                from azure.identity.aio import DefaultAzureCredential
-
-                credential = DefaultAzureCredential()
-                self._owned.append(credential)
-            secret_client = SecretClient(
-                self.vault_url, credential, **{**DEFAULT_CLIENT_KWARGS, **(client_kwargs or {})}
-            )
-            self._owned.insert(0, secret_client)
+        if secret_client is None:  # built so that it never logs a secret value (see _vaultclient)
+            secret_client, self._owned = build_async_secret_client(self.vault_url, credential, client_kwargs)
+        else:
+            check_secret_client(secret_client, where=self.where)
         self.secret_client = secret_client
         self._task: asyncio.Task[_Outcome] | None = None
         self._fast: tuple[float, SubscriptionKey] | None = None

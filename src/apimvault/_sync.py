@@ -13,10 +13,11 @@ from typing import Any
 from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
-from ._base import DEFAULT_CLIENT_KWARGS, DEFAULT_HEADER, KeyEvent, ProviderBase, log
+from ._base import DEFAULT_HEADER, KeyEvent, ProviderBase, log
 from ._fetch import map_error, retry_after_of, to_key
 from ._key import SubscriptionKey
 from ._policy import Action, CachePolicy, Clock, ForceDecision
+from ._vaultclient import build_secret_client, check_secret_client
 from .exceptions import KeyUnavailableError, VaultUnavailableError
 
 __all__ = ["SubscriptionKeyProvider"]
@@ -60,8 +61,11 @@ class SubscriptionKeyProvider(ProviderBase):
         clock: returns Unix seconds; inject one in tests. ``rng``: the jitter source.
         header_name: the header APIM reads (``Ocp-Apim-Subscription-Key``; ``api-key`` if APIM was
             configured so).
-        secret_client: a ready ``SecretClient`` (then ``credential``/``client_kwargs`` are ignored).
-        client_kwargs: extra ``SecretClient`` keyword arguments (transport, retries, timeouts).
+        secret_client: a ready ``SecretClient`` (then ``credential``/``client_kwargs`` are ignored);
+            refused if its pipeline would log response bodies (``logging_enable=True``) or skip TLS /
+            challenge verification.
+        client_kwargs: extra ``SecretClient`` keyword arguments (transport, retries, timeouts); with
+            ``logging_enable=True`` the trace never shows bodies or credential headers.
         allow_insecure_http: allow ``http://`` endpoints. **Security:** only for loopback tests.
         on_refresh / on_error / on_rotate: callbacks receiving a :class:`KeyEvent` (never the key).
 
@@ -103,16 +107,10 @@ class SubscriptionKeyProvider(ProviderBase):
             on_rotate=on_rotate,
         )
         self._owned: list[Any] = []
-        if secret_client is None:
-            if credential is None:
-                from azure.identity import DefaultAzureCredential
-
-                credential = DefaultAzureCredential()
-                self._owned.append(credential)
-            secret_client = SecretClient(
-                self.vault_url, credential, **{**DEFAULT_CLIENT_KWARGS, **(client_kwargs or {})}
-            )
-            self._owned.insert(0, secret_client)
+        if secret_client is None:  # built so that it never logs a secret value (see _vaultclient)
+            secret_client, self._owned = build_secret_client(self.vault_url, credential, client_kwargs)
+        else:
+            check_secret_client(secret_client, where=self.where)
         self.secret_client = secret_client
         self._flight: _Flight | None = None
         self._fast: tuple[float, SubscriptionKey] | None = None
