@@ -60,6 +60,7 @@ class Recorder(Service):
         super().__init__()
         self.seen: list[tuple[str, dict[str, str]]] = []
         self.redirect: str | None = None
+        self.status = 200
         self.lock = threading.Lock()
 
     def build_app(self) -> ASGIApp:
@@ -71,6 +72,8 @@ class Recorder(Service):
             response: Response
             if request.url.path.startswith("/openai/") and self.redirect is not None:
                 response = RedirectResponse(self.redirect, status_code=307)
+            elif self.status != 200:
+                response = JSONResponse({"error": {"code": "Boom", "message": "boom"}}, self.status)
             else:
                 response = JSONResponse(COMPLETION)
             await response(scope, receive, send)
@@ -135,6 +138,7 @@ def fresh(recorders: tuple[Recorder, Recorder]) -> tuple[Recorder, Recorder]:
     for recorder in recorders:
         recorder.seen.clear()
         recorder.redirect = None
+        recorder.status = 200
     return recorders
 
 
@@ -371,4 +375,63 @@ def test_key_is_not_text_in_provider_or_client_attributes(
         assert key not in walked
     assert client.api_key == PLACEHOLDER_API_KEY
     assert header not in client.default_headers and header.lower() not in client.default_headers
+    close(loop, client, provider)
+
+
+def _reported(value: Any, depth: int = 0) -> str:
+    """A value the way an error reporter records a local variable: containers walked, objects repr'd."""
+    if depth > 4:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, dict):
+        return " ".join(f"{_reported(k, depth + 1)}={_reported(v, depth + 1)}" for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return " ".join(_reported(v, depth + 1) for v in value)
+    try:
+        return repr(value)
+    except Exception:  # a reporter skips what it cannot show
+        return ""
+
+
+def _frame_locals(exc: BaseException) -> str:
+    """Every local variable of every library frame of ``exc`` and its chained causes (this test module's own
+    frames hold the key on purpose), as a reporter records them."""
+    texts: list[str] = []
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename != __file__:
+                texts.extend(f"{name}={_reported(value)}" for name, value in tb.tb_frame.f_locals.items())
+            tb = tb.tb_next
+        pending += [error.__cause__, error.__context__]
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("header", [HEADER, "api-key"])
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_error_reporter_locals_never_hold_the_key(
+    azure: LocalAzure, fresh: tuple[Recorder, Recorder], loop: asyncio.Runner, api: str, header: str
+) -> None:
+    """A failed request's traceback (what Sentry & co. record with local variables) shows no key."""
+    origin, _ = fresh
+    app = new_app_secret(azure)
+    key = app.subscription.primary_key  # type: ignore[attr-defined]
+    provider = provider_for(api, azure, app.name, header_name=header)
+    client = make_client(api, provider, azure_endpoint=origin.url)
+    origin.status = 500
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(client, loop)
+    assert carrying(origin.seen, key) == [CHAT_PATH]  # the key was sent, and the request failed
+    reported = _frame_locals(info.value)
+    assert "options=" in reported  # openai's request frames were walked
+    assert carrying([("locals", {"all": reported})], key) == []
     close(loop, client, provider)
