@@ -29,6 +29,7 @@ from apimvault import (
     AsyncSubscriptionKeyProvider,
     CachePolicy,
     InsecureTransportError,
+    InvalidSecretValueError,
     SubscriptionKeyProvider,
     create_async_azure_openai,
     create_azure_openai,
@@ -435,3 +436,23 @@ def test_error_reporter_locals_never_hold_the_key(
     assert "options=" in reported  # openai's request frames were walked
     assert carrying([("locals", {"all": reported})], key) == []
     close(loop, client, provider)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_refused_value_is_not_in_the_callers_traceback_locals(
+    azure: LocalAzure, loop: asyncio.Runner, api: str
+) -> None:
+    """A vault value that is the key plus a control character is refused; the error a caller (and its
+    reporter) gets carries neither the value nor frames that hold it."""
+    probe = new_app_secret(azure)
+    key = probe.subscription.primary_key  # type: ignore[attr-defined]
+    app = new_app_secret(azure, value=key + "\x01")
+    provider = provider_for(api, azure, app.name)
+    with pytest.raises(InvalidSecretValueError) as info:
+        if api == "sync":
+            provider.get_key()
+        else:
+            loop.run(provider.get_key())
+    assert key not in str(info.value)
+    assert carrying([("locals", {"all": _frame_locals(info.value)})], key) == []
+    close(loop, provider)
