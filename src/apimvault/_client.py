@@ -31,7 +31,8 @@ class LiveHeaders(Mapping[str, str]):
     ``with_options(default_headers=...)`` (which freezes a dict), ``copy(http_client=...)`` — holds the
     key, and a copy whose new transport lacks the auth sends no key at all (APIM answers 401): it fails
     closed instead of sending the key without the https, origin and redirect checks. Any header named
-    like the key's header is dropped from ``base``.
+    like the key's header is dropped from ``base``. ``provider`` is accepted for compatibility and not
+    read.
     """
 
     def __init__(
