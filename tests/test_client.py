@@ -52,7 +52,8 @@ def test_chat_streaming_and_embeddings_carry_the_key(azure: LocalAzure) -> None:
     assert emb.data[0].embedding
     used = [u for u in azure.gateway.recent() if u.sid == app.sid]  # type: ignore[attr-defined]
     assert [u.slot for u in used] == ["primary"] * 3
-    assert client.default_headers[HEADER] == provider.get()
+    assert {u.fingerprint for u in used} == {fingerprint(provider.get())}
+    assert HEADER not in client.default_headers  # only the auth on the transport sets the key
 
 
 def test_placeholder_api_key_is_never_sent(azure: LocalAzure) -> None:
@@ -64,7 +65,7 @@ def test_placeholder_api_key_is_never_sent(azure: LocalAzure) -> None:
     assert sent[HEADER]
 
 
-def test_rotation_reaches_default_headers_copies_and_next_request(azure: LocalAzure) -> None:
+def test_rotation_reaches_copies_and_next_request(azure: LocalAzure) -> None:
     clock = FakeClock()
     provider, client, app = sync_setup(azure, clock=clock)
     frozen = client.with_options(default_headers={"X-Trace": "1"})  # openai freezes a dict copy here
@@ -74,8 +75,8 @@ def test_rotation_reaches_default_headers_copies_and_next_request(azure: LocalAz
     new_version = rotate_to_secondary(azure, app)  # type: ignore[arg-type]
     provider.refresh()
     assert provider.get_key().version == new_version
-    assert client.default_headers[HEADER] == provider.get() != old
-    assert copied.default_headers[HEADER] == provider.get()
+    assert provider.get() != old
+    assert HEADER not in client.default_headers and HEADER not in copied.default_headers
     for c in (client, frozen, copied):
         c.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
     used = [u for u in azure.gateway.recent() if u.sid == app.sid][-3:]  # type: ignore[attr-defined]
@@ -211,7 +212,7 @@ async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> Non
         client = create_async_azure_openai(provider, max_retries=0)
         reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
         assert reply.choices[0].message.content
-        assert client.default_headers[HEADER] == await provider.get()
+        assert HEADER not in client.default_headers
         rotate_to_secondary(azure, app)
 
         async def call(i: int) -> str:
@@ -227,7 +228,8 @@ async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> Non
         assert all(results)
         stats = provider.stats()
         assert stats.vault_reads == 2 and stats.forced_refreshes == 1 and stats.resends_401 >= 1
-        assert client.default_headers[HEADER] == app.subscription.secondary_key
+        assert provider.current() is not None
+        assert provider.current().reveal() == app.subscription.secondary_key  # type: ignore[union-attr]
         emb = await client.with_options(timeout=30).embeddings.create(
             model="text-embedding-3-small", input="x"
         )
@@ -249,8 +251,8 @@ def test_many_threads_one_client_one_cold_read(azure: LocalAzure) -> None:
     assert provider.stats().vault_reads == 1
 
 
-def test_api_key_mode_uses_openais_provider_path(local_azure: LocalAzure) -> None:
-    """APIM configured to read ``api-key``: the key travels in ``api-key`` via openai's callable api_key."""
+def test_api_key_mode_sends_the_key_in_api_key(local_azure: LocalAzure) -> None:
+    """APIM reading ``api-key``: the auth puts the key in ``api-key`` (openai holds a placeholder)."""
     from tests.conftest import SESSION_CA
 
     with LocalAzure(ca=SESSION_CA, gateway_header_name="api-key") as azure, azure.env():
@@ -260,7 +262,7 @@ def test_api_key_mode_uses_openais_provider_path(local_azure: LocalAzure) -> Non
         sent = raw.http_response.request.headers
         assert sent["api-key"] == provider.get()
         assert HEADER not in sent
-        assert callable(client._api_key_provider)  # openai's own provider path is in use
+        assert client.api_key == PLACEHOLDER_API_KEY  # openai never holds the key
         assert azure.gateway.counters.labels()["key:primary"] == 1
         # Rotation + revocation also recovers through the re-send in this mode.
         sub = azure.apim_state.get("apimvault-app")

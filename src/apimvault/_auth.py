@@ -31,6 +31,11 @@ def _origin(url: httpx2.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, port
 
 
+def _show(origin: tuple[str, str, int | None]) -> str:
+    scheme, host, port = origin
+    return f"{scheme}://{host}:{port}"
+
+
 def is_apim_key_rejection(status: int, headers: httpx2.Headers, body: bytes) -> bool:
     """Whether a 401 is APIM refusing the subscription key (not a backend's own 401).
 
@@ -53,6 +58,8 @@ class SubscriptionKeyAuth(httpx2.Auth):
     """Injects the provider's current key into ``header_name`` on every request (sync or async client).
 
     * Refuses to attach the key to a non-https URL unless ``allow_insecure_http`` (loopback tests).
+    * Given ``origin`` (the factories pass ``azure_endpoint``), refuses to attach the key to any other
+      origin, e.g. a copy made with ``with_options(base_url=...)`` pointing elsewhere.
     * Removes an ``api-key`` header carrying :data:`PLACEHOLDER_API_KEY`.
     * On APIM's 401 asks the provider for a newer key (coalesced, rate limited) and, if it gets one,
       re-sends the request once with it (``requires_request_body`` keeps the body re-sendable). A second
@@ -69,8 +76,10 @@ class SubscriptionKeyAuth(httpx2.Auth):
         *,
         header_name: str | None = None,
         allow_insecure_http: bool | None = None,
+        origin: str | None = None,
     ) -> None:
         self.provider = provider
+        self.origin = _origin(httpx2.URL(origin)) if origin is not None else None
         self.header_name = check_header_name(header_name or provider.header_name)
         self.allow_insecure_http = (
             provider.allow_insecure_http if allow_insecure_http is None else allow_insecure_http
@@ -81,6 +90,11 @@ class SubscriptionKeyAuth(httpx2.Auth):
             raise InsecureTransportError(
                 f"refusing to send the subscription key to {request.url.scheme}://{request.url.host}: "
                 "not https (pass allow_insecure_http=True only for loopback tests)"
+            )
+        if self.origin is not None and _origin(request.url) != self.origin:
+            raise InsecureTransportError(
+                f"refusing to send the subscription key to {_show(_origin(request.url))}: this client "
+                f"was made for {_show(self.origin)} (make a new client with the factory for another endpoint)"
             )
         if request.headers.get("api-key") == PLACEHOLDER_API_KEY:
             del request.headers["api-key"]

@@ -23,6 +23,7 @@ from ._key import SubscriptionKey
 from ._policy import Action, CacheEntry, CachePolicy, Clock, ForceDecision, KeyCache
 from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
 from ._vault_errors import map_error, retry_after_of
+from ._vaultclient import check_secret_client, checked, secret_client_kwargs
 from .exceptions import (
     ConfigurationError,
     SecretDisabledError,
@@ -237,8 +238,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             f"/{self.version}" if self.version else ""
         )
         self._n = _Tally()
-        self._recent_values: tuple[str, ...] = ()
-        self._header_value: str | None = None  # lock-free copy of the cached key for LiveHeaders
+        # The current and previous keys for the log redaction filter, as SubscriptionKey objects (their
+        # repr is redacted), so no attribute of the provider is the key as a plain string.
+        self._recent_values: tuple[SubscriptionKey, ...] = ()
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
         self._flight: Any = None  # the read in flight: the shell's _Flight or asyncio.Task
@@ -247,6 +249,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self._owned: list[Any] = []
         self._build = (credential, client_kwargs, credential_kwargs) if secret_client is None else None
         self._rebuild = False
+        if secret_client is not None:  # the caller's: refused if it would log bodies or skip verification
+            check_secret_client(secret_client, where=self.where)
         self.secret_client: ClientT = secret_client if secret_client is not None else self._make_clients()
         _PROVIDERS.add(self)
 
@@ -278,10 +282,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
                 **{**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
             )
             owned.append(credential)
-        settings = {**DEFAULT_CLIENT_KWARGS, **(client_kwargs or {})}
+        # Never logs a Key Vault body (the key), whatever logging_enable says: see _vaultclient.
+        settings = secret_client_kwargs(DEFAULT_CLIENT_KWARGS, client_kwargs)
         settings.setdefault("retry_policy", self._retry_policy_class(**settings))
         client = self._secret_client_class(self.vault_url, credential, **settings)
-        self._owned = [client, *owned]
+        owned.insert(0, client)
+        checked(client, owned, where=self.where)
+        self._owned = owned
         return client
 
     def _after_fork(self) -> None:
@@ -365,11 +372,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
 
     def redaction_values(self) -> tuple[str, ...]:
         """The current and previous key values, read without locking (for the log redaction filter)."""
-        return self._recent_values
-
-    def header_value(self) -> str | None:
-        """The cached key's value without locking or I/O (for ``default_headers``); never log it."""
-        return self._header_value
+        return tuple(key.reveal() for key in self._recent_values)
 
     def stats(self) -> ProviderStats:
         now, wall = self._now()
@@ -494,7 +497,6 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     def _drop(self) -> None:
         """Under the lock: forget the cached key (Key Vault says it is disabled or expired)."""
         self._cache.clear()
-        self._header_value = None
         self._fast = None
 
     def _no_key_error(self) -> BaseException:
@@ -526,9 +528,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             key, now, wall=wall, generation=generation, revisit_at=fetched.revisit_at
         )
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
-        if not self._recent_values or self._recent_values[0] != key.reveal():
-            self._recent_values = (key.reveal(), *self._recent_values[:1])
-        self._header_value = key.reveal()
+        self._recent_values = (key, *self._recent_values[:1])
         self._n.add("refreshes")
         event = KeyEvent(self.where, key.version, key.fingerprint, previous, reason)
         log.debug(

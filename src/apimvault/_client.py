@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,12 +24,15 @@ _CONFLICTING = ("api_key", "azure_ad_token", "azure_ad_token_provider", "base_ur
 
 
 class LiveHeaders(Mapping[str, str]):
-    """``default_headers`` whose key header always reads the provider's *cached* key (no I/O).
+    """``default_headers`` for the factories' clients: the caller's headers, **never the key**.
 
-    openai keeps the mapping it is given by reference and spreads it into every request, so
-    ``client.default_headers[header]`` shows the current key after every refresh without rebuilding
-    the client. The auth flow still sets the header at send time, so copies made with
-    ``with_options(default_headers=...)`` (which freeze a dict) also send the current key.
+    The key lives only in the provider; :class:`~apimvault.SubscriptionKeyAuth` on the client's
+    transport sets it at send time. So nothing openai copies — ``client.default_headers``,
+    ``with_options(default_headers=...)`` (which freezes a dict), ``copy(http_client=...)`` — holds the
+    key, and a copy whose new transport lacks the auth sends no key at all (APIM answers 401): it fails
+    closed instead of sending the key without the https, origin and redirect checks. Any header named
+    like the key's header is dropped from ``base``. ``provider`` is accepted for compatibility and not
+    read.
     """
 
     def __init__(
@@ -37,36 +41,23 @@ class LiveHeaders(Mapping[str, str]):
         header_name: str,
         base: Mapping[str, str] | None = None,
     ) -> None:
-        self._provider = provider
-        self._header = header_name
+        self._header = check_header_name(header_name)
         self._base = {k: v for k, v in (base or {}).items() if k.lower() != header_name.lower()}
 
-    def _value(self) -> str | None:
-        # openai reads default_headers several times per request: a plain attribute read, no lock, no I/O.
-        return self._provider.header_value()
-
     def __getitem__(self, name: str) -> str:
-        if name == self._header:
-            value = self._value()
-            if value is None:
-                raise KeyError(name)
-            return value
         return self._base[name]
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._base
-        if self._value() is not None:
-            yield self._header
+        return iter(self._base)
 
     def __len__(self) -> int:
-        return len(self._base) + (1 if self._value() is not None else 0)
+        return len(self._base)
 
     def __bool__(self) -> bool:  # openai replaces a falsy mapping with a new dict: stay truthy
         return True
 
     def __repr__(self) -> str:
-        shown = {**self._base, **({self._header: "<redacted>"} if self._value() is not None else {})}
-        return f"LiveHeaders({shown!r})"
+        return f"LiveHeaders({self._base!r}, key header {self._header!r} set at send time)"
 
 
 def _check_kwargs(kwargs: Mapping[str, Any]) -> None:
@@ -98,6 +89,29 @@ def _endpoint(azure_endpoint: str | None, allow_insecure_http: bool) -> str:
     return endpoint
 
 
+def _tls_problem(client: httpx2.Client | httpx2.AsyncClient) -> str | None:
+    """What is wrong with the TLS verification of ``client``'s transports, or ``None``.
+
+    httpx2 keeps the ``ssl.SSLContext`` built from ``verify=`` on each ``HTTPTransport``'s connection
+    pool (also for proxy mounts). Certificate *and* host name checks must both be on. A custom transport
+    (not an ``httpx2.HTTPTransport``) is the caller's own code and is taken as given.
+    """
+    transports = [client._transport, *client._mounts.values()]
+    for transport in transports:
+        if not isinstance(transport, httpx2.HTTPTransport | httpx2.AsyncHTTPTransport):
+            continue
+        pool = transport._pool
+        for attr, what in (("_ssl_context", "TLS"), ("_proxy_ssl_context", "proxy TLS")):
+            ctx = getattr(pool, attr, None)
+            if not isinstance(ctx, ssl.SSLContext):
+                continue  # None: httpcore2's default context, which verifies
+            if ctx.verify_mode != ssl.CERT_REQUIRED:
+                return f"its {what} does not verify certificates (verify=False or CERT_NONE)"
+            if not ctx.check_hostname:
+                return f"its {what} does not check host names (check_hostname=False)"
+    return None
+
+
 def _client_kwargs(
     provider: SubscriptionKeyProvider | AsyncSubscriptionKeyProvider,
     client: httpx2.Client | httpx2.AsyncClient | None,
@@ -117,7 +131,13 @@ def _client_kwargs(
         client = openai.DefaultAsyncHttpxClient() if is_async else openai.DefaultHttpxClient()
     if client.auth is not None:
         raise ConfigurationError("http_client already has an auth; apimvault installs its own")
-    auth = SubscriptionKeyAuth(provider, header_name=header)
+    problem = _tls_problem(client)
+    if problem is not None:
+        raise InsecureTransportError(
+            f"http_client is refused: {problem}; the key would go to any server that answers. "
+            "Keep TLS verification on (trust a private CA with verify=ssl.create_default_context(cafile=...))"
+        )
+    auth = SubscriptionKeyAuth(provider, header_name=header, origin=endpoint)
     client.auth = auth
     hooks = client.event_hooks
     hook = auth.aon_request if isinstance(client, httpx2.AsyncClient) else auth.on_request
@@ -127,8 +147,9 @@ def _client_kwargs(
     return {
         "azure_endpoint": endpoint,
         "api_version": api_version,
-        # APIM reading ``api-key``: openai's own provider path; otherwise a placeholder the auth removes.
-        "api_key": provider.get if header.lower() == "api-key" else PLACEHOLDER_API_KEY,
+        # Only the auth on this transport ever sets the key (also for ``api-key``): openai holds a
+        # placeholder the auth replaces, so a copy given another transport carries no key.
+        "api_key": PLACEHOLDER_API_KEY,
         "default_headers": LiveHeaders(provider, header, default_headers),
         "http_client": client,
         **kwargs,
@@ -149,9 +170,12 @@ def create_azure_openai(
 
     ``azure_endpoint`` (the APIM gateway) and ``api_version`` default to openai's own
     ``AZURE_OPENAI_ENDPOINT`` / ``OPENAI_API_VERSION``. Other keyword arguments go to ``AzureOpenAI``.
-    With ``header_name="api-key"`` (APIM configured to read ``api-key``) the key goes through openai's
-    own ``api_key`` provider path; otherwise a placeholder satisfies openai's credential check and is
-    removed before sending. Pass ``http_client`` to tune the transport; apimvault installs its auth on it.
+    openai gets a placeholder ``api_key`` (it insists on a credential) and ``default_headers`` without
+    the key: only the :class:`SubscriptionKeyAuth` apimvault installs on the transport sets the key
+    (in ``header_name``; ``api-key`` when APIM is configured so) and removes the placeholder. Pass
+    ``http_client`` to tune the transport; it must verify TLS (else :class:`InsecureTransportError`).
+    Copies keep the guarded transport; a copy given another ``http_client`` (``with_options`` /
+    ``copy``) carries no key at all: build a new client with this factory instead.
     """
     if not isinstance(provider, SubscriptionKeyProvider):
         raise ConfigurationError(

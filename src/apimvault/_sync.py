@@ -59,10 +59,11 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
             as both). Inject them in tests. ``rng``: the jitter source.
         header_name: the header APIM reads (``Ocp-Apim-Subscription-Key``; ``api-key`` if APIM was
             configured so).
-        secret_client: a ready ``SecretClient`` (then ``credential``/``client_kwargs`` are ignored).
-        client_kwargs: extra ``SecretClient`` keyword arguments (transport, retries, timeouts). The
-            provider's retry policy never sleeps on Key Vault's ``Retry-After`` inside a read: its own
-            back-off honours it.
+        secret_client: a ready ``SecretClient`` (then ``credential``/``client_kwargs`` are ignored);
+            refused if its pipeline would log response bodies (``logging_enable=True``) or skip TLS /
+            challenge verification.
+        client_kwargs: extra ``SecretClient`` keyword arguments (transport, retries, timeouts); with
+            ``logging_enable=True`` the trace never shows bodies or credential headers.
         allow_insecure_http: allow ``http://`` endpoints. **Security:** only for loopback tests.
         on_refresh / on_error / on_rotate: callbacks receiving a :class:`KeyEvent` (never the key).
 

@@ -1,8 +1,12 @@
-"""The admin API and its client: counters, faults (request and stream kinds), recent key use, bad input."""
+"""The admin API and its client: bearer token, counters, faults (request and stream kinds), recent key use,
+bad input."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -18,8 +22,15 @@ MESSAGES: Any = [{"role": "user", "content": "admin"}]
 
 @pytest.fixture
 def admin(azure: LocalAzure) -> Iterator[AdminClient]:
-    with AdminClient(azure.admin.url, azure.ca_path) as client:
+    with AdminClient(azure.admin.url, azure.ca_path, token=azure.admin_token) as client:
         yield client
+
+
+def owner(azure: LocalAzure) -> httpx2.Client:
+    """A raw client sending the stack's admin token, as its owner would."""
+    return httpx2.Client(
+        base_url=azure.admin.url, timeout=10, headers={"Authorization": f"Bearer {azure.admin_token}"}
+    )
 
 
 def primary(azure: LocalAzure) -> str:
@@ -99,7 +110,7 @@ def test_recent_shows_fingerprints_never_keys(azure: LocalAzure, admin: AdminCli
     assert len(recent[-1]["fingerprint"]) == 8
     sub = azure.apim_state.get(APIM_SUBSCRIPTION)
     assert sub is not None
-    with httpx2.Client(base_url=azure.admin.url, timeout=10) as c:
+    with owner(azure) as c:
         for path in ("/services", "/gateway/recent", "/gateway/counters", "/arm/counters", "/openai/faults"):
             text = c.get(path).text
             assert sub.primary_key not in text and sub.secondary_key not in text
@@ -126,7 +137,7 @@ def test_recent_shows_fingerprints_never_keys(azure: LocalAzure, admin: AdminCli
     ],
 )
 def test_bad_input(azure: LocalAzure, method: str, path: str, body: bytes | None, status: int) -> None:
-    with httpx2.Client(base_url=azure.admin.url, timeout=10) as c:
+    with owner(azure) as c:
         response = c.request(method, path, content=body, headers={"Content-Type": "application/json"})
         assert response.status_code == status
         assert set(response.json()["error"]) == {"code", "message"}
@@ -136,3 +147,62 @@ def test_bad_input(azure: LocalAzure, method: str, path: str, body: bytes | None
         assert wrong_type.status_code == 400
         assert c.get("/services").status_code == 200
     assert azure.gateway.faults.active == []
+
+
+# ------------------------------------------------------------------------------------- bearer token
+
+ROUTES = [
+    ("GET", "/services", None),
+    ("GET", "/gateway/counters", None),
+    ("POST", "/gateway/counters/reset", None),
+    ("GET", "/keyvault/faults", None),
+    ("POST", "/keyvault/faults", b'{"kind": "status", "status": 503}'),
+    ("DELETE", "/gateway/faults", None),
+    ("GET", "/gateway/recent", None),
+]
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer", "Bearer wrong-token", "Basic x", "token"])
+def test_every_route_needs_the_admin_token(azure: LocalAzure, authorization: str | None) -> None:
+    """Another local user (no token, or a guess) can neither inject faults nor read or reset counters."""
+    azure.gateway.faults.inject("status", status=500, times=1)  # the owner's fault must survive
+    azure.gateway.counters.label("owner")
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    with httpx2.Client(base_url=azure.admin.url, timeout=10) as c:
+        for method, path, body in ROUTES:
+            response = c.request(method, path, content=body, headers=headers)
+            assert response.status_code == 401, (method, path)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            assert response.json()["error"]["code"] == "Unauthorized"
+            assert azure.admin_token not in response.text
+    assert azure.keyvault.faults.active == []  # nothing injected
+    assert len(azure.gateway.faults.active) == 1  # nothing cleared
+    assert azure.gateway.counters.labels()["owner"] == 1  # nothing reset
+
+
+def test_admin_client_without_the_token_is_refused(azure: LocalAzure) -> None:
+    with AdminClient(azure.admin.url, azure.ca_path, token="not-the-token") as client:
+        with pytest.raises(AdminError, match="admin bearer token") as info:
+            client.add_fault("keyvault", "status", status=503)
+        assert info.value.status == 401
+    assert azure.keyvault.faults.active == []
+    assert azure.admin_token not in repr(client) and azure.admin_token not in repr(azure.admin)
+
+
+def test_the_token_reaches_only_the_owner(azure: LocalAzure, tmp_path: Path) -> None:
+    """Each stack has its own token; the owner gets it from the stack, its environment and its env file."""
+    assert len(azure.admin_token) >= 32
+    assert azure.environ()["APIMVAULT_ADMIN_TOKEN"] == azure.admin_token
+    assert os.environ["APIMVAULT_ADMIN_TOKEN"] == azure.admin_token  # the session's azure.env()
+    with AdminClient(azure.admin.url, azure.ca_path) as client:  # token from APIMVAULT_ADMIN_TOKEN
+        assert {s["name"] for s in client.services()} >= {"keyvault", "gateway"}
+    env_file = tmp_path / "local.env"
+    env_file.write_text("stale\n")
+    env_file.chmod(0o644)  # an older, world-readable file is tightened when rewritten
+    azure.write_env_file(env_file)
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert f"APIMVAULT_ADMIN_TOKEN={azure.admin_token}" in env_file.read_text().splitlines()
+    with LocalAzure(ca=azure.ca, seed=False) as other:
+        assert other.admin_token != azure.admin_token

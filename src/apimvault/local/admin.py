@@ -11,13 +11,18 @@ Routes (JSON; errors are ``{"error": {"code", "message"}}``)::
     DELETE /{service}/faults           204
     GET    /gateway/recent             recent gateway key uses: time, sid, slot, fingerprint (never a key)
 
-Nothing here returns a key or token value.
+Every route needs ``Authorization: Bearer <token>``: the stack's owner gets the token from
+``LocalAzure.admin_token`` (and ``APIMVAULT_ADMIN_TOKEN`` in its env file, mode 0600), so other local users
+cannot inject faults or read counters. Nothing here returns a key or token value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
+import os
+import secrets
 import ssl
 from pathlib import Path
 from typing import Any, cast
@@ -34,6 +39,7 @@ from .openai_backend import STREAM_FAULT_KINDS, BackendFaults, StreamFaultKind
 
 FAULT_KINDS: tuple[str, ...] = ("latency", "status", "throttle", "reset", "hang")
 MAX_BODY_BYTES = 64 * 1024
+ENV_ADMIN_TOKEN = "APIMVAULT_ADMIN_TOKEN"  # noqa: S105 - a variable name
 
 
 def _error(status: int, code: str, message: str) -> Response:
@@ -62,13 +68,25 @@ def _number(
 
 
 class AdminService(Service):
-    """Counters, faults and recent key use of the other services, over HTTPS on its own port."""
+    """Counters, faults and recent key use of the other services, over HTTPS on its own port.
+
+    ``token`` (a new random one by default) must come as ``Authorization: Bearer <token>`` on every call.
+    """
 
     name = "admin"
 
-    def __init__(self, services: dict[str, Service]) -> None:
+    def __init__(self, services: dict[str, Service], *, token: str | None = None) -> None:
         super().__init__()
         self.services = services
+        self.token = token if token is not None else secrets.token_urlsafe(32)
+        self._expected = f"Bearer {self.token}".encode()
+
+    def __repr__(self) -> str:
+        return f"AdminService({self.url!r})"
+
+    def _authorized(self, request: Request) -> bool:
+        given = request.headers.get("authorization", "").encode("latin-1", "replace")
+        return hmac.compare_digest(given, self._expected)
 
     def classify(self, method: str, path: str) -> str:
         return "Admin"
@@ -83,6 +101,20 @@ class AdminService(Service):
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
+        if not self._authorized(request):
+            response = json_response(
+                {
+                    "error": {
+                        "code": "Unauthorized",
+                        "message": "missing or wrong admin bearer token (the stack's owner has it: "
+                        f"LocalAzure.admin_token, {ENV_ADMIN_TOKEN} in its env file)",
+                    }
+                },
+                401,
+                {"WWW-Authenticate": 'Bearer realm="apimvault-local-admin"'},
+            )
+            await response(scope, receive, send)
+            return
         try:
             response = await self._handle(request)
         except _BadRequest as exc:
@@ -208,13 +240,25 @@ class AdminError(Exception):
 
 
 class AdminClient:
-    """Sync client of :class:`AdminService`, for driving a stack that runs in another process."""
+    """Sync client of :class:`AdminService`, for driving a stack that runs in another process.
 
-    def __init__(self, url: str, ca_path: str | Path, *, timeout: float = 10.0) -> None:
+    ``token`` defaults to ``APIMVAULT_ADMIN_TOKEN`` (set by the stack's env file).
+    """
+
+    def __init__(
+        self, url: str, ca_path: str | Path, *, token: str | None = None, timeout: float = 10.0
+    ) -> None:
         self.url = url.rstrip("/")
+        token = token if token is not None else os.environ.get(ENV_ADMIN_TOKEN, "").strip()
         self._client = httpx2.Client(
-            base_url=self.url, timeout=timeout, verify=ssl.create_default_context(cafile=str(ca_path))
+            base_url=self.url,
+            timeout=timeout,
+            verify=ssl.create_default_context(cafile=str(ca_path)),
+            headers={"Authorization": f"Bearer {token}"} if token else None,
         )
+
+    def __repr__(self) -> str:
+        return f"AdminClient({self.url!r})"
 
     def __enter__(self) -> AdminClient:
         return self

@@ -182,6 +182,11 @@ class LocalAzure:
         return self.arm.url
 
     @property
+    def admin_token(self) -> str:
+        """The bearer token the admin API requires (only the stack's owner and its env file have it)."""
+        return self.admin.token
+
+    @property
     def ca_path(self) -> Path:
         return self.ca.ca_path
 
@@ -203,6 +208,7 @@ class LocalAzure:
             "APIMVAULT_APIM_SUBSCRIPTION_ID": self.apim_subscription_id,
             "APIMVAULT_OFFICER_CLIENT_ID": self.officer_identity.client_id,
             "APIMVAULT_ADMIN_URL": self.admin.url,
+            "APIMVAULT_ADMIN_TOKEN": self.admin_token,
         }
 
     @contextlib.contextmanager
@@ -219,10 +225,11 @@ class LocalAzure:
             yield {k: v for k, v in values.items() if v is not None}
 
     def write_env_file(self, path: str | Path) -> Path:
-        """Write :meth:`environ` as a dotenv file (mode 0600). It holds endpoints, never the key."""
+        """Write :meth:`environ` as a dotenv file (mode 0600): endpoints and admin token, never the key."""
         path = Path(path)
         lines = [f"{k}={v}" for k, v in self.environ().items()]
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode: it holds the admin token
         with os.fdopen(fd, "w") as fh:
             fh.write("\n".join(lines) + "\n")
         return path

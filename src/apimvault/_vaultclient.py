@@ -1,0 +1,158 @@
+"""The ``SecretClient`` a provider reads from: built so that it never logs a secret, or checked when given.
+
+azure-core's ``NetworkTraceLoggingPolicy`` (switched on by ``logging_enable=True``, an ordinary Azure SDK
+debugging switch) logs every response body, and a GetSecret body *is* the key; it also logs request
+headers unredacted, Key Vault's bearer token included. Filters cannot catch this reliably (a filter on
+logger ``azure`` does not see records of its children, and no filter knows a value before it is
+accepted). So the fix is at the source:
+
+* a client the provider builds gets :class:`RedactedNetworkTraceLoggingPolicy` in place of azure-core's:
+  with ``logging_enable`` it still traces method, URL, status and allow-listed headers, never a body nor a
+  credential header;
+* a client passed in (``secret_client=``) is inspected and refused with :class:`ConfigurationError` when
+  its pipeline would log bodies, and with :class:`InsecureTransportError` when it does not verify TLS or
+  Key Vault's challenge resource (a pipeline that cannot be inspected is refused too: it cannot be
+  shown safe).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import HttpLoggingPolicy, NetworkTraceLoggingPolicy, SansIOHTTPPolicy
+
+from .exceptions import ConfigurationError, InsecureTransportError
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "RedactedNetworkTraceLoggingPolicy",
+    "check_secret_client",
+    "checked",
+    "secret_client_kwargs",
+]
+
+#: The logger azure-core's network trace writes to, so ``logging_enable`` output shows up where it would.
+_LOGGER = logging.getLogger("azure.core.pipeline.policies._universal")
+_NOT_LOGGED = "<not logged by apimvault: Key Vault bodies carry secret values>"
+#: ``client_kwargs`` that would replace the redacting policy.
+_REFUSED_KWARGS = ("policies", "logging_policy")
+_KEYVAULT_HEADERS = frozenset(
+    {"x-ms-keyvault-network-info", "x-ms-keyvault-region", "x-ms-keyvault-service-version"}
+)
+
+
+class RedactedNetworkTraceLoggingPolicy(SansIOHTTPPolicy[Any, Any]):
+    """Drop-in for azure-core's ``NetworkTraceLoggingPolicy`` that never logs a body or a secret header.
+
+    Honours ``logging_enable`` (client-wide or per call) like the original and logs at DEBUG on the same
+    logger, but header values outside azure-core's ``HttpLoggingPolicy`` allow-list show as ``REDACTED``
+    and bodies are never read or written.
+    """
+
+    def __init__(self, logging_enable: bool = False, **kwargs: Any) -> None:
+        self.enable_http_logger = logging_enable
+
+    @staticmethod
+    def _headers(headers: Mapping[str, str]) -> str:
+        allowed = {h.lower() for h in HttpLoggingPolicy.DEFAULT_HEADERS_ALLOWLIST} | _KEYVAULT_HEADERS
+        return "".join(
+            f"\n    {name!r}: {value if name.lower() in allowed else 'REDACTED'!r}"
+            for name, value in headers.items()
+        )
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        enabled = request.context.options.pop("logging_enable", self.enable_http_logger)
+        request.context["logging_enable"] = enabled
+        if enabled and _LOGGER.isEnabledFor(logging.DEBUG):
+            http = request.http_request
+            _LOGGER.debug(
+                "Request URL: %r\nRequest method: %r\nRequest headers:%s\nRequest body: %s",
+                http.url.split("?", 1)[0],
+                http.method,
+                self._headers(http.headers),
+                _NOT_LOGGED,
+            )
+
+    def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
+        if response.context.get("logging_enable") and _LOGGER.isEnabledFor(logging.DEBUG):
+            http = response.http_response
+            _LOGGER.debug(
+                "Response status: %r\nResponse headers:%s\nResponse content: %s",
+                http.status_code,
+                self._headers(http.headers),
+                _NOT_LOGGED,
+            )
+
+
+def secret_client_kwargs(
+    defaults: Mapping[str, Any], client_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """``SecretClient`` keyword arguments: ``defaults``, the caller's ``client_kwargs``, and the redacting
+    network-trace policy in place of azure-core's (``client_kwargs`` that would replace it are refused)."""
+    given = dict(client_kwargs or {})
+    refused = [k for k in _REFUSED_KWARGS if k in given]
+    if refused:
+        raise ConfigurationError(
+            f"client_kwargs {', '.join(refused)} would swap out the SecretClient policy that keeps secret "
+            "values out of logs; apimvault builds that pipeline itself (pass secret_client= to use your own)"
+        )
+    kwargs = {**defaults, **given}
+    kwargs["logging_policy"] = RedactedNetworkTraceLoggingPolicy(**kwargs)
+    return kwargs
+
+
+def _pipeline_parts(client: Any) -> tuple[list[Any], Any] | None:
+    """The policies and transport of a ``SecretClient``'s pipeline, or ``None`` if they cannot be found.
+
+    azure-core exposes no public accessor; this reads the generated client's ``PipelineClient``. The
+    tests pin it for the installed SDK versions (sync and aio).
+    """
+    pipeline = getattr(getattr(getattr(client, "_client", None), "_client", None), "_pipeline", None)
+    policies = getattr(pipeline, "_impl_policies", None)
+    if not isinstance(policies, list):
+        return None
+    return [getattr(p, "_policy", p) for p in policies], getattr(pipeline, "_transport", None)
+
+
+def check_secret_client(client: Any, *, where: str) -> None:
+    """Refuse a ``SecretClient`` whose pipeline would log secret bodies or skip TLS / challenge checks."""
+    parts = _pipeline_parts(client)
+    if parts is None:
+        raise ConfigurationError(
+            f"secret_client for {where}: cannot inspect its pipeline to prove it never logs secret values; "
+            "let the provider build it (credential= and client_kwargs=)"
+        )
+    policies, transport = parts
+    if any(isinstance(p, NetworkTraceLoggingPolicy) and p.enable_http_logger for p in policies):
+        raise ConfigurationError(
+            f"secret_client for {where} has logging_enable=True: azure-core would log every Key Vault "
+            "response body, i.e. the key. Pass logging_enable in client_kwargs instead (the provider's own "
+            "client traces requests without bodies)"
+        )
+    if any(getattr(p, "_verify_challenge_resource", True) is False for p in policies):
+        raise InsecureTransportError(
+            f"secret_client for {where} has verify_challenge_resource=False: its Key Vault token could go "
+            "to any server naming itself a vault"
+        )
+    config = getattr(transport, "connection_config", None)
+    if getattr(config, "verify", True) is False:
+        raise InsecureTransportError(
+            f"secret_client for {where} has connection_verify=False: TLS certificates are not verified"
+        )
+
+
+def checked(client: Any, owned: Iterable[Any], *, where: str) -> None:
+    """:func:`check_secret_client` for a client the provider built: on refusal, close what it made."""
+    try:
+        check_secret_client(client, where=where)
+    except ConfigurationError:
+        for resource in owned:
+            close = resource.close()
+            if close is not None:  # aio: nothing was opened yet, so the coroutine is simply dropped
+                close.close()
+        raise
