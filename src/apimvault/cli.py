@@ -894,6 +894,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
                 credential=credential,
                 arm_endpoint=arm_endpoint,
                 apim_subscription_id=apim_subscription_id,
+                propagation_timeout=args.propagation_timeout,
             )
             return _rotated(out, result, None)
 
@@ -909,6 +910,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
             apim_subscription_id=apim_subscription_id,
             arm_endpoint=arm_endpoint,
             credential=credential,
+            propagation_timeout=args.propagation_timeout,
         )
         out.note("rotation plan:")
         for line in plan.describe():
@@ -927,6 +929,8 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
             arm_endpoint=plan.arm_endpoint,
             credential=credential,
             expected_version=plan.current_version,
+            gateway_urls=plan.gateway_urls,
+            propagation_timeout=plan.propagation_timeout,
         )
         return _rotated(out, result, plan.as_dict())
     except Exception as exc:
@@ -950,6 +954,10 @@ def _rotated(out: Output, result: Any, plan: dict[str, Any] | None) -> int:
             f"rotated {result.secret}: version {result.old_version} ({previous}) -> {result.new_version} "
             f"({result.credential_id}, fingerprint {result.fingerprint}, "
             f"expires {result.expires_on or 'never'})"
+        )
+        out.line(
+            f"the gateway accepted the new key {result.propagation_seconds:.1f} s after it was regenerated; "
+            f"the vault's latest version {result.verified_version} is live"
         )
         out.line(
             f"the {previous} key stays valid until the next rotation; clients pick up the new version at "
@@ -1035,11 +1043,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "rotate",
         "dual-key rotation of the APIM subscription key",
-        "Read the secret's CredentialId, regenerate the OTHER APIM key (ARM), read it back, store it as a "
-        "new secret version with CredentialId flipped and expiry now + ValidityPeriodDays. The key in use "
-        "stays valid. Asks before acting on a non-loopback target unless --yes. Credential: "
-        "DefaultAzureCredential (managed identity client id from --client-id, APIMVAULT_ROTATOR_CLIENT_ID or "
-        "APIMVAULT_OFFICER_CLIENT_ID); needs Key Vault Secrets Officer and APIM key rights. "
+        "Read the secret's CredentialId, regenerate the OTHER APIM key (ARM), read it back, wait until every "
+        "gateway accepts it (probe: GET <gateway>/openai/v1/models, no tokens; gateways from "
+        "APIMVAULT_GATEWAY_URLS or AZURE_OPENAI_ENDPOINT), then store it as a new secret version with "
+        "CredentialId flipped and expiry now + ValidityPeriodDays, and verify the vault's latest version "
+        "is live. The key in use stays valid. Asks before acting on a non-loopback target unless --yes. "
+        "Credential: DefaultAzureCredential (managed identity client id from --client-id, "
+        "APIMVAULT_ROTATOR_CLIENT_ID or APIMVAULT_OFFICER_CLIENT_ID); needs Key Vault Secrets Officer and "
+        "the custom role infra/ defines (apimvault APIM subscription key rotator). "
         "APIMVAULT_APIM_SUBSCRIPTION_ID (or the ProviderAddress tag) names the subscription; "
         "APIMVAULT_ARM_ENDPOINT defaults to https://management.azure.com.",
     )
@@ -1053,6 +1064,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--apim-subscription-id", help="default: APIMVAULT_APIM_SUBSCRIPTION_ID or the ProviderAddress tag"
     )
     p.add_argument("--client-id", help="managed identity client id of the rotator")
+    p.add_argument(
+        "--propagation-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for the gateways to accept the new key before giving up without changing "
+        "the vault (default: APIMVAULT_PROPAGATION_TIMEOUT or 600)",
+    )
     p.set_defaults(func=cmd_rotate)
 
     p = add(

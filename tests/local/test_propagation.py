@@ -6,7 +6,6 @@ client against each gateway unit's endpoint.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,24 +21,9 @@ from apimvault.local.apim import ApimState, Subscription
 from apimvault.local.openai_backend import reply_for
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
 from tests.conftest import SESSION_CA
+from tests.rotation_support import ManualClock
 
 MESSAGES: Any = [{"role": "user", "content": "ping"}]
-
-
-class ManualClock:
-    """A clock that moves only when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += seconds
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +33,10 @@ def clock() -> ManualClock:
 
 @pytest.fixture(scope="module")
 def stack(clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
-    # Depends on the session stack so that its environment is entered first and restored last.
-    with (
-        LocalAzure(
-            ca=SESSION_CA, propagation_clock=clock, propagation_delay={"region1": 10, "region2": 30}
-        ) as a,
-        a.env(),
-    ):
+    # Tests enter a.env() only where they need it, so other tests keep the session stack's environment.
+    with LocalAzure(
+        ca=SESSION_CA, propagation_clock=clock, propagation_delay={"region1": 10, "region2": 30}
+    ) as a:
         yield a
 
 
@@ -95,16 +76,17 @@ def status(url: str, key: str) -> int:
 
 
 def regenerate_via_arm(azure: LocalAzure, sid: str, which: str) -> None:
-    credential = DefaultAzureCredential()
-    with ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url) as mgmt:
-        regenerate = (
-            mgmt.subscription.regenerate_secondary_key
-            if which == "secondary"
-            else mgmt.subscription.regenerate_primary_key
-        )
-        regenerate(RESOURCE_GROUP, APIM_SERVICE, sid)
-        keys = mgmt.subscription.list_secrets(RESOURCE_GROUP, APIM_SERVICE, sid)
-    credential.close()
+    with azure.env():
+        credential = DefaultAzureCredential()
+        with ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url) as mgmt:
+            regenerate = (
+                mgmt.subscription.regenerate_secondary_key
+                if which == "secondary"
+                else mgmt.subscription.regenerate_primary_key
+            )
+            regenerate(RESOURCE_GROUP, APIM_SERVICE, sid)
+            keys = mgmt.subscription.list_secrets(RESOURCE_GROUP, APIM_SERVICE, sid)
+        credential.close()
     sub = azure.apim_state.get(sid)
     assert sub is not None and keys.secondary_key == sub.secondary_key  # ARM shows the new key at once
 
