@@ -26,8 +26,9 @@ class ManualClock:
 
 class Scheduler:
     """Runs ``n`` functions in threads, one at a time: a run goes on past a step hook only when the next
-    entry of ``order`` names it. When ``order`` is used up (or names a run that has finished) the
-    remaining runs go on in run order. Every hand-over waits on a condition with a generous timeout."""
+    entry of ``order`` names it. When ``order`` is used up the remaining runs take turns (round robin);
+    entries naming a finished run are passed over. Every hand-over waits on a condition with a generous
+    timeout."""
 
     def __init__(self, order: Sequence[int], n: int, *, timeout: float = 60.0) -> None:
         self.order = list(order)
@@ -38,6 +39,7 @@ class Scheduler:
         self._waiting: set[int] = set()
         self._done: set[int] = set()
         self.trace: list[tuple[int, str]] = []
+        self._rr = -1
 
     def hook(self, run: int) -> Callable[[str], None]:
         def on_step(step: str) -> None:
@@ -58,7 +60,11 @@ class Scheduler:
             candidate = self.order.pop(0)
             if candidate in live:
                 return candidate
-        return live[0] if live else None
+        if not live:
+            return None
+        # Round robin, so that a run waiting for another (a lease) never starves it.
+        self._rr = next((r for r in live if r > self._rr), live[0])
+        return self._rr
 
     def run(self, target: Callable[[int, Callable[[str], None]], Any]) -> list[Any]:
         """Start ``target(i, hook)`` for every run; return each one's result or exception."""
