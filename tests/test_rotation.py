@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 
+import httpx2
 import pytest
 from azure.identity import DefaultAzureCredential
 
+import apimvault.rotation as rotation_module
 from apimvault import AccessDeniedError, ConfigurationError
-from apimvault.local import LocalAzure
-from apimvault.rotation import RotationError, plan_rotation, rotate, rotate_from_event
+from apimvault.local import DEPLOYMENT, LocalAzure, temporary_environ
+from apimvault.local.stack import API_VERSION
+from apimvault.rotation import GatewayProbe, RotationError, plan_rotation, rotate, rotate_from_event
 
 from .cli_support import assert_no_key, gateway_status, new_rotating_app
+from .conftest import SESSION_CA
+from .rotation_support import ManualClock
+
+
+def gateway_status_at(azure: LocalAzure, url: str, key: str) -> int:
+    """Status of a chat through the gateway unit at ``url`` (TLS verified against the stack CA)."""
+    with httpx2.Client(verify=ssl.create_default_context(cafile=str(azure.ca_path)), timeout=10) as client:
+        response = client.post(
+            f"{url}/openai/deployments/{DEPLOYMENT}/chat/completions",
+            params={"api-version": API_VERSION},
+            headers={"Ocp-Apim-Subscription-Key": key},
+            json={"messages": [{"role": "user", "content": "ping"}]},
+        )
+    return response.status_code
 
 
 @pytest.fixture
@@ -168,7 +186,11 @@ def test_refuses_when_the_tag_names_the_wrong_key(azure: LocalAzure, officer: De
     keys = app.keys()
     with pytest.raises(RotationError, match="would revoke the key in use") as info:
         rotate(vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer)
-    assert app.keys() == keys
+    assert app.keys() == keys  # nothing regenerated
+    # The vault was verified and repaired: a new version holds the same live key with the right tag.
+    latest = azure.keyvault.latest(app.name)
+    assert latest.value == keys[0] and (latest.tags or {})["CredentialId"] == "primary"
+    assert "was repaired" in str(info.value) and latest.version in str(info.value)
     assert_no_key(str(info.value), app.seen_keys)
 
 
@@ -213,3 +235,209 @@ def test_plan_describes_without_changing(azure: LocalAzure, officer: DefaultAzur
     assert plan.validity_days == 60 and plan.apim_subscription == app.resource_id
     assert app.keys() == keys
     assert_no_key("\n".join(plan.describe()) + json.dumps(plan.as_dict()), app.seen_keys)
+
+
+# ------------------------------------------------------------------------- make-before-break (issue 11)
+
+
+@pytest.fixture(scope="module")
+def slow_clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture(scope="module")
+def slow_gateway(slow_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
+    """A stack whose gateway units take 20 s and 45 s (on a manual clock) to accept a regenerated key."""
+    with LocalAzure(
+        ca=SESSION_CA, propagation_clock=slow_clock, propagation_delay={"region1": 20, "region2": 45}
+    ) as stack:
+        yield stack  # each test enters stack.env() itself, so other tests keep the session stack's
+
+
+def test_vault_gets_the_new_key_only_once_every_gateway_unit_accepts_it(
+    slow_gateway: LocalAzure, slow_clock: ManualClock
+) -> None:
+    azure = slow_gateway
+    app = new_rotating_app(azure)
+    v1 = azure.keyvault.latest(app.name)
+    primary, _ = app.keys()
+    seen: list[tuple[float, str, int, int]] = []
+
+    def on_step(step: str) -> None:
+        if step == "probe":
+            _, secondary = app.keys()
+            seen.append(
+                (
+                    slow_clock(),
+                    azure.keyvault.latest(app.name).version,
+                    gateway_status(azure, secondary),  # region1 (the root URL)
+                    gateway_status(azure, v1.value),  # what clients that refresh now get
+                )
+            )
+
+    with azure.env():
+        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        try:
+            result = rotate(
+                vault_url=azure.vault_url,
+                secret_name=app.name,
+                apim_subscription_id=None,
+                credential=officer,
+                clock=slow_clock,
+                sleep=slow_clock.advance,
+                on_step=on_step,
+            )
+        finally:
+            officer.close()
+
+    _, secondary = app.keys()
+    latest = azure.keyvault.latest(app.name)
+    assert not result.skipped and latest.value == secondary and latest.version == result.new_version
+    # Every probe ran while the vault still served version 1, whose key worked throughout.
+    assert len(seen) >= 3
+    assert {version for _, version, _, _ in seen} == {v1.version}
+    assert all(current == 200 for _, _, _, current in seen)
+    assert seen[0][2] == 401  # at first even region1 refused the new key...
+    assert seen[-1][2] == 200  # ...and accepted it before the end
+    # Propagation measured on the injected clock: region2's 45 s plus at most one back-off step.
+    assert result.propagation_seconds is not None and 45 <= result.propagation_seconds <= 60
+    assert result.as_dict()["propagation_seconds"] == result.propagation_seconds
+    assert result.verified_version == latest.version and result.repaired_versions == ()
+    for url in azure.gateway_unit_urls.values():  # both units accept the stored key now
+        assert gateway_status_at(azure, url, latest.value) == 200
+    assert gateway_status(azure, primary) == 200
+    assert azure.gateway.counters.labels().get("propagation-refused:region2", 0) >= 1
+    assert_no_key(repr(result) + json.dumps(result.as_dict()), app.seen_keys)
+
+
+def test_gateway_timeout_leaves_the_vault_unchanged_and_says_so(
+    slow_gateway: LocalAzure, slow_clock: ManualClock
+) -> None:
+    azure = slow_gateway
+    azure.apim_state.set_propagation(3600, unit="region2")
+    try:
+        app = new_rotating_app(azure)
+        v1 = azure.keyvault.latest(app.name)
+        primary, _ = app.keys()
+        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        started = slow_clock()
+        try:
+            with azure.env(), pytest.raises(RotationError, match="vault was NOT changed") as info:
+                rotate(
+                    vault_url=azure.vault_url,
+                    secret_name=app.name,
+                    apim_subscription_id=None,
+                    credential=officer,
+                    propagation_timeout=120,
+                    clock=slow_clock,
+                    sleep=slow_clock.advance,
+                )
+        finally:
+            officer.close()
+        assert "still works" in str(info.value) and azure.gateway_unit_urls["region2"] in str(info.value)
+        assert info.value.permanent is False
+        assert 120 <= slow_clock() - started <= 140  # it gave up at the deadline, not before
+        assert azure.keyvault.latest(app.name).version == v1.version
+        assert app.keys()[0] == primary
+        for url in azure.gateway_unit_urls.values():
+            assert gateway_status_at(azure, url, primary) == 200  # the key in use works everywhere
+        assert_no_key(str(info.value), app.seen_keys)
+    finally:
+        azure.apim_state.set_propagation({"region1": 20, "region2": 45})
+        azure.apim_state.settle()
+
+
+def test_probe_needs_a_gateway_and_says_what_it_sends(
+    azure: LocalAzure, officer: DefaultAzureCredential
+) -> None:
+    app = new_rotating_app(azure)
+    keys = app.keys()
+    with temporary_environ({"APIMVAULT_GATEWAY_URLS": None, "AZURE_OPENAI_ENDPOINT": None}):
+        with pytest.raises(ConfigurationError, match="APIMVAULT_GATEWAY_URLS"):
+            rotate(
+                vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer
+            )
+        with pytest.raises(ConfigurationError, match="https"):
+            rotate(
+                vault_url=azure.vault_url,
+                secret_name=app.name,
+                apim_subscription_id=None,
+                credential=officer,
+                gateway_urls="http://127.0.0.1:1",
+            )
+    assert app.keys() == keys
+    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    assert plan.gateway_urls == tuple(azure.gateway_unit_urls.values())
+    described = "\n".join(plan.describe())
+    assert "GET " + azure.gateway_url + "/openai/v1/models" in described and "no tokens" in described
+    probe = GatewayProbe(plan.gateway_urls)
+    try:
+        assert probe.describe()[0].endswith("Ocp-Apim-Subscription-Key: <new key>")
+        assert probe.accepts(azure.gateway_url, keys[0]) is True
+        assert probe.accepts(azure.gateway_url, "0" * 32) is False
+    finally:
+        probe.close()
+    # The probe reached the backend's model list (no tokens), not a completion.
+    assert azure.openai.counters["Models"] >= 1 and azure.openai.counters["ChatCompletions"] == 0
+
+
+# ------------------------------------------------------------------------------------- tags (issue 11)
+
+
+def test_missing_validity_tag_is_refused_before_anything_changes(
+    azure: LocalAzure, officer: DefaultAzureCredential
+) -> None:
+    app = new_rotating_app(azure)
+    keys = app.keys()
+    tags = dict(azure.keyvault.latest(app.name).tags or {})
+    del tags["ValidityPeriodDays"]
+    azure.keyvault.put_secret(app.name, keys[0], content_type="text/plain", tags=tags)
+    before = azure.keyvault.latest(app.name).version
+    with pytest.raises(RotationError, match="no ValidityPeriodDays tag") as info:
+        rotate(vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer)
+    assert "ValidityPeriodDays=60" in str(info.value) and "Nothing was changed" in str(info.value)
+    with pytest.raises(RotationError, match="ValidityPeriodDays"):
+        plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    assert app.keys() == keys and azure.keyvault.latest(app.name).version == before
+    assert len(azure.keyvault.versions(app.name)) == 2  # no version was written
+
+
+def test_missing_credential_id_is_inferred_and_written(
+    azure: LocalAzure, officer: DefaultAzureCredential
+) -> None:
+    app = new_rotating_app(azure)
+    primary, secondary = app.keys()
+    tags = dict(azure.keyvault.latest(app.name).tags or {})
+    del tags["CredentialId"]
+    azure.keyvault.put_secret(
+        app.name, secondary, content_type="text/plain", tags=tags
+    )  # holds the secondary
+    untagged = azure.keyvault.latest(app.name).version
+
+    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    assert plan.credential_id == "secondary" and plan.regenerate == "primary" and plan.credential_id_inferred
+    assert "inferred from listSecrets" in "\n".join(plan.describe())
+
+    result = rotate(
+        vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer
+    )
+    new_primary, still_secondary = app.keys()
+    assert still_secondary == secondary and new_primary != primary  # the key in use was not regenerated
+    assert result.regenerated == "primary" and result.credential_id == "primary"
+    versions = {v.version: v for v in azure.keyvault.versions(app.name)}
+    assert (versions[untagged].tags or {})["CredentialId"] == "secondary"  # the tag was written
+    latest = azure.keyvault.latest(app.name)
+    assert latest.value == new_primary and (latest.tags or {})["CredentialId"] == "primary"
+
+
+def test_arm_403_names_the_custom_role(azure: LocalAzure, officer: DefaultAzureCredential) -> None:
+    app = new_rotating_app(azure)
+    azure.arm.faults.inject("status", operation="ListSecrets", status=403, times=1)
+    with pytest.raises(RotationError) as info:
+        rotate(vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer)
+    message = str(info.value)
+    assert "apimvault APIM subscription key rotator" in message and "regenerateSecondaryKey/action" in message
+    assert "API Management Service Contributor" not in message
+    assert rotation_module.__doc__ is not None
+    assert "apimvault APIM subscription key rotator" in rotation_module.__doc__
+    assert "API Management Service Contributor" not in rotation_module.__doc__

@@ -1,22 +1,44 @@
-"""Microsoft's two-credential rotation for an APIM subscription key kept in Key Vault (protocols.md F).
+"""Microsoft's two-credential rotation for an APIM subscription key kept in Key Vault (protocols.md F, H).
 
 The secret's versions alternate between the subscription's two keys; its ``CredentialId`` tag says which
 one the latest version holds. A rotation
 
-1. reads the latest version (value, ``CredentialId``, ``ProviderAddress``, ``ValidityPeriodDays``),
+1. reads the latest version (value, ``CredentialId``, ``ProviderAddress``, ``ValidityPeriodDays``).
+   Without ``ValidityPeriodDays`` it refuses: the new version would get no expiry, so no
+   ``SecretNearExpiry`` would ever fire again and rotation would silently stop. Without ``CredentialId``
+   it asks ``listSecrets`` which key the stored value is and writes the tag on that version;
 2. checks with ``listSecrets`` that the stored value really is the key the tag names (so the key in use
-   is never the one regenerated),
-3. regenerates the *other* key (``regeneratePrimaryKey`` / ``regenerateSecondaryKey``) and reads it back,
-4. writes it as a new secret version with ``CredentialId`` flipped, the other tags and the content type
-   kept, and ``expires = now + ValidityPeriodDays``.
+   is never the one regenerated);
+3. regenerates the *other* key (``regeneratePrimaryKey`` / ``regenerateSecondaryKey``) and reads it back;
+4. **make-before-break**: APIM gateways pick a regenerated key up asynchronously, each unit (region,
+   self-hosted gateway) on its own, refusing it until then. So the rotation probes every configured
+   gateway URL with the new key until each accepts it, polling with back-off for at most
+   ``propagation_timeout`` seconds. The probe is ``GET <gateway>/openai/v1/models`` with the key in the
+   subscription-key header: the gateway authenticates it like any call of the API, and listing models
+   costs no tokens. Any answer other than APIM's key 401 means "accepted"; the key itself is never logged;
+5. only then writes it as a new secret version with ``CredentialId`` flipped, the other tags and the
+   content type kept, and ``expires = now + ValidityPeriodDays``;
+6. verifies that the vault's latest version holds a live key of the slot its tag names, and repairs it
+   when not: it writes the live value of that slot as a new version, again only once the gateway
+   accepts it.
 
 The key the clients use stays valid throughout: it is revoked only by the *next* rotation, by which time
-the vault has served its successor for a whole rotation period. Idempotent with Event Grid: given the
-version a ``SecretNearExpiry`` event names, a rotation whose secret has moved on is skipped.
+the vault has served its successor for a whole rotation period. If the gateways do not accept the new key
+in time, :class:`RotationError` says so and that the vault was not changed: the current key still works.
+
+Overlap. Event Grid delivers at least once and re-delivers an event it got no answer for within 30 s, so
+runs for the same secret can overlap; a run may also meet a rotation started by hand. Step 6 runs after
+every rotation, after every skip (an event whose version is no longer the latest) and whenever a run sees
+that another one changed the vault or the keys under it, so any number of overlapping runs end with the
+vault's latest version holding a key the gateway accepts, tagged with its slot. Serialising the runs (the
+rotation function in ``infra/rotation_function`` holds a blob lease per secret) keeps clients from ever
+seeing the short-lived state that step 6 repairs.
 
 Needs the ``rotation`` extra (``azure-mgmt-apimanagement``). The identity needs ``Key Vault Secrets
-Officer`` on the secret (read + write) and ``API Management Service Contributor`` (or a role with
-``Microsoft.ApiManagement/service/subscriptions/regenerate*`` and ``listSecrets``) on the subscription.
+Officer`` on the secret (read + write) and, on the APIM subscription, the four-action custom role that
+``infra/modules/apim.bicep`` defines (``apimvault APIM subscription key rotator``:
+``Microsoft.ApiManagement/service/subscriptions/read``, ``.../listSecrets/action``,
+``.../regeneratePrimaryKey/action``, ``.../regenerateSecondaryKey/action``).
 Nothing here logs, returns or raises with a key: only versions and fingerprints.
 """
 
@@ -27,7 +49,8 @@ import datetime as dt
 import logging
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -46,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DEFAULT_ARM_ENDPOINT",
     "ApimSubscriptionRef",
+    "GatewayProbe",
     "RotationError",
     "RotationPlan",
     "RotationResult",
@@ -63,6 +87,18 @@ ENV_APIM_SUBSCRIPTION_ID = "APIMVAULT_APIM_SUBSCRIPTION_ID"
 TAG_CREDENTIAL_ID = "CredentialId"
 TAG_PROVIDER_ADDRESS = "ProviderAddress"
 TAG_VALIDITY_DAYS = "ValidityPeriodDays"
+ENV_GATEWAY_URLS = "APIMVAULT_GATEWAY_URLS"
+ENV_PROPAGATION_TIMEOUT = "APIMVAULT_PROPAGATION_TIMEOUT"
+DEFAULT_PROPAGATION_TIMEOUT = 600.0
+"""Seconds to wait for the gateways to accept a regenerated key (a Microsoft Q&A answer reports up to 10
+minutes; protocols.md H)."""
+PROBE_PATH = "/openai/v1/models"
+ROTATOR_ROLE = "apimvault APIM subscription key rotator"
+_ROTATOR_ACTIONS = (
+    "Microsoft.ApiManagement/service/subscriptions/read, .../listSecrets/action, "
+    ".../regeneratePrimaryKey/action and .../regenerateSecondaryKey/action"
+)
+_MAX_SETTLE_ROUNDS = 24
 NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
 EXPIRED = "Microsoft.KeyVault.SecretExpired"
 # Rotating on SecretNewVersionCreated would rotate again on the version the rotation itself wrote.
@@ -122,6 +158,10 @@ class RotationResult:
 
     ``credential_id`` is the slot the latest version holds afterwards (the new one; for a skipped
     rotation, the current one). ``regenerated`` names the APIM key that was regenerated.
+    ``propagation_seconds`` is how long the gateways took to accept the regenerated key (measured from
+    the regeneration to the last unit's first acceptance; ``None`` when nothing was regenerated).
+    ``verified_version`` is the latest version after the final check (it holds a live key of the slot
+    its tag names); ``repaired_versions`` lists versions this run wrote to repair the vault.
     """
 
     skipped: bool
@@ -133,9 +173,14 @@ class RotationResult:
     secret: str = ""
     regenerated: str | None = None
     expires_on: str | None = None
+    propagation_seconds: float | None = None
+    verified_version: str | None = None
+    repaired_versions: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["repaired_versions"] = list(self.repaired_versions)
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,23 +197,35 @@ class RotationPlan:
     arm_endpoint: str
     validity_days: int | None
     current_expires_on: str | None
+    gateway_urls: tuple[str, ...] = ()
+    propagation_timeout: float = DEFAULT_PROPAGATION_TIMEOUT
+    credential_id_inferred: bool = False
 
     def describe(self) -> list[str]:
-        expiry = (
-            f"expiring in {self.validity_days} days (ValidityPeriodDays)"
-            if self.validity_days is not None
-            else "without an expiry (no ValidityPeriodDays tag)"
+        expiry = f"expiring in {self.validity_days} days (ValidityPeriodDays)"
+        tag_note = (
+            " (no tag: inferred from listSecrets; the rotation writes it)"
+            if self.credential_id_inferred
+            else ""
         )
-        return [
+        lines = [
             f"secret       {self.vault_url}/secrets/{self.secret_name}",
-            f"current      version {self.current_version} (CredentialId={self.credential_id}, "
+            f"current      version {self.current_version} (CredentialId={self.credential_id}{tag_note}, "
             f"fingerprint {self.current_fingerprint}, expires {self.current_expires_on or 'never'})",
             f"regenerate   the {self.regenerate} key of {self.apim_subscription}",
             f"             via {self.arm_endpoint}",
+        ]
+        for url in self.gateway_urls:
+            lines.append(
+                f"wait         until {url} accepts it (probe: GET {url}{PROBE_PATH}, no tokens; at most "
+                f"{self.propagation_timeout:g} s)"
+            )
+        lines += [
             f"store        it as a new version tagged CredentialId={self.regenerate}, {expiry}",
             f"keep         the {self.credential_id} key valid (clients using it keep working; the next "
             "rotation regenerates it)",
         ]
+        return lines
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,10 +334,9 @@ def _arm_error(exc: BaseException, *, what: str, ref: ApimSubscriptionRef) -> Ba
         )
     if isinstance(exc, HttpResponseError) and exc.status_code == 403:
         return RotationError(
-            f"{what}: the identity may not manage {ref.resource_id} (403). Grant it 'API Management "
-            f"Service Contributor' (or a role with subscriptions/regenerate*/action and listSecrets) on "
-            f"scope '/subscriptions/{ref.arm_subscription}/resourceGroups/{ref.resource_group}/providers/"
-            f"Microsoft.ApiManagement/service/{ref.service}'"
+            f"{what}: the identity may not manage {ref.resource_id} (403). Assign it the custom role "
+            f"'{ROTATOR_ROLE}' that infra/modules/apim.bicep defines ({_ROTATOR_ACTIONS}) on scope "
+            f"'{ref.resource_id}'"
         )
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
         return RotationError(f"{what}: ARM unreachable ({type(exc).__name__}: {exc})", permanent=False)
@@ -373,8 +429,10 @@ def _read_current(session: _Session, secret_name: str, where: str) -> _Current:
 
 def _resolve_target(
     current: _Current, apim_subscription_id: str | None, where: str
-) -> tuple[ApimSubscriptionRef, str, int | None]:
-    slot = _slot(current.tags.get(TAG_CREDENTIAL_ID), where)
+) -> tuple[ApimSubscriptionRef, str | None, int]:
+    """The APIM subscription, the tagged slot (``None`` without a ``CredentialId`` tag) and the validity."""
+    raw_slot = current.tags.get(TAG_CREDENTIAL_ID)
+    slot = _slot(raw_slot, where) if raw_slot is not None and raw_slot.strip() else None
     tagged = current.tags.get(TAG_PROVIDER_ADDRESS)
     given = apim_subscription_id or None
     if not given and not tagged:
@@ -393,7 +451,16 @@ def _resolve_target(
                 f"{where} is tagged {TAG_PROVIDER_ADDRESS}={tagged!r} but the rotation is configured for "
                 f"{ref.resource_id}; refusing to regenerate a key of a subscription the secret does not hold"
             )
-    return ref, slot, _validity_days(current.tags, where)
+    days = _validity_days(current.tags, where)
+    if days is None:
+        raise RotationError(
+            f"{where} version {current.version} has no {TAG_VALIDITY_DAYS} tag: a rotation would write a "
+            "version without an expiry, after which no SecretNearExpiry event fires and rotation silently "
+            f"stops. Nothing was changed. Tag the current version, e.g. {TAG_VALIDITY_DAYS}=60 (az keyvault "
+            "secret set-attributes --id <version id> --tags ... replaces all tags: repeat the others), "
+            "and rotate again"
+        )
+    return ref, slot, days
 
 
 def _list_keys(session: _Session, ref: ApimSubscriptionRef, what: str) -> dict[str, str]:
@@ -406,25 +473,256 @@ def _list_keys(session: _Session, ref: ApimSubscriptionRef, what: str) -> dict[s
     return {"primary": keys.primary_key or "", "secondary": keys.secondary_key or ""}
 
 
+def _holder(value: str, keys: Mapping[str, str]) -> str | None:
+    """The slot whose current key ``value`` is, or None."""
+    return next((slot for slot in _SLOTS if value and keys[slot] == value), None)
+
+
 def _check_in_use(
     current: _Current, slot: str, keys: Mapping[str, str], ref: ApimSubscriptionRef, where: str
-) -> None:
-    """Refuse unless the stored value is the key the tag names (so we never regenerate the key in use)."""
+) -> str | None:
+    """None if the stored value is the key the tag names (so we never regenerate the key in use), else
+    why not."""
     if keys[slot] == current.value:
-        return
+        return None
     other = "secondary" if slot == "primary" else "primary"
     if keys[other] == current.value:
-        raise RotationError(
+        return (
             f"{where} version {current.version} is tagged CredentialId={slot} but holds the {other} key of "
-            f"{ref.resource_id}; regenerating the {other} key would revoke the key in use. Fix the tag "
-            f"(CredentialId={other}) and retry"
+            f"{ref.resource_id}; regenerating the {other} key would revoke the key in use"
         )
-    raise RotationError(
+    return (
         f"{where} version {current.version} (fingerprint {fingerprint(current.value)}) holds neither key of "
-        f"{ref.resource_id}: the key was already regenerated elsewhere, or the secret belongs to another "
-        "subscription. Store the current key by hand (az keyvault secret set ... --tags CredentialId=...) "
-        "and rotate again"
+        f"{ref.resource_id}: the key was regenerated elsewhere"
     )
+
+
+# --------------------------------------------------------------------------------- gateway probing
+
+
+def _gateway_urls(given: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The gateway URLs to probe: ``given``, else ``APIMVAULT_GATEWAY_URLS`` (space or comma separated),
+    else ``AZURE_OPENAI_ENDPOINT``. Each must be https."""
+    if isinstance(given, str):
+        given = [given]
+    raw: list[str] = list(given or [])
+    if not raw:
+        env = os.environ.get(ENV_GATEWAY_URLS, "") or os.environ.get("AZURE_OPENAI_ENDPOINT", "")
+        raw = [u for u in re.split(r"[\s,]+", env) if u]
+    if not raw:
+        raise ConfigurationError(
+            "a rotation waits until the APIM gateway accepts the new key before storing it: set "
+            f"{ENV_GATEWAY_URLS} (every gateway unit's URL, e.g. 'https://<apim>.azure-api.net "
+            "https://<apim>-westeurope-01.regional.azure-api.net') or AZURE_OPENAI_ENDPOINT, or pass "
+            "gateway_urls"
+        )
+    urls: list[str] = []
+    for url in raw:
+        url = url.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigurationError(f"gateway URL {url!r} must be an https URL without query")
+        if url not in urls:
+            urls.append(url)
+    return tuple(urls)
+
+
+def _propagation_timeout(value: float | None) -> float:
+    if value is None:
+        raw = os.environ.get(ENV_PROPAGATION_TIMEOUT, "").strip()
+        if not raw:
+            return DEFAULT_PROPAGATION_TIMEOUT
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigurationError(
+                f"{ENV_PROPAGATION_TIMEOUT}={raw!r} is not a number of seconds"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+        raise ConfigurationError(f"propagation timeout {value!r} must be a number of seconds in (0, 86400]")
+    return float(value)
+
+
+class GatewayProbe:
+    """Asks each gateway URL whether it accepts a key: ``GET <url>/openai/v1/models`` with the key in
+    ``header_name``. The gateway authenticates the call like any call of the API; listing models costs no
+    tokens. APIM's key 401 (``WWW-Authenticate: AzureApiManagementKey`` or its "subscription key" body)
+    means "not (yet) accepted"; any other answer means accepted. Connection errors and 5xx are "unknown"
+    and retried. TLS is verified as by any httpx2 client; the key is sent to nothing but these URLs.
+    """
+
+    def __init__(self, urls: Sequence[str], *, header_name: str | None = None, timeout: float = 10.0) -> None:
+        import httpx2
+
+        from ._base import DEFAULT_HEADER, ENV_HEADER, check_header_name
+
+        self.urls = tuple(urls)
+        self.header_name = check_header_name(
+            header_name or os.environ.get(ENV_HEADER, "").strip() or DEFAULT_HEADER
+        )
+        self._client = httpx2.Client(timeout=timeout, follow_redirects=False)
+
+    def describe(self) -> list[str]:
+        return [f"GET {url}{PROBE_PATH} with {self.header_name}: <new key>" for url in self.urls]
+
+    def accepts(self, url: str, key: str) -> bool | None:
+        """True (accepted), False (APIM refused the key) or None (no answer we can judge)."""
+        import httpx2
+
+        from ._auth import is_apim_key_rejection
+
+        try:
+            response = self._client.get(f"{url}{PROBE_PATH}", headers={self.header_name: key})
+        except httpx2.HTTPError as exc:
+            log.info("gateway probe of %s: no answer (%s)", url, type(exc).__name__)
+            return None
+        if response.status_code == 401:
+            return not is_apim_key_rejection(response.status_code, response.headers, response.content)
+        if response.status_code >= 500:
+            log.info("gateway probe of %s: %s", url, response.status_code)
+            return None
+        return True
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _Concurrent(Exception):
+    """Another rotation changed the vault or the keys under this one: settle instead of going on."""
+
+
+@dataclasses.dataclass
+class _Run:
+    """One rotation's context: clients, probe, time sources and the step hook."""
+
+    session: _Session
+    probe: GatewayProbe
+    secret_name: str
+    where: str
+    ref: ApimSubscriptionRef | None
+    apim_subscription_id: str | None
+    timeout: float
+    clock: Callable[[], float]
+    sleep: Callable[[float], None]
+    on_step: Callable[[str], None] | None
+    now: dt.datetime
+
+    def step(self, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(name)
+
+    def wait_accepted(self, value: str, slot: str, ref: ApimSubscriptionRef, started: float) -> float:
+        """Poll every gateway until each accepts ``value``; the seconds since ``started`` when the last
+        one did. Raises :class:`_Concurrent` if the key is regenerated meanwhile and
+        :class:`RotationError` on timeout."""
+        deadline = started + self.timeout
+        waiting = list(self.probe.urls)
+        delay, done_at = 0.5, started
+        unknown: dict[str, str] = {}
+        while True:
+            self.step("probe")
+            for url in list(waiting):
+                verdict = self.probe.accepts(url, value)
+                if verdict:
+                    waiting.remove(url)
+                    done_at = self.clock()
+                    unknown.pop(url, None)
+                elif verdict is None:
+                    unknown[url] = "no answer"
+            if not waiting:
+                return max(0.0, done_at - started)
+            if _list_keys(self.session, ref, "listSecrets while waiting for the gateway")[slot] != value:
+                raise _Concurrent(f"the {slot} key was regenerated again while waiting for the gateway")
+            now = self.clock()
+            if now >= deadline:
+                still = ", ".join(f"{u} ({unknown.get(u, 'refused')})" for u in waiting)
+                raise RotationError(
+                    f"the gateway did not accept the new {slot} key of {ref.resource_id} within "
+                    f"{self.timeout:g} s: {still}. The vault was NOT changed ({self.where} still holds its "
+                    "latest version) and the key in use still works. The gateway may still be syncing: "
+                    "rotate again later (raise --propagation-timeout), or check the gateway URLs",
+                    permanent=False,
+                )
+            self.sleep(min(delay, max(0.0, deadline - now)))
+            delay = min(delay * 2, 15.0)
+
+    def settle(self) -> tuple[_Current, list[str]]:
+        """Step 6: make the latest version hold a live key of the slot its tag names; the versions written
+        to get there."""
+        repaired: list[str] = []
+        for _ in range(_MAX_SETTLE_ROUNDS):
+            self.step("verify")
+            latest = _read_current(self.session, self.secret_name, self.where)
+            ref, slot, days = _resolve_target(latest, self.apim_subscription_id, self.where)
+            keys = _list_keys(self.session, ref, "listSecrets to verify the vault")
+            holder = _holder(latest.value, keys)
+            if slot is not None and holder == slot:
+                return latest, repaired
+            target = holder or slot
+            if target is None:
+                raise RotationError(
+                    f"{self.where} version {latest.version} has no {TAG_CREDENTIAL_ID} tag and holds "
+                    f"neither key of {ref.resource_id}; store the current key by hand (az keyvault secret "
+                    f"set ... --tags {TAG_CREDENTIAL_ID}=primary|secondary ...) and rotate again"
+                )
+            value = keys[target]
+            log.warning(
+                "%s version %s (CredentialId=%s, fingerprint %s) is not the live %s key; repairing",
+                self.where,
+                latest.version,
+                slot,
+                fingerprint(latest.value),
+                target,
+            )
+            try:
+                self.wait_accepted(value, target, ref, self.clock())
+            except _Concurrent:
+                continue
+            self.step("repair")
+            if _read_current(self.session, self.secret_name, self.where).version != latest.version:
+                continue  # someone wrote meanwhile: verify that version instead
+            tags = dict(latest.tags)
+            tags[TAG_CREDENTIAL_ID] = _styled(target, latest.tags.get(TAG_CREDENTIAL_ID))
+            tags.setdefault(TAG_PROVIDER_ADDRESS, ref.resource_id)
+            version = self.write(value, latest, tags, days)
+            log.warning(
+                "repaired %s: version %s holds the live %s key (fingerprint %s)",
+                self.where,
+                version,
+                target,
+                fingerprint(value),
+            )
+            repaired.append(version)
+        raise RotationError(
+            f"{self.where} did not settle on a live key after {_MAX_SETTLE_ROUNDS} rounds (rotations still "
+            "running?); run `apimvault rotate` again once they are done",
+            permanent=False,
+        )
+
+    def write(self, value: str, like: _Current, tags: dict[str, str], days: int) -> str:
+        expires = self.now + dt.timedelta(days=days)
+        try:
+            written = self.session.secrets.set_secret(
+                self.secret_name,
+                value,
+                content_type=like.content_type,
+                tags=tags,
+                expires_on=expires,
+                enabled=True,
+            )
+        except Exception as exc:
+            _raise_from(_kv_error(exc, where=self.where, writing=True), exc)
+        return str(written.properties.version)
+
+
+def _styled(slot: str, like: str | None) -> str:
+    """``slot`` written in the style of the existing tag value (``primary``, ``Primary``, ``PRIMARY``)."""
+    like = (like or "").strip()
+    if like.isupper():
+        return slot.upper()
+    if like[:1].isupper():
+        return slot.capitalize()
+    return slot
 
 
 # ------------------------------------------------------------------------------------------------ API
@@ -437,18 +735,34 @@ def plan_rotation(
     apim_subscription_id: str | None = None,
     arm_endpoint: str | None = None,
     credential: TokenCredential | None = None,
+    gateway_urls: Sequence[str] | str | None = None,
+    propagation_timeout: float | None = None,
 ) -> RotationPlan:
-    """Read the secret and describe what :func:`rotate` would do, changing nothing."""
+    """Read the secret and describe what :func:`rotate` would do, changing nothing.
+
+    Raises what :func:`rotate` would raise before changing anything (missing ``ValidityPeriodDays``, no
+    gateway URL, ...). Without a ``CredentialId`` tag it asks ``listSecrets`` which key the value is.
+    """
     from ._validation import validate_secret_name, validate_vault_url
 
     vault_url = validate_vault_url(vault_url)
     secret_name = validate_secret_name(secret_name)
     endpoint = _arm_endpoint(arm_endpoint)
+    urls = _gateway_urls(gateway_urls)
+    timeout = _propagation_timeout(propagation_timeout)
     where = f"{vault_url}/secrets/{secret_name}"
     session = _Session(vault_url, endpoint, credential, "")
     try:
         current = _read_current(session, secret_name, where)
         ref, slot, days = _resolve_target(current, apim_subscription_id, where)
+        inferred = slot is None
+        if slot is None:
+            slot = _holder(current.value, _list_keys(session, ref, "listSecrets to infer CredentialId"))
+            if slot is None:
+                raise RotationError(
+                    f"{where} version {current.version} has no {TAG_CREDENTIAL_ID} tag and holds neither "
+                    f"key of {ref.resource_id}; store the current key with the tag and rotate again"
+                )
     finally:
         session.close()
     return RotationPlan(
@@ -462,6 +776,9 @@ def plan_rotation(
         arm_endpoint=endpoint,
         validity_days=days,
         current_expires_on=_iso(current.expires_on),
+        gateway_urls=urls,
+        propagation_timeout=timeout,
+        credential_id_inferred=inferred,
     )
 
 
@@ -474,8 +791,14 @@ def rotate(
     credential: TokenCredential | None = None,
     now: dt.datetime | float | None = None,
     expected_version: str | None = None,
+    gateway_urls: Sequence[str] | str | None = None,
+    propagation_timeout: float | None = None,
+    header_name: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    on_step: Callable[[str], None] | None = None,
 ) -> RotationResult:
-    """Rotate the APIM subscription key held in ``secret_name`` (protocols.md F).
+    """Rotate the APIM subscription key held in ``secret_name`` (protocols.md F, H; see the module doc).
 
     Args:
         vault_url / secret_name: the secret whose versions alternate between the two keys.
@@ -485,14 +808,23 @@ def rotate(
         arm_endpoint: Azure Resource Manager (``APIMVAULT_ARM_ENDPOINT``, default
             ``https://management.azure.com``).
         credential: any ``TokenCredential``; ``None`` means ``DefaultAzureCredential()``. It needs Key
-            Vault Secrets Officer on the secret and APIM subscription key management rights.
+            Vault Secrets Officer on the secret and the custom role ``infra/`` defines on the subscription.
         now: the instant the new expiry is computed from (default: the current UTC time).
         expected_version: rotate only if the latest version is this one (Event Grid idempotency);
-            otherwise return a skipped result.
+            otherwise verify the latest version (and repair it if needed) and return a skipped result.
+        gateway_urls: every gateway unit's URL to probe before storing the new key (default
+            ``APIMVAULT_GATEWAY_URLS``, else ``AZURE_OPENAI_ENDPOINT``).
+        propagation_timeout: seconds to wait for the gateways to accept the new key (default
+            ``APIMVAULT_PROPAGATION_TIMEOUT`` or 600).
+        header_name: the header the gateway reads the key from (default ``APIMVAULT_HEADER_NAME`` or
+            ``Ocp-Apim-Subscription-Key``).
+        clock / sleep: the monotonic time source and the wait between probes (tests inject both).
+        on_step: called with the name of each step before it runs (``read``, ``check``, ``regenerate``,
+            ``probe``, ``write``, ``verify``, ``repair``); tests use it to force interleavings.
 
     Raises the typed errors of :mod:`apimvault.exceptions` (``AccessDeniedError`` names the role),
-    :class:`ConfigurationError` for bad input and :class:`RotationError` when rotating would be unsafe or
-    ARM refused.
+    :class:`ConfigurationError` for bad input and :class:`RotationError` when rotating would be unsafe,
+    ARM refused, or the gateways did not accept the new key in time (then the vault was not changed).
     """
     from ._validation import validate_secret_name, validate_vault_url, validate_version
 
@@ -500,108 +832,167 @@ def rotate(
     secret_name = validate_secret_name(secret_name)
     expected = validate_version(expected_version)
     endpoint = _arm_endpoint(arm_endpoint)
+    urls = _gateway_urls(gateway_urls)
+    timeout = _propagation_timeout(propagation_timeout)
     where = f"{vault_url}/secrets/{secret_name}"
-    start = _now(now)
     session = _Session(vault_url, endpoint, credential, "")
+    probe = GatewayProbe(urls, header_name=header_name)
+    run = _Run(
+        session,
+        probe,
+        secret_name,
+        where,
+        None,
+        apim_subscription_id,
+        timeout,
+        clock,
+        sleep,
+        on_step,
+        _now(now),
+    )
     try:
-        current = _read_current(session, secret_name, where)
-        if expected is not None and current.version.lower() != expected:
-            log.info(
-                "rotation of %s skipped: version %s is no longer the latest (%s)",
-                where,
-                expected,
-                current.version,
-            )
-            return RotationResult(
-                skipped=True,
-                reason=f"version {expected} is no longer the latest ({current.version}): already rotated",
-                old_version=expected,
-                new_version=None,
-                credential_id=(current.tags.get(TAG_CREDENTIAL_ID) or "").strip().lower(),
-                fingerprint=fingerprint(current.value),
-                secret=where,
-            )
-        ref, slot, days = _resolve_target(current, apim_subscription_id, where)
-        other = "secondary" if slot == "primary" else "primary"
+        return _rotate(run, expected)
+    finally:
+        probe.close()
+        session.close()
 
-        before = _list_keys(session, ref, "listSecrets before regenerating")
-        _check_in_use(current, slot, before, ref, where)
 
-        arm = session.arm(ref.arm_subscription)
-        regenerate = (
-            arm.subscription.regenerate_secondary_key
-            if other == "secondary"
-            else arm.subscription.regenerate_primary_key
+def _settled(run: _Run, reason: str, old_version: str | None) -> RotationResult:
+    """A result for a run that did not rotate, after verifying (and, if needed, repairing) the vault."""
+    latest, repaired = run.settle()
+    slot = (latest.tags.get(TAG_CREDENTIAL_ID) or "").strip().lower()
+    if repaired:
+        reason = f"{reason}; repaired the vault: version {', '.join(repaired)} holds the live {slot} key"
+    log.info("rotation of %s skipped: %s", run.where, reason)
+    return RotationResult(
+        skipped=True,
+        reason=reason,
+        old_version=old_version,
+        new_version=None,
+        credential_id=slot,
+        fingerprint=fingerprint(latest.value),
+        secret=run.where,
+        verified_version=latest.version,
+        repaired_versions=tuple(repaired),
+    )
+
+
+def _rotate(run: _Run, expected: str | None) -> RotationResult:
+    session, where, secret_name = run.session, run.where, run.secret_name
+    run.step("read")
+    current = _read_current(session, secret_name, where)
+    if expected is not None and current.version.lower() != expected:
+        return _settled(
+            run, f"version {expected} is no longer the latest ({current.version}): already rotated", expected
         )
+    ref, tagged_slot, days = _resolve_target(current, run.apim_subscription_id, where)
+
+    run.step("check")
+    before = _list_keys(session, ref, "listSecrets before regenerating")
+    slot = tagged_slot
+    if slot is None:
+        slot = _holder(current.value, before)
+        if slot is None:
+            raise RotationError(
+                f"{where} version {current.version} has no {TAG_CREDENTIAL_ID} tag and holds neither key of "
+                f"{ref.resource_id}; store the current key with the tag (az keyvault secret set ... --tags "
+                f"{TAG_CREDENTIAL_ID}=primary|secondary ...) and rotate again"
+            )
+        current.tags[TAG_CREDENTIAL_ID] = slot
         try:
-            regenerate(ref.resource_group, ref.service, ref.sid)
-        except Exception as exc:
-            _raise_from(_arm_error(exc, what=f"regenerate the {other} key", ref=ref), exc)
-        log.info("rotation of %s: regenerated the %s key of %s", where, other, ref.resource_id)
-
-        after = _list_keys(session, ref, f"listSecrets after regenerating the {other} key")
-        new_value = after[other]
-        if not new_value or new_value == before[other]:
-            raise RotationError(
-                f"ARM did not return a new {other} key for {ref.resource_id} after regenerating it",
-                permanent=False,
-            )
-        if after[slot] != before[slot]:
-            raise RotationError(
-                f"the {slot} key of {ref.resource_id} changed during the rotation (another rotation "
-                f"running?); {where} still holds version {current.version}. Check the subscription's keys "
-                "before retrying",
-                permanent=False,
-            )
-
-        # A concurrent rotation that wrote meanwhile would make our version the latest with a key that its
-        # own regeneration may already have revoked: re-read just before writing.
-        latest = _read_current(session, secret_name, where)
-        if latest.version != current.version:
-            raise RotationError(
-                f"{where} moved from version {current.version} to {latest.version} during the rotation "
-                "(another rotation running?); not writing",
-                permanent=False,
-            )
-
-        tags = dict(current.tags)
-        tags[TAG_CREDENTIAL_ID] = _flip_tag(current.tags.get(TAG_CREDENTIAL_ID) or slot)
-        if TAG_PROVIDER_ADDRESS not in tags:
-            tags[TAG_PROVIDER_ADDRESS] = ref.resource_id
-        expires = start + dt.timedelta(days=days) if days is not None else None
-        try:
-            written = session.secrets.set_secret(
-                secret_name,
-                new_value,
-                content_type=current.content_type,
-                tags=tags,
-                expires_on=expires,
-                enabled=True,
-            )
+            session.secrets.update_secret_properties(secret_name, current.version, tags=current.tags)
         except Exception as exc:
             _raise_from(_kv_error(exc, where=where, writing=True), exc)
-        new_version = written.properties.version
-        log.info(
-            "rotated %s: version %s -> %s (CredentialId=%s, fingerprint %s)",
-            where,
-            current.version,
-            new_version,
-            tags[TAG_CREDENTIAL_ID],
-            fingerprint(new_value),
+        log.info("%s version %s had no %s tag: set it to %s", where, current.version, TAG_CREDENTIAL_ID, slot)
+    problem = _check_in_use(current, slot, before, ref, where)
+    if problem is not None:
+        if _read_current(session, secret_name, where).version != current.version:
+            return _settled(run, "another rotation wrote a new version meanwhile", current.version)
+        result = _settled(run, problem, current.version)
+        raise RotationError(
+            f"{problem}. Nothing was regenerated. "
+            + (
+                f"The vault was repaired: version {result.verified_version} holds the live "
+                f"{result.credential_id} key; rotate again"
+                if result.repaired_versions
+                else "Fix the tag and rotate again"
+            )
         )
-        return RotationResult(
-            skipped=False,
-            reason="rotated",
-            old_version=current.version,
-            new_version=new_version,
-            credential_id=other,
-            fingerprint=fingerprint(new_value),
-            secret=where,
-            regenerated=other,
-            expires_on=_iso(expires),
+    other = "secondary" if slot == "primary" else "primary"
+
+    # A run that started after another one wrote must not regenerate: re-read just before.
+    run.step("regenerate")
+    if _read_current(session, secret_name, where).version != current.version:
+        return _settled(run, "another rotation wrote a new version meanwhile", current.version)
+    arm = session.arm(ref.arm_subscription)
+    regenerate = (
+        arm.subscription.regenerate_secondary_key
+        if other == "secondary"
+        else arm.subscription.regenerate_primary_key
+    )
+    started = run.clock()
+    try:
+        regenerate(ref.resource_group, ref.service, ref.sid)
+    except Exception as exc:
+        _raise_from(_arm_error(exc, what=f"regenerate the {other} key", ref=ref), exc)
+    log.info("rotation of %s: regenerated the %s key of %s", where, other, ref.resource_id)
+
+    after = _list_keys(session, ref, f"listSecrets after regenerating the {other} key")
+    new_value = after[other]
+    if not new_value or new_value == before[other]:
+        raise RotationError(
+            f"ARM did not return a new {other} key for {ref.resource_id} after regenerating it",
+            permanent=False,
         )
-    finally:
-        session.close()
+    if after[slot] != before[slot]:
+        return _settled(
+            run, f"the {slot} key changed during the rotation (another rotation)", current.version
+        )
+
+    # Make before break: the vault gets the new key only once every gateway unit accepts it.
+    try:
+        propagation = run.wait_accepted(new_value, other, ref, started)
+    except _Concurrent as exc:
+        return _settled(run, f"{exc} (another rotation)", current.version)
+    log.info("rotation of %s: the gateway accepted the new %s key after %.1f s", where, other, propagation)
+
+    # A concurrent rotation that wrote meanwhile would make our version the latest with a key that its
+    # own regeneration may already have revoked: re-read just before writing.
+    run.step("write")
+    latest = _read_current(session, secret_name, where)
+    if latest.version != current.version:
+        return _settled(run, f"another rotation wrote version {latest.version} meanwhile", current.version)
+
+    tags = dict(current.tags)
+    tags[TAG_CREDENTIAL_ID] = _flip_tag(current.tags.get(TAG_CREDENTIAL_ID) or slot)
+    tags.setdefault(TAG_PROVIDER_ADDRESS, ref.resource_id)
+    new_version = run.write(new_value, current, tags, days)
+    log.info(
+        "rotated %s: version %s -> %s (CredentialId=%s, fingerprint %s, gateway propagation %.1f s)",
+        where,
+        current.version,
+        new_version,
+        tags[TAG_CREDENTIAL_ID],
+        fingerprint(new_value),
+        propagation,
+    )
+    verified, repaired = run.settle()
+    return RotationResult(
+        skipped=False,
+        reason="rotated"
+        if not repaired
+        else f"rotated; repaired the vault afterwards ({', '.join(repaired)})",
+        old_version=current.version,
+        new_version=new_version,
+        credential_id=(verified.tags.get(TAG_CREDENTIAL_ID) or other).strip().lower(),
+        fingerprint=fingerprint(new_value),
+        secret=where,
+        regenerated=other,
+        expires_on=_iso(run.now + dt.timedelta(days=days)),
+        propagation_seconds=round(propagation, 3),
+        verified_version=verified.version,
+        repaired_versions=tuple(repaired),
+    )
 
 
 def _event_vault_url(event: Any, configured: str | None) -> str:
@@ -636,11 +1027,19 @@ def rotate_from_event(
     credential: TokenCredential | None = None,
     arm_endpoint: str | None = None,
     apim_subscription_id: str | None = None,
+    gateway_urls: Sequence[str] | str | None = None,
+    propagation_timeout: float | None = None,
+    header_name: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    on_step: Callable[[str], None] | None = None,
 ) -> RotationResult:
     """Rotate on a Key Vault ``SecretNearExpiry`` (or ``SecretExpired``) event, idempotently.
 
     ``event`` is an Event Grid or CloudEvents payload (dict, list, JSON text). The rotation happens only
-    if the event's version is still the latest; otherwise the result is ``skipped`` ("already rotated").
+    if the event's version is still the latest; otherwise the result is ``skipped`` ("already rotated")
+    after the latest version was verified live (and repaired if it was not). The other arguments are
+    :func:`rotate`'s.
     The vault is ``AZURE_KEYVAULT_URL`` when set (the event must be about that vault), else the one the
     event's ``Id`` names. ``SecretNewVersionCreated`` is refused: rotating on it would rotate again on the
     version the rotation writes.
@@ -670,6 +1069,12 @@ def rotate_from_event(
                 arm_endpoint=arm_endpoint,
                 credential=credential,
                 expected_version=item.version,
+                gateway_urls=gateway_urls,
+                propagation_timeout=propagation_timeout,
+                header_name=header_name,
+                clock=clock,
+                sleep=sleep,
+                on_step=on_step,
             )
         )
     done = [r for r in results if not r.skipped]

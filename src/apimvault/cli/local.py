@@ -141,7 +141,7 @@ def _local_check(out: Output) -> int:
             return f"AzureOpenAI chat via APIM ({used.slot} key) -> {deployment}: {content[:40]!r}"
 
         def admin() -> str:
-            with AdminClient(azure.admin.url, azure.ca_path) as client:
+            with AdminClient(azure.admin.url, azure.ca_path, token=azure.admin_token) as client:
                 names = [s["name"] for s in client.services()]
             return f"admin API lists {', '.join(names)}"
 

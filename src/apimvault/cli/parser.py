@@ -80,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "rotate",
         "dual-key rotation of the APIM subscription key",
-        "Read the secret's CredentialId, regenerate the OTHER APIM key (ARM), read it back, store it as a "
-        "new secret version with CredentialId flipped and expiry now + ValidityPeriodDays. The key in use "
-        "stays valid. Asks before acting on a non-loopback target unless --yes. Credential: "
-        "DefaultAzureCredential (managed identity client id from --client-id, APIMVAULT_ROTATOR_CLIENT_ID or "
-        "APIMVAULT_OFFICER_CLIENT_ID); needs Key Vault Secrets Officer and APIM key rights. "
+        "Read the secret's CredentialId, regenerate the OTHER APIM key (ARM), read it back, wait until every "
+        "gateway accepts it (probe: GET <gateway>/openai/v1/models, no tokens; gateways from "
+        "APIMVAULT_GATEWAY_URLS or AZURE_OPENAI_ENDPOINT), then store it as a new secret version with "
+        "CredentialId flipped and expiry now + ValidityPeriodDays, and verify the vault's latest version "
+        "is live. The key in use stays valid. Asks before acting on a non-loopback target unless --yes. "
+        "Credential: DefaultAzureCredential (managed identity client id from --client-id, "
+        "APIMVAULT_ROTATOR_CLIENT_ID or APIMVAULT_OFFICER_CLIENT_ID); needs Key Vault Secrets Officer and "
+        "the custom role infra/ defines (apimvault APIM subscription key rotator). "
         "APIMVAULT_APIM_SUBSCRIPTION_ID (or the ProviderAddress tag) names the subscription; "
         "APIMVAULT_ARM_ENDPOINT defaults to https://management.azure.com.",
     )
@@ -98,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--apim-subscription-id", help="default: APIMVAULT_APIM_SUBSCRIPTION_ID or the ProviderAddress tag"
     )
     p.add_argument("--client-id", help="managed identity client id of the rotator")
+    p.add_argument(
+        "--propagation-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for the gateways to accept the new key before giving up without changing "
+        "the vault (default: APIMVAULT_PROPAGATION_TIMEOUT or 600)",
+    )
     p.set_defaults(func=cmd_rotate)
 
     p = add(

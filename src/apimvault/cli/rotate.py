@@ -73,6 +73,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
                 credential=credential,
                 arm_endpoint=arm_endpoint,
                 apim_subscription_id=apim_subscription_id,
+                propagation_timeout=args.propagation_timeout,
             )
             return _rotated(out, result, None)
 
@@ -88,6 +89,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
             apim_subscription_id=apim_subscription_id,
             arm_endpoint=arm_endpoint,
             credential=credential,
+            propagation_timeout=args.propagation_timeout,
         )
         out.note("rotation plan:")
         for line in plan.describe():
@@ -106,6 +108,8 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
             arm_endpoint=plan.arm_endpoint,
             credential=credential,
             expected_version=plan.current_version,
+            gateway_urls=plan.gateway_urls,
+            propagation_timeout=plan.propagation_timeout,
         )
         return _rotated(out, result, plan.as_dict())
     except Exception as exc:
@@ -129,6 +133,10 @@ def _rotated(out: Output, result: Any, plan: dict[str, Any] | None) -> int:
             f"rotated {result.secret}: version {result.old_version} ({previous}) -> {result.new_version} "
             f"({result.credential_id}, fingerprint {result.fingerprint}, "
             f"expires {result.expires_on or 'never'})"
+        )
+        out.line(
+            f"the gateway accepted the new key {result.propagation_seconds:.1f} s after it was regenerated; "
+            f"the vault's latest version {result.verified_version} is live"
         )
         out.line(
             f"the {previous} key stays valid until the next rotation; clients pick up the new version at "

@@ -10,6 +10,8 @@ Routes (JSON; errors are ``{"error": {"code", "message"}}``)::
                                        retry_after); on "openai" also slow_stream / drop_stream (after_chunks)
     DELETE /{service}/faults           204
     GET    /gateway/recent             recent gateway key uses: time, sid, slot, fingerprint (never a key)
+    GET    /gateway/propagation        per gateway unit: {"min", "max", "pending"} (seconds, queued changes)
+    PUT    /gateway/propagation        body: {"delay": seconds | [low, high], "unit": name (optional: all)}
 
 Every route needs ``Authorization: Bearer <token>``: the stack's owner gets the token from
 ``LocalAzure.admin_token`` (and ``APIMVAULT_ADMIN_TOKEN`` in its env file, mode 0600), so other local users
@@ -178,7 +180,32 @@ class AdminService(Service):
             return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
         if route == ["recent"] and method == "GET" and isinstance(service, ApimGateway):
             return json_response({"recent": [u._asdict() for u in service.recent()]})
+        if route == ["propagation"] and isinstance(service, ApimGateway):
+            if method == "GET":
+                return json_response({"units": service.state.propagation()})
+            if method == "PUT":
+                self._set_propagation(service, await self._json(request))
+                return json_response({"units": service.state.propagation()})
+            return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
         return _error(404, "NotFound", f"no admin route {method} {request.url.path}")
+
+    @staticmethod
+    def _set_propagation(service: ApimGateway, body: dict[str, Any]) -> None:
+        unknown = sorted(set(body) - {"delay", "unit"})
+        if unknown:
+            raise _BadRequest(f"unknown propagation fields: {', '.join(unknown)}")
+        if "delay" not in body:
+            raise _BadRequest("'delay' is required: seconds or [low, high]")
+        unit = body.get("unit")
+        if unit is not None and not isinstance(unit, str):
+            raise _BadRequest("'unit' must be a string or null")
+        delay = body["delay"]
+        if isinstance(delay, list):
+            delay = tuple(delay)
+        try:
+            service.state.set_propagation(delay, unit)
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
 
     @staticmethod
     def _add_fault(service: Service, body: dict[str, Any]) -> dict[str, Any]:
@@ -309,3 +336,14 @@ class AdminClient:
 
     def recent(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self._call("GET", "/gateway/recent")["recent"])
+
+    def propagation(self) -> dict[str, dict[str, float]]:
+        """Per gateway unit: the propagation delay range (``min``, ``max``) and queued key changes."""
+        return cast(dict[str, dict[str, float]], self._call("GET", "/gateway/propagation")["units"])
+
+    def set_propagation(
+        self, delay: float | tuple[float, float], *, unit: str | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Set the propagation delay (seconds, or a ``(low, high)`` range) of one unit or of all."""
+        body: dict[str, Any] = {"delay": list(delay) if isinstance(delay, tuple) else delay, "unit": unit}
+        return cast(dict[str, dict[str, float]], self._call("PUT", "/gateway/propagation", body)["units"])

@@ -1,6 +1,7 @@
 """Local Azure API Management: subscription state, the gateway in front of Azure OpenAI, and the ARM plane.
 
-* :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; protocols.md D).
+* :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; protocols.md D),
+  and the *gateway units'* view of them (see "Propagation" below).
 * :class:`ApimGateway` checks ``Ocp-Apim-Subscription-Key`` (or the ``subscription-key`` query parameter),
   applies an optional rate-limit policy, strips the key and forwards to the Azure OpenAI backend in-process
   (the backend's ASGI app, faults and counters included), relaying the response, SSE chunks included, as the
@@ -8,6 +9,18 @@
 * :class:`ArmService` is the ``Microsoft.ApiManagement`` management plane for subscriptions: get, list,
   ``listSecrets`` and ``regeneratePrimaryKey`` / ``regenerateSecondaryKey``, behind ARM bearer auth, so the
   unmodified ``azure.mgmt.apimanagement.ApiManagementClient`` works against it.
+
+Propagation (protocols.md H). Real APIM gateways pick a regenerated key up asynchronously, each gateway
+unit (region, self-hosted gateway) on its own: until a unit has synced it refuses the new value with the
+ordinary invalid-key 401 and keeps accepting the value it replaced. Here every unit keeps its own replica
+of the key table; ``regenerate`` changes the authoritative table (what ARM's ``listSecrets`` answers) at
+once and queues the change for each unit, which applies it ``delay`` seconds later on the state's injected
+``clock`` (a fixed delay or one drawn uniformly from ``(low, high)`` for each regeneration and unit; the
+changes of one unit apply in order). A delay of 0 (the default) applies the change at once, as before.
+The first unit answers at the gateway's root URL (``/openai/...``); every unit also answers under its own
+path prefix (``/<unit>/openai/...``), so a client picks a unit by its endpoint. The gateway counts, per
+unit, ``propagation-refused`` (a current key refused because the unit has not synced it yet) and
+``propagation-stale`` (a replaced key still accepted).
 """
 
 from __future__ import annotations
@@ -16,12 +29,14 @@ import collections
 import dataclasses
 import datetime as dt
 import math
+import random
 import re
 import secrets
 import threading
 import time
 import uuid
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypeAlias
 from urllib.parse import unquote_plus
 
 from starlette.requests import Request
@@ -34,6 +49,10 @@ from .openai_backend import OpenAIBackend
 
 Slot = Literal["primary", "secondary"]
 UseSlot = Literal["primary", "secondary", "invalid", "missing"]
+DelaySpec: TypeAlias = float | tuple[float, float]
+"""A propagation delay in seconds: fixed, or ``(low, high)`` to draw one uniformly per regeneration."""
+DEFAULT_UNITS = ("region1", "region2")
+_UNIT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 # protocols.md D: gateway 401 bodies as observed on the wire ("... to an API.", not the Learn table's
 # "... to this API.").
@@ -112,13 +131,125 @@ class Subscription:
         }
 
 
-class ApimState:
-    """Thread-safe store of APIM subscriptions shared by the gateway and the ARM plane."""
+def _delay_range(value: DelaySpec, what: str) -> tuple[float, float]:
+    """``value`` as ``(low, high)``; ValueError for negatives, NaN or a reversed range."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number of seconds or a (low, high) pair")
+    if isinstance(value, int | float):
+        low = high = float(value)
+    elif isinstance(value, tuple | list) and len(value) == 2 and not any(isinstance(v, bool) for v in value):
+        try:
+            low, high = float(value[0]), float(value[1])
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be a number of seconds or a (low, high) pair") from None
+    else:
+        raise ValueError(f"{what} must be a number of seconds or a (low, high) pair")
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high < low:
+        raise ValueError(f"{what} must be finite, >= 0 and low <= high (got {low}, {high})")
+    return low, high
 
-    def __init__(self) -> None:
+
+@dataclasses.dataclass
+class _Pending:
+    apply_at: float
+    old: str
+    new: str
+    sub: Subscription
+    slot: Slot
+
+
+class LookupResult(NamedTuple):
+    """What one gateway unit makes of a key: the subscription and slot it accepts it for (or None), and
+    whether propagation decided it (a current key not synced yet, or a replaced key still accepted)."""
+
+    found: tuple[Subscription, Slot] | None
+    propagation_refused: bool
+    stale: bool
+
+
+class ApimState:
+    """Thread-safe store of APIM subscriptions shared by the gateway and the ARM plane.
+
+    ``units`` names the gateway units (the first answers at the gateway's root URL); ``propagation_delay``
+    is one :data:`DelaySpec` for every unit or a mapping ``{unit: DelaySpec}`` (units not named get 0);
+    ``clock`` is the time source of propagation (inject one in tests: no sleeps); ``seed`` makes the drawn
+    delays reproducible.
+    """
+
+    def __init__(
+        self,
+        *,
+        units: Sequence[str] = DEFAULT_UNITS,
+        propagation_delay: DelaySpec | Mapping[str, DelaySpec] = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._subs: dict[str, Subscription] = {}
         self._keys: dict[str, tuple[Subscription, Slot]] = {}
+        names = tuple(units)
+        if not names or len(set(names)) != len(names) or not all(_UNIT_NAME.match(u) for u in names):
+            raise ValueError(f"units must be distinct lower-case names ([a-z0-9-], 1-40), got {names!r}")
+        self.units: tuple[str, ...] = names
+        self.clock = clock
+        self._rng = random.Random(seed)  # noqa: S311 - simulated delays, not security
+        self._delays: dict[str, tuple[float, float]] = {u: (0.0, 0.0) for u in names}
+        self._views: dict[str, dict[str, tuple[Subscription, Slot]]] = {u: {} for u in names}
+        self._pending: dict[str, collections.deque[_Pending]] = {u: collections.deque() for u in names}
+        self.set_propagation(propagation_delay)
+
+    # ---------------------------------------------------------------------------------- propagation
+
+    def set_propagation(self, delay: DelaySpec | Mapping[str, DelaySpec], unit: str | None = None) -> None:
+        """Set the propagation delay of ``unit`` (or, with ``unit=None``, of every unit; a mapping sets
+        the units it names). Applies to later regenerations; queued changes keep their time."""
+        if isinstance(delay, Mapping):
+            if unit is not None:
+                raise ValueError("give either a mapping of units or one unit, not both")
+            unknown = sorted(set(delay) - set(self.units))
+            if unknown:
+                known = ", ".join(self.units)
+                raise ValueError(f"unknown gateway unit(s) {', '.join(unknown)}; known: {known}")
+            ranges = {u: _delay_range(v, f"propagation delay of {u}") for u, v in delay.items()}
+        else:
+            targets = self.units if unit is None else (unit,)
+            if unit is not None and unit not in self.units:
+                raise ValueError(f"unknown gateway unit {unit!r}; known: {', '.join(self.units)}")
+            spec = _delay_range(delay, "propagation delay")
+            ranges = dict.fromkeys(targets, spec)
+        with self._lock:
+            self._delays.update(ranges)
+
+    def propagation(self) -> dict[str, dict[str, float | int]]:
+        """Per unit: the delay range and how many key changes it has not applied yet."""
+        now = self.clock()
+        with self._lock:
+            for unit in self.units:
+                self._apply_due(unit, now)
+            return {
+                u: {"min": self._delays[u][0], "max": self._delays[u][1], "pending": len(self._pending[u])}
+                for u in self.units
+            }
+
+    def settle(self) -> None:
+        """Apply every queued key change on every unit now (as if all delays had passed)."""
+        with self._lock:
+            for unit in self.units:
+                self._apply_due(unit, math.inf)
+
+    def _draw(self, unit: str) -> float:
+        low, high = self._delays[unit]
+        return low if high <= low else self._rng.uniform(low, high)
+
+    def _apply_due(self, unit: str, now: float) -> None:
+        queue, view = self._pending[unit], self._views[unit]
+        while queue and queue[0].apply_at <= now:
+            change = queue.popleft()
+            if view.get(change.old, (None,))[0] is change.sub:
+                view.pop(change.old, None)
+            view[change.new] = (change.sub, change.slot)
+
+    # ---------------------------------------------------------------------------------------- store
 
     def create_subscription(
         self, arm_subscription: str, resource_group: str, service: str, sid: str, *, display_name: str
@@ -137,8 +268,9 @@ class ApimState:
             if sid in self._subs:
                 raise ValueError(f"APIM subscription {sid!r} already exists")
             self._subs[sid] = sub
-            self._keys[sub.primary_key] = (sub, "primary")
-            self._keys[sub.secondary_key] = (sub, "secondary")
+            for table in (self._keys, *self._views.values()):
+                table[sub.primary_key] = (sub, "primary")
+                table[sub.secondary_key] = (sub, "secondary")
         return sub
 
     def get(self, sid: str) -> Subscription | None:
@@ -175,9 +307,11 @@ class ApimState:
             ]
 
     def regenerate(self, sid: str, which: Slot) -> None:
-        """Replace one key of ``sid``; the old key stops working immediately."""
+        """Replace one key of ``sid``. ARM (``listSecrets``) shows the new key at once; each gateway unit
+        accepts it, and stops accepting the old one, after its propagation delay (at once with 0)."""
         if which not in ("primary", "secondary"):
             raise ValueError(f"which must be 'primary' or 'secondary', not {which!r}")
+        now = self.clock()
         with self._lock:
             sub = self._subs.get(sid)
             if sub is None:
@@ -191,26 +325,50 @@ class ApimState:
                 sub.secondary_key = new
             self._keys[new] = (sub, which)
             sub.etag = f'"{uuid.uuid4().hex[:16].upper()}"'
+            for unit in self.units:
+                queue = self._pending[unit]
+                apply_at = now + self._draw(unit)
+                if queue:  # a unit applies its changes in order
+                    apply_at = max(apply_at, queue[-1].apply_at)
+                queue.append(_Pending(apply_at, old, new, sub, which))
+                self._apply_due(unit, now)
 
     def lookup(self, key: str) -> tuple[Subscription, Slot] | None:
-        """The subscription and slot a key belongs to, or None (unknown, regenerated or inactive)."""
+        """The subscription and slot a key belongs to (the authoritative table, as ARM sees it), or None
+        (unknown, regenerated or inactive)."""
         with self._lock:
             found = self._keys.get(key)
         if found is None or found[0].state != "active":
             return None
         return found
 
+    def gateway_lookup(self, unit: str, key: str) -> LookupResult:
+        """What gateway ``unit`` makes of ``key`` now, propagation included."""
+        now = self.clock()
+        with self._lock:
+            self._apply_due(unit, now)
+            seen = self._views[unit].get(key)
+            current = self._keys.get(key)
+        if seen is not None and seen[0].state != "active":
+            return LookupResult(None, False, False)
+        if seen is None:
+            refused = current is not None and current[0].state == "active"
+            return LookupResult(None, refused, False)
+        return LookupResult(seen, False, current is None)
+
 
 # ---------------------------------------------------------------------------------------------- gateway
 
 
 class KeyUse(NamedTuple):
-    """One gateway request: when, which subscription and slot, and the key's fingerprint (never the key)."""
+    """One gateway request: when, which subscription and slot, and the key's fingerprint (never the key),
+    and the gateway unit that answered."""
 
     time: float
     sid: str | None
     slot: UseSlot
     fingerprint: str | None
+    unit: str = DEFAULT_UNITS[0]
 
 
 def _apim_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -245,9 +403,23 @@ class ApimGateway(Service):
         self._lock = threading.Lock()
         self._backend_app: ASGIApp | None = None
 
+    # ------------------------------------------------------------------------------------ units
+
+    def unit_urls(self) -> dict[str, str]:
+        """The URL of each gateway unit: the first at the root, the others under ``/<unit>``."""
+        return {u: self.url if i == 0 else f"{self.url}/{u}" for i, u in enumerate(self.state.units)}
+
+    def _split_unit(self, path: str) -> tuple[str, str]:
+        """``(unit, path without the unit prefix)``; the first unit when there is no prefix."""
+        first, _, rest = path.lstrip("/").partition("/")
+        if first in self.state.units and first != self.api_path.strip("/"):
+            return first, "/" + rest
+        return self.state.units[0], path
+
     # ------------------------------------------------------------------------------ Service protocol
 
     def classify(self, method: str, path: str) -> str:
+        path = self._split_unit(path)[1]
         if not path.startswith("/openai/"):
             return "unknown"
         operation = self.backend.classify(method, path)  # the API's operations are the backend's
@@ -275,12 +447,12 @@ class ApimGateway(Service):
 
     # ------------------------------------------------------------------------------------------ app
 
-    def _record(self, sid: str | None, slot: UseSlot, key: str | None) -> None:
+    def _record(self, sid: str | None, slot: UseSlot, key: str | None, unit: str = DEFAULT_UNITS[0]) -> None:
         self.counters.label(f"key:{slot}")
         if sid is not None:
             self.counters.label(f"sub:{sid}:{slot}")
         with self._lock:
-            self._recent.append(KeyUse(time.monotonic(), sid, slot, fingerprint(key) if key else None))
+            self._recent.append(KeyUse(time.monotonic(), sid, slot, fingerprint(key) if key else None, unit))
 
     def _throttle(self, sid: str) -> int | None:
         """Seconds to wait if ``sid`` is over the rate limit, else None (and count this call)."""
@@ -323,26 +495,32 @@ class ApimGateway(Service):
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        path: str = scope["path"]
+        unit, path = self._split_unit(scope["path"])
         if not (path == self.api_path or path.startswith(self.api_path + "/")):
             await _apim_error(404, NOT_FOUND_MESSAGE)(scope, receive, send)
             return
         key, headers, query = self._extract(scope)
         if not key:
-            self._record(None, "missing", None)
+            self._record(None, "missing", None, unit)
             await _apim_error(401, MISSING_KEY_MESSAGE, {"WWW-Authenticate": self.challenge})(
                 scope, receive, send
             )
             return
-        found = self.state.lookup(key)
-        if found is None:
-            self._record(None, "invalid", key)
+        looked = self.state.gateway_lookup(unit, key)
+        if looked.found is None:
+            if looked.propagation_refused:
+                self.counters.label("propagation-refused")
+                self.counters.label(f"propagation-refused:{unit}")
+            self._record(None, "invalid", key, unit)
             await _apim_error(401, INVALID_KEY_MESSAGE, {"WWW-Authenticate": self.challenge})(
                 scope, receive, send
             )
             return
-        sub, slot = found
-        self._record(sub.sid, slot, key)
+        if looked.stale:
+            self.counters.label("propagation-stale")
+            self.counters.label(f"propagation-stale:{unit}")
+        sub, slot = looked.found
+        self._record(sub.sid, slot, key, unit)
         wait = self._throttle(sub.sid)
         if wait is not None:
             # Wire body of APIM's rate-limit policy (Learn "API Management access restriction policies"
@@ -359,6 +537,10 @@ class ApimGateway(Service):
         forwarded = dict(scope)
         forwarded["headers"] = headers
         forwarded["query_string"] = query
+        if path != scope["path"]:  # a unit prefix: the backend sees the API path alone
+            forwarded["path"] = path
+            raw = scope.get("raw_path")
+            forwarded["raw_path"] = raw[len(unit) + 1 :] if raw else path.encode("latin-1")
         forwarded["server"] = ("127.0.0.1", self.backend.port)
         assert self._backend_app is not None
         await self._backend_app(forwarded, receive, send)

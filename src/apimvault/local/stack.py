@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -16,7 +16,7 @@ from ._server import ServerThread, Service
 from ._tls import LocalCA
 from ._tokens import TENANT_ID, Clock, Identity, TokenIssuer
 from .admin import AdminService
-from .apim import ApimGateway, ApimState, ArmService
+from .apim import DEFAULT_UNITS, ApimGateway, ApimState, ArmService, DelaySpec
 from .identity import IdentityService, write_az_stub
 from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
 from .openai_backend import OpenAIBackend
@@ -65,6 +65,14 @@ class LocalAzure:
     ``gateway_header_name`` renames the header the gateway reads the key from (APIM's
     ``subscriptionKeyParameterNames.header``, e.g. ``api-key``).
 
+    Gateway propagation (protocols.md H): ``gateway_units`` names the gateway units (the first answers at
+    ``gateway_url``, every unit also at ``gateway_url + "/<unit>"``, see :attr:`gateway_unit_urls`);
+    ``propagation_delay`` (seconds, a ``(low, high)`` range drawn per regeneration, or ``{unit: either}``)
+    is how long a unit keeps accepting a regenerated key's old value and refusing its new one; default 0.
+    ``propagation_clock`` is that delay's time source (default ``time.monotonic``; tests inject one),
+    ``propagation_seed`` makes drawn delays reproducible. Change it later with
+    ``apim_state.set_propagation`` or the admin API (``PUT /gateway/propagation``).
+
     ``ca`` reuses a CA made earlier. aiohttp (azure-core's async transport) reads ``SSL_CERT_FILE``
     once, when it is imported: a process that imports it before the stack exists must create the CA
     first, point ``SSL_CERT_FILE`` at ``ca.ca_path`` and hand the CA in (the tests' conftest does this).
@@ -79,6 +87,10 @@ class LocalAzure:
         rate_limit_per_minute: int | None = None,
         ca: LocalCA | None = None,
         gateway_header_name: str = "Ocp-Apim-Subscription-Key",
+        gateway_units: Sequence[str] = DEFAULT_UNITS,
+        propagation_delay: DelaySpec | Mapping[str, DelaySpec] = 0.0,
+        propagation_clock: Callable[[], float] | None = None,
+        propagation_seed: int | None = None,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
@@ -93,7 +105,12 @@ class LocalAzure:
         self.default_identity: Identity = self.identity.default
         self.officer_identity: Identity = self.identity.add("officer")
         self.keyvault = KeyVaultService(self.tokens, clock=clock)
-        self.apim_state = ApimState()
+        self.apim_state = ApimState(
+            units=gateway_units,
+            propagation_delay=propagation_delay,
+            clock=propagation_clock or time.monotonic,
+            seed=propagation_seed,
+        )
         self.openai = OpenAIBackend()
         self.gateway = ApimGateway(
             self.apim_state,
@@ -178,6 +195,11 @@ class LocalAzure:
         return self.gateway.url
 
     @property
+    def gateway_unit_urls(self) -> dict[str, str]:
+        """Each gateway unit's endpoint (the first is :attr:`gateway_url`)."""
+        return self.gateway.unit_urls()
+
+    @property
     def arm_url(self) -> str:
         return self.arm.url
 
@@ -209,6 +231,7 @@ class LocalAzure:
             "APIMVAULT_OFFICER_CLIENT_ID": self.officer_identity.client_id,
             "APIMVAULT_ADMIN_URL": self.admin.url,
             "APIMVAULT_ADMIN_TOKEN": self.admin_token,
+            "APIMVAULT_GATEWAY_URLS": " ".join(self.gateway_unit_urls.values()),
         }
 
     @contextlib.contextmanager

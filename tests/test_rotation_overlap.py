@@ -1,0 +1,176 @@
+"""Overlapping rotations (issue 11, item 4): 2 to 8 runs of ``rotate`` / ``rotate_from_event`` for the same
+secret, interleaved deterministically through the rotation's step hook, must end with Key Vault's latest
+version holding a key the gateway accepts, tagged with the slot that holds it, and no run failing.
+
+Real SecretClient and ApiManagementClient against the local stack; the scheduler lets exactly one run go
+on at a time, from one step hook to the next, in the order a test names.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from azure.identity import DefaultAzureCredential
+
+from apimvault.local import LocalAzure
+from apimvault.rotation import RotationResult, rotate, rotate_from_event
+
+from .cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
+from .rotation_support import Scheduler
+
+
+@pytest.fixture
+def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
+    credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+    yield credential
+    credential.close()
+
+
+def _event(azure: LocalAzure, name: str, version: str) -> dict[str, object]:
+    return {
+        "id": f"6f1d2d7e-0000-4000-8000-{version[:12]}",
+        "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv-apimvault-local",
+        "subject": name,
+        "eventType": "Microsoft.KeyVault.SecretNearExpiry",
+        "eventTime": "2026-01-01T00:00:00Z",
+        "data": {
+            "Id": f"{azure.vault_url}/secrets/{name}/{version}",
+            "VaultName": "kv-apimvault-local",
+            "ObjectType": "Secret",
+            "ObjectName": name,
+            "Version": version,
+            "NBF": None,
+            "EXP": None,
+        },
+        "dataVersion": "1",
+        "metadataVersion": "1",
+    }
+
+
+def assert_vault_live(azure: LocalAzure, app: RotatingApp) -> None:
+    """The invariant: the latest version holds the live key of the slot its tag names, and the gateway
+    accepts it."""
+    latest = azure.keyvault.latest(app.name)
+    primary, secondary = app.keys()
+    slot = (latest.tags or {})["CredentialId"].lower()
+    assert latest.value == {"primary": primary, "secondary": secondary}[slot]
+    assert gateway_status(azure, latest.value) == 200
+    assert latest.expires is not None  # never a version without expiry
+
+
+def overlap(
+    azure: LocalAzure, officer: DefaultAzureCredential, app: RotatingApp, n: int, order: list[int]
+) -> tuple[list[Any], Scheduler]:
+    """Run ``n`` overlapping rotations of ``app``: even runs are (re)deliveries of the SecretNearExpiry
+    event for the current version, odd runs are rotations started by hand (no expected version)."""
+    v1 = azure.keyvault.latest(app.name).version
+    event = _event(azure, app.name, v1)
+
+    def run(i: int, hook: Any) -> RotationResult:
+        if i % 2 == 0:
+            return rotate_from_event(event, credential=officer, on_step=hook)
+        return rotate(
+            vault_url=azure.vault_url,
+            secret_name=app.name,
+            apim_subscription_id=None,
+            credential=officer,
+            on_step=hook,
+        )
+
+    scheduler = Scheduler(order, n)
+    return scheduler.run(run), scheduler
+
+
+def _schedules(n: int) -> list[tuple[str, list[int]]]:
+    steps = 40  # more hand-overs than any run needs: the rest of each order is ignored
+    schedules = [
+        ("lockstep", [i for _ in range(steps) for i in range(n)]),
+        ("reverse-lockstep", [i for _ in range(steps) for i in reversed(range(n))]),
+        # The issue's case: the others read and pass the in-use check, then run 0 finishes, then the rest.
+        ("read-then-first-finishes", [i for i in range(1, n) for _ in range(2)] + [0] * steps),
+        ("staggered", [i for i in range(n) for _ in range(3)] * 4),
+    ]
+    for seed in (1, 2, 3):
+        rng = random.Random(f"{n}-{seed}")
+        schedules.append((f"random-{seed}", [rng.randrange(n) for _ in range(steps * n)]))
+    return schedules
+
+
+CASES = [(n, name, order) for n in range(2, 9) for name, order in _schedules(n)]
+
+
+@pytest.mark.parametrize(("n", "name", "order"), CASES, ids=[f"{n}-runs-{name}" for n, name, _ in CASES])
+def test_overlapping_runs_end_with_a_live_latest_version(
+    azure: LocalAzure, officer: DefaultAzureCredential, n: int, name: str, order: list[int]
+) -> None:
+    app = new_rotating_app(azure)
+    azure.keyvault.put_secret(  # a version with an expiry, as the seeding does
+        app.name,
+        app.keys()[0],
+        content_type="text/plain",
+        tags=dict(azure.keyvault.latest(app.name).tags or {}),
+        expires=2_000_000_000,
+    )
+    results, scheduler = overlap(azure, officer, app, n, order)
+
+    errors = [r for r in results if not isinstance(r, RotationResult)]
+    assert errors == []  # no run failed, none hid anything
+    assert any(not r.skipped for r in results)  # something rotated
+    assert_vault_live(azure, app)
+    latest = azure.keyvault.latest(app.name).version
+    # Every run verified the vault before returning; the last to finish saw the final version.
+    assert all(r.verified_version is not None for r in results)
+    assert latest in {r.verified_version for r in results}
+    assert {run for run, _ in scheduler.trace} == set(range(n))
+    assert_no_key(repr(results), app.seen_keys)
+
+
+def test_a_write_of_a_key_revoked_meanwhile_is_repaired(
+    azure: LocalAzure, officer: DefaultAzureCredential
+) -> None:
+    """Run 0 regenerates the secondary and sees the gateway accept it; run 1 then regenerates the secondary
+    again (revoking run 0's key) before run 0 writes. Run 0's write stores a revoked key, and its own check
+    right after repairs it with the live secondary."""
+    app = new_rotating_app(azure)
+    # run 0: read, check, regenerate, probe -> parked at write; run 1: read, check, regenerate -> at probe;
+    # then run 0 writes (the revoked key) and verifies.
+    order = [0, 0, 0, 0, 1, 1, 1, 0]
+    results, scheduler = overlap(azure, officer, app, 2, order)
+    first, second = results
+    assert isinstance(first, RotationResult) and isinstance(second, RotationResult)
+    assert not first.skipped and first.repaired_versions  # wrote, found it revoked, repaired
+    assert first.verified_version == first.repaired_versions[-1]
+    assert second.skipped and "another rotation" in second.reason
+    assert_vault_live(azure, app)
+    versions = azure.keyvault.versions(app.name)
+    assert versions[-2].version == first.new_version  # the revoked write is history, not the latest
+    assert (0, "repair") in scheduler.trace
+
+
+def test_a_skipped_redelivery_repairs_a_vault_left_with_a_revoked_key(
+    azure: LocalAzure, officer: DefaultAzureCredential
+) -> None:
+    """The issue's end state (the latest version holds a key revoked by another regeneration) is repaired
+    by the next delivery, although that delivery is skipped as 'already rotated'."""
+    app = new_rotating_app(azure)
+    v1 = azure.keyvault.latest(app.name).version
+    first = rotate_from_event(_event(azure, app.name, v1), credential=officer)
+    azure.apim_state.regenerate(app.sid, "secondary")  # revokes the key the vault's latest version holds
+    _, live_secondary = app.keys()
+    assert gateway_status(azure, azure.keyvault.latest(app.name).value) == 401
+
+    again = rotate_from_event(_event(azure, app.name, v1), credential=officer)
+    assert again.skipped and "already rotated" in again.reason and "repaired the vault" in again.reason
+    assert again.repaired_versions and again.credential_id == "secondary"
+    latest = azure.keyvault.latest(app.name)
+    assert latest.version == again.verified_version != first.new_version
+    assert latest.value == live_secondary
+    assert_vault_live(azure, app)
+    assert_no_key(again.reason, app.seen_keys)
+
+    # A skip with nothing to repair writes nothing.
+    third = rotate_from_event(_event(azure, app.name, v1), credential=officer)
+    assert third.skipped and third.repaired_versions == () and third.verified_version == latest.version
