@@ -1,7 +1,8 @@
 // User-assigned managed identities. Three, so each holds only the rights its job needs:
 //  - app:          the services that call Azure OpenAI through APIM; reads the one secret (Key Vault Secrets User).
-//  - rotator:      the identity the rotation code uses (AZURE_CLIENT_ID in the function); writes the one secret
-//                  (Key Vault Secrets Officer) and reads/regenerates the keys of the one APIM subscription.
+//  - rotator:      the identity the rotation code uses (AZURE_CLIENT_ID in the function); reads and writes the one
+//                  secret (custom role: get, set, read metadata) and reads/regenerates the keys of the one APIM
+//                  subscription (custom role: four actions). Both assigned in phase 2 (infra/README.md).
 //  - functionHost: the Functions host's own plumbing (deployment package, host storage, telemetry); no rights on
 //                  the secret or APIM.
 

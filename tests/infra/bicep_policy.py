@@ -693,12 +693,17 @@ def check_secret_seeding(templates: Iterable[Template]) -> list[str]:
                     f"{t.name}:{symbol}: deploys {path}, which writes the secret, on every deployment "
                     "(needs `if (<bool param defaulting to false>)`)"
                 )
-    seeded = {
+    called = {
         str(((mod.get("detail") or {}).get("path")) or "") for t in templates for mod in t.modules.values()
     }
-    for name in sorted(writers):
-        if name not in seeded and "main" not in name:
-            problems.append(f"{name}: writes a secret but no module deploys it conditionally")
+    for t in templates:
+        if t.name in called:
+            continue  # checked through the module calls above
+        for symbol, res in t.of_type(SECRET):  # a secret in the root template itself
+            condition = (res.get("config") or {}).get("condition")
+            param = t.parameters.get(condition) if isinstance(condition, str) else None
+            if param is None or param.get("type") != "bool" or param.get("default") is not False:
+                problems.append(f"{t.name}:{symbol}: writes the secret on every deployment")
     return problems
 
 

@@ -646,6 +646,10 @@ def test_function_seeding_alert_and_token_checks_flag_bad_snippets() -> None:
     seeding = "\n".join(check_secret_seeding([parse_text(BAD_SEEDING, "main.bicep"), seed]))
     assert "main.bicep:seed: deploys modules/seed.bicep" in seeding, seeding
     assert "main.bicep:always: deploys modules/seed.bicep" in seeding, seeding
+    root = parse_text(
+        "resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {\n  name: 'kv/s'\n}\n", "main.bicep"
+    )
+    assert check_secret_seeding([root]) == ["main.bicep:s: writes the secret on every deployment"]
     alerts = "\n".join(check_alerts([parse_text(BAD_ALERTS)]))
     for expected in (
         "a: must fire on the first occurrence",

@@ -16,7 +16,7 @@ pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
 
 from .bicep_policy import Template, parse_text
 from .bicep_types.refresh import RESOURCE_DECL, used_resource_types
-from .type_check import SUBSET, TYPES_DIR, check_resource_types, load_index
+from .type_check import SUBSET, TYPES_DIR, check_module_wiring, check_resource_types, load_index
 
 
 def test_every_resource_block_matches_the_published_type_definitions(templates: list[Template]) -> None:
@@ -172,3 +172,40 @@ resource kv 'Microsoft.KeyVault/vaults@2024-11-01' = {
 }
 """
     assert check_resource_types([parse_text(snippet)]) == []
+
+
+def test_module_calls_match_the_module_files(templates: list[Template]) -> None:
+    """Parameters passed exist, required ones are passed, outputs read exist (what `az bicep build` checks
+    across files)."""
+    assert check_module_wiring(templates) == []
+    main = next(t for t in templates if t.name == "main.bicep")
+    assert len(main.modules) >= 9
+
+
+def test_planted_module_wiring_errors_are_flagged() -> None:
+    module = parse_text(
+        "param needed string\nparam optional int = 1\noutput id string = needed\n", "modules/m.bicep"
+    )
+    caller = parse_text(
+        """
+module m 'modules/m.bicep' = {
+  name: 'm'
+  params: {
+    optinal: 2
+  }
+}
+module gone 'modules/gone.bicep' = {
+  name: 'gone'
+}
+output x string = m.outputs.name
+""",
+        "main.bicep",
+    )
+    problems = "\n".join(check_module_wiring([caller, module]))
+    for expected in (
+        "main.bicep:m: modules/m.bicep has no parameter 'optinal'",
+        "main.bicep:m: required parameter 'needed' of modules/m.bicep not passed",
+        "main.bicep: m.outputs.name is not an output of modules/m.bicep",
+        "main.bicep:gone: module file 'modules/gone.bicep' not found",
+    ):
+        assert expected in problems, problems

@@ -16,9 +16,13 @@ What is checked, for each resource (``existing`` ones: only that the type@api-ve
 - a value that references a parameter is checked through the parameter's ``@allowed`` values and default,
   a variable through its value.
 
+Across files (``check_module_wiring``): every parameter a module call passes exists in the module file, every
+parameter without a default is passed, every ``<module>.outputs.<name>`` read exists.
+
 What is not checked: expressions (function calls, interpolated strings, property accessors, conditionals
 other than through literals) are accepted for any type; regex ``pattern`` constraints are not applied (.NET
-and Python regex dialects differ); module parameters and outputs; resource functions (``listSecrets()``).
+and Python regex dialects differ); the types of module parameters and outputs; resource functions
+(``listSecrets()``).
 pycep does not tell a string literal from an identifier, so a string equal to a symbol of the file
 (parameter, variable, resource, module, loop variable) is read as a reference to it.
 """
@@ -93,7 +97,11 @@ def _is_loop(value: Any) -> bool:
 
 
 def _is_expression(value: Any) -> bool:
-    return isinstance(value, dict) and any(set(value) == keys for keys in _EXPRESSION_KEYS)
+    return (
+        isinstance(value, dict)
+        and any(set(value) == keys for keys in _EXPRESSION_KEYS)
+        and isinstance(next(iter(value.values())), dict)
+    )
 
 
 def _loop_variables(value: Any) -> Iterator[str]:
@@ -282,3 +290,55 @@ class _Checker:
         if chosen is None:
             return [f"{where}: discriminator {key} missing (one of {json.dumps(sorted(elements))})"]
         return []  # an expression picks the variant: nothing more to check statically
+
+
+def check_module_wiring(templates: Iterable[Template]) -> list[str]:
+    """What the Bicep compiler would say about module calls between the files: every module parameter passed
+    exists in the module file, every parameter without a default is passed, and every ``<module>.outputs.<x>``
+    read exists in the module file's outputs."""
+    templates = list(templates)
+    by_name = {t.name: t for t in templates}
+    problems: list[str] = []
+    for t in templates:
+        base = Path(t.name).parent
+        targets: dict[str, Template] = {}
+        for symbol, mod in t.modules.items():
+            path = str((mod.get("detail") or {}).get("path") or "")
+            target = by_name.get(str(base / path)) or by_name.get(path)
+            where = f"{t.name}:{symbol}"
+            if target is None:
+                problems.append(f"{where}: module file {path!r} not found")
+                continue
+            targets[symbol] = target
+            params = _unwrap(mod.get("config") or {}).get("params") or {}
+            for name in params:
+                if name not in target.parameters:
+                    problems.append(f"{where}: {target.name} has no parameter {name!r}")
+            for name, param in target.parameters.items():
+                if param.get("default") is None and name not in params:  # pycep: None = no default
+                    problems.append(f"{where}: required parameter {name!r} of {target.name} not passed")
+        for symbol, output in _output_reads(t.doc):
+            if symbol in targets and output not in targets[symbol].outputs:
+                problems.append(
+                    f"{t.name}: {symbol}.outputs.{output} is not an output of {targets[symbol].name}"
+                )
+    return problems
+
+
+def _output_reads(value: Any) -> Iterator[tuple[str, str]]:
+    """(module symbol, output name) of every ``<symbol>.outputs.<name>`` accessor in a parsed document."""
+    if isinstance(value, dict):
+        op = value.get("operator")
+        if isinstance(op, dict) and op.get("type") == "property_accessor":
+            operands = op.get("operands") or {}
+            left, right = operands.get("operand_1"), operands.get("operand_2")
+            inner = (right.get("operator") or {}) if isinstance(right, dict) else {}
+            if isinstance(left, str) and inner.get("type") == "property_accessor":
+                names = inner.get("operands") or {}
+                if names.get("operand_1") == "outputs" and isinstance(names.get("operand_2"), str):
+                    yield left, names["operand_2"]
+        for v in value.values():
+            yield from _output_reads(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _output_reads(v)
