@@ -219,12 +219,24 @@ class LocalAzure:
             yield {k: v for k, v in values.items() if v is not None}
 
     def write_env_file(self, path: str | Path) -> Path:
-        """Write :meth:`environ` as a dotenv file (mode 0600). It holds endpoints, never the key."""
+        """Write :meth:`environ` as a dotenv file, safely: mode 0600, replaced atomically.
+
+        It holds endpoints, the CA path and ``IDENTITY_HEADER`` (the local identity endpoint's header
+        secret: whoever reads the file can get tokens from this stack while it runs), never the APIM key.
+        The file is written next to ``path`` and renamed over it, so an existing symlink at ``path`` is
+        replaced, not followed, and a reader never sees half a file.
+        """
         path = Path(path)
         lines = [f"{k}={v}" for k, v in self.environ().items()]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:  # mkstemp: O_EXCL, mode 0600
+                fh.write("\n".join(lines) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return path
 
     def az_stub_dir(self) -> Path:
