@@ -273,3 +273,29 @@ def test_stdout_json_is_one_document_per_command_also_on_errors(azure: LocalAzur
         run = run_cli(argv, {**app.env(), "APIMVAULT_SECRET_NAME": "no-such-secret"})
         assert run.code != 0
         assert isinstance(json.loads(run.out), dict)
+
+
+# 10. README's Use snippets run as written, and close what they open --------------------------------------
+
+
+def _readme_use_snippets() -> list[str]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Use\n", 1)[1].split("\n### ", 1)[0]
+    return [
+        block.split("\n", 1)[1]
+        for block in section.split("```python")[1:]
+        for block in [block.split("```")[0]]
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1], ids=["sync", "async"])
+def test_readme_use_snippet_runs_and_leaks_nothing(azure: LocalAzure, index: int) -> None:
+    snippet = _readme_use_snippets()[index]
+    env = {**os.environ, "PYTHONWARNINGS": "default", "PYTHONDEVMODE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the snippet printed no answer"
+    assert "Unclosed" not in done.stderr and "ResourceWarning" not in done.stderr, done.stderr
