@@ -1,4 +1,4 @@
-"""Microsoft's two-credential rotation for an APIM subscription key kept in Key Vault (protocols.md F).
+"""Two-credential rotation of an APIM subscription key kept in Key Vault (Learn: tutorial-rotation-dual).
 
 The secret's versions alternate between the subscription's two keys; its ``CredentialId`` tag says which
 one the latest version holds. A rotation
@@ -475,7 +475,7 @@ def rotate(
     now: dt.datetime | float | None = None,
     expected_version: str | None = None,
 ) -> RotationResult:
-    """Rotate the APIM subscription key held in ``secret_name`` (protocols.md F).
+    """Rotate the APIM subscription key held in ``secret_name`` (the dual-credential pattern, see the module).
 
     Args:
         vault_url / secret_name: the secret whose versions alternate between the two keys.

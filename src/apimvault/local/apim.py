@@ -1,6 +1,7 @@
 """Local Azure API Management: subscription state, the gateway in front of Azure OpenAI, and the ARM plane.
 
-* :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; protocols.md D).
+* :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; Microsoft Learn,
+  "Subscriptions in Azure API Management").
 * :class:`ApimGateway` checks ``Ocp-Apim-Subscription-Key`` (or the ``subscription-key`` query parameter),
   applies an optional rate-limit policy, strips the key and forwards to the Azure OpenAI backend in-process
   (the backend's ASGI app, faults and counters included), relaying the response, SSE chunks included, as the
@@ -35,8 +36,8 @@ from .openai_backend import OpenAIBackend
 Slot = Literal["primary", "secondary"]
 UseSlot = Literal["primary", "secondary", "invalid", "missing"]
 
-# protocols.md D: gateway 401 bodies as observed on the wire ("... to an API.", not the Learn table's
-# "... to this API.").
+# Gateway 401 bodies as observed on the wire (raw responses quoted in community write-ups and the Learn
+# tutorial): "... to an API.", not the Learn table's "... to this API.".
 MISSING_KEY_MESSAGE = (
     "Access denied due to missing subscription key. Make sure to include subscription key when making "
     "requests to an API."
