@@ -156,3 +156,13 @@ def test_all_is_the_lazy_map_plus_the_exceptions_and_version() -> None:
     assert isinstance(apimvault.__version__, str) and apimvault.__version__
     for name in apimvault.__all__:
         assert getattr(apimvault, name) is not None
+
+
+def test_sources_cite_public_sources_not_a_file_outside_the_repository() -> None:
+    """Docstrings and comments cite public sources; ``protocols.md`` is not part of this repository."""
+    citing = [
+        str(path.relative_to(ROOT))
+        for path in SRC.rglob("*.py")
+        if "protocols.md" in path.read_text(encoding="utf-8") or "shared/reference" in path.read_text("utf-8")
+    ]
+    assert citing == []

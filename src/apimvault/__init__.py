@@ -12,6 +12,7 @@ of a plain ``openai.AzureOpenAI`` / ``AsyncAzureOpenAI`` client, so a rotation n
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,10 @@ from .exceptions import (
     SecretNotYetValidError,
     VaultUnavailableError,
 )
+
+# A library does not configure logging, but without a handler of its own Python's last-resort handler would
+# print apimvault's WARNING lines on stderr of an application that configured none.
+logging.getLogger("apimvault").addHandler(logging.NullHandler())
 
 # Public names are imported on first use, so ``import apimvault.local`` or ``apimvault.exceptions`` does
 # not pull in openai / azure-core, and ``import apimvault`` stays cheap.

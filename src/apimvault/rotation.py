@@ -1,4 +1,4 @@
-"""Microsoft's two-credential rotation for an APIM subscription key kept in Key Vault (protocols.md F, H).
+"""Two-credential rotation of an APIM subscription key kept in Key Vault (Learn: tutorial-rotation-dual).
 
 The secret's versions alternate between the subscription's two keys; its ``CredentialId`` tag says which
 one the latest version holds. A rotation
@@ -91,7 +91,7 @@ ENV_GATEWAY_URLS = "APIMVAULT_GATEWAY_URLS"
 ENV_PROPAGATION_TIMEOUT = "APIMVAULT_PROPAGATION_TIMEOUT"
 DEFAULT_PROPAGATION_TIMEOUT = 600.0
 """Seconds to wait for the gateways to accept a regenerated key (a Microsoft Q&A answer reports up to 10
-minutes; protocols.md H)."""
+minutes; Microsoft Q&A question 5922487 reports up to 10)."""
 PROBE_PATH = "/openai/v1/models"
 ROTATOR_ROLE = "apimvault APIM subscription key rotator"
 _ROTATOR_ACTIONS = (
@@ -798,7 +798,7 @@ def rotate(
     sleep: Callable[[float], None] = time.sleep,
     on_step: Callable[[str], None] | None = None,
 ) -> RotationResult:
-    """Rotate the APIM subscription key held in ``secret_name`` (protocols.md F, H; see the module doc).
+    """Rotate the APIM subscription key held in ``secret_name`` (the dual-credential pattern, see the module).
 
     Args:
         vault_url / secret_name: the secret whose versions alternate between the two keys.

@@ -76,7 +76,7 @@ class SpecValidator:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
         definitions = _to_json_schema(spec["definitions"])
         # The spec types nextLink as a string, but the service sends "nextLink": null on the last page
-        # (protocols.md A.5, the GetSecrets example and recordings); allow exactly that.
+        # (the Key Vault REST spec's GetSecrets example and SDK recordings); allow exactly that.
         for listing in ("SecretListResult", "DeletedSecretListResult"):
             definitions[listing]["properties"]["nextLink"] = {"type": ["string", "null"]}
         self.definitions = definitions
@@ -96,7 +96,7 @@ class SpecValidator:
             if verb == method and pattern.match(path):
                 return operation
         if method in ("GET", "PATCH") and re.match(r"^/secrets/[^/]+$", path):
-            # "/secrets/{name}" without the trailing slash: served as the latest version (protocols.md A.2).
+            # "/secrets/{name}" without the trailing slash: served as the latest version, as Key Vault does.
             return self.operation(method, path + "/")
         raise AssertionError(f"no spec operation for {method} {path}")
 

@@ -1,4 +1,4 @@
-"""Gateway propagation in the local APIM (protocols.md H): per-unit delays on an injected clock, no sleeps.
+"""Gateway propagation in the local APIM: per-unit delays on an injected clock, no sleeps.
 
 Keys are regenerated through the real azure-mgmt-apimanagement client and checked through the real openai
 client against each gateway unit's endpoint.

@@ -10,15 +10,56 @@ No command prints a key or a token: keys appear as their version and 8-hex finge
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..exceptions import ApimVaultError
+from .config import require_live_stack
 from .output import EXIT_CODES, EXIT_CONFIG, EXIT_INTERRUPTED, Output, fail
 from .parser import build_parser
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests swap it)."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+_VERBOSE = _CurrentStderr()
+# The core's messages name apimvault themselves: no logger name in the line.
+_VERBOSE.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+
+@contextlib.contextmanager
+def _verbose_logging(verbose: bool) -> Iterator[None]:
+    """``-v``: apimvault's INFO lines on stderr for the run, then the logger as it was.
+
+    main() may run many times in one process (tests, embedding): each run adds the one handler at most
+    once and removes it when it ends.
+    """
+    logger = logging.getLogger("apimvault")
+    if not verbose or _VERBOSE in logger.handlers:
+        yield
+        return
+    level = logger.level
+    logger.addHandler(_VERBOSE)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(_VERBOSE)
+        logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,20 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as exc:  # --help, usage errors
+    except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_CONFIG
     out = Output(bool(getattr(args, "json", False)))
-    if not args.verbose:  # the commands report errors themselves; keep library warnings off the terminal
-        logging.getLogger("apimvault").addHandler(logging.NullHandler())
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.getLogger("apimvault").addHandler(handler)
-        logging.getLogger("apimvault").setLevel(logging.INFO)
+    with _verbose_logging(args.verbose):
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
     try:
+        if args.command != "local":  # `local` makes a new stack; every other command uses the shell's
+            require_live_stack()
         code: int = args.func(args, out)
     except KeyboardInterrupt:
         out.error("interrupted")
+        out.document({"ok": False, "exit_code": EXIT_INTERRUPTED, "interrupted": True})
         return EXIT_INTERRUPTED
     except ApimVaultError as exc:
         return fail(out, exc)

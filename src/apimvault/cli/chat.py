@@ -8,7 +8,7 @@ import time
 from ..exceptions import (
     ConfigurationError,
 )
-from .config import env_var
+from .config import env_var, require, vault_url_variable
 from .output import (
     EXIT_OK,
     Output,
@@ -20,8 +20,20 @@ from .output import (
 
 def cmd_chat(args: argparse.Namespace, out: Output) -> int:
     deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
-    if not deployment:
-        return fail(out, ConfigurationError("set APIMVAULT_DEPLOYMENT or pass --deployment"))
+    vault_var = vault_url_variable()
+    try:
+        require(
+            (
+                (vault_var, env_var(vault_var)),
+                ("APIMVAULT_SECRET_NAME", env_var("APIMVAULT_SECRET_NAME")),
+                ("AZURE_OPENAI_ENDPOINT", env_var("AZURE_OPENAI_ENDPOINT")),
+                ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
+                ("APIMVAULT_DEPLOYMENT (or --deployment)", deployment),
+            )
+        )
+    except ConfigurationError as exc:
+        return fail(out, exc)
+    assert deployment
     try:
         from .. import SubscriptionKeyProvider, create_azure_openai
 

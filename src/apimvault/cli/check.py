@@ -19,7 +19,7 @@ from ..exceptions import (
     SecretNotFoundError,
     VaultUnavailableError,
 )
-from .config import env_var, header_name
+from .config import env_var, header_name, missing_variables, vault_url_variable
 from .identity import capture_identity_log, describe_identity, identity_of, jwt_claims, vault_scope
 from .output import (
     EXIT_ACCESS_DENIED,
@@ -103,20 +103,19 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
 
     out.line("apimvault check")
     # 1. configuration ------------------------------------------------------------------------------
-    vault_url, secret_name = env_var("AZURE_KEYVAULT_URL"), env_var("APIMVAULT_SECRET_NAME")
+    vault_var = vault_url_variable()
+    vault_url, secret_name = env_var(vault_var), env_var("APIMVAULT_SECRET_NAME")
     endpoint = args.endpoint or env_var("AZURE_OPENAI_ENDPOINT")
     deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
-    missing = [
-        name
-        for name, value in (
-            ("AZURE_KEYVAULT_URL", vault_url),
+    missing = missing_variables(
+        (
+            (vault_var, vault_url),
             ("APIMVAULT_SECRET_NAME", secret_name),
-            ("AZURE_OPENAI_ENDPOINT", endpoint),
+            ("AZURE_OPENAI_ENDPOINT (or --endpoint)", endpoint),
             ("APIMVAULT_DEPLOYMENT (or --deployment)", deployment),
             ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
         )
-        if not value
-    ]
+    )
     report["config"] = {
         "vault_url": vault_url,
         "secret_name": secret_name,
@@ -128,14 +127,26 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         record(_Step("config", False, f"not set: {', '.join(missing)}"))
         return finish(EXIT_CONFIG)
     assert vault_url and secret_name and endpoint and deployment
-    try:
-        from .._validation import validate_secret_name, validate_vault_url
+    # Every value is checked before the first network step, so one run lists every problem.
+    from .._client import _endpoint
+    from .._validation import validate_secret_name, validate_vault_url
 
-        vault_url = validate_vault_url(vault_url)
-        validate_secret_name(secret_name)
-    except ConfigurationError as exc:
-        record(_Step("config", False, str(exc)))
+    given_url: str = vault_url
+    problems: list[str] = []
+    checks: list[Callable[[], object]] = [
+        lambda: validate_vault_url(given_url),
+        lambda: validate_secret_name(secret_name),
+        lambda: _endpoint(endpoint, allow_insecure_http=False),
+    ]
+    for validate in checks:
+        try:
+            validate()
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+    if problems:
+        record(_Step("config", False, "; ".join(problems)))
         return finish(EXIT_CONFIG)
+    vault_url = validate_vault_url(vault_url)
     record(
         _Step(
             "config",
@@ -214,7 +225,9 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
                         f"Grant it the role 'Key Vault Secrets User' on scope '{scope_id}': "
                         "az role assignment create --role 'Key Vault Secrets User' "
                         f"--assignee-object-id {principal} --assignee-principal-type ServicePrincipal "
-                        f"--scope '{scope_id}'",
+                        f"--scope '{scope_id}'. Or the secret name is wrong: a role scoped to one secret "
+                        "makes Key Vault answer 403 for any other name, so check "
+                        f"APIMVAULT_SECRET_NAME={secret_name}",
                         {"role": "Key Vault Secrets User", "scope": scope_id, "principal": principal},
                     )
                 )

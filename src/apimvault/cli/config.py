@@ -1,22 +1,59 @@
-"""Environment and configuration of the commands."""
+"""Environment and configuration of the commands.
+
+Only the standard library at import time; the core's constants are imported where they are used.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import socket
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-# ------------------------------------------------------------------------------------ small helpers
+from ..exceptions import ConfigurationError
+
+# Variables `apimvault local` writes that point at the stack's endpoints (checked by require_live_stack).
+_LOCAL_ENDPOINT_VARIABLES = (
+    "AZURE_KEYVAULT_URL",
+    "AZURE_OPENAI_ENDPOINT",
+    "APIMVAULT_ARM_ENDPOINT",
+    "IDENTITY_ENDPOINT",
+    "APIMVAULT_ADMIN_URL",
+)
+_TRUST_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
 
 def env_var(name: str) -> str | None:
+    """The variable's value, stripped; ``None`` when unset or blank."""
     value = os.environ.get(name, "").strip()
     return value or None
 
 
+def vault_url_variable() -> str:
+    """The name of the variable holding the vault URL (the core's ``AZURE_KEYVAULT_URL``)."""
+    from .._base import ENV_VAULT_URL
+
+    return ENV_VAULT_URL
+
+
 def header_name() -> str:
     """The header APIM reads the key from (``APIMVAULT_HEADER_NAME``, default Ocp-Apim-Subscription-Key)."""
-    return env_var("APIMVAULT_HEADER_NAME") or "Ocp-Apim-Subscription-Key"
+    from .._base import DEFAULT_HEADER, ENV_HEADER
+
+    return env_var(ENV_HEADER) or DEFAULT_HEADER
+
+
+def missing_variables(values: Iterable[tuple[str, str | None]]) -> list[str]:
+    """The names (as given, e.g. ``"APIMVAULT_DEPLOYMENT (or --deployment)"``) whose value is empty."""
+    return [name for name, value in values if not value]
+
+
+def require(values: Iterable[tuple[str, str | None]], *, context: str = "") -> None:
+    """Raise one :class:`ConfigurationError` naming *every* missing variable, not only the first."""
+    missing = missing_variables(values)
+    if missing:
+        raise ConfigurationError(f"{context}set {', '.join(missing)}")
 
 
 def is_loopback_url(url: str | None) -> bool:
@@ -33,3 +70,47 @@ def is_loopback_url(url: str | None) -> bool:
 
 def rotator_client_id(explicit: str | None) -> str | None:
     return explicit or env_var("APIMVAULT_ROTATOR_CLIENT_ID") or env_var("APIMVAULT_OFFICER_CLIENT_ID")
+
+
+def _refuses_connections(url: str) -> bool:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:  # anything else (a timeout, an unreachable network) is not "nothing listens here"
+        return False
+
+
+def stopped_local_stack() -> str | None:
+    """Why the shell's variables point at an ``apimvault local`` that is not running any more, or None.
+
+    Two signs: a trust variable (``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``) names a file that does not
+    exist (the stack deletes its CA when it stops), or a loopback endpoint refuses connections.
+    """
+    for name in _TRUST_VARIABLES:
+        path = env_var(name)
+        if path and not os.path.exists(path):
+            return f"{name}={path} does not exist"
+    for name in _LOCAL_ENDPOINT_VARIABLES:
+        url = env_var(name)
+        if url and urlsplit(url).hostname and is_loopback_url(url) and _refuses_connections(url):
+            return f"{name}={url} refuses connections"
+    return None
+
+
+def require_live_stack() -> None:
+    """Raise :class:`ConfigurationError` when the environment points at a stopped local stack."""
+    why = stopped_local_stack()
+    if why is not None:
+        raise ConfigurationError(
+            f"the local stack is not running ({why}): start `apimvault local` again and re-source its "
+            "environment file, or unset its variables (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, "
+            "AZURE_KEYVAULT_URL, IDENTITY_ENDPOINT, ...)"
+        )

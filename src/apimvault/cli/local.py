@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..exceptions import ConfigurationError
 from .embedded import embedded_stack
 from .identity import describe_identity, identity_of, jwt_claims
 from .output import (
@@ -27,6 +29,38 @@ def cmd_local(args: argparse.Namespace, out: Output) -> int:
     if args.check:
         return _local_check(out)
     env_file = Path(args.env_file)
+    with _env_file_lock(env_file):
+        return _serve(env_file, out)
+
+
+@contextlib.contextmanager
+def _env_file_lock(env_file: Path) -> Iterator[None]:
+    """One ``apimvault local`` per environment file: an exclusive lock on ``<env-file>.lock`` next to it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock
+        yield
+        return
+    lock_path = env_file.with_name(env_file.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                f"another `apimvault local` is running with --env-file {env_file} (it holds {lock_path}); "
+                "stop it first, or give this one another --env-file"
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+    finally:
+        os.close(fd)
+
+
+def _serve(env_file: Path, out: Output) -> int:
     stop = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:
@@ -52,7 +86,11 @@ def cmd_local(args: argparse.Namespace, out: Output) -> int:
                 for name, url in services.items():
                     out.line(f"  {name:<9} {url}")
                 out.line(f"  secret    {azure.environ()['APIMVAULT_SECRET_NAME']} (CredentialId=primary)")
-                out.line(f"environment written to {env_file} (endpoints only, never a key); use it with")
+                out.line(
+                    f"environment written to {env_file} (mode 0600): endpoints, the CA, IDENTITY_HEADER "
+                    "(the local identity endpoint's credential) and APIMVAULT_ADMIN_TOKEN (the admin "
+                    "API's), never the APIM key; use it with"
+                )
                 out.line(f"  set -a; . {env_file}; set +a; apimvault check")
                 out.line("Ctrl-C (or SIGTERM) stops the stack.")
             while not stop.wait(0.5):

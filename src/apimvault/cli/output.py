@@ -34,6 +34,7 @@ EXIT_KEY_REJECTED = 8
 EXIT_APIM_UNREACHABLE = 9
 EXIT_ROTATION = 10
 EXIT_REQUEST_FAILED = 11
+EXIT_VAULT_REFUSED = 12
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -51,7 +52,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_APIM_UNREACHABLE: "APIM gateway unreachable or failing (connection error, timeout, 5xx)",
     EXIT_ROTATION: "rotation refused or failed (inconsistent CredentialId/ProviderAddress, ARM error)",
     EXIT_REQUEST_FAILED: "APIM accepted the key but the request failed (deployment not found, 4xx)",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_VAULT_REFUSED: "Key Vault refused the request for good (another 4xx, e.g. 400 BadParameter)",
+    EXIT_INTERRUPTED: 'interrupted (Ctrl-C); with --json the document says "interrupted": true',
 }
 
 
@@ -75,8 +77,8 @@ def exit_code_for(exc: BaseException) -> int:
         exc, SecretDisabledError | SecretExpiredError | SecretNotYetValidError | InvalidSecretValueError
     ):
         return EXIT_SECRET_UNUSABLE
-    if isinstance(exc, KeyUnavailableError):
-        return EXIT_VAULT_UNREACHABLE
+    if isinstance(exc, KeyUnavailableError):  # none of the above: a failing vault, or a refusal for good
+        return EXIT_VAULT_REFUSED if exc.permanent else EXIT_VAULT_UNREACHABLE
     if isinstance(exc, RotationError):
         return EXIT_ROTATION
     module = type(exc).__module__
@@ -113,8 +115,9 @@ class Output:
             print(text, file=self.stdout, flush=True)
 
     def note(self, text: str) -> None:
-        """Progress/information that must not pollute ``--json`` output: stderr in JSON mode."""
-        print(text, file=self.stderr if self.json else self.stdout, flush=True)
+        """Progress/information (stdout); with ``--json`` nothing: what matters goes into the document."""
+        if not self.json:
+            print(text, file=self.stdout, flush=True)
 
     def error(self, text: str) -> None:
         print(f"apimvault: {text}", file=self.stderr, flush=True)

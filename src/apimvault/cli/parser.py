@@ -3,17 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from .chat import cmd_chat
 from .check import cmd_check
 from .drill import cmd_drill
 from .local import cmd_local
-from .output import (
-    exit_code_table,
-)
+from .output import exit_code_table
 from .rotate import cmd_rotate
 
-# -------------------------------------------------------------------------------------------- parser
+MIN_DRILL_DURATION = 2.0
+"""Shortest drill (seconds of traffic): three rotations need at least two forced-refresh intervals apart."""
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed version (read only when asked; importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        from .. import __version__
+
+        print(f"apimvault {__version__}")
+        parser.exit()
+
+
+def _seconds(minimum: float) -> argparse._ActionType:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give a finite number of seconds, at least {minimum:g}"
+            )
+        return value
+
+    return parse
+
+
+def _at_least(minimum: int) -> argparse._ActionType:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: at least {minimum}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log apimvault's INFO messages to stderr"
     )
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
@@ -34,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=description,
-            epilog=exit_code_table(),
+            epilog="exit codes: see `apimvault --help`",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--json", action="store_true", help="machine-readable output (one JSON document)")
@@ -71,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one streamed chat completion through the core's client",
         "Send one prompt, stream the answer.",
     )
-    p.add_argument("prompt")
+    p.add_argument("prompt", help='the user message to send (quote it: apimvault chat "Hello there")')
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--timeout", type=float, default=60.0, help="request timeout in seconds")
     p.add_argument("--retries", type=int, default=2, help="openai's retries on transient errors")
@@ -119,10 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
         "started with is revoked mid-traffic; report failures, 401s recovered, vault reads, convergence "
         "and latency. Exit 1 if any request failed. Against a non-loopback target it needs --yes.",
     )
-    p.add_argument("--concurrency", type=int, default=16, help="workers in total (default %(default)s)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default %(default)s)")
     p.add_argument(
-        "--clients", type=int, default=4, help="providers/clients the workers share (default %(default)s)"
+        "--concurrency", type=_at_least(2), default=16, help="workers in total, >= 2 (default %(default)s)"
+    )
+    p.add_argument(
+        "--duration",
+        type=_seconds(MIN_DRILL_DURATION),
+        default=20.0,
+        help=f"seconds of traffic, >= {MIN_DRILL_DURATION:g} (default %(default)s)",
+    )
+    p.add_argument(
+        "--clients",
+        type=_at_least(2),
+        default=4,
+        help="providers/clients the workers share, >= 2 (default %(default)s)",
     )
     p.add_argument("--chaos", action="store_true", help="add a Key Vault outage and latency spikes")
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")

@@ -10,7 +10,7 @@ from typing import Any
 from ..exceptions import (
     ConfigurationError,
 )
-from .config import env_var, is_loopback_url, rotator_client_id
+from .config import env_var, is_loopback_url, require, rotator_client_id, vault_url_variable
 from .output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -51,16 +51,25 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
     arm_endpoint = env_var("APIMVAULT_ARM_ENDPOINT")
     apim_subscription_id = args.apim_subscription_id or env_var("APIMVAULT_APIM_SUBSCRIPTION_ID")
     credential = None
+    raw = None
+    if args.event is not None and args.event != "-":
+        try:
+            raw = Path(args.event).read_text(encoding="utf-8")
+        except OSError as exc:
+            return fail(
+                out, ConfigurationError(f"--event {args.event}: cannot read it ({exc.strerror or exc})")
+            )
     try:
         credential = _rotation_credential(rotator_client_id(args.client_id))
         if args.event is not None:
-            raw = sys.stdin.read() if args.event == "-" else Path(args.event).read_text(encoding="utf-8")
+            if raw is None:
+                raw = sys.stdin.read()
             from .._events import parse_secret_events
 
             events = parse_secret_events(raw)
             for event in events:
                 out.note(f"event {event.event_type} for {event.secret_name} version {event.version}")
-            vault = env_var("AZURE_KEYVAULT_URL") or next((e.secret_id for e in events if e.secret_id), None)
+            vault = env_var(vault_url_variable()) or next((e.secret_id for e in events if e.secret_id), None)
             target = vault or "the event's vault"
             needs_yes = not args.yes and not (is_loopback_url(vault) and is_loopback_url(arm_endpoint))
             if needs_yes and args.event == "-":  # stdin carried the event: nobody to ask
@@ -75,14 +84,21 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
                 apim_subscription_id=apim_subscription_id,
                 propagation_timeout=args.propagation_timeout,
             )
-            return _rotated(out, result, None)
+            seen = [
+                {"event_type": e.event_type, "secret": e.secret_name, "version": e.version} for e in events
+            ]
+            return _rotated(out, result, None, events=seen)
 
-        vault_url = args.vault_url or env_var("AZURE_KEYVAULT_URL")
+        vault_var = vault_url_variable()
+        vault_url = args.vault_url or env_var(vault_var)
         secret_name = args.secret or env_var("APIMVAULT_SECRET_NAME")
-        if not vault_url or not secret_name:
-            raise ConfigurationError(
-                "set AZURE_KEYVAULT_URL and APIMVAULT_SECRET_NAME (or --vault-url/--secret)"
+        require(
+            (
+                (f"{vault_var} (or --vault-url)", vault_url),
+                ("APIMVAULT_SECRET_NAME (or --secret)", secret_name),
             )
+        )
+        assert vault_url and secret_name
         plan = plan_rotation(
             vault_url=vault_url,
             secret_name=secret_name,
@@ -124,7 +140,9 @@ def _declined(out: Output, plan: dict[str, Any] | None = None) -> int:
     return EXIT_FAILED
 
 
-def _rotated(out: Output, result: Any, plan: dict[str, Any] | None) -> int:
+def _rotated(
+    out: Output, result: Any, plan: dict[str, Any] | None, *, events: list[dict[str, Any]] | None = None
+) -> int:
     if result.skipped:
         out.line(f"skipped: {result.reason}")
     else:
@@ -142,5 +160,8 @@ def _rotated(out: Output, result: Any, plan: dict[str, Any] | None) -> int:
             f"the {previous} key stays valid until the next rotation; clients pick up the new version at "
             "their next refresh, or at once on a 401 or an Event Grid push"
         )
-    out.document({"ok": True, "exit_code": EXIT_OK, "result": result.as_dict(), "plan": plan})
+    doc = {"ok": True, "exit_code": EXIT_OK, "result": result.as_dict(), "plan": plan}
+    if events is not None:
+        doc["events"] = events
+    out.document(doc)
     return EXIT_OK

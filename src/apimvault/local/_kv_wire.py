@@ -68,7 +68,7 @@ _WITH_BODY = frozenset({"SetSecret", "UpdateSecret", "RestoreSecret"})
 
 # ---- error strings (real ones are cited; the rest are inference) -------------------------------------------
 
-# protocols.md A.4 / B.2 (azure-sdk-for-js Key Vault recordings).
+# azure-sdk-for-js Key Vault recordings (sdk/keyvault/keyvault-secrets/recordings/).
 MSG_MISSING_TOKEN = "Request is missing a Bearer or PoP token."  # noqa: S105
 # Real strings: AKV10032 in MicrosoftDocs/azure-docs#75410; AKV10022 in MicrosoftDocs/azure-docs#109562 and
 # public write-ups ("AKV10022: Invalid audience. Expected https://vault.azure.net, found: https://management...");
@@ -79,7 +79,7 @@ MSG_INVALID_ISSUER = (
 MSG_INVALID_AUDIENCE = "AKV10022: Invalid audience. Expected https://vault.azure.net, found: {found}."
 MSG_BAD_SIGNATURE = "AKV10046: Unable to resolve the key used for signature validation."
 MSG_EXPIRED = "Token validation failed: the token is expired."  # (inference)
-# protocols.md A.4.
+# azure-sdk-for-js Key Vault recordings; an azure-sdk-for-net test fixture.
 MSG_NOT_FOUND = (
     "A secret with (name/id) {name} was not found in this key vault. If you recently deleted this secret "
     "you may be able to recover it using the correct recovery command. For help resolving this issue, "

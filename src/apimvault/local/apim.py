@@ -1,7 +1,7 @@
 """Local Azure API Management: subscription state, the gateway in front of Azure OpenAI, and the ARM plane.
 
-* :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; protocols.md D),
-  and the *gateway units'* view of them (see "Propagation" below).
+* :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; Microsoft Learn,
+  "Subscriptions in Azure API Management").
 * :class:`ApimGateway` checks ``Ocp-Apim-Subscription-Key`` (or the ``subscription-key`` query parameter),
   applies an optional rate-limit policy, strips the key and forwards to the Azure OpenAI backend in-process
   (the backend's ASGI app, faults and counters included), relaying the response, SSE chunks included, as the
@@ -10,7 +10,8 @@
   ``listSecrets`` and ``regeneratePrimaryKey`` / ``regenerateSecondaryKey``, behind ARM bearer auth, so the
   unmodified ``azure.mgmt.apimanagement.ApiManagementClient`` works against it.
 
-Propagation (protocols.md H). Real APIM gateways pick a regenerated key up asynchronously, each gateway
+Propagation (undocumented by Microsoft; Microsoft Q&A question 5922487 reports up to 10 minutes).
+Real APIM gateways pick a regenerated key up asynchronously, each gateway
 unit (region, self-hosted gateway) on its own: until a unit has synced it refuses the new value with the
 ordinary invalid-key 401 and keeps accepting the value it replaced. Here every unit keeps its own replica
 of the key table; ``regenerate`` changes the authoritative table (what ARM's ``listSecrets`` answers) at
@@ -54,8 +55,8 @@ DelaySpec: TypeAlias = float | tuple[float, float]
 DEFAULT_UNITS = ("region1", "region2")
 _UNIT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
-# protocols.md D: gateway 401 bodies as observed on the wire ("... to an API.", not the Learn table's
-# "... to this API.").
+# Gateway 401 bodies as observed on the wire (raw responses quoted in community write-ups and the Learn
+# tutorial): "... to an API.", not the Learn table's "... to this API.".
 MISSING_KEY_MESSAGE = (
     "Access denied due to missing subscription key. Make sure to include subscription key when making "
     "requests to an API."

@@ -1,9 +1,11 @@
 """A local managed-identity endpoint (App Service protocol) and a stand-in ``az`` for the laptop path.
 
-protocols.md C.2: with ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER`` set, azure-identity's
+With ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER`` set, azure-identity's
 ``ManagedIdentityCredential`` (through MSAL) sends ``GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=R
 [&client_id=|&object_id=|&mi_res_id=]`` with ``X-IDENTITY-HEADER``, and needs ``access_token`` and
-``expires_on`` back. This endpoint is served over HTTPS by the stack CA; IMDS (169.254.169.254) is never used.
+``expires_on`` back (``Azure/azure-sdk-for-python`` ``sdk/identity/azure-identity/azure/identity/_credentials/
+managed_identity.py`` and ``app_service.py``; Microsoft Learn, "Managed identities for App Service", REST
+endpoint reference). This endpoint is served over HTTPS by the stack CA; IMDS (169.254.169.254) is never used.
 
 :func:`write_az_stub` writes an executable ``az`` that answers ``az account get-access-token`` from the
 same endpoint, so ``AzureCliCredential`` (``AZURE_TOKEN_CREDENTIALS=dev``) works without the Azure CLI.
@@ -29,7 +31,7 @@ API_VERSION = "2019-08-01"
 
 
 def _error(status: int, message: str) -> Response:
-    # App Service's error shape; MSAL turns it into "<statusCode>, <message>" (protocols.md C.2).
+    # App Service's error shape; MSAL turns it into "<statusCode>, <message>" (azure-identity app_service.py).
     return json_response({"statusCode": status, "message": message}, status)
 
 

@@ -1,16 +1,17 @@
 """Key Vault secrets data plane on loopback TLS: the twelve operations of the spec, RBAC and challenges.
 
-The wire format follows ``shared/specs/keyvault-secrets-2026-04-01.json`` (a byte-for-byte copy of
-``Azure/azure-rest-api-specs`` ``specification/keyvault/data-plane/Secrets/stable/2026-04-01/secrets.json``)
-and the observed-service facts collected in ``shared/reference/protocols.md`` sections A and B. Error strings
-quote the real service where a public source shows them (each is cited next to its constant); the rest are
-marked **(inference)**.
+The wire format follows ``Azure/azure-rest-api-specs``
+``specification/keyvault/data-plane/Secrets/stable/2026-04-01/secrets.json`` and what the real service sends
+in the Azure SDKs' recorded tests (``Azure/azure-sdk-for-js`` ``sdk/keyvault/keyvault-secrets/recordings/``);
+the challenge follows ``Azure/azure-sdk-for-python`` ``sdk/keyvault/azure-keyvault-secrets/azure/keyvault/
+secrets/_shared/challenge_auth_policy.py`` and ``http_challenge.py``. Error strings quote the real service
+where a public source shows them (each is cited next to its constant); the rest are marked **(inference)**.
 
 Behaviour worth knowing:
 
 * **Authentication before everything.** Any request without ``Authorization: Bearer`` gets 401 with a
-  ``WWW-Authenticate`` challenge before routing or body validation (protocols.md B.2), so the SDK's bodiless
-  first request and unknown routes are challenged alike. The challenge names ``resource="https://0.0.1:PORT"``,
+  ``WWW-Authenticate`` challenge before routing or body validation (as the recordings show), so the SDK's
+  bodiless first request and unknown routes are challenged alike. The challenge names ``resource="https://0.0.1:PORT"``,
   which makes ``https://127.0.0.1:PORT`` pass the SDK's challenge-resource verification with it left ON.
 * **Tokens** must come from the stack's :class:`~apimvault.local.TokenIssuer`, be unexpired and carry
   a Key Vault audience (``https://vault.azure.net`` or the challenge resource); anything else is 401.
@@ -149,7 +150,7 @@ class KeyVaultService(Service):
         )
         authority = f"https://login.microsoftonline.com/{TENANT_ID}"
         self.challenge = f'Bearer authorization="{authority}", resource="{challenge_resource}"'
-        """The ``WWW-Authenticate`` value of every 401 (protocols.md B.2)."""
+        """The ``WWW-Authenticate`` value of every 401 (shape: azure-sdk-for-python ``http_challenge.py``)."""
 
     # ------------------------------------------------------------------------------ in-process API
 
@@ -267,7 +268,7 @@ class KeyVaultService(Service):
     async def _handle(
         self, scope: Scope, receive: Receive, headers: dict[str, str]
     ) -> tuple[int, dict[str, Any] | None]:
-        # 1. Authentication comes first, before routing or reading the body (protocols.md B.2).
+        # 1. Authentication comes first, before routing or reading the body (as the real service does).
         claims = self._authenticate(headers.get("authorization", ""))
         method: str = scope["method"]
         path: str = scope["path"]

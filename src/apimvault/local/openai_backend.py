@@ -4,9 +4,10 @@ Only the APIM gateway reaches it in a normal stack: the gateway replaces the cal
 backend's own key (as an APIM backend credential would), and the backend answers any other caller with Azure
 OpenAI's 401 body, which carries no APIM ``WWW-Authenticate`` challenge.
 
-Wire shapes follow protocols.md section E (openai-python 3.x; Azure's streaming sequence with a first
-``choices: []`` chunk carrying ``prompt_filter_results``, a role chunk, content chunks, a finish chunk, an
-optional usage chunk and ``data: [DONE]``). Replies are deterministic: a digest of the last user message.
+Wire shapes follow ``openai/openai-python`` 3.x (``src/openai/lib/azure.py``, ``_streaming.py``; Azure's
+streaming sequence with a first ``choices: []`` chunk carrying ``prompt_filter_results``, a role chunk,
+content chunks, a finish chunk, an optional usage chunk and ``data: [DONE]``). Replies are deterministic:
+a digest of the last user message.
 
 The app is a plain ASGI callable (no router) because it sits on the gateway's hot path.
 """
@@ -39,7 +40,7 @@ EMBEDDING_DEPLOYMENTS: dict[str, int] = {"text-embedding-3-small": 1536}
 MAX_BODY_BYTES = 4 * 1024 * 1024
 SYSTEM_FINGERPRINT = "fp_apimvault"
 
-# protocols.md E.1, "Errors" (azure-sdk-for-js recording).
+# Azure OpenAI behind APIM, "Errors" (an azure-sdk-for-js recording).
 INVALID_KEY_MESSAGE = (
     "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
     "for an active subscription and use a correct regional API endpoint for your resource."

@@ -65,7 +65,8 @@ class LocalAzure:
     ``gateway_header_name`` renames the header the gateway reads the key from (APIM's
     ``subscriptionKeyParameterNames.header``, e.g. ``api-key``).
 
-    Gateway propagation (protocols.md H): ``gateway_units`` names the gateway units (the first answers at
+    Gateway propagation (see :mod:`apimvault.local.apim`):
+    ``gateway_units`` names the gateway units (the first answers at
     ``gateway_url``, every unit also at ``gateway_url + "/<unit>"``, see :attr:`gateway_unit_urls`);
     ``propagation_delay`` (seconds, a ``(low, high)`` range drawn per regeneration, or ``{unit: either}``)
     is how long a unit keeps accepting a regenerated key's old value and refusing its new one; default 0.
@@ -248,13 +249,25 @@ class LocalAzure:
             yield {k: v for k, v in values.items() if v is not None}
 
     def write_env_file(self, path: str | Path) -> Path:
-        """Write :meth:`environ` as a dotenv file (mode 0600): endpoints and admin token, never the key."""
+        """Write :meth:`environ` as a dotenv file, safely: mode 0600, replaced atomically.
+
+        It holds endpoints, the CA path, ``APIMVAULT_ADMIN_TOKEN`` (the admin API's bearer token) and
+        ``IDENTITY_HEADER`` (the local identity endpoint's header secret: whoever reads the file can get
+        tokens from this stack and inject its faults while it runs), never the APIM key.
+        The file is written next to ``path`` and renamed over it, so an existing symlink at ``path`` is
+        replaced, not followed, and a reader never sees half a file.
+        """
         path = Path(path)
         lines = [f"{k}={v}" for k, v in self.environ().items()]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode: it holds the admin token
-        with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:  # mkstemp: O_EXCL, mode 0600
+                fh.write("\n".join(lines) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return path
 
     def az_stub_dir(self) -> Path:

@@ -6,8 +6,11 @@ import dataclasses
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
+
+BROKEN_WINDOW = 40
+BROKEN_SHARE = 0.5
 
 
 class Metrics:
@@ -21,6 +24,7 @@ class Metrics:
         self.streaming = 0
         self.errors: Counter[str] = Counter()
         self._window: list[float] = []
+        self._recent: deque[bool] = deque(maxlen=BROKEN_WINDOW)  # outcomes of the latest requests
 
     def ok(self, seconds: float, streaming: bool) -> None:
         now = time.monotonic()
@@ -29,6 +33,7 @@ class Metrics:
             self.streaming += streaming
             self.latencies.append(seconds)
             self._window.append(now)
+            self._recent.append(True)
 
     def fail(self, seconds: float, streaming: bool, exc: BaseException) -> None:
         now = time.monotonic()
@@ -40,6 +45,20 @@ class Metrics:
             self.latencies.append(seconds)
             self.errors[message] += 1
             self._window.append(now)
+            self._recent.append(False)
+
+    def broken(self) -> str | None:
+        """Why the traffic itself looks broken (most of the latest requests failed), or None.
+
+        Judged on the latest :data:`BROKEN_WINDOW` requests once there are at least half as many: a
+        rotation drill fails a few requests at worst, not most of them.
+        """
+        with self._lock:
+            recent = list(self._recent)
+        failed = recent.count(False)
+        if len(recent) >= BROKEN_WINDOW // 2 and failed / len(recent) >= BROKEN_SHARE:
+            return f"{failed} of the latest {len(recent)} requests failed"
+        return None
 
     def rate(self, window: float = 2.0) -> float:
         now = time.monotonic()

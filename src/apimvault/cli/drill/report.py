@@ -118,6 +118,8 @@ class DrillReport(DrillState):
                 why.append(f"{failed} of {self.metrics.requests} requests failed")
             if not converged:
                 why.append("not every client reached the last version")
+            if self.aborted:
+                why.append(f"rotations stopped because the traffic was failing ({self.aborted})")
             if len(self.rotations) < 2:
                 why.append("fewer than 2 rotations")
             verdict = "FAIL: " + "; ".join(why or ["no traffic"])
@@ -130,6 +132,7 @@ class DrillReport(DrillState):
             "recovered_401": recovered,
             "vault_reads": vault_reads,
             "rotations": len(self.rotations),
+            "rotations_stopped": self.aborted,
             "convergence_s": convergence,
             "latency_ms": self.metrics.percentiles(),
             "duration_s": self.duration,
@@ -185,7 +188,8 @@ def print_report(out: Output, report: dict[str, Any]) -> None:
     out.line(
         f"traffic           {report['concurrency']['threads']} threads + "
         f"{report['concurrency']['asyncio_tasks']} "
-        f"asyncio tasks over {report['clients']} clients, {report['elapsed_s']:.1f}s"
+        f"asyncio tasks over {report['clients']} clients, {report['duration_s']:g}s "
+        f"(ran {report['elapsed_s']:.1f}s, until every client held the last version)"
     )
     out.line(
         f"requests          {report['requests']} ({report['streaming_requests']} streaming), "

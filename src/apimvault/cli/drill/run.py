@@ -30,23 +30,32 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from ...exceptions import ApimVaultError, ConfigurationError
+from ..config import env_var, vault_url_variable
 from ..embedded import embedded_stack
-from ..output import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, fail
+from ..output import EXIT_FAILED, EXIT_OK, fail
 from .metrics import ClientSlot
 from .report import DrillReport, print_report
 from .schedule import RotationSchedule
 from .target import StackFaults, Target, external_target
-from .traffic import async_worker, sync_worker
+from .traffic import achat, async_worker, chat, sync_worker
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..output import Output
+
+
+class PreflightFailed(Exception):
+    """A request of the preflight failed: the drill stops before the first rotation."""
+
+    def __init__(self, kind: str, cause: Exception) -> None:
+        super().__init__(f"the {kind} preflight request failed: {type(cause).__name__}: {cause}")
+        self.kind = kind
+        self.cause = cause
 
 
 class Drill(RotationSchedule, DrillReport):
@@ -194,6 +203,7 @@ class Drill(RotationSchedule, DrillReport):
             if self._async_error is not None:
                 raise self._async_error
             self._check_loaded()
+            self._preflight()
             self._t0 = time.monotonic()
             self._traffic.set()
             sync_slots = [s for s in self.slots if s.kind == "sync"]
@@ -235,6 +245,29 @@ class Drill(RotationSchedule, DrillReport):
             self._cleanup()
         return self._report(elapsed, counters_before, self._counters())
 
+    def _preflight(self) -> None:
+        """One request of each kind (plain and streaming, sync and async) before anything is rotated.
+
+        A wrong deployment, API version or gateway fails every request; rotating the keys then (both of
+        them, against real Azure) would prove nothing. Raises :class:`PreflightFailed`.
+        """
+        sync = next(s for s in self.slots if s.kind == "sync")
+        asyncs = [s for s in self.slots if s.kind == "async"]
+        for streaming in (False, True):
+            kind = f"sync {'streaming' if streaming else 'plain'}"
+            try:
+                chat(sync.client, self.target.deployment, streaming)
+            except Exception as exc:
+                raise PreflightFailed(kind, exc) from exc
+            if asyncs and self._loop is not None:
+                kind = f"async {'streaming' if streaming else 'plain'}"
+                request = achat(asyncs[0].client, self.target.deployment, streaming)
+                try:
+                    asyncio.run_coroutine_threadsafe(request, self._loop).result(60)
+                except Exception as exc:
+                    raise PreflightFailed(kind, exc) from exc
+        self.log("preflight: a plain and a streaming request of each kind (sync, async) succeeded")
+
     def _cleanup(self) -> None:
         if self.target.faults is not None:
             for service in ("keyvault", "gateway"):
@@ -253,11 +286,8 @@ class Drill(RotationSchedule, DrillReport):
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-
-    if args.duration <= 0 or args.concurrency < 2 or args.clients < 2:
-        return fail(out, ConfigurationError("--duration must be > 0, --concurrency and --clients >= 2"))
     try:
-        if os.environ.get("AZURE_KEYVAULT_URL", "").strip():
+        if env_var(vault_url_variable()):
             target = external_target(args)
             if not target.loopback and not args.yes:
                 out.error(
@@ -293,9 +323,6 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 faults=StackFaults(azure=azure),
             )
             return _run_target(target, args, out)
-    except ConfigurationError as exc:
-        fail(out, exc)
-        return EXIT_CONFIG
     except Exception as exc:
         return fail(out, exc)
 
@@ -304,10 +331,14 @@ def _run_target(target: Target, args: argparse.Namespace, out: Output) -> int:
     drill = Drill(target, args, out)
     if not out.json:
         out.line(
-            f"apimvault drill: {drill.duration:.0f}s of traffic against {target.label}"
+            f"apimvault drill: {drill.duration:g}s of traffic against {target.label}"
             + (", with chaos" if drill.chaos else "")
         )
-    report = drill.run()
+    try:
+        report = drill.run()
+    except PreflightFailed as failed:
+        out.error(f"{failed}; the drill stopped before rotating anything")
+        return fail(out, failed.cause, {"preflight": failed.kind, "rotations": 0})
     if out.json:
         out.document(report)
     else:

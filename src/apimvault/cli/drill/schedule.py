@@ -28,8 +28,12 @@ class RotationSchedule(DrillState):
         # the rate limit, not of the rotation.
         gap = 2 * self.policy.forced_refresh_interval
         self._wait_until(0.10 * d)
+        if self._traffic_broken():
+            return
         self._rotate(push=False)
         self._wait_until(max(0.20 * d, self.elapsed() + gap))
+        if self._traffic_broken():
+            return
         self._rotate(push=False)
         if self.chaos and self.target.faults is not None:
             # Only once nobody holds the revoked key: an outage then costs no request (stale-if-error).
@@ -42,6 +46,8 @@ class RotationSchedule(DrillState):
             self.target.faults.clear("keyvault")
             self.log("chaos: Key Vault outage ends")
         self._wait_until(max(0.70 * d, self.elapsed() + gap))
+        if self._traffic_broken():
+            return
         self._rotate(push=True)
         if self.chaos and self.target.faults is not None:
             self._wait_until(0.85 * d)
@@ -57,6 +63,15 @@ class RotationSchedule(DrillState):
         if self.rotations and self.rotations[last].convergence_s is None:
             self.log("waiting for every client to reach the last version")
             self._wait_converged(last, d + self.policy.ttl + 5)
+
+    def _traffic_broken(self) -> bool:
+        """Stop rotating when most requests fail: the traffic is broken, and rotating proves nothing."""
+        why = self.metrics.broken()
+        if why is None:
+            return False
+        self.aborted = why
+        self.log(f"traffic is failing ({why}): no more rotations")
+        return True
 
     def _inject(self, service: str, kind: str, **fields: Any) -> None:
         assert self.target.faults is not None

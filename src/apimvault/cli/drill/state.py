@@ -34,7 +34,7 @@ class DrillState:
 
         self.target = target
         self.out = out
-        self.duration = max(2.0, float(args.duration))
+        self.duration = float(args.duration)  # the parser refuses nan, inf and less than the minimum
         self.concurrency = max(2, int(args.concurrency))
         self.n_clients = max(2, min(int(args.clients), self.concurrency))
         self.chaos = bool(args.chaos)
@@ -69,6 +69,7 @@ class DrillState:
         self._traffic = threading.Event()
         self._ticking = False
         self.live = False
+        self.aborted: str | None = None  # why the schedule stopped rotating early
         self.start_credential_id = ""
 
     # ---------------------------------------------------------------------------- helpers

@@ -7,8 +7,7 @@ import dataclasses
 import os
 from typing import Any
 
-from ...exceptions import ConfigurationError
-from ..config import env_var, is_loopback_url, rotator_client_id
+from ..config import env_var, is_loopback_url, require, rotator_client_id, vault_url_variable
 
 
 class StackFaults:
@@ -58,24 +57,20 @@ class Target:
 
 def external_target(args: argparse.Namespace) -> Target:
 
-    vault_url = env_var("AZURE_KEYVAULT_URL")
+    vault_var = vault_url_variable()
+    vault_url = env_var(vault_var)
     secret_name = env_var("APIMVAULT_SECRET_NAME")
     gateway = env_var("AZURE_OPENAI_ENDPOINT")
     deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
-    missing = [
-        n
-        for n, v in (
+    require(
+        (
             ("APIMVAULT_SECRET_NAME", secret_name),
             ("AZURE_OPENAI_ENDPOINT", gateway),
             ("APIMVAULT_DEPLOYMENT (or --deployment)", deployment),
             ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
-        )
-        if not v
-    ]
-    if missing:
-        raise ConfigurationError(
-            f"AZURE_KEYVAULT_URL is set, so the drill targets it; also set {', '.join(missing)}"
-        )
+        ),
+        context=f"{vault_var} is set, so the drill targets it; also ",
+    )
     assert vault_url and secret_name and gateway and deployment
     arm = env_var("APIMVAULT_ARM_ENDPOINT")
     loopback = all(is_loopback_url(u) for u in (vault_url, gateway, arm))
