@@ -353,7 +353,9 @@ def run_stress(
     sync_provider.close()
     # What the policy allows: a cold read, one refresh per (shortest jittered TTL - margin) of simulated time,
     # one forced refresh per forced_refresh_interval, and one read per push.
-    cycle = policy.ttl_s * (1 - policy.jitter) - policy.margin_s
+    # The fields are plain seconds once CachePolicy has validated them (no accessor properties needed).
+    ttl = float(policy.ttl)
+    cycle = ttl * (1 - policy.jitter) - min(float(policy.refresh_margin), ttl / 2)
     forced = float(policy.forced_refresh_interval)  # type: ignore[arg-type]
     result.read_bound = (
         1
