@@ -113,11 +113,19 @@ class Lanes:
         self._go = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._sources: list[KeySource] = []
+        self._sources: list[tuple[Lane, KeySource]] = []
 
     # ------------------------------------------------------------------------------------ running
 
     def __enter__(self) -> Lanes:
+        try:
+            self._begin()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _begin(self) -> None:
         ready: list[threading.Event] = []
         for lane in self.lanes:
             if lane.is_async:
@@ -135,7 +143,7 @@ class Lanes:
                     reads=lane.reads,
                 )
                 lane.provider = source.provider
-                self._sources.append(source)
+                self._sources.append((lane, source))
                 for _ in range(self.callers):
                     self._threads.append(threading.Thread(target=self._sync_caller, args=(lane, source.get)))
         for t in self._threads:
@@ -143,7 +151,6 @@ class Lanes:
         for event in ready:
             if not event.wait(60):
                 raise RuntimeError("an async lane did not start")
-        return self
 
     def start(self, timeout: float = 30.0) -> float:
         """Release every caller; return once each contender has its key (monotonic time then)."""
@@ -158,9 +165,9 @@ class Lanes:
         self._go.set()
         self._stop.set()
         for t in self._threads:
-            t.join(60)
-        sync_lanes = [lane for lane in self.lanes if not lane.is_async]
-        for lane, source in zip(sync_lanes, self._sources, strict=True):
+            if t.ident is not None:  # started
+                t.join(60)
+        for lane, source in self._sources:
             _settle(lane.provider)
             source.close()
 
