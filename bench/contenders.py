@@ -133,7 +133,7 @@ class KeyVaultForSecretCache:
 
     def __init__(self, client: SecretClient) -> None:
         self._client = client
-        self._just_read: dict[tuple[str, str], str] = {}
+        self._just_read: dict[str, tuple[str, str]] = {}  # secret -> (version, value) of the last describe
         self._lock = threading.Lock()
 
     def describe_secret(self, *, SecretId: str) -> dict[str, Any]:
@@ -141,13 +141,13 @@ class KeyVaultForSecretCache:
         version, value = secret.properties.version, secret.value
         assert version is not None and value is not None
         with self._lock:
-            self._just_read[(SecretId, version)] = value
+            self._just_read[SecretId] = (version, value)
         return {"Name": SecretId, "VersionIdsToStages": {version: ["AWSCURRENT"]}}
 
     def get_secret_value(self, *, SecretId: str, VersionId: str) -> dict[str, Any]:
         with self._lock:
-            value = self._just_read.pop((SecretId, VersionId), None)
-        if value is None:
+            version, value = self._just_read.pop(SecretId, (None, None))
+        if version != VersionId or value is None:
             value = self._client.get_secret(SecretId, VersionId).value
         return {"Name": SecretId, "VersionId": VersionId, "SecretString": value}
 
