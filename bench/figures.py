@@ -1,9 +1,9 @@
-"""Behaviour figures of each contender against an in-process local Azure.
+"""Behaviour figures of each contender, one contender at a time, against an in-process local Azure.
 
 Each figure builds a fresh key source (fresh cache) on its own APIM subscription and vault secret, so the
-contenders never see each other's state. Vault reads are the stack's own ``GetSecret`` counter. Where TTL
-expiries are involved the cache clock is simulated (:class:`SimClock`); Key Vault latency and outages are
-real (injected faults), so "blocked" means a caller really waited on an HTTPS round trip.
+contenders never see each other's state. Vault reads are the stack's own ``GetSecret`` counter. Everything
+runs on the real clock; the figures that need TTL expiries and outages (all contenders at once, scaled-down
+TTL) are in :mod:`bench.realclock`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import random
 import re
 import statistics
 import subprocess
@@ -20,12 +19,10 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx2
 
-from apimvault import CachePolicy
 from apimvault.local import API_VERSION, DEPLOYMENT, ROLE_USER, LocalAzure
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
 
@@ -33,7 +30,6 @@ from .contenders import (
     APIM_HEADER,
     APIMVAULT,
     PER_REQUEST,
-    TTL,
     Contender,
     Target,
     achat_once,
@@ -46,19 +42,6 @@ from .contenders import (
 
 BLOCKED_S = 0.100  # a call that took longer than this waited on Key Vault (injected latency 300 ms)
 WARM_SECRET = "bench-warm"  # noqa: S105 - a secret name
-
-
-class SimClock:
-    """A Unix-seconds clock the benchmark moves by hand (thread-safe enough: one float)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclasses.dataclass
@@ -180,160 +163,6 @@ def cold_start_async(lab: Lab, contender: Contender, tasks: int = 1000, latency:
         reads = lab.reads() - counts[0]
         await source.close()
         return reads
-
-    return asyncio.run(run())
-
-
-# ------------------------------------------------------------------------- blocked across expiries
-
-
-@dataclasses.dataclass
-class Blocked:
-    blocked: int
-    calls: int
-    reads: int
-
-
-def blocked(
-    lab: Lab,
-    contender: Contender,
-    *,
-    expiries: int = 10,
-    callers: int = 16,
-    steps_per_ttl: int = 2,
-    latency: float = 0.3,
-) -> Blocked:
-    """Calls that took > 100 ms across ``expiries`` TTLs (simulated clock) with Key Vault 300 ms slow.
-
-    Every ``TTL / steps_per_ttl`` simulated seconds, ``callers`` threads each ask for the key once.
-    """
-    clock = SimClock()
-    source = key_source(contender, lab.target(), clock=clock)
-    source.get()  # the cold start is not part of this figure
-    lab.latency(latency)
-    before = lab.reads()
-    durations: list[float] = []
-
-    def timed(_: int) -> float:
-        start = time.perf_counter()
-        source.get()
-        return time.perf_counter() - start
-
-    with ThreadPoolExecutor(callers) as pool:
-        for _ in range(expiries * steps_per_ttl):
-            clock.advance(TTL / steps_per_ttl)
-            durations += pool.map(timed, range(callers))
-    _settle(source.provider)
-    lab.clear()
-    reads = lab.reads() - before
-    source.close()
-    return Blocked(sum(d > BLOCKED_S for d in durations), len(durations), reads)
-
-
-def blocked_async(
-    lab: Lab,
-    contender: Contender,
-    *,
-    expiries: int = 10,
-    callers: int = 16,
-    steps_per_ttl: int = 2,
-    latency: float = 0.3,
-) -> Blocked:
-    async def run() -> Blocked:
-        clock = SimClock()
-        source = await async_key_source(contender, lab.target(), clock=clock)
-        await source.get()
-        lab.latency(latency)
-        before = lab.reads()
-        durations: list[float] = []
-
-        async def timed() -> float:
-            start = time.perf_counter()
-            await source.get()
-            return time.perf_counter() - start
-
-        for _ in range(expiries * steps_per_ttl):
-            clock.advance(TTL / steps_per_ttl)
-            durations += await asyncio.gather(*(timed() for _ in range(callers)))
-        await _asettle(source.provider)
-        lab.clear()
-        reads = lab.reads() - before
-        await source.close()
-        return Blocked(sum(d > BLOCKED_S for d in durations), len(durations), reads)
-
-    return asyncio.run(run())
-
-
-# ---------------------------------------------------------------------------------- vault outage
-
-
-def _expiry(contender: Contender, seed: int) -> float:
-    """Seconds from the first load to the end of the cached key's fresh period."""
-    if contender is APIMVAULT:
-        return CachePolicy().jittered_ttl(random.Random(seed))  # what the provider draws with this rng
-    return TTL
-
-
-def outage(lab: Lab, contender: Contender, *, callers: int = 8, step: float = 2.0, seed: int = 7) -> Ratio:
-    """Failed calls during a 60 s Key Vault outage (503 on every read) from 30 s before to 30 s after
-    the cached key's expiry (simulated clock). Callers are idle between the first load and the outage."""
-    clock = SimClock()
-    source = key_source(contender, lab.target(), clock=clock, rng=random.Random(seed))
-    loaded = clock.now
-    source.get()
-    start = loaded + _expiry(contender, seed) - 30
-    failed = calls = 0
-
-    def call(_: int) -> bool:
-        try:
-            source.get()
-        except Exception:
-            return False
-        return True
-
-    with ThreadPoolExecutor(callers) as pool:
-        clock.now = start
-        while clock.now < start + 60:
-            lab.outage(True)
-            results = list(pool.map(call, range(callers)))
-            failed += results.count(False)
-            calls += len(results)
-            clock.advance(step)
-        _settle(source.provider)
-        lab.outage(False)
-    source.close()
-    return Ratio(failed, calls)
-
-
-def outage_async(
-    lab: Lab, contender: Contender, *, callers: int = 8, step: float = 2.0, seed: int = 7
-) -> Ratio:
-    async def run() -> Ratio:
-        clock = SimClock()
-        source = await async_key_source(contender, lab.target(), clock=clock, rng=random.Random(seed))
-        loaded = clock.now
-        await source.get()
-        start = loaded + _expiry(contender, seed) - 30
-        failed = calls = 0
-
-        async def call() -> bool:
-            try:
-                await source.get()
-            except Exception:
-                return False
-            return True
-
-        clock.now = start
-        while clock.now < start + 60:
-            lab.outage(True)
-            results = await asyncio.gather(*(call() for _ in range(callers)))
-            failed += results.count(False)
-            calls += len(results)
-            clock.advance(step)
-        await _asettle(source.provider)
-        lab.outage(False)
-        await source.close()
-        return Ratio(failed, calls)
 
     return asyncio.run(run())
 
@@ -529,13 +358,27 @@ def client_overhead_async(lab: Lab, contender: Contender, *, batches: int = 15, 
 
 # --------------------------------------------------------------------------------- import time
 
-_DEPS = "import openai, httpx2, azure.identity, azure.identity.aio, azure.keyvault.secrets, cachetools"
+_DEPS = (
+    "import openai, httpx2, azure.identity, azure.identity.aio, azure.keyvault.secrets,"
+    " azure.keyvault.secrets.aio, cachetools"
+)
 _MARK = "apimvault-bench-mark"
 _APIMVAULT = "import apimvault; apimvault.SubscriptionKeyProvider; apimvault.create_azure_openai"
 _LINE = re.compile(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|\s*(.*)$")
 
 
-def import_time_ms(runs: int = 5) -> tuple[float, float]:
+class ImportTimes(NamedTuple):
+    own: float  # ms, apimvault's modules (self-time)
+    deps: float  # ms, the dependencies every contender needs
+    own_modules: tuple[str, ...]  # the modules counted as apimvault's (of the last run)
+
+
+def _self_times(lines: list[str]) -> list[tuple[str, int]]:
+    """``(module, self-time µs)`` of each ``-X importtime`` line."""
+    return [(m.group(3).strip(), int(m.group(1))) for m in map(_LINE.match, lines) if m]
+
+
+def import_time_ms(runs: int = 5) -> ImportTimes:
     """(apimvault's own import cost beyond its dependencies, the dependencies' cost), median ms.
 
     ``python -X importtime`` in a fresh interpreter: first the dependencies every contender needs, then
@@ -545,11 +388,14 @@ def import_time_ms(runs: int = 5) -> tuple[float, float]:
     code = f"{_DEPS}\nimport sys\nsys.stderr.write('{_MARK}\\n')\n{_APIMVAULT}\n"
     own: list[float] = []
     deps: list[float] = []
+    modules: tuple[str, ...] = ()
     for _ in range(runs):
         proc = subprocess.run(  # noqa: S603 - our interpreter, our code
             [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
         )
         before, _, after = proc.stderr.partition(_MARK)
-        deps.append(sum(int(m.group(1)) for m in map(_LINE.match, before.splitlines()) if m) / 1000)
-        own.append(sum(int(m.group(1)) for m in map(_LINE.match, after.splitlines()) if m) / 1000)
-    return statistics.median(own), statistics.median(deps)
+        deps.append(sum(t for _, t in _self_times(before.splitlines())) / 1000)
+        counted = _self_times(after.splitlines())
+        own.append(sum(t for _, t in counted) / 1000)
+        modules = tuple(name for name, _ in counted)
+    return ImportTimes(statistics.median(own), statistics.median(deps), modules)

@@ -41,7 +41,15 @@ def machine() -> dict[str, str]:
     except OSError:
         commit = ""
     versions = []
-    for dist in ("apimvault", "openai", "httpx2", "azure-core", "azure-identity", "azure-keyvault-secrets"):
+    for dist in (
+        "apimvault",
+        "openai",
+        "httpx2",
+        "azure-core",
+        "azure-identity",
+        "azure-keyvault-secrets",
+        "aws-secretsmanager-caching",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             versions.append(f"{dist} {version(dist)}")
     versions.append(f"cachetools {version('cachetools')}")

@@ -5,9 +5,10 @@
   processes x 8 threads (``bench._worker``), which takes the client's GIL out of the way and so shows
   what the stack itself sustains.
 * Contender throughput: chat completions/s at concurrency 32 (32 threads sharing one client; 32 tasks
-  for the async clients), in interleaved rounds (the order rotates every round), reported as the median
-  over rounds of each contender's rate divided by the static contender's rate *in the same round*, plus
-  the client process's CPU time per request (the stack's CPU is in the other process).
+  for the async clients), in interleaved pairs (:func:`_pairs`: static and one contender back to back,
+  order alternating), reported as the median and interquartile range over pairs of the contender's rate
+  divided by the static contender's rate *in the same pair*, plus the client process's CPU time per
+  request (the stack's CPU is in the other process), also per pair.
 """
 
 from __future__ import annotations
@@ -169,11 +170,21 @@ def stack_throughput(environ: dict[str, str], seconds: float, procs: int = 4) ->
 # ---------------------------------------------------------------------------- contender throughput
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 @dataclasses.dataclass
 class Throughput:
-    rates: dict[str, list[float]]  # contender key -> requests/s per round
-    ratios: dict[str, list[float]]  # contender key -> rate / static rate in the same round
-    cpu_us: dict[str, list[float]]  # contender key -> client CPU µs per request per round
+    """Per contender, one entry per interleaved pair (the static contender has one per pair it was in)."""
+
+    rates: dict[str, list[float]]  # contender key -> requests/s per run
+    ratios: dict[str, list[float]]  # contender key -> rate / static's rate in the same pair
+    cpu_us: dict[str, list[float]]  # contender key -> client CPU µs per request per run
+    cpu_ratios: dict[str, list[float]]  # contender key -> CPU µs/request / static's in the same pair
 
     def median_rate(self, key: str) -> float:
         return statistics.median(self.rates[key])
@@ -181,33 +192,56 @@ class Throughput:
     def median_ratio(self, key: str) -> float:
         return statistics.median(self.ratios[key])
 
+    def ratio_iqr(self, key: str) -> tuple[float, float]:
+        return _quartiles(self.ratios[key])
+
     def median_cpu(self, key: str) -> float:
         return statistics.median(self.cpu_us[key])
 
+    def cpu_iqr(self, key: str) -> tuple[float, float]:
+        return _quartiles(self.cpu_us[key])
 
-def _rounds(
+    def median_cpu_ratio(self, key: str) -> float:
+        return statistics.median(self.cpu_ratios[key])
+
+    def cpu_ratio_iqr(self, key: str) -> tuple[float, float]:
+        return _quartiles(self.cpu_ratios[key])
+
+
+def _pairs(
     names: list[str], run: Callable[[str], tuple[int, float, float]], rounds: int, baseline: str
 ) -> Throughput:
+    """Interleaved pairs: every round runs (baseline, X) back to back for each other contender X, the
+    order of the pairs rotating each round and the order within a pair alternating (A B, then B A), so
+    drift in the machine's load hits both halves of a pair alike. Each pair gives one ratio."""
+    others = [n for n in names if n != baseline]
     rates: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     ratios: dict[str, list[float]] = {n: [] for n in names}
+    cpu_ratios: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        this: dict[str, float] = {}
-        for name in order:
-            n, wall, cpu_s = run(name)
-            this[name] = n / wall
-            rates[name].append(n / wall)
-            cpu[name].append(cpu_s / max(n, 1) * 1e6)
-        for name in names:
-            ratios[name].append(this[name] / this[baseline])
-    return Throughput(rates, ratios, cpu)
+        shift = r % len(others) if others else 0
+        for name in others[shift:] + others[:shift]:
+            pair = (baseline, name) if r % 2 == 0 else (name, baseline)
+            rate: dict[str, float] = {}
+            per_request: dict[str, float] = {}
+            for key in pair:
+                n, wall, cpu_s = run(key)
+                rate[key] = n / wall
+                per_request[key] = cpu_s / max(n, 1) * 1e6
+                rates[key].append(rate[key])
+                cpu[key].append(per_request[key])
+            ratios[name].append(rate[name] / rate[baseline])
+            cpu_ratios[name].append(per_request[name] / per_request[baseline])
+            ratios[baseline].append(1.0)
+            cpu_ratios[baseline].append(1.0)
+    return Throughput(rates, ratios, cpu, cpu_ratios)
 
 
 def contender_throughput(
     environ: dict[str, str], contenders: list[Contender], *, rounds: int, seconds: float
 ) -> Throughput:
-    """Sync clients, 32 threads sharing each contender's one client, interleaved rounds."""
+    """Sync clients, 32 threads sharing each contender's one client, ``rounds`` rounds of pairs."""
     target = remote_target(environ)
     built = {}
     for c in contenders:
@@ -217,7 +251,7 @@ def contender_throughput(
             chat_once(client, target)
         built[c.key] = (source, client)
     try:
-        return _rounds(
+        return _pairs(
             [c.key for c in contenders],
             lambda key: run_threads(lambda: chat_once(built[key][1], target), seconds),
             rounds,
@@ -232,7 +266,7 @@ def contender_throughput(
 def async_contender_throughput(
     environ: dict[str, str], *, rounds: int, seconds: float, contenders: tuple[Contender, ...] | None = None
 ) -> Throughput:
-    """Async clients (static, per-request, apimvault), 32 tasks on one loop, interleaved rounds."""
+    """Async clients (static, per-request, apimvault), 32 tasks on one loop, interleaved pairs."""
     target = remote_target(environ)
     contenders = contenders or (STATIC, PER_REQUEST, APIMVAULT)
     with asyncio.Runner() as runner:
@@ -244,7 +278,7 @@ def async_contender_throughput(
                 runner.run(achat_once(client, target))
             built[c.key] = (source, client)
         try:
-            return _rounds(
+            return _pairs(
                 [c.key for c in contenders],
                 lambda key: runner.run(run_tasks(lambda: achat_once(built[key][1], target), seconds)),
                 rounds,
