@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -36,6 +38,17 @@ def run_readme_block(title: str, **names: Any) -> dict[str, Any]:
     namespace: dict[str, Any] = dict(names)
     code = compile(readme_block(title), f"README.md ### {title}", "exec")
     exec(code, namespace)  # noqa: S102 - the README's own text, so the docs are exactly what is tested
+    return namespace
+
+
+async def arun_readme_block(title: str, **names: Any) -> dict[str, Any]:
+    """:func:`run_readme_block` for a block with top-level ``await`` (run on the test's event loop)."""
+    namespace: dict[str, Any] = dict(names)
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    code = compile(readme_block(title), f"README.md ### {title}", "exec", flags=flags)
+    result = eval(code, namespace)  # noqa: S307 - the README's own text, so the docs are exactly what is tested
+    if inspect.iscoroutine(result):
+        await result
     return namespace
 
 
