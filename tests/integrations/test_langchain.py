@@ -1,0 +1,85 @@
+"""LangChain (langchain-openai): AzureChatOpenAI and AzureOpenAIEmbeddings through a key rotation."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("langchain_openai")
+
+from langchain_core.globals import set_debug
+from langchain_openai import AzureChatOpenAI, AzureOpenAIEmbeddings
+
+from apimvault import ConfigurationError, create_azure_openai
+from apimvault.integrations.langchain import azure_chat_openai
+from apimvault.local import DEPLOYMENT, LocalAzure
+
+from .support import LogCapture, Rotating, assert_no_key, run_readme_block
+
+pytestmark = pytest.mark.integrations
+
+
+async def test_langchain_chat_and_embeddings_through_rotation(
+    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    debug_logs.debug("langchain", "langchain_core", "langchain_openai")
+    set_debug(True)  # LangChain's own debug output (printed, not logged): checked for the key too
+    stack = Rotating.new(azure)
+    provider = stack.provider()
+    try:
+        async with stack.aprovider() as aprovider:
+            ns = run_readme_block("LangChain", provider=provider, aprovider=aprovider)
+            llm, embeddings = ns["llm"], ns["embeddings"]
+            assert isinstance(llm, AzureChatOpenAI) and isinstance(embeddings, AzureOpenAIEmbeddings)
+
+            # One call of each kind on the first key.
+            assert llm.invoke("hello").content
+            assert (await llm.ainvoke("hello")).content
+            assert embeddings.embed_query("hello") and await embeddings.aembed_query("hello")
+            assert set(stack.slots()) == {"primary"}
+
+            # Each rotation revokes the key both providers hold; the next call succeeds through a re-send.
+            stack.rotate()
+            assert llm.invoke("hello again").content
+            assert provider.stats().resends_401 == 1
+
+            stack.rotate()
+            assert "".join(str(c.content) for c in llm.stream("stream please"))
+            assert provider.stats().resends_401 == 2
+
+            stack.rotate()
+            assert (await llm.ainvoke("hello again")).content
+            assert aprovider.stats().resends_401 == 1
+
+            stack.rotate()
+            assert "".join([str(c.content) async for c in llm.astream("stream please")])
+            assert aprovider.stats().resends_401 == 2
+
+            stack.rotate()
+            assert embeddings.embed_documents(["a", "b"]) and await embeddings.aembed_documents(["a", "b"])
+            assert provider.stats().resends_401 == 3 and aprovider.stats().resends_401 == 3
+            assert stack.slots()[-1] == "secondary"
+    finally:
+        set_debug(False)
+        provider.close()
+    printed = capsys.readouterr()
+    assert "[llm/start]" in printed.out  # LangChain's debug tracing really ran
+    assert any(name.startswith("openai") for name in debug_logs.names())
+    assert_no_key(stack.keys, *debug_logs.texts, printed.out, printed.err, repr(llm), repr(embeddings))
+
+
+async def test_langchain_half_not_given_refuses_to_send(azure: LocalAzure) -> None:
+    stack = Rotating.new(azure)
+    provider = stack.provider()
+    try:
+        llm = azure_chat_openai(create_azure_openai(provider), deployment=DEPLOYMENT)
+        assert llm.invoke("hello").content
+        sent = azure.gateway.counters.total()
+        with pytest.raises(ConfigurationError, match="async_client=create_async_azure_openai"):
+            await llm.ainvoke("hello")
+        assert azure.gateway.counters.total() == sent  # nothing reached the gateway
+        with pytest.raises(ConfigurationError, match="api_key"):
+            azure_chat_openai(create_azure_openai(provider), deployment=DEPLOYMENT, api_key="k")
+        with pytest.raises(ConfigurationError, match="client="):
+            azure_chat_openai(deployment=DEPLOYMENT)
+    finally:
+        provider.close()

@@ -1,0 +1,59 @@
+"""LiteLLM (as a library): completion / acompletion with apimvault clients, through a rotation."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("litellm")
+
+import litellm
+
+from apimvault.local import LocalAzure
+
+from .support import LogCapture, Rotating, arun_readme_block, assert_no_key
+
+pytestmark = pytest.mark.integrations
+
+MODEL = "azure/gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.slow  # LiteLLM's first calls import much of the library (several seconds on a loaded machine)
+async def test_litellm_completion_sync_async_streaming_through_rotation(
+    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    debug_logs.debug("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm")
+    litellm._turn_on_debug()  # LiteLLM's verbose mode: request details logged at DEBUG
+    stack = Rotating.new(azure)
+    provider = stack.provider()
+    try:
+        async with stack.aprovider() as aprovider:
+            ns = await arun_readme_block("LiteLLM", provider=provider, aprovider=aprovider)
+            client, aclient = ns["client"], ns["aclient"]
+            assert ns["reply"].choices[0].message.content
+            assert ns["areply"].choices[0].message.content
+            assert set(stack.slots()) == {"primary"}
+
+            stack.rotate()  # revokes the key both providers hold
+            reply = litellm.completion(model=MODEL, messages=MESSAGES, client=client)
+            assert reply.choices[0].message.content
+            assert provider.stats().resends_401 == 1
+            reply = await litellm.acompletion(model=MODEL, messages=MESSAGES, client=aclient)
+            assert reply.choices[0].message.content
+            assert aprovider.stats().resends_401 == 1
+
+            stack.rotate()
+            stream = litellm.completion(model=MODEL, messages=MESSAGES, client=client, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream)
+            assert provider.stats().resends_401 == 2
+            astream = await litellm.acompletion(model=MODEL, messages=MESSAGES, client=aclient, stream=True)
+            assert "".join([c.choices[0].delta.content or "" async for c in astream])
+            assert aprovider.stats().resends_401 == 2
+            assert stack.slots()[-1] == "secondary"
+    finally:
+        litellm.suppress_debug_info = True
+        litellm.set_verbose = False
+        provider.close()
+    printed = capsys.readouterr()
+    assert any(name.startswith("LiteLLM") for name in debug_logs.names())
+    assert_no_key(stack.keys, *debug_logs.texts, printed.out, printed.err)

@@ -1,0 +1,66 @@
+"""Semantic Kernel: AzureChatCompletion with an injected apimvault async client, through a key rotation."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("semantic_kernel")
+
+from semantic_kernel.connectors.ai.open_ai import AzureChatCompletion, AzureChatPromptExecutionSettings
+from semantic_kernel.contents import ChatHistory
+
+from apimvault.local import LocalAzure
+
+from .support import LogCapture, Rotating, assert_no_key, run_readme_block
+
+pytestmark = pytest.mark.integrations
+
+
+def _history(text: str) -> ChatHistory:
+    history = ChatHistory()
+    history.add_user_message(text)
+    return history
+
+
+async def test_semantic_kernel_chat_through_rotation(
+    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    debug_logs.debug("semantic_kernel")
+    stack = Rotating.new(azure)
+    settings = AzureChatPromptExecutionSettings()
+    async with stack.aprovider() as aprovider:
+        chat = run_readme_block("Semantic Kernel", aprovider=aprovider)["chat"]
+        assert isinstance(chat, AzureChatCompletion)
+
+        reply = await chat.get_chat_message_content(_history("hello"), settings)
+        assert reply is not None and str(reply)
+        assert set(stack.slots()) == {"primary"}
+
+        stack.rotate()  # revokes the key the client holds
+        reply = await chat.get_chat_message_content(_history("hello again"), settings)
+        assert reply is not None and str(reply)
+        assert aprovider.stats().resends_401 == 1
+
+        stack.rotate()
+        chunks = chat.get_streaming_chat_message_content(_history("stream"), settings)
+        streamed = [str(c) async for c in chunks]
+        assert "".join(streamed)
+        assert aprovider.stats().resends_401 == 2
+        assert stack.slots()[-1] == "secondary"
+    printed = capsys.readouterr()
+    assert any(name.startswith("semantic_kernel") for name in debug_logs.names())
+    assert_no_key(stack.keys, *debug_logs.texts, printed.out, printed.err, repr(chat))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the client's default_headers show the current key (LiveHeaders) and SK's to_dict() copies "
+    "them; the README warns against to_dict(). Passes once the key no longer lives in default_headers: "
+    "then drop this mark and the README warning.",
+)
+async def test_semantic_kernel_to_dict_carries_no_key(azure: LocalAzure) -> None:
+    stack = Rotating.new(azure)
+    async with stack.aprovider() as aprovider:
+        chat = run_readme_block("Semantic Kernel", aprovider=aprovider)["chat"]
+        await aprovider.get()
+        assert_no_key(stack.keys, repr(chat.to_dict()))
