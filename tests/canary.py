@@ -74,16 +74,10 @@ class CanaryApp:
 
 
 def _set_keys(azure: LocalAzure, sub: Subscription, primary: str, secondary: str) -> None:
-    """Give ``sub`` known keys. The local APIM has no public setter (``regenerate`` draws random keys), so
-    this updates its key index under its lock; see the report for the proposed ``ApimState.set_keys``."""
-    state = azure.apim_state
-    with state._lock:
-        state._keys.pop(sub.primary_key, None)
-        state._keys.pop(sub.secondary_key, None)
-        sub.primary_key, sub.secondary_key = primary, secondary
-        state._keys[primary] = (sub, "primary")
-        state._keys[secondary] = (sub, "secondary")
-    assert state.lookup(primary) == (sub, "primary")
+    """Give ``sub`` known keys (as ARM's subscription update can), so the canary values are what travels."""
+    azure.apim_state.set_key(sub.sid, "primary", primary)
+    azure.apim_state.set_key(sub.sid, "secondary", secondary)
+    assert azure.apim_state.lookup(primary) == (sub, "primary")
 
 
 def seed_canary_app(azure: LocalAzure, name: str) -> CanaryApp:

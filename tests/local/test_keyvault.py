@@ -1020,4 +1020,6 @@ def test_many_gets_on_one_connection(azure: LocalAzure, officer_credential: Defa
     with SecretClient(azure.vault_url, officer_credential) as client:
         versions = {client.get_secret(SECRET_NAME).properties.version for _ in range(300)}
     assert versions == {azure.keyvault.latest(SECRET_NAME).version}
-    assert azure.keyvault.counters["GetSecret"] == 301  # + the bodiless first request the challenge answers
+    # Each GET once, plus the unauthenticated challenge request when this process has not cached the vault's
+    # challenge yet (the Key Vault SDK caches it per vault for the whole process, so it depends on test order).
+    assert azure.keyvault.counters["GetSecret"] in (300, 301)

@@ -310,16 +310,25 @@ class ApimState:
     def regenerate(self, sid: str, which: Slot) -> None:
         """Replace one key of ``sid``. ARM (``listSecrets``) shows the new key at once; each gateway unit
         accepts it, and stops accepting the old one, after its propagation delay (at once with 0)."""
+        self.set_key(sid, which, _new_key())
+
+    def set_key(self, sid: str, which: Slot, value: str) -> None:
+        """Give one key of ``sid`` a chosen value (ARM's subscription create-or-update can set
+        ``primaryKey`` / ``secondaryKey``), propagating to the gateway units as :meth:`regenerate` does."""
         if which not in ("primary", "secondary"):
             raise ValueError(f"which must be 'primary' or 'secondary', not {which!r}")
+        if not isinstance(value, str) or not 1 <= len(value) <= 256:
+            raise ValueError("a subscription key is 1 to 256 characters")
         now = self.clock()
         with self._lock:
             sub = self._subs.get(sid)
             if sub is None:
                 raise KeyError(sid)
+            if value in self._keys:
+                raise ValueError("that key value is already in use by a subscription")
             old = sub.key(which)
             self._keys.pop(old, None)
-            new = _new_key()
+            new = value
             if which == "primary":
                 sub.primary_key = new
             else:
