@@ -1021,5 +1021,5 @@ def test_many_gets_on_one_connection(azure: LocalAzure, officer_credential: Defa
         versions = {client.get_secret(SECRET_NAME).properties.version for _ in range(300)}
     assert versions == {azure.keyvault.latest(SECRET_NAME).version}
     # Each GET once, plus the unauthenticated challenge request when this process has not cached the vault's
-    # challenge yet (the Key Vault SDK caches it per vault for the whole process, so it depends on test order).
+    # challenge yet (the SDK caches it per vault for the whole process, so it depends on test order).
     assert azure.keyvault.counters["GetSecret"] in (300, 301)
