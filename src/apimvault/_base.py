@@ -337,7 +337,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     def _forced(self, sent: SubscriptionKey) -> tuple[bool, SubscriptionKey | None, bool]:
         """Under the lock, for a 401 on ``sent``: ``(stop, key, joined)``. ``stop``: return ``key`` now;
         otherwise join the read in flight (``joined``) or start one (counted as forced)."""
-        decision = self._cache.decide_forced(sent.version, self.monotonic())
+        now = self.monotonic()
+        decision = self._cache.decide_forced(sent.version, now)
         if decision is ForceDecision.USE_NEWER:
             entry = self._cache.entry()
             return True, entry.key if entry is not None else None, False
@@ -345,7 +346,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         if not joined and decision is ForceDecision.RATE_LIMITED:
             return True, None, False
         if not joined:
-            self._cache.note_forced(self.monotonic())
+            self._cache.note_forced(now)
             self._n.add("forced")
         return False, None, joined
 
@@ -422,12 +423,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         ``refresh()``); more events in the interval coalesce into one background refresh when it ends
         (``DEFERRED``), as does every event when ``spread`` scatters the fleet's reads.
         """
+        now, wall = self._now()
         with self._lock:
-            entry = self._cache.usable()
+            entry = self._cache.usable(now, wall)
             if version is not None and entry is not None and entry.key.version == version:
                 return PushPlan.SKIP
             self._fast = None
-            if spread == 0 and self._cache.claim_push_read(self.monotonic()):
+            if spread == 0 and self._cache.claim_push_read(now):
                 return PushPlan.READ
         self.invalidate(spread=spread)
         return PushPlan.DEFERRED

@@ -269,7 +269,9 @@ class KeyCache:
             return _NEVER
         expiry = entry.key.expires_on if entry.key.expires_on is not None else math.inf
         if self.invalidated:
-            return _NEVER if now >= self.next_attempt_at else (self.next_attempt_at, expiry)
+            if now >= self.next_attempt_at:
+                return _NEVER
+            return min(self.next_attempt_at, entry.usable_until), expiry
         if now < entry.refresh_at:
             return entry.refresh_at, expiry
         # Refresh due but backing off: SERVE until the next attempt (or the hard limit).
@@ -399,7 +401,7 @@ class KeyCache:
         now = self._now(now)
         self.push()
         at = now + self.rng.random() * spread if spread > 0 else -math.inf
-        at = max(at, self.last_push_at + self.policy.forced_refresh_interval)
+        at = max(at, self.last_push_at + self.policy.forced_refresh_interval, self.retry_after_until)
         self.next_attempt_at = min(self.next_attempt_at, at) if self.invalidated else at
         self.invalidated = True
 
