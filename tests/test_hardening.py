@@ -228,7 +228,7 @@ def test_a_backward_wall_clock_step_changes_no_schedule(azure: LocalAzure) -> No
         assert newer is not None and newer.reveal() == app.subscription.secondary_key
         mono.advance(6)  # one forced_refresh_interval later (monotonic), another 401 may read again
         wall.advance(-3600)
-        assert p.refresh_after_rejection(newer) is None  # read, and nothing newer in the vault
+        assert p.refresh_after_rejection(newer) == old  # read: nothing newer, so the previous version
         assert p.stats().forced_refreshes == 2
         mono.advance(250)  # refresh-ahead runs on the monotonic schedule, whatever the wall clock did
         p.get_key()
@@ -250,7 +250,7 @@ async def test_a_backward_wall_clock_step_changes_no_async_schedule(azure: Local
         assert newer is not None and newer.reveal() == app.subscription.secondary_key
         mono.advance(6)
         wall.advance(-3600)
-        assert await p.refresh_after_rejection(newer) is None
+        assert await p.refresh_after_rejection(newer) == old
         assert p.stats().forced_refreshes == 2
         mono.advance(250)
         await p.get_key()

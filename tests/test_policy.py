@@ -260,3 +260,18 @@ def test_policy_stores_plain_floats() -> None:
     assert (policy.ttl, policy.refresh_margin, policy.probe_interval) == (60.0, 45.0, 2.0)
     assert all(isinstance(getattr(policy, f.name), float) for f in dataclasses.fields(policy))
     assert policy.margin == 30.0  # capped at half the TTL
+
+
+def test_fall_back_to_the_previous_version_until_a_newer_one() -> None:
+    cache, _ = make()
+    a, b, c = key("a" * 32, "k" * 32), key("b" * 32, "m" * 32), key("c" * 32, "n" * 32)
+    cache.accept(a)
+    assert cache.fall_back(a) is None  # no previous version
+    entry, _ = cache.accept(b)
+    assert cache.fall_back(a) is None  # only the current key can be refused into a fall-back
+    assert cache.fall_back(b) == a
+    assert cache.served(entry) == a
+    entry, _ = cache.accept(b)  # the same version again: still falling back
+    assert cache.served(entry) == a
+    entry, _ = cache.accept(c)  # a newer version ends it
+    assert cache.served(entry) == c and cache.fallback is None and cache.previous == b

@@ -20,7 +20,7 @@ from typing import Any, Generic, Literal, NamedTuple, NoReturn, Self, TypeVar
 from azure.keyvault.secrets import KeyVaultSecret
 
 from ._key import SubscriptionKey
-from ._policy import Action, CacheEntry, CachePolicy, Clock, ForceDecision, KeyCache
+from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
 from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
 from ._vault_errors import map_error, retry_after_of
 from .exceptions import (
@@ -120,6 +120,7 @@ class ProviderStats:
     resends_401: int
     invalidations: int
     last_error: str | None
+    fallbacks_to_previous: int = 0  # times the gateway refused the current key and the previous one was used
 
 
 class _Tally:
@@ -130,7 +131,17 @@ class _Tally:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(
-            ("vault_reads", "refreshes", "rotations", "failures", "forced", "resends", "invalidations"), 0
+            (
+                "vault_reads",
+                "refreshes",
+                "rotations",
+                "failures",
+                "forced",
+                "resends",
+                "invalidations",
+                "fallbacks",
+            ),
+            0,
         )
 
     def add(self, name: str) -> None:
@@ -319,9 +330,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         """Under the lock: refresh the fast-path snapshot from the cache."""
         entry = self._cache.usable(now, wall)
         until, expiry = self._cache.serve_deadline(now, wall)
-        self._fast = (until, expiry, entry.key) if entry is not None and until > now else None
+        self._fast = (until, expiry, self._cache.served(entry)) if entry is not None and until > now else None
 
-    def _decide(self) -> tuple[Action, CacheEntry | None, Reason]:
+    def _decide(self) -> tuple[Action, SubscriptionKey | None, Reason]:
         """Under the lock: what a ``get_key()`` does now. Raises the last error for a LOAD that may not
         read Key Vault (no read in flight, backing off and no probe due)."""
         now, wall = self._now()
@@ -332,15 +343,24 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             if self._flight is None and not self._cache.may_load(now):
                 raise self._no_key_error()
             return action, None, "load"
-        return action, entry, "invalidated" if self._cache.invalidated else "refresh ahead"
+        assert entry is not None
+        key = self._cache.served(entry)
+        return action, key, "invalidated" if self._cache.invalidated else "refresh ahead"
 
     def _forced(self, sent: SubscriptionKey) -> tuple[bool, SubscriptionKey | None, bool]:
         """Under the lock, for a 401 on ``sent``: ``(stop, key, joined)``. ``stop``: return ``key`` now;
         otherwise join the read in flight (``joined``) or start one (counted as forced)."""
         now = self.monotonic()
+        entry = self._cache.entry()
+        fallback = self._cache.fallback
+        if fallback is not None and entry is not None:
+            if sent == fallback:  # the previous key is refused too: back to the current one
+                self._cache.fallback = None
+                self._serve_now(entry.key)
+                return True, entry.key, False
+            return True, fallback, False  # a request sent before the fall-back
         decision = self._cache.decide_forced(sent.version, now)
         if decision is ForceDecision.USE_NEWER:
-            entry = self._cache.entry()
             return True, entry.key if entry is not None else None, False
         joined = self._flight is not None
         if not joined and decision is ForceDecision.RATE_LIMITED:
@@ -349,6 +369,32 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             self._cache.note_forced(now)
             self._n.add("forced")
         return False, None, joined
+
+    def _fall_back(self, refused: SubscriptionKey) -> SubscriptionKey | None:
+        """The gateway refused the current key and Key Vault has nothing newer (or cannot say): re-send
+        with the previous version and serve it until a refresh shows a newer one (e.g. a gateway that
+        lags behind a rotation). ``None`` when there is no previous valid version."""
+        with self._lock:
+            previous = self._cache.fall_back(refused, self.clock())
+            if previous is None:
+                return None
+            self._serve_now(previous)
+            self._n.add("fallbacks")
+        log.warning(
+            "apimvault: %s gateway refused version %s (fp %s) and Key Vault has nothing newer; "
+            "falling back to the previous version %s (fp %s)",
+            self.where,
+            refused.version,
+            refused.fingerprint,
+            previous.version,
+            previous.fingerprint,
+        )
+        return previous
+
+    def _serve_now(self, key: SubscriptionKey) -> None:
+        """Under the lock: make ``key`` what the fast path and ``header_value()`` show."""
+        self._header_value = key.reveal()
+        self._fast = None
 
     def _push(self) -> int:
         """Under the lock: a ``refresh()`` call; only a read started from now on answers it."""
@@ -359,10 +405,11 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         return self._cache.begin(self.monotonic())
 
     def current(self) -> SubscriptionKey | None:
-        """The cached key without any I/O or refresh (``None`` before the first load or past its limit)."""
+        """The key served now, without any I/O or refresh (``None`` before the first load or past its
+        limit). While falling back (see ``refresh_after_rejection``) that is the previous version."""
         with self._lock:
             entry = self._cache.usable()
-        return entry.key if entry is not None else None
+            return self._cache.served(entry) if entry is not None else None
 
     def redaction_values(self) -> tuple[str, ...]:
         """The current and previous key values, read without locking (for the log redaction filter)."""
@@ -394,6 +441,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             resends_401=self._n["resends"],
             invalidations=self._n["invalidations"],
             last_error=f"{type(err).__name__}: {err}" if err is not None else None,
+            fallbacks_to_previous=self._n["fallbacks"],
         )
 
     def record_resend(self) -> None:
