@@ -32,6 +32,7 @@ from apimvault import (
     SecretDisabledError,
     SecretExpiredError,
     SecretNotFoundError,
+    SecretNotYetValidError,
     SubscriptionKeyProvider,
     VaultUnavailableError,
     create_azure_openai,
@@ -222,6 +223,44 @@ def test_pre_staged_not_yet_valid_version_waits_for_its_not_before(azure: LocalA
         assert h.current().version == staged  # type: ignore[union-attr]
         assert h.chat(False)
         assert gateway_uses(azure, app)[-1] == "secondary"
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_cold_start_while_the_latest_version_is_pre_staged_serves_the_valid_one(
+    azure: LocalAzure, api: Api
+) -> None:
+    """Issue 10 item 11 at start-up: no key cached and the latest version pre-staged: the newest version
+    valid now is found (list versions, read it) instead of failing with SecretNotYetValidError."""
+    app = new_app_secret(azure)
+    clock = FakeClock()
+    valid = azure.keyvault.latest(app.name).version
+    staged = azure.keyvault.put_secret(
+        app.name, app.subscription.secondary_key, not_before=int(clock.now) + 3600
+    ).version
+    h = harness(api, azure, app, clock=clock)
+    try:
+        assert h.chat(False)
+        assert h.current().version == valid  # type: ignore[union-attr]
+        assert h.stats().vault_reads == 3  # the latest, the version list, the valid version
+        assert gateway_uses(azure, app)[-1] == "primary"
+        h.advance(3601)
+        assert h.chat(False)
+        assert h.current().version == staged  # type: ignore[union-attr]
+        assert gateway_uses(azure, app)[-1] == "secondary"
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_cold_start_with_only_pre_staged_versions_is_not_yet_valid(azure: LocalAzure, api: Api) -> None:
+    clock = FakeClock()
+    app = new_app_secret(azure, not_before=int(clock.now) + 3600)
+    h = harness(api, azure, app, clock=clock)
+    try:
+        seen, exc = outcome(lambda: h.chat(False))
+        assert isinstance(exc, SecretNotYetValidError), seen
     finally:
         h.close()
 

@@ -173,10 +173,14 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
 
     async def _fetch(self) -> Fetched:
         step: Fetched | Read = self._first_read()
+        vault = self.secret_client
         while not isinstance(step, Fetched):
             try:
-                secret = await self.secret_client.get_secret(self.secret_name, step.version)
+                if step.listing:
+                    found = [v async for v in vault.list_properties_of_secret_versions(self.secret_name)]
+                    step = self._pick_version(found, step)
+                else:
+                    step = self._read_done(await vault.get_secret(self.secret_name, step.version), step)
             except Exception as exc:
                 self._raise_typed(exc)
-            step = self._read_done(secret, step)
         return step

@@ -12,12 +12,13 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from importlib import import_module
 from types import MappingProxyType
 from typing import Any, Generic, Literal, NamedTuple, NoReturn, Self, TypeVar
 
-from azure.keyvault.secrets import KeyVaultSecret
+from azure.keyvault.secrets import KeyVaultSecret, SecretProperties
 
 from ._key import SubscriptionKey
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
@@ -75,11 +76,13 @@ class PushPlan(enum.Enum):
 
 
 class Read(NamedTuple):
-    """One ``get_secret`` to do: ``version`` (``None``: the latest); ``staged_at``: set when re-reading the
-    cached version because the latest is pre-staged (its ``not_before``, Unix time)."""
+    """One Key Vault request to do: ``get_secret(version)`` (``None``: the latest), or with ``listing``
+    ``list_properties_of_secret_versions``. ``staged_at``: the latest version is pre-staged, valid from
+    then (Unix time), and an earlier version is being read instead."""
 
     version: str | None
     staged_at: float | None = None
+    listing: bool = False
 
 
 class Fetched(NamedTuple):
@@ -495,8 +498,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     def _raise_typed(self, exc: Exception) -> NoReturn:
         """Called in a shell's ``except`` block for ``get_secret``: raise the typed error (or ``exc``)."""
         mapped = map_error(exc, where=self.where)
-        if mapped is None:
-            log.debug("apimvault: unexpected error reading %s", self.where, exc_info=True)
+        if mapped is None or mapped is exc:  # unknown, or already ours (from _read_done / _pick_version)
+            if mapped is None:
+                log.debug("apimvault: unexpected error reading %s", self.where, exc_info=True)
             raise
         raise mapped from exc
 
@@ -514,10 +518,12 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         except SecretNotYetValidError:
             with self._lock:
                 held = self._cache.entry(wall)
-            if read.staged_at is None and self.version is None and held is not None and held.key != key:
-                self._n.add("vault_reads")
+            if read.staged_at is not None or self.version is not None:
+                raise
+            self._n.add("vault_reads")
+            if held is not None and held.key != key:
                 return Read(held.key.version, staged_at=key.not_before)
-            raise
+            return Read(None, staged_at=key.not_before, listing=True)  # no key yet: find the valid one
         except SecretExpiredError:
             with self._lock:  # Key Vault says this version expired: never serve it again
                 held = self._cache.entry(wall)
@@ -525,6 +531,28 @@ class ProviderBase(Generic[CredentialT, ClientT]):
                     self._drop()
             raise
         return Fetched(key, read.staged_at)
+
+    def _pick_version(self, versions: Iterable[SecretProperties], read: Read) -> Read:
+        """The latest version is pre-staged and no key is cached: read the newest version valid now."""
+        wall = self.clock()
+        valid = [
+            v
+            for v in versions
+            if v.enabled is not False
+            and v.version
+            and (v.not_before is None or v.not_before.timestamp() <= wall)
+            and (v.expires_on is None or v.expires_on.timestamp() > wall)
+        ]
+        if not valid:
+            staged = datetime.fromtimestamp(read.staged_at or 0, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise SecretNotYetValidError(
+                f"{self.where}: the latest version is not valid before {staged} and no other version is "
+                "valid now",
+                secret=self.where,
+            )
+        newest = max(valid, key=lambda v: v.created_on.timestamp() if v.created_on else 0.0)
+        self._n.add("vault_reads")
+        return Read(newest.version, staged_at=read.staged_at)
 
     def _finish(
         self, fetched: Fetched | None, error: BaseException | None, reason: Reason, generation: int

@@ -198,10 +198,15 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
 
     def _fetch(self) -> Fetched:
         step: Fetched | Read = self._first_read()
+        vault = self.secret_client
         while not isinstance(step, Fetched):
             try:
-                secret = self.secret_client.get_secret(self.secret_name, step.version)
+                if step.listing:
+                    step = self._pick_version(
+                        vault.list_properties_of_secret_versions(self.secret_name), step
+                    )
+                else:
+                    step = self._read_done(vault.get_secret(self.secret_name, step.version), step)
             except Exception as exc:
                 self._raise_typed(exc)
-            step = self._read_done(secret, step)
         return step
