@@ -68,6 +68,26 @@ def rotate_to_secondary(azure: LocalAzure, app: AppSecret) -> str:
     return new.version
 
 
+def new_version_event(azure: LocalAzure, app: AppSecret, version: str) -> dict[str, Any]:
+    """A ``SecretNewVersionCreated`` event (Event Grid schema) for ``app``'s secret naming ``version``."""
+    return {
+        "id": uuid.uuid4().hex,
+        "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v",
+        "subject": app.name,
+        "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
+        "eventTime": "2026-11-26T10:00:00Z",
+        "data": {
+            "Id": f"{azure.vault_url}/secrets/{app.name}/{version}",
+            "VaultName": "v",
+            "ObjectType": "Secret",
+            "ObjectName": app.name,
+            "Version": version,
+        },
+        "dataVersion": "1",
+        "metadataVersion": "1",
+    }
+
+
 class Events:
     """Collects provider callbacks and lets a test wait for them (an Event, not a sleep)."""
 

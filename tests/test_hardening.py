@@ -40,6 +40,7 @@ from .core_helpers import (
     Gate,
     blocked_in,
     new_app_secret,
+    new_version_event,
     wait_until,
 )
 
@@ -303,25 +304,6 @@ async def test_async_provider_used_from_two_loops_at_once_says_what_to_do(azure:
 # --------------------------------------------------------------- 12: push refresh is bounded
 
 
-def _forged_event(azure: LocalAzure, app: AppSecret, version: str) -> dict[str, Any]:
-    return {
-        "id": uuid.uuid4().hex,
-        "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v",
-        "subject": app.name,
-        "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
-        "eventTime": "2026-11-29T10:00:00Z",
-        "data": {
-            "Id": f"{azure.vault_url}/secrets/{app.name}/{version}",
-            "VaultName": "v",
-            "ObjectType": "Secret",
-            "ObjectName": app.name,
-            "Version": version,
-        },
-        "dataVersion": "1",
-        "metadataVersion": "1",
-    }
-
-
 def test_a_flood_of_forged_events_costs_one_read_per_interval(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
     clock = FakeClock()
@@ -330,9 +312,9 @@ def test_a_flood_of_forged_events_costs_one_read_per_interval(azure: LocalAzure)
     try:
         held = p.get_key()
         for _ in range(300):
-            assert refresh_from_event(_forged_event(azure, app, uuid.uuid4().hex), [p]) == [p]
+            assert refresh_from_event(new_version_event(azure, app, uuid.uuid4().hex), [p]) == [p]
         assert p.stats().vault_reads == 2  # one push read now; the other 299 wait for the interval
-        assert refresh_from_event(_forged_event(azure, app, held.version), [p]) == []  # held: free
+        assert refresh_from_event(new_version_event(azure, app, held.version), [p]) == []  # held: free
         p.get_key()
         assert p.stats().vault_reads == 2
         clock.advance(POLICY.forced_refresh_interval)  # the coalesced events: one background read
@@ -351,9 +333,9 @@ async def test_a_flood_of_forged_events_costs_one_async_read_per_interval(azure:
     async with async_provider(azure, app, clock=clock, **events.callbacks()) as p:
         held = await p.get_key()
         for _ in range(300):
-            assert await arefresh_from_event(_forged_event(azure, app, uuid.uuid4().hex), [p]) == [p]
+            assert await arefresh_from_event(new_version_event(azure, app, uuid.uuid4().hex), [p]) == [p]
         assert p.stats().vault_reads == 2
-        assert await arefresh_from_event(_forged_event(azure, app, held.version), [p]) == []
+        assert await arefresh_from_event(new_version_event(azure, app, held.version), [p]) == []
         await p.get_key()
         assert p.stats().vault_reads == 2
         clock.advance(POLICY.forced_refresh_interval)

@@ -1,4 +1,8 @@
-"""What the sync and async providers share: configuration, counters, callbacks and repr. No I/O."""
+"""What the sync and async providers share that is not about threads or tasks.
+
+Configuration, the Azure clients a provider owns, cache decisions under the lock, turning Key Vault answers
+into keys, counters, callbacks and fork safety. No I/O.
+"""
 
 from __future__ import annotations
 
