@@ -419,6 +419,28 @@ async def test_async_refresh_is_not_answered_by_a_read_that_started_before_it(az
         assert (await asyncio.wait_for(refresh, 30)).version == new_version
 
 
+async def test_async_invalidate_is_not_answered_by_a_read_that_started_before_it(azure: LocalAzure) -> None:
+    app = new_app_secret(azure)
+    gate = AsyncGate()
+    clock = FakeClock()
+    events = Events()
+    kwargs = {"client_kwargs": {**NO_SDK_RETRY, "per_call_policies": [gate]}, **events.callbacks()}
+    async with async_provider(azure, app, clock=clock, **kwargs) as p:
+        old = await p.get_key()
+        gate.armed = True
+        clock.advance(250)
+        await p.get_key()  # refresh-ahead starts; its answer (the old version) is held
+        await asyncio.wait_for(gate.holding.wait(), 30)
+        new_version = azure.keyvault.put_secret(app.name, app.subscription.secondary_key).version
+        p.invalidate()  # the push arrives while the older read is in flight
+        gate.open.set()
+        await until(lambda: len(events.refreshed) == 2, "the older read")
+        assert p.current() == old  # it landed, and the push is still pending
+        await p.get_key()
+        await until(lambda: len(events.refreshed) == 3, "a read of the push's own")
+        assert p.current().version == new_version  # type: ignore[union-attr]
+
+
 # ----------------------------------------------------------------- 14: recovery after an outage
 
 
