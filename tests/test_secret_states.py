@@ -552,6 +552,7 @@ def test_gateway_refusing_the_current_key_falls_back_to_the_previous_one(
         h.get_key()
         h.wait("refreshed", 4)
         assert h.current() == old
+        assert h.provider.header_value() == old.reveal()  # what LiveHeaders shows, too
         assert h.chat(stream) and h.stats().resends_401 == 1
         newest = azure.keyvault.put_secret(app.name, app.subscription.secondary_key)
         assert h.refresh().version == newest.version  # a newer version ends the fallback

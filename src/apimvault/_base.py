@@ -259,7 +259,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self._header_value: str | None = None  # lock-free copy of the cached key for LiveHeaders
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
-        self._flight: Any = None  # the read in flight: the shell's _Flight or asyncio.Task
+        self._flight: Any = None  # the read in flight: the shell's _Flight (a thread event or a task)
         # Lock-free fast path: (scheduling deadline, wall deadline, key) while decide() answers SERVE.
         self._fast: tuple[float, float, SubscriptionKey] | None = None
         self._owned: list[Any] = []
@@ -604,13 +604,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     ) -> list[tuple[Callable[[KeyEvent], None] | None, KeyEvent]]:
         """Record a fetched key; return the callbacks to run (outside any lock)."""
         key = fetched.key
-        _, previous = self._cache.accept(
+        entry, previous = self._cache.accept(
             key, now, wall=wall, generation=generation, revisit_at=fetched.revisit_at
         )
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
         if not self._recent_values or self._recent_values[0] != key.reveal():
             self._recent_values = (key.reveal(), *self._recent_values[:1])
-        self._header_value = key.reveal()
+        self._header_value = self._cache.served(entry).reveal()  # the previous key while falling back
         self._n.add("refreshes")
         event = KeyEvent(self.where, key.version, key.fingerprint, previous, reason)
         log.debug(
