@@ -45,14 +45,14 @@ class AppSecret:
         return self.subscription.sid
 
 
-def new_app_secret(azure: LocalAzure, *, grant: bool = True, **secret_kwargs: object) -> AppSecret:
+def new_app_secret(azure: LocalAzure, *, grant: bool = True, **secret_kwargs: Any) -> AppSecret:
     suffix = uuid.uuid4().hex[:10]
     sub = azure.apim_state.create_subscription(
         ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, f"app-{suffix}", display_name=f"test {suffix}"
     )
     name = f"key-{suffix}"
     value = secret_kwargs.pop("value", sub.primary_key)
-    azure.keyvault.put_secret(name, value, tags={"CredentialId": "primary"}, **secret_kwargs)  # type: ignore[arg-type]
+    azure.keyvault.put_secret(name, value, tags={"CredentialId": "primary"}, **secret_kwargs)
     if grant:
         azure.keyvault.grant(azure.default_identity, ROLE_USER, secret=name)
     return AppSecret(name, sub)
@@ -112,7 +112,7 @@ class Events:
             self.rotated.append(e)
             self._cond.notify_all()
 
-    def callbacks(self) -> dict[str, object]:
+    def callbacks(self) -> dict[str, Any]:
         return {"on_refresh": self.on_refresh, "on_error": self.on_error, "on_rotate": self.on_rotate}
 
     def wait(self, what: str, count: int, timeout: float = 30) -> None:
@@ -121,7 +121,7 @@ class Events:
         assert ok, f"timed out waiting for {count} {what} (have {len(getattr(self, what))})"
 
 
-class Gate(SansIOHTTPPolicy):  # type: ignore[misc]
+class Gate(SansIOHTTPPolicy[Any, Any]):
     """A public azure-core per-call policy: holds the next GetSecret response until the test opens it."""
 
     def __init__(self) -> None:
@@ -136,7 +136,7 @@ class Gate(SansIOHTTPPolicy):  # type: ignore[misc]
             assert self.open.wait(30)
 
 
-class AsyncGate(AsyncHTTPPolicy):  # type: ignore[misc]
+class AsyncGate(AsyncHTTPPolicy[Any, Any]):
     """The aio twin of :class:`Gate` (holds the response without blocking the event loop)."""
 
     def __init__(self) -> None:

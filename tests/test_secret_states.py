@@ -456,7 +456,7 @@ def test_wrong_tenant_is_a_credential_error(azure: LocalAzure) -> None:
     with SubscriptionKeyProvider(
         azure.vault_url,
         app.name,
-        credential=ForeignTenantCredential(),  # type: ignore[arg-type]
+        credential=ForeignTenantCredential(),
         clock=FakeClock(),
         policy=POLICY,
         client_kwargs={"retry_total": 0},
