@@ -45,14 +45,14 @@ class AppSecret:
         return self.subscription.sid
 
 
-def new_app_secret(azure: LocalAzure, *, grant: bool = True, **secret_kwargs: object) -> AppSecret:
+def new_app_secret(azure: LocalAzure, *, grant: bool = True, **secret_kwargs: Any) -> AppSecret:
     suffix = uuid.uuid4().hex[:10]
     sub = azure.apim_state.create_subscription(
         ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, f"app-{suffix}", display_name=f"test {suffix}"
     )
     name = f"key-{suffix}"
     value = secret_kwargs.pop("value", sub.primary_key)
-    azure.keyvault.put_secret(name, value, tags={"CredentialId": "primary"}, **secret_kwargs)  # type: ignore[arg-type]
+    azure.keyvault.put_secret(name, value, tags={"CredentialId": "primary"}, **secret_kwargs)
     if grant:
         azure.keyvault.grant(azure.default_identity, ROLE_USER, secret=name)
     return AppSecret(name, sub)
@@ -66,6 +66,26 @@ def rotate_to_secondary(azure: LocalAzure, app: AppSecret) -> str:
     new = azure.keyvault.put_secret(app.name, sub.secondary_key, tags={"CredentialId": "secondary"})
     azure.apim_state.regenerate(app.sid, "primary")  # the key clients started with stops working
     return new.version
+
+
+def new_version_event(azure: LocalAzure, app: AppSecret, version: str) -> dict[str, Any]:
+    """A ``SecretNewVersionCreated`` event (Event Grid schema) for ``app``'s secret naming ``version``."""
+    return {
+        "id": uuid.uuid4().hex,
+        "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v",
+        "subject": app.name,
+        "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
+        "eventTime": "2026-11-26T10:00:00Z",
+        "data": {
+            "Id": f"{azure.vault_url}/secrets/{app.name}/{version}",
+            "VaultName": "v",
+            "ObjectType": "Secret",
+            "ObjectName": app.name,
+            "Version": version,
+        },
+        "dataVersion": "1",
+        "metadataVersion": "1",
+    }
 
 
 class Events:
@@ -92,7 +112,7 @@ class Events:
             self.rotated.append(e)
             self._cond.notify_all()
 
-    def callbacks(self) -> dict[str, object]:
+    def callbacks(self) -> dict[str, Any]:
         return {"on_refresh": self.on_refresh, "on_error": self.on_error, "on_rotate": self.on_rotate}
 
     def wait(self, what: str, count: int, timeout: float = 30) -> None:
@@ -101,7 +121,7 @@ class Events:
         assert ok, f"timed out waiting for {count} {what} (have {len(getattr(self, what))})"
 
 
-class Gate(SansIOHTTPPolicy):  # type: ignore[misc]
+class Gate(SansIOHTTPPolicy[Any, Any]):
     """A public azure-core per-call policy: holds the next GetSecret response until the test opens it."""
 
     def __init__(self) -> None:
@@ -116,7 +136,7 @@ class Gate(SansIOHTTPPolicy):  # type: ignore[misc]
             assert self.open.wait(30)
 
 
-class AsyncGate(AsyncHTTPPolicy):  # type: ignore[misc]
+class AsyncGate(AsyncHTTPPolicy[Any, Any]):
     """The aio twin of :class:`Gate` (holds the response without blocking the event loop)."""
 
     def __init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -107,7 +108,7 @@ async def test_outage_serves_stale_then_recovers(azure: LocalAzure) -> None:
     ],
 )
 async def test_permanent_failures_are_typed(
-    azure: LocalAzure, setup: dict[str, object], error: type[Exception]
+    azure: LocalAzure, setup: dict[str, Any], error: type[Exception]
 ) -> None:
     app = new_app_secret(azure, **setup)
     async with provider(azure, app.name) as p:

@@ -40,6 +40,7 @@ from .core_helpers import (
     Gate,
     blocked_in,
     new_app_secret,
+    new_version_event,
     wait_until,
 )
 
@@ -228,7 +229,7 @@ def test_a_backward_wall_clock_step_changes_no_schedule(azure: LocalAzure) -> No
         assert newer is not None and newer.reveal() == app.subscription.secondary_key
         mono.advance(6)  # one forced_refresh_interval later (monotonic), another 401 may read again
         wall.advance(-3600)
-        assert p.refresh_after_rejection(newer) is None  # read, and nothing newer in the vault
+        assert p.refresh_after_rejection(newer) == old  # read: nothing newer, so the previous version
         assert p.stats().forced_refreshes == 2
         mono.advance(250)  # refresh-ahead runs on the monotonic schedule, whatever the wall clock did
         p.get_key()
@@ -250,7 +251,7 @@ async def test_a_backward_wall_clock_step_changes_no_async_schedule(azure: Local
         assert newer is not None and newer.reveal() == app.subscription.secondary_key
         mono.advance(6)
         wall.advance(-3600)
-        assert await p.refresh_after_rejection(newer) is None
+        assert await p.refresh_after_rejection(newer) == old
         assert p.stats().forced_refreshes == 2
         mono.advance(250)
         await p.get_key()
@@ -303,25 +304,6 @@ async def test_async_provider_used_from_two_loops_at_once_says_what_to_do(azure:
 # --------------------------------------------------------------- 12: push refresh is bounded
 
 
-def _forged_event(azure: LocalAzure, app: AppSecret, version: str) -> dict[str, Any]:
-    return {
-        "id": uuid.uuid4().hex,
-        "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v",
-        "subject": app.name,
-        "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
-        "eventTime": "2026-11-29T10:00:00Z",
-        "data": {
-            "Id": f"{azure.vault_url}/secrets/{app.name}/{version}",
-            "VaultName": "v",
-            "ObjectType": "Secret",
-            "ObjectName": app.name,
-            "Version": version,
-        },
-        "dataVersion": "1",
-        "metadataVersion": "1",
-    }
-
-
 def test_a_flood_of_forged_events_costs_one_read_per_interval(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
     clock = FakeClock()
@@ -330,9 +312,9 @@ def test_a_flood_of_forged_events_costs_one_read_per_interval(azure: LocalAzure)
     try:
         held = p.get_key()
         for _ in range(300):
-            assert refresh_from_event(_forged_event(azure, app, uuid.uuid4().hex), [p]) == [p]
+            assert refresh_from_event(new_version_event(azure, app, uuid.uuid4().hex), [p]) == [p]
         assert p.stats().vault_reads == 2  # one push read now; the other 299 wait for the interval
-        assert refresh_from_event(_forged_event(azure, app, held.version), [p]) == []  # held: free
+        assert refresh_from_event(new_version_event(azure, app, held.version), [p]) == []  # held: free
         p.get_key()
         assert p.stats().vault_reads == 2
         clock.advance(POLICY.forced_refresh_interval)  # the coalesced events: one background read
@@ -351,9 +333,9 @@ async def test_a_flood_of_forged_events_costs_one_async_read_per_interval(azure:
     async with async_provider(azure, app, clock=clock, **events.callbacks()) as p:
         held = await p.get_key()
         for _ in range(300):
-            assert await arefresh_from_event(_forged_event(azure, app, uuid.uuid4().hex), [p]) == [p]
+            assert await arefresh_from_event(new_version_event(azure, app, uuid.uuid4().hex), [p]) == [p]
         assert p.stats().vault_reads == 2
-        assert await arefresh_from_event(_forged_event(azure, app, held.version), [p]) == []
+        assert await arefresh_from_event(new_version_event(azure, app, held.version), [p]) == []
         await p.get_key()
         assert p.stats().vault_reads == 2
         clock.advance(POLICY.forced_refresh_interval)
@@ -435,6 +417,28 @@ async def test_async_refresh_is_not_answered_by_a_read_that_started_before_it(az
             await asyncio.sleep(0)
         gate.open.set()
         assert (await asyncio.wait_for(refresh, 30)).version == new_version
+
+
+async def test_async_invalidate_is_not_answered_by_a_read_that_started_before_it(azure: LocalAzure) -> None:
+    app = new_app_secret(azure)
+    gate = AsyncGate()
+    clock = FakeClock()
+    events = Events()
+    kwargs = {"client_kwargs": {**NO_SDK_RETRY, "per_call_policies": [gate]}, **events.callbacks()}
+    async with async_provider(azure, app, clock=clock, **kwargs) as p:
+        old = await p.get_key()
+        gate.armed = True
+        clock.advance(250)
+        await p.get_key()  # refresh-ahead starts; its answer (the old version) is held
+        await asyncio.wait_for(gate.holding.wait(), 30)
+        new_version = azure.keyvault.put_secret(app.name, app.subscription.secondary_key).version
+        p.invalidate()  # the push arrives while the older read is in flight
+        gate.open.set()
+        await until(lambda: len(events.refreshed) == 2, "the older read")
+        assert p.current() == old  # it landed, and the push is still pending
+        await p.get_key()
+        await until(lambda: len(events.refreshed) == 3, "a read of the push's own")
+        assert p.current().version == new_version  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------- 14: recovery after an outage

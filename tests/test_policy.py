@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import timedelta
 
@@ -198,3 +199,79 @@ def test_invalidate_with_spread_scatters_the_refresh() -> None:
             assert waited <= 30.5
         starts.append(waited)
     assert len(set(starts)) > 5  # scattered, not all at once
+
+
+def test_without_a_usable_key_one_probe_per_interval_beats_the_back_off() -> None:
+    cache, clock = make(CachePolicy(backoff_initial=30, backoff_max=60, probe_interval=1))
+    delay = cache.reject(RuntimeError("down"))
+    assert delay >= 15
+    assert not cache.may_load()
+    clock.advance(1)
+    assert cache.may_load()  # a probe, far inside the back-off
+
+
+def test_retry_after_holds_even_the_probe() -> None:
+    cache, clock = make(CachePolicy(probe_interval=1, retry_after_max=120))
+    cache.reject(RuntimeError("429"), retry_after=30)
+    clock.advance(29)
+    assert not cache.may_load()
+    clock.advance(1)
+    assert cache.may_load()
+
+
+def test_a_read_that_started_before_a_push_leaves_it_pending() -> None:
+    cache, _ = make()
+    cache.accept(key("a" * 32))
+    generation = cache.begin()  # a read starts
+    cache.invalidate()  # then the push
+    cache.accept(key("a" * 32), generation=generation)  # the older read lands
+    assert cache.invalidated and cache.decide() is Action.SERVE_AND_REFRESH
+    cache.accept(key("b" * 32), generation=cache.begin())
+    assert not cache.invalidated
+
+
+def test_push_reads_are_at_most_one_per_interval() -> None:
+    cache, clock = make(CachePolicy(forced_refresh_interval=5))
+    cache.accept(key())
+    assert cache.claim_push_read()
+    assert not cache.claim_push_read()
+    cache.invalidate()  # the coalesced push waits for the end of the interval
+    assert cache.decide() is Action.SERVE
+    clock.advance(5)
+    assert cache.decide() is Action.SERVE_AND_REFRESH
+    assert cache.claim_push_read()
+
+
+def test_schedules_follow_the_scheduling_clock_and_expiry_the_wall_clock() -> None:
+    mono, wall = FakeClock(100.0), FakeClock()
+    cache = KeyCache(CachePolicy(ttl=300, jitter=0, refresh_margin=60), mono, random.Random(1), wall=wall)
+    entry, _ = cache.accept(key(expires_on=wall.now + 1000))
+    assert (entry.refresh_at, entry.fresh_until) == (340.0, 400.0)
+    wall.advance(-3600)  # a backward step changes nothing scheduled
+    assert cache.decide() is Action.SERVE
+    mono.advance(240)
+    assert cache.decide() is Action.SERVE_AND_REFRESH
+    wall.advance(3600 + 1000)  # past expires_on on the wall clock: gone, whatever the schedule says
+    assert cache.decide() is Action.LOAD and cache.entry() is None
+
+
+def test_policy_stores_plain_floats() -> None:
+    policy = CachePolicy(ttl=timedelta(minutes=1), refresh_margin=45, probe_interval=timedelta(seconds=2))
+    assert (policy.ttl, policy.refresh_margin, policy.probe_interval) == (60.0, 45.0, 2.0)
+    assert all(isinstance(getattr(policy, f.name), float) for f in dataclasses.fields(policy))
+    assert policy.margin == 30.0  # capped at half the TTL
+
+
+def test_fall_back_to_the_previous_version_until_a_newer_one() -> None:
+    cache, _ = make()
+    a, b, c = key("a" * 32, "k" * 32), key("b" * 32, "m" * 32), key("c" * 32, "n" * 32)
+    cache.accept(a)
+    assert cache.fall_back(a) is None  # no previous version
+    entry, _ = cache.accept(b)
+    assert cache.fall_back(a) is None  # only the current key can be refused into a fall-back
+    assert cache.fall_back(b) == a
+    assert cache.served(entry) == a
+    entry, _ = cache.accept(b)  # the same version again: still falling back
+    assert cache.served(entry) == a
+    entry, _ = cache.accept(c)  # a newer version ends it
+    assert cache.served(entry) == c and cache.fallback is None and cache.previous == b

@@ -21,7 +21,7 @@ from apimvault import (
 )
 from apimvault.local import LocalAzure
 
-from .core_helpers import Events, FakeClock, new_app_secret
+from .core_helpers import Events, FakeClock, new_app_secret, new_version_event
 
 POLICY = CachePolicy(
     ttl=300, jitter=0, refresh_margin=60, max_staleness=600, backoff_initial=1, backoff_max=8
@@ -355,22 +355,7 @@ def test_event_grid_new_version_refreshes_only_concerned_providers(azure: LocalA
     p.get_key(), q.get_key()
     version = azure.keyvault.put_secret(app.name, app.subscription.secondary_key).version
     event = [
-        {
-            "id": "e1",
-            "topic": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v",
-            "subject": app.name,
-            "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
-            "eventTime": "2026-11-26T10:00:00Z",
-            "data": {
-                "Id": f"{azure.vault_url}/secrets/{app.name}/{version}",
-                "VaultName": "v",
-                "ObjectType": "Secret",
-                "ObjectName": app.name,
-                "Version": version,
-            },
-            "dataVersion": "1",
-            "metadataVersion": "1",
-        },
+        new_version_event(azure, app, version),
         {"id": "v", "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent", "data": {}},
     ]
     assert refresh_from_event(event, [p, q]) == [p]

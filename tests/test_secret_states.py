@@ -32,6 +32,7 @@ from apimvault import (
     SecretDisabledError,
     SecretExpiredError,
     SecretNotFoundError,
+    SecretNotYetValidError,
     SubscriptionKeyProvider,
     VaultUnavailableError,
     create_azure_openai,
@@ -222,6 +223,44 @@ def test_pre_staged_not_yet_valid_version_waits_for_its_not_before(azure: LocalA
         assert h.current().version == staged  # type: ignore[union-attr]
         assert h.chat(False)
         assert gateway_uses(azure, app)[-1] == "secondary"
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_cold_start_while_the_latest_version_is_pre_staged_serves_the_valid_one(
+    azure: LocalAzure, api: Api
+) -> None:
+    """Issue 10 item 11 at start-up: no key cached and the latest version pre-staged: the newest version
+    valid now is found (list versions, read it) instead of failing with SecretNotYetValidError."""
+    app = new_app_secret(azure)
+    clock = FakeClock()
+    valid = azure.keyvault.latest(app.name).version
+    staged = azure.keyvault.put_secret(
+        app.name, app.subscription.secondary_key, not_before=int(clock.now) + 3600
+    ).version
+    h = harness(api, azure, app, clock=clock)
+    try:
+        assert h.chat(False)
+        assert h.current().version == valid  # type: ignore[union-attr]
+        assert h.stats().vault_reads == 3  # the latest, the version list, the valid version
+        assert gateway_uses(azure, app)[-1] == "primary"
+        h.advance(3601)
+        assert h.chat(False)
+        assert h.current().version == staged  # type: ignore[union-attr]
+        assert gateway_uses(azure, app)[-1] == "secondary"
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_cold_start_with_only_pre_staged_versions_is_not_yet_valid(azure: LocalAzure, api: Api) -> None:
+    clock = FakeClock()
+    app = new_app_secret(azure, not_before=int(clock.now) + 3600)
+    h = harness(api, azure, app, clock=clock)
+    try:
+        seen, exc = outcome(lambda: h.chat(False))
+        assert isinstance(exc, SecretNotYetValidError), seen
     finally:
         h.close()
 
@@ -417,7 +456,7 @@ def test_wrong_tenant_is_a_credential_error(azure: LocalAzure) -> None:
     with SubscriptionKeyProvider(
         azure.vault_url,
         app.name,
-        credential=ForeignTenantCredential(),  # type: ignore[arg-type]
+        credential=ForeignTenantCredential(),
         clock=FakeClock(),
         policy=POLICY,
         client_kwargs={"retry_total": 0},
@@ -481,3 +520,56 @@ def test_401_that_joins_a_read_started_before_the_rotation_still_recovers(azure:
         gate.open.set()
         client.close()
         provider.close()
+
+
+# ------------------------------------------------------------------ previous-key fallback (issue 11)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("api", APIS)
+def test_gateway_refusing_the_current_key_falls_back_to_the_previous_one(
+    azure: LocalAzure, api: Api, stream: bool
+) -> None:
+    """Issue 11 item 3: the gateway refuses the current version (e.g. it has not picked up a rotation yet)
+    and Key Vault has nothing newer: the refused request is re-sent once with the previous version, which
+    is then kept until a refresh shows a newer version."""
+    app = new_app_secret(azure)
+    h = harness(api, azure, app)
+    try:
+        assert h.chat(stream)
+        old = h.current()
+        assert old is not None
+        # A value the gateway does not accept (yet), stored as the latest version.
+        lagging = azure.keyvault.put_secret(app.name, uuid.uuid4().hex, tags={"CredentialId": "secondary"})
+        assert h.refresh().version == lagging.version
+        assert h.chat(stream)  # 401 with the current key, nothing newer: re-sent with the previous one
+        assert h.current() == old
+        stats = h.stats()
+        assert (stats.fallbacks_to_previous, stats.resends_401) == (1, 1)
+        assert h.chat(stream)  # kept: no more 401s
+        assert h.stats().resends_401 == 1
+        h.advance(STALE)  # a refresh that finds the same refused version keeps the fallback
+        h.get_key()
+        h.wait("refreshed", 4)
+        assert h.current() == old
+        assert h.chat(stream) and h.stats().resends_401 == 1
+        newest = azure.keyvault.put_secret(app.name, app.subscription.secondary_key)
+        assert h.refresh().version == newest.version  # a newer version ends the fallback
+        assert h.current().version == newest.version  # type: ignore[union-attr]
+        assert h.chat(stream)
+        assert gateway_uses(azure, app)[-1] == "secondary"
+        assert h.stats().fallbacks_to_previous == 1
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_no_fallback_without_a_previous_version(azure: LocalAzure, api: Api) -> None:
+    app = new_app_secret(azure, value=uuid.uuid4().hex)  # the only version holds a key APIM refuses
+    h = harness(api, azure, app)
+    try:
+        seen, exc = outcome(lambda: h.chat(False))
+        assert exc is not None and "401" in f"{seen} {exc}"
+        assert h.stats().fallbacks_to_previous == 0
+    finally:
+        h.close()

@@ -72,11 +72,11 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         if key is not None:
             return key
         with self._lock:
-            action, entry, reason = self._decide()
-            if entry is not None:
+            action, key, reason = self._decide()
+            if key is not None:
                 if action is Action.SERVE_AND_REFRESH and self._flight is None:
                     self._start(reason)
-                return entry.key
+                return key
             flight = self._flight or self._start(reason)
         return await flight.outcome(self.where)
 
@@ -103,18 +103,18 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         for _ in range(2):  # see the sync twin: a joined read may predate the rotation
             with self._lock:
                 stop, newer, joined = self._forced(sent)
-                if stop:
-                    return newer
-                flight = self._flight or self._start("401 from gateway")
+                flight = None if stop else self._flight or self._start("401 from gateway")
+            if flight is None:
+                return newer or self._fall_back(sent)
             try:
                 key = await flight.outcome(self.where)
             except KeyUnavailableError:
-                return None
+                return self._fall_back(sent)
             if key != sent:
                 return key
             if not joined:
-                return None
-        return None
+                break
+        return self._fall_back(sent)
 
     async def close(self) -> None:
         """Cancel a background refresh and close the SecretClient/credential this provider created."""
@@ -173,10 +173,14 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
 
     async def _fetch(self) -> Fetched:
         step: Fetched | Read = self._first_read()
+        vault = self.secret_client
         while not isinstance(step, Fetched):
             try:
-                secret = await self.secret_client.get_secret(self.secret_name, step.version)
+                if step.listing:
+                    found = [v async for v in vault.list_properties_of_secret_versions(self.secret_name)]
+                    step = self._pick_version(found, step)
+                else:
+                    step = self._read_done(await vault.get_secret(self.secret_name, step.version), step)
             except Exception as exc:
                 self._raise_typed(exc)
-            step = self._read_done(secret, step)
         return step

@@ -1,4 +1,8 @@
-"""What the sync and async providers share: configuration, counters, callbacks and repr. No I/O."""
+"""What the sync and async providers share that is not about threads or tasks.
+
+Configuration, the Azure clients a provider owns, cache decisions under the lock, turning Key Vault answers
+into keys, counters, callbacks and fork safety. No I/O.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,16 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from importlib import import_module
 from types import MappingProxyType
 from typing import Any, Generic, Literal, NamedTuple, NoReturn, Self, TypeVar
 
-from azure.keyvault.secrets import KeyVaultSecret
+from azure.keyvault.secrets import KeyVaultSecret, SecretProperties
 
 from ._key import SubscriptionKey
-from ._policy import Action, CacheEntry, CachePolicy, Clock, ForceDecision, KeyCache
+from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
 from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
 from ._vault_errors import map_error, retry_after_of
 from ._vaultclient import check_secret_client, checked, secret_client_kwargs
@@ -76,11 +81,13 @@ class PushPlan(enum.Enum):
 
 
 class Read(NamedTuple):
-    """One ``get_secret`` to do: ``version`` (``None``: the latest); ``staged_at``: set when re-reading the
-    cached version because the latest is pre-staged (its ``not_before``, Unix time)."""
+    """One Key Vault request to do: ``get_secret(version)`` (``None``: the latest), or with ``listing``
+    ``list_properties_of_secret_versions``. ``staged_at``: the latest version is pre-staged, valid from
+    then (Unix time), and an earlier version is being read instead."""
 
     version: str | None
     staged_at: float | None = None
+    listing: bool = False
 
 
 class Fetched(NamedTuple):
@@ -121,6 +128,7 @@ class ProviderStats:
     resends_401: int
     invalidations: int
     last_error: str | None
+    fallbacks_to_previous: int = 0  # times the gateway refused the current key and the previous one was used
 
 
 class _Tally:
@@ -131,7 +139,17 @@ class _Tally:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(
-            ("vault_reads", "refreshes", "rotations", "failures", "forced", "resends", "invalidations"), 0
+            (
+                "vault_reads",
+                "refreshes",
+                "rotations",
+                "failures",
+                "forced",
+                "resends",
+                "invalidations",
+                "fallbacks",
+            ),
+            0,
         )
 
     def add(self, name: str) -> None:
@@ -243,7 +261,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self._recent_values: tuple[SubscriptionKey, ...] = ()
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
-        self._flight: Any = None  # the read in flight: the shell's _Flight or asyncio.Task
+        self._flight: Any = None  # the read in flight: the shell's _Flight (a thread event or a task)
         # Lock-free fast path: (scheduling deadline, wall deadline, key) while decide() answers SERVE.
         self._fast: tuple[float, float, SubscriptionKey] | None = None
         self._owned: list[Any] = []
@@ -326,9 +344,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         """Under the lock: refresh the fast-path snapshot from the cache."""
         entry = self._cache.usable(now, wall)
         until, expiry = self._cache.serve_deadline(now, wall)
-        self._fast = (until, expiry, entry.key) if entry is not None and until > now else None
+        self._fast = (until, expiry, self._cache.served(entry)) if entry is not None and until > now else None
 
-    def _decide(self) -> tuple[Action, CacheEntry | None, Reason]:
+    def _decide(self) -> tuple[Action, SubscriptionKey | None, Reason]:
         """Under the lock: what a ``get_key()`` does now. Raises the last error for a LOAD that may not
         read Key Vault (no read in flight, backing off and no probe due)."""
         now, wall = self._now()
@@ -339,22 +357,57 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             if self._flight is None and not self._cache.may_load(now):
                 raise self._no_key_error()
             return action, None, "load"
-        return action, entry, "invalidated" if self._cache.invalidated else "refresh ahead"
+        assert entry is not None
+        key = self._cache.served(entry)
+        return action, key, "invalidated" if self._cache.invalidated else "refresh ahead"
 
     def _forced(self, sent: SubscriptionKey) -> tuple[bool, SubscriptionKey | None, bool]:
         """Under the lock, for a 401 on ``sent``: ``(stop, key, joined)``. ``stop``: return ``key`` now;
         otherwise join the read in flight (``joined``) or start one (counted as forced)."""
-        decision = self._cache.decide_forced(sent.version, self.monotonic())
+        now = self.monotonic()
+        entry = self._cache.entry()
+        fallback = self._cache.fallback
+        if fallback is not None and entry is not None:
+            if sent == fallback:  # the previous key is refused too: back to the current one
+                self._cache.fallback = None
+                self._serve_now(entry.key)
+                return True, entry.key, False
+            return True, fallback, False  # a request sent before the fall-back
+        decision = self._cache.decide_forced(sent.version, now)
         if decision is ForceDecision.USE_NEWER:
-            entry = self._cache.entry()
             return True, entry.key if entry is not None else None, False
         joined = self._flight is not None
         if not joined and decision is ForceDecision.RATE_LIMITED:
             return True, None, False
         if not joined:
-            self._cache.note_forced(self.monotonic())
+            self._cache.note_forced(now)
             self._n.add("forced")
         return False, None, joined
+
+    def _fall_back(self, refused: SubscriptionKey) -> SubscriptionKey | None:
+        """The gateway refused the current key and Key Vault has nothing newer (or cannot say): re-send
+        with the previous version and serve it until a refresh shows a newer one (e.g. a gateway that
+        lags behind a rotation). ``None`` when there is no previous valid version."""
+        with self._lock:
+            previous = self._cache.fall_back(refused, self.clock())
+            if previous is None:
+                return None
+            self._serve_now(previous)
+            self._n.add("fallbacks")
+        log.warning(
+            "apimvault: %s gateway refused version %s (fp %s) and Key Vault has nothing newer; "
+            "falling back to the previous version %s (fp %s)",
+            self.where,
+            refused.version,
+            refused.fingerprint,
+            previous.version,
+            previous.fingerprint,
+        )
+        return previous
+
+    def _serve_now(self, key: SubscriptionKey) -> None:
+        """Under the lock: make ``key`` what the next ``get_key()`` serves (the fast path is rebuilt)."""
+        self._fast = None
 
     def _push(self) -> int:
         """Under the lock: a ``refresh()`` call; only a read started from now on answers it."""
@@ -365,10 +418,11 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         return self._cache.begin(self.monotonic())
 
     def current(self) -> SubscriptionKey | None:
-        """The cached key without any I/O or refresh (``None`` before the first load or past its limit)."""
+        """The key served now, without any I/O or refresh (``None`` before the first load or past its
+        limit). While falling back (see ``refresh_after_rejection``) that is the previous version."""
         with self._lock:
             entry = self._cache.usable()
-        return entry.key if entry is not None else None
+            return self._cache.served(entry) if entry is not None else None
 
     def redaction_values(self) -> tuple[str, ...]:
         """The current and previous key values, read without locking (for the log redaction filter)."""
@@ -396,6 +450,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             resends_401=self._n["resends"],
             invalidations=self._n["invalidations"],
             last_error=f"{type(err).__name__}: {err}" if err is not None else None,
+            fallbacks_to_previous=self._n["fallbacks"],
         )
 
     def record_resend(self) -> None:
@@ -425,12 +480,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         ``refresh()``); more events in the interval coalesce into one background refresh when it ends
         (``DEFERRED``), as does every event when ``spread`` scatters the fleet's reads.
         """
+        now, wall = self._now()
         with self._lock:
-            entry = self._cache.usable()
+            entry = self._cache.usable(now, wall)
             if version is not None and entry is not None and entry.key.version == version:
                 return PushPlan.SKIP
             self._fast = None
-            if spread == 0 and self._cache.claim_push_read(self.monotonic()):
+            if spread == 0 and self._cache.claim_push_read(now):
                 return PushPlan.READ
         self.invalidate(spread=spread)
         return PushPlan.DEFERRED
@@ -448,8 +504,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     def _raise_typed(self, exc: Exception) -> NoReturn:
         """Called in a shell's ``except`` block for ``get_secret``: raise the typed error (or ``exc``)."""
         mapped = map_error(exc, where=self.where)
-        if mapped is None:
-            log.debug("apimvault: unexpected error reading %s", self.where, exc_info=True)
+        if mapped is None or mapped is exc:  # unknown, or already ours (from _read_done / _pick_version)
+            if mapped is None:
+                log.debug("apimvault: unexpected error reading %s", self.where, exc_info=True)
             raise
         raise mapped from exc
 
@@ -467,10 +524,12 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         except SecretNotYetValidError:
             with self._lock:
                 held = self._cache.entry(wall)
-            if read.staged_at is None and self.version is None and held is not None and held.key != key:
-                self._n.add("vault_reads")
+            if read.staged_at is not None or self.version is not None:
+                raise
+            self._n.add("vault_reads")
+            if held is not None and held.key != key:
                 return Read(held.key.version, staged_at=key.not_before)
-            raise
+            return Read(None, staged_at=key.not_before, listing=True)  # no key yet: find the valid one
         except SecretExpiredError:
             with self._lock:  # Key Vault says this version expired: never serve it again
                 held = self._cache.entry(wall)
@@ -478,6 +537,28 @@ class ProviderBase(Generic[CredentialT, ClientT]):
                     self._drop()
             raise
         return Fetched(key, read.staged_at)
+
+    def _pick_version(self, versions: Iterable[SecretProperties], read: Read) -> Read:
+        """The latest version is pre-staged and no key is cached: read the newest version valid now."""
+        wall = self.clock()
+        valid = [
+            v
+            for v in versions
+            if v.enabled is not False
+            and v.version
+            and (v.not_before is None or v.not_before.timestamp() <= wall)
+            and (v.expires_on is None or v.expires_on.timestamp() > wall)
+        ]
+        if not valid:
+            staged = datetime.fromtimestamp(read.staged_at or 0, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise SecretNotYetValidError(
+                f"{self.where}: the latest version is not valid before {staged} and no other version is "
+                "valid now",
+                secret=self.where,
+            )
+        newest = max(valid, key=lambda v: v.created_on.timestamp() if v.created_on else 0.0)
+        self._n.add("vault_reads")
+        return Read(newest.version, staged_at=read.staged_at)
 
     def _finish(
         self, fetched: Fetched | None, error: BaseException | None, reason: Reason, generation: int
@@ -528,7 +609,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             key, now, wall=wall, generation=generation, revisit_at=fetched.revisit_at
         )
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
-        self._recent_values = (key, *self._recent_values[:1])
+        if not self._recent_values or self._recent_values[0] != key:
+            self._recent_values = (key, *self._recent_values[:1])
         self._n.add("refreshes")
         event = KeyEvent(self.where, key.version, key.fingerprint, previous, reason)
         log.debug(

@@ -221,6 +221,10 @@ class KeyCache:
         self.invalidated = False
         self.pushes = 0  # push generation: a read must start at or after a push to answer it
         self.last_version: str | None = None
+        # Previous-key fallback: the previous distinct version served, and whether it is served instead of
+        # the current one because the gateway refused the current one and Key Vault had nothing newer.
+        self.previous: SubscriptionKey | None = None
+        self.fallback: SubscriptionKey | None = None
 
     def _now(self, now: float | None) -> float:
         return self.clock() if now is None else now
@@ -241,6 +245,10 @@ class KeyCache:
             self._store.clear()  # never served past its known expiry, whatever the scheduling clock says
             return None
         return entry
+
+    def served(self, entry: CacheEntry) -> SubscriptionKey:
+        """The key to serve from ``entry``: the current one, or the previous one while falling back."""
+        return self.fallback if self.fallback is not None else entry.key
 
     def usable(self, now: float | None = None, wall: float | None = None) -> CacheEntry | None:
         """The entry if it may be served at this instant."""
@@ -267,9 +275,13 @@ class KeyCache:
         entry = self.usable(now, wall)
         if entry is None:
             return _NEVER
-        expiry = entry.key.expires_on if entry.key.expires_on is not None else math.inf
+        expiry = min(
+            k.expires_on if k.expires_on is not None else math.inf for k in (entry.key, self.served(entry))
+        )
         if self.invalidated:
-            return _NEVER if now >= self.next_attempt_at else (self.next_attempt_at, expiry)
+            if now >= self.next_attempt_at:
+                return _NEVER
+            return min(self.next_attempt_at, entry.usable_until), expiry
         if now < entry.refresh_at:
             return entry.refresh_at, expiry
         # Refresh due but backing off: SERVE until the next attempt (or the hard limit).
@@ -347,6 +359,9 @@ class KeyCache:
             refresh_at = max(now, min(refresh_at, now + (revisit_at - wall)))
         entry = CacheEntry(key, now, refresh_at, fresh_until, usable_until)
         previous = self.last_version
+        held = self._store.get(_SLOT)
+        if held is not None and held.key.version != key.version:
+            self.previous, self.fallback = held.key, None  # a newer version ends a fallback
         self._store[_SLOT] = entry
         self.failures = 0
         self.next_attempt_at = -math.inf
@@ -399,9 +414,22 @@ class KeyCache:
         now = self._now(now)
         self.push()
         at = now + self.rng.random() * spread if spread > 0 else -math.inf
-        at = max(at, self.last_push_at + self.policy.forced_refresh_interval)
+        at = max(at, self.last_push_at + self.policy.forced_refresh_interval, self.retry_after_until)
         self.next_attempt_at = min(self.next_attempt_at, at) if self.invalidated else at
         self.invalidated = True
 
+    def fall_back(self, refused: SubscriptionKey, wall: float | None = None) -> SubscriptionKey | None:
+        """The gateway refused the current key ``refused`` and Key Vault has nothing newer: serve the
+        previous version instead (returned), if there is one still valid; ``None`` otherwise."""
+        entry = self.entry(wall)
+        previous = self.previous
+        if entry is None or entry.key != refused or previous is None or previous == refused:
+            return None
+        if previous.expires_on is not None and self._wall(wall) >= previous.expires_on:
+            return None
+        self.fallback = previous
+        return previous
+
     def clear(self) -> None:
         self._store.clear()
+        self.fallback = None

@@ -113,26 +113,31 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
 
         Coalesced: concurrent 401s share one read; skipped if the cache already holds a newer version;
         rate limited by ``policy.forced_refresh_interval`` and by back-off after failures.
+
+        Previous-key fallback: when Key Vault has nothing newer than the refused current version (a gateway
+        that has not picked up a rotation yet), the previous distinct version is returned and served from
+        then on, until a refresh shows a newer version (``stats().fallbacks_to_previous``). If the previous
+        one is refused as well, the current one is served again.
         """
         # Twice at most: a read joined here may have started before the rotation wrote the new version,
         # and so return the refused key; then one read of our own settles it.
         for _ in range(2):
             with self._lock:
                 stop, newer, joined = self._forced(sent)
-                if stop:
-                    return newer
-                flight, run = self._join_or_start("401 from gateway")
+                flight, run = (None, False) if stop else self._join_or_start("401 from gateway")
+            if flight is None:
+                return newer or self._fall_back(sent)
             if run:
                 self._run(flight)
             try:
                 key = flight.outcome(self.where)
             except KeyUnavailableError:
-                return None
+                return self._fall_back(sent)
             if key != sent:
                 return key
             if not joined:  # our own read returned the refused key: the vault has nothing newer
-                return None
-        return None
+                break
+        return self._fall_back(sent)
 
     def close(self) -> None:
         """Close the SecretClient and credential this provider created (not ones passed in)."""
@@ -152,14 +157,14 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
 
     def _get_slow(self) -> SubscriptionKey:
         with self._lock:
-            action, entry, reason = self._decide()
-            if entry is not None:
+            action, key, reason = self._decide()
+            if key is not None:
                 if action is Action.SERVE_AND_REFRESH and self._flight is None:
                     flight, _ = self._join_or_start(reason)
                     threading.Thread(
                         target=self._run, args=(flight,), name="apimvault-refresh", daemon=True
                     ).start()
-                return entry.key
+                return key
             flight, run = self._join_or_start(reason)
         if run:
             self._run(flight)
@@ -194,10 +199,15 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
 
     def _fetch(self) -> Fetched:
         step: Fetched | Read = self._first_read()
+        vault = self.secret_client
         while not isinstance(step, Fetched):
             try:
-                secret = self.secret_client.get_secret(self.secret_name, step.version)
+                if step.listing:
+                    step = self._pick_version(
+                        vault.list_properties_of_secret_versions(self.secret_name), step
+                    )
+                else:
+                    step = self._read_done(vault.get_secret(self.secret_name, step.version), step)
             except Exception as exc:
                 self._raise_typed(exc)
-            step = self._read_done(secret, step)
         return step
