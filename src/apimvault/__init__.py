@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from ._key import SubscriptionKey, fingerprint
     from ._policy import CachePolicy
     from ._redact import KeyRedactionFilter, install_log_redaction
+    from ._refusal import RefusalStats, refusal_stats
     from ._sync import SubscriptionKeyProvider
+    from .exceptions import QuotaExceededError
 
 from .exceptions import (
     AccessDeniedError,
@@ -71,6 +73,9 @@ _LAZY = {
     "KeyRedactionFilter": "._redact",
     "install_log_redaction": "._redact",
     "SubscriptionKeyProvider": "._sync",
+    "QuotaExceededError": ".exceptions",  # issue 14
+    "RefusalStats": "._refusal",  # issue 14
+    "refusal_stats": "._refusal",  # issue 14
 }
 
 
@@ -103,6 +108,8 @@ __all__ = [
     "KeyUnavailableError",
     "LiveHeaders",
     "ProviderStats",
+    "QuotaExceededError",
+    "RefusalStats",
     "RotationError",
     "SecretDisabledError",
     "SecretEvent",
@@ -122,4 +129,5 @@ __all__ = [
     "is_apim_key_rejection",
     "parse_secret_events",
     "refresh_from_event",
+    "refusal_stats",
 ]

@@ -10,6 +10,7 @@ Routes (JSON; errors are ``{"error": {"code", "message"}}``)::
                                        retry_after); on "openai" also slow_stream / drop_stream (after_chunks)
     DELETE /{service}/faults           204
     GET    /gateway/recent             recent gateway key uses: time, sid, slot, fingerprint (never a key)
+    GET|PUT|DELETE /gateway/policies   the /openai API's policies (apimvault.local.policies; issue 14)
 
 Nothing here returns a key or token value.
 """
@@ -30,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._common import Fault, FaultKind, Service, json_response
 from .apim import ApimGateway
 from .openai_backend import STREAM_FAULT_KINDS, BackendFaults, StreamFaultKind
+from .policies import admin_route as policies_admin_route  # issue 14
 
 FAULT_KINDS: tuple[str, ...] = ("latency", "status", "throttle", "reset", "hang")
 MAX_BODY_BYTES = 64 * 1024
@@ -143,6 +145,8 @@ class AdminService(Service):
             if method == "POST":
                 return json_response(self._add_fault(service, await self._json(request)), 201)
             return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        if route == ["policies"] and isinstance(service, ApimGateway):  # issue 14
+            return await policies_admin_route(service.policies, service.api_path, method, request)  # issue 14
         if route == ["recent"] and method == "GET" and isinstance(service, ApimGateway):
             return json_response({"recent": [u._asdict() for u in service.recent()]})
         return _error(404, "NotFound", f"no admin route {method} {request.url.path}")
@@ -264,3 +268,13 @@ class AdminClient:
 
     def recent(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self._call("GET", "/gateway/recent")["recent"])
+
+    # issue 14: the gateway's per-API policies
+    def policies(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self._call("GET", "/gateway/policies")["policies"])
+
+    def set_policies(self, policies: dict[str, Any]) -> dict[str, Any]:
+        return cast(dict[str, Any], self._call("PUT", "/gateway/policies", policies)["policies"])
+
+    def clear_policies(self) -> None:
+        self._call("DELETE", "/gateway/policies")

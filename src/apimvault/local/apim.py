@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._common import TENANT_ID, Service, TokenError, TokenIssuer, fingerprint, json_response
 from .openai_backend import OpenAIBackend
+from .policies import PolicyEngine  # issue 14
 
 Slot = Literal["primary", "secondary"]
 UseSlot = Literal["primary", "secondary", "invalid", "missing"]
@@ -243,6 +244,7 @@ class ApimGateway(Service):
         self._windows: dict[str, collections.deque[float]] = {}
         self._lock = threading.Lock()
         self._backend_app: ASGIApp | None = None
+        self.policies = PolicyEngine(self.counters)  # issue 14: per-API policies (apimvault.local.policies)
 
     # ------------------------------------------------------------------------------ Service protocol
 
@@ -351,6 +353,10 @@ class ApimGateway(Service):
                 429, f"Rate limit is exceeded. Try again in {wait} seconds.", {"Retry-After": str(wait)}
             )(scope, receive, send)
             return
+        refused, receive = await self.policies.inbound(self.api_path, sub.sid, scope, receive)  # issue 14
+        if refused is not None:  # issue 14
+            await refused(scope, receive, send)  # issue 14
+            return  # issue 14
         # Forward as an APIM backend with a key credential would: the caller's key and auth headers are
         # removed and the backend's own api-key set.
         headers.append((b"host", f"127.0.0.1:{self.backend.port}".encode()))
