@@ -11,6 +11,7 @@ from typing import Any
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.keyvault.secrets.aio import SecretClient
 
+from . import _telemetry  # issue 14
 from ._base import DEFAULT_CLIENT_KWARGS, DEFAULT_HEADER, KeyEvent, ProviderBase, log
 from ._fetch import map_error, retry_after_of, to_key
 from ._key import SubscriptionKey
@@ -188,7 +189,7 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
         key: SubscriptionKey | None = None
         error: BaseException | None = None
         try:
-            key = await self._fetch()
+            key = await _telemetry.atraced_read(self, reason, self._fetch)  # issue 14: span + metrics if on
         except Exception as exc:
             error = exc
         finally:

@@ -266,4 +266,4 @@ def note_key_401(provider: object) -> None:
 def note_resend(provider: object, kind: Literal["key", "token"]) -> None:
     """Hook: the auth flow re-sends a request after a ``kind`` 401."""
     _note(provider, f"{kind}_resends")
-    _telemetry.resend_event(kind)
+    _telemetry.resend_event(kind, provider)

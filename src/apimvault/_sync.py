@@ -13,6 +13,7 @@ from typing import Any
 from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
+from . import _telemetry  # issue 14
 from ._base import DEFAULT_CLIENT_KWARGS, DEFAULT_HEADER, KeyEvent, ProviderBase, log
 from ._fetch import map_error, retry_after_of, to_key
 from ._key import SubscriptionKey
@@ -248,7 +249,7 @@ class SubscriptionKeyProvider(ProviderBase):
         key: SubscriptionKey | None = None
         error: BaseException | None = None
         try:
-            key = self._fetch()
+            key = _telemetry.traced_read(self, flight.reason, self._fetch)  # issue 14: span + metrics if on
         except BaseException as exc:  # published to waiters, never lost
             error = exc
         pending = []

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from . import _telemetry  # issue 14
 from ._key import fingerprint
 from .exceptions import (
     AccessDeniedError,
@@ -505,6 +506,7 @@ def rotate(
                 expected,
                 current.version,
             )
+            _telemetry.rotation_counted("skipped", where)  # issue 14
             return RotationResult(
                 skipped=True,
                 reason=f"version {expected} is no longer the latest ({current.version}): already rotated",
@@ -582,6 +584,7 @@ def rotate(
             tags[TAG_CREDENTIAL_ID],
             fingerprint(new_value),
         )
+        _telemetry.rotation_counted("rotated", where)  # issue 14
         return RotationResult(
             skipped=False,
             reason="rotated",
@@ -593,6 +596,9 @@ def rotate(
             regenerated=other,
             expires_on=_iso(expires),
         )
+    except BaseException:
+        _telemetry.rotation_counted("failed", where)  # issue 14
+        raise
     finally:
         session.close()
 
