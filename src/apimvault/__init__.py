@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
     from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
     from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
+    from ._entra import (
+        AsyncBearerTokenSource,
+        BearerTokenSource,
+        create_async_token_azure_openai,
+        create_token_azure_openai,
+    )
     from ._events import SecretEvent, arefresh_from_event, parse_secret_events, refresh_from_event
     from ._key import SubscriptionKey, fingerprint
     from ._policy import CachePolicy
@@ -76,6 +82,10 @@ _LAZY = {
     "QuotaExceededError": ".exceptions",  # issue 14
     "RefusalStats": "._refusal",  # issue 14
     "refusal_stats": "._refusal",  # issue 14
+    "BearerTokenSource": "._entra",  # issue 14
+    "AsyncBearerTokenSource": "._entra",  # issue 14
+    "create_token_azure_openai": "._entra",  # issue 14
+    "create_async_token_azure_openai": "._entra",  # issue 14
 }
 
 
@@ -97,7 +107,9 @@ __all__ = [
     "PLACEHOLDER_API_KEY",
     "AccessDeniedError",
     "ApimVaultError",
+    "AsyncBearerTokenSource",
     "AsyncSubscriptionKeyProvider",
+    "BearerTokenSource",
     "CachePolicy",
     "ConfigurationError",
     "CredentialError",
@@ -123,7 +135,9 @@ __all__ = [
     "__version__",
     "arefresh_from_event",
     "create_async_azure_openai",
+    "create_async_token_azure_openai",
     "create_azure_openai",
+    "create_token_azure_openai",
     "fingerprint",
     "install_log_redaction",
     "is_apim_key_rejection",

@@ -75,6 +75,7 @@ class AsyncSubscriptionKeyProvider(ProviderBase):
             )
             self._owned.insert(0, secret_client)
         self.secret_client = secret_client
+        self.credential = credential  # issue 14: reused for key plus token (apimvault._entra)
         self._task: asyncio.Task[_Outcome] | None = None
         self._fast: tuple[float, SubscriptionKey] | None = None
 

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 
+from . import _entra  # issue 14
 from ._async import AsyncSubscriptionKeyProvider
 from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth
 from ._base import check_header_name
@@ -143,6 +144,8 @@ def create_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.Client | None = None,
     default_headers: Mapping[str, str] | None = None,
+    token_scope: str | None = None,  # issue 14: key plus Entra token (apimvault._entra)
+    token_credential: Any = None,  # issue 14
     **kwargs: Any,
 ) -> openai.AzureOpenAI:
     """A plain ``openai.AzureOpenAI`` whose every request carries the provider's current key.
@@ -152,23 +155,30 @@ def create_azure_openai(
     With ``header_name="api-key"`` (APIM configured to read ``api-key``) the key goes through openai's
     own ``api_key`` provider path; otherwise a placeholder satisfies openai's credential check and is
     removed before sending. Pass ``http_client`` to tune the transport; apimvault installs its auth on it.
+
+    ``token_scope`` (e.g. ``api://<app-id>/.default``, the gateway API's app registration) adds an Entra
+    bearer token to every request, for gateways that run ``validate-azure-ad-token`` next to the key:
+    openai's ``azure_ad_token_provider`` built with azure-identity's ``get_bearer_token_provider`` on the
+    provider's credential (or ``token_credential``); no ``api_key`` is set then. A token 401 gets one
+    token refresh and one re-send and never touches the key (:mod:`apimvault._entra`).
     """
     if not isinstance(provider, SubscriptionKeyProvider):
         raise ConfigurationError(
             "create_azure_openai needs a SubscriptionKeyProvider (use create_async_azure_openai "
             "for AsyncSubscriptionKeyProvider)"
         )
-    return openai.AzureOpenAI(
-        **_client_kwargs(
-            provider,
-            http_client,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            header_name=header_name,
-            default_headers=default_headers,
-            kwargs=kwargs,
-        )
+    built = _client_kwargs(
+        provider,
+        http_client,
+        azure_endpoint=azure_endpoint,
+        api_version=api_version,
+        header_name=header_name,
+        default_headers=default_headers,
+        kwargs=kwargs,
     )
+    if token_scope is not None:  # issue 14: key plus token
+        _entra.add_token(built, provider, token_scope, token_credential, is_async=False)
+    return openai.AzureOpenAI(**built)
 
 
 def create_async_azure_openai(
@@ -179,19 +189,22 @@ def create_async_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.AsyncClient | None = None,
     default_headers: Mapping[str, str] | None = None,
+    token_scope: str | None = None,  # issue 14: key plus Entra token (apimvault._entra)
+    token_credential: Any = None,  # issue 14
     **kwargs: Any,
 ) -> openai.AsyncAzureOpenAI:
     """The asyncio twin of :func:`create_azure_openai`, returning a plain ``openai.AsyncAzureOpenAI``."""
     if not isinstance(provider, AsyncSubscriptionKeyProvider):
         raise ConfigurationError("create_async_azure_openai needs an AsyncSubscriptionKeyProvider")
-    return openai.AsyncAzureOpenAI(
-        **_client_kwargs(
-            provider,
-            http_client,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            header_name=header_name,
-            default_headers=default_headers,
-            kwargs=kwargs,
-        )
+    built = _client_kwargs(
+        provider,
+        http_client,
+        azure_endpoint=azure_endpoint,
+        api_version=api_version,
+        header_name=header_name,
+        default_headers=default_headers,
+        kwargs=kwargs,
     )
+    if token_scope is not None:  # issue 14: key plus token
+        _entra.add_token(built, provider, token_scope, token_credential, is_async=True)
+    return openai.AsyncAzureOpenAI(**built)

@@ -115,6 +115,7 @@ class SubscriptionKeyProvider(ProviderBase):
             )
             self._owned.insert(0, secret_client)
         self.secret_client = secret_client
+        self.credential = credential  # issue 14: reused for key plus token (apimvault._entra)
         self._flight: _Flight | None = None
         self._fast: tuple[float, SubscriptionKey] | None = None
 

@@ -137,6 +137,7 @@ class TokenIssuer:
             "appid": identity.client_id,
             "idtyp": "app",
             "xms_mi_name": identity.name,
+            "uti": secrets.token_urlsafe(16),  # Entra's unique token id: no two tokens are the same bytes
         }
         roles = self.app_roles.get((identity.client_id, resource))
         if roles:

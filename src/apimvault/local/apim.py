@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._common import TENANT_ID, Service, TokenError, TokenIssuer, fingerprint, json_response
 from .openai_backend import OpenAIBackend
-from .policies import PolicyEngine  # issue 14
+from .policies import PolicyEngine, forward_without_key  # issue 14
 
 Slot = Literal["primary", "secondary"]
 UseSlot = Literal["primary", "secondary", "invalid", "missing"]
@@ -329,6 +329,8 @@ class ApimGateway(Service):
             await _apim_error(404, NOT_FOUND_MESSAGE)(scope, receive, send)
             return
         key, headers, query = self._extract(scope)
+        if not key and await forward_without_key(self, scope, receive, send):  # issue 14: token-only API
+            return  # issue 14
         if not key:
             self._record(None, "missing", None)
             await _apim_error(401, MISSING_KEY_MESSAGE, {"WWW-Authenticate": self.challenge})(

@@ -48,7 +48,7 @@ from typing import Any
 import jwt
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from ._common import Clock, Counters, json_response
 
@@ -70,6 +70,7 @@ QUOTA_PERIODS = {
     "Yearly": 365 * 86400,
 }
 _BYTES_PER_TOKEN = 4
+_CLOCK_SKEW_S = 300  # IdentityModel's default ClockSkew
 
 
 def timespan(seconds: float) -> str:
@@ -168,16 +169,24 @@ class ApiPolicies:
     rate_limit_by_key: RateLimitByKey | None = None
     quota_by_key: QuotaByKey | None = None
     azure_openai_token_limit: AzureOpenAITokenLimit | None = None
+    #: The API setting ``subscriptionRequired``: ``False`` lets requests without a key through (counters
+    #: then count them under the empty subscription), e.g. for token-only clients.
+    subscription_required: bool = True
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> ApiPolicies:
         """From the admin API's JSON (``{"quota_by_key": {"calls": 5, "renewal_period": 60}, ...}``)."""
-        unknown = set(doc) - set(_KINDS)
+        unknown = set(doc) - set(_KINDS) - {"subscription_required"}
         if unknown:
             raise ValueError(f"unknown policies {sorted(unknown)}; known: {sorted(_KINDS)}")
         built: dict[str, Any] = {}
         for name, value in doc.items():
             if value is None:
+                continue
+            if name == "subscription_required":
+                if not isinstance(value, bool):
+                    raise ValueError("subscription_required must be true or false")
+                built[name] = value
                 continue
             if not isinstance(value, Mapping):
                 raise ValueError(f"{name} must be an object")
@@ -189,10 +198,10 @@ class ApiPolicies:
 
     def to_dict(self) -> dict[str, Any]:
         """The admin API's JSON form (policies not set are left out)."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {} if self.subscription_required else {"subscription_required": False}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is not None:
+            if value is not None and not isinstance(value, bool):
                 out[field.name] = {
                     k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(value).items()
                 }
@@ -368,7 +377,14 @@ class PolicyEngine:
                 token,
                 key.key,
                 algorithms=["RS256"],
-                options={"verify_aud": False, "verify_iss": False, "verify_exp": False, "verify_nbf": False},
+                # Times are checked below against the stack's clock, not the wall clock PyJWT would use.
+                options={
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError:
             return "IDX10503: Signature validation failed. Access denied."
@@ -378,6 +394,8 @@ class PolicyEngine:
             return "IDX10214: Audience validation failed. Access denied."
         if int(claims.get("exp", 0)) <= int(self.clock()):
             return "IDX10223: Lifetime validation failed. The token is expired. Access denied."
+        if int(claims.get("nbf", 0)) > int(self.clock()) + _CLOCK_SKEW_S:
+            return "IDX10222: Lifetime validation failed. The token is not yet valid. Access denied."
         if policy.required_roles:
             roles = claims.get("roles")
             if not roles:
@@ -385,6 +403,29 @@ class PolicyEngine:
             if not set(policy.required_roles) & set(roles):
                 return f"Claim roles value of {', '.join(map(str, roles))} is not allowed. Access denied."
         return None
+
+
+async def forward_without_key(gateway: Any, scope: Scope, receive: Receive, send: Send) -> bool:
+    """For an API with ``subscription_required=False``: apply its policies to a request that carries no
+    key and forward it as the gateway forwards keyed ones. Returns False when the API requires a key."""
+    api = gateway.api_path
+    if gateway.policies.get(api).subscription_required:
+        return False
+    _, headers, query = gateway._extract(scope)
+    refused, receive = await gateway.policies.inbound(api, "", scope, receive)
+    if refused is not None:
+        await refused(scope, receive, send)
+        return True
+    headers.append((b"host", f"127.0.0.1:{gateway.backend.port}".encode()))
+    headers.append((b"api-key", gateway.backend.api_key.encode()))
+    forwarded = {
+        **scope,
+        "headers": headers,
+        "query_string": query,
+        "server": ("127.0.0.1", gateway.backend.port),
+    }
+    await gateway._backend_app(forwarded, receive, send)
+    return True
 
 
 async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
