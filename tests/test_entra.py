@@ -241,3 +241,41 @@ async def test_token_401_refresh_and_resend_on_a_stream(
     assert text
     refusals = refusal_stats(provider)
     assert (refusals.token, refusals.token_refreshes, refusals.token_resends, refusals.key) == (1, 1, 1, 0)
+
+
+# ------------------------------------------------------------------------------- apimvault check
+
+
+def test_check_token_step_and_key_plus_token_request(gateway: LocalAzure) -> None:
+    from .cli_support import assert_no_key, new_rotating_app, run_cli
+
+    gateway.tokens.grant_app_role(gateway.default_identity, AUDIENCE, "Gateway.Call")
+    app = new_rotating_app(gateway)
+    run = run_cli(["check", "--json"], {**app.env(), "APIMVAULT_TOKEN_SCOPE": SCOPE})
+    assert_no_key(run.out + run.err, app.seen_keys)
+    assert "eyJ" not in run.out + run.err  # no JWT is ever printed
+    doc = run.json()
+    assert run.code == 0 and doc["ok"] is True
+    names = [s["name"] for s in doc["steps"]]
+    assert names == ["config", "credential", "vault", "access", "secret", "token", "apim"]
+    token = doc["token"]
+    assert token["audience"] == AUDIENCE and token["roles"] == ["Gateway.Call"]
+    assert token["credential"] == "ManagedIdentityCredential" and 0 < token["expires_in_min"] <= 60
+    assert "key and token accepted" in doc["steps"][-1]["detail"]
+
+
+def test_check_names_a_refused_token(gateway: LocalAzure) -> None:
+    from .cli_support import assert_no_key, new_rotating_app, run_cli
+
+    app = new_rotating_app(gateway)
+    run = run_cli(["check", "--json"], {**app.env(), "APIMVAULT_TOKEN_SCOPE": "api://another-api/.default"})
+    assert_no_key(run.out + run.err, app.seen_keys)
+    doc = run.json()
+    assert run.code == 8 and doc["ok"] is False  # EXIT_KEY_REJECTED: the gateway refused a credential
+    token_step, apim_step = doc["steps"][-2:]
+    assert token_step["name"] == "token" and token_step["ok"] is True
+    assert (
+        "WARNING" not in token_step["detail"]
+    )  # the token is for the scope asked; the gateway wants another
+    assert apim_step["name"] == "apim" and apim_step["ok"] is False
+    assert "refused the Entra token" in apim_step["detail"] and "IDX10214" in apim_step["detail"]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from . import _check_token  # issue 14 (imports nothing heavy at module level)
 from .exceptions import (
     AccessDeniedError,
     ApimVaultError,
@@ -692,8 +693,14 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
                 )
             )
 
+            token_scope = _env(_check_token.ENV_TOKEN_SCOPE)  # issue 14: key plus token
+            if token_scope and not _check_token.token_step(
+                credential, token_scope, used, record, _Step, report
+            ):
+                return finish(EXIT_CREDENTIAL)  # issue 14
+
             # 4. APIM accepts the key ---------------------------------------------------------------
-            return finish(_check_apim(provider, key, endpoint, deployment, record, report))
+            return finish(_check_apim(provider, key, endpoint, deployment, record, report, token_scope))
         finally:
             provider.close()
     except ConfigurationError as exc:
@@ -710,18 +717,28 @@ def _check_apim(
     deployment: str,
     record: Callable[[_Step], None],
     report: dict[str, Any],
+    token_scope: str | None = None,  # issue 14
 ) -> int:
     import openai
 
     from . import create_azure_openai
 
-    client = create_azure_openai(provider, azure_endpoint=endpoint, max_retries=0, timeout=20)
+    client = create_azure_openai(
+        provider,
+        azure_endpoint=endpoint,
+        max_retries=0,
+        timeout=20,
+        token_scope=token_scope,  # issue 14
+    )
     started = time.perf_counter()
     try:
         client.chat.completions.create(
             model=deployment, messages=[{"role": "user", "content": "ping"}], max_tokens=1
         )
     except openai.AuthenticationError as exc:
+        if token_scope and (refused := _check_token.describe_token_refusal(exc)):  # issue 14
+            record(_Step("apim", False, refused))  # issue 14
+            return EXIT_KEY_REJECTED  # issue 14
         record(
             _Step(
                 "apim",
@@ -763,7 +780,8 @@ def _check_apim(
         client.close()
     ms = (time.perf_counter() - started) * 1000
     report["apim"] = {"endpoint": endpoint, "deployment": deployment, "latency_ms": round(ms, 1)}
-    record(_Step("apim", True, f"key accepted by {endpoint} (1-token chat on {deployment}, {ms:.0f} ms)"))
+    what = "key and token accepted" if token_scope else "key accepted"  # issue 14
+    record(_Step("apim", True, f"{what} by {endpoint} (1-token chat on {deployment}, {ms:.0f} ms)"))
     return EXIT_OK
 
 
@@ -1015,7 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
         "which identity (claims only, never the token); Key Vault reachable; access (a 403 names the role "
         "and scope to grant); the secret (enabled, not expired, version, age, CredentialId, fingerprint); "
         "APIM accepting the key (a 1-token chat). Uses AZURE_KEYVAULT_URL, APIMVAULT_SECRET_NAME, "
-        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT.",
+        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT; with APIMVAULT_TOKEN_SCOPE also "
+        "an Entra token step and a key-plus-token request.",
     )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--endpoint", help="APIM gateway URL (default: AZURE_OPENAI_ENDPOINT)")
