@@ -279,3 +279,35 @@ def test_check_names_a_refused_token(gateway: LocalAzure) -> None:
     )  # the token is for the scope asked; the gateway wants another
     assert apim_step["name"] == "apim" and apim_step["ok"] is False
     assert "refused the Entra token" in apim_step["detail"] and "IDX10214" in apim_step["detail"]
+
+
+# ------------------------------------------------------------------------------- apimvault drill
+
+
+@pytest.mark.slow
+def test_drill_key_plus_token_reports_token_refreshes(gateway: LocalAzure) -> None:
+    from .cli_support import assert_no_key, new_rotating_app, run_cli
+
+    app = new_rotating_app(gateway)
+    run = run_cli(
+        ["drill", "--json", "--duration", "3", "--concurrency", "6", "--token-scope", SCOPE], app.env()
+    )
+    assert run.code == 0, run.err + run.out[-2000:]
+    report = run.json()
+    assert report["ok"] is True and report["failed"] == 0 and report["rotations"] >= 2
+    assert report["token_scope"] == SCOPE
+    assert report["token_refreshes"] == 0 and report["refusals"]["token"] == 0  # tokens outlive the drill
+    assert report["key_refreshes"] >= len(report["clients_detail"])
+    assert report["refusals"]["key"] == report["recovered_401"]
+    assert gateway.gateway.counters.labels().get("policy:token", 0) == 0  # every token was accepted
+    app.keys()
+    assert_no_key(run.out + run.err, app.seen_keys)
+    assert "eyJ" not in run.out + run.err
+    import io
+
+    from apimvault._drill import _print_report
+    from apimvault.cli import Output
+
+    human = io.StringIO()
+    _print_report(Output(False, stdout=human, stderr=io.StringIO()), report)
+    assert f"token {report['token_refreshes']} (key plus token for {SCOPE})" in human.getvalue()

@@ -196,6 +196,7 @@ class Drill:
         self.concurrency = max(2, int(args.concurrency))
         self.n_clients = max(2, min(int(args.clients), self.concurrency))
         self.chaos = bool(args.chaos)
+        self.token_scope: str | None = getattr(args, "token_scope", None)  # issue 14: key plus token
         ttl = max(4.0, self.duration * 0.6)
         self.policy = CachePolicy(
             ttl=ttl,
@@ -302,7 +303,11 @@ class Drill:
             )
             slot.provider = provider
             slot.client = create_azure_openai(
-                provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+                provider,
+                azure_endpoint=self.target.gateway_url,
+                max_retries=0,
+                timeout=30,
+                token_scope=self.token_scope,  # issue 14
             )
             self.slots.append(slot)
         self._loop = asyncio.new_event_loop()
@@ -358,7 +363,11 @@ class Drill:
                 )
                 slot.provider = provider
                 slot.client = create_async_azure_openai(
-                    provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+                    provider,
+                    azure_endpoint=self.target.gateway_url,
+                    max_retries=0,
+                    timeout=30,
+                    token_scope=self.token_scope,  # issue 14
                 )
                 mine.append(slot)
             with self._lock:
@@ -755,10 +764,20 @@ class Drill:
             if len(self.rotations) < 2:
                 why.append("fewer than 2 rotations")
             verdict = "FAIL: " + "; ".join(why or ["no traffic"])
+        from ._refusal import refusal_stats  # issue 14
+
+        refusals = [refusal_stats(s.provider) for s, _ in stats]  # issue 14
         return {
             "ok": ok,
             "verdict": verdict,
             "target": self.target.label,
+            "token_scope": self.token_scope,  # issue 14
+            "key_refreshes": sum(st.refreshes for _, st in stats),  # issue 14
+            "token_refreshes": sum(r.token_refreshes for r in refusals),  # issue 14
+            "refusals": {  # issue 14: gateway refusals by kind
+                kind: sum(getattr(r, kind) for r in refusals)
+                for kind in ("key", "token", "quota", "rate", "backend", "other")
+            },
             "requests": self.metrics.requests,
             "failed": failed,
             "recovered_401": recovered,
@@ -834,6 +853,10 @@ def _print_report(out: Output, report: dict[str, Any]) -> None:
     )
     out.line(f"failed            {report['failed']}")
     out.line(f"recovered_401     {report['recovered_401']} (re-sent once after a coalesced refresh)")
+    out.line(  # issue 14
+        f"refreshes         key {report['key_refreshes']}, token {report['token_refreshes']}"
+        + (f" (key plus token for {report['token_scope']})" if report["token_scope"] else " (key only)")
+    )
     server = report["vault_get_secret_server"]
     out.line(
         f"vault_reads       {report['vault_reads']}"
@@ -934,6 +957,11 @@ def run(args: argparse.Namespace, out: Output) -> int:
                     target.faults.close()
         with embedded_stack(need_async=True) as azure:
             env = azure.environ()
+            if getattr(args, "token_scope", None):  # issue 14: the gateway then checks the token too
+                audience = args.token_scope.strip().removesuffix("/.default")  # issue 14
+                azure.gateway.policies.set(
+                    azure.gateway.api_path, {"validate_azure_ad_token": {"audiences": [audience]}}
+                )
             target = Target(
                 vault_url=azure.vault_url,
                 secret_name=env["APIMVAULT_SECRET_NAME"],
