@@ -18,6 +18,7 @@ from azure.identity import DefaultAzureCredential
 from azure.identity.aio import DefaultAzureCredential as AsyncDefaultAzureCredential
 
 from apimvault import (
+    AsyncBearerTokenSource,
     AsyncSubscriptionKeyProvider,
     BearerTokenSource,
     CachePolicy,
@@ -208,8 +209,21 @@ def test_bad_token_configuration_is_a_clear_error(azure: LocalAzure) -> None:
             client = create_azure_openai(bare, token_scope=SCOPE, token_credential=credential)
             assert isinstance(client, openai.AzureOpenAI)
             client.close()
+        with pytest.raises(ConfigurationError, match="AsyncTokenCredential"):
+            AsyncBearerTokenSource(credential, SCOPE)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="not a token credential"):
+            BearerTokenSource(object(), SCOPE)  # type: ignore[arg-type]
     finally:
         credential.close()
+
+
+async def test_a_sync_credential_is_refused_for_an_async_token_source() -> None:
+    credential = AsyncDefaultAzureCredential()
+    try:
+        with pytest.raises(ConfigurationError, match="sync TokenCredential"):
+            BearerTokenSource(credential, SCOPE)  # type: ignore[arg-type]
+    finally:
+        await credential.close()
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -311,3 +325,24 @@ def test_drill_key_plus_token_reports_token_refreshes(gateway: LocalAzure) -> No
     human = io.StringIO()
     _print_report(Output(False, stdout=human, stderr=io.StringIO()), report)
     assert f"token {report['token_refreshes']} (key plus token for {SCOPE})" in human.getvalue()
+
+
+def test_tokens_never_in_debug_logs_through_a_token_refresh(clocked: tuple[LocalAzure, FakeClock]) -> None:
+    from .canary import LeakCapture, find_leaks
+
+    stack, clock = clocked
+    app = new_app_secret(stack)
+    with stack.env(), SubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY) as provider:
+        client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
+        with LeakCapture(["apimvault", "openai", "httpx2", "httpcore2", "azure", "msal"]) as capture:
+            client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            clock.advance(stack.tokens.lifetime_s + 60)
+            raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        client.close()
+        key = provider.get()
+    token = raw.http_response.request.headers["authorization"].removeprefix("Bearer ")
+    assert refusal_stats(provider).token_refreshes == 1 and token.startswith("eyJ")
+    text = capture.text()
+    assert capture.records > 0 and "authorization" in text.lower()  # headers were logged (redacted)
+    assert "eyJ" not in text  # no JWT (header, payload or the whole token) in any DEBUG record
+    assert find_leaks({"logs": text}, [token, key]) == []

@@ -23,6 +23,7 @@ clients set no ``api_key``: the key travels in the subscription-key header set b
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 import time
@@ -53,6 +54,15 @@ def _check_scope(scope: object) -> str:
     return scope.strip()
 
 
+def _check_credential(credential: object, *, is_async: bool) -> None:
+    get_token = getattr(credential, "get_token", None)
+    if not callable(get_token):
+        raise ConfigurationError(f"{type(credential).__name__} is not a token credential (no get_token)")
+    if inspect.iscoroutinefunction(get_token) != is_async:
+        wanted = "an AsyncTokenCredential (azure.identity.aio)" if is_async else "a sync TokenCredential"
+        raise ConfigurationError(f"this client needs {wanted}, not {type(credential).__name__}")
+
+
 def _force_claims() -> str:
     # A claims challenge (the shape CAE uses) makes MSAL skip its cached token for this request only.
     return json.dumps({"access_token": {"nbf": {"essential": True, "value": str(int(time.time()))}}})
@@ -64,6 +74,7 @@ class BearerTokenSource:
     def __init__(self, credential: TokenCredential, scope: str) -> None:
         from azure.identity import get_bearer_token_provider
 
+        _check_credential(credential, is_async=False)
         self._make = get_bearer_token_provider
         self.credential = credential
         self.scope = _check_scope(scope)
@@ -101,6 +112,7 @@ class AsyncBearerTokenSource:
     def __init__(self, credential: AsyncTokenCredential, scope: str) -> None:
         from azure.identity.aio import get_bearer_token_provider
 
+        _check_credential(credential, is_async=True)
         self._make = get_bearer_token_provider
         self.credential = credential
         self.scope = _check_scope(scope)
