@@ -263,9 +263,13 @@ async def test_token_401_refresh_and_resend_on_a_stream(
 def test_check_token_step_and_key_plus_token_request(gateway: LocalAzure) -> None:
     from .cli_support import assert_no_key, new_rotating_app, run_cli
 
-    gateway.tokens.grant_app_role(gateway.default_identity, AUDIENCE, "Gateway.Call")
+    audience = "api://apimvault-check"  # its own app registration: the role granted here stays with it
+    gateway.tokens.grant_app_role(gateway.default_identity, audience, "Gateway.Call")
+    gateway.gateway.policies.set(
+        API, {"validate_azure_ad_token": {"audiences": [audience], "required_roles": ["Gateway.Call"]}}
+    )
     app = new_rotating_app(gateway)
-    run = run_cli(["check", "--json"], {**app.env(), "APIMVAULT_TOKEN_SCOPE": SCOPE})
+    run = run_cli(["check", "--json"], {**app.env(), "APIMVAULT_TOKEN_SCOPE": audience + "/.default"})
     assert_no_key(run.out + run.err, app.seen_keys)
     assert "eyJ" not in run.out + run.err  # no JWT is ever printed
     doc = run.json()
@@ -273,7 +277,7 @@ def test_check_token_step_and_key_plus_token_request(gateway: LocalAzure) -> Non
     names = [s["name"] for s in doc["steps"]]
     assert names == ["config", "credential", "vault", "access", "secret", "token", "apim"]
     token = doc["token"]
-    assert token["audience"] == AUDIENCE and token["roles"] == ["Gateway.Call"]
+    assert token["audience"] == audience and token["roles"] == ["Gateway.Call"]
     assert token["credential"] == "ManagedIdentityCredential" and 0 < token["expires_in_min"] <= 60
     assert "key and token accepted" in doc["steps"][-1]["detail"]
 
