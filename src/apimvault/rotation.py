@@ -596,9 +596,9 @@ def rotate(
             regenerated=other,
             expires_on=_iso(expires),
         )
-    except BaseException:
+    except BaseException:  # issue 14
         _telemetry.rotation_counted("failed", where)  # issue 14
-        raise
+        raise  # issue 14
     finally:
         session.close()
 
