@@ -22,11 +22,19 @@ if TYPE_CHECKING:
     from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
     from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
     from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
+    from ._entra import (
+        AsyncBearerTokenSource,
+        BearerTokenSource,
+        create_async_token_azure_openai,
+        create_token_azure_openai,
+    )
     from ._events import SecretEvent, arefresh_from_event, parse_secret_events, refresh_from_event
     from ._key import SubscriptionKey, fingerprint
     from ._policy import CachePolicy
     from ._redact import KeyRedactionFilter, install_log_redaction
+    from ._refusal import RefusalStats, refusal_stats
     from ._sync import SubscriptionKeyProvider
+    from .exceptions import QuotaExceededError
 
 from .exceptions import (
     AccessDeniedError,
@@ -71,6 +79,13 @@ _LAZY = {
     "KeyRedactionFilter": "._redact",
     "install_log_redaction": "._redact",
     "SubscriptionKeyProvider": "._sync",
+    "QuotaExceededError": ".exceptions",  # issue 14
+    "RefusalStats": "._refusal",  # issue 14
+    "refusal_stats": "._refusal",  # issue 14
+    "BearerTokenSource": "._entra",  # issue 14
+    "AsyncBearerTokenSource": "._entra",  # issue 14
+    "create_token_azure_openai": "._entra",  # issue 14
+    "create_async_token_azure_openai": "._entra",  # issue 14
 }
 
 
@@ -104,7 +119,9 @@ __all__ = [
     "PLACEHOLDER_API_KEY",
     "AccessDeniedError",
     "ApimVaultError",
+    "AsyncBearerTokenSource",
     "AsyncSubscriptionKeyProvider",
+    "BearerTokenSource",
     "CachePolicy",
     "ConfigurationError",
     "CredentialError",
@@ -115,6 +132,8 @@ __all__ = [
     "KeyUnavailableError",
     "LiveHeaders",
     "ProviderStats",
+    "QuotaExceededError",
+    "RefusalStats",
     "RotationError",
     "SecretDisabledError",
     "SecretEvent",
@@ -128,10 +147,13 @@ __all__ = [
     "__version__",
     "arefresh_from_event",
     "create_async_azure_openai",
+    "create_async_token_azure_openai",
     "create_azure_openai",
+    "create_token_azure_openai",
     "fingerprint",
     "install_log_redaction",
     "is_apim_key_rejection",
     "parse_secret_events",
     "refresh_from_event",
+    "refusal_stats",
 ]

@@ -9,6 +9,7 @@ from types import TracebackType
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.keyvault.secrets.aio import SecretClient
 
+from . import _telemetry
 from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, flight_timeout, fresh_copy
 from ._key import SubscriptionKey
 from ._policy import Action
@@ -161,7 +162,7 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         error: BaseException | None = None
         pending = []
         try:
-            fetched = await self._fetch()
+            fetched = await _telemetry.atraced_read(self, flight.reason, self._fetch)
         except Exception as exc:
             error = exc
         finally:

@@ -267,6 +267,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self._owned: list[Any] = []
         self._build = (credential, client_kwargs, credential_kwargs) if secret_client is None else None
         self._rebuild = False
+        # The identity this provider reads Key Vault with (also the default for key plus token, _entra).
+        self.credential: CredentialT | None = credential
         if secret_client is not None:  # the caller's: refused if it would log bodies or skip verification
             check_secret_client(secret_client, where=self.where)
         self.secret_client: ClientT = secret_client if secret_client is not None else self._make_clients()
@@ -300,6 +302,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
                 **{**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
             )
             owned.append(credential)
+        self.credential = credential
         # Never logs a Key Vault body (the key), whatever logging_enable says: see _vaultclient.
         settings = secret_client_kwargs(DEFAULT_CLIENT_KWARGS, client_kwargs)
         settings.setdefault("retry_policy", self._retry_policy_class(**settings))

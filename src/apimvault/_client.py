@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
 import openai
 
+from . import _entra
 from ._async import AsyncSubscriptionKeyProvider
 from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth
 from ._base import check_header_name
 from ._redact import install_log_redaction
 from ._sync import SubscriptionKeyProvider
+from ._validation import check_client_kwargs, validate_endpoint  # issue 14
 from .exceptions import ConfigurationError, InsecureTransportError
 
 __all__ = ["LiveHeaders", "create_async_azure_openai", "create_azure_openai"]
-
-_CONFLICTING = ("api_key", "azure_ad_token", "azure_ad_token_provider", "base_url")
 
 
 class LiveHeaders(Mapping[str, str]):
@@ -60,35 +58,6 @@ class LiveHeaders(Mapping[str, str]):
         return f"LiveHeaders({self._base!r}, key header {self._header!r} set at send time)"
 
 
-def _check_kwargs(kwargs: Mapping[str, Any]) -> None:
-    given = [k for k in _CONFLICTING if k in kwargs]
-    if given:
-        raise ConfigurationError(
-            f"{', '.join(given)} cannot be combined with an apimvault provider: it supplies the key "
-            "and the endpoint comes from azure_endpoint / AZURE_OPENAI_ENDPOINT"
-        )
-
-
-def _endpoint(azure_endpoint: str | None, allow_insecure_http: bool) -> str:
-    endpoint = azure_endpoint or os.environ.get("AZURE_OPENAI_ENDPOINT")
-    if not endpoint:
-        raise ConfigurationError(
-            "azure_endpoint is required (or set AZURE_OPENAI_ENDPOINT to the APIM gateway URL)"
-        )
-    try:
-        parts = urlsplit(endpoint)
-        _ = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(f"azure_endpoint {endpoint!r} is not a valid URL: {exc}") from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigurationError(f"azure_endpoint {endpoint!r} must be an https URL")
-    if parts.scheme == "http" and not allow_insecure_http:
-        raise InsecureTransportError(
-            f"azure_endpoint {endpoint!r} is not https; the key would travel in clear"
-        )
-    return endpoint
-
-
 def _tls_problem(client: httpx2.Client | httpx2.AsyncClient) -> str | None:
     """What is wrong with the TLS verification of ``client``'s transports, or ``None``.
 
@@ -123,9 +92,9 @@ def _client_kwargs(
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     """What both factories hand to openai: endpoint checked, auth and redirect hook installed."""
-    _check_kwargs(kwargs)
+    check_client_kwargs(kwargs)
     header = check_header_name(header_name or provider.header_name)
-    endpoint = _endpoint(azure_endpoint, provider.allow_insecure_http)
+    endpoint = validate_endpoint(azure_endpoint, provider.allow_insecure_http)
     if client is None:  # made only once the arguments are known good, so nothing is left unclosed
         is_async = isinstance(provider, AsyncSubscriptionKeyProvider)
         client = openai.DefaultAsyncHttpxClient() if is_async else openai.DefaultHttpxClient()
@@ -164,6 +133,8 @@ def create_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.Client | None = None,
     default_headers: Mapping[str, str] | None = None,
+    token_scope: str | None = None,  # issue 14: key plus Entra token (apimvault._entra)
+    token_credential: Any = None,  # issue 14
     **kwargs: Any,
 ) -> openai.AzureOpenAI:
     """A plain ``openai.AzureOpenAI`` whose every request carries the provider's current key.
@@ -176,23 +147,30 @@ def create_azure_openai(
     ``http_client`` to tune the transport; it must verify TLS (else :class:`InsecureTransportError`).
     Copies keep the guarded transport; a copy given another ``http_client`` (``with_options`` /
     ``copy``) carries no key at all: build a new client with this factory instead.
+
+    ``token_scope`` (e.g. ``api://<app-id>/.default``, the gateway API's app registration) adds an Entra
+    bearer token to every request, for gateways that run ``validate-azure-ad-token`` next to the key:
+    openai's ``azure_ad_token_provider`` built with azure-identity's ``get_bearer_token_provider`` on the
+    provider's credential (or ``token_credential``); no ``api_key`` is set then. A token 401 gets one
+    token refresh and one re-send and never touches the key (:mod:`apimvault._entra`).
     """
     if not isinstance(provider, SubscriptionKeyProvider):
         raise ConfigurationError(
             "create_azure_openai needs a SubscriptionKeyProvider (use create_async_azure_openai "
             "for AsyncSubscriptionKeyProvider)"
         )
-    return openai.AzureOpenAI(
-        **_client_kwargs(
-            provider,
-            http_client,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            header_name=header_name,
-            default_headers=default_headers,
-            kwargs=kwargs,
-        )
+    built = _client_kwargs(
+        provider,
+        http_client,
+        azure_endpoint=azure_endpoint,
+        api_version=api_version,
+        header_name=header_name,
+        default_headers=default_headers,
+        kwargs=kwargs,
     )
+    if token_scope is not None:  # issue 14: key plus token
+        _entra.add_token(built, provider, token_scope, token_credential, is_async=False)
+    return openai.AzureOpenAI(**built)
 
 
 def create_async_azure_openai(
@@ -203,19 +181,22 @@ def create_async_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.AsyncClient | None = None,
     default_headers: Mapping[str, str] | None = None,
+    token_scope: str | None = None,  # issue 14: key plus Entra token (apimvault._entra)
+    token_credential: Any = None,  # issue 14
     **kwargs: Any,
 ) -> openai.AsyncAzureOpenAI:
     """The asyncio twin of :func:`create_azure_openai`, returning a plain ``openai.AsyncAzureOpenAI``."""
     if not isinstance(provider, AsyncSubscriptionKeyProvider):
         raise ConfigurationError("create_async_azure_openai needs an AsyncSubscriptionKeyProvider")
-    return openai.AsyncAzureOpenAI(
-        **_client_kwargs(
-            provider,
-            http_client,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            header_name=header_name,
-            default_headers=default_headers,
-            kwargs=kwargs,
-        )
+    built = _client_kwargs(
+        provider,
+        http_client,
+        azure_endpoint=azure_endpoint,
+        api_version=api_version,
+        header_name=header_name,
+        default_headers=default_headers,
+        kwargs=kwargs,
     )
+    if token_scope is not None:  # issue 14: key plus token
+        _entra.add_token(built, provider, token_scope, token_credential, is_async=True)
+    return openai.AsyncAzureOpenAI(**built)

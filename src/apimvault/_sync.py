@@ -9,6 +9,7 @@ from types import TracebackType
 from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
+from . import _telemetry
 from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, flight_timeout, fresh_copy
 from ._key import SubscriptionKey
 from ._policy import Action
@@ -182,7 +183,7 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         fetched: Fetched | None = None
         error: BaseException | None = None
         try:
-            fetched = self._fetch()
+            fetched = _telemetry.traced_read(self, flight.reason, self._fetch)
         except BaseException as exc:  # published to waiters, never lost
             error = exc
         pending = []

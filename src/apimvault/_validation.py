@@ -5,7 +5,9 @@ Pure functions shared by the sync and async shells and the CLI (Key Vault error 
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -107,3 +109,36 @@ def check_validity(key: SubscriptionKey, *, where: str, wall: float) -> Subscrip
             secret=where,
         )
     return key
+
+
+#: openai client arguments a provider supplies itself (the key) or that would move the endpoint.
+_CLIENT_CONFLICTS = ("api_key", "azure_ad_token", "azure_ad_token_provider", "base_url")
+
+
+def check_client_kwargs(kwargs: Mapping[str, Any]) -> None:
+    given = [k for k in _CLIENT_CONFLICTS if k in kwargs]
+    if given:
+        raise ConfigurationError(
+            f"{', '.join(given)} cannot be combined with an apimvault provider: it supplies the key "
+            "and the endpoint comes from azure_endpoint / AZURE_OPENAI_ENDPOINT"
+        )
+
+
+def validate_endpoint(azure_endpoint: str | None, allow_insecure_http: bool) -> str:
+    endpoint = azure_endpoint or os.environ.get("AZURE_OPENAI_ENDPOINT")
+    if not endpoint:
+        raise ConfigurationError(
+            "azure_endpoint is required (or set AZURE_OPENAI_ENDPOINT to the APIM gateway URL)"
+        )
+    try:
+        parts = urlsplit(endpoint)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"azure_endpoint {endpoint!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigurationError(f"azure_endpoint {endpoint!r} must be an https URL")
+    if parts.scheme == "http" and not allow_insecure_http:
+        raise InsecureTransportError(
+            f"azure_endpoint {endpoint!r} is not https; the key would travel in clear"
+        )
+    return endpoint

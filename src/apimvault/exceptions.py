@@ -6,6 +6,8 @@ The tree::
     ├── ConfigurationError (also ValueError)     bad arguments or environment: fix the code or the env
     │   └── InsecureTransportError                 the key would travel over plain http
     ├── RotationError                              a dual-key rotation could not be done safely
+    ├── QuotaExceededError (also openai.PermissionDeniedError)  APIM's quota (quota-by-key or the
+    │                                              azure-openai-token-limit quota) is spent until renewal
     └── KeyUnavailableError                        no usable key could be produced
         ├── VaultUnavailableError                  transient: Key Vault or the identity endpoint failed
         │                                          (timeout, connection error, 5xx, 429) and no cached
@@ -25,6 +27,9 @@ bodies never contain secret values.
 
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING, Any
+
 __all__ = [
     "AccessDeniedError",
     "ApimVaultError",
@@ -33,6 +38,7 @@ __all__ = [
     "InsecureTransportError",
     "InvalidSecretValueError",
     "KeyUnavailableError",
+    "QuotaExceededError",
     "RotationError",
     "SecretDisabledError",
     "SecretExpiredError",
@@ -113,3 +119,71 @@ class SecretNotYetValidError(KeyUnavailableError):
 
 class InvalidSecretValueError(KeyUnavailableError):
     """The secret value cannot be sent as a header (empty, control characters, non-ASCII, too long)."""
+
+
+if TYPE_CHECKING:
+    import httpx2
+    import openai
+
+    class QuotaExceededError(ApimVaultError, openai.PermissionDeniedError):
+        policy: str
+        renewal_s: float | None
+        gateway_message: str
+
+        def __init__(
+            self,
+            message: str,
+            *,
+            response: httpx2.Response,
+            body: object,
+            policy: str,
+            renewal_s: float | None,
+            gateway_message: str,
+        ) -> None: ...
+
+else:
+
+    def __getattr__(name: str) -> type:
+        # QuotaExceededError subclasses openai's PermissionDeniedError; it is built on first use so that
+        # importing this module does not import openai.
+        if name == "QuotaExceededError":
+            return _quota_error_class()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    @functools.cache
+    def _quota_error_class() -> type:
+        import openai
+
+        class QuotaExceededError(ApimVaultError, openai.PermissionDeniedError):
+            """APIM refused the call with its quota 403: the subscription's quota is spent until it renews.
+
+            Raised by the client's auth flow instead of openai's plain ``PermissionDeniedError`` (which it
+            also is, so existing ``except openai.PermissionDeniedError`` still works), with no key refresh
+            and no re-send: neither a new key nor a retry can help before the renewal. openai passes an
+            ``OpenAIError`` raised while sending straight through, without its retries.
+
+            * ``policy``: ``"quota-by-key"`` (call volume) or ``"azure-openai-token-limit"`` (token quota);
+            * ``renewal_s``: seconds until the quota renews (APIM's ``Retry-After``, else the time span in
+              its message), or ``None`` if APIM gave neither;
+            * ``gateway_message``: APIM's own message. The message never carries the key.
+            """
+
+            def __init__(
+                self,
+                message: str,
+                *,
+                response: Any,
+                body: object,
+                policy: str,
+                renewal_s: float | None,
+                gateway_message: str,
+            ) -> None:
+                openai.PermissionDeniedError.__init__(self, message, response=response, body=body)
+                self.policy = policy
+                self.renewal_s = renewal_s
+                self.gateway_message = gateway_message
+
+        QuotaExceededError.__module__ = __name__
+        QuotaExceededError.__qualname__ = "QuotaExceededError"
+        globals()["QuotaExceededError"] = QuotaExceededError
+        return QuotaExceededError

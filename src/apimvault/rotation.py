@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
+from . import _telemetry  # issue 14
 from ._key import fingerprint
 from .exceptions import (
     AccessDeniedError,
@@ -851,10 +852,15 @@ def rotate(
         _now(now),
     )
     try:
-        return _rotate(run, expected)
+        result = _rotate(run, expected)
+    except BaseException:
+        _telemetry.rotation_counted("failed", where)
+        raise
     finally:
         probe.close()
         session.close()
+    _telemetry.rotation_counted("skipped" if result.skipped else "rotated", where)
+    return result
 
 
 def _settled(run: _Run, reason: str, old_version: str | None) -> RotationResult:

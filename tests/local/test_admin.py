@@ -52,7 +52,7 @@ def chat_client(azure: LocalAzure) -> openai.AzureOpenAI:
 
 def test_services(azure: LocalAzure, admin: AdminClient) -> None:
     services = {s["name"]: s for s in admin.services()}
-    assert set(services) == {"keyvault", "identity", "gateway", "arm", "openai"}
+    assert set(services) == {"keyvault", "identity", "gateway", "arm", "openai", "oidc"}  # oidc: issue 14
     assert services["gateway"]["url"] == azure.gateway_url
 
 

@@ -19,6 +19,7 @@ from ..exceptions import (
     SecretNotFoundError,
     VaultUnavailableError,
 )
+from . import check_token
 from .config import env_var, header_name, missing_variables, vault_url_variable
 from .identity import capture_identity_log, describe_identity, identity_of, jwt_claims, vault_scope
 from .output import (
@@ -128,15 +129,14 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         return finish(EXIT_CONFIG)
     assert vault_url and secret_name and endpoint and deployment
     # Every value is checked before the first network step, so one run lists every problem.
-    from .._client import _endpoint
-    from .._validation import validate_secret_name, validate_vault_url
+    from .._validation import validate_endpoint, validate_secret_name, validate_vault_url
 
     given_url: str = vault_url
     problems: list[str] = []
     checks: list[Callable[[], object]] = [
         lambda: validate_vault_url(given_url),
         lambda: validate_secret_name(secret_name),
-        lambda: _endpoint(endpoint, allow_insecure_http=False),
+        lambda: validate_endpoint(endpoint, allow_insecure_http=False),
     ]
     for validate in checks:
         try:
@@ -278,8 +278,15 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
                 )
             )
 
+            # 3b. with APIMVAULT_TOKEN_SCOPE: the Entra token for the gateway's API (key plus token) ------
+            token_scope = env_var(check_token.ENV_TOKEN_SCOPE)
+            if token_scope and not check_token.token_step(
+                credential, token_scope, used, record, _Step, report
+            ):
+                return finish(EXIT_CREDENTIAL)
+
             # 4. APIM accepts the key ---------------------------------------------------------------
-            return finish(_check_apim(provider, key, endpoint, deployment, record, report))
+            return finish(_check_apim(provider, key, endpoint, deployment, record, report, token_scope))
         finally:
             provider.close()
     except ConfigurationError as exc:
@@ -296,18 +303,24 @@ def _check_apim(
     deployment: str,
     record: Callable[[_Step], None],
     report: dict[str, Any],
+    token_scope: str | None = None,
 ) -> int:
     import openai
 
     from .. import create_azure_openai
 
-    client = create_azure_openai(provider, azure_endpoint=endpoint, max_retries=0, timeout=20)
+    client = create_azure_openai(
+        provider, azure_endpoint=endpoint, max_retries=0, timeout=20, token_scope=token_scope
+    )
     started = time.perf_counter()
     try:
         client.chat.completions.create(
             model=deployment, messages=[{"role": "user", "content": "ping"}], max_tokens=1
         )
     except openai.AuthenticationError as exc:
+        if token_scope and (refused := check_token.describe_token_refusal(exc)):
+            record(_Step("apim", False, refused))
+            return EXIT_KEY_REJECTED
         record(
             _Step(
                 "apim",
@@ -349,7 +362,8 @@ def _check_apim(
         client.close()
     ms = (time.perf_counter() - started) * 1000
     report["apim"] = {"endpoint": endpoint, "deployment": deployment, "latency_ms": round(ms, 1)}
-    record(_Step("apim", True, f"key accepted by {endpoint} (1-token chat on {deployment}, {ms:.0f} ms)"))
+    what = "key and token accepted" if token_scope else "key accepted"
+    record(_Step("apim", True, f"{what} by {endpoint} (1-token chat on {deployment}, {ms:.0f} ms)"))
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ..rotation import ApimSubscriptionRef
 from ._env import temporary_environ
@@ -19,7 +20,9 @@ from .admin import AdminService
 from .apim import DEFAULT_UNITS, ApimGateway, ApimState, ArmService, DelaySpec
 from .identity import IdentityService, write_az_stub
 from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
+from .oidc import OidcService  # issue 14
 from .openai_backend import OpenAIBackend
+from .policies import ApiPolicies  # issue 14
 
 SECRET_NAME = "apim-subscription-key"  # noqa: S105 - a secret name, not a value
 DEPLOYMENT = "gpt-4o-mini"
@@ -74,6 +77,10 @@ class LocalAzure:
     ``propagation_seed`` makes drawn delays reproducible. Change it later with
     ``apim_state.set_propagation`` or the admin API (``PUT /gateway/propagation``).
 
+    ``policies`` sets the gateway's per-API policies (quota, rate limit, token limit, Entra token check;
+    :class:`apimvault.local.policies.ApiPolicies` or its dict form); change them later with
+    ``azure.gateway.policies.set("/openai", ...)`` or the admin API.
+
     ``ca`` reuses a CA made earlier. aiohttp (azure-core's async transport) reads ``SSL_CERT_FILE``
     once, when it is imported: a process that imports it before the stack exists must create the CA
     first, point ``SSL_CERT_FILE`` at ``ca.ca_path`` and hand the CA in (the tests' conftest does this).
@@ -92,6 +99,7 @@ class LocalAzure:
         propagation_delay: DelaySpec | Mapping[str, DelaySpec] = 0.0,
         propagation_clock: Callable[[], float] | None = None,
         propagation_seed: int | None = None,
+        policies: ApiPolicies | Mapping[str, Any] | None = None,  # issue 14
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
@@ -120,6 +128,10 @@ class LocalAzure:
             header_name=gateway_header_name,
         )
         self.arm = ArmService(self.apim_state, self.tokens)
+        self.oidc = OidcService(self.tokens)  # issue 14: OpenID configuration + JWKS of the token issuer
+        self.gateway.policies.bind(clock=clock, jwks=self.tokens.jwks, issuer=self.tokens.issuer)  # issue 14
+        if policies is not None:  # issue 14
+            self.gateway.policies.set(self.gateway.api_path, policies)  # issue 14
         self.admin = AdminService({})
         self.services: dict[str, Service] = {
             "keyvault": self.keyvault,
@@ -127,6 +139,7 @@ class LocalAzure:
             "gateway": self.gateway,
             "arm": self.arm,
             "openai": self.openai,
+            "oidc": self.oidc,  # issue 14
         }
         self.admin.services.update(self.services)
         self._thread = ServerThread([*self.services.values(), self.admin], self.ca)

@@ -123,10 +123,20 @@ class DrillReport(DrillState):
             if len(self.rotations) < 2:
                 why.append("fewer than 2 rotations")
             verdict = "FAIL: " + "; ".join(why or ["no traffic"])
+        from ..._refusal import refusal_stats
+
+        refusals = [refusal_stats(s.provider) for s, _ in stats]
         return {
             "ok": ok,
             "verdict": verdict,
             "target": self.target.label,
+            "token_scope": self.token_scope,
+            "key_refreshes": sum(st.refreshes for _, st in stats),
+            "token_refreshes": sum(r.token_refreshes for r in refusals),
+            "refusals": {  # gateway refusals by kind
+                kind: sum(getattr(r, kind) for r in refusals)
+                for kind in ("key", "token", "quota", "rate", "backend", "other")
+            },
             "requests": self.metrics.requests,
             "failed": failed,
             "recovered_401": recovered,
@@ -197,6 +207,10 @@ def print_report(out: Output, report: dict[str, Any]) -> None:
     )
     out.line(f"failed            {report['failed']}")
     out.line(f"recovered_401     {report['recovered_401']} (re-sent once after a coalesced refresh)")
+    out.line(
+        f"refreshes         key {report['key_refreshes']}, token {report['token_refreshes']}"
+        + (f" (key plus token for {report['token_scope']})" if report["token_scope"] else " (key only)")
+    )
     server = report["vault_get_secret_server"]
     out.line(
         f"vault_reads       {report['vault_reads']}"

@@ -101,7 +101,11 @@ class Drill(RotationSchedule, DrillReport):
             )
             slot.provider = provider
             slot.client = create_azure_openai(
-                provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+                provider,
+                azure_endpoint=self.target.gateway_url,
+                max_retries=0,
+                timeout=30,
+                token_scope=self.token_scope,
             )
             self.slots.append(slot)
         self._loop = asyncio.new_event_loop()
@@ -157,7 +161,11 @@ class Drill(RotationSchedule, DrillReport):
                 )
                 slot.provider = provider
                 slot.client = create_async_azure_openai(
-                    provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+                    provider,
+                    azure_endpoint=self.target.gateway_url,
+                    max_retries=0,
+                    timeout=30,
+                    token_scope=self.token_scope,
                 )
                 mine.append(slot)
             with self._lock:
@@ -310,6 +318,11 @@ def run(args: argparse.Namespace, out: Output) -> int:
                     target.faults.close()
         with embedded_stack(need_async=True) as azure:
             env = azure.environ()
+            if getattr(args, "token_scope", None):  # the gateway then checks the token too
+                audience = args.token_scope.strip().removesuffix("/.default")
+                azure.gateway.policies.set(
+                    azure.gateway.api_path, {"validate_azure_ad_token": {"audiences": [audience]}}
+                )
             target = Target(
                 vault_url=azure.vault_url,
                 secret_name=env["APIMVAULT_SECRET_NAME"],

@@ -38,6 +38,7 @@ class DrillState:
         self.concurrency = max(2, int(args.concurrency))
         self.n_clients = max(2, min(int(args.clients), self.concurrency))
         self.chaos = bool(args.chaos)
+        self.token_scope: str | None = getattr(args, "token_scope", None)  # key plus token
         ttl = max(4.0, self.duration * 0.6)
         self.policy = CachePolicy(
             ttl=ttl,
