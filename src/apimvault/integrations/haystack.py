@@ -9,7 +9,9 @@ never sent and hands it apimvault's clients, so ``warm_up()`` has nothing to bui
                                             create_async_azure_openai(aprovider), deployment="gpt-4o-mini")
 
 Close the apimvault clients, not the generator: ``generator.close()`` drops them, and a later
-``warm_up()`` would build a client of Haystack's own that only carries the placeholder.
+``warm_up()`` would build a client of Haystack's own that only carries the placeholder. ``to_dict()``
+(and so pipeline serialization) refuses the placeholder secret: a reloaded generator would not have
+apimvault's clients.
 """
 
 from __future__ import annotations
