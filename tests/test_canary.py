@@ -394,7 +394,7 @@ def test_redaction_filter_survives_reentry_from_a_finalizer() -> None:
     from apimvault import KeyRedactionFilter
 
     class Watched:
-        def redaction_values(self) -> list[str]:
+        def _redaction_values(self) -> list[str]:
             return [CANARY_PRIMARY]
 
         def current(self) -> None:

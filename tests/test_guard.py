@@ -367,7 +367,7 @@ def test_key_is_not_text_in_provider_or_client_attributes(
 
         new = loop.run(go())
     assert new != old
-    assert sorted(provider.redaction_values()) == sorted([new, old])  # the log filter still knows both
+    assert sorted(provider._redaction_values()) == sorted([new, old])  # the log filter still knows both
     walked = "\n".join(
         [_texts(provider), _texts(client), repr(client.default_headers), repr(client.api_key), repr(client)]
     )

@@ -140,7 +140,7 @@ class SubscriptionKeyAuth(httpx2.Auth):
         newer = provider.refresh_after_rejection(key)
         if newer is None:
             return
-        provider.record_resend()
+        provider._record_resend()
         _refusal.note_resend(provider, "key")  # issue 14
         self._apply(request, newer)
         yield request
@@ -169,7 +169,7 @@ class SubscriptionKeyAuth(httpx2.Auth):
         newer = await provider.refresh_after_rejection(key)
         if newer is None:
             return
-        provider.record_resend()
+        provider._record_resend()
         _refusal.note_resend(provider, "key")  # issue 14
         self._apply(request, newer)
         yield request

@@ -427,11 +427,18 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             entry = self._cache.usable()
             return self._cache.served(entry) if entry is not None else None
 
-    def redaction_values(self) -> tuple[str, ...]:
+    def _redaction_values(self) -> tuple[str, ...]:
         """The current and previous key values, read without locking (for the log redaction filter)."""
         return tuple(key.reveal() for key in self._recent_values)
 
     def stats(self) -> ProviderStats:
+        """Counters and state now (:class:`ProviderStats`): safe to log or export, never the key.
+
+        No I/O; the counters are cumulative since the provider was created (``vault_reads``: Key Vault
+        reads started, ``refreshes``: successful ones, ``rotations``: version changes seen,
+        ``forced_refreshes``: 401-triggered reads, ``resends_401``: requests re-sent after APIM's 401,
+        ``fallbacks_to_previous``: switches to the previous version while a gateway refused the current one).
+        """
         now, wall = self._now()
         with self._lock:
             entry = self._cache.usable(now, wall)
@@ -456,7 +463,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             fallbacks_to_previous=self._n["fallbacks"],
         )
 
-    def record_resend(self) -> None:
+    def _record_resend(self) -> None:
         """Counted by the auth flow each time it re-sends a request after a 401."""
         self._n.add("resends")
 

@@ -54,7 +54,7 @@ class KeyRedactionFilter(logging.Filter):
             providers = list(self._providers)
         values: list[str] = []
         for provider in providers:
-            values.extend(provider.redaction_values())
+            values.extend(provider._redaction_values())
         return values
 
     def _scrub(self, value: Any, secrets: Iterable[str]) -> Any:

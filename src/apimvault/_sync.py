@@ -112,6 +112,9 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
     def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """The gateway refused ``sent`` (APIM 401). Return a different key to re-send with, or ``None``.
 
+        Supported API: :class:`~apimvault.SubscriptionKeyAuth` calls it, and so can a transport of your own
+        that sees APIM's 401 (``apimvault.is_apim_key_rejection``) and wants the same coalesced behaviour.
+
         Coalesced: concurrent 401s share one read; skipped if the cache already holds a newer version;
         rate limited by ``policy.forced_refresh_interval`` and by back-off after failures.
 
