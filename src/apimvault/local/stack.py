@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -245,7 +246,7 @@ class LocalAzure:
             "APIMVAULT_OFFICER_CLIENT_ID": self.officer_identity.client_id,
             "APIMVAULT_ADMIN_URL": self.admin.url,
             "APIMVAULT_ADMIN_TOKEN": self.admin_token,
-            "APIMVAULT_GATEWAY_URLS": " ".join(self.gateway_unit_urls.values()),
+            "APIMVAULT_GATEWAY_URLS": ",".join(self.gateway_unit_urls.values()),
         }
 
     @contextlib.contextmanager
@@ -271,7 +272,8 @@ class LocalAzure:
         replaced, not followed, and a reader never sees half a file.
         """
         path = Path(path)
-        lines = [f"{k}={v}" for k, v in self.environ().items()]
+        # Shell-quoted where needed, so `set -a; . file` and dotenv loaders both read every value whole.
+        lines = [f"{k}={shlex.quote(v)}" for k, v in self.environ().items()]
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w") as fh:  # mkstemp: O_EXCL, mode 0600

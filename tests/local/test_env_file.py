@@ -1,0 +1,25 @@
+"""The env file ``apimvault local`` writes is read whole by the shell the README tells users to use."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from apimvault.local import LocalAzure
+
+
+def test_env_file_sources_in_a_shell_with_every_value_intact(azure: LocalAzure, tmp_path: Path) -> None:
+    path = azure.write_env_file(tmp_path / ".env")
+    # The README's line: `set -a; . file; set +a`. A value with a space (the gateway unit list) once broke it.
+    shell = subprocess.run(
+        ["bash", "-c", 'set -a; . "$1" || exit 9; set +a; env -0', "bash", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert shell.returncode == 0 and shell.stderr == "", shell.stderr
+    seen = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
+    expected = azure.environ()
+    assert {k: seen.get(k) for k in expected} == expected
+    assert "," in expected["APIMVAULT_GATEWAY_URLS"]  # every gateway unit, one variable
