@@ -130,8 +130,8 @@ def real_clock_reading(r: Results) -> str:
     out_by = {o.label: o for o in r.outage}
     lock, cond, aws = by_label[TTL_LOCK.label], by_label[TTL_COND.label], by_label[AWS.label]
     aws_out, cond_out, per_out = out_by[AWS.label], out_by[TTL_COND.label], out_by[PER_REQUEST.label]
-    hard_in = S.ttl + S.staleness - S.outage_at
     slow = max(out_s.recovery, out_a.recovery) > 2.0
+    why = " (set by the provider's back-off after a long outage, not by the vault)" if slow else ""
     return f"""\
 ### Reading the real-clock figures
 
@@ -149,11 +149,10 @@ def real_clock_reading(r: Results) -> str:
 - **Outage** ({S.outage:g} s of 503s): aws failed {aws_out.failed} of {aws_out.calls:,} calls — it serves
   its last value for as long as reads fail, with no bound (a revoked, disabled or deleted secret
   included), and read the vault again {_opt(aws_out.reread)} s after it was back. apimvault served its key
-  until the hard limit (first failure {_opt(out_s.first_failure)} s sync, {_opt(out_a.first_failure)} s
-  async, where TTL + `max_staleness` ends {hard_in:g} s in), then failed fast; its callers' last failure
-  came {out_s.recovery:.2f} s (sync) and {out_a.recovery:.2f} s (async) after the vault was back
-  {"— set by the provider's back-off after a long outage, not by the vault" if slow else ""}.
-  ttl-cond failed from {_opt(cond_out.first_failure)} s in (its TTL) and recovered
+  until its hard limit (first failure {_opt(out_s.first_failure)} s sync, {_opt(out_a.first_failure)} s
+  async; TTL + `max_staleness` after the load ended {out_s.hard_limit:.2f} s and {out_a.hard_limit:.2f} s
+  in), then failed fast; its callers' last failure came {out_s.recovery:.2f} s (sync) and
+  {out_a.recovery:.2f} s (async) after the vault was back{why}. ttl-cond failed from {_opt(cond_out.first_failure)} s in (its TTL) and recovered
   {cond_out.recovery:.2f} s after; per-request failed every call in the outage ({per_out.failed:,}).
 """
 

@@ -281,6 +281,8 @@ class OutageLane:
     failed: int
     calls: int
     first_failure: float | None  # seconds into the outage; None: never failed
+    hard_limit: float  # seconds into the outage when a key loaded at this lane's first call ends its
+    # TTL + max_staleness (the load happened after that call started, so this is a lower bound)
     failing: float  # seconds from the first failed call's start to the last failed call's end
     recovery: float  # seconds from the vault's return to the last failed call's end (0: none after)
     reread: float | None  # seconds from the vault's return to this contender's first good read
@@ -319,6 +321,7 @@ def outage(
                 len(failures),
                 len(calls),
                 min(c.start - down for c in failures) if failures else None,
+                min(c.start for c in lane.calls) + scale.ttl + scale.staleness - down,
                 max(c.start + c.duration for c in failures) - min(c.start for c in failures)
                 if failures
                 else 0.0,

@@ -389,8 +389,8 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
     cold_ok = sync["cold"] == 1 and asyn["cold"] == 1
     blocked_ok = exp_s.blocked == 0 and exp_a.blocked == 0
     bound_ok = all(lane.reads <= read_bound(lane) for lane in (exp_s, exp_a))
-    hard_limit = S.ttl + S.staleness - S.outage_at  # when the key loaded at start passes its hard limit
-    held_ok = all(o.first_failure is None or o.first_failure >= hard_limit - 0.25 for o in (out_s, out_a))
+    # a failing call may start a moment before the clock read that found the key past its hard limit
+    held_ok = all(o.first_failure is None or o.first_failure >= o.hard_limit - 0.05 for o in (out_s, out_a))
     recovery_ok = out_s.recovery <= 2.0 and out_a.recovery <= 2.0
     rot_ok = sync["rotation"].bad == 0 and asyn["rotation"].bad == 0
     iqr_s, iqr_a = r.sync_tp.ratio_iqr(APIMVAULT.key), r.async_tp.ratio_iqr(APIMVAULT.key)
@@ -410,10 +410,10 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
             f"(bound {read_bound(exp_s)}; {exp_s.reads_per_ttl:.2f} and {exp_a.reads_per_ttl:.2f} per TTL)",
         ),
         (
-            f"outage: the key is served until its hard limit (TTL + max_staleness, {hard_limit:.1f} s "
-            "into the outage)",
+            "outage: the key is served until its hard limit (TTL + max_staleness after the load)",
             held_ok,
-            f"first failure at sync {_opt(out_s.first_failure)} s, async {_opt(out_a.first_failure)} s",
+            f"first failure at sync {_opt(out_s.first_failure)} s (limit {out_s.hard_limit:.2f} s), "
+            f"async {_opt(out_a.first_failure)} s (limit {out_a.hard_limit:.2f} s) into the outage",
         ),
         (
             "outage: callers recover ≤ 2 s after Key Vault is back",

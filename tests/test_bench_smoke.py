@@ -199,7 +199,9 @@ def test_fleet_simulation_starts() -> None:
     assert quiet.reads > 0
 
 
-def _fake_results(*, apimvault_blocked: int, apimvault_recovery: float) -> Any:
+def _fake_results(
+    *, apimvault_blocked: int, apimvault_recovery: float, apimvault_first_failure: float
+) -> Any:
     """A Results built from made-up figures (no benchmark run), to check the report and its targets."""
     from bench import run
     from bench.fleet import FleetResult
@@ -220,7 +222,9 @@ def _fake_results(*, apimvault_blocked: int, apimvault_recovery: float) -> Any:
         mine = c is APIMVAULT
         expiry.append(realclock.ExpiryLane(label, apimvault_blocked if mine else 7, 100, 2.0, 5, 11.0, 2.0))
         outage.append(
-            realclock.OutageLane(label, 3, 50, 3.6 if mine else 1.0, 4.0, apimvault_recovery, 0.1, 5.0)
+            realclock.OutageLane(
+                label, 3, 50, apimvault_first_failure if mine else 1.0, 3.5, 4.0, apimvault_recovery, 0.1, 5.0
+            )
         )
 
     def tp(keys: list[str]) -> Any:
@@ -244,14 +248,21 @@ def _fake_results(*, apimvault_blocked: int, apimvault_recovery: float) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("blocked", "recovery", "failing"), [(0, 0.5, set()), (2, 3.0, {"blocked", "recover"})]
+    ("blocked", "recovery", "first_failure", "failing"),
+    [
+        (0, 0.5, 3.6, set()),
+        (2, 3.0, 3.6, {"blocked", "recover"}),
+        (0, 0.5, 2.0, {"hard limit"}),  # failed before TTL + max_staleness had passed
+    ],
 )
 def test_report_renders_and_targets_follow_the_figures(
-    blocked: int, recovery: float, failing: set[str]
+    blocked: int, recovery: float, first_failure: float, failing: set[str]
 ) -> None:
     from bench import notes, run
 
-    r = _fake_results(apimvault_blocked=blocked, apimvault_recovery=recovery)
+    r = _fake_results(
+        apimvault_blocked=blocked, apimvault_recovery=recovery, apimvault_first_failure=first_failure
+    )
     for row, c in zip(r.sync_rows, CONTENDERS, strict=True):
         run._fill_tp(row, c, r.sync_tp)
     text = notes.render(r)
@@ -259,5 +270,5 @@ def test_report_renders_and_targets_follow_the_figures(
         assert heading in text
     assert AWS.label in text and "KeyVaultForSecretCache" in text
     failed = {name for name, ok, _ in run.targets(r) if not ok}
-    assert {w for w in ("blocked", "recover") if any(w in name for name in failed)} == failing
+    assert {w for w in ("blocked", "recover", "hard limit") if any(w in name for name in failed)} == failing
     assert ("❌" in text) == bool(failing)
