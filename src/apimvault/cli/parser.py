@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="providers/clients the workers share, >= 2 (default %(default)s)",
     )
     p.add_argument("--chaos", action="store_true", help="add a Key Vault outage and latency spikes")
+    p.add_argument(
+        "--token-scope",
+        help="also send an Entra token for this scope (api://<app-id>/.default); the embedded stack's "
+        "gateway then validates it; the report shows token refreshes next to key refreshes",
+    )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--client-id", help="managed identity client id of the rotator")
     p.add_argument("--yes", action="store_true", help="allow regenerating keys of a non-loopback target")
