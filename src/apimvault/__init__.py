@@ -79,13 +79,13 @@ _LAZY = {
     "KeyRedactionFilter": "._redact",
     "install_log_redaction": "._redact",
     "SubscriptionKeyProvider": "._sync",
-    "QuotaExceededError": ".exceptions",  # issue 14
-    "RefusalStats": "._refusal",  # issue 14
-    "refusal_stats": "._refusal",  # issue 14
-    "BearerTokenSource": "._entra",  # issue 14
-    "AsyncBearerTokenSource": "._entra",  # issue 14
-    "create_token_azure_openai": "._entra",  # issue 14
-    "create_async_token_azure_openai": "._entra",  # issue 14
+    "QuotaExceededError": ".exceptions",
+    "RefusalStats": "._refusal",
+    "refusal_stats": "._refusal",
+    "BearerTokenSource": "._entra",
+    "AsyncBearerTokenSource": "._entra",
+    "create_token_azure_openai": "._entra",
+    "create_async_token_azure_openai": "._entra",
 }
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import httpx2
 
-from . import _refusal  # issue 14
+from . import _refusal
 from ._base import check_header_name
 from ._key import SubscriptionKey
 from .exceptions import ConfigurationError, InsecureTransportError
@@ -128,20 +128,20 @@ class SubscriptionKeyAuth(httpx2.Auth):
         self._apply(request, key)
         response = yield request
         if response.status_code != 401:
-            _refusal.after_response(provider, response)  # issue 14: count 403/429; quota 403 raises
+            _refusal.after_response(provider, response)  # count 403/429; quota 403 raises
             return
         body = response.read()
         if not is_apim_key_rejection(response.status_code, response.headers, body):
-            resend = _refusal.after_other_401(self, provider, request, response, body)  # issue 14
-            if resend is not None:  # issue 14: token 401 -> one token refresh + one re-send
-                yield resend  # issue 14
+            resend = _refusal.after_other_401(self, provider, request, response, body)
+            if resend is not None:  # token 401 -> one token refresh + one re-send
+                yield resend
             return
-        _refusal.note_key_401(provider)  # issue 14
+        _refusal.note_key_401(provider)
         newer = provider.refresh_after_rejection(key)
         if newer is None:
             return
         provider._record_resend()
-        _refusal.note_resend(provider, "key")  # issue 14
+        _refusal.note_resend(provider, "key")
         self._apply(request, newer)
         yield request
 
@@ -157,20 +157,20 @@ class SubscriptionKeyAuth(httpx2.Auth):
         self._apply(request, key)
         response = yield request
         if response.status_code != 401:
-            await _refusal.aafter_response(provider, response)  # issue 14: count 403/429; quota 403 raises
+            await _refusal.aafter_response(provider, response)  # count 403/429; quota 403 raises
             return
         body = await response.aread()
         if not is_apim_key_rejection(response.status_code, response.headers, body):
-            resend = await _refusal.aafter_other_401(self, provider, request, response, body)  # issue 14
-            if resend is not None:  # issue 14: token 401 -> one token refresh + one re-send
-                yield resend  # issue 14
+            resend = await _refusal.aafter_other_401(self, provider, request, response, body)
+            if resend is not None:  # token 401 -> one token refresh + one re-send
+                yield resend
             return
-        _refusal.note_key_401(provider)  # issue 14
+        _refusal.note_key_401(provider)
         newer = await provider.refresh_after_rejection(key)
         if newer is None:
             return
         provider._record_resend()
-        _refusal.note_resend(provider, "key")  # issue 14
+        _refusal.note_resend(provider, "key")
         self._apply(request, newer)
         yield request
 

@@ -15,7 +15,7 @@ from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth
 from ._base import check_header_name
 from ._redact import install_log_redaction
 from ._sync import SubscriptionKeyProvider
-from ._validation import check_client_kwargs, validate_endpoint  # issue 14
+from ._validation import check_client_kwargs, validate_endpoint
 from .exceptions import ConfigurationError, InsecureTransportError
 
 __all__ = ["LiveHeaders", "create_async_azure_openai", "create_azure_openai"]
@@ -89,9 +89,12 @@ def _client_kwargs(
     api_version: str | None,
     header_name: str | None,
     default_headers: Mapping[str, str] | None,
+    token_scope: str | None,
+    token_credential: Any,
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    """What both factories hand to openai: endpoint checked, auth and redirect hook installed."""
+    """What both factories hand to openai: endpoint checked, auth and redirect hook installed, and with
+    ``token_scope`` an Entra token provider next to the key (:mod:`apimvault._entra`)."""
     check_client_kwargs(kwargs)
     header = check_header_name(header_name or provider.header_name)
     endpoint = validate_endpoint(azure_endpoint, provider.allow_insecure_http)
@@ -113,7 +116,7 @@ def _client_kwargs(
     hooks["request"] = [*hooks.get("request", []), hook]
     client.event_hooks = hooks
     install_log_redaction(provider)
-    return {
+    built = {
         "azure_endpoint": endpoint,
         "api_version": api_version,
         # Only the auth on this transport ever sets the key (also for ``api-key``): openai holds a
@@ -123,6 +126,10 @@ def _client_kwargs(
         "http_client": client,
         **kwargs,
     }
+    if token_scope is not None:  # key plus token
+        is_async = isinstance(provider, AsyncSubscriptionKeyProvider)
+        _entra.add_token(built, provider, token_scope, token_credential, is_async=is_async)
+    return built
 
 
 def create_azure_openai(
@@ -133,8 +140,8 @@ def create_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.Client | None = None,
     default_headers: Mapping[str, str] | None = None,
-    token_scope: str | None = None,  # issue 14: key plus Entra token (apimvault._entra)
-    token_credential: Any = None,  # issue 14
+    token_scope: str | None = None,  # key plus Entra token (apimvault._entra)
+    token_credential: Any = None,
     **kwargs: Any,
 ) -> openai.AzureOpenAI:
     """A plain ``openai.AzureOpenAI`` whose every request carries the provider's current key.
@@ -159,18 +166,19 @@ def create_azure_openai(
             "create_azure_openai needs a SubscriptionKeyProvider (use create_async_azure_openai "
             "for AsyncSubscriptionKeyProvider)"
         )
-    built = _client_kwargs(
-        provider,
-        http_client,
-        azure_endpoint=azure_endpoint,
-        api_version=api_version,
-        header_name=header_name,
-        default_headers=default_headers,
-        kwargs=kwargs,
+    return openai.AzureOpenAI(
+        **_client_kwargs(
+            provider,
+            http_client,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            header_name=header_name,
+            default_headers=default_headers,
+            token_scope=token_scope,
+            token_credential=token_credential,
+            kwargs=kwargs,
+        )
     )
-    if token_scope is not None:  # issue 14: key plus token
-        _entra.add_token(built, provider, token_scope, token_credential, is_async=False)
-    return openai.AzureOpenAI(**built)
 
 
 def create_async_azure_openai(
@@ -181,22 +189,23 @@ def create_async_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.AsyncClient | None = None,
     default_headers: Mapping[str, str] | None = None,
-    token_scope: str | None = None,  # issue 14: key plus Entra token (apimvault._entra)
-    token_credential: Any = None,  # issue 14
+    token_scope: str | None = None,  # key plus Entra token (apimvault._entra)
+    token_credential: Any = None,
     **kwargs: Any,
 ) -> openai.AsyncAzureOpenAI:
     """The asyncio twin of :func:`create_azure_openai`, returning a plain ``openai.AsyncAzureOpenAI``."""
     if not isinstance(provider, AsyncSubscriptionKeyProvider):
         raise ConfigurationError("create_async_azure_openai needs an AsyncSubscriptionKeyProvider")
-    built = _client_kwargs(
-        provider,
-        http_client,
-        azure_endpoint=azure_endpoint,
-        api_version=api_version,
-        header_name=header_name,
-        default_headers=default_headers,
-        kwargs=kwargs,
+    return openai.AsyncAzureOpenAI(
+        **_client_kwargs(
+            provider,
+            http_client,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            header_name=header_name,
+            default_headers=default_headers,
+            token_scope=token_scope,
+            token_credential=token_credential,
+            kwargs=kwargs,
+        )
     )
-    if token_scope is not None:  # issue 14: key plus token
-        _entra.add_token(built, provider, token_scope, token_credential, is_async=True)
-    return openai.AsyncAzureOpenAI(**built)

@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
-from . import _telemetry  # issue 14
+from . import _telemetry
 from ._key import fingerprint
 from .exceptions import (
     AccessDeniedError,

@@ -1,4 +1,4 @@
-"""``apimvault check``'s token step (issue 14): which credential, audience, expiry and roles of the Entra
+"""``apimvault check``'s token step: which credential, audience, expiry and roles of the Entra
 token a key-plus-token client would send (``APIMVAULT_TOKEN_SCOPE``). The token itself is never shown."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Routes (JSON; errors are ``{"error": {"code", "message"}}``)::
     GET    /gateway/recent             recent gateway key uses: time, sid, slot, fingerprint (never a key)
     GET    /gateway/propagation        per gateway unit: {"min", "max", "pending"} (seconds, queued changes)
     PUT    /gateway/propagation        body: {"delay": seconds | [low, high], "unit": name (optional: all)}
-    GET|PUT|DELETE /gateway/policies   the /openai API's policies (apimvault.local.policies; issue 14)
+    GET|PUT|DELETE /gateway/policies   the /openai API's policies (apimvault.local.policies)
 
 Every route needs ``Authorization: Bearer <token>``: the stack's owner gets the token from
 ``LocalAzure.admin_token`` (and ``APIMVAULT_ADMIN_TOKEN`` in its env file, mode 0600), so other local users
@@ -39,7 +39,7 @@ from ._faults import Fault, FaultKind
 from ._server import Service, json_response
 from .apim import ApimGateway
 from .openai_backend import STREAM_FAULT_KINDS, BackendFaults, StreamFaultKind
-from .policies import admin_route as policies_admin_route  # issue 14
+from .policies import admin_route as policies_admin_route
 
 FAULT_KINDS: tuple[str, ...] = ("latency", "status", "throttle", "reset", "hang")
 MAX_BODY_BYTES = 64 * 1024
@@ -180,8 +180,8 @@ class AdminService(Service):
             if method == "POST":
                 return json_response(self._add_fault(service, await self._json(request)), 201)
             return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
-        if route == ["policies"] and isinstance(service, ApimGateway):  # issue 14
-            return await policies_admin_route(service.policies, service.api_path, method, request)  # issue 14
+        if route == ["policies"] and isinstance(service, ApimGateway):
+            return await policies_admin_route(service.policies, service.api_path, method, request)
         if route == ["recent"] and method == "GET" and isinstance(service, ApimGateway):
             return json_response({"recent": [u._asdict() for u in service.recent()]})
         if route == ["propagation"] and isinstance(service, ApimGateway):
@@ -352,7 +352,7 @@ class AdminClient:
         body: dict[str, Any] = {"delay": list(delay) if isinstance(delay, tuple) else delay, "unit": unit}
         return cast(dict[str, dict[str, float]], self._call("PUT", "/gateway/propagation", body)["units"])
 
-    # issue 14: the gateway's per-API policies
+    # the gateway's per-API policies
     def policies(self) -> dict[str, Any]:
         return cast(dict[str, Any], self._call("GET", "/gateway/policies")["policies"])
 

@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._server import Service, json_response
 from ._tokens import TENANT_ID, TokenError, TokenIssuer, fingerprint
 from .openai_backend import OpenAIBackend
-from .policies import PolicyEngine, forward_without_key  # issue 14
+from .policies import PolicyEngine, forward_without_key
 
 Slot = Literal["primary", "secondary"]
 UseSlot = Literal["primary", "secondary", "invalid", "missing"]
@@ -413,7 +413,7 @@ class ApimGateway(Service):
         self._windows: dict[str, collections.deque[float]] = {}
         self._lock = threading.Lock()
         self._backend_app: ASGIApp | None = None
-        self.policies = PolicyEngine(self.counters)  # issue 14: per-API policies (apimvault.local.policies)
+        self.policies = PolicyEngine(self.counters)  # per-API policies (apimvault.local.policies)
 
     # ------------------------------------------------------------------------------------ units
 
@@ -512,8 +512,8 @@ class ApimGateway(Service):
             await _apim_error(404, NOT_FOUND_MESSAGE)(scope, receive, send)
             return
         key, headers, query = self._extract(scope)
-        if not key and await forward_without_key(self, scope, receive, send):  # issue 14: token-only API
-            return  # issue 14
+        if not key and await forward_without_key(self, scope, receive, send):  # token-only API
+            return
         if not key:
             self._record(None, "missing", None, unit)
             await _apim_error(401, MISSING_KEY_MESSAGE, {"WWW-Authenticate": self.challenge})(
@@ -544,10 +544,10 @@ class ApimGateway(Service):
                 429, f"Rate limit is exceeded. Try again in {wait} seconds.", {"Retry-After": str(wait)}
             )(scope, receive, send)
             return
-        refused, receive = await self.policies.inbound(self.api_path, sub.sid, scope, receive)  # issue 14
-        if refused is not None:  # issue 14
-            await refused(scope, receive, send)  # issue 14
-            return  # issue 14
+        refused, receive = await self.policies.inbound(self.api_path, sub.sid, scope, receive)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
         # Forward as an APIM backend with a key credential would: the caller's key and auth headers are
         # removed and the backend's own api-key set.
         headers.append((b"host", f"127.0.0.1:{self.backend.port}".encode()))

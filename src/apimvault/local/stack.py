@@ -21,9 +21,9 @@ from .admin import AdminService
 from .apim import DEFAULT_UNITS, ApimGateway, ApimState, ArmService, DelaySpec
 from .identity import IdentityService, write_az_stub
 from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
-from .oidc import OidcService  # issue 14
+from .oidc import OidcService
 from .openai_backend import OpenAIBackend
-from .policies import ApiPolicies  # issue 14
+from .policies import ApiPolicies
 
 SECRET_NAME = "apim-subscription-key"  # noqa: S105 - a secret name, not a value
 DEPLOYMENT = "gpt-4o-mini"
@@ -100,7 +100,7 @@ class LocalAzure:
         propagation_delay: DelaySpec | Mapping[str, DelaySpec] = 0.0,
         propagation_clock: Callable[[], float] | None = None,
         propagation_seed: int | None = None,
-        policies: ApiPolicies | Mapping[str, Any] | None = None,  # issue 14
+        policies: ApiPolicies | Mapping[str, Any] | None = None,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
@@ -129,10 +129,10 @@ class LocalAzure:
             header_name=gateway_header_name,
         )
         self.arm = ArmService(self.apim_state, self.tokens)
-        self.oidc = OidcService(self.tokens)  # issue 14: OpenID configuration + JWKS of the token issuer
-        self.gateway.policies.bind(clock=clock, jwks=self.tokens.jwks, issuer=self.tokens.issuer)  # issue 14
-        if policies is not None:  # issue 14
-            self.gateway.policies.set(self.gateway.api_path, policies)  # issue 14
+        self.oidc = OidcService(self.tokens)  # OpenID configuration + JWKS of the token issuer
+        self.gateway.policies.bind(clock=clock, jwks=self.tokens.jwks, issuer=self.tokens.issuer)
+        if policies is not None:
+            self.gateway.policies.set(self.gateway.api_path, policies)
         self.admin = AdminService({})
         self.services: dict[str, Service] = {
             "keyvault": self.keyvault,
@@ -140,7 +140,7 @@ class LocalAzure:
             "gateway": self.gateway,
             "arm": self.arm,
             "openai": self.openai,
-            "oidc": self.oidc,  # issue 14
+            "oidc": self.oidc,
         }
         self.admin.services.update(self.services)
         self._thread = ServerThread([*self.services.values(), self.admin], self.ca)
