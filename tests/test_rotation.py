@@ -18,7 +18,14 @@ from apimvault import AccessDeniedError, ConfigurationError
 from apimvault.local import DEPLOYMENT, LocalAzure
 from apimvault.local._common import temporary_environ
 from apimvault.local.stack import API_VERSION
-from apimvault.rotation import GatewayProbe, RotationError, plan_rotation, rotate, rotate_from_event
+from apimvault.rotation import (
+    GatewayProbe,
+    RotationError,
+    check_latest,
+    plan_rotation,
+    rotate,
+    rotate_from_event,
+)
 
 from .cli_support import assert_no_key, gateway_status, new_rotating_app
 from .conftest import SESSION_CA
@@ -442,3 +449,17 @@ def test_arm_403_names_the_custom_role(azure: LocalAzure, officer: DefaultAzureC
     assert rotation_module.__doc__ is not None
     assert "apimvault APIM subscription key rotator" in rotation_module.__doc__
     assert "API Management Service Contributor" not in rotation_module.__doc__
+
+
+def test_check_latest_reports_a_revoked_latest_version(
+    azure: LocalAzure, officer: DefaultAzureCredential
+) -> None:
+    app = new_rotating_app(azure)
+    good = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    assert good.ok and good.live and good.credential_id == "primary"
+    assert set(good.accepted) == set(azure.gateway_unit_urls.values())
+    azure.apim_state.regenerate(app.sid, "primary")  # the stored key is revoked elsewhere
+    bad = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    assert not bad.ok and not bad.live and set(bad.accepted.values()) == {False}
+    assert bad.version == good.version  # a check changes nothing
+    assert_no_key(repr(bad) + json.dumps(bad.as_dict()), app.seen_keys | set(app.keys()))

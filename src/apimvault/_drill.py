@@ -18,10 +18,21 @@ Timeline (``D`` = duration; every client loads the key just before traffic start
     0.85 D  chaos only   latency spikes on the gateway and on Key Vault
     D       traffic stops once every client holds the last version (at most TTL + 5 s more)
 
-The provider TTL is ``max(4 s, 0.6 D)`` with a quarter of it as refresh margin, so refresh-ahead happens
-during the run but not before rotation 2. Convergence after a rotation is the time from its Key Vault write
-until every client's current version is that version (or a later one); revocation recovery is the time
-from the start of a rotation until no client holds the key it regenerated.
+Gateway propagation (protocols.md H): on a local stack the drill makes each gateway unit accept a
+regenerated key only after a delay (``--propagation S``, default 2 s: unit k of n waits ``S * k / n``;
+with ``--chaos`` each unit draws a random delay in ``[S / 4, 1.5 S]`` for every regeneration), and the
+clients are spread over the units. Every rotation is make-before-break (it stores the new key only once
+every unit accepts it) and reports the measured propagation; after each one the drill checks,
+independently, that the vault's latest version holds a live key of its tagged slot that every unit
+accepts. With ``--chaos`` rotation 3 is two overlapping deliveries of the same ``SecretNearExpiry`` event
+(the second starts while the first waits for the gateways), as Event Grid's at-least-once delivery makes
+happen; one rotates, the other finds that out and verifies the vault.
+
+The provider TTL is ``max(4 s, 0.6 D)`` plus three times the longest propagation delay, with a quarter
+of it as refresh margin, so refresh-ahead happens during the run but not before rotation 2. Convergence
+after a rotation is the time from its Key Vault write until every client's current version is that
+version (or a later one); revocation recovery is the time from the start of a rotation until no client
+holds the key it regenerated.
 """
 
 from __future__ import annotations
@@ -77,6 +88,17 @@ class _Faults:
         else:
             self.admin.clear_faults(service)
 
+    def propagation(self) -> dict[str, dict[str, float]]:
+        if self.azure is not None:
+            return dict(self.azure.apim_state.propagation())
+        return dict(self.admin.propagation())
+
+    def set_propagation(self, delay: float | tuple[float, float], unit: str | None = None) -> None:
+        if self.azure is not None:
+            self.azure.apim_state.set_propagation(delay, unit)
+        else:
+            self.admin.set_propagation(delay, unit=unit)
+
     def counters(self, service: str) -> tuple[dict[str, int], dict[str, int]]:
         if self.azure is not None:
             svc = self.azure.services[service]
@@ -101,6 +123,12 @@ class Target:
     label: str
     loopback: bool
     faults: _Faults | None
+    gateway_urls: tuple[str, ...] = ()
+    """Every gateway unit's URL (probed by the rotation; clients are spread over them)."""
+
+    @property
+    def client_urls(self) -> tuple[str, ...]:
+        return self.gateway_urls or (self.gateway_url,)
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -181,6 +209,11 @@ class RotationRecord:
     convergence_s: float | None = None
     converged_via: dict[str, int] = dataclasses.field(default_factory=dict)
     revocation_recovery_s: float | None = None
+    propagation_s: float | None = None
+    vault_latest_live: bool | None = None
+    vault_check: dict[str, Any] | None = None
+    deliveries: list[str] = dataclasses.field(default_factory=list)
+    overlapped: bool = False
 
 
 # --------------------------------------------------------------------------------------------- drill
@@ -196,7 +229,12 @@ class Drill:
         self.concurrency = max(2, int(args.concurrency))
         self.n_clients = max(2, min(int(args.clients), self.concurrency))
         self.chaos = bool(args.chaos)
-        ttl = max(4.0, self.duration * 0.6)
+        spread = getattr(args, "propagation", None)
+        self.propagation = 2.0 if spread is None else max(0.0, float(spread))
+        if target.faults is None:  # no local stack to configure: the real gateways propagate as they do
+            self.propagation = 0.0
+        longest = self.propagation * (1.5 if self.chaos else 1.0)
+        ttl = max(4.0, self.duration * 0.6) + 3 * longest
         self.policy = CachePolicy(
             ttl=ttl,
             jitter=0.2,
@@ -228,6 +266,8 @@ class Drill:
         self._ticking = False
         self.live = False
         self.start_credential_id = ""
+        self._propagation_before: dict[str, dict[str, float]] | None = None
+        self.propagation_settings: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -279,13 +319,15 @@ class Drill:
             if self.target.rotator_client_id
             else DefaultAzureCredential()
         )
-        plan = plan_rotation(  # fail fast: tags, subscription, rotator access
+        plan = plan_rotation(  # fail fast: tags, subscription, rotator access, gateway URLs
             vault_url=self.target.vault_url,
             secret_name=self.target.secret_name,
             apim_subscription_id=self.target.apim_subscription_id,
             arm_endpoint=self.target.arm_endpoint,
             credential=self._rotation_credential,
+            gateway_urls=self.target.gateway_urls or None,
         )
+        self._configure_propagation()
         self.versions.append(plan.current_version)
         self.start_credential_id = plan.credential_id
         self._sync_credential = DefaultAzureCredential()
@@ -302,7 +344,7 @@ class Drill:
             )
             slot.provider = provider
             slot.client = create_azure_openai(
-                provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+                provider, azure_endpoint=self._client_url(2 * i), max_retries=0, timeout=30
             )
             self.slots.append(slot)
         self._loop = asyncio.new_event_loop()
@@ -315,6 +357,43 @@ class Drill:
         for slot in self.slots:
             if slot.kind == "sync":
                 slot.provider.get_key()
+
+    def _client_url(self, n: int) -> str:
+        urls = self.target.client_urls
+        return urls[n % len(urls)]
+
+    def _configure_propagation(self) -> None:
+        faults = self.target.faults
+        if faults is None:
+            return
+        try:
+            self._propagation_before = faults.propagation()
+        except Exception as exc:  # a stack without the propagation model
+            raise ConfigurationError(f"the local stack cannot set gateway propagation: {exc}") from None
+        units = list(self._propagation_before)
+        settings: dict[str, Any] = {}
+        for k, unit in enumerate(units, start=1):
+            delay: float | tuple[float, float]
+            if self.chaos and self.propagation > 0:
+                delay = (round(self.propagation / 4, 3), round(self.propagation * 1.5, 3))
+            else:
+                delay = round(self.propagation * k / len(units), 3)
+            faults.set_propagation(delay, unit)
+            settings[unit] = list(delay) if isinstance(delay, tuple) else delay
+        self.propagation_settings = settings
+        self.log(
+            f"gateway propagation per unit: {settings} s"
+            + (" (random per regeneration)" if self.chaos else "")
+        )
+
+    def _restore_propagation(self) -> None:
+        faults, before = self.target.faults, self._propagation_before
+        if faults is None or before is None:
+            return
+        for unit, spec in before.items():
+            with contextlib.suppress(Exception):
+                low, high = float(spec["min"]), float(spec["max"])
+                faults.set_propagation(low if low == high else (low, high), unit)
 
     def _check_loaded(self) -> None:
         for slot in self.slots:
@@ -358,7 +437,7 @@ class Drill:
                 )
                 slot.provider = provider
                 slot.client = create_async_azure_openai(
-                    provider, azure_endpoint=self.target.gateway_url, max_retries=0, timeout=30
+                    provider, azure_endpoint=self._client_url(2 * i + 1), max_retries=0, timeout=30
                 )
                 mine.append(slot)
             with self._lock:
@@ -478,6 +557,7 @@ class Drill:
         return self._report(elapsed, counters_before, self._counters())
 
     def _cleanup(self) -> None:
+        self._restore_propagation()
         if self.target.faults is not None:
             for service in ("keyvault", "gateway"):
                 with contextlib.suppress(Exception):
@@ -515,13 +595,14 @@ class Drill:
             self._wait_converged(0, 0.45 * d + 5)
             self._wait_until(0.45 * d)
             self._inject("keyvault", "status", operation="GetSecret", status=503)
-            self.chaos_log.append(f"{self.elapsed():.1f}s Key Vault GetSecret -> 503 for {0.15 * d:.1f}s")
+            outage = max(0.15 * d, 1.0)  # rotations that wait for the gateway may have used up 0.45-0.60 D
+            self.chaos_log.append(f"{self.elapsed():.1f}s Key Vault GetSecret -> 503 for {outage:.1f}s")
             self.log("chaos: Key Vault outage begins (GetSecret answers 503)")
-            self._wait_until(0.60 * d)
+            self._wait_until(max(0.60 * d, self.elapsed() + outage))
             self.target.faults.clear("keyvault")
             self.log("chaos: Key Vault outage ends")
         self._wait_until(max(0.70 * d, self.elapsed() + gap))
-        self._rotate(push=True)
+        self._rotate(push=True, duplicate=self.chaos)
         if self.chaos and self.target.faults is not None:
             self._wait_until(0.85 * d)
             spikes = max(8, self.concurrency * 3)
@@ -547,22 +628,34 @@ class Drill:
                 return
             time.sleep(0.02)
 
-    def _rotate(self, *, push: bool) -> None:
+    def _rotation_kwargs(self) -> dict[str, Any]:
+        return {
+            "apim_subscription_id": self.target.apim_subscription_id,
+            "arm_endpoint": self.target.arm_endpoint,
+            "credential": self._rotation_credential,
+            "gateway_urls": self.target.gateway_urls or None,
+            "propagation_timeout": max(60.0, 20 * self.propagation),
+        }
+
+    def _rotate(self, *, push: bool, duplicate: bool = False) -> None:
         from .rotation import rotate
 
         started = self.elapsed()
         index = len(self.rotations) + 1
         with self._lock:  # who holds the key this rotation is about to regenerate (version index - 2)
             held = sum(1 for rank in self._ranks() if 0 <= rank <= index - 2)
-        result = rotate(
-            vault_url=self.target.vault_url,
-            secret_name=self.target.secret_name,
-            apim_subscription_id=self.target.apim_subscription_id,
-            arm_endpoint=self.target.arm_endpoint,
-            credential=self._rotation_credential,
-        )
+        deliveries: list[str] = []
+        if duplicate:
+            result, deliveries = self._deliver_twice()
+        else:
+            result = rotate(
+                vault_url=self.target.vault_url,
+                secret_name=self.target.secret_name,
+                **self._rotation_kwargs(),
+            )
         assert result.new_version is not None
         at = self.elapsed()
+        check = self._check_vault()
         with self._lock:
             self.versions.append(result.new_version)
             record = RotationRecord(
@@ -575,6 +668,11 @@ class Drill:
                 fingerprint=result.fingerprint,
                 push=push,
                 started_s=round(started, 3),
+                propagation_s=result.propagation_seconds,
+                vault_latest_live=check.get("ok") if check else None,
+                vault_check=check,
+                deliveries=deliveries,
+                overlapped=duplicate,
             )
             record.clients_on_revoked_key = held
             if held == 0 and index > 1:
@@ -586,12 +684,95 @@ class Drill:
             else f"; the {self.start_credential_id} key the clients use stays valid"
         )
         self.log(
-            f"rotation {record.index}: regenerated {result.regenerated}, "
-            f"stored version {result.new_version[:8]} "
+            f"rotation {record.index}: regenerated {result.regenerated}, gateway accepted it after "
+            f"{result.propagation_seconds or 0:.1f}s, then stored version {result.new_version[:8]} "
             f"(fp {result.fingerprint}){revoked}"
+        )
+        for line in deliveries:
+            self.log(f"rotation {record.index}: {line}")
+        live = "live" if record.vault_latest_live else "NOT LIVE"
+        self.log(
+            f"rotation {record.index}: vault latest version {(check or {}).get('version', '?')[:8]} is {live}"
         )
         if push:
             self._push(result.new_version)
+
+    def _deliver_twice(self) -> tuple[Any, list[str]]:
+        """Two overlapping deliveries of the SecretNearExpiry event for the current version: the second
+        starts while the first waits for the gateways to accept its new key."""
+        from .rotation import rotate_from_event
+
+        version = self.versions[-1]
+        event = {
+            "id": f"drill-near-expiry-{version}",
+            "subject": self.target.secret_name,
+            "eventType": "Microsoft.KeyVault.SecretNearExpiry",
+            "data": {
+                "Id": f"{self.target.vault_url}/secrets/{self.target.secret_name}/{version}",
+                "VaultName": (self.target.vault_url.split("//", 1)[-1].split(".", 1)[0]),
+                "ObjectType": "Secret",
+                "ObjectName": self.target.secret_name,
+                "Version": version,
+            },
+        }
+        outcomes: list[Any] = [None, None]
+        second = threading.Thread(target=lambda: deliver(1, None), name="drill-redelivery", daemon=True)
+        started = threading.Event()
+
+        def first_hook(step: str) -> None:
+            if step == "probe" and not started.is_set():
+                started.set()
+                second.start()
+
+        def deliver(i: int, hook: Callable[[str], None] | None) -> None:
+            try:
+                outcomes[i] = rotate_from_event(event, on_step=hook, **self._rotation_kwargs())
+            except Exception as exc:
+                outcomes[i] = exc
+
+        deliver(0, first_hook)
+        if started.is_set():
+            second.join(120)
+        else:  # the first run never waited for the gateway: deliver again now, to be sure of a duplicate
+            second.start()
+            second.join(120)
+        lines = []
+        for i, outcome in enumerate(outcomes):
+            name = "delivery" if i == 0 else "duplicate delivery"
+            if isinstance(outcome, BaseException) or outcome is None:
+                lines.append(f"{name}: FAILED {type(outcome).__name__}: {outcome}")
+            elif outcome.skipped:
+                lines.append(
+                    f"{name}: skipped ({outcome.reason}); vault verified at {outcome.verified_version}"
+                )
+            else:
+                lines.append(f"{name}: rotated to {outcome.new_version} ({outcome.credential_id})")
+        rotated = [
+            o for o in outcomes if not isinstance(o, BaseException) and o is not None and not o.skipped
+        ]
+        failed = [o for o in outcomes if isinstance(o, BaseException) or o is None]
+        if failed or len(rotated) != 1:
+            raise ApimVaultError(
+                "overlapping deliveries did not end in exactly one rotation: " + "; ".join(lines)
+            )
+        return rotated[0], lines
+
+    def _check_vault(self) -> dict[str, Any] | None:
+        from .rotation import check_latest
+
+        try:
+            check = check_latest(
+                vault_url=self.target.vault_url,
+                secret_name=self.target.secret_name,
+                apim_subscription_id=self.target.apim_subscription_id,
+                arm_endpoint=self.target.arm_endpoint,
+                credential=self._rotation_credential,
+                gateway_urls=self.target.gateway_urls or None,
+            )
+        except ApimVaultError as exc:
+            self.log(f"vault check failed: {type(exc).__name__}: {exc}")
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return check.as_dict()
 
     def _push(self, version: str) -> None:
         """Event Grid delivery of SecretNewVersionCreated, handled by the core's helpers."""
@@ -730,15 +911,28 @@ class Drill:
         convergence = [r.convergence_s for r in self.rotations]
         converged = all(c is not None for c in convergence)
         failed = self.metrics.failed
-        ok = failed == 0 and converged and len(self.rotations) >= 2 and self.metrics.requests > 0
+        vault_live = all(r.vault_latest_live for r in self.rotations)
+        ok = (
+            failed == 0
+            and converged
+            and vault_live
+            and len(self.rotations) >= 2
+            and self.metrics.requests > 0
+        )
         gateway = None
         server_reads = None
+        propagation_refused = None
         if before is not None and after is not None:
-            labels = {
-                k.split(":", 1)[1]: after["labels"].get(k, 0) - before["labels"].get(k, 0)
-                for k in after["labels"]
-                if k.startswith("key:")
-            }
+
+            def delta(name: str) -> int:
+                return int(after["labels"].get(name, 0)) - int(before["labels"].get(name, 0))
+
+            labels = {k.split(":", 1)[1]: delta(k) for k in after["labels"] if k.startswith("key:")}
+            # Refusals of a key a gateway unit had not synced yet: the rotation's own probes (clients only
+            # ever get a key from the vault once every unit accepts it). Not a client's 401.
+            propagation_refused = delta("propagation-refused")
+            if labels.get("invalid"):
+                labels["invalid"] -= propagation_refused
             gateway = {k: v for k, v in labels.items() if v}
             server_reads = after["GetSecret"] - before["GetSecret"]
         if ok:
@@ -754,6 +948,8 @@ class Drill:
                 why.append("not every client reached the last version")
             if len(self.rotations) < 2:
                 why.append("fewer than 2 rotations")
+            if not vault_live:
+                why.append("the vault's latest version was not live after every rotation")
             verdict = "FAIL: " + "; ".join(why or ["no traffic"])
         return {
             "ok": ok,
@@ -783,6 +979,14 @@ class Drill:
                 "forced_refresh_interval_s": float(self.policy.forced_refresh_interval),  # type: ignore[arg-type]
             },
             "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
+            "propagation": {
+                "units_s": self.propagation_settings,
+                "random": self.chaos and bool(self.propagation_settings),
+                "measured_s": [r.propagation_s for r in self.rotations],
+                "refused_probes": propagation_refused,
+            },
+            "vault_latest_live": [r.vault_latest_live for r in self.rotations],
+            "overlapped_deliveries": sum(1 for r in self.rotations if r.overlapped),
             "chaos": self.chaos_log if self.chaos else None,
             "errors": dict(self.metrics.errors.most_common(10)),
             "clients_detail": [
@@ -850,8 +1054,20 @@ def _print_report(out: Output, report: dict[str, Any]) -> None:
             f"rotation {r['index']}        t={r['at_s']:.1f}s regenerated {r['regenerated']}, version "
             f"{r['new_version'][:8]} (fp {r['fingerprint']}); converged in {conv} ({via})"
         )
+        live = "live" if r["vault_latest_live"] else "NOT LIVE"
+        out.line(
+            f"                  gateway propagation {r['propagation_s'] or 0:.1f}s; vault latest "
+            f"version {live}" + ("; overlapped a duplicate delivery" if r["overlapped"] else "")
+        )
     if report["gateway_key_use"] is not None:
         out.line(f"gateway key use   {report['gateway_key_use']}")
+    prop = report["propagation"]
+    if prop["units_s"]:
+        out.line(
+            f"propagation       per unit {prop['units_s']} s"
+            f"{' (random per regeneration)' if prop['random'] else ''}; "
+            f"{prop['refused_probes']} probes refused while units synced"
+        )
     if report["chaos"]:
         for item in report["chaos"]:
             out.line(f"chaos             {item}")
@@ -891,7 +1107,9 @@ def _external_target(args: argparse.Namespace) -> Target:
         from .local.admin import AdminClient
 
         faults = _Faults(admin=AdminClient(admin_url, os.environ["SSL_CERT_FILE"]))
+    urls = tuple(u.rstrip("/") for u in (_env("APIMVAULT_GATEWAY_URLS") or "").replace(",", " ").split() if u)
     return Target(
+        gateway_urls=urls,
         vault_url=vault_url,
         secret_name=secret_name,
         gateway_url=gateway,
@@ -945,6 +1163,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 label="embedded local Azure (127.0.0.1, TLS)",
                 loopback=True,
                 faults=_Faults(azure=azure),
+                gateway_urls=tuple(azure.gateway_unit_urls.values()),
             )
             return _run_target(target, args, out)
     except ConfigurationError as exc:

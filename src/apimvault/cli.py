@@ -1087,7 +1087,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clients", type=int, default=4, help="providers/clients the workers share (default %(default)s)"
     )
-    p.add_argument("--chaos", action="store_true", help="add a Key Vault outage and latency spikes")
+    p.add_argument(
+        "--chaos",
+        action="store_true",
+        help="add a Key Vault outage, latency spikes, a random gateway propagation delay per unit and a "
+        "duplicate, overlapping delivery of a rotation event",
+    )
+    p.add_argument(
+        "--propagation",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="local stacks: gateway units accept a regenerated key only after up to this delay "
+        "(default 2; 0 turns it off)",
+    )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--client-id", help="managed identity client id of the rotator")
     p.add_argument("--yes", action="store_true", help="allow regenerating keys of a non-loopback target")

@@ -70,9 +70,11 @@ __all__ = [
     "DEFAULT_ARM_ENDPOINT",
     "ApimSubscriptionRef",
     "GatewayProbe",
+    "LatestCheck",
     "RotationError",
     "RotationPlan",
     "RotationResult",
+    "check_latest",
     "parse_apim_subscription_id",
     "plan_rotation",
     "rotate",
@@ -624,8 +626,6 @@ class _Run:
                     unknown[url] = "no answer"
             if not waiting:
                 return max(0.0, done_at - started)
-            if _list_keys(self.session, ref, "listSecrets while waiting for the gateway")[slot] != value:
-                raise _Concurrent(f"the {slot} key was regenerated again while waiting for the gateway")
             now = self.clock()
             if now >= deadline:
                 still = ", ".join(f"{u} ({unknown.get(u, 'refused')})" for u in waiting)
@@ -637,7 +637,10 @@ class _Run:
                     permanent=False,
                 )
             self.sleep(min(delay, max(0.0, deadline - now)))
-            delay = min(delay * 2, 15.0)
+            delay = min(delay * 1.5, 15.0)
+            # Before probing again: was the key regenerated once more meanwhile (another rotation)?
+            if _list_keys(self.session, ref, "listSecrets while waiting for the gateway")[slot] != value:
+                raise _Concurrent(f"the {slot} key was regenerated again while waiting for the gateway")
 
     def settle(self) -> tuple[_Current, list[str]]:
         """Step 6: make the latest version hold a live key of the slot its tag names; the versions written
@@ -848,6 +851,59 @@ def rotate(
     finally:
         probe.close()
         session.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class LatestCheck:
+    """Whether the vault's latest version is live: ``live`` when ``listSecrets`` shows its value as the key
+    of the slot its ``CredentialId`` names, ``accepted`` per gateway URL (``None``: no answer)."""
+
+    secret: str
+    version: str
+    credential_id: str
+    fingerprint: str
+    live: bool
+    accepted: dict[str, bool | None]
+
+    @property
+    def ok(self) -> bool:
+        return self.live and all(self.accepted.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+
+def check_latest(
+    *,
+    vault_url: str,
+    secret_name: str,
+    apim_subscription_id: str | None = None,
+    arm_endpoint: str | None = None,
+    credential: TokenCredential | None = None,
+    gateway_urls: Sequence[str] | str | None = None,
+    header_name: str | None = None,
+) -> LatestCheck:
+    """Check, changing nothing, that the latest version holds a live key of the slot its tag names and
+    that every gateway accepts it (one probe each, see :class:`GatewayProbe`)."""
+    from ._fetch import validate_secret_name, validate_vault_url
+
+    vault_url = validate_vault_url(vault_url)
+    secret_name = validate_secret_name(secret_name)
+    endpoint = _arm_endpoint(arm_endpoint)
+    urls = _gateway_urls(gateway_urls)
+    where = f"{vault_url}/secrets/{secret_name}"
+    session = _Session(vault_url, endpoint, credential, "")
+    probe = GatewayProbe(urls, header_name=header_name)
+    try:
+        latest = _read_current(session, secret_name, where)
+        ref, slot, _ = _resolve_target(latest, apim_subscription_id, where)
+        keys = _list_keys(session, ref, "listSecrets to check the vault")
+        live = slot is not None and keys[slot] == latest.value
+        accepted = {url: probe.accepts(url, latest.value) for url in urls}
+    finally:
+        probe.close()
+        session.close()
+    return LatestCheck(where, latest.version, slot or "", fingerprint(latest.value), live, accepted)
 
 
 def _settled(run: _Run, reason: str, old_version: str | None) -> RotationResult:
