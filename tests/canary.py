@@ -74,15 +74,9 @@ class CanaryApp:
 
 
 def _set_keys(azure: LocalAzure, sub: Subscription, primary: str, secondary: str) -> None:
-    """Give ``sub`` known keys. The local APIM has no public setter (``regenerate`` draws random keys), so
-    this updates its key index under its lock; see the report for the proposed ``ApimState.set_keys``."""
+    """Give ``sub`` known keys (``ApimState.set_keys``: they reach every gateway unit like a regeneration)."""
     state = azure.apim_state
-    with state._lock:
-        state._keys.pop(sub.primary_key, None)
-        state._keys.pop(sub.secondary_key, None)
-        sub.primary_key, sub.secondary_key = primary, secondary
-        state._keys[primary] = (sub, "primary")
-        state._keys[secondary] = (sub, "secondary")
+    state.set_keys(sub.sid, primary, secondary)
     assert state.lookup(primary) == (sub, "primary")
 
 

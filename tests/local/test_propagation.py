@@ -217,3 +217,20 @@ def test_bad_unit_and_delay_configuration() -> None:
         ApimState(propagation_delay={"elsewhere": 1})
     with pytest.raises(ValueError, match="pair"):
         ApimState(propagation_delay=True)
+
+
+def test_chosen_keys_propagate_like_a_regeneration(azure_p: LocalAzure, clock: ManualClock) -> None:
+    sub = fresh(azure_p)
+    old_primary = sub.primary_key
+    chosen = ("a" * 31 + "1", "b" * 31 + "2")
+    azure_p.apim_state.set_keys(sub.sid, *chosen)
+    assert (sub.primary_key, sub.secondary_key) == chosen  # ARM's view at once
+    url = azure_p.gateway_unit_urls["region1"]
+    assert (status(url, chosen[0]), status(url, old_primary)) == (401, 200)
+    clock.advance(10)
+    assert (status(url, chosen[0]), status(url, chosen[1]), status(url, old_primary)) == (200, 200, 401)
+    other = fresh(azure_p)
+    with pytest.raises(ValueError, match="another subscription"):
+        azure_p.apim_state.set_keys(other.sid, chosen[0], "c" * 32)
+    with pytest.raises(ValueError, match="different"):
+        azure_p.apim_state.set_keys(other.sid, "d" * 32, "d" * 32)

@@ -310,27 +310,47 @@ class ApimState:
         accepts it, and stops accepting the old one, after its propagation delay (at once with 0)."""
         if which not in ("primary", "secondary"):
             raise ValueError(f"which must be 'primary' or 'secondary', not {which!r}")
-        now = self.clock()
         with self._lock:
             sub = self._subs.get(sid)
             if sub is None:
                 raise KeyError(sid)
-            old = sub.key(which)
+            self._replace(sub, which, _new_key(), self.clock())
+
+    def set_keys(self, sid: str, primary: str, secondary: str) -> None:
+        """Give ``sid`` chosen key values (ARM create-or-update can set them); they propagate to the gateway
+        units like a regeneration."""
+        if not primary or not secondary or primary == secondary:
+            raise ValueError("primary and secondary must be two different non-empty keys")
+        with self._lock:
+            sub = self._subs.get(sid)
+            if sub is None:
+                raise KeyError(sid)
+            for key in (primary, secondary):
+                if key in self._keys and self._keys[key][0] is not sub:
+                    raise ValueError("a key of another subscription")
+            now = self.clock()
+            self._replace(sub, "primary", primary, now)
+            self._replace(sub, "secondary", secondary, now)
+
+    def _replace(self, sub: Subscription, which: Slot, new: str, now: float) -> None:
+        """Swap one key of ``sub`` in the authoritative table and queue the change for every unit (with
+        ``self._lock`` held)."""
+        old = sub.key(which)
+        if self._keys.get(old, (None,))[0] is sub:
             self._keys.pop(old, None)
-            new = _new_key()
-            if which == "primary":
-                sub.primary_key = new
-            else:
-                sub.secondary_key = new
-            self._keys[new] = (sub, which)
-            sub.etag = f'"{uuid.uuid4().hex[:16].upper()}"'
-            for unit in self.units:
-                queue = self._pending[unit]
-                apply_at = now + self._draw(unit)
-                if queue:  # a unit applies its changes in order
-                    apply_at = max(apply_at, queue[-1].apply_at)
-                queue.append(_Pending(apply_at, old, new, sub, which))
-                self._apply_due(unit, now)
+        if which == "primary":
+            sub.primary_key = new
+        else:
+            sub.secondary_key = new
+        self._keys[new] = (sub, which)
+        sub.etag = f'"{uuid.uuid4().hex[:16].upper()}"'
+        for unit in self.units:
+            queue = self._pending[unit]
+            apply_at = now + self._draw(unit)
+            if queue:  # a unit applies its changes in order
+                apply_at = max(apply_at, queue[-1].apply_at)
+            queue.append(_Pending(apply_at, old, new, sub, which))
+            self._apply_due(unit, now)
 
     def lookup(self, key: str) -> tuple[Subscription, Slot] | None:
         """The subscription and slot a key belongs to (the authoritative table, as ARM sees it), or None
