@@ -634,7 +634,10 @@ class Drill:
             "arm_endpoint": self.target.arm_endpoint,
             "credential": self._rotation_credential,
             "gateway_urls": self.target.gateway_urls or None,
-            "propagation_timeout": max(60.0, 20 * self.propagation),
+            # A local stack's delays are known; real gateways get the library's default (or the env's).
+            "propagation_timeout": max(60.0, 20 * self.propagation)
+            if self.target.faults is not None
+            else None,
         }
 
     def _rotate(self, *, push: bool, duplicate: bool = False) -> None:

@@ -594,7 +594,6 @@ class _Run:
     probe: GatewayProbe
     secret_name: str
     where: str
-    ref: ApimSubscriptionRef | None
     apim_subscription_id: str | None
     timeout: float
     clock: Callable[[], float]
@@ -838,7 +837,6 @@ def rotate(
         probe,
         secret_name,
         where,
-        None,
         apim_subscription_id,
         timeout,
         clock,
