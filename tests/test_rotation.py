@@ -27,7 +27,7 @@ from apimvault.rotation import (
     rotate_from_event,
 )
 
-from .cli_support import assert_no_key, gateway_status, new_rotating_app
+from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
 from .conftest import SESSION_CA
 from .rotation_support import ManualClock
 
@@ -463,3 +463,21 @@ def test_check_latest_reports_a_revoked_latest_version(
     assert not bad.ok and not bad.live and set(bad.accepted.values()) == {False}
     assert bad.version == good.version  # a check changes nothing
     assert_no_key(repr(bad) + json.dumps(bad.as_dict()), app.seen_keys | set(app.keys()))
+
+
+def test_cli_rotate_reports_propagation_and_takes_a_timeout(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    run = run_cli(["rotate", "--json", "--propagation-timeout", "30"], app.env())
+    assert run.code == 0, run.err
+    doc = run.json()
+    result, plan = doc["result"], doc["plan"]
+    assert result["propagation_seconds"] is not None and result["propagation_seconds"] >= 0
+    assert result["verified_version"] == azure.keyvault.latest(app.name).version == result["new_version"]
+    assert result["repaired_versions"] == [] and plan["propagation_timeout"] == 30
+    assert plan["gateway_urls"] == list(azure.gateway_unit_urls.values())
+    assert "/openai/v1/models" in run.err  # the plan says what the probe sends
+    human = run_cli(["rotate"], app.env())
+    assert human.code == 0 and "the gateway accepted the new key" in human.out
+    bad = run_cli(["rotate", "--propagation-timeout", "0"], app.env())
+    assert bad.code == 2 and "propagation timeout" in bad.err
+    assert_no_key(run.out + run.err + human.out + human.err + bad.err, app.seen_keys | set(app.keys()))
