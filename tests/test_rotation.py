@@ -350,6 +350,33 @@ def test_gateway_timeout_leaves_the_vault_unchanged_and_says_so(
         for url in azure.gateway_unit_urls.values():
             assert gateway_status_at(azure, url, primary) == 200  # the key in use works everywhere
         assert_no_key(str(info.value), app.seen_keys)
+
+        # The retry resumes: it waits for the key the first attempt regenerated instead of regenerating
+        # again (which would restart the units' sync and never finish on a gateway slower than one try).
+        _, pending = app.keys()
+        assert (azure.keyvault.latest(app.name).tags or {})["RotationPending"].startswith("secondary:")
+        azure.apim_state.set_propagation(
+            0, unit="region2"
+        )  # later regenerations; the queued one keeps 3600 s
+        slow_clock.advance(3600)
+        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        try:
+            with azure.env():
+                again = rotate(
+                    vault_url=azure.vault_url,
+                    secret_name=app.name,
+                    apim_subscription_id=None,
+                    credential=officer,
+                    propagation_timeout=120,
+                    clock=slow_clock,
+                    sleep=slow_clock.advance,
+                )
+        finally:
+            officer.close()
+        assert not again.skipped and "resumed" in again.reason
+        assert app.keys() == (primary, pending)  # nothing regenerated this time
+        latest = azure.keyvault.latest(app.name)
+        assert latest.value == pending and "RotationPending" not in (latest.tags or {})
     finally:
         azure.apim_state.set_propagation({"region1": 20, "region2": 45})
         azure.apim_state.settle()

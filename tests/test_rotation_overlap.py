@@ -132,13 +132,14 @@ def test_overlapping_runs_end_with_a_live_latest_version(
 def test_a_write_of_a_key_revoked_meanwhile_is_repaired(
     azure: LocalAzure, officer: DefaultAzureCredential
 ) -> None:
-    """Run 0 regenerates the secondary and sees the gateway accept it; run 1 then regenerates the secondary
-    again (revoking run 0's key) before run 0 writes. Run 0's write stores a revoked key, and its own check
-    right after repairs it with the live secondary."""
+    """Both runs read version 1 and pass the in-use check; run 0 regenerates the secondary and sees the
+    gateway accept it; run 1 (which read before run 0 named its key in RotationPending) regenerates the
+    secondary again, revoking run 0's key, before run 0 writes. Run 0's write stores a revoked key, and its
+    own check right after repairs it with the live secondary."""
     app = new_rotating_app(azure)
-    # run 0: read, check, regenerate, probe -> parked at write; run 1: read, check, regenerate -> at probe;
-    # then run 0 writes (the revoked key) and verifies.
-    order = [0, 0, 0, 0, 1, 1, 1, 0]
+    # run 0: read, check -> at regenerate; run 1: read, check -> at regenerate; run 0: regenerate, probe
+    # -> at write; run 1: regenerate -> at probe; then run 0 writes (the revoked key) and verifies.
+    order = [0, 0, 1, 1, 0, 0, 1, 0]
     results, scheduler = overlap(azure, officer, app, 2, order)
     first, second = results
     assert isinstance(first, RotationResult) and isinstance(second, RotationResult)

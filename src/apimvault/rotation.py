@@ -89,6 +89,8 @@ ENV_APIM_SUBSCRIPTION_ID = "APIMVAULT_APIM_SUBSCRIPTION_ID"
 TAG_CREDENTIAL_ID = "CredentialId"
 TAG_PROVIDER_ADDRESS = "ProviderAddress"
 TAG_VALIDITY_DAYS = "ValidityPeriodDays"
+TAG_PENDING = "RotationPending"
+"""Set on the current version while its successor waits for the gateways: ``<slot>:<fingerprint>``."""
 ENV_GATEWAY_URLS = "APIMVAULT_GATEWAY_URLS"
 ENV_PROPAGATION_TIMEOUT = "APIMVAULT_PROPAGATION_TIMEOUT"
 DEFAULT_PROPAGATION_TIMEOUT = 600.0
@@ -632,7 +634,9 @@ class _Run:
                     f"the gateway did not accept the new {slot} key of {ref.resource_id} within "
                     f"{self.timeout:g} s: {still}. The vault was NOT changed ({self.where} still holds its "
                     "latest version) and the key in use still works. The gateway may still be syncing: "
-                    "rotate again later (raise --propagation-timeout), or check the gateway URLs",
+                    "rotate again later (the next attempt waits for this same key, named by the "
+                    f"{TAG_PENDING} tag, instead of regenerating it; or raise --propagation-timeout), or "
+                    "check the gateway URLs",
                     permanent=False,
                 )
             self.sleep(min(delay, max(0.0, deadline - now)))
@@ -677,6 +681,7 @@ class _Run:
             if _read_current(self.session, self.secret_name, self.where).version != latest.version:
                 continue  # someone wrote meanwhile: verify that version instead
             tags = dict(latest.tags)
+            tags.pop(TAG_PENDING, None)
             tags[TAG_CREDENTIAL_ID] = _styled(target, latest.tags.get(TAG_CREDENTIAL_ID))
             tags.setdefault(TAG_PROVIDER_ADDRESS, ref.resource_id)
             version = self.write(value, latest, tags, days)
@@ -971,30 +976,51 @@ def _rotate(run: _Run, expected: str | None) -> RotationResult:
     run.step("regenerate")
     if _read_current(session, secret_name, where).version != current.version:
         return _settled(run, "another rotation wrote a new version meanwhile", current.version)
-    arm = session.arm(ref.arm_subscription)
-    regenerate = (
-        arm.subscription.regenerate_secondary_key
-        if other == "secondary"
-        else arm.subscription.regenerate_primary_key
-    )
     started = run.clock()
-    try:
-        regenerate(ref.resource_group, ref.service, ref.sid)
-    except Exception as exc:
-        raise _arm_error(exc, what=f"regenerate the {other} key", ref=ref) from exc
-    log.info("rotation of %s: regenerated the %s key of %s", where, other, ref.resource_id)
+    # An earlier attempt that timed out waiting for the gateways left the key it regenerated named in
+    # RotationPending: wait for that key again instead of regenerating it (which would restart the
+    # gateways' sync, so a gateway slower than one attempt would never get there).
+    pending_slot, _, pending_fp = (current.tags.get(TAG_PENDING) or "").partition(":")
+    resumed = pending_slot == other and bool(before[other]) and fingerprint(before[other]) == pending_fp
+    if resumed:
+        new_value = before[other]
+        log.info(
+            "rotation of %s: resuming with the %s key an earlier attempt regenerated (fingerprint %s)",
+            where,
+            other,
+            pending_fp,
+        )
+    else:
+        arm = session.arm(ref.arm_subscription)
+        regenerate = (
+            arm.subscription.regenerate_secondary_key
+            if other == "secondary"
+            else arm.subscription.regenerate_primary_key
+        )
+        try:
+            regenerate(ref.resource_group, ref.service, ref.sid)
+        except Exception as exc:
+            raise _arm_error(exc, what=f"regenerate the {other} key", ref=ref) from exc
+        log.info("rotation of %s: regenerated the %s key of %s", where, other, ref.resource_id)
 
-    after = _list_keys(session, ref, f"listSecrets after regenerating the {other} key")
-    new_value = after[other]
-    if not new_value or new_value == before[other]:
-        raise RotationError(
-            f"ARM did not return a new {other} key for {ref.resource_id} after regenerating it",
-            permanent=False,
-        )
-    if after[slot] != before[slot]:
-        return _settled(
-            run, f"the {slot} key changed during the rotation (another rotation)", current.version
-        )
+        after = _list_keys(session, ref, f"listSecrets after regenerating the {other} key")
+        new_value = after[other]
+        if not new_value or new_value == before[other]:
+            raise RotationError(
+                f"ARM did not return a new {other} key for {ref.resource_id} after regenerating it",
+                permanent=False,
+            )
+        if after[slot] != before[slot]:
+            return _settled(
+                run, f"the {slot} key changed during the rotation (another rotation)", current.version
+            )
+        # Name the regenerated key (its fingerprint) on the current version, so that a retry after a
+        # timeout resumes the wait instead of regenerating again. The value is not changed.
+        current.tags[TAG_PENDING] = f"{other}:{fingerprint(new_value)}"
+        try:
+            session.secrets.update_secret_properties(secret_name, current.version, tags=current.tags)
+        except Exception as exc:
+            raise _kv_error(exc, where=where, writing=True) from exc
 
     # Make before break: the vault gets the new key only once every gateway unit accepts it.
     try:
@@ -1011,6 +1037,7 @@ def _rotate(run: _Run, expected: str | None) -> RotationResult:
         return _settled(run, f"another rotation wrote version {latest.version} meanwhile", current.version)
 
     tags = dict(current.tags)
+    tags.pop(TAG_PENDING, None)
     tags[TAG_CREDENTIAL_ID] = _flip_tag(current.tags.get(TAG_CREDENTIAL_ID) or slot)
     tags.setdefault(TAG_PROVIDER_ADDRESS, ref.resource_id)
     new_version = run.write(new_value, current, tags, days)
@@ -1026,9 +1053,10 @@ def _rotate(run: _Run, expected: str | None) -> RotationResult:
     verified, repaired = run.settle()
     return RotationResult(
         skipped=False,
-        reason="rotated"
-        if not repaired
-        else f"rotated; repaired the vault afterwards ({', '.join(repaired)})",
+        reason=(
+            "rotated" + (" (resumed the wait for the key an earlier attempt regenerated)" if resumed else "")
+        )
+        + (f"; repaired the vault afterwards ({', '.join(repaired)})" if repaired else ""),
         old_version=current.version,
         new_version=new_version,
         credential_id=(verified.tags.get(TAG_CREDENTIAL_ID) or other).strip().lower(),
