@@ -28,8 +28,9 @@ accepts. With ``--chaos`` rotation 3 is two overlapping deliveries of the same `
 (the second starts while the first waits for the gateways), as Event Grid's at-least-once delivery makes
 happen; one rotates, the other finds that out and verifies the vault.
 
-The provider TTL is ``max(4 s, 0.6 D)`` plus three times the longest propagation delay, with a quarter
-of it as refresh margin, so refresh-ahead happens during the run but not before rotation 2. Convergence
+The provider TTL is ``max(4 s, 0.6 D)`` (with propagation, long enough that the earliest refresh-ahead
+comes 4 s after the gateway units revoke the key of rotation 2), with a quarter of it as refresh margin,
+so refresh-ahead happens during the run but not before rotation 2. Convergence
 after a rotation is the time from its Key Vault write until every client's current version is that
 version (or a later one); revocation recovery is the time from the start of a rotation until no client
 holds the key it regenerated.
@@ -234,7 +235,13 @@ class Drill:
         if target.faults is None:  # no local stack to configure: the real gateways propagate as they do
             self.propagation = 0.0
         longest = self.propagation * (1.5 if self.chaos else 1.0)
-        ttl = max(4.0, self.duration * 0.6) + 3 * longest
+        ttl = max(4.0, self.duration * 0.6)
+        if longest > 0:
+            # Rotation 2 must revoke the key the clients still hold: the gateway units stop accepting it
+            # only `longest` after it is regenerated, and rotation 1 itself waits up to ~1.5 x longest for
+            # them. The earliest refresh-ahead is at 0.55 x TTL (TTL jittered down 20 %, margin a quarter).
+            revoked_by = max(0.2 * self.duration, 0.1 * self.duration + 1.5 * longest + 2.5) + longest
+            ttl = max(ttl, (revoked_by + 4.0) / 0.55)
         self.policy = CachePolicy(
             ttl=ttl,
             jitter=0.2,
