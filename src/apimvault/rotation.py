@@ -1016,11 +1016,16 @@ def _rotate(run: _Run, expected: str | None) -> RotationResult:
             )
         # Name the regenerated key (its fingerprint) on the current version, so that a retry after a
         # timeout resumes the wait instead of regenerating again. The value is not changed.
-        current.tags[TAG_PENDING] = f"{other}:{fingerprint(new_value)}"
+        pending_tags = {**current.tags, TAG_PENDING: f"{other}:{fingerprint(new_value)}"}
         try:
-            session.secrets.update_secret_properties(secret_name, current.version, tags=current.tags)
-        except Exception as exc:
-            raise _kv_error(exc, where=where, writing=True) from exc
+            session.secrets.update_secret_properties(secret_name, current.version, tags=pending_tags)
+        except Exception as exc:  # best effort (e.g. the 15-tag limit): a retry then regenerates again
+            log.warning(
+                "%s: could not tag the pending key on version %s (%s)",
+                where,
+                current.version,
+                type(exc).__name__,
+            )
 
     # Make before break: the vault gets the new key only once every gateway unit accepts it.
     try:
