@@ -87,6 +87,7 @@ class ClientSlot:
     provider: Any
     client: Any = None
     via: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (version, reason) loads
+    gateway_url: str = ""  # the gateway unit this client talks to
 
 
 @dataclasses.dataclass

@@ -191,6 +191,7 @@ class DrillReport(DrillState):
                 {
                     "client": slot.name,
                     "kind": slot.kind,
+                    "gateway_url": slot.gateway_url,
                     "version": st.version,
                     "fingerprint": st.fingerprint,
                     "credential_id": st.credential_id,

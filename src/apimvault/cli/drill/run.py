@@ -115,9 +115,10 @@ class Drill(RotationSchedule, DrillReport):
                 on_refresh=self._on_refresh(slot),
             )
             slot.provider = provider
+            slot.gateway_url = self._client_url(i)
             slot.client = create_azure_openai(
                 provider,
-                azure_endpoint=self._client_url(2 * i),
+                azure_endpoint=slot.gateway_url,
                 max_retries=0,
                 timeout=30,
                 token_scope=self.token_scope,
@@ -135,7 +136,8 @@ class Drill(RotationSchedule, DrillReport):
                 slot.provider.get_key()
 
     def _client_url(self, n: int) -> str:
-        """The gateway unit client ``n`` talks to (sync clients even, async clients odd)."""
+        """The gateway unit of the ``n``-th client of a kind: sync client ``i`` gets unit ``i``, async client
+        ``i`` unit ``i + 1`` (modulo the units), so with two clients of each kind every unit serves both."""
         urls = self.target.client_urls
         return urls[n % len(urls)]
 
@@ -213,9 +215,10 @@ class Drill(RotationSchedule, DrillReport):
                     on_refresh=self._on_refresh(slot),
                 )
                 slot.provider = provider
+                slot.gateway_url = self._client_url(i + 1)
                 slot.client = create_async_azure_openai(
                     provider,
-                    azure_endpoint=self._client_url(2 * i + 1),
+                    azure_endpoint=slot.gateway_url,
                     max_retries=0,
                     timeout=30,
                     token_scope=self.token_scope,
