@@ -248,6 +248,10 @@ module rotation 'modules/rotation.bicep' = {
     keyVaultUri: keyVault.outputs.vaultUri
     secretName: secret.outputs.secretName
     apimSubscriptionResourceId: apim.outputs.apimSubscriptionId
+    // One gateway: the template deploys no additional locations and no self-hosted gateway. Add their URLs here.
+    apimGatewayUrls: [
+      apim.outputs.gatewayUrl
+    ]
     rotatorIdentityId: identities.outputs.rotatorId
     rotatorClientId: identities.outputs.rotatorClientId
     functionHostIdentityId: identities.outputs.functionHostId

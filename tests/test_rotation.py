@@ -17,9 +17,16 @@ import apimvault.rotation as rotation_module
 from apimvault import AccessDeniedError, ConfigurationError
 from apimvault.local import DEPLOYMENT, LocalAzure, temporary_environ
 from apimvault.local.stack import API_VERSION
-from apimvault.rotation import GatewayProbe, RotationError, plan_rotation, rotate, rotate_from_event
+from apimvault.rotation import (
+    GatewayProbe,
+    RotationError,
+    check_latest,
+    plan_rotation,
+    rotate,
+    rotate_from_event,
+)
 
-from .cli_support import assert_no_key, gateway_status, new_rotating_app
+from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
 from .conftest import SESSION_CA
 from .rotation_support import ManualClock
 
@@ -342,6 +349,33 @@ def test_gateway_timeout_leaves_the_vault_unchanged_and_says_so(
         for url in azure.gateway_unit_urls.values():
             assert gateway_status_at(azure, url, primary) == 200  # the key in use works everywhere
         assert_no_key(str(info.value), app.seen_keys)
+
+        # The retry resumes: it waits for the key the first attempt regenerated instead of regenerating
+        # again (which would restart the units' sync and never finish on a gateway slower than one try).
+        _, pending = app.keys()
+        assert (azure.keyvault.latest(app.name).tags or {})["RotationPending"].startswith("secondary:")
+        azure.apim_state.set_propagation(
+            0, unit="region2"
+        )  # later regenerations; the queued one keeps 3600 s
+        slow_clock.advance(3600)
+        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        try:
+            with azure.env():
+                again = rotate(
+                    vault_url=azure.vault_url,
+                    secret_name=app.name,
+                    apim_subscription_id=None,
+                    credential=officer,
+                    propagation_timeout=120,
+                    clock=slow_clock,
+                    sleep=slow_clock.advance,
+                )
+        finally:
+            officer.close()
+        assert not again.skipped and "resumed" in again.reason
+        assert app.keys() == (primary, pending)  # nothing regenerated this time
+        latest = azure.keyvault.latest(app.name)
+        assert latest.value == pending and "RotationPending" not in (latest.tags or {})
     finally:
         azure.apim_state.set_propagation({"region1": 20, "region2": 45})
         azure.apim_state.settle()
@@ -441,3 +475,35 @@ def test_arm_403_names_the_custom_role(azure: LocalAzure, officer: DefaultAzureC
     assert rotation_module.__doc__ is not None
     assert "apimvault APIM subscription key rotator" in rotation_module.__doc__
     assert "API Management Service Contributor" not in rotation_module.__doc__
+
+
+def test_check_latest_reports_a_revoked_latest_version(
+    azure: LocalAzure, officer: DefaultAzureCredential
+) -> None:
+    app = new_rotating_app(azure)
+    good = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    assert good.ok and good.live and good.credential_id == "primary"
+    assert set(good.accepted) == set(azure.gateway_unit_urls.values())
+    azure.apim_state.regenerate(app.sid, "primary")  # the stored key is revoked elsewhere
+    bad = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    assert not bad.ok and not bad.live and set(bad.accepted.values()) == {False}
+    assert bad.version == good.version  # a check changes nothing
+    assert_no_key(repr(bad) + json.dumps(bad.as_dict()), app.seen_keys | set(app.keys()))
+
+
+def test_cli_rotate_reports_propagation_and_takes_a_timeout(azure: LocalAzure) -> None:
+    app = new_rotating_app(azure)
+    run = run_cli(["rotate", "--json", "--propagation-timeout", "30"], app.env())
+    assert run.code == 0, run.err
+    doc = run.json()
+    result, plan = doc["result"], doc["plan"]
+    assert result["propagation_seconds"] is not None and result["propagation_seconds"] >= 0
+    assert result["verified_version"] == azure.keyvault.latest(app.name).version == result["new_version"]
+    assert result["repaired_versions"] == [] and plan["propagation_timeout"] == 30
+    assert plan["gateway_urls"] == list(azure.gateway_unit_urls.values())
+    human = run_cli(["rotate"], app.env())
+    assert human.code == 0 and "the gateway accepted the new key" in human.out
+    assert "/openai/v1/models" in human.out  # the plan says what the probe sends
+    bad = run_cli(["rotate", "--propagation-timeout", "0"], app.env())
+    assert bad.code == 2 and "propagation timeout" in bad.err
+    assert_no_key(run.out + run.err + human.out + human.err + bad.err, app.seen_keys | set(app.keys()))

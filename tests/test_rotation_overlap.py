@@ -19,7 +19,8 @@ from apimvault.local import LocalAzure
 from apimvault.rotation import RotationResult, rotate, rotate_from_event
 
 from .cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
-from .rotation_support import Scheduler
+from .conftest import SESSION_CA
+from .rotation_support import ManualClock, Scheduler
 
 
 @pytest.fixture
@@ -131,13 +132,14 @@ def test_overlapping_runs_end_with_a_live_latest_version(
 def test_a_write_of_a_key_revoked_meanwhile_is_repaired(
     azure: LocalAzure, officer: DefaultAzureCredential
 ) -> None:
-    """Run 0 regenerates the secondary and sees the gateway accept it; run 1 then regenerates the secondary
-    again (revoking run 0's key) before run 0 writes. Run 0's write stores a revoked key, and its own check
-    right after repairs it with the live secondary."""
+    """Both runs read version 1 and pass the in-use check; run 0 regenerates the secondary and sees the
+    gateway accept it; run 1 (which read before run 0 named its key in RotationPending) regenerates the
+    secondary again, revoking run 0's key, before run 0 writes. Run 0's write stores a revoked key, and its
+    own check right after repairs it with the live secondary."""
     app = new_rotating_app(azure)
-    # run 0: read, check, regenerate, probe -> parked at write; run 1: read, check, regenerate -> at probe;
-    # then run 0 writes (the revoked key) and verifies.
-    order = [0, 0, 0, 0, 1, 1, 1, 0]
+    # run 0: read, check -> at regenerate; run 1: read, check -> at regenerate; run 0: regenerate, probe
+    # -> at write; run 1: regenerate -> at probe; then run 0 writes (the revoked key) and verifies.
+    order = [0, 0, 1, 1, 0, 0, 1, 0]
     results, scheduler = overlap(azure, officer, app, 2, order)
     first, second = results
     assert isinstance(first, RotationResult) and isinstance(second, RotationResult)
@@ -174,3 +176,84 @@ def test_a_skipped_redelivery_repairs_a_vault_left_with_a_revoked_key(
     # A skip with nothing to repair writes nothing.
     third = rotate_from_event(_event(azure, app.name, v1), credential=officer)
     assert third.skipped and third.repaired_versions == () and third.verified_version == latest.version
+
+
+# ------------------------------------------------- overlapping runs while the gateway units are syncing
+
+
+@pytest.fixture(scope="module")
+def sync_clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture(scope="module")
+def syncing(sync_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
+    """A stack whose units take 20 s and 45 s (manual clock) to accept a regenerated key."""
+    with LocalAzure(
+        ca=SESSION_CA, propagation_clock=sync_clock, propagation_delay={"region1": 20, "region2": 45}
+    ) as stack:
+        yield stack  # tests enter stack.env() themselves, so other tests keep the session stack's
+
+
+SYNC_CASES = [(n, name, order) for n in (2, 3, 5, 8) for name, order in _schedules(n) if name != "staggered"]
+
+
+@pytest.mark.parametrize(
+    ("n", "name", "order"), SYNC_CASES, ids=[f"{n}-runs-{name}" for n, name, _ in SYNC_CASES]
+)
+def test_overlapping_runs_while_the_gateway_syncs(
+    syncing: LocalAzure, sync_clock: ManualClock, n: int, name: str, order: list[int]
+) -> None:
+    """Runs overlap while they wait for the units to accept their keys (each run's wait advances the
+    shared manual clock); the vault must still end live on both units, and never hold an unsynced key."""
+    azure = syncing
+    app = new_rotating_app(azure)
+    tags = dict(azure.keyvault.latest(app.name).tags or {})
+    azure.keyvault.put_secret(
+        app.name, app.keys()[0], content_type="text/plain", tags=tags, expires=2_000_000_000
+    )
+    v1 = azure.keyvault.latest(app.name).version
+    event = _event(azure, app.name, v1)
+    written_unsynced: list[str] = []
+
+    with azure.env():
+        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+
+        def run(i: int, hook: Any) -> RotationResult:
+            def on_step(step: str) -> None:
+                # Whenever any run is about to act, the vault's latest version must work on every unit.
+                latest = azure.keyvault.latest(app.name)
+                if any(
+                    azure.apim_state.gateway_lookup(u, latest.value).found is None
+                    for u in azure.apim_state.units
+                ):
+                    written_unsynced.append(f"{step}:{latest.version}")
+                hook(step)
+
+            common: dict[str, Any] = {
+                "credential": officer,
+                "on_step": on_step,
+                "clock": sync_clock,
+                "sleep": sync_clock.advance,
+            }
+            if i % 2 == 0:
+                return rotate_from_event(event, **common)
+            return rotate(
+                vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, **common
+            )
+
+        try:
+            results = Scheduler(order, n).run(run)
+        finally:
+            officer.close()
+
+    assert [r for r in results if not isinstance(r, RotationResult)] == []
+    assert any(not r.skipped for r in results)
+    assert all(r.propagation_seconds is None or r.propagation_seconds >= 45 for r in results)
+    assert written_unsynced == []  # make-before-break held under overlap too
+    latest = azure.keyvault.latest(app.name)
+    primary, secondary = app.keys()
+    slot = (latest.tags or {})["CredentialId"]
+    assert latest.value == {"primary": primary, "secondary": secondary}[slot]
+    for unit in azure.apim_state.units:
+        assert azure.apim_state.gateway_lookup(unit, latest.value).found is not None

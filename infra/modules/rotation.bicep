@@ -26,6 +26,10 @@ param secretName string
 @description('Resource id of the APIM subscription the secret holds a key of (passed to the function).')
 param apimSubscriptionResourceId string
 
+@description('Every APIM gateway URL that must accept a regenerated key before the rotation stores it: the service\'s gatewayUrl, plus each additional location\'s gatewayRegionalUrl and each self-hosted gateway. The function probes each one (GET <url>/openai/v1/models, no tokens), so it needs network reach to all of them.')
+@minLength(1)
+param apimGatewayUrls array
+
 param rotatorIdentityId string
 param rotatorClientId string
 param functionHostIdentityId string
@@ -292,6 +296,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           // The only APIM subscription the function may rotate; a ProviderAddress tag naming another is refused.
           name: 'APIMVAULT_APIM_SUBSCRIPTION_ID'
           value: apimSubscriptionResourceId
+        }
+        {
+          // Make-before-break: the rotation writes the vault only once every gateway here accepts the new key.
+          name: 'APIMVAULT_GATEWAY_URLS'
+          value: join(apimGatewayUrls, ',')
         }
         {
           // One invocation at a time per instance: the (synchronous) Python function runs on this thread pool.

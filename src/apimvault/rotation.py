@@ -71,9 +71,11 @@ __all__ = [
     "DEFAULT_ARM_ENDPOINT",
     "ApimSubscriptionRef",
     "GatewayProbe",
+    "LatestCheck",
     "RotationError",
     "RotationPlan",
     "RotationResult",
+    "check_latest",
     "parse_apim_subscription_id",
     "plan_rotation",
     "rotate",
@@ -88,6 +90,8 @@ ENV_APIM_SUBSCRIPTION_ID = "APIMVAULT_APIM_SUBSCRIPTION_ID"
 TAG_CREDENTIAL_ID = "CredentialId"
 TAG_PROVIDER_ADDRESS = "ProviderAddress"
 TAG_VALIDITY_DAYS = "ValidityPeriodDays"
+TAG_PENDING = "RotationPending"
+"""Set on the current version while its successor waits for the gateways: ``<slot>:<fingerprint>``."""
 ENV_GATEWAY_URLS = "APIMVAULT_GATEWAY_URLS"
 ENV_PROPAGATION_TIMEOUT = "APIMVAULT_PROPAGATION_TIMEOUT"
 DEFAULT_PROPAGATION_TIMEOUT = 600.0
@@ -600,7 +604,6 @@ class _Run:
     probe: GatewayProbe
     secret_name: str
     where: str
-    ref: ApimSubscriptionRef | None
     apim_subscription_id: str | None
     timeout: float
     clock: Callable[[], float]
@@ -632,8 +635,6 @@ class _Run:
                     unknown[url] = "no answer"
             if not waiting:
                 return max(0.0, done_at - started)
-            if _list_keys(self.session, ref, "listSecrets while waiting for the gateway")[slot] != value:
-                raise _Concurrent(f"the {slot} key was regenerated again while waiting for the gateway")
             now = self.clock()
             if now >= deadline:
                 still = ", ".join(f"{u} ({unknown.get(u, 'refused')})" for u in waiting)
@@ -641,11 +642,16 @@ class _Run:
                     f"the gateway did not accept the new {slot} key of {ref.resource_id} within "
                     f"{self.timeout:g} s: {still}. The vault was NOT changed ({self.where} still holds its "
                     "latest version) and the key in use still works. The gateway may still be syncing: "
-                    "rotate again later (raise --propagation-timeout), or check the gateway URLs",
+                    "rotate again later (the next attempt waits for this same key, named by the "
+                    f"{TAG_PENDING} tag, instead of regenerating it; or raise --propagation-timeout), or "
+                    "check the gateway URLs",
                     permanent=False,
                 )
             self.sleep(min(delay, max(0.0, deadline - now)))
-            delay = min(delay * 2, 15.0)
+            delay = min(delay * 1.5, 15.0)
+            # Before probing again: was the key regenerated once more meanwhile (another rotation)?
+            if _list_keys(self.session, ref, "listSecrets while waiting for the gateway")[slot] != value:
+                raise _Concurrent(f"the {slot} key was regenerated again while waiting for the gateway")
 
     def settle(self) -> tuple[_Current, list[str]]:
         """Step 6: make the latest version hold a live key of the slot its tag names; the versions written
@@ -683,6 +689,7 @@ class _Run:
             if _read_current(self.session, self.secret_name, self.where).version != latest.version:
                 continue  # someone wrote meanwhile: verify that version instead
             tags = dict(latest.tags)
+            tags.pop(TAG_PENDING, None)
             tags[TAG_CREDENTIAL_ID] = _styled(target, latest.tags.get(TAG_CREDENTIAL_ID))
             tags.setdefault(TAG_PROVIDER_ADDRESS, ref.resource_id)
             version = self.write(value, latest, tags, days)
@@ -843,7 +850,6 @@ def rotate(
         probe,
         secret_name,
         where,
-        None,
         apim_subscription_id,
         timeout,
         clock,
@@ -861,6 +867,59 @@ def rotate(
         session.close()
     _telemetry.rotation_counted("skipped" if result.skipped else "rotated", where)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class LatestCheck:
+    """Whether the vault's latest version is live: ``live`` when ``listSecrets`` shows its value as the key
+    of the slot its ``CredentialId`` names, ``accepted`` per gateway URL (``None``: no answer)."""
+
+    secret: str
+    version: str
+    credential_id: str
+    fingerprint: str
+    live: bool
+    accepted: dict[str, bool | None]
+
+    @property
+    def ok(self) -> bool:
+        return self.live and all(self.accepted.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+
+def check_latest(
+    *,
+    vault_url: str,
+    secret_name: str,
+    apim_subscription_id: str | None = None,
+    arm_endpoint: str | None = None,
+    credential: TokenCredential | None = None,
+    gateway_urls: Sequence[str] | str | None = None,
+    header_name: str | None = None,
+) -> LatestCheck:
+    """Check, changing nothing, that the latest version holds a live key of the slot its tag names and
+    that every gateway accepts it (one probe each, see :class:`GatewayProbe`)."""
+    from ._validation import validate_secret_name, validate_vault_url
+
+    vault_url = validate_vault_url(vault_url)
+    secret_name = validate_secret_name(secret_name)
+    endpoint = _arm_endpoint(arm_endpoint)
+    urls = _gateway_urls(gateway_urls)
+    where = f"{vault_url}/secrets/{secret_name}"
+    session = _Session(vault_url, endpoint, credential, "")
+    probe = GatewayProbe(urls, header_name=header_name)
+    try:
+        latest = _read_current(session, secret_name, where)
+        ref, slot, _ = _resolve_target(latest, apim_subscription_id, where)
+        keys = _list_keys(session, ref, "listSecrets to check the vault")
+        live = slot is not None and keys[slot] == latest.value
+        accepted = {url: probe.accepts(url, latest.value) for url in urls}
+    finally:
+        probe.close()
+        session.close()
+    return LatestCheck(where, latest.version, slot or "", fingerprint(latest.value), live, accepted)
 
 
 def _settled(run: _Run, reason: str, old_version: str | None) -> RotationResult:
@@ -930,30 +989,56 @@ def _rotate(run: _Run, expected: str | None) -> RotationResult:
     run.step("regenerate")
     if _read_current(session, secret_name, where).version != current.version:
         return _settled(run, "another rotation wrote a new version meanwhile", current.version)
-    arm = session.arm(ref.arm_subscription)
-    regenerate = (
-        arm.subscription.regenerate_secondary_key
-        if other == "secondary"
-        else arm.subscription.regenerate_primary_key
-    )
     started = run.clock()
-    try:
-        regenerate(ref.resource_group, ref.service, ref.sid)
-    except Exception as exc:
-        _raise_from(_arm_error(exc, what=f"regenerate the {other} key", ref=ref), exc)
-    log.info("rotation of %s: regenerated the %s key of %s", where, other, ref.resource_id)
+    # An earlier attempt that timed out waiting for the gateways left the key it regenerated named in
+    # RotationPending: wait for that key again instead of regenerating it (which would restart the
+    # gateways' sync, so a gateway slower than one attempt would never get there).
+    pending_slot, _, pending_fp = (current.tags.get(TAG_PENDING) or "").partition(":")
+    resumed = pending_slot == other and bool(before[other]) and fingerprint(before[other]) == pending_fp
+    if resumed:
+        new_value = before[other]
+        log.info(
+            "rotation of %s: resuming with the %s key an earlier attempt regenerated (fingerprint %s)",
+            where,
+            other,
+            pending_fp,
+        )
+    else:
+        arm = session.arm(ref.arm_subscription)
+        regenerate = (
+            arm.subscription.regenerate_secondary_key
+            if other == "secondary"
+            else arm.subscription.regenerate_primary_key
+        )
+        try:
+            regenerate(ref.resource_group, ref.service, ref.sid)
+        except Exception as exc:
+            _raise_from(_arm_error(exc, what=f"regenerate the {other} key", ref=ref), exc)
+        log.info("rotation of %s: regenerated the %s key of %s", where, other, ref.resource_id)
 
-    after = _list_keys(session, ref, f"listSecrets after regenerating the {other} key")
-    new_value = after[other]
-    if not new_value or new_value == before[other]:
-        raise RotationError(
-            f"ARM did not return a new {other} key for {ref.resource_id} after regenerating it",
-            permanent=False,
-        )
-    if after[slot] != before[slot]:
-        return _settled(
-            run, f"the {slot} key changed during the rotation (another rotation)", current.version
-        )
+        after = _list_keys(session, ref, f"listSecrets after regenerating the {other} key")
+        new_value = after[other]
+        if not new_value or new_value == before[other]:
+            raise RotationError(
+                f"ARM did not return a new {other} key for {ref.resource_id} after regenerating it",
+                permanent=False,
+            )
+        if after[slot] != before[slot]:
+            return _settled(
+                run, f"the {slot} key changed during the rotation (another rotation)", current.version
+            )
+        # Name the regenerated key (its fingerprint) on the current version, so that a retry after a
+        # timeout resumes the wait instead of regenerating again. The value is not changed.
+        pending_tags = {**current.tags, TAG_PENDING: f"{other}:{fingerprint(new_value)}"}
+        try:
+            session.secrets.update_secret_properties(secret_name, current.version, tags=pending_tags)
+        except Exception as exc:  # best effort (e.g. the 15-tag limit): a retry then regenerates again
+            log.warning(
+                "%s: could not tag the pending key on version %s (%s)",
+                where,
+                current.version,
+                type(exc).__name__,
+            )
 
     # Make before break: the vault gets the new key only once every gateway unit accepts it.
     try:
@@ -970,6 +1055,7 @@ def _rotate(run: _Run, expected: str | None) -> RotationResult:
         return _settled(run, f"another rotation wrote version {latest.version} meanwhile", current.version)
 
     tags = dict(current.tags)
+    tags.pop(TAG_PENDING, None)
     tags[TAG_CREDENTIAL_ID] = _flip_tag(current.tags.get(TAG_CREDENTIAL_ID) or slot)
     tags.setdefault(TAG_PROVIDER_ADDRESS, ref.resource_id)
     new_version = run.write(new_value, current, tags, days)
@@ -985,9 +1071,10 @@ def _rotate(run: _Run, expected: str | None) -> RotationResult:
     verified, repaired = run.settle()
     return RotationResult(
         skipped=False,
-        reason="rotated"
-        if not repaired
-        else f"rotated; repaired the vault afterwards ({', '.join(repaired)})",
+        reason=(
+            "rotated" + (" (resumed the wait for the key an earlier attempt regenerated)" if resumed else "")
+        )
+        + (f"; repaired the vault afterwards ({', '.join(repaired)})" if repaired else ""),
         old_version=current.version,
         new_version=new_version,
         credential_id=(verified.tags.get(TAG_CREDENTIAL_ID) or other).strip().lower(),

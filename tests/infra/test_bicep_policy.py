@@ -230,6 +230,25 @@ def test_function_identity_is_the_rotator_and_function_name_matches(templates: l
     assert f'FUNCTION_NAME = "{rotation.parameters["functionName"]["default"]}"' in app_py
 
 
+def test_rotation_function_probes_every_apim_gateway(templates: list[Template]) -> None:
+    """Make-before-break needs the gateway list in the function: APIMVAULT_GATEWAY_URLS, comma separated,
+    from a required, non-empty parameter that main.bicep fills with the APIM gateway URL."""
+    rotation = _one(templates, "modules/rotation.bicep")
+    settings = {
+        s["name"]: s["value"]
+        for s in rotation.resources["functionApp"]["config"]["properties"]["siteConfig"]["appSettings"]
+    }
+    joined = settings["APIMVAULT_GATEWAY_URLS"]["function"]
+    assert joined["type"] == "join"
+    assert joined["parameters"] == {"input_array": "apimGatewayUrls", "delimiter": ","}
+    assert rotation.parameters["apimGatewayUrls"]["type"] == "array"
+    assert rotation.parameters["apimGatewayUrls"]["default"] is None  # required: no silent fallback
+    assert rotation.decorator("apimGatewayUrls", "min_length") == 1
+    main = _one(templates, "main.bicep")
+    passed = json.dumps(main.modules["rotation"]["config"]["params"]["apimGatewayUrls"])
+    assert '"apim"' in passed and '"gatewayUrl"' in passed
+
+
 # ------------------------------------------------------------------------- each check can fail (negative)
 
 BAD_VAULT = """

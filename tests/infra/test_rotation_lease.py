@@ -122,3 +122,36 @@ def test_overlapping_deliveries_are_serialised_by_the_lease(
     assert latest.value == secondary and (latest.tags or {})["CredentialId"] == "secondary"
     assert gateway_status(azure, latest.value) == 200 and gateway_status(azure, primary) == 200
     assert_no_key(repr(results), app.seen_keys)
+
+
+def test_the_handler_takes_and_releases_the_lease_from_its_storage_setting(
+    azure: LocalAzure,
+    azurite: Azurite,  # noqa: F811
+    container: ContainerClient,
+    handler: ModuleType,
+) -> None:
+    app = new_rotating_app(azure)
+    tags = dict(azure.keyvault.latest(app.name).tags or {})
+    azure.keyvault.put_secret(
+        app.name, app.keys()[0], content_type="text/plain", tags=tags, expires=2_000_000_000
+    )
+    v1 = azure.keyvault.latest(app.name)
+    seen: list[str] = []
+    blob = container.get_blob_client(f"{app.name}.lock")
+
+    def on_step(step: str) -> None:
+        if step == "regenerate":  # mid-rotation: the secret's lease is taken
+            seen.append(blob.get_blob_properties().lease.state)
+
+    env = {
+        "APIMVAULT_SECRET_NAME": app.name,
+        "APIMVAULT_APIM_SUBSCRIPTION_ID": app.resource_id,
+        "AZURE_CLIENT_ID": azure.officer_identity.client_id,
+        "AzureWebJobsStorage": azurite.connection_string,
+    }
+    with temporary_environ(env):
+        result = handler.handle_event(
+            near_expiry_event(vault_url=azure.vault_url, secret=app.name, version=v1.version), on_step=on_step
+        )
+    assert not result.skipped and seen == ["leased"]
+    assert blob.get_blob_properties().lease.state == "available"  # released afterwards

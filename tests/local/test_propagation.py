@@ -217,3 +217,25 @@ def test_bad_unit_and_delay_configuration() -> None:
         ApimState(propagation_delay={"elsewhere": 1})
     with pytest.raises(ValueError, match="pair"):
         ApimState(propagation_delay=True)
+
+
+def test_chosen_keys_propagate_like_a_regeneration(azure_p: LocalAzure, clock: ManualClock) -> None:
+    sub = fresh(azure_p)
+    old_primary = sub.primary_key
+    chosen = ("a" * 31 + "1", "b" * 31 + "2")
+    azure_p.apim_state.set_key(sub.sid, "primary", chosen[0])
+    azure_p.apim_state.set_key(sub.sid, "secondary", chosen[1])
+    assert (sub.primary_key, sub.secondary_key) == chosen  # ARM's view at once
+    url = azure_p.gateway_unit_urls["region1"]
+    assert (status(url, chosen[0]), status(url, old_primary)) == (401, 200)
+    clock.advance(10)
+    assert (status(url, chosen[0]), status(url, chosen[1]), status(url, old_primary)) == (200, 200, 401)
+    other = fresh(azure_p)
+    before = (other.primary_key, other.secondary_key)
+    with pytest.raises(ValueError, match="already in use"):
+        azure_p.apim_state.set_key(other.sid, "primary", chosen[0])
+    with pytest.raises(ValueError, match="1 to 256"):
+        azure_p.apim_state.set_key(other.sid, "secondary", "")
+    with pytest.raises(ValueError, match="primary' or 'secondary"):
+        azure_p.apim_state.set_key(other.sid, "tertiary", "c" * 32)  # type: ignore[arg-type]
+    assert (other.primary_key, other.secondary_key) == before  # a refused change changed nothing

@@ -176,7 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="providers/clients the workers share, >= 2 (default %(default)s)",
     )
-    p.add_argument("--chaos", action="store_true", help="add a Key Vault outage and latency spikes")
+    p.add_argument(
+        "--chaos",
+        action="store_true",
+        help="add a Key Vault outage, latency spikes, a random gateway propagation delay per unit and a "
+        "duplicate, overlapping delivery of a rotation event",
+    )
+    p.add_argument(
+        "--propagation",
+        type=_seconds(0),
+        default=None,
+        metavar="SECONDS",
+        help="local stacks: gateway units accept a regenerated key only after up to this delay "
+        "(default 2; 0 turns it off)",
+    )
     p.add_argument(
         "--token-scope",
         help="also send an Entra token for this scope (api://<app-id>/.default); the embedded stack's "

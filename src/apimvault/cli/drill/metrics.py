@@ -87,6 +87,7 @@ class ClientSlot:
     provider: Any
     client: Any = None
     via: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (version, reason) loads
+    gateway_url: str = ""  # the gateway unit this client talks to
 
 
 @dataclasses.dataclass
@@ -104,6 +105,14 @@ class RotationRecord:
     convergence_s: float | None = None
     converged_via: dict[str, int] = dataclasses.field(default_factory=dict)
     revocation_recovery_s: float | None = None
+    propagation_s: float | None = None
+    """How long the rotation waited for every gateway unit to accept its new key."""
+    vault_latest_live: bool | None = None
+    """Whether, after the rotation, the vault's latest version held a live key every unit accepts."""
+    vault_check: dict[str, Any] | None = None
+    deliveries: list[str] = dataclasses.field(default_factory=list)
+    """With an overlapped rotation: what each delivery of the event did."""
+    overlapped: bool = False
 
 
 def counts_text(counts: dict[str, int]) -> str:

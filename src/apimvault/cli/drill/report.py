@@ -96,15 +96,28 @@ class DrillReport(DrillState):
         convergence = [r.convergence_s for r in self.rotations]
         converged = all(c is not None for c in convergence)
         failed = self.metrics.failed
-        ok = failed == 0 and converged and len(self.rotations) >= 2 and self.metrics.requests > 0
+        vault_live = all(r.vault_latest_live for r in self.rotations)
+        ok = (
+            failed == 0
+            and converged
+            and vault_live
+            and len(self.rotations) >= 2
+            and self.metrics.requests > 0
+        )
         gateway = None
         server_reads = None
+        propagation_refused = None
         if before is not None and after is not None:
-            labels = {
-                k.split(":", 1)[1]: after["labels"].get(k, 0) - before["labels"].get(k, 0)
-                for k in after["labels"]
-                if k.startswith("key:")
-            }
+
+            def delta(name: str) -> int:
+                return int(after["labels"].get(name, 0)) - int(before["labels"].get(name, 0))
+
+            labels = {k.split(":", 1)[1]: delta(k) for k in after["labels"] if k.startswith("key:")}
+            # Refusals of a key a gateway unit had not synced yet: the rotation's own probes (clients only
+            # ever get a key from the vault once every unit accepts it). Not a client's 401.
+            propagation_refused = delta("propagation-refused")
+            if labels.get("invalid"):
+                labels["invalid"] -= propagation_refused
             gateway = {k: v for k, v in labels.items() if v}
             server_reads = after["GetSecret"] - before["GetSecret"]
         if ok:
@@ -122,6 +135,8 @@ class DrillReport(DrillState):
                 why.append(f"rotations stopped because the traffic was failing ({self.aborted})")
             if len(self.rotations) < 2:
                 why.append("fewer than 2 rotations")
+            if not vault_live:
+                why.append("the vault's latest version was not live after every rotation")
             verdict = "FAIL: " + "; ".join(why or ["no traffic"])
         from ..._refusal import refusal_stats
 
@@ -162,12 +177,21 @@ class DrillReport(DrillState):
                 "forced_refresh_interval_s": self.policy.forced_refresh_interval,
             },
             "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
+            "propagation": {
+                "units_s": self.propagation_settings,
+                "random": self.chaos and bool(self.propagation_settings),
+                "measured_s": [r.propagation_s for r in self.rotations],
+                "refused_probes": propagation_refused,
+            },
+            "vault_latest_live": [r.vault_latest_live for r in self.rotations],
+            "overlapped_deliveries": sum(1 for r in self.rotations if r.overlapped),
             "chaos": self.chaos_log if self.chaos else None,
             "errors": dict(self.metrics.errors.most_common(10)),
             "clients_detail": [
                 {
                     "client": slot.name,
                     "kind": slot.kind,
+                    "gateway_url": slot.gateway_url,
                     "version": st.version,
                     "fingerprint": st.fingerprint,
                     "credential_id": st.credential_id,
@@ -227,8 +251,20 @@ def print_report(out: Output, report: dict[str, Any]) -> None:
             f"rotation {r['index']}        t={r['at_s']:.1f}s regenerated {r['regenerated']}, version "
             f"{r['new_version'][:8]} (fp {r['fingerprint']}); converged in {conv} ({via})"
         )
+        live = "live" if r["vault_latest_live"] else "NOT LIVE"
+        out.line(
+            f"                  gateway propagation {r['propagation_s'] or 0:.1f}s; vault latest "
+            f"version {live}" + ("; overlapped a duplicate delivery" if r["overlapped"] else "")
+        )
     if report["gateway_key_use"] is not None:
         out.line(f"gateway key use   {report['gateway_key_use']}")
+    prop = report["propagation"]
+    if prop["units_s"]:
+        out.line(
+            f"propagation       per unit {prop['units_s']} s"
+            f"{' (random per regeneration)' if prop['random'] else ''}; "
+            f"{prop['refused_probes']} probes refused while units synced"
+        )
     if report["chaos"]:
         for item in report["chaos"]:
             out.line(f"chaos             {item}")

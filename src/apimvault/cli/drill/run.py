@@ -18,10 +18,23 @@ Timeline (``D`` = duration; every client loads the key just before traffic start
     0.85 D  chaos only   latency spikes on the gateway and on Key Vault
     D       traffic stops once every client holds the last version (at most TTL + 5 s more)
 
-The provider TTL is ``max(4 s, 0.6 D)`` with a quarter of it as refresh margin, so refresh-ahead happens
-during the run but not before rotation 2. Convergence after a rotation is the time from its Key Vault write
-until every client's current version is that version (or a later one); revocation recovery is the time
-from the start of a rotation until no client holds the key it regenerated.
+Gateway propagation (APIM syncs a regenerated key to each gateway unit asynchronously; Microsoft Q&A
+question 5922487 reports up to 10 minutes): on a local stack the drill makes each gateway unit accept a
+regenerated key only after a delay (``--propagation S``, default 2 s: unit k of n waits ``S * k / n``;
+with ``--chaos`` each unit draws a random delay in ``[S / 4, 1.5 S]`` for every regeneration), and the
+clients are spread over the units. Every rotation is make-before-break (it stores the new key only once
+every unit accepts it) and reports the measured propagation; after each one the drill checks,
+independently, that the vault's latest version holds a live key of its tagged slot that every unit
+accepts. With ``--chaos`` rotation 3 is two overlapping deliveries of the same ``SecretNearExpiry`` event
+(the second starts while the first waits for the gateways), as Event Grid's at-least-once delivery makes
+happen; one rotates, the other finds that out and verifies the vault.
+
+The provider TTL is ``max(4 s, 0.6 D)`` (with propagation, long enough that the earliest refresh-ahead
+comes 4 s after the gateway units revoke the key of rotation 2), with a quarter of it as refresh margin,
+so refresh-ahead happens during the run but not before rotation 2. Convergence after a rotation is the
+time from its Key Vault write until every client's current version is that version (or a later one);
+revocation recovery is the time from the start of a rotation until no client holds the key it
+regenerated.
 """
 
 from __future__ import annotations
@@ -78,13 +91,15 @@ class Drill(RotationSchedule, DrillReport):
             if self.target.rotator_client_id
             else DefaultAzureCredential()
         )
-        plan = plan_rotation(  # fail fast: tags, subscription, rotator access
+        plan = plan_rotation(  # fail fast: tags, subscription, rotator access, gateway URLs
             vault_url=self.target.vault_url,
             secret_name=self.target.secret_name,
             apim_subscription_id=self.target.apim_subscription_id,
             arm_endpoint=self.target.arm_endpoint,
             credential=self._rotation_credential,
+            gateway_urls=self.target.gateway_urls or None,
         )
+        self._configure_propagation()
         self.versions.append(plan.current_version)
         self.start_credential_id = plan.credential_id
         self._sync_credential = DefaultAzureCredential()
@@ -100,9 +115,10 @@ class Drill(RotationSchedule, DrillReport):
                 on_refresh=self._on_refresh(slot),
             )
             slot.provider = provider
+            slot.gateway_url = self._client_url(i)
             slot.client = create_azure_openai(
                 provider,
-                azure_endpoint=self.target.gateway_url,
+                azure_endpoint=slot.gateway_url,
                 max_retries=0,
                 timeout=30,
                 token_scope=self.token_scope,
@@ -118,6 +134,45 @@ class Drill(RotationSchedule, DrillReport):
         for slot in self.slots:
             if slot.kind == "sync":
                 slot.provider.get_key()
+
+    def _client_url(self, n: int) -> str:
+        """The gateway unit of the ``n``-th client of a kind: sync client ``i`` gets unit ``i``, async client
+        ``i`` unit ``i + 1`` (modulo the units), so with two clients of each kind every unit serves both."""
+        urls = self.target.client_urls
+        return urls[n % len(urls)]
+
+    def _configure_propagation(self) -> None:
+        faults = self.target.faults
+        if faults is None:
+            return
+        try:
+            self._propagation_before = faults.propagation()
+        except Exception as exc:  # a stack without the propagation model
+            raise ConfigurationError(f"the local stack cannot set gateway propagation: {exc}") from None
+        units = list(self._propagation_before)
+        settings: dict[str, Any] = {}
+        for k, unit in enumerate(units, start=1):
+            delay: float | tuple[float, float]
+            if self.chaos and self.propagation > 0:
+                delay = (round(self.propagation / 4, 3), round(self.propagation * 1.5, 3))
+            else:
+                delay = round(self.propagation * k / len(units), 3)
+            faults.set_propagation(delay, unit)
+            settings[unit] = list(delay) if isinstance(delay, tuple) else delay
+        self.propagation_settings = settings
+        self.log(
+            f"gateway propagation per unit: {settings} s"
+            + (" (random per regeneration)" if self.chaos else "")
+        )
+
+    def _restore_propagation(self) -> None:
+        faults, before = self.target.faults, self._propagation_before
+        if faults is None or before is None:
+            return
+        for unit, spec in before.items():
+            with contextlib.suppress(Exception):
+                low, high = float(spec["min"]), float(spec["max"])
+                faults.set_propagation(low if low == high else (low, high), unit)
 
     def _check_loaded(self) -> None:
         for slot in self.slots:
@@ -160,9 +215,10 @@ class Drill(RotationSchedule, DrillReport):
                     on_refresh=self._on_refresh(slot),
                 )
                 slot.provider = provider
+                slot.gateway_url = self._client_url(i + 1)
                 slot.client = create_async_azure_openai(
                     provider,
-                    azure_endpoint=self.target.gateway_url,
+                    azure_endpoint=slot.gateway_url,
                     max_retries=0,
                     timeout=30,
                     token_scope=self.token_scope,
@@ -277,6 +333,7 @@ class Drill(RotationSchedule, DrillReport):
         self.log("preflight: a plain and a streaming request of each kind (sync, async) succeeded")
 
     def _cleanup(self) -> None:
+        self._restore_propagation()
         if self.target.faults is not None:
             for service in ("keyvault", "gateway"):
                 with contextlib.suppress(Exception):
@@ -334,6 +391,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 label="embedded local Azure (127.0.0.1, TLS)",
                 loopback=True,
                 faults=StackFaults(azure=azure),
+                gateway_urls=tuple(azure.gateway_unit_urls.values()),
             )
             return _run_target(target, args, out)
     except Exception as exc:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+from ...exceptions import ApimVaultError
 from .metrics import ClientSlot, RotationRecord, counts_text
 from .state import DrillState
 
@@ -40,15 +43,16 @@ class RotationSchedule(DrillState):
             self._wait_converged(0, 0.45 * d + 5)
             self._wait_until(0.45 * d)
             self._inject("keyvault", "status", operation="GetSecret", status=503)
-            self.chaos_log.append(f"{self.elapsed():.1f}s Key Vault GetSecret -> 503 for {0.15 * d:.1f}s")
+            outage = max(0.15 * d, 1.0)  # rotations that wait for the gateway may have used up 0.45-0.60 D
+            self.chaos_log.append(f"{self.elapsed():.1f}s Key Vault GetSecret -> 503 for {outage:.1f}s")
             self.log("chaos: Key Vault outage begins (GetSecret answers 503)")
-            self._wait_until(0.60 * d)
+            self._wait_until(max(0.60 * d, self.elapsed() + outage))
             self.target.faults.clear("keyvault")
             self.log("chaos: Key Vault outage ends")
         self._wait_until(max(0.70 * d, self.elapsed() + gap))
         if self._traffic_broken():
             return
-        self._rotate(push=True)
+        self._rotate(push=True, duplicate=self.chaos)
         if self.chaos and self.target.faults is not None:
             self._wait_until(0.85 * d)
             spikes = max(8, self.concurrency * 3)
@@ -83,22 +87,37 @@ class RotationSchedule(DrillState):
                 return
             time.sleep(0.02)
 
-    def _rotate(self, *, push: bool) -> None:
+    def _rotation_kwargs(self) -> dict[str, Any]:
+        return {
+            "apim_subscription_id": self.target.apim_subscription_id,
+            "arm_endpoint": self.target.arm_endpoint,
+            "credential": self._rotation_credential,
+            "gateway_urls": self.target.gateway_urls or None,
+            # A local stack's delays are known; real gateways get the library's default (or the env's).
+            "propagation_timeout": max(60.0, 20 * self.propagation)
+            if self.target.faults is not None
+            else None,
+        }
+
+    def _rotate(self, *, push: bool, duplicate: bool = False) -> None:
         from ...rotation import rotate
 
         started = self.elapsed()
         index = len(self.rotations) + 1
         with self._lock:  # who holds the key this rotation is about to regenerate (version index - 2)
             held = sum(1 for rank in self._ranks() if 0 <= rank <= index - 2)
-        result = rotate(
-            vault_url=self.target.vault_url,
-            secret_name=self.target.secret_name,
-            apim_subscription_id=self.target.apim_subscription_id,
-            arm_endpoint=self.target.arm_endpoint,
-            credential=self._rotation_credential,
-        )
+        deliveries: list[str] = []
+        if duplicate:
+            result, deliveries = self._deliver_twice()
+        else:
+            result = rotate(
+                vault_url=self.target.vault_url,
+                secret_name=self.target.secret_name,
+                **self._rotation_kwargs(),
+            )
         assert result.new_version is not None
         at = self.elapsed()
+        check = self._check_vault()
         with self._lock:
             self.versions.append(result.new_version)
             record = RotationRecord(
@@ -111,6 +130,11 @@ class RotationSchedule(DrillState):
                 fingerprint=result.fingerprint,
                 push=push,
                 started_s=round(started, 3),
+                propagation_s=result.propagation_seconds,
+                vault_latest_live=bool(check.get("ok")),
+                vault_check=check,
+                deliveries=deliveries,
+                overlapped=duplicate,
             )
             record.clients_on_revoked_key = held
             if held == 0 and index > 1:
@@ -122,12 +146,95 @@ class RotationSchedule(DrillState):
             else f"; the {self.start_credential_id} key the clients use stays valid"
         )
         self.log(
-            f"rotation {record.index}: regenerated {result.regenerated}, "
-            f"stored version {result.new_version[:8]} "
+            f"rotation {record.index}: regenerated {result.regenerated}, gateway accepted it after "
+            f"{result.propagation_seconds or 0:.1f}s, then stored version {result.new_version[:8]} "
             f"(fp {result.fingerprint}){revoked}"
+        )
+        for line in deliveries:
+            self.log(f"rotation {record.index}: {line}")
+        live = "live" if record.vault_latest_live else "NOT LIVE"
+        self.log(
+            f"rotation {record.index}: vault latest version {str(check.get('version', '?'))[:8]} is {live}"
         )
         if push:
             self._push(result.new_version)
+
+    def _deliver_twice(self) -> tuple[Any, list[str]]:
+        """Two overlapping deliveries of the SecretNearExpiry event for the current version: the second
+        starts while the first waits for the gateways to accept its new key. Exactly one must rotate."""
+        from ...rotation import rotate_from_event
+
+        version = self.versions[-1]
+        event = {
+            "id": f"drill-near-expiry-{version}",
+            "subject": self.target.secret_name,
+            "eventType": "Microsoft.KeyVault.SecretNearExpiry",
+            "data": {
+                "Id": f"{self.target.vault_url}/secrets/{self.target.secret_name}/{version}",
+                "VaultName": (self.target.vault_url.split("//", 1)[-1].split(".", 1)[0]),
+                "ObjectType": "Secret",
+                "ObjectName": self.target.secret_name,
+                "Version": version,
+            },
+        }
+        outcomes: list[Any] = [None, None]
+        started = threading.Event()
+
+        def deliver(i: int, hook: Callable[[str], None] | None) -> None:
+            try:
+                outcomes[i] = rotate_from_event(event, on_step=hook, **self._rotation_kwargs())
+            except Exception as exc:
+                outcomes[i] = exc
+
+        second = threading.Thread(target=deliver, args=(1, None), name="drill-redelivery", daemon=True)
+
+        def first_hook(step: str) -> None:
+            if step == "probe" and not started.is_set():
+                started.set()
+                second.start()
+
+        deliver(0, first_hook)
+        if not started.is_set():  # the first run never waited for the gateway: deliver again now
+            second.start()
+        second.join(120)
+        lines = []
+        for i, outcome in enumerate(outcomes):
+            name = "delivery" if i == 0 else "duplicate delivery"
+            if isinstance(outcome, BaseException) or outcome is None:
+                lines.append(f"{name}: FAILED {type(outcome).__name__}: {outcome}")
+            elif outcome.skipped:
+                lines.append(
+                    f"{name}: skipped ({outcome.reason}); vault verified at {outcome.verified_version}"
+                )
+            else:
+                lines.append(f"{name}: rotated to {outcome.new_version} ({outcome.credential_id})")
+        rotated = [
+            o for o in outcomes if not isinstance(o, BaseException) and o is not None and not o.skipped
+        ]
+        failed = [o for o in outcomes if isinstance(o, BaseException) or o is None]
+        if failed or len(rotated) != 1:
+            raise ApimVaultError(
+                "overlapping deliveries did not end in exactly one rotation: " + "; ".join(lines)
+            )
+        return rotated[0], lines
+
+    def _check_vault(self) -> dict[str, Any]:
+        """An independent check, after a rotation, that the vault's latest version is live everywhere."""
+        from ...rotation import check_latest
+
+        try:
+            check = check_latest(
+                vault_url=self.target.vault_url,
+                secret_name=self.target.secret_name,
+                apim_subscription_id=self.target.apim_subscription_id,
+                arm_endpoint=self.target.arm_endpoint,
+                credential=self._rotation_credential,
+                gateway_urls=self.target.gateway_urls or None,
+            )
+        except ApimVaultError as exc:
+            self.log(f"vault check failed: {type(exc).__name__}: {exc}")
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return check.as_dict()
 
     def _push(self, version: str) -> None:
         """Event Grid delivery of SecretNewVersionCreated, handled by the core's helpers."""

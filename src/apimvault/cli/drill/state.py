@@ -39,7 +39,18 @@ class DrillState:
         self.n_clients = max(2, min(int(args.clients), self.concurrency))
         self.chaos = bool(args.chaos)
         self.token_scope: str | None = getattr(args, "token_scope", None)  # key plus token
+        spread = getattr(args, "propagation", None)
+        self.propagation = 2.0 if spread is None else max(0.0, float(spread))
+        if target.faults is None:  # no local stack to configure: the real gateways propagate as they do
+            self.propagation = 0.0
+        longest = self.propagation * (1.5 if self.chaos else 1.0)
         ttl = max(4.0, self.duration * 0.6)
+        if longest > 0:
+            # Rotation 2 must revoke the key the clients still hold: the gateway units stop accepting it
+            # only `longest` after it is regenerated, and rotation 1 itself waits up to ~1.5 x longest for
+            # them. The earliest refresh-ahead is at 0.55 x TTL (TTL jittered down 20 %, margin a quarter).
+            revoked_by = max(0.2 * self.duration, 0.1 * self.duration + 1.5 * longest + 2.5) + longest
+            ttl = max(ttl, (revoked_by + 4.0) / 0.55)
         self.policy = CachePolicy(
             ttl=ttl,
             jitter=0.2,
@@ -72,6 +83,8 @@ class DrillState:
         self.live = False
         self.aborted: str | None = None  # why the schedule stopped rotating early
         self.start_credential_id = ""
+        self._propagation_before: dict[str, dict[str, float]] | None = None
+        self.propagation_settings: dict[str, Any] | None = None  # per unit, as the drill set it
 
     # ---------------------------------------------------------------------------- helpers
 

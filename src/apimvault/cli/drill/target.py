@@ -29,6 +29,19 @@ class StackFaults:
         else:
             self.admin.clear_faults(service)
 
+    def propagation(self) -> dict[str, dict[str, float]]:
+        """Each gateway unit's propagation delay (``{"min": s, "max": s}``)."""
+        if self.azure is not None:
+            return dict(self.azure.apim_state.propagation())
+        return dict(self.admin.propagation())
+
+    def set_propagation(self, delay: float | tuple[float, float], unit: str | None = None) -> None:
+        """Set one unit's (or every unit's) propagation delay: seconds, or a ``(min, max)`` random range."""
+        if self.azure is not None:
+            self.azure.apim_state.set_propagation(delay, unit)
+        else:
+            self.admin.set_propagation(delay, unit=unit)
+
     def counters(self, service: str) -> tuple[dict[str, int], dict[str, int]]:
         if self.azure is not None:
             svc = self.azure.services[service]
@@ -53,6 +66,12 @@ class Target:
     label: str
     loopback: bool
     faults: StackFaults | None
+    gateway_urls: tuple[str, ...] = ()
+    """Every gateway unit's URL (probed by the rotation; the clients are spread over them)."""
+
+    @property
+    def client_urls(self) -> tuple[str, ...]:
+        return self.gateway_urls or (self.gateway_url,)
 
 
 def external_target(args: argparse.Namespace) -> Target:
@@ -80,7 +99,9 @@ def external_target(args: argparse.Namespace) -> Target:
         from ...local.admin import AdminClient
 
         faults = StackFaults(admin=AdminClient(admin_url, os.environ["SSL_CERT_FILE"]))
+    urls = tuple(u.rstrip("/") for u in (env_var("APIMVAULT_GATEWAY_URLS") or "").replace(",", " ").split())
     return Target(
+        gateway_urls=urls,
         vault_url=vault_url,
         secret_name=secret_name,
         gateway_url=gateway,
