@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -246,7 +246,9 @@ def _session_keys(item: pytest.Item) -> set[str]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     capture = item.stash.get(_CAPTURE, None)
     if capture is None:

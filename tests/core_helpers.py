@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from azure.core.pipeline.policies import AsyncHTTPPolicy, SansIOHTTPPolicy
+from openai.types.chat import ChatCompletionMessageParam
 
 from apimvault import KeyEvent
 from apimvault.local import ROLE_USER, LocalAzure
 from apimvault.local.apim import Subscription
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
+
+
+def user_messages(text: str) -> list[ChatCompletionMessageParam]:
+    """A one-message chat, typed as openai's ``create`` overloads expect."""
+    return [{"role": "user", "content": text}]
 
 
 class FakeClock:
