@@ -135,6 +135,12 @@ class Harness:
     def current(self) -> SubscriptionKey | None:
         return self.provider.current()
 
+    def current_key(self) -> SubscriptionKey:
+        """The cached key, which the test expects to be there."""
+        key = self.provider.current()
+        assert key is not None, "no key cached"
+        return key
+
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
