@@ -21,15 +21,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import pytest
 
 from apimvault import fingerprint
-from apimvault.local import ROLE_USER, LocalAzure
+from apimvault.local import LocalAzure
 from apimvault.local.apim import Subscription
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
+
+from .core_helpers import new_app_secret
 
 # 32 hex characters, like real APIM keys, so the canary looks like the real thing to every code path.
 CANARY_PRIMARY = "c0ffee00deadbeefcafef00d5eed1e55"
@@ -73,13 +75,6 @@ class CanaryApp:
         }
 
 
-def _set_keys(azure: LocalAzure, sub: Subscription, primary: str, secondary: str) -> None:
-    """Give ``sub`` known keys (as ARM's subscription update can), so the canary values are what travels."""
-    azure.apim_state.set_key(sub.sid, "primary", primary)
-    azure.apim_state.set_key(sub.sid, "secondary", secondary)
-    assert azure.apim_state.lookup(primary) == (sub, "primary")
-
-
 def seed_canary_app(azure: LocalAzure, name: str) -> CanaryApp:
     for sub in azure.apim_state.list(ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE):
         if sub.primary_key in (CANARY_PRIMARY, CANARY_SECONDARY) or sub.secondary_key in (
@@ -88,20 +83,14 @@ def seed_canary_app(azure: LocalAzure, name: str) -> CanaryApp:
         ):
             azure.apim_state.regenerate(sub.sid, "primary")  # a previous canary app: retire its keys
             azure.apim_state.regenerate(sub.sid, "secondary")
-    sub = azure.apim_state.create_subscription(
-        ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, f"canary-{name}", display_name=f"canary {name}"
-    )
-    _set_keys(azure, sub, CANARY_PRIMARY, CANARY_SECONDARY)
-    app = CanaryApp(azure, f"canary-{name}", sub)
-    azure.keyvault.put_secret(
-        app.name,
-        CANARY_PRIMARY,
-        content_type="text/plain",
-        tags={"CredentialId": "primary", "ValidityPeriodDays": "60", "ProviderAddress": app.resource_id},
+    secret = new_app_secret(
+        azure,
+        name=f"canary-{name}",
+        keys=(CANARY_PRIMARY, CANARY_SECONDARY),
+        rotation=True,
         expires=int(azure.clock()) + 60 * 86400,
     )
-    azure.keyvault.grant(azure.default_identity, ROLE_USER, secret=app.name)
-    return app
+    return CanaryApp(azure, secret.name, secret.subscription)
 
 
 # ---------------------------------------------------------------------------------------- capturing
@@ -246,7 +235,9 @@ def _session_keys(item: pytest.Item) -> set[str]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     capture = item.stash.get(_CAPTURE, None)
     if capture is None:

@@ -7,16 +7,17 @@ import contextlib
 import io
 import json
 import ssl
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 
-from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure, temporary_environ
+from apimvault.local import DEPLOYMENT, LocalAzure, temporary_environ
 from apimvault.local.apim import Subscription
-from apimvault.local.stack import API_VERSION, APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
+from apimvault.local.stack import API_VERSION
+
+from .core_helpers import new_app_secret
 
 
 @dataclass
@@ -54,21 +55,9 @@ class RotatingApp:
 def new_rotating_app(
     azure: LocalAzure, *, tags: dict[str, str] | None = None, grant: bool = True, **secret_kwargs: Any
 ) -> RotatingApp:
-    suffix = uuid.uuid4().hex[:10]
-    sub = azure.apim_state.create_subscription(
-        ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, f"app-{suffix}", display_name=f"cli test {suffix}"
-    )
-    app = RotatingApp(azure, f"key-{suffix}", sub)
-    all_tags = {
-        "CredentialId": "primary",
-        "ValidityPeriodDays": "60",
-        "ProviderAddress": app.resource_id,
-        **(tags or {}),
-    }
-    value = secret_kwargs.pop("value", sub.primary_key)
-    azure.keyvault.put_secret(app.name, value, content_type="text/plain", tags=all_tags, **secret_kwargs)
-    if grant:
-        azure.keyvault.grant(azure.default_identity, ROLE_USER, secret=app.name)
+    """:func:`~tests.core_helpers.new_app_secret` tagged for rotation, wrapped with the CLI's helpers."""
+    secret = new_app_secret(azure, rotation=True, tags=tags, grant=grant, **secret_kwargs)
+    app = RotatingApp(azure, secret.name, secret.subscription)
     app.keys()
     return app
 

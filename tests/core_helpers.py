@@ -7,10 +7,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from azure.core.pipeline.policies import AsyncHTTPPolicy, SansIOHTTPPolicy
+from openai.types.chat import ChatCompletionMessageParam
 
 from apimvault import KeyEvent
 from apimvault.local import ROLE_USER, LocalAzure
@@ -18,11 +20,20 @@ from apimvault.local.apim import Subscription
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
 
 
-class FakeClock:
-    """A clock the test moves by hand; starts at the real time so Key Vault expiries compare sensibly."""
+def user_messages(text: str) -> list[ChatCompletionMessageParam]:
+    """A one-message chat, typed as openai's ``create`` overloads expect."""
+    return [{"role": "user", "content": text}]
 
-    def __init__(self) -> None:
-        self.now = time.time()
+
+class FakeClock:
+    """A clock the test moves by hand (the one fake clock of the suite, shared by every test module).
+
+    It starts at the real time unless told otherwise, so Key Vault expiries compare sensibly; ``start`` gives
+    a fixed epoch for pure tests. ``advance`` may be called from any thread (and doubles as an injected
+    ``sleep`` where the code under test sleeps on the clock)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
         self._lock = threading.Lock()
 
     def __call__(self) -> float:
@@ -44,18 +55,47 @@ class AppSecret:
     def sid(self) -> str:
         return self.subscription.sid
 
+    @property
+    def resource_id(self) -> str:
+        return self.subscription.id
 
-def new_app_secret(azure: LocalAzure, *, grant: bool = True, **secret_kwargs: Any) -> AppSecret:
+
+def new_app_secret(
+    azure: LocalAzure,
+    *,
+    grant: bool = True,
+    name: str | None = None,
+    keys: tuple[str, str] | None = None,
+    rotation: bool = False,
+    tags: Mapping[str, str] | None = None,
+    **secret_kwargs: Any,
+) -> AppSecret:
+    """An APIM subscription of its own and a vault secret holding its primary key (the suite's one factory).
+
+    ``name`` names both the subscription and the secret (default: fresh ``app-…`` / ``key-…`` names);
+    ``keys`` gives the subscription known (primary, secondary) keys; ``rotation`` tags and types the secret
+    the way ``apimvault local`` seeds it for ``apimvault rotate`` (validity period, provider address,
+    ``text/plain``); ``tags`` are added on top; the rest goes to ``put_secret`` (``value``, ``expires``,
+    ``enabled``, ...). ``grant`` gives the stack's default identity Secrets User on the secret."""
     suffix = uuid.uuid4().hex[:10]
+    sid, secret = (name, name) if name else (f"app-{suffix}", f"key-{suffix}")
     sub = azure.apim_state.create_subscription(
-        ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, f"app-{suffix}", display_name=f"test {suffix}"
+        ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, sid, display_name=f"test {name or suffix}"
     )
-    name = f"key-{suffix}"
+    if keys is not None:
+        azure.apim_state.set_key(sub.sid, "primary", keys[0])
+        azure.apim_state.set_key(sub.sid, "secondary", keys[1])
+        assert azure.apim_state.lookup(keys[0]) == (sub, "primary")
+    all_tags = {"CredentialId": "primary"}
+    if rotation:
+        all_tags |= {"ValidityPeriodDays": "60", "ProviderAddress": sub.id}
+        secret_kwargs.setdefault("content_type", "text/plain")
+    all_tags |= tags or {}
     value = secret_kwargs.pop("value", sub.primary_key)
-    azure.keyvault.put_secret(name, value, tags={"CredentialId": "primary"}, **secret_kwargs)
+    azure.keyvault.put_secret(secret, value, tags=all_tags, **secret_kwargs)
     if grant:
-        azure.keyvault.grant(azure.default_identity, ROLE_USER, secret=name)
-    return AppSecret(name, sub)
+        azure.keyvault.grant(azure.default_identity, ROLE_USER, secret=secret)
+    return AppSecret(secret, sub)
 
 
 def rotate_to_secondary(azure: LocalAzure, app: AppSecret) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,10 +36,10 @@ def provider(
     return AsyncSubscriptionKeyProvider(azure.vault_url, name, clock=clock or FakeClock(), **kwargs)  # type: ignore[arg-type]
 
 
-async def wait_for(predicate: object, limit_s: float = 30) -> None:
+async def wait_for(predicate: Callable[..., object], limit_s: float = 30) -> None:
     """Yield to the loop until ``predicate()`` holds (bounded by a deadline, not a sleep for time)."""
     deadline = time.monotonic() + limit_s
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from apimvault.local import LocalAzure
 from .cli_support import RotatingApp, assert_no_key, new_rotating_app, run_cli
 
 
-def _check(app: RotatingApp, **env: str | None) -> tuple[int, dict[str, object], str]:
+def _check(app: RotatingApp, **env: str | None) -> tuple[int, dict[str, Any], str]:
     run = run_cli(["check", "--json"], {**app.env(), **env})
     assert_no_key(run.out + run.err, app.seen_keys)
     human = run_cli(["check"], {**app.env(), **env})
@@ -20,27 +21,28 @@ def _check(app: RotatingApp, **env: str | None) -> tuple[int, dict[str, object],
     return run.code, run.json(), human.out
 
 
-def _failed_step(doc: dict[str, object]) -> dict[str, object]:
+def _failed_step(doc: dict[str, Any]) -> dict[str, Any]:
     steps = doc["steps"]
     assert isinstance(steps, list)
     assert [s["ok"] for s in steps[:-1]] == [True] * (len(steps) - 1)
     assert steps[-1]["ok"] is False
-    return steps[-1]  # type: ignore[no-any-return]
+    last: dict[str, Any] = steps[-1]
+    return last
 
 
 def test_healthy(azure: LocalAzure) -> None:
     app = new_rotating_app(azure)
     code, doc, human = _check(app)
     assert code == 0 and doc["ok"] is True and doc["exit_code"] == 0
-    assert [s["name"] for s in doc["steps"]] == ["config", "credential", "vault", "access", "secret", "apim"]  # type: ignore[attr-defined]
+    assert [s["name"] for s in doc["steps"]] == ["config", "credential", "vault", "access", "secret", "apim"]
     credential = doc["credential"]
-    assert credential["used"] == "ManagedIdentityCredential"  # type: ignore[index]
-    assert credential["identity"]["oid"] == azure.default_identity.object_id  # type: ignore[index]
-    assert credential["identity"]["appid"] == azure.default_identity.client_id  # type: ignore[index]
+    assert credential["used"] == "ManagedIdentityCredential"
+    assert credential["identity"]["oid"] == azure.default_identity.object_id
+    assert credential["identity"]["appid"] == azure.default_identity.client_id
     secret = doc["secret"]
     latest = azure.keyvault.latest(app.name)
-    assert secret["version"] == latest.version and secret["credential_id"] == "primary"  # type: ignore[index]
-    assert len(secret["fingerprint"]) == 8 and secret["age_s"] is not None  # type: ignore[index]
+    assert secret["version"] == latest.version and secret["credential_id"] == "primary"
+    assert len(secret["fingerprint"]) == 8 and secret["age_s"] is not None
     assert "OK: the whole path works" in human
     assert "ManagedIdentityCredential" in human and azure.default_identity.object_id in human
 
@@ -51,9 +53,9 @@ def test_no_role_names_the_role_and_scope(azure: LocalAzure) -> None:
     assert code == 5
     step = _failed_step(doc)
     assert step["name"] == "access"
-    assert step["data"]["role"] == "Key Vault Secrets User"  # type: ignore[index]
-    assert step["data"]["scope"].endswith(f"/secrets/{app.name}")  # type: ignore[index]
-    assert step["data"]["principal"] == azure.default_identity.object_id  # type: ignore[index]
+    assert step["data"]["role"] == "Key Vault Secrets User"
+    assert step["data"]["scope"].endswith(f"/secrets/{app.name}")
+    assert step["data"]["principal"] == azure.default_identity.object_id
     assert "Key Vault Secrets User" in human and f"/secrets/{app.name}" in human
 
 
@@ -67,10 +69,10 @@ def test_missing_secret(azure: LocalAzure) -> None:
 
 @pytest.mark.parametrize("broken", ["disabled", "expired"])
 def test_disabled_or_expired_secret(azure: LocalAzure, broken: str) -> None:
-    kwargs: dict[str, object] = (
-        {"enabled": False} if broken == "disabled" else {"expires": int(time.time()) - 60}
-    )
-    app = new_rotating_app(azure, **kwargs)
+    if broken == "disabled":
+        app = new_rotating_app(azure, enabled=False)
+    else:
+        app = new_rotating_app(azure, expires=int(time.time()) - 60)
     code, doc, human = _check(app)
     assert code == 7
     step = _failed_step(doc)

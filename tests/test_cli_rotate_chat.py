@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from azure.core.credentials import AccessToken
 
 from apimvault.local import LocalAzure
 
@@ -50,7 +52,8 @@ def test_rotate_twice_json_and_human(azure: LocalAzure) -> None:
     assert result["old_version"] == v1 and result["credential_id"] == "secondary"
     assert doc["plan"]["regenerate"] == "secondary" and doc["plan"]["current_version"] == v1
     latest = azure.keyvault.latest(app.name)
-    assert latest.version == result["new_version"] and latest.tags["CredentialId"] == "secondary"
+    assert latest.version == result["new_version"]
+    assert latest.tags is not None and latest.tags["CredentialId"] == "secondary"
     assert gateway_status(azure, started_with) == 200  # the key in use survives the first rotation
 
     second = run_cli(["rotate"], app.env())
@@ -135,7 +138,14 @@ def test_chat_with_a_revoked_key(azure: LocalAzure) -> None:
 class _BrokenCredential:
     """A TokenCredential (the public protocol) whose token source fails with an error no mapper knows."""
 
-    def get_token(self, *scopes: str, **kwargs: object) -> object:
+    def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
         raise LookupError("token cache corrupted")
 
 

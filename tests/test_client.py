@@ -25,32 +25,31 @@ from apimvault import (
 )
 from apimvault.local import DEPLOYMENT, LocalAzure
 
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary
+from .core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
 
 HEADER = "Ocp-Apim-Subscription-Key"
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 
 
 def sync_setup(
-    azure: LocalAzure, **kwargs: object
-) -> tuple[SubscriptionKeyProvider, openai.AzureOpenAI, object]:
+    azure: LocalAzure, *, clock: FakeClock | None = None
+) -> tuple[SubscriptionKeyProvider, openai.AzureOpenAI, AppSecret]:
     app = new_app_secret(azure)
-    clock = kwargs.pop("clock", None) or FakeClock()
-    provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock, policy=POLICY)  # type: ignore[arg-type]
-    client = create_azure_openai(provider, max_retries=0, **kwargs)  # type: ignore[arg-type]
+    provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock or FakeClock(), policy=POLICY)
+    client = create_azure_openai(provider, max_retries=0)
     return provider, client, app
 
 
 def test_chat_streaming_and_embeddings_carry_the_key(azure: LocalAzure) -> None:
     provider, client, app = sync_setup(azure)
-    reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     assert reply.choices[0].message.content
-    chunks = list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     emb = client.embeddings.create(model="text-embedding-3-small", input="hello")
     assert emb.data[0].embedding
-    used = [u for u in azure.gateway.recent() if u.sid == app.sid]  # type: ignore[attr-defined]
+    used = [u for u in azure.gateway.recent() if u.sid == app.sid]
     assert [u.slot for u in used] == ["primary"] * 3
     assert {u.fingerprint for u in used} == {fingerprint(provider.get())}
     assert HEADER not in client.default_headers  # only the auth on the transport sets the key
@@ -58,7 +57,7 @@ def test_chat_streaming_and_embeddings_carry_the_key(azure: LocalAzure) -> None:
 
 def test_placeholder_api_key_is_never_sent(azure: LocalAzure) -> None:
     _, client, _ = sync_setup(azure)
-    raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
     sent = raw.http_response.request.headers
     assert "api-key" not in sent
     assert PLACEHOLDER_API_KEY not in str(dict(sent))
@@ -70,16 +69,16 @@ def test_rotation_reaches_copies_and_next_request(azure: LocalAzure) -> None:
     provider, client, app = sync_setup(azure, clock=clock)
     frozen = client.with_options(default_headers={"X-Trace": "1"})  # openai freezes a dict copy here
     copied = client.copy()
-    client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     old = provider.get()
-    new_version = rotate_to_secondary(azure, app)  # type: ignore[arg-type]
+    new_version = rotate_to_secondary(azure, app)
     provider.refresh()
     assert provider.get_key().version == new_version
     assert provider.get() != old
     assert HEADER not in client.default_headers and HEADER not in copied.default_headers
     for c in (client, frozen, copied):
-        c.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
-    used = [u for u in azure.gateway.recent() if u.sid == app.sid][-3:]  # type: ignore[attr-defined]
+        c.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
+    used = [u for u in azure.gateway.recent() if u.sid == app.sid][-3:]
     assert [u.slot for u in used] == ["secondary"] * 3
     assert {u.fingerprint for u in used} == {fingerprint(provider.get())}
     assert provider.stats().resends_401 == 0
@@ -93,9 +92,9 @@ def test_revoked_key_in_flight_every_request_succeeds_after_one_refresh(azure: L
 
     def call(i: int) -> str:
         if i % 2:
-            stream = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+            stream = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
             return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         return reply.choices[0].message.content or ""
 
     with ThreadPoolExecutor(32) as pool:
@@ -107,14 +106,14 @@ def test_revoked_key_in_flight_every_request_succeeds_after_one_refresh(azure: L
     assert 1 <= stats.resends_401 <= 64
     labels = azure.gateway.counters.labels()
     assert labels["key:invalid"] == stats.resends_401  # each refused request was re-sent exactly once
-    assert labels[f"sub:{app.sid}:secondary"] == 64  # type: ignore[attr-defined]
+    assert labels[f"sub:{app.sid}:secondary"] == 64
 
 
 def test_second_401_surfaces_and_forced_refresh_is_rate_limited(azure: LocalAzure) -> None:
     clock = FakeClock()
     provider, client, app = sync_setup(azure, clock=clock)
     client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
-    azure.apim_state.regenerate(app.sid, "primary")  # revoked, and the vault still holds the old key  # type: ignore[attr-defined]
+    azure.apim_state.regenerate(app.sid, "primary")  # revoked, and the vault still holds the old key
     with pytest.raises(openai.AuthenticationError, match="invalid subscription key"):
         client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     assert provider.stats().vault_reads == 2 and provider.stats().resends_401 == 0
@@ -190,10 +189,10 @@ def test_key_never_in_debug_logs(azure: LocalAzure, caplog: pytest.LogCaptureFix
     try:
         provider, client, app = sync_setup(azure)
         client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
-        list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))  # type: ignore[arg-type]
-        rotate_to_secondary(azure, app)  # type: ignore[arg-type]
+        list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))
+        rotate_to_secondary(azure, app)
         client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # 401 -> refresh -> re-send
-        keys = {app.subscription.primary_key, provider.get()}  # type: ignore[attr-defined]
+        keys = {app.subscription.primary_key, provider.get()}
     finally:
         for name in ("openai", "httpx2", "httpcore2", "azure", "apimvault"):
             logging.getLogger(name).setLevel(logging.NOTSET)
@@ -210,7 +209,7 @@ async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> Non
         azure.vault_url, app.name, clock=FakeClock(), policy=POLICY
     ) as provider:
         client = create_async_azure_openai(provider, max_retries=0)
-        reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         assert reply.choices[0].message.content
         assert HEADER not in client.default_headers
         rotate_to_secondary(azure, app)
@@ -219,17 +218,18 @@ async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> Non
             if i % 2:
                 stream = await client.chat.completions.create(
                     model=DEPLOYMENT, messages=MESSAGES, stream=True
-                )  # type: ignore[arg-type]
+                )
                 return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-            r = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            r = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
             return r.choices[0].message.content or ""
 
         results = await asyncio.gather(*(call(i) for i in range(100)))
         assert all(results)
         stats = provider.stats()
         assert stats.vault_reads == 2 and stats.forced_refreshes == 1 and stats.resends_401 >= 1
-        assert provider.current() is not None
-        assert provider.current().reveal() == app.subscription.secondary_key  # type: ignore[union-attr]
+        current = provider.current()
+        assert current is not None
+        assert current.reveal() == app.subscription.secondary_key
         emb = await client.with_options(timeout=30).embeddings.create(
             model="text-embedding-3-small", input="x"
         )
@@ -244,7 +244,7 @@ def test_many_threads_one_client_one_cold_read(azure: LocalAzure) -> None:
 
     def call(_: int) -> bool:
         barrier.wait()
-        return bool(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices)  # type: ignore[arg-type]
+        return bool(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices)
 
     with ThreadPoolExecutor(32) as pool:
         assert all(pool.map(call, range(32)))
@@ -258,7 +258,7 @@ def test_api_key_mode_sends_the_key_in_api_key(local_azure: LocalAzure) -> None:
     with LocalAzure(ca=SESSION_CA, gateway_header_name="api-key") as azure, azure.env():
         provider = SubscriptionKeyProvider.from_env(header_name="api-key")
         client = create_azure_openai(provider, max_retries=0)
-        raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         sent = raw.http_response.request.headers
         assert sent["api-key"] == provider.get()
         assert HEADER not in sent
@@ -270,7 +270,7 @@ def test_api_key_mode_sends_the_key_in_api_key(local_azure: LocalAzure) -> None:
         azure.apim_state.regenerate(sub.sid, "secondary")
         azure.keyvault.put_secret("apim-subscription-key", sub.secondary_key)
         azure.apim_state.regenerate(sub.sid, "primary")
-        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         assert provider.stats().resends_401 == 1
         assert provider.get() == sub.secondary_key
         provider.close()

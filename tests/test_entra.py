@@ -33,13 +33,13 @@ from apimvault import (
 from apimvault.local import DEPLOYMENT, LocalAzure
 
 from .conftest import SESSION_CA
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary
+from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"
 API = "/openai"
 HEADER = "Ocp-Apim-Subscription-Key"
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 VALIDATE = {"validate_azure_ad_token": {"audiences": [AUDIENCE]}}
 
@@ -63,7 +63,7 @@ def test_key_plus_token_sends_both_and_no_api_key(gateway: LocalAzure) -> None:
     app = new_app_secret(gateway)
     with SubscriptionKeyProvider(gateway.vault_url, app.name, policy=POLICY) as provider:
         client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
-        raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         sent = raw.http_response.request.headers
         assert raw.http_response.status_code == 200
         assert sent[HEADER] == provider.get()
@@ -72,7 +72,7 @@ def test_key_plus_token_sends_both_and_no_api_key(gateway: LocalAzure) -> None:
         # Without the token the gateway refuses: the token is what got the request through.
         key_only = create_azure_openai(provider, max_retries=0)
         with pytest.raises(openai.AuthenticationError):
-            key_only.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            key_only.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         client.close()
         key_only.close()
 
@@ -87,10 +87,10 @@ def test_key_plus_token_through_a_rotation_fails_nothing(gateway: LocalAzure, st
         def call(_: int) -> None:
             try:
                 if stream:
-                    chunks = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+                    chunks = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
                     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
                 else:
-                    assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices  # type: ignore[arg-type]
+                    assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
             except BaseException as exc:
                 failures.append(exc)
 
@@ -115,11 +115,11 @@ def test_token_expiry_mid_traffic_one_token_refresh_nothing_fails(
     with stack.env(), SubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY) as provider:
         client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
         for _ in range(3):
-            assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices  # type: ignore[arg-type]
+            assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
         reads = provider.stats().vault_reads
         clock.advance(stack.tokens.lifetime_s + 60)  # every token issued so far is now expired
         for _ in range(5):  # the first gets a token 401, a new token and one re-send; none fails
-            assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices  # type: ignore[arg-type]
+            assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
         refusals = refusal_stats(provider)
         assert (refusals.token, refusals.token_refreshes, refusals.token_resends) == (1, 1, 1)
         assert refusals.key == 0
@@ -135,10 +135,10 @@ async def test_async_token_expiry_mid_traffic(clocked: tuple[LocalAzure, FakeClo
     with stack.env():
         async with AsyncSubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY) as provider:
             client = create_async_azure_openai(provider, token_scope=SCOPE, max_retries=0)
-            await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
             clock.advance(stack.tokens.lifetime_s + 60)
             replies = await asyncio.gather(
-                *[client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES) for _ in range(4)]  # type: ignore[arg-type]
+                *[client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES) for _ in range(4)]
             )
             assert all(r.choices for r in replies)
             refusals = refusal_stats(provider)
@@ -153,7 +153,7 @@ async def test_async_key_plus_token_sends_both(gateway: LocalAzure) -> None:
     app = new_app_secret(gateway)
     async with AsyncSubscriptionKeyProvider(gateway.vault_url, app.name, policy=POLICY) as provider:
         client = create_async_azure_openai(provider, token_scope=SCOPE, max_retries=0)
-        raw = await client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        raw = await client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         assert raw.http_response.request.headers["authorization"].startswith("Bearer ")
         assert raw.http_response.request.headers[HEADER] == await provider.get()
         await client.close()
@@ -165,13 +165,13 @@ def test_token_only_client_for_a_gateway_without_subscription_keys(gateway: Loca
     source = BearerTokenSource(credential, SCOPE)
     client = create_token_azure_openai(source, max_retries=0)
     try:
-        raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         assert raw.http_response.status_code == 200
         assert HEADER not in raw.http_response.request.headers
         # A key-requiring API refuses the same client with APIM's key 401, left to the caller.
         gateway.gateway.policies.set(API, VALIDATE)
         with pytest.raises(openai.AuthenticationError):
-            client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         assert refusal_stats(source).key == 1 and refusal_stats(source).token_refreshes == 0
     finally:
         client.close()
@@ -183,7 +183,7 @@ async def test_async_token_only_client(gateway: LocalAzure) -> None:
     credential = AsyncDefaultAzureCredential()
     client = create_async_token_azure_openai(SCOPE, credential=credential, max_retries=0)
     try:
-        reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         assert reply.choices
     finally:
         await client.close()
@@ -343,9 +343,9 @@ def test_tokens_never_in_debug_logs_through_a_token_refresh(clocked: tuple[Local
     with stack.env(), SubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY) as provider:
         client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
         with LeakCapture(["apimvault", "openai", "httpx2", "httpcore2", "azure", "msal"]) as capture:
-            client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
             clock.advance(stack.tokens.lifetime_s + 60)
-            raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         client.close()
         key = provider.get()
     token = raw.http_response.request.headers["authorization"].removeprefix("Bearer ")

@@ -47,12 +47,18 @@ class _Token:
         return None
 
 
-class _AsyncToken(_Token):
-    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:  # type: ignore[override]
+class _AsyncToken:
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
         raise AssertionError("no token needed")
 
-    async def close(self) -> None:  # type: ignore[override]
+    async def close(self) -> None:
         return None
+
+    async def __aenter__(self) -> _AsyncToken:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 FAST = settings(max_examples=150, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
@@ -144,7 +150,7 @@ def test_refresh_from_event_sync(payload: Any) -> None:
         NAME,
         credential=_Token(),
         policy=POLICY,
-        client_kwargs={"retry_total": 0, "connection_timeout": 2},  # type: ignore[arg-type]
+        client_kwargs={"retry_total": 0, "connection_timeout": 2},
     )
     try:
         try:
@@ -168,7 +174,7 @@ def test_refresh_from_event_async(payload: Any) -> None:
             NAME,
             credential=_AsyncToken(),
             policy=POLICY,
-            client_kwargs={"retry_total": 0, "connection_timeout": 2},  # type: ignore[arg-type]
+            client_kwargs={"retry_total": 0, "connection_timeout": 2},
         )
         try:
             try:
@@ -187,7 +193,7 @@ def test_good_event_concerns_the_provider() -> None:
     """The fuzzed properties are not vacuous: the well-formed event does select the provider."""
     provider = SubscriptionKeyProvider(
         VAULT, NAME, credential=_Token(), policy=POLICY, client_kwargs={"retry_total": 0}
-    )  # type: ignore[arg-type]
+    )
     try:
         assert refresh_from_event(GOOD, [provider]) == [provider]
         assert provider.stats().failures == 1

@@ -14,7 +14,7 @@ import asyncio
 import http.server
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx2
@@ -30,17 +30,18 @@ from apimvault import (
     CachePolicy,
     InsecureTransportError,
     InvalidSecretValueError,
+    SubscriptionKey,
     SubscriptionKeyProvider,
     create_async_azure_openai,
     create_azure_openai,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure, ServerThread, Service
 
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary
+from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages
 
 HEADER = "Ocp-Apim-Subscription-Key"
 CHAT_PATH = f"/openai/deployments/{DEPLOYMENT}/chat/completions"
-MESSAGES: Any = [{"role": "user", "content": "hello"}]
+MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 COMPLETION = {
     "id": "chatcmpl-guard",
@@ -158,11 +159,15 @@ def loop() -> Iterator[asyncio.Runner]:
 def chat(client: Any, loop: asyncio.Runner) -> str:
     """One chat completion through ``client`` (sync or async), returning the reply text."""
     if isinstance(client, openai.AzureOpenAI):
-        return client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices[0].message.content  # type: ignore[no-any-return]
+        return (
+            client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices[0].message.content
+            or ""
+        )
 
     async def go() -> str:
         reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
-        return reply.choices[0].message.content  # type: ignore[no-any-return]
+        content: str | None = reply.choices[0].message.content
+        return content or ""
 
     return loop.run(go())
 
@@ -199,7 +204,7 @@ def test_copy_with_another_http_client_carries_no_key(
 ) -> None:
     origin, other = fresh
     app = new_app_secret(azure)
-    key = app.subscription.primary_key  # type: ignore[attr-defined]
+    key = app.subscription.primary_key
     provider = provider_for(api, azure, app.name, header_name=header)
     client = make_client(api, provider, azure_endpoint=origin.url)
     origin.redirect = f"{other.url}/final/cross"
@@ -223,7 +228,7 @@ def test_copy_to_plain_http_carries_no_key(
     azure: LocalAzure, plain: PlainRecorder, loop: asyncio.Runner, api: str
 ) -> None:
     app = new_app_secret(azure)
-    key = app.subscription.primary_key  # type: ignore[attr-defined]
+    key = app.subscription.primary_key
     provider = provider_for(api, azure, app.name)
     client = make_client(api, provider)
     assert chat(client, loop)  # the key is cached and in use
@@ -244,7 +249,7 @@ def test_copy_with_base_url_elsewhere_keeps_the_key_home(
 ) -> None:
     origin, other = fresh
     app = new_app_secret(azure)
-    key = app.subscription.primary_key  # type: ignore[attr-defined]
+    key = app.subscription.primary_key
     provider = provider_for(api, azure, app.name)
     client = make_client(api, provider, azure_endpoint=origin.url)
     assert chat(client, loop) == "seen"
@@ -270,7 +275,7 @@ def test_unguarded_copy_against_the_gateway_fails_closed(
     with pytest.raises(openai.AuthenticationError, match="missing subscription key"):
         chat(unguarded, loop)
     labels = azure.gateway.counters.labels()
-    assert labels[f"sub:{app.sid}:primary"] == 3  # type: ignore[attr-defined]
+    assert labels[f"sub:{app.sid}:primary"] == 3
     assert labels["key:missing"] == 1
     assert provider.stats().resends_401 == 0
     close(loop, unguarded, client, provider)
@@ -292,17 +297,22 @@ def _no_hostname_check(azure: LocalAzure) -> ssl.SSLContext:
     return ctx
 
 
-INSECURE = {
-    "verify=False": lambda azure, api: {"verify": False},
-    "CERT_NONE context": lambda azure, api: {"verify": _unverified_context()},
-    "check_hostname=False": lambda azure, api: {"verify": _no_hostname_check(azure)},
-    "unverified mount": lambda azure, api: {
-        "mounts": {
-            "https://": httpx2.HTTPTransport(verify=False)
-            if api == "sync"
-            else httpx2.AsyncHTTPTransport(verify=False)
-        }
-    },
+def _http(
+    api: str, *, verify: ssl.SSLContext | bool = True, unverified_mount: bool = False
+) -> httpx2.Client | httpx2.AsyncClient:
+    """A sync or async client; ``unverified_mount`` routes https:// through a non-verifying transport."""
+    if api == "sync":
+        mounts = {"https://": httpx2.HTTPTransport(verify=False)} if unverified_mount else None
+        return httpx2.Client(verify=verify, mounts=mounts)
+    amounts = {"https://": httpx2.AsyncHTTPTransport(verify=False)} if unverified_mount else None
+    return httpx2.AsyncClient(verify=verify, mounts=amounts)
+
+
+INSECURE: dict[str, Callable[[LocalAzure, str], httpx2.Client | httpx2.AsyncClient]] = {
+    "verify=False": lambda azure, api: _http(api, verify=False),
+    "CERT_NONE context": lambda azure, api: _http(api, verify=_unverified_context()),
+    "check_hostname=False": lambda azure, api: _http(api, verify=_no_hostname_check(azure)),
+    "unverified mount": lambda azure, api: _http(api, unverified_mount=True),
 }
 
 
@@ -313,8 +323,7 @@ def test_http_client_without_tls_verification_is_refused(
 ) -> None:
     app = new_app_secret(azure)
     provider = provider_for(api, azure, app.name)
-    options = INSECURE[variant](azure, api)
-    http = httpx2.Client(**options) if api == "sync" else httpx2.AsyncClient(**options)
+    http = INSECURE[variant](azure, api)
     with pytest.raises(InsecureTransportError, match="TLS"):
         make_client(api, provider, http_client=http)
     assert http.auth is None  # nothing installed on a refused client
@@ -333,7 +342,7 @@ def test_http_client_trusting_a_private_ca_is_accepted(
     http = httpx2.Client(verify=ctx) if api == "sync" else httpx2.AsyncClient(verify=ctx)
     client = make_client(api, provider, http_client=http)
     assert chat(client, loop)
-    assert azure.gateway.counters.labels()[f"sub:{app.sid}:primary"] == 1  # type: ignore[attr-defined]
+    assert azure.gateway.counters.labels()[f"sub:{app.sid}:primary"] == 1
     close(loop, client, provider)
 
 
@@ -353,7 +362,7 @@ def test_key_is_not_text_in_provider_or_client_attributes(
     app = new_app_secret(azure)
     provider = provider_for(api, azure, app.name, header_name=header)
     client = make_client(api, provider, azure_endpoint=azure.gateway_url)
-    old = app.subscription.primary_key  # type: ignore[attr-defined]
+    old = app.subscription.primary_key
     if api == "sync":
         provider.get_key()
         rotate_to_secondary(azure, app)
@@ -363,7 +372,8 @@ def test_key_is_not_text_in_provider_or_client_attributes(
         async def go() -> str:
             await provider.get_key()
             rotate_to_secondary(azure, app)
-            return (await provider.refresh()).reveal()
+            key: SubscriptionKey = await provider.refresh()
+            return key.reveal()
 
         new = loop.run(go())
     assert new != old
@@ -424,7 +434,7 @@ def test_error_reporter_locals_never_hold_the_key(
     """A failed request's traceback (what Sentry & co. record with local variables) shows no key."""
     origin, _ = fresh
     app = new_app_secret(azure)
-    key = app.subscription.primary_key  # type: ignore[attr-defined]
+    key = app.subscription.primary_key
     provider = provider_for(api, azure, app.name, header_name=header)
     client = make_client(api, provider, azure_endpoint=origin.url)
     origin.status = 500
@@ -444,7 +454,7 @@ def test_refused_value_is_not_in_the_callers_traceback_locals(
     """A vault value that is the key plus a control character is refused; the error a caller (and its
     reporter) gets carries neither the value nor frames that hold it."""
     probe = new_app_secret(azure)
-    key = probe.subscription.primary_key  # type: ignore[attr-defined]
+    key = probe.subscription.primary_key
     app = new_app_secret(azure, value=key + "\x01")
     provider = provider_for(api, azure, app.name)
     with pytest.raises(InvalidSecretValueError) as info:

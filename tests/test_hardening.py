@@ -396,7 +396,8 @@ def test_invalidate_is_not_answered_by_a_read_that_started_before_it(azure: Loca
         assert p.current() == old  # the older read landed, and the push is still pending
         p.get_key()
         events.wait("refreshed", 3)
-        assert p.current().version == new_version  # type: ignore[union-attr]
+        current = p.current()
+        assert current is not None and current.version == new_version
     finally:
         gate.open.set()
         p.close()
@@ -438,7 +439,8 @@ async def test_async_invalidate_is_not_answered_by_a_read_that_started_before_it
         assert p.current() == old  # it landed, and the push is still pending
         await p.get_key()
         await until(lambda: len(events.refreshed) == 3, "a read of the push's own")
-        assert p.current().version == new_version  # type: ignore[union-attr]
+        current = p.current()
+        assert current is not None and current.version == new_version
 
 
 # ----------------------------------------------------------------- 14: recovery after an outage

@@ -109,7 +109,7 @@ def test_secret_client_passed_in_is_checked(azure: LocalAzure, api: str) -> None
 
     provider = cls(azure.vault_url, app.name, secret_client=good)
     value = provider.get_key().reveal() if sync else asyncio.run(read(provider))
-    assert value == app.subscription.primary_key  # type: ignore[attr-defined]
+    assert value == app.subscription.primary_key
     if sync:
         good.close()
         credential.close()

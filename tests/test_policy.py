@@ -11,16 +11,9 @@ import pytest
 from apimvault import CachePolicy, ConfigurationError, SubscriptionKey
 from apimvault._policy import Action, ForceDecision, KeyCache
 
+from .core_helpers import FakeClock
 
-class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+START = 1_800_000_000.0  # a fixed epoch: the pure policy never meets Key Vault's clock
 
 
 def key(version: str = "a" * 32, value: str = "k" * 32, expires_on: float | None = None) -> SubscriptionKey:
@@ -30,7 +23,7 @@ def key(version: str = "a" * 32, value: str = "k" * 32, expires_on: float | None
 
 
 def make(policy: CachePolicy | None = None, seed: int = 1) -> tuple[KeyCache, FakeClock]:
-    clock = FakeClock()
+    clock = FakeClock(START)
     return KeyCache(policy or CachePolicy(), clock, random.Random(seed)), clock
 
 
@@ -64,10 +57,10 @@ def test_lifecycle_fresh_then_refresh_ahead_then_stale_then_load() -> None:
 
 def test_jitter_shortens_ttl_within_bounds_and_differs_per_provider() -> None:
     policy = CachePolicy(ttl=1000, jitter=0.2)
-    ttls = {KeyCache(policy, FakeClock(), random.Random(seed)).ttl for seed in range(50)}
+    ttls = {KeyCache(policy, FakeClock(START), random.Random(seed)).ttl for seed in range(50)}
     assert all(800 <= t <= 1000 for t in ttls)
     assert len(ttls) == 50
-    assert KeyCache(CachePolicy(ttl=1000, jitter=0), FakeClock()).ttl == 1000
+    assert KeyCache(CachePolicy(ttl=1000, jitter=0), FakeClock(START)).ttl == 1000
 
 
 def test_secret_expiry_caps_fresh_and_usable_periods() -> None:
@@ -243,7 +236,7 @@ def test_push_reads_are_at_most_one_per_interval() -> None:
 
 
 def test_schedules_follow_the_scheduling_clock_and_expiry_the_wall_clock() -> None:
-    mono, wall = FakeClock(100.0), FakeClock()
+    mono, wall = FakeClock(100.0), FakeClock(START)
     cache = KeyCache(CachePolicy(ttl=300, jitter=0, refresh_margin=60), mono, random.Random(1), wall=wall)
     entry, _ = cache.accept(key(expires_on=wall.now + 1000))
     assert (entry.refresh_at, entry.fresh_until) == (340.0, 400.0)

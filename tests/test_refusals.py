@@ -26,9 +26,9 @@ from apimvault import (
 from apimvault._refusal import classify, renewal_seconds
 from apimvault.local import DEPLOYMENT, Fault, LocalAzure
 
-from .core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary
+from .core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 API = "/openai"
 
@@ -43,17 +43,17 @@ def gateway(azure: LocalAzure) -> Iterator[LocalAzure]:
 
 def _call_sync(client: openai.AzureOpenAI, stream: bool) -> str:
     if stream:
-        chunks = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        chunks = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     return reply.choices[0].message.content or ""
 
 
 async def _call_async(client: openai.AsyncAzureOpenAI, stream: bool) -> str:
     if stream:
-        chunks = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        chunks = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
         return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
-    reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+    reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     return reply.choices[0].message.content or ""
 
 

@@ -39,7 +39,7 @@ from apimvault import (
 )
 from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure
 
-from .core_helpers import AppSecret, FakeClock, Gate, new_app_secret, rotate_to_secondary
+from .core_helpers import AppSecret, FakeClock, Gate, new_app_secret, rotate_to_secondary, user_messages
 from .faults.harness import Api, Harness, make, outcome
 
 POLICY = CachePolicy(
@@ -48,7 +48,7 @@ POLICY = CachePolicy(
 STALE = 310
 HARD_LIMIT = 900
 APIS: list[Api] = ["sync", "async"]
-MESSAGES_ = [{"role": "user", "content": "secret states"}]
+MESSAGES_ = user_messages("secret states")
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_whitespace_wrapped_value_is_stripped_and_works(azure: LocalAzure, wrap:
     h = harness("sync", azure, app)
     try:
         assert h.chat(False)
-        assert h.current().reveal() == app.subscription.primary_key  # type: ignore[union-attr]
+        assert h.current_key().reveal() == app.subscription.primary_key
         assert gateway_uses(azure, app) == ["primary"]
     finally:
         h.close()
@@ -160,7 +160,7 @@ def test_current_version_disabled_mid_run_is_no_longer_served(
     h = harness(api, azure, app)
     try:
         assert h.chat(False)
-        version = h.current().version  # type: ignore[union-attr]
+        version = h.current_key().version
         officer.update_secret_properties(app.name, version, enabled=False)
         h.provider.invalidate()  # e.g. an Event Grid event: refresh now
         h.get_key()
@@ -182,7 +182,7 @@ def test_served_version_that_key_vault_reports_expired_is_dropped(
     h = harness(api, azure, app)
     try:
         assert h.chat(False)
-        version = h.current().version  # type: ignore[union-attr]
+        version = h.current_key().version
         past = datetime.now(UTC) - timedelta(minutes=5)
         officer.update_secret_properties(app.name, version, expires_on=past)
         h.provider.invalidate()  # e.g. a SecretExpired event: refresh now
@@ -220,7 +220,7 @@ def test_pre_staged_not_yet_valid_version_waits_for_its_not_before(azure: LocalA
         h.advance(3 * HARD_LIMIT - 8 * STALE + 1)  # now past not_before: the next read takes it
         assert h.chat(False)
         h.wait("refreshed", 10)
-        assert h.current().version == staged  # type: ignore[union-attr]
+        assert h.current_key().version == staged
         assert h.chat(False)
         assert gateway_uses(azure, app)[-1] == "secondary"
     finally:
@@ -242,12 +242,12 @@ def test_cold_start_while_the_latest_version_is_pre_staged_serves_the_valid_one(
     h = harness(api, azure, app, clock=clock)
     try:
         assert h.chat(False)
-        assert h.current().version == valid  # type: ignore[union-attr]
+        assert h.current_key().version == valid
         assert h.stats().vault_reads == 3  # the latest, the version list, the valid version
         assert gateway_uses(azure, app)[-1] == "primary"
         h.advance(3601)
         assert h.chat(False)
-        assert h.current().version == staged  # type: ignore[union-attr]
+        assert h.current_key().version == staged
         assert gateway_uses(azure, app)[-1] == "secondary"
     finally:
         h.close()
@@ -327,7 +327,7 @@ def test_pinned_version_then_deleted(azure: LocalAzure, officer: SecretClient, a
     h = harness(api, azure, app, version=pinned)
     try:
         assert h.chat(False)
-        assert h.current().version == pinned  # type: ignore[union-attr]
+        assert h.current_key().version == pinned
         officer.begin_delete_secret(app.name).result()
         h.advance(STALE)
         assert h.chat(False)
@@ -492,7 +492,7 @@ def test_401_that_joins_a_read_started_before_the_rotation_still_recovers(azure:
     )
     client = create_azure_openai(provider, max_retries=0)
     try:
-        assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES_)  # type: ignore[arg-type]
+        assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES_)
         old = provider.get_key()
         gate.armed.set()
         provider.invalidate()
@@ -502,7 +502,7 @@ def test_401_that_joins_a_read_started_before_the_rotation_still_recovers(azure:
         outcome_box: list[tuple[str, BaseException | None]] = []
         worker = threading.Thread(
             target=lambda: outcome_box.append(
-                outcome(lambda: client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES_))  # type: ignore[arg-type]
+                outcome(lambda: client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES_))
             )
         )
         worker.start()
@@ -555,7 +555,7 @@ def test_gateway_refusing_the_current_key_falls_back_to_the_previous_one(
         assert h.chat(stream) and h.stats().resends_401 == 1
         newest = azure.keyvault.put_secret(app.name, app.subscription.secondary_key)
         assert h.refresh().version == newest.version  # a newer version ends the fallback
-        assert h.current().version == newest.version  # type: ignore[union-attr]
+        assert h.current_key().version == newest.version
         assert h.chat(stream)
         assert gateway_uses(azure, app)[-1] == "secondary"
         assert h.stats().fallbacks_to_previous == 1

@@ -35,9 +35,9 @@ from apimvault import (
 from apimvault.local import DEPLOYMENT, Fault, LocalAzure
 
 from .cli_support import new_rotating_app
-from .core_helpers import Events, FakeClock, new_app_secret, rotate_to_secondary
+from .core_helpers import Events, FakeClock, new_app_secret, rotate_to_secondary, user_messages
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5, max_staleness=3600)
 
 
@@ -62,22 +62,27 @@ class Otel:
                         found += [
                             p
                             for p in metric.data.data_points
-                            if p.attributes.get("apimvault.secret") == secret
+                            if (p.attributes or {}).get("apimvault.secret") == secret
                         ]
         return found
 
     def total(self, name: str, secret: str, **attrs: str) -> float:
-        return sum(
-            p.value
-            for p in self.points(name, secret)
-            if all(p.attributes.get(f"apimvault.{k.replace('_', '.')}") == v for k, v in attrs.items())
+        return float(
+            sum(
+                p.value
+                for p in self.points(name, secret)
+                if all(
+                    (p.attributes or {}).get(f"apimvault.{k.replace('_', '.')}") == v
+                    for k, v in attrs.items()
+                )
+            )
         )
 
     def read_spans(self, secret: str) -> list[Any]:
         return [
             s
             for s in self.spans.get_finished_spans()
-            if s.name == "apimvault.vault.read" and s.attributes.get("apimvault.secret") == secret
+            if s.name == "apimvault.vault.read" and (s.attributes or {}).get("apimvault.secret") == secret
         ]
 
     def everything_exported(self) -> str:
@@ -101,7 +106,7 @@ def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
 
 
 def _chat(client: openai.AzureOpenAI) -> None:
-    assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices  # type: ignore[arg-type]
+    assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
 
 
 def test_metrics_and_spans_match_stats_through_rotation_outage_and_resend(
@@ -115,7 +120,7 @@ def test_metrics_and_spans_match_stats_through_rotation_outage_and_resend(
         app.name,
         clock=clock,
         policy=POLICY,
-        **events.callbacks(),  # type: ignore[arg-type]
+        **events.callbacks(),
     )
     client = create_azure_openai(provider, max_retries=0)
     where = provider.where
@@ -205,9 +210,9 @@ async def test_async_reads_and_refusals_are_counted(otel: Otel, azure: LocalAzur
     where = provider.where
     azure.gateway.policies.set("/openai", {"rate_limit_by_key": {"calls": 1, "renewal_period": 60}})
     try:
-        await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         with pytest.raises(openai.RateLimitError):
-            await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         stats = provider.stats()
         assert (
             otel.total("apimvault.vault.reads", where, outcome="success", reason="load")

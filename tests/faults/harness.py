@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
@@ -25,10 +25,11 @@ from apimvault import (
 )
 from apimvault.local import DEPLOYMENT, LocalAzure
 
-from ..core_helpers import FakeClock
+from ..core_helpers import FakeClock, user_messages
 
 Api = Literal["sync", "async"]
-MESSAGES = [{"role": "user", "content": "fault matrix"}]
+T = TypeVar("T")
+MESSAGES = user_messages("fault matrix")
 
 
 class Recorder:
@@ -134,12 +135,19 @@ class Harness:
     def current(self) -> SubscriptionKey | None:
         return self.provider.current()
 
+    def current_key(self) -> SubscriptionKey:
+        """The cached key, which the test expects to be there."""
+        key = self.provider.current()
+        assert key is not None, "no key cached"
+        return key
+
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
 
 class SyncHarness(Harness):
     api: Api = "sync"
+    provider: SubscriptionKeyProvider
 
     def __init__(self, azure: LocalAzure, secret_name: str, **kwargs: Any) -> None:
         super().__init__(azure, secret_name, **kwargs)
@@ -154,9 +162,9 @@ class SyncHarness(Harness):
 
     def chat(self, stream: bool) -> str:
         if stream:
-            chunks = self.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+            chunks = self.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
             return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        reply = self.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+        reply = self.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         return reply.choices[0].message.content or ""
 
     def wait(self, what: str, n: int, timeout: float = 30) -> None:
@@ -169,6 +177,7 @@ class SyncHarness(Harness):
 
 class AsyncHarness(Harness):
     api: Api = "async"
+    provider: AsyncSubscriptionKeyProvider
 
     def __init__(self, azure: LocalAzure, secret_name: str, **kwargs: Any) -> None:
         super().__init__(azure, secret_name, **kwargs)
@@ -181,30 +190,30 @@ class AsyncHarness(Harness):
 
         self.run(build())
 
-    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
 
     def get_key(self) -> SubscriptionKey:
         assert isinstance(self.provider, AsyncSubscriptionKeyProvider)
-        return self.run(self.provider.get_key())  # type: ignore[no-any-return]
+        return self.run(self.provider.get_key())
 
     def refresh(self) -> SubscriptionKey:
         assert isinstance(self.provider, AsyncSubscriptionKeyProvider)
-        return self.run(self.provider.refresh())  # type: ignore[no-any-return]
+        return self.run(self.provider.refresh())
 
     def chat(self, stream: bool) -> str:
         async def go() -> str:
             if stream:
                 chunks = await self.client.chat.completions.create(
                     model=DEPLOYMENT,
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     stream=True,
                 )
                 return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
-            reply = await self.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # type: ignore[arg-type]
+            reply = await self.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
             return reply.choices[0].message.content or ""
 
-        return self.run(go())  # type: ignore[no-any-return]
+        return self.run(go())
 
     def wait(self, what: str, n: int, timeout: float = 30) -> None:
         self.run(self.rec.wait_async(what, n, timeout))

@@ -263,7 +263,9 @@ def check_key_vaults(templates: Iterable[Template]) -> list[str]:
             for flag in ("enabledForDeployment", "enabledForTemplateDeployment", "enabledForDiskEncryption"):
                 if t.resolve(p.get(flag)) is not False:
                     problems.append(f"{where}: {flag} is not false")
-            acls = p.get("networkAcls") if isinstance(p.get("networkAcls"), dict) else {}
+            acls = p.get("networkAcls")
+            if not isinstance(acls, dict):
+                acls = {}
             if t.resolve(acls.get("defaultAction")) != "Deny":
                 problems.append(f"{where}: networkAcls.defaultAction is not Deny")
             public = _literals(t.resolve(p.get("publicNetworkAccess")))
@@ -360,8 +362,8 @@ def check_role_assignments(templates: Iterable[Template]) -> list[str]:
                 problems.append(f"{where}: principalType is not ServicePrincipal")
         for symbol, res in t.of_type(ROLE_DEFINITION):
             where = f"{t.name}:{symbol}"
-            kind = custom_role_kind(res)
-            if kind is None:
+            role_kind = custom_role_kind(res)
+            if role_kind is None:
                 problems.append(
                     f"{where}: permissions are not exactly one of the custom roles {sorted(CUSTOM_ROLES)}"
                 )
@@ -370,9 +372,9 @@ def check_role_assignments(templates: Iterable[Template]) -> list[str]:
             assignable = [_accessor(sc) for sc in scopes]
             if len(scopes) != 1 or not assignable[0] or assignable[0][1] != "id":
                 problems.append(f"{where}: assignableScopes {json.dumps(scopes)} is not one resource's id")
-            elif t.resource_type_of(assignable[0][0]) != CUSTOM_ROLES[kind][2]:
+            elif t.resource_type_of(assignable[0][0]) != CUSTOM_ROLES[role_kind][2]:
                 on = t.resource_type_of(assignable[0][0])
-                problems.append(f"{where}: assignable on {on}, not {CUSTOM_ROLES[kind][2]}")
+                problems.append(f"{where}: assignable on {on}, not {CUSTOM_ROLES[role_kind][2]}")
     return problems
 
 
@@ -448,8 +450,9 @@ def check_outputs_and_parameters(templates: Iterable[Template]) -> list[str]:
         for name, out in t.outputs.items():
             where = f"{t.name}: output {name}"
             text = json.dumps(out.get("value"))
-            if SECRET_MARKERS.search(text):
-                problems.append(f"{where}: value references a key ({SECRET_MARKERS.search(text).group(0)})")
+            marker = SECRET_MARKERS.search(text)
+            if marker:
+                problems.append(f"{where}: value references a key ({marker.group(0)})")
             if _accesses_value(out.get("value")):
                 problems.append(f"{where}: value reads a .value property")
             if any(f'"{p}"' in text for p in secure):
@@ -783,6 +786,7 @@ def check_token_limits(templates: Iterable[Template]) -> list[str]:
             param = t.parameters.get(ref) if isinstance(ref, str) else None
             if (
                 param is None
+                or not isinstance(ref, str)
                 or not isinstance(param.get("default"), int)
                 or t.decorator(ref, "min_value") is None
             ):

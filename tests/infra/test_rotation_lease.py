@@ -100,7 +100,7 @@ def test_overlapping_deliveries_are_serialised_by_the_lease(
         lease = handler.RotationLease(container, app.name, wait=3600, sleep=lambda _s: hook("lease-wait"))
         return handler.handle_event(event, lease=lease, on_step=hook)
 
-    env = {
+    env: dict[str, str | None] = {
         "APIMVAULT_SECRET_NAME": app.name,
         "APIMVAULT_APIM_SUBSCRIPTION_ID": app.resource_id,
         "AZURE_CLIENT_ID": azure.officer_identity.client_id,

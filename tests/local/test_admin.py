@@ -7,17 +7,17 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from apimvault.local import API_VERSION, DEPLOYMENT, LocalAzure
 from apimvault.local.admin import AdminClient, AdminError
 from apimvault.local.stack import APIM_SUBSCRIPTION
 
-MESSAGES: Any = [{"role": "user", "content": "admin"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "admin"}]
 
 
 @pytest.fixture

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
 
 import httpx2
 import openai
 import pytest
 from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import DefaultAzureCredential
+from openai.types.chat import ChatCompletionMessageParam
 
 from apimvault.local import API_VERSION, DEPLOYMENT, LocalAzure
 from apimvault.local.openai_backend import reply_for
 from apimvault.local.stack import APIM_SUBSCRIPTION
 
-MESSAGES: Any = [{"role": "user", "content": "fault"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "fault"}]
 
 
 def client(azure: LocalAzure, timeout: float = 10) -> openai.AzureOpenAI:

@@ -8,13 +8,17 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from apimvault.local import API_VERSION, DEPLOYMENT, LocalAzure
 from apimvault.local.openai_backend import INVALID_KEY_MESSAGE, embedding_for, reply_for
 from apimvault.local.stack import APIM_SUBSCRIPTION
 
 EMBEDDING = "text-embedding-3-small"
-MESSAGES: Any = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hello there"},
+]
 
 
 def key(azure: LocalAzure) -> str:

@@ -7,7 +7,7 @@ endpoint through azure-identity's ManagedIdentityCredential.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx2
@@ -51,7 +51,8 @@ def _chat(http: httpx2.Client, azure: LocalAzure, key: str, token: str | None = 
 def _token(azure: LocalAzure, scope: str = SCOPE) -> str:
     credential = ManagedIdentityCredential()
     try:
-        return credential.get_token(scope).token
+        token: str = credential.get_token(scope).token
+        return token
     finally:
         credential.close()
 
@@ -104,12 +105,13 @@ def test_validate_azure_ad_token(
 ) -> None:
     app = new_app_secret(gateway)
     gateway.gateway.policies.set(API, {"validate_azure_ad_token": {"audiences": [AUDIENCE], **policy}})
-    token = {
+    tokens: dict[str, Callable[[], str | None]] = {
         "good": lambda: _token(gateway),
         "none": lambda: None,
         "wrong-audience": lambda: _token(gateway, "https://cognitiveservices.azure.com/.default"),
         "forged": lambda: _forged(_token(gateway)),
-    }[token_kind]()
+    }
+    token = tokens[token_kind]()
     before = gateway.gateway.counters.labels().get("policy:token", 0)
     with _http(gateway) as http:
         response = _chat(http, gateway, app.subscription.primary_key, token)
@@ -181,6 +183,7 @@ def test_quota_renews_after_the_period(gateway: LocalAzure) -> None:
 
 
 def test_policies_reject_bad_configuration() -> None:
+    bad: dict[str, Any]
     for bad in (
         {"quota_by_key": {"calls": -1}},
         {"rate_limit_by_key": {"calls": 1, "renewal_period": 0}},
