@@ -49,6 +49,7 @@ def machine() -> dict[str, str]:
         "azure-identity",
         "azure-keyvault-secrets",
         "aws-secretsmanager-caching",
+        "opentelemetry-api",
     ):
         with contextlib.suppress(PackageNotFoundError):
             versions.append(f"{dist} {version(dist)}")
