@@ -27,9 +27,13 @@ _ORIGIN = "apimvault.key_origin"
 _APIM_CHALLENGE = "azureapimanagementkey"
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _origin(url: httpx2.URL) -> tuple[str, str, int | None]:
-    port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme)
-    return url.scheme, url.host, port
+    scheme = url.scheme
+    port = url.port
+    return scheme, url.host, port if port is not None else _DEFAULT_PORTS.get(scheme)
 
 
 def _show(origin: tuple[str, str, int | None]) -> str:
@@ -87,20 +91,22 @@ class SubscriptionKeyAuth(httpx2.Auth):
         )
 
     def _apply(self, request: httpx2.Request, key: SubscriptionKey) -> None:
-        if request.url.scheme != "https" and not self.allow_insecure_http:
+        origin = _origin(request.url)  # once per request: this runs on every call
+        if origin[0] != "https" and not self.allow_insecure_http:
             raise InsecureTransportError(
-                f"refusing to send the subscription key to {request.url.scheme}://{request.url.host}: "
+                f"refusing to send the subscription key to {origin[0]}://{origin[1]}: "
                 "not https (pass allow_insecure_http=True only for loopback tests)"
             )
-        if self.origin is not None and _origin(request.url) != self.origin:
+        if self.origin is not None and origin != self.origin:
             raise InsecureTransportError(
-                f"refusing to send the subscription key to {_show(_origin(request.url))}: this client "
+                f"refusing to send the subscription key to {_show(origin)}: this client "
                 f"was made for {_show(self.origin)} (make a new client with the factory for another endpoint)"
             )
-        if request.headers.get("api-key") == PLACEHOLDER_API_KEY:
-            del request.headers["api-key"]
-        request.headers[self.header_name] = key.reveal()
-        request.extensions = {**request.extensions, _ORIGIN: _origin(request.url)}
+        headers = request.headers
+        if headers.get("api-key") == PLACEHOLDER_API_KEY:
+            del headers["api-key"]
+        headers[self.header_name] = key.reveal()
+        request.extensions = {**request.extensions, _ORIGIN: origin}
 
     def on_request(self, request: httpx2.Request) -> None:
         """Request hook: strip the key from a request whose origin differs from where it was attached."""
