@@ -42,6 +42,7 @@ from azure.identity import DefaultAzureCredential
 from azure.identity.aio import DefaultAzureCredential as AsyncDefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
+from openai.types.chat import ChatCompletionMessageParam
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
@@ -324,18 +325,17 @@ def chat_client(
     ``transport`` replaces the network (the client-overhead figure uses an ``httpx2.MockTransport``).
     """
     common: dict[str, Any] = {"azure_endpoint": target.gateway_url, "api_version": target.api_version}
-    http = {"transport": transport} if transport is not None else {}
     if contender is STATIC:
         value = source.get()
-        if http:
-            common["http_client"] = openai.DefaultHttpxClient(**http)
+        if transport is not None:
+            common["http_client"] = openai.DefaultHttpxClient(transport=transport)
         return openai.AzureOpenAI(api_key=value, default_headers={APIM_HEADER: value}, **common)
     if contender is APIMVAULT:
         assert source.provider is not None
-        if http:
-            common["http_client"] = openai.DefaultHttpxClient(**http)
+        if transport is not None:
+            common["http_client"] = openai.DefaultHttpxClient(transport=transport)
         return create_azure_openai(source.provider, **common)
-    http_client = openai.DefaultHttpxClient(event_hooks={"request": [_api_key_to_apim]}, **http)
+    http_client = openai.DefaultHttpxClient(event_hooks={"request": [_api_key_to_apim]}, transport=transport)
     return openai.AzureOpenAI(api_key=source.get, http_client=http_client, **common)
 
 
@@ -346,22 +346,23 @@ async def async_chat_client(
     transport: httpx2.AsyncBaseTransport | None = None,
 ) -> openai.AsyncAzureOpenAI:
     common: dict[str, Any] = {"azure_endpoint": target.gateway_url, "api_version": target.api_version}
-    http = {"transport": transport} if transport is not None else {}
     if contender is STATIC:
         value = await source.get()
-        if http:
-            common["http_client"] = openai.DefaultAsyncHttpxClient(**http)
+        if transport is not None:
+            common["http_client"] = openai.DefaultAsyncHttpxClient(transport=transport)
         return openai.AsyncAzureOpenAI(api_key=value, default_headers={APIM_HEADER: value}, **common)
     if contender is APIMVAULT:
         assert source.provider is not None
-        if http:
-            common["http_client"] = openai.DefaultAsyncHttpxClient(**http)
+        if transport is not None:
+            common["http_client"] = openai.DefaultAsyncHttpxClient(transport=transport)
         return create_async_azure_openai(source.provider, **common)
-    http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_aapi_key_to_apim]}, **http)
+    http_client = openai.DefaultAsyncHttpxClient(
+        event_hooks={"request": [_aapi_key_to_apim]}, transport=transport
+    )
     return openai.AsyncAzureOpenAI(api_key=source.get, http_client=http_client, **common)
 
 
-MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def chat_once(client: openai.AzureOpenAI, target: Target) -> None:

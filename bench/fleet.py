@@ -247,8 +247,9 @@ def simulate(config: FleetConfig) -> FleetResult:
                     schedule(pid, t)
                 continue
             # APIM refuses the key this process sends: the 401 path
-            assert held[pid] is not None
-            decision = cache.decide_forced(keys[held[pid]].version, t)
+            sent = held[pid]
+            assert sent is not None
+            decision = cache.decide_forced(keys[sent].version, t)
             if decision is ForceDecision.USE_NEWER:
                 pass  # re-sent with the newer key
             elif inflight[pid]:

@@ -126,7 +126,7 @@ class Row:
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _timed(what: str, fn: Callable[[], Any]) -> Any:
+def _timed(what: str, fn: Callable[..., Any]) -> Any:
     start = time.perf_counter()
     result = fn()
     shown = result

@@ -34,11 +34,13 @@ from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
 
 if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
     from apimvault import CachePolicy
 
 # The SDK-facing names (openai, azure-core, aiohttp) are imported inside run_stress: aiohttp reads
 # SSL_CERT_FILE once, at import, so main() must trust the stack's CA first (bench._stack.prepare_ca).
-MESSAGES = [{"role": "user", "content": "stress"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stress"}]
 POLICY_KWARGS: dict[str, float] = {
     "ttl": 10,
     "jitter": 0.2,
@@ -228,10 +230,10 @@ def run_stress(
             n += 1
             try:
                 if n % 2:
-                    chunks = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+                    chunks = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
                     assert any(c.choices and c.choices[0].delta.content for c in chunks)
                 else:
-                    assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices  # type: ignore[arg-type]
+                    assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
                 progress.record(index, None)
             except Exception as exc:
                 progress.record(index, exc)
@@ -257,14 +259,14 @@ def run_stress(
                     if n % 2:
                         stream = await aclient.chat.completions.create(
                             model=DEPLOYMENT,
-                            messages=MESSAGES,  # type: ignore[arg-type]
+                            messages=MESSAGES,
                             stream=True,
                         )
                         assert [c async for c in stream]
                     else:
                         assert (
                             await aclient.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
-                        ).choices  # type: ignore[arg-type]
+                        ).choices
                     progress.record(index, None)
                 except Exception as exc:
                     progress.record(index, exc)

@@ -138,7 +138,7 @@ def _multi_process(environ: dict[str, str], mode: str, seconds: float, procs: in
         if w.returncode != 0:
             raise RuntimeError(f"benchmark worker failed ({mode})")
         results.append(json.loads(out))
-    return sum(r["calls"] for r in results) / max(r["wall"] for r in results)
+    return float(sum(r["calls"] for r in results) / max(r["wall"] for r in results))
 
 
 def stack_throughput(environ: dict[str, str], seconds: float, procs: int = 4) -> StackThroughput:

@@ -7,21 +7,15 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .core_helpers import FakeClock
 
-class ManualClock:
-    """A clock that moves only when told to; ``advance`` doubles as the rotation's ``sleep``."""
+
+class ManualClock(FakeClock):
+    """The suite's :class:`~tests.core_helpers.FakeClock` at a fixed epoch (1000.0); ``advance`` doubles as
+    the rotation's ``sleep``."""
 
     def __init__(self, start: float = 1000.0) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += seconds
+        super().__init__(start)
 
 
 class Scheduler:

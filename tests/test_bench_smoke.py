@@ -213,7 +213,8 @@ def _fake_results(
         (name, FleetResult(config, {"start": 9, "steady": 5}, 0, 100, {}, 1.0, 2.0, 3.0, 10))
         for name, config in run.fleet_configs(sizes)
     ]
-    sync_rows, async_rows = [], []
+    sync_rows: list[run.Row] = []
+    async_rows: list[run.Row] = []
     expiry, outage = [], []
     for c, is_async in [(c, False) for c in CONTENDERS] + [(c, True) for c in CONTENDERS if c.has_async]:
         label = c.label + (" (async)" if is_async else "")
