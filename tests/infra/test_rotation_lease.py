@@ -143,7 +143,7 @@ def test_the_handler_takes_and_releases_the_lease_from_its_storage_setting(
         if step == "regenerate":  # mid-rotation: the secret's lease is taken
             seen.append(blob.get_blob_properties().lease.state)
 
-    env = {
+    env: dict[str, str | None] = {
         "APIMVAULT_SECRET_NAME": app.name,
         "APIMVAULT_APIM_SUBSCRIPTION_ID": app.resource_id,
         "AZURE_CLIENT_ID": azure.officer_identity.client_id,
