@@ -30,12 +30,23 @@ Clock = Callable[[], float]
 Seconds = float | timedelta
 
 
+def _finite(value: object, name: str, what: str) -> float:
+    """``value`` as a finite float, or :class:`ConfigurationError` (also for an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be {what}, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigurationError(f"{name} must be {what}, got an integer too large for a float") from None
+    if not math.isfinite(number):
+        raise ConfigurationError(f"{name} must be {what}, got {value!r}")
+    return number
+
+
 def _seconds(value: Seconds, name: str) -> float:
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number of seconds or a timedelta, got {value!r}")
-    return float(value)
+    return _finite(value, name, "a finite number of seconds or a timedelta")
 
 
 _DURATIONS = (
@@ -110,10 +121,7 @@ class CachePolicy:
                 raise ConfigurationError(f"{name} must not be negative, got {value}")
             object.__setattr__(self, name, value)
         for name in ("jitter", "backoff_multiplier"):
-            value = given[name]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, _finite(given[name], name, "a finite number"))
         if self.ttl <= 0:
             raise ConfigurationError("ttl must be positive")
         if not 0 <= self.jitter <= 0.5:
