@@ -1015,6 +1015,8 @@ def test_many_gets_on_one_connection(azure: LocalAzure, officer_credential: Defa
     """300 GETs through one SecretClient: each reaches the service once and answers the same version.
     (Throughput is measured in bench/, "stack throughput", not asserted here.)"""
     with SecretClient(azure.vault_url, officer_credential) as client:
+        client.get_secret(SECRET_NAME)  # the challenge round trip, if this process has not made it yet
+        before = azure.keyvault.counters["GetSecret"]
         versions = {client.get_secret(SECRET_NAME).properties.version for _ in range(300)}
     assert versions == {azure.keyvault.latest(SECRET_NAME).version}
-    assert azure.keyvault.counters["GetSecret"] == 301  # + the bodiless first request the challenge answers
+    assert azure.keyvault.counters["GetSecret"] - before == 300
