@@ -1020,3 +1020,22 @@ def test_many_gets_on_one_connection(azure: LocalAzure, officer_credential: Defa
         versions = {client.get_secret(SECRET_NAME).properties.version for _ in range(300)}
     assert versions == {azure.keyvault.latest(SECRET_NAME).version}
     assert azure.keyvault.counters["GetSecret"] - before == 300
+
+
+def test_secret_store_without_http_follows_the_clock() -> None:
+    """The store alone (no service, no HTTP): versions, soft delete, recovery, dates from the given clock."""
+    from apimvault.local.keyvault import KeyVaultError, SecretStore
+
+    now = [1_000.0]
+    store = SecretStore(lambda: now[0])
+    first = store.set("App-Key", "one", None, {"CredentialId": "primary"}, True, None, None)
+    now[0] = 2_000.0
+    second = store.set("app-key", "two", "text/plain", None, True, None, 5_000)
+    assert (first.created, second.created) == (1_000, 2_000) and second.previous_version == first.version
+    assert second.name == "App-Key" and store.get("APP-KEY", "").version == second.version
+    deleted = store.delete("app-key")
+    assert deleted.deleted_date == 2_000 and deleted.scheduled_purge_date == 2_000 + 90 * 86400
+    with pytest.raises(KeyVaultError) as caught:
+        store.set("app-key", "three", None, None, True, None, None)
+    assert caught.value.status == 409
+    assert store.recover("app-key").latest.version == second.version and store.all_deleted() == []

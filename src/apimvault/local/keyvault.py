@@ -104,7 +104,9 @@ __all__ = [
     "ROLE_ADMINISTRATOR",
     "ROLE_OFFICER",
     "ROLE_USER",
+    "KeyVaultError",
     "KeyVaultService",
+    "SecretStore",
     "SecretVersion",
 ]
 
