@@ -299,3 +299,25 @@ def test_readme_use_snippet_runs_and_leaks_nothing(azure: LocalAzure, index: int
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the snippet printed no answer"
     assert "Unclosed" not in done.stderr and "ResourceWarning" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_a_reader_that_left_gets_no_traceback(azure: LocalAzure) -> None:
+    """``apimvault rotate --json | head -1``: stdout closes early; the command ends without a traceback."""
+    app = new_rotating_app(azure)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes
+    try:
+        done = subprocess.run(
+            [APIMVAULT, "rotate", "--json", "--yes"],
+            env={**os.environ, **{k: v for k, v in app.env().items() if v is not None}},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    assert azure.keyvault.latest(app.name).tags["CredentialId"] == "secondary"  # the rotation itself happened
