@@ -45,6 +45,30 @@ def test_drill_with_a_wrong_deployment_stops_before_rotating(azure: LocalAzure) 
     assert azure.arm.counters.total() == 0  # ARM never asked to regenerate a key
 
 
+def test_drill_stops_rotating_when_traffic_breaks_mid_run(azure: LocalAzure) -> None:
+    """The preflight passes, then every chat fails (the gateway answers 404 from the 5th request on):
+    the drill stops rotating instead of regenerating every key, and fails."""
+    app = new_rotating_app(azure)
+    azure.gateway.faults.inject("status", operation="ChatCompletions", status=404, after=4)  # 4 = preflight
+    run = run_cli(["drill", "--json", "--duration", "5", "--concurrency", "8"], app.env())
+    assert run.code == 1, run.err
+    report = run.json()
+    assert report["ok"] is False and report["rotations_stopped"], report["verdict"]
+    assert "rotations stopped because the traffic was failing" in report["verdict"]
+    assert report["rotations"] < 3  # the last rotation (at 0.7 of the run) never came
+    assert len(azure.keyvault.versions(app.name)) == 1 + report["rotations"]
+
+
+def test_a_fault_can_start_after_n_requests() -> None:
+    from apimvault.local import Faults
+
+    faults = Faults()
+    faults.inject("status", operation="ChatCompletions", status=404, after=2, times=1)
+    taken = [len(faults.take("ChatCompletions")) for _ in range(4)]
+    assert taken == [0, 0, 1, 0]  # two pass, the third fails, then the counted fault is used up
+    assert faults.take("GetSecret") == [] and faults.active == []
+
+
 def test_failing_traffic_is_judged_broken_on_the_latest_requests() -> None:
     metrics = Metrics()
     for _ in range(BROKEN_WINDOW):
