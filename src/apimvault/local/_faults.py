@@ -38,7 +38,10 @@ class Fault:
     seconds: float = 0.0
     status: int = 503
     retry_after: int = 1
-    after: int = 0
+    after: dataclasses.InitVar[int] = 0  # not a field: the fault's JSON (admin API) keeps its shape
+
+    def __post_init__(self, after: int) -> None:
+        self.waiting: int = after  # matching requests still to let through
 
     def matches(self, operation: str) -> bool:
         return self.operation is None or self.operation == operation
@@ -59,9 +62,9 @@ def take_matching(rules: list[R], operation: str) -> list[R]:
     for rule in list(rules):
         if not rule.matches(operation):
             continue
-        waiting = getattr(rule, "after", 0)
+        waiting = getattr(rule, "waiting", 0)
         if waiting > 0:  # not yet: this request passes, and counts towards the start
-            rule.after = waiting - 1  # type: ignore[attr-defined]
+            rule.waiting = waiting - 1  # type: ignore[attr-defined]
             continue
         chosen.append(rule)
         if rule.times is not None:
