@@ -345,3 +345,13 @@ def test_a_reader_that_left_gets_no_traceback(azure: LocalAzure) -> None:
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.returncode == 1
     assert azure.keyvault.latest(app.name).tags["CredentialId"] == "secondary"  # the rotation itself happened
+
+
+def test_local_refuses_a_symlinked_lock(tmp_path: Path) -> None:
+    """The lock next to the env file is never followed through a symlink (exit 2, nothing started)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("keep\n")
+    (tmp_path / "local.env.lock").symlink_to(elsewhere)
+    run = run_cli(["local", "--env-file", str(tmp_path / "local.env")])
+    assert run.code == 2 and "cannot create the lock" in run.err
+    assert elsewhere.read_text() == "keep\n" and not (tmp_path / "local.env").exists()
