@@ -1015,11 +1015,11 @@ def test_many_gets_on_one_connection(azure: LocalAzure, officer_credential: Defa
     """300 GETs through one SecretClient: each reaches the service once and answers the same version.
     (Throughput is measured in bench/, "stack throughput", not asserted here.)"""
     with SecretClient(azure.vault_url, officer_credential) as client:
-        client.get_secret(SECRET_NAME)  # the challenge round trip, if this process has not made it yet
-        before = azure.keyvault.counters["GetSecret"]
         versions = {client.get_secret(SECRET_NAME).properties.version for _ in range(300)}
     assert versions == {azure.keyvault.latest(SECRET_NAME).version}
-    assert azure.keyvault.counters["GetSecret"] - before == 300
+    # Each GET once, plus the unauthenticated challenge request when this process has not cached the vault's
+    # challenge yet (the SDK caches it per vault for the whole process, so it depends on test order).
+    assert azure.keyvault.counters["GetSecret"] in (300, 301)
 
 
 def test_secret_store_without_http_follows_the_clock() -> None:
