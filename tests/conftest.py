@@ -16,6 +16,9 @@ from apimvault.local import LocalAzure, prepare_ca
 # aiohttp (azure-core's async transport) builds its default SSL context from SSL_CERT_FILE once, when it
 # is first imported. So the session's CA exists, and the variable points at it, before anything imports it.
 SESSION_CA = prepare_ca(tempfile.mkdtemp(prefix="apimvault-tests-"))
+# Imported now, aiohttp keeps trusting the session CA even when a test (an in-process `apimvault local`)
+# points SSL_CERT_FILE at another stack's CA for a while, whatever order the tests run in.
+import aiohttp  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -45,6 +45,30 @@ def test_drill_with_a_wrong_deployment_stops_before_rotating(azure: LocalAzure) 
     assert azure.arm.counters.total() == 0  # ARM never asked to regenerate a key
 
 
+def test_drill_stops_rotating_when_traffic_breaks_mid_run(azure: LocalAzure) -> None:
+    """The preflight passes, then every chat fails (the gateway answers 404 from the 5th request on):
+    the drill stops rotating instead of regenerating every key, and fails."""
+    app = new_rotating_app(azure)
+    azure.gateway.faults.inject("status", operation="ChatCompletions", status=404, after=4)  # 4 = preflight
+    run = run_cli(["drill", "--json", "--duration", "5", "--concurrency", "8"], app.env())
+    assert run.code == 1, run.err
+    report = run.json()
+    assert report["ok"] is False and report["rotations_stopped"], report["verdict"]
+    assert "rotations stopped because the traffic was failing" in report["verdict"]
+    assert report["rotations"] < 3  # the last rotation (at 0.7 of the run) never came
+    assert len(azure.keyvault.versions(app.name)) == 1 + report["rotations"]
+
+
+def test_a_fault_can_start_after_n_requests() -> None:
+    from apimvault.local import Faults
+
+    faults = Faults()
+    faults.inject("status", operation="ChatCompletions", status=404, after=2, times=1)
+    taken = [len(faults.take("ChatCompletions")) for _ in range(4)]
+    assert taken == [0, 0, 1, 0]  # two pass, the third fails, then the counted fault is used up
+    assert faults.take("GetSecret") == [] and faults.active == []
+
+
 def test_failing_traffic_is_judged_broken_on_the_latest_requests() -> None:
     metrics = Metrics()
     for _ in range(BROKEN_WINDOW):
@@ -299,3 +323,36 @@ def test_readme_use_snippet_runs_and_leaks_nothing(azure: LocalAzure, index: int
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the snippet printed no answer"
     assert "Unclosed" not in done.stderr and "ResourceWarning" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_a_reader_that_left_gets_no_traceback(azure: LocalAzure) -> None:
+    """``apimvault rotate --json | head -1``: stdout closes early; the command ends without a traceback."""
+    app = new_rotating_app(azure)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes
+    try:
+        done = subprocess.run(
+            [APIMVAULT, "rotate", "--json", "--yes"],
+            env={**os.environ, **{k: v for k, v in app.env().items() if v is not None}},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    tags = azure.keyvault.latest(app.name).tags
+    assert tags is not None and tags["CredentialId"] == "secondary"  # the rotation itself happened
+
+
+def test_local_refuses_a_symlinked_lock(tmp_path: Path) -> None:
+    """The lock next to the env file is never followed through a symlink (exit 2, nothing started)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("keep\n")
+    (tmp_path / "local.env.lock").symlink_to(elsewhere)
+    run = run_cli(["local", "--env-file", str(tmp_path / "local.env")])
+    assert run.code == 2 and "cannot create the lock" in run.err
+    assert elsewhere.read_text() == "keep\n" and not (tmp_path / "local.env").exists()

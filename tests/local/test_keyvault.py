@@ -651,6 +651,25 @@ def test_forged_token_is_unauthorized(raw: Raw, azure: LocalAzure, spec: SpecVal
         forged.get_secret(SECRET_NAME)
 
 
+def test_secret_store_without_http_follows_the_clock() -> None:
+    """The store alone (no service, no HTTP): versions, soft delete, recovery, dates from the given clock."""
+    from apimvault.local.keyvault import KeyVaultError, SecretStore
+
+    now = [1_000.0]
+    store = SecretStore(lambda: now[0])
+    first = store.set("App-Key", "one", None, {"CredentialId": "primary"}, True, None, None)
+    now[0] = 2_000.0
+    second = store.set("app-key", "two", "text/plain", None, True, None, 5_000)
+    assert (first.created, second.created) == (1_000, 2_000) and second.previous_version == first.version
+    assert second.name == "App-Key" and store.get("APP-KEY", "").version == second.version
+    deleted = store.delete("app-key")
+    assert deleted.deleted_date == 2_000 and deleted.scheduled_purge_date == 2_000 + 90 * 86400
+    with pytest.raises(KeyVaultError) as caught:
+        store.set("app-key", "three", None, None, True, None, None)
+    assert caught.value.status == 409
+    assert store.recover("app-key").latest.version == second.version and store.all_deleted() == []
+
+
 def test_foreign_issuer_is_unauthorized(raw: Raw, azure: LocalAzure) -> None:
     token = forged_token(
         azure, azure.officer_identity, iss="https://sts.windows.net/00000000-0000-0000-0000-000000000000/"

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
 from ..exceptions import ApimVaultError
 from .config import require_live_stack
-from .output import EXIT_CODES, EXIT_CONFIG, EXIT_INTERRUPTED, Output, fail
+from .output import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, Output, fail
 from .parser import build_parser
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
@@ -64,6 +65,15 @@ def _verbose_logging(verbose: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``apimvault`` command; returns the exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `apimvault ... | head`: the reader left; no traceback about it
+        with contextlib.suppress(Exception):  # and none when the interpreter flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)

@@ -84,26 +84,41 @@ def _forbidden_scope(exc: BaseException) -> str | None:
     return None
 
 
-def cmd_check(args: argparse.Namespace, out: Output) -> int:
-    steps: list[_Step] = []
-    report: dict[str, Any] = {}
+class _Check:
+    """One run of ``apimvault check``: the steps taken so far, the report, and what later steps need."""
 
-    def record(step: _Step) -> None:
-        steps.append(step)
+    def __init__(self, args: argparse.Namespace, out: Output, resources: contextlib.ExitStack) -> None:
+        self.args = args
+        self.out = out
+        self.resources = resources  # closed when the run ends, whatever step it stopped at
+        self.steps: list[_Step] = []
+        self.report: dict[str, Any] = {}
+        self.vault_url = self.secret_name = self.endpoint = self.deployment = ""
+        self.credential: Any = None
+        self.identity: dict[str, str] = {}
+        self.provider: Any = None
+        self.key: Any = None
+        self.token_scope: str | None = None
+
+    def record(self, step: _Step) -> None:
+        self.steps.append(step)
         mark = "ok  " if step.ok else "FAIL"
-        out.line(f"{mark} {step.name:<10} {step.detail}")
+        self.out.line(f"{mark} {step.name:<10} {step.detail}")
 
-    def finish(code: int) -> int:
+    def finish(self, code: int) -> int:
         ok = code == EXIT_OK
-        out.document({"ok": ok, "exit_code": code, "steps": [dataclasses.asdict(s) for s in steps], **report})
+        steps = [dataclasses.asdict(s) for s in self.steps]
+        self.out.document({"ok": ok, "exit_code": code, "steps": steps, **self.report})
         if ok:
-            out.line("OK: the whole path works")
+            self.out.line("OK: the whole path works")
         else:
-            out.line(f"FAILED at {steps[-1].name} (exit {code}: {EXIT_CODES[code]})")
+            self.out.line(f"FAILED at {self.steps[-1].name} (exit {code}: {EXIT_CODES[code]})")
         return code
 
-    out.line("apimvault check")
-    # 1. configuration ------------------------------------------------------------------------------
+
+def _config_step(check: _Check) -> int | None:
+    """Every variable set and valid (an https gateway too) before any network step, all problems at once."""
+    args = check.args
     vault_var = vault_url_variable()
     vault_url, secret_name = env_var(vault_var), env_var("APIMVAULT_SECRET_NAME")
     endpoint = args.endpoint or env_var("AZURE_OPENAI_ENDPOINT")
@@ -117,7 +132,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
             ("OPENAI_API_VERSION", env_var("OPENAI_API_VERSION")),
         )
     )
-    report["config"] = {
+    check.report["config"] = {
         "vault_url": vault_url,
         "secret_name": secret_name,
         "endpoint": endpoint,
@@ -125,10 +140,9 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         "api_version": env_var("OPENAI_API_VERSION"),
     }
     if missing:
-        record(_Step("config", False, f"not set: {', '.join(missing)}"))
-        return finish(EXIT_CONFIG)
+        check.record(_Step("config", False, f"not set: {', '.join(missing)}"))
+        return EXIT_CONFIG
     assert vault_url and secret_name and endpoint and deployment
-    # Every value is checked before the first network step, so one run lists every problem.
     from .._validation import validate_endpoint, validate_secret_name, validate_vault_url
 
     given_url: str = vault_url
@@ -144,156 +158,194 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         except ConfigurationError as exc:
             problems.append(str(exc))
     if problems:
-        record(_Step("config", False, "; ".join(problems)))
-        return finish(EXIT_CONFIG)
-    vault_url = validate_vault_url(vault_url)
-    record(
+        check.record(_Step("config", False, "; ".join(problems)))
+        return EXIT_CONFIG
+    check.vault_url = validate_vault_url(vault_url)
+    check.secret_name, check.endpoint, check.deployment = secret_name, endpoint, deployment
+    check.record(
         _Step(
             "config",
             True,
-            f"secret {vault_url}/secrets/{secret_name}, APIM {endpoint}, deployment {deployment}",
+            f"secret {check.vault_url}/secrets/{secret_name}, APIM {endpoint}, deployment {deployment}",
         )
     )
+    return None
 
-    # 2. credential ---------------------------------------------------------------------------------
+
+def _credential_step(check: _Check) -> int | None:
+    """Which credential of DefaultAzureCredential gets a Key Vault token, for which identity (claims only)."""
     from azure.core.exceptions import ClientAuthenticationError
     from azure.identity import DefaultAzureCredential
 
-    credential = DefaultAzureCredential()
-    try:
-        chain = [type(c).__name__ for c in getattr(credential, "credentials", ())]
-        scope = vault_scope(vault_url)
-        with capture_identity_log() as log:
-            try:
-                token = credential.get_token(scope).token
-            except ClientAuthenticationError as exc:
-                lines = [line.strip() for line in str(exc.message).splitlines() if line.strip()][:10]
-                record(
-                    _Step(
-                        "credential",
-                        False,
-                        "DefaultAzureCredential got no token for Key Vault: " + " | ".join(lines),
-                        {"chain": chain, "token_credentials": env_var("AZURE_TOKEN_CREDENTIALS")},
-                    )
+    credential = check.credential = DefaultAzureCredential()
+    check.resources.callback(credential.close)
+    chain = [type(c).__name__ for c in getattr(credential, "credentials", ())]
+    with capture_identity_log() as log:
+        try:
+            token = credential.get_token(vault_scope(check.vault_url)).token
+        except ClientAuthenticationError as exc:
+            lines = [line.strip() for line in str(exc.message).splitlines() if line.strip()][:10]
+            check.record(
+                _Step(
+                    "credential",
+                    False,
+                    "DefaultAzureCredential got no token for Key Vault: " + " | ".join(lines),
+                    {"chain": chain, "token_credentials": env_var("AZURE_TOKEN_CREDENTIALS")},
                 )
-                return finish(EXIT_CREDENTIAL)
-        used = None
-        for message in log.messages:
-            found = re.search(r"acquired a token from (\w+)", message)
-            if found:
-                used = found.group(1)
-        if used is None:
-            successful = getattr(credential, "_successful_credential", None)
-            used = type(successful).__name__ if successful is not None else "unknown"
-        identity = identity_of(jwt_claims(token))
-        report["credential"] = {"chain": chain, "used": used, "identity": identity}
+            )
+            return EXIT_CREDENTIAL
+    used = None
+    for message in log.messages:
+        found = re.search(r"acquired a token from (\w+)", message)
+        if found:
+            used = found.group(1)
+    if used is None:
+        successful = getattr(credential, "_successful_credential", None)
+        used = type(successful).__name__ if successful is not None else "unknown"
+    identity = check.identity = identity_of(jwt_claims(token))
+    check.report["credential"] = {"chain": chain, "used": used, "identity": identity}
+    check.record(
+        _Step(
+            "credential",
+            True,
+            f"DefaultAzureCredential -> {used} (chain: {', '.join(chain) or '?'}); identity "
+            f"{describe_identity(identity)}",
+            {"used": used, "chain": chain, "identity": identity},
+        )
+    )
+    return None
+
+
+def _secret_step(check: _Check) -> int | None:
+    """Key Vault reachable, the identity allowed to read the secret, the secret usable (three steps)."""
+    from .. import CachePolicy, SubscriptionKeyProvider
+
+    vault_url, secret_name, identity = check.vault_url, check.secret_name, check.identity
+    provider = check.provider = SubscriptionKeyProvider(
+        vault_url, secret_name, credential=check.credential, policy=CachePolicy(), header_name=header_name()
+    )
+    check.resources.callback(provider.close)
+    record = check.record
+    try:
+        key = check.key = provider.get_key()
+    except VaultUnavailableError as exc:
+        record(_Step("vault", False, f"Key Vault unreachable: {exc}"))
+        return EXIT_VAULT_UNREACHABLE
+    except CredentialError as exc:
+        record(_Step("vault", True, f"{vault_url} answered"))
+        record(_Step("access", False, f"Key Vault refused the token: {exc}"))
+        return EXIT_CREDENTIAL
+    except AccessDeniedError as exc:
+        record(_Step("vault", True, f"{vault_url} answered"))
+        scope_id = _forbidden_scope(exc) or f"<vault resource id>/secrets/{secret_name}"
+        principal = identity.get("oid", "<object id>")
         record(
             _Step(
-                "credential",
-                True,
-                f"DefaultAzureCredential -> {used} (chain: {', '.join(chain) or '?'}); identity "
-                f"{describe_identity(identity)}",
-                {"used": used, "chain": chain, "identity": identity},
+                "access",
+                False,
+                f"403: identity {describe_identity(identity)} may not read secret {secret_name}. "
+                f"Grant it the role 'Key Vault Secrets User' on scope '{scope_id}': "
+                "az role assignment create --role 'Key Vault Secrets User' "
+                f"--assignee-object-id {principal} --assignee-principal-type ServicePrincipal "
+                f"--scope '{scope_id}'. Or the secret name is wrong: a role scoped to one secret "
+                "makes Key Vault answer 403 for any other name, so check "
+                f"APIMVAULT_SECRET_NAME={secret_name}",
+                {"role": "Key Vault Secrets User", "scope": scope_id, "principal": principal},
             )
         )
-
-        # 3. vault, access, secret ------------------------------------------------------------------
-        from .. import CachePolicy, SubscriptionKeyProvider
-
-        provider = SubscriptionKeyProvider(
-            vault_url, secret_name, credential=credential, policy=CachePolicy(), header_name=header_name()
+        return EXIT_ACCESS_DENIED
+    except SecretNotFoundError as exc:
+        record(_Step("vault", True, f"{vault_url} answered"))
+        record(_Step("access", True, "no 403"))
+        record(_Step("secret", False, str(exc)))
+        return EXIT_SECRET_MISSING
+    except KeyUnavailableError as exc:
+        code = exit_code_for(exc)
+        record(_Step("vault", True, f"{vault_url} answered"))
+        if code == EXIT_SECRET_UNUSABLE:
+            record(_Step("access", True, "the identity may read the secret"))
+            record(_Step("secret", False, str(exc)))
+        else:
+            record(_Step("secret", False, f"{type(exc).__name__}: {exc}"))
+        return code
+    now = time.time()
+    record(_Step("vault", True, f"{vault_url} answered"))
+    record(_Step("access", True, "the identity may read the secret (Key Vault Secrets User or more)"))
+    secret_info = {
+        "version": key.version,
+        "fingerprint": key.fingerprint,
+        "credential_id": key.credential_id,
+        "enabled": True,
+        "created_on": _iso(key.created_on),
+        "age_s": round(now - key.created_on, 1) if key.created_on else None,
+        "expires_on": _iso(key.expires_on),
+        "tags": {k: v for k, v in key.tags.items()},
+    }
+    check.report["secret"] = secret_info
+    expiry = "no expiry"
+    if key.expires_on is not None:
+        days = (key.expires_on - now) / 86400
+        expiry = f"expires in {days:.1f} days" + (" (rotation due: under 30 days)" if days < 30 else "")
+    warn = "" if key.credential_id else "; WARNING: no CredentialId tag, `apimvault rotate` needs it"
+    record(
+        _Step(
+            "secret",
+            True,
+            f"enabled, version {key.version}, CredentialId={key.credential_id}, fingerprint "
+            f"{key.fingerprint}, age {_age(now - key.created_on) if key.created_on else '?'}, "
+            f"{expiry}{warn}",
+            secret_info,
         )
-        try:
+    )
+    return None
+
+
+def _token_step(check: _Check) -> int | None:
+    """With ``APIMVAULT_TOKEN_SCOPE``: the Entra token a key-plus-token client would send (claims only)."""
+    check.token_scope = env_var(check_token.ENV_TOKEN_SCOPE)
+    if not check.token_scope:
+        return None
+    used = str(check.report.get("credential", {}).get("used", "unknown"))
+    ok = check_token.token_step(check.credential, check.token_scope, used, check.record, _Step, check.report)
+    return None if ok else EXIT_CREDENTIAL
+
+
+def _apim_step(check: _Check) -> int | None:
+    """APIM accepts the key (and the token, with ``APIMVAULT_TOKEN_SCOPE``): a 1-token chat."""
+    return _check_apim(
+        check.provider,
+        check.key,
+        check.endpoint,
+        check.deployment,
+        check.record,
+        check.report,
+        check.token_scope,
+    )
+
+
+STEPS: tuple[Callable[[_Check], int | None], ...] = (
+    _config_step,
+    _credential_step,
+    _secret_step,
+    _token_step,
+    _apim_step,
+)
+"""The links of the request path, in order; a step returns an exit code to stop at, or None to go on."""
+
+
+def cmd_check(args: argparse.Namespace, out: Output) -> int:
+    out.line("apimvault check")
+    with contextlib.ExitStack() as resources:
+        check = _Check(args, out, resources)
+        for step in STEPS:
             try:
-                key = provider.get_key()
-            except VaultUnavailableError as exc:
-                record(_Step("vault", False, f"Key Vault unreachable: {exc}"))
-                return finish(EXIT_VAULT_UNREACHABLE)
-            except CredentialError as exc:
-                record(_Step("vault", True, f"{vault_url} answered"))
-                record(_Step("access", False, f"Key Vault refused the token: {exc}"))
-                return finish(EXIT_CREDENTIAL)
-            except AccessDeniedError as exc:
-                record(_Step("vault", True, f"{vault_url} answered"))
-                scope_id = _forbidden_scope(exc) or f"<vault resource id>/secrets/{secret_name}"
-                principal = identity.get("oid", "<object id>")
-                record(
-                    _Step(
-                        "access",
-                        False,
-                        f"403: identity {describe_identity(identity)} may not read secret {secret_name}. "
-                        f"Grant it the role 'Key Vault Secrets User' on scope '{scope_id}': "
-                        "az role assignment create --role 'Key Vault Secrets User' "
-                        f"--assignee-object-id {principal} --assignee-principal-type ServicePrincipal "
-                        f"--scope '{scope_id}'. Or the secret name is wrong: a role scoped to one secret "
-                        "makes Key Vault answer 403 for any other name, so check "
-                        f"APIMVAULT_SECRET_NAME={secret_name}",
-                        {"role": "Key Vault Secrets User", "scope": scope_id, "principal": principal},
-                    )
-                )
-                return finish(EXIT_ACCESS_DENIED)
-            except SecretNotFoundError as exc:
-                record(_Step("vault", True, f"{vault_url} answered"))
-                record(_Step("access", True, "no 403"))
-                record(_Step("secret", False, str(exc)))
-                return finish(EXIT_SECRET_MISSING)
-            except KeyUnavailableError as exc:
-                code = exit_code_for(exc)
-                record(_Step("vault", True, f"{vault_url} answered"))
-                if code == EXIT_SECRET_UNUSABLE:
-                    record(_Step("access", True, "the identity may read the secret"))
-                    record(_Step("secret", False, str(exc)))
-                else:
-                    record(_Step("secret", False, f"{type(exc).__name__}: {exc}"))
-                return finish(code)
-            now = time.time()
-            record(_Step("vault", True, f"{vault_url} answered"))
-            record(_Step("access", True, "the identity may read the secret (Key Vault Secrets User or more)"))
-            secret_info = {
-                "version": key.version,
-                "fingerprint": key.fingerprint,
-                "credential_id": key.credential_id,
-                "enabled": True,
-                "created_on": _iso(key.created_on),
-                "age_s": round(now - key.created_on, 1) if key.created_on else None,
-                "expires_on": _iso(key.expires_on),
-                "tags": {k: v for k, v in key.tags.items()},
-            }
-            report["secret"] = secret_info
-            expiry = "no expiry"
-            if key.expires_on is not None:
-                days = (key.expires_on - now) / 86400
-                expiry = f"expires in {days:.1f} days" + (
-                    " (rotation due: under 30 days)" if days < 30 else ""
-                )
-            warn = "" if key.credential_id else "; WARNING: no CredentialId tag, `apimvault rotate` needs it"
-            record(
-                _Step(
-                    "secret",
-                    True,
-                    f"enabled, version {key.version}, CredentialId={key.credential_id}, fingerprint "
-                    f"{key.fingerprint}, age {_age(now - key.created_on) if key.created_on else '?'}, "
-                    f"{expiry}{warn}",
-                    secret_info,
-                )
-            )
-
-            # 3b. with APIMVAULT_TOKEN_SCOPE: the Entra token for the gateway's API (key plus token) ------
-            token_scope = env_var(check_token.ENV_TOKEN_SCOPE)
-            if token_scope and not check_token.token_step(
-                credential, token_scope, used, record, _Step, report
-            ):
-                return finish(EXIT_CREDENTIAL)
-
-            # 4. APIM accepts the key ---------------------------------------------------------------
-            return finish(_check_apim(provider, key, endpoint, deployment, record, report, token_scope))
-        finally:
-            provider.close()
-    except ConfigurationError as exc:
-        record(_Step("config", False, str(exc)))
-        return finish(EXIT_CONFIG)
-    finally:
-        credential.close()
+                code = step(check)
+            except ConfigurationError as exc:  # e.g. a header name the core refuses
+                check.record(_Step("config", False, str(exc)))
+                code = EXIT_CONFIG
+            if code is not None:
+                return check.finish(code)
+        return check.finish(EXIT_OK)
 
 
 def _check_apim(

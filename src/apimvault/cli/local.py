@@ -42,7 +42,10 @@ def _env_file_lock(env_file: Path) -> Iterator[None]:
         yield
         return
     lock_path = env_file.with_name(env_file.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:  # a symlink there (never followed), a read-only directory, ...
+        raise ConfigurationError(f"cannot create the lock {lock_path}: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -128,6 +128,8 @@ class Output:
 
 
 def fail(out: Output, exc: BaseException, doc: dict[str, Any] | None = None) -> int:
+    if isinstance(exc, BrokenPipeError):  # stdout is gone: main() ends quietly
+        raise exc
     code = exit_code_for(exc)
     message = f"{type(exc).__name__}: {exc}"
     out.error(message)

@@ -28,6 +28,8 @@ class Fault:
       * ``throttle``: answer 429 with ``Retry-After: retry_after``;
       * ``reset``: drop the connection without a complete response;
       * ``hang``: hold the request for ``seconds`` (default 3600) without answering, so clients time out.
+
+    ``after=N`` lets the next ``N`` matching requests through untouched first (a fault that begins mid-run).
     """
 
     kind: FaultKind
@@ -36,6 +38,10 @@ class Fault:
     seconds: float = 0.0
     status: int = 503
     retry_after: int = 1
+    after: dataclasses.InitVar[int] = 0  # not a field: the fault's JSON (admin API) keeps its shape
+
+    def __post_init__(self, after: int) -> None:
+        self.waiting: int = after  # matching requests still to let through
 
     def matches(self, operation: str) -> bool:
         return self.operation is None or self.operation == operation
@@ -55,6 +61,10 @@ def take_matching(rules: list[R], operation: str) -> list[R]:
     chosen: list[R] = []
     for rule in list(rules):
         if not rule.matches(operation):
+            continue
+        waiting = getattr(rule, "waiting", 0)
+        if waiting > 0:  # not yet: this request passes, and counts towards the start
+            rule.waiting = waiting - 1  # type: ignore[attr-defined]
             continue
         chosen.append(rule)
         if rule.times is not None:
@@ -85,8 +95,9 @@ class Faults:
         seconds: float = 0.0,
         status: int = 503,
         retry_after: int = 1,
+        after: int = 0,
     ) -> Fault:
-        return self.add(Fault(kind, operation, times, seconds, status, retry_after))
+        return self.add(Fault(kind, operation, times, seconds, status, retry_after, after))
 
     def fail_next(self, n: int, *, status: int = 503, operation: str | None = None) -> Fault:
         """Fail the next ``n`` matching requests with ``status``, then recover."""

@@ -1,11 +1,31 @@
-"""The vault's records: secret versions (immutable) and secrets with their versions and deletion state."""
+"""The vault's records and a pure store of them: secret versions, secrets, soft deletion; no HTTP."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import uuid
 from typing import Any
 
-from ._kv_wire import RECOVERABLE_DAYS, RECOVERY_LEVEL
+from ._kv_wire import (
+    _NAME_RE,
+    MAX_TAGS,
+    MAX_VALUE_BYTES,
+    MSG_BAD_NAME,
+    MSG_DELETED_BUT_RECOVERABLE,
+    MSG_DELETED_NOT_FOUND,
+    MSG_DISABLED,
+    MSG_EXISTS,
+    MSG_NOT_FOUND,
+    MSG_PROPERTY_INVALID,
+    MSG_TOO_LARGE,
+    MSG_TOO_MANY_TAGS,
+    RECOVERABLE_DAYS,
+    RECOVERY_LEVEL,
+    KeyVaultError,
+    _bad,
+)
+from ._tokens import Clock
 
 # ------------------------------------------------------------------------------------------------ state
 
@@ -94,3 +114,165 @@ class _Secret:
             "deletedDate": self.deleted_date,
             "scheduledPurgeDate": self.scheduled_purge_date,
         }
+
+
+# ------------------------------------------------------------------------------------------------ store
+
+
+class SecretStore:
+    """The vault's secrets, live and soft-deleted: state and Key Vault's rules, no HTTP, an injected clock.
+
+    Thread-safe. A request Key Vault would refuse raises :class:`KeyVaultError` with the service's status,
+    code and message; the service turns that into the wire answer.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._secrets: dict[str, _Secret] = {}  # lower-cased name -> live secret
+        self._deleted: dict[str, _Secret] = {}  # lower-cased name -> soft-deleted secret
+
+    def set(
+        self,
+        name: str,
+        value: str,
+        content_type: str | None,
+        tags: dict[str, str] | None,
+        enabled: bool,
+        not_before: int | None,
+        expires: int | None,
+    ) -> SecretVersion:
+        """Add a new version of ``name`` (creating the secret)."""
+        if not _NAME_RE.match(name):
+            raise _bad(MSG_BAD_NAME.format(name=name))
+        if not isinstance(value, str):
+            raise _bad(MSG_PROPERTY_INVALID.format(name="value"))
+        if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
+            raise _bad(MSG_TOO_LARGE, "SecretTooLarge")
+        if tags is not None and len(tags) > MAX_TAGS:
+            raise _bad(MSG_TOO_MANY_TAGS)
+        key = name.lower()
+        with self._lock:
+            if key in self._deleted:
+                raise KeyVaultError(
+                    409,
+                    "Conflict",
+                    MSG_DELETED_BUT_RECOVERABLE.format(name=name),
+                    "ObjectIsDeletedButRecoverable",
+                )
+            secret = self._secrets.get(key)
+            if secret is None:
+                secret = self._secrets[key] = _Secret(name)
+            now = int(self.clock())
+            version = SecretVersion(
+                name=secret.name,
+                version=uuid.uuid4().hex,
+                value=value,
+                content_type=content_type,
+                tags=None if tags is None else dict(tags),
+                enabled=enabled,
+                not_before=not_before,
+                expires=expires,
+                created=now,
+                updated=now,
+                previous_version=secret.latest.version if secret.versions else None,
+            )
+            secret.add(version)
+            return version
+
+    def get(self, name: str, version: str) -> SecretVersion:
+        """A version (``""``: the latest) of a live secret, refused when disabled."""
+        with self._lock:
+            secret = self._secrets.get(name.lower())
+            found = None if secret is None else secret.find(version)
+        if found is None:
+            shown = f"{name}/{version}" if version else name
+            raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=shown))
+        if not found.enabled:
+            raise KeyVaultError(403, "Forbidden", MSG_DISABLED, "SecretDisabled")
+        return found
+
+    def update(self, name: str, version: str, changes: dict[str, Any]) -> SecretVersion:
+        """Replace a version's attributes, content type or tags (never its value)."""
+        with self._lock:
+            secret = self._secrets.get(name.lower())
+            found = None if secret is None else secret.find(version)
+            if secret is None or found is None:
+                shown = f"{name}/{version}" if version else name
+                raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=shown))
+            if "tags" in changes and changes["tags"] is not None and len(changes["tags"]) > MAX_TAGS:
+                raise _bad(MSG_TOO_MANY_TAGS)
+            updated = dataclasses.replace(found, **changes, updated=int(self.clock()))
+            secret.replace(updated)
+            return updated
+
+    def live(self, name: str) -> _Secret | None:
+        with self._lock:
+            return self._secrets.get(name.lower())
+
+    def all_live(self) -> list[_Secret]:
+        """Every live secret, by lower-cased name."""
+        with self._lock:
+            return [self._secrets[k] for k in sorted(self._secrets)]
+
+    def all_deleted(self) -> list[_Secret]:
+        """Every soft-deleted secret, by lower-cased name."""
+        with self._lock:
+            return [self._deleted[k] for k in sorted(self._deleted)]
+
+    def delete(self, name: str) -> _Secret:
+        """Soft-delete: the secret moves to the deleted ones for ``RECOVERABLE_DAYS``."""
+        with self._lock:
+            secret = self._secrets.pop(name.lower(), None)
+            if secret is None:
+                raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=name))
+            now = int(self.clock())
+            secret.deleted_date = now
+            secret.scheduled_purge_date = now + RECOVERABLE_DAYS * 86400
+            self._deleted[name.lower()] = secret
+            return secret
+
+    def deleted(self, name: str) -> _Secret:
+        with self._lock:
+            secret = self._deleted.get(name.lower())
+        if secret is None:
+            raise KeyVaultError(404, "SecretNotFound", MSG_DELETED_NOT_FOUND.format(name=name))
+        return secret
+
+    def purge(self, name: str) -> None:
+        with self._lock:
+            if self._deleted.pop(name.lower(), None) is None:
+                raise KeyVaultError(404, "SecretNotFound", MSG_DELETED_NOT_FOUND.format(name=name))
+
+    def recover(self, name: str) -> _Secret:
+        with self._lock:
+            secret = self._deleted.pop(name.lower(), None)
+            if secret is None:
+                raise KeyVaultError(404, "SecretNotFound", MSG_DELETED_NOT_FOUND.format(name=name))
+            secret.deleted_date = secret.scheduled_purge_date = None
+            self._secrets[name.lower()] = secret
+            return secret
+
+    def export(self, name: str) -> dict[str, Any]:
+        """A live secret's whole state (every version), for a backup."""
+        with self._lock:
+            secret = self._secrets.get(name.lower())
+            if secret is None:
+                raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=name))
+            return {"name": secret.name, "versions": [dataclasses.asdict(v) for v in secret.versions]}
+
+    def restore(self, secret: _Secret) -> _Secret:
+        """Put a backed-up secret back; refused while one of that name lives or is soft-deleted."""
+        key = secret.name.lower()
+        with self._lock:
+            if key in self._deleted:
+                raise KeyVaultError(
+                    409,
+                    "Conflict",
+                    MSG_DELETED_BUT_RECOVERABLE.format(name=secret.name),
+                    "ObjectIsDeletedButRecoverable",
+                )
+            if key in self._secrets:
+                raise KeyVaultError(409, "Conflict", MSG_EXISTS.format(name=secret.name))
+            self._secrets[key] = secret
+        return secret

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import binascii
 import bisect
-import dataclasses
 import json
 import secrets
 import threading
@@ -60,7 +59,7 @@ from ._kv_parsing import (
     _route,
     _skiptoken,
 )
-from ._kv_store import SecretVersion, _Secret
+from ._kv_store import SecretStore, SecretVersion, _Secret
 from ._kv_wire import (
     _CLIENT_REQUEST_ID_RE,
     _HOST_RE,
@@ -72,32 +71,22 @@ from ._kv_wire import (
     _WITH_BODY,
     ACTIONS,
     MAX_BODY_BYTES,
-    MAX_TAGS,
-    MAX_VALUE_BYTES,
     MSG_API_VERSION,
     MSG_BAD_BACKUP,
     MSG_BAD_NAME,
     MSG_BAD_SIGNATURE,
     MSG_BODY_TOO_LARGE,
     MSG_CONTENT_TYPE,
-    MSG_DELETED_BUT_RECOVERABLE,
-    MSG_DELETED_NOT_FOUND,
-    MSG_DISABLED,
-    MSG_EXISTS,
     MSG_EXPIRED,
     MSG_FORBIDDEN_RBAC,
     MSG_INVALID_AUDIENCE,
     MSG_INVALID_ISSUER,
     MSG_MISSING_TOKEN,
     MSG_NO_ROUTE,
-    MSG_NOT_FOUND,
     MSG_NOT_JSON,
     MSG_NOT_OBJECT,
     MSG_PROPERTY_INVALID,
-    MSG_TOO_LARGE,
-    MSG_TOO_MANY_TAGS,
     MSG_VALUE_REQUIRED,
-    RECOVERABLE_DAYS,
     ROLE_ADMINISTRATOR,
     ROLE_OFFICER,
     ROLE_USER,
@@ -115,7 +104,9 @@ __all__ = [
     "ROLE_ADMINISTRATOR",
     "ROLE_OFFICER",
     "ROLE_USER",
+    "KeyVaultError",
     "KeyVaultService",
+    "SecretStore",
     "SecretVersion",
 ]
 
@@ -132,9 +123,8 @@ class KeyVaultService(Service):
         super().__init__()
         self.tokens = tokens
         self.clock = clock
-        self._lock = threading.Lock()
-        self._secrets: dict[str, _Secret] = {}  # lower-cased name -> live secret
-        self._deleted: dict[str, _Secret] = {}  # lower-cased name -> soft-deleted secret
+        self._lock = threading.Lock()  # guards the role assignments and the token cache
+        self.store = SecretStore(clock)
         self._assignments: dict[str, set[tuple[str, str | None]]] = {}  # oid -> {(role, secret-or-None)}
         self._token_cache: dict[str, dict[str, Any]] = {}
         self._backup_key = AESGCM(AESGCM.generate_key(bit_length=256))
@@ -168,26 +158,23 @@ class KeyVaultService(Service):
         """Add a new version of ``name`` without HTTP (seeding, drills). Raises ``ValueError`` where the
         service would answer 400 or 409."""
         try:
-            with self._lock:
-                return self._set(name, value, content_type, tags, enabled, not_before, expires)
+            return self.store.set(name, value, content_type, tags, enabled, not_before, expires)
         except KeyVaultError as exc:
             raise ValueError(exc.message) from None
 
     def latest(self, name: str) -> SecretVersion:
         """The current version of a live secret; ``KeyError`` if there is none (absent or soft-deleted)."""
-        with self._lock:
-            secret = self._secrets.get(name.lower())
-            if secret is None:
-                raise KeyError(name)
-            return secret.latest
+        secret = self.store.live(name)
+        if secret is None:
+            raise KeyError(name)
+        return secret.latest
 
     def versions(self, name: str) -> list[SecretVersion]:
         """Every version of a live secret, oldest first; ``KeyError`` if there is none."""
-        with self._lock:
-            secret = self._secrets.get(name.lower())
-            if secret is None:
-                raise KeyError(name)
-            return list(secret.versions)
+        secret = self.store.live(name)
+        if secret is None:
+            raise KeyError(name)
+        return list(secret.versions)
 
     def grant(self, identity: Identity, role: str, *, secret: str | None = None) -> None:
         """Assign ``role`` to ``identity`` on the whole vault (``secret=None``) or on one secret."""
@@ -389,14 +376,12 @@ class KeyVaultService(Service):
         op = route.operation
         name = route.name or ""
         if op == "GetSecret":
-            return 200, self._get(name, route.version).bundle(base, with_value=True)
+            return 200, self.store.get(name, route.version).bundle(base, with_value=True)
         if op == "SetSecret":
-            fields = _parse_set(payload)
-            with self._lock:
-                created = self._set(name, **fields)
+            created = self.store.set(name, **_parse_set(payload))
             return 200, created.bundle(base, with_value=True)
         if op == "UpdateSecret":
-            return 200, self._update(name, route.version, _parse_update(payload)).bundle(
+            return 200, self.store.update(name, route.version, _parse_update(payload)).bundle(
                 base, with_value=False
             )
         if op in ("GetSecrets", "GetSecretVersions", "GetDeletedSecrets"):
@@ -418,30 +403,16 @@ class KeyVaultService(Service):
                 next_link = f"{base}{path}?{urllib.parse.urlencode(params, safe='$')}"
             return 200, {"value": [item for _, item in page], "nextLink": next_link}
         if op == "DeleteSecret":
-            with self._lock:
-                secret = self._secrets.pop(name.lower(), None)
-                if secret is None:
-                    raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=name))
-                now = int(self.clock())
-                secret.deleted_date = now
-                secret.scheduled_purge_date = now + RECOVERABLE_DAYS * 86400
-                self._deleted[name.lower()] = secret
+            secret = self.store.delete(name)
             return 200, {**secret.deleted_fields(base), **secret.latest.bundle(base, with_value=False)}
         if op == "GetDeletedSecret":
-            secret = self._deleted_or_404(name)
+            secret = self.store.deleted(name)
             return 200, {**secret.deleted_fields(base), **secret.latest.bundle(base, with_value=False)}
         if op == "PurgeDeletedSecret":
-            with self._lock:
-                if self._deleted.pop(name.lower(), None) is None:
-                    raise KeyVaultError(404, "SecretNotFound", MSG_DELETED_NOT_FOUND.format(name=name))
+            self.store.purge(name)
             return 204, None
         if op == "RecoverDeletedSecret":
-            with self._lock:
-                secret = self._deleted.pop(name.lower(), None)
-                if secret is None:
-                    raise KeyVaultError(404, "SecretNotFound", MSG_DELETED_NOT_FOUND.format(name=name))
-                secret.deleted_date = secret.scheduled_purge_date = None
-                self._secrets[name.lower()] = secret
+            secret = self.store.recover(name)
             return 200, secret.latest.bundle(base, with_value=False)
         if op == "BackupSecret":
             return 200, {"value": self._backup(name)}
@@ -449,116 +420,25 @@ class KeyVaultService(Service):
             return 200, self._restore(payload).latest.bundle(base, with_value=False)
         raise KeyVaultError(404, "NotFound", MSG_NO_ROUTE.format(method="?", path=op))  # pragma: no cover
 
-    def _set(
-        self,
-        name: str,
-        value: str,
-        content_type: str | None,
-        tags: dict[str, str] | None,
-        enabled: bool,
-        not_before: int | None,
-        expires: int | None,
-    ) -> SecretVersion:
-        """Create a new version (caller holds the lock)."""
-        if not _NAME_RE.match(name):
-            raise _bad(MSG_BAD_NAME.format(name=name))
-        if not isinstance(value, str):
-            raise _bad(MSG_PROPERTY_INVALID.format(name="value"))
-        if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
-            raise _bad(MSG_TOO_LARGE, "SecretTooLarge")
-        if tags is not None and len(tags) > MAX_TAGS:
-            raise _bad(MSG_TOO_MANY_TAGS)
-        key = name.lower()
-        if key in self._deleted:
-            raise KeyVaultError(
-                409,
-                "Conflict",
-                MSG_DELETED_BUT_RECOVERABLE.format(name=name),
-                "ObjectIsDeletedButRecoverable",
-            )
-        secret = self._secrets.get(key)
-        if secret is None:
-            secret = self._secrets[key] = _Secret(name)
-        now = int(self.clock())
-        version = SecretVersion(
-            name=secret.name,
-            version=uuid.uuid4().hex,
-            value=value,
-            content_type=content_type,
-            tags=None if tags is None else dict(tags),
-            enabled=enabled,
-            not_before=not_before,
-            expires=expires,
-            created=now,
-            updated=now,
-            previous_version=secret.latest.version if secret.versions else None,
-        )
-        secret.add(version)
-        return version
-
-    def _get(self, name: str, version: str) -> SecretVersion:
-        with self._lock:
-            secret = self._secrets.get(name.lower())
-            found = None if secret is None else secret.find(version)
-        if found is None:
-            shown = f"{name}/{version}" if version else name
-            raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=shown))
-        if not found.enabled:
-            raise KeyVaultError(403, "Forbidden", MSG_DISABLED, "SecretDisabled")
-        return found
-
-    def _update(self, name: str, version: str, changes: dict[str, Any]) -> SecretVersion:
-        with self._lock:
-            secret = self._secrets.get(name.lower())
-            found = None if secret is None else secret.find(version)
-            if secret is None or found is None:
-                shown = f"{name}/{version}" if version else name
-                raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=shown))
-            if "tags" in changes and changes["tags"] is not None and len(changes["tags"]) > MAX_TAGS:
-                raise _bad(MSG_TOO_MANY_TAGS)
-            updated = dataclasses.replace(found, **changes, updated=int(self.clock()))
-            secret.replace(updated)
-            return updated
-
-    def _deleted_or_404(self, name: str) -> _Secret:
-        with self._lock:
-            secret = self._deleted.get(name.lower())
-        if secret is None:
-            raise KeyVaultError(404, "SecretNotFound", MSG_DELETED_NOT_FOUND.format(name=name))
-        return secret
-
     def _listing(self, op: str, name: str, base: str) -> list[tuple[str, dict[str, Any]]]:
         """``(sort key, item)`` pairs in page order; the key of a page's last item is its skiptoken marker."""
-        with self._lock:
-            if op == "GetSecretVersions":
-                secret = self._secrets.get(name.lower())
-                versions: Iterable[SecretVersion] = () if secret is None else list(secret.versions)
-                return [(f"{i:08d}", v.item(base, with_version=True)) for i, v in enumerate(versions)]
-            if op == "GetSecrets":
-                return [
-                    (k, self._secrets[k].latest.item(base, with_version=False)) for k in sorted(self._secrets)
-                ]
-            return [
-                (
-                    k,
-                    {
-                        **self._deleted[k].deleted_fields(base),
-                        **self._deleted[k].latest.item(base, with_version=False),
-                    },
-                )
-                for k in sorted(self._deleted)
-            ]
+        if op == "GetSecretVersions":
+            secret = self.store.live(name)
+            versions: Iterable[SecretVersion] = () if secret is None else list(secret.versions)
+            return [(f"{i:08d}", v.item(base, with_version=True)) for i, v in enumerate(versions)]
+        if op == "GetSecrets":
+            return [(s.name.lower(), s.latest.item(base, with_version=False)) for s in self.store.all_live()]
+        return [
+            (s.name.lower(), {**s.deleted_fields(base), **s.latest.item(base, with_version=False)})
+            for s in self.store.all_deleted()
+        ]
 
     # ------------------------------------------------------------------------------ backup / restore
 
     _BACKUP_AAD = b"apimvault-local-keyvault-secret-backup-v1"
 
     def _backup(self, name: str) -> str:
-        with self._lock:
-            secret = self._secrets.get(name.lower())
-            if secret is None:
-                raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=name))
-            state = {"name": secret.name, "versions": [dataclasses.asdict(v) for v in secret.versions]}
+        state = self.store.export(name)
         nonce = secrets.token_bytes(12)
         sealed = self._backup_key.encrypt(nonce, json.dumps(state).encode("utf-8"), self._BACKUP_AAD)
         return _b64url_encode(nonce + sealed)
@@ -579,16 +459,4 @@ class KeyVaultService(Service):
             raise _bad(MSG_BAD_BACKUP) from None
         if not secret.versions:
             raise _bad(MSG_BAD_BACKUP)
-        key = secret.name.lower()
-        with self._lock:
-            if key in self._deleted:
-                raise KeyVaultError(
-                    409,
-                    "Conflict",
-                    MSG_DELETED_BUT_RECOVERABLE.format(name=secret.name),
-                    "ObjectIsDeletedButRecoverable",
-                )
-            if key in self._secrets:
-                raise KeyVaultError(409, "Conflict", MSG_EXISTS.format(name=secret.name))
-            self._secrets[key] = secret
-        return secret
+        return self.store.restore(secret)
