@@ -12,30 +12,12 @@ from azure.core.credentials import AccessToken
 from apimvault.local import LocalAzure
 
 from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
+from .infra.events import near_expiry_event
 
 
 def _event(azure: LocalAzure, name: str, version: str) -> str:
     return json.dumps(
-        [
-            {
-                "id": "1",
-                "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv-local",
-                "subject": name,
-                "eventType": "Microsoft.KeyVault.SecretNearExpiry",
-                "eventTime": "2026-01-01T00:00:00Z",
-                "data": {
-                    "Id": f"{azure.vault_url}/secrets/{name}/{version}",
-                    "VaultName": "kv-apimvault-local",
-                    "ObjectType": "Secret",
-                    "ObjectName": name,
-                    "Version": version,
-                    "NBF": None,
-                    "EXP": None,
-                },
-                "dataVersion": "1",
-                "metadataVersion": "1",
-            }
-        ]
+        [near_expiry_event(vault_url=azure.vault_url, secret=name, version=version, event_id="1")]
     )
 
 

@@ -29,6 +29,7 @@ from apimvault.rotation import (
 
 from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
 from .conftest import SESSION_CA
+from .infra.events import near_expiry_event
 from .rotation_support import ManualClock
 
 
@@ -52,24 +53,13 @@ def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
 
 
 def _event(azure: LocalAzure, name: str, version: str, kind: str = "SecretNearExpiry") -> dict[str, Any]:
-    return {
-        "id": "6f1d2d7e-0000-4000-8000-000000000001",
-        "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv-apimvault-local",
-        "subject": name,
-        "eventType": f"Microsoft.KeyVault.{kind}",
-        "eventTime": "2026-01-01T00:00:00Z",
-        "data": {
-            "Id": f"{azure.vault_url}/secrets/{name}/{version}",
-            "VaultName": "kv-apimvault-local",
-            "ObjectType": "Secret",
-            "ObjectName": name,
-            "Version": version,
-            "NBF": None,
-            "EXP": None,
-        },
-        "dataVersion": "1",
-        "metadataVersion": "1",
-    }
+    return near_expiry_event(
+        vault_url=azure.vault_url,
+        secret=name,
+        version=version,
+        event_type=f"Microsoft.KeyVault.{kind}",
+        event_id="6f1d2d7e-0000-4000-8000-000000000001",
+    )
 
 
 def test_rotate_flips_tag_keeps_tags_and_sets_expiry(

@@ -20,6 +20,7 @@ from apimvault.rotation import RotationResult, rotate, rotate_from_event
 
 from .cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
 from .conftest import SESSION_CA
+from .infra.events import near_expiry_event
 from .rotation_support import ManualClock, Scheduler
 
 
@@ -31,24 +32,13 @@ def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
 
 
 def _event(azure: LocalAzure, name: str, version: str) -> dict[str, object]:
-    return {
-        "id": f"6f1d2d7e-0000-4000-8000-{version[:12]}",
-        "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv-apimvault-local",
-        "subject": name,
-        "eventType": "Microsoft.KeyVault.SecretNearExpiry",
-        "eventTime": "2026-01-01T00:00:00Z",
-        "data": {
-            "Id": f"{azure.vault_url}/secrets/{name}/{version}",
-            "VaultName": "kv-apimvault-local",
-            "ObjectType": "Secret",
-            "ObjectName": name,
-            "Version": version,
-            "NBF": None,
-            "EXP": None,
-        },
-        "dataVersion": "1",
-        "metadataVersion": "1",
-    }
+    # One id per version: overlapping deliveries of one event share its id, as Event Grid's retries do.
+    return near_expiry_event(
+        vault_url=azure.vault_url,
+        secret=name,
+        version=version,
+        event_id=f"6f1d2d7e-0000-4000-8000-{version[:12]}",
+    )
 
 
 def assert_vault_live(azure: LocalAzure, app: RotatingApp) -> None:

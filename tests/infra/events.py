@@ -21,9 +21,10 @@ def near_expiry_event(
         "providers/Microsoft.KeyVault/vaults/kv-apimvault-local"
     ),
     event_type: str = NEAR_EXPIRY,
+    event_id: str | None = None,
 ) -> dict[str, Any]:
     return {
-        "id": str(uuid.uuid4()),
+        "id": event_id or str(uuid.uuid4()),
         "topic": topic,
         "subject": secret,
         "eventType": event_type,
