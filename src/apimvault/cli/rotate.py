@@ -46,10 +46,9 @@ def confirm(out: Output, question: str, target: str) -> bool:
 
 
 def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
-    from ..rotation import plan_rotation, rotate, rotate_from_event
+    from ..rotation import RotationConfig, plan_rotation, rotate, rotate_from_event
 
     arm_endpoint = env_var("APIMVAULT_ARM_ENDPOINT")
-    apim_subscription_id = args.apim_subscription_id or env_var("APIMVAULT_APIM_SUBSCRIPTION_ID")
     credential = None
     raw = None
     if args.event is not None and args.event != "-":
@@ -60,6 +59,10 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
                 out, ConfigurationError(f"--event {args.event}: cannot read it ({exc.strerror or exc})")
             )
     try:
+        # Every setting resolved once (a bad value is a ConfigurationError naming its variable).
+        config = RotationConfig.from_env(
+            apim_subscription_id=args.apim_subscription_id, propagation_timeout=args.propagation_timeout
+        )
         credential = _rotation_credential(rotator_client_id(args.client_id))
         if args.event is not None:
             if raw is None:
@@ -77,13 +80,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
                 return _declined(out)
             if needs_yes and not confirm(out, f"Rotate the key of {target} if the event is current?", target):
                 return _declined(out)
-            result = rotate_from_event(
-                raw,
-                credential=credential,
-                arm_endpoint=arm_endpoint,
-                apim_subscription_id=apim_subscription_id,
-                propagation_timeout=args.propagation_timeout,
-            )
+            result = rotate_from_event(raw, credential=credential, config=config)
             seen = [
                 {"event_type": e.event_type, "secret": e.secret_name, "version": e.version} for e in events
             ]
@@ -100,12 +97,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
         )
         assert vault_url and secret_name
         plan = plan_rotation(
-            vault_url=vault_url,
-            secret_name=secret_name,
-            apim_subscription_id=apim_subscription_id,
-            arm_endpoint=arm_endpoint,
-            credential=credential,
-            propagation_timeout=args.propagation_timeout,
+            vault_url=vault_url, secret_name=secret_name, credential=credential, config=config
         )
         out.note("rotation plan:")
         for line in plan.describe():
@@ -121,11 +113,9 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
             vault_url=plan.vault_url,
             secret_name=plan.secret_name,
             apim_subscription_id=plan.apim_subscription,
-            arm_endpoint=plan.arm_endpoint,
             credential=credential,
             expected_version=plan.current_version,
-            gateway_urls=plan.gateway_urls,
-            propagation_timeout=plan.propagation_timeout,
+            config=config,
         )
         return _rotated(out, result, plan.as_dict())
     except Exception as exc:
