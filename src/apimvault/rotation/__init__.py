@@ -48,17 +48,18 @@ Modules: :mod:`.config` (:class:`RotationConfig`, every setting and its one defa
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import _telemetry
 from .._key import fingerprint
 from ..exceptions import ConfigurationError, RotationError
-from .azure import Session, resolve_target
+from .azure import Session, refuse_shared, resolve_target
 from .config import (
     DEFAULT_ARM_ENDPOINT,
     DEFAULT_PROPAGATION_TIMEOUT,
@@ -81,13 +82,15 @@ from .model import (
     LatestCheck,
     RotationPlan,
     RotationResult,
+    SharedSubscriptionError,
     holder,
     iso,
     other_slot,
     utc_now,
 )
-from .probe import GatewayProbe
+from .probe import GatewayProbe, GatewayProbeError
 from .ref import ApimSubscriptionRef, parse_apim_subscription_id
+from .revoke import RevocationResult, revoke
 from .run import Run
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,14 +114,18 @@ __all__ = [
     "TAG_VALIDITY_DAYS",
     "ApimSubscriptionRef",
     "GatewayProbe",
+    "GatewayProbeError",
     "LatestCheck",
+    "RevocationResult",
     "RotationConfig",
     "RotationError",
     "RotationPlan",
     "RotationResult",
+    "SharedSubscriptionError",
     "check_latest",
     "parse_apim_subscription_id",
     "plan_rotation",
+    "revoke_current",
     "rotate",
     "rotate_from_event",
 ]
@@ -148,6 +155,24 @@ def _settings(
     config = config.replace(**overrides)
     config.require_gateways()
     return config
+
+
+def scrub_traceback(exc: BaseException) -> None:
+    """Clear the locals of the finished frames of ``exc``'s traceback and of its causes and contexts, so
+    that a failed rotation's traceback (as error reporters record it, locals included) holds no APIM key:
+    the rotation's frames held both keys (in use and regenerated), the SDK's frames the request body.
+    The frames still running (the caller's) are left alone; file names and line numbers stay."""
+    import traceback
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        traceback.clear_frames(item.__traceback__)
+        todo += [item.__cause__, item.__context__]
 
 
 def _target(vault_url: str, secret_name: str) -> tuple[str, str, str]:
@@ -184,9 +209,12 @@ def plan_rotation(
         propagation_timeout=propagation_timeout,
     )
     session = Session(vault_url, settings.arm_endpoint, credential)
+    probe = GatewayProbe(settings.gateway_urls, header_name=settings.header_name)
     try:
         current = session.read_current(secret_name, where)
         ref, slot, days = resolve_target(current, settings.apim_subscription_id, where)
+        shared = session.secrets_naming(ref, secret_name)
+        refuse_shared(shared, ref, where)
         inferred = slot is None
         if slot is None:
             slot = holder(current.value, session.list_keys(ref, "listSecrets to infer CredentialId"))
@@ -195,7 +223,9 @@ def plan_rotation(
                     f"{where} version {current.version} has no {TAG_CREDENTIAL_ID} tag and holds neither "
                     f"key of {ref.resource_id}; store the current key with the tag and rotate again"
                 )
+        _check_routes(probe, current.value, where, current.version)
     finally:
+        probe.close()
         session.close()
     return RotationPlan(
         vault_url=vault_url,
@@ -211,7 +241,22 @@ def plan_rotation(
         gateway_urls=settings.gateway_urls,
         propagation_timeout=settings.propagation_timeout,
         credential_id_inferred=inferred,
+        probe_successes=settings.probe_successes,
+        probe_interval=settings.probe_interval,
+        shared_checked=shared is not None,
     )
+
+
+def _check_routes(probe: GatewayProbe, key: str, where: str, version: str) -> None:
+    """Plan time, before anything changes: each gateway URL must accept the key in use (2xx)."""
+    for url in probe.urls:
+        answer = probe.accepts(url, key)  # a 404, 3xx, 403, 5xx ... raises GatewayProbeError
+        if answer is not True:
+            raise RotationError(
+                f"{url} {'refuses' if answer is False else 'did not answer the probe for'} the key {where} "
+                f"holds now (version {version}): a rotation could not tell when the new key is accepted. "
+                "Nothing was changed. Run `apimvault check`; repair the vault or fix the gateway URL first"
+            )
 
 
 def rotate(
@@ -274,29 +319,57 @@ def rotate(
         propagation_timeout=propagation_timeout,
         header_name=header_name,
     )
-    session = Session(vault_url, settings.arm_endpoint, credential)
-    probe = GatewayProbe(settings.gateway_urls, header_name=settings.header_name)
-    run = Run(
-        session,
-        probe,
-        secret_name,
-        where,
-        settings.apim_subscription_id,
-        settings.propagation_timeout,
-        clock,
-        sleep,
-        on_step,
-        utc_now(now),
-    )
-    try:
+    with _running(where, secret_name, credential, settings, clock, sleep, on_step, now) as run:
         result = run.rotate(expected)
-    except BaseException:
+    _telemetry.rotation_counted("skipped" if result.skipped else "rotated", where)
+    return result
+
+
+@contextlib.contextmanager
+def _running(
+    where: str,
+    secret_name: str,
+    credential: TokenCredential | None,
+    settings: RotationConfig,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+    on_step: Callable[[str], None] | None,
+    now: dt.datetime | float | None,
+) -> Iterator[Run]:
+    """A :class:`Run` with its clients; closes them, counts a failure and scrubs its traceback."""
+    session = Session(where.rsplit("/secrets/", 1)[0], settings.arm_endpoint, credential)
+    probe = GatewayProbe(settings.gateway_urls, header_name=settings.header_name)
+    try:
+        yield Run(session, probe, secret_name, where, settings, clock, sleep, on_step, utc_now(now))
+    except BaseException as exc:
         _telemetry.rotation_counted("failed", where)
+        scrub_traceback(exc)
         raise
     finally:
         probe.close()
         session.close()
-    _telemetry.rotation_counted("skipped" if result.skipped else "rotated", where)
+
+
+def revoke_current(
+    *,
+    vault_url: str,
+    secret_name: str,
+    credential: TokenCredential | None = None,
+    config: RotationConfig | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    on_step: Callable[[str], None] | None = None,
+    now: dt.datetime | float | None = None,
+) -> RevocationResult:
+    """Emergency revocation of the key the vault serves now (leaked), without a storm (see
+    :mod:`apimvault.rotation.revoke`): rotate make-before-break to the other key, wait
+    ``config.revoke_wait`` seconds for the fleet to move to the new version, then regenerate the leaked
+    key and probe until every gateway refuses it. ``on_step`` also sees ``spread`` and ``revoke``."""
+    vault_url, secret_name, where = _target(vault_url, secret_name)
+    settings = _settings(config)
+    with _running(where, secret_name, credential, settings, clock, sleep, on_step, now) as run:
+        result = revoke(run)
+    _telemetry.rotation_counted("rotated", where)
     return result
 
 

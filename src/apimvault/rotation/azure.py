@@ -23,7 +23,10 @@ from .model import (
     TAG_CREDENTIAL_ID,
     TAG_PROVIDER_ADDRESS,
     TAG_VALIDITY_DAYS,
+    VAULT_ROTATOR_ACTIONS,
+    VAULT_ROTATOR_ROLE,
     Current,
+    SharedSubscriptionError,
     other_slot,
     parse_slot,
     validity_days,
@@ -50,7 +53,7 @@ def raise_from(mapped: BaseException, exc: BaseException) -> NoReturn:
     raise mapped from exc
 
 
-def kv_error(exc: BaseException, *, where: str, writing: bool) -> BaseException:
+def kv_error(exc: BaseException, *, where: str, writing: bool | str) -> BaseException:
     """Typed apimvault error for a Key Vault failure during rotation (the rotation needs read + write)."""
     from azure.core.exceptions import HttpResponseError
 
@@ -58,9 +61,10 @@ def kv_error(exc: BaseException, *, where: str, writing: bool) -> BaseException:
 
     if writing and isinstance(exc, HttpResponseError) and exc.status_code == 403:
         return AccessDeniedError(
-            f"the identity may not write {where} (403). A rotation needs the 'Key Vault Secrets Officer' "
-            f"role on the secret (scope '<vault resource id>/secrets/{where.rsplit('/', 1)[-1]}') "
-            "or the vault",
+            f"the identity may not {writing if isinstance(writing, str) else 'write'} {where} (403). A "
+            f"rotation needs the data actions {VAULT_ROTATOR_ACTIONS} on the secret: the custom role "
+            f"'{VAULT_ROTATOR_ROLE}' infra/modules/secret.bicep defines (or 'Key Vault Secrets Officer') "
+            f"on scope '<vault resource id>/secrets/{where.rsplit('/', 1)[-1]}'",
             secret=where,
         )
     mapped = map_error(exc, where=where)
@@ -106,6 +110,16 @@ def arm_error(exc: BaseException, *, what: str, ref: ApimSubscriptionRef) -> Bas
     return exc
 
 
+def bounded_credential(**kwargs: Any) -> Any:
+    """``DefaultAzureCredential`` with the providers' bounds on the identity endpoint (connection and read
+    timeouts, few retries) instead of azure-core's 300 s read timeout and up to 10 retries."""
+    from azure.identity import DefaultAzureCredential
+
+    from .._base import DEFAULT_CREDENTIAL_KWARGS
+
+    return DefaultAzureCredential(**{**DEFAULT_CREDENTIAL_KWARGS, **kwargs})
+
+
 class Session:
     """The SDK clients of one rotation (and the credential, if we created it)."""
 
@@ -116,9 +130,7 @@ class Session:
 
         self._owned: list[Any] = []
         if credential is None:
-            from azure.identity import DefaultAzureCredential
-
-            credential = DefaultAzureCredential()
+            credential = bounded_credential()
             self._owned.append(credential)
         self.credential = credential
         self.arm_endpoint = arm_endpoint
@@ -170,6 +182,41 @@ class Session:
             content_type=props.content_type,
             expires_on=props.expires_on,
         )
+
+    def update_tags(
+        self, secret_name: str, version: str, tags: dict[str, str], where: str, what: str
+    ) -> None:
+        """Write ``tags`` on a version (``Microsoft.KeyVault/vaults/secrets/update/action``)."""
+        try:
+            self.secrets.update_secret_properties(secret_name, version, tags=tags)
+        except Exception as exc:
+            raise_from(kv_error(exc, where=where, writing=what), exc)
+
+    def secrets_naming(self, ref: ApimSubscriptionRef, secret_name: str) -> list[str] | None:
+        """Names of the vault's other secrets whose ``ProviderAddress`` tag names ``ref``; ``None`` when
+        the identity may not list the vault's secrets (``readMetadata`` at vault scope)."""
+        from azure.core.exceptions import HttpResponseError
+
+        found: list[str] = []
+        try:
+            for props in self.secrets.list_properties_of_secrets():
+                tagged = (props.tags or {}).get(TAG_PROVIDER_ADDRESS) or ""
+                if props.name == secret_name or not tagged.strip():
+                    continue
+                try:
+                    same = parse_apim_subscription_id(tagged).same_as(ref)
+                except ConfigurationError:
+                    continue
+                if same and props.name:
+                    found.append(props.name)
+        except HttpResponseError as exc:
+            if exc.status_code == 403:
+                log.info(
+                    "may not list the secrets of the vault: a second secret on %s is not checked", ref.sid
+                )
+                return None
+            raise_from(kv_error(exc, where=self.secrets.vault_url, writing=False), exc)
+        return found
 
     # ------------------------------------------------------------------------------------------ ARM
 
@@ -229,6 +276,17 @@ def resolve_target(
             "and rotate again"
         )
     return ref, slot, days
+
+
+def refuse_shared(found: list[str] | None, ref: ApimSubscriptionRef, where: str) -> None:
+    """Raise :class:`SharedSubscriptionError` when another secret names the same APIM subscription."""
+    if found:
+        raise SharedSubscriptionError(
+            f"{', '.join(sorted(found))} in the same vault also hold{'s' if len(found) == 1 else ''} keys of "
+            f"{ref.resource_id} ({TAG_PROVIDER_ADDRESS} tag): rotating {where} would revoke the key "
+            "they hold, which would then be refused until their own rotation. Keep one secret per APIM "
+            "subscription (give each application its own subscription). Nothing was changed"
+        )
 
 
 def check_in_use(

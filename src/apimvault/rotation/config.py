@@ -24,7 +24,10 @@ __all__ = [
     "ENV_APIM_SUBSCRIPTION_ID",
     "ENV_ARM_ENDPOINT",
     "ENV_GATEWAY_URLS",
+    "ENV_PROBE_INTERVAL",
+    "ENV_PROBE_SUCCESSES",
     "ENV_PROPAGATION_TIMEOUT",
+    "ENV_REVOKE_WAIT",
     "RotationConfig",
 ]
 
@@ -40,6 +43,18 @@ DEFAULT_PROPAGATION_TIMEOUT = 600.0
 the rotation function (which used 180 s before): Microsoft Q&A question 5922487 reports up to 10 minutes
 for a regenerated key to reach every unit, and a retry resumes the wait (``RotationPending``) anyway."""
 MAX_PROPAGATION_TIMEOUT = 86400.0
+ENV_PROBE_SUCCESSES = "APIMVAULT_PROBE_SUCCESSES"
+ENV_PROBE_INTERVAL = "APIMVAULT_PROBE_INTERVAL"
+ENV_REVOKE_WAIT = "APIMVAULT_REVOKE_WAIT"
+DEFAULT_PROBE_SUCCESSES = 10
+"""Consecutive 2xx answers each gateway URL must give the new key. Units behind one hostname are
+balanced per connection and cannot be addressed: with N units and one lagging, K fresh-connection probes
+all miss it with probability ((N-1)/N)**K (K=10: N=2 0.1 %, N=3 1.7 %, N=4 5.6 %)."""
+DEFAULT_PROBE_INTERVAL = 0.5
+"""Seconds between the consecutive probes of one URL (each on a fresh connection)."""
+DEFAULT_REVOKE_WAIT = 60.0
+"""Emergency revocation: seconds between storing the new key and regenerating the leaked one, so that
+the fleet (Event Grid push / ``refresh_from_event`` with spread) has moved to the new version."""
 
 
 def _seconds(value: Any, name: str, what: str, *, low: float, high: float, low_open: bool = True) -> float:
@@ -56,6 +71,19 @@ def _seconds(value: Any, name: str, what: str, *, low: float, high: float, low_o
             f"{name}={value!r}: the {what} must be a number of seconds in {bracket}{low:g}, {high:g}]"
         )
     return float(value)
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ConfigurationError(
+                f"{name}={value!r}: the number of probes is not a whole number"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise ConfigurationError(f"{name}={value!r}: the number of consecutive probes must be in [1, 100]")
+    return value
 
 
 def _https_url(value: str, name: str, what: str) -> str:
@@ -99,6 +127,8 @@ class RotationConfig:
     hostname cannot be addressed). ``propagation_timeout``: seconds to wait for them to accept a
     regenerated key. ``apim_subscription_id``: the APIM subscription's ARM id (``None``: the secret's
     ``ProviderAddress`` tag). ``vault_url``: the only vault an event may name (``None``: the event's).
+    ``probe_successes`` / ``probe_interval``: the probe rule (that many consecutive 2xx per URL, that many
+    seconds apart). ``revoke_wait``: see :func:`apimvault.rotation.revoke_current`.
     Build it with :meth:`from_env`; the constructor validates too (naming the field).
     """
 
@@ -108,6 +138,9 @@ class RotationConfig:
     propagation_timeout: float = DEFAULT_PROPAGATION_TIMEOUT
     header_name: str = "Ocp-Apim-Subscription-Key"
     vault_url: str | None = None
+    probe_successes: int = DEFAULT_PROBE_SUCCESSES
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
+    revoke_wait: float = DEFAULT_REVOKE_WAIT
 
     def __post_init__(self) -> None:
         self._check(
@@ -137,6 +170,16 @@ class RotationConfig:
                     high=MAX_PROPAGATION_TIMEOUT,
                 ),
             )
+        if "probe_successes" in values:
+            set_(self, "probe_successes", _count(values["probe_successes"], names["probe_successes"]))
+        for field, what, high in (
+            ("probe_interval", "probe interval", 600.0),
+            ("revoke_wait", "revocation wait", MAX_PROPAGATION_TIMEOUT),
+        ):
+            if field in values:
+                set_(
+                    self, field, _seconds(values[field], names[field], what, low=0, high=high, low_open=False)
+                )
         if "header_name" in values:
             set_(self, "header_name", _header(str(values["header_name"]), names["header_name"]))
         sub = values.get("apim_subscription_id")
@@ -170,7 +213,8 @@ class RotationConfig:
 
         Variables: ``APIMVAULT_GATEWAY_URLS`` (space or comma separated; else ``AZURE_OPENAI_ENDPOINT``),
         ``APIMVAULT_ARM_ENDPOINT``, ``APIMVAULT_APIM_SUBSCRIPTION_ID``, ``APIMVAULT_PROPAGATION_TIMEOUT``,
-        ``APIMVAULT_HEADER_NAME``, ``AZURE_KEYVAULT_URL``. Raises :class:`ConfigurationError` naming the
+        ``APIMVAULT_HEADER_NAME``, ``AZURE_KEYVAULT_URL``, ``APIMVAULT_PROBE_SUCCESSES``,
+        ``APIMVAULT_PROBE_INTERVAL``, ``APIMVAULT_REVOKE_WAIT``. Raises :class:`ConfigurationError` naming the
         variable for every bad value, and when no gateway URL is known (unless ``require_gateways`` is
         false). ``subscription_from_env=False`` leaves ``APIMVAULT_APIM_SUBSCRIPTION_ID`` unread (the
         library's functions take the subscription from their argument or the secret's tag only).
@@ -193,6 +237,9 @@ class RotationConfig:
             "propagation_timeout": (ENV_PROPAGATION_TIMEOUT, get(ENV_PROPAGATION_TIMEOUT)),
             "header_name": (ENV_HEADER, get(ENV_HEADER)),
             "vault_url": (ENV_VAULT_URL, get(ENV_VAULT_URL)),
+            "probe_successes": (ENV_PROBE_SUCCESSES, get(ENV_PROBE_SUCCESSES)),
+            "probe_interval": (ENV_PROBE_INTERVAL, get(ENV_PROBE_INTERVAL)),
+            "revoke_wait": (ENV_REVOKE_WAIT, get(ENV_REVOKE_WAIT)),
         }
         if not subscription_from_env:
             sources["apim_subscription_id"] = (ENV_APIM_SUBSCRIPTION_ID, None)
@@ -214,6 +261,9 @@ class RotationConfig:
             "propagation_timeout": DEFAULT_PROPAGATION_TIMEOUT,
             "header_name": DEFAULT_HEADER,
             "vault_url": None,
+            "probe_successes": DEFAULT_PROBE_SUCCESSES,
+            "probe_interval": DEFAULT_PROBE_INTERVAL,
+            "revoke_wait": DEFAULT_REVOKE_WAIT,
         }
         for field, default in defaults.items():
             object.__setattr__(config, field, default)

@@ -28,6 +28,20 @@ EXPIRED = "Microsoft.KeyVault.SecretExpired"
 # Rotating on SecretNewVersionCreated would rotate again on the version the rotation itself wrote.
 ROTATING_EVENTS = frozenset({NEAR_EXPIRY, EXPIRED})
 SLOTS = ("primary", "secondary")
+NEAR_EXPIRY_DAYS = 30
+"""Key Vault publishes ``SecretNearExpiry`` 30 days before a version's expiry."""
+MIN_VALIDITY_DAYS = NEAR_EXPIRY_DAYS + 1
+"""A version valid for 30 days or less is born near expiry: its ``SecretNearExpiry`` fires at once and the
+rotation loops. The shortest validity that leaves a day between rotations."""
+VAULT_ROTATOR_ROLE = "apimvault secret rotator"
+VAULT_ROTATOR_ACTIONS = (
+    "Microsoft.KeyVault/vaults/secrets/getSecret/action, .../setSecret/action and .../update/action"
+)
+
+
+class SharedSubscriptionError(RotationError):
+    """Another secret's ``ProviderAddress`` tag names the same APIM subscription: rotating one would
+    revoke the key the other holds. One secret per APIM subscription."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +92,9 @@ class RotationPlan:
     gateway_urls: tuple[str, ...] = ()
     propagation_timeout: float = DEFAULT_PROPAGATION_TIMEOUT
     credential_id_inferred: bool = False
+    probe_successes: int = 1
+    probe_interval: float = 0.0
+    shared_checked: bool = False
 
     def describe(self) -> list[str]:
         expiry = f"expiring in {self.validity_days} days (ValidityPeriodDays)"
@@ -95,11 +112,19 @@ class RotationPlan:
         ]
         for url in self.gateway_urls:
             lines.append(
-                f"wait         until {url} accepts it (probe: GET {url}{PROBE_PATH}, no tokens; at most "
+                f"wait         until {url} accepts it (probe: GET {url}{PROBE_PATH}, no tokens; "
+                f"{self.probe_successes} consecutive 2xx {self.probe_interval:g} s apart; at most "
                 f"{self.propagation_timeout:g} s)"
             )
         lines += [
             f"store        it as a new version tagged CredentialId={self.regenerate}, {expiry}",
+            "shared       "
+            + (
+                "no other secret of the vault names this APIM subscription"
+                if self.shared_checked
+                else "not checked (the identity may not list the vault's secrets): keep one secret per "
+                "APIM subscription"
+            ),
             f"keep         the {self.credential_id} key valid (clients using it keep working; the next "
             "rotation regenerates it)",
         ]
@@ -189,8 +214,13 @@ def validity_days(tags: Mapping[str, str], where: str) -> int | None:
         days = int(str(raw).strip())
     except ValueError:
         raise RotationError(f"{where} has {TAG_VALIDITY_DAYS}={raw!r}; it must be a number of days") from None
-    if not 1 <= days <= 3650:
-        raise RotationError(f"{where} has {TAG_VALIDITY_DAYS}={days}; it must be between 1 and 3650")
+    if not MIN_VALIDITY_DAYS <= days <= 3650:
+        raise RotationError(
+            f"{where} has {TAG_VALIDITY_DAYS}={days}; it must be between {MIN_VALIDITY_DAYS} and 3650: "
+            f"Key Vault sends SecretNearExpiry {NEAR_EXPIRY_DAYS} days before expiry, so a version valid "
+            f"for {NEAR_EXPIRY_DAYS} days or less would be born near expiry and rotate again at once. "
+            "Nothing was changed"
+        )
     return days
 
 

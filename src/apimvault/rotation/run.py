@@ -9,10 +9,12 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
+from typing import NoReturn
 
 from .._key import fingerprint
 from ..exceptions import RotationError
-from .azure import Session, check_in_use, kv_error, raise_from, resolve_target
+from .azure import Session, check_in_use, kv_error, raise_from, refuse_shared, resolve_target
+from .config import RotationConfig
 from .model import (
     TAG_CREDENTIAL_ID,
     TAG_PENDING,
@@ -54,12 +56,19 @@ class Run:
     probe: GatewayProbe
     secret_name: str
     where: str
-    apim_subscription_id: str | None
-    timeout: float
+    settings: RotationConfig
     clock: Callable[[], float]
     sleep: Callable[[float], None]
     on_step: Callable[[str], None] | None
     now: dt.datetime
+
+    @property
+    def apim_subscription_id(self) -> str | None:
+        return self.settings.apim_subscription_id
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.propagation_timeout
 
     def step(self, name: str) -> None:
         if self.on_step is not None:
@@ -120,6 +129,7 @@ class Run:
                 f"version {expected} is no longer the latest ({current.version}): already rotated", expected
             )
         ref, tagged_slot, days = resolve_target(current, self.apim_subscription_id, self.where)
+        refuse_shared(self.session.secrets_naming(ref, self.secret_name), ref, self.where)
         return current, ref, tagged_slot, days
 
     def check(
@@ -138,7 +148,7 @@ class Run:
                     f"secret set ... --tags {TAG_CREDENTIAL_ID}=primary|secondary ...) and rotate again"
                 )
             current.tags[TAG_CREDENTIAL_ID] = slot
-            self.update_tags(current, current.tags)
+            self.session.update_tags(self.secret_name, current.version, current.tags, self.where, "tag")
             log.info(
                 "%s version %s had no %s tag: set it to %s",
                 self.where,
@@ -160,7 +170,18 @@ class Run:
                     else "Fix the tag and rotate again"
                 )
             )
+        self.check_routes(current)
         return slot, before
+
+    def check_routes(self, current: Current) -> None:
+        """Before anything changes: every gateway URL must answer the probe for the key in use with a
+        2xx (a 404, 3xx, 403, ... raises :class:`GatewayProbeError`: the probe could never judge the new
+        key). A key 401 means the gateway refuses the key the vault holds: settle (verify, repair)."""
+        for url in self.probe.urls:
+            if self.probe.accepts(url, current.value) is False:
+                raise _Settle(
+                    f"{url} refuses the key the vault holds (version {current.version})", current.version
+                )
 
     def regenerate(
         self, current: Current, ref: ApimSubscriptionRef, slot: str, before: dict[str, str]
@@ -185,6 +206,9 @@ class Run:
                 pending_fp,
             )
             return before[other], True, started
+        # Prove the right to tag the current version (secrets/update/action) before regenerating: the
+        # RotationPending tag below is what lets a retry resume instead of regenerating again.
+        self.session.update_tags(self.secret_name, current.version, current.tags, self.where, "tag")
         self.session.regenerate(ref, other)
         log.info("rotation of %s: regenerated the %s key of %s", self.where, other, ref.resource_id)
         after = self.session.list_keys(ref, f"listSecrets after regenerating the {other} key")
@@ -241,42 +265,64 @@ class Run:
     # ---------------------------------------------------------------------------------- step 4: probe
 
     def wait_accepted(self, value: str, slot: str, ref: ApimSubscriptionRef, started: float) -> float:
-        """Poll every gateway until each accepts ``value``; the seconds since ``started`` when the last
-        one did. Raises :class:`Concurrent` if the key is regenerated meanwhile and
+        """Poll every gateway until each accepts ``value`` in ``probe_successes`` consecutive probes
+        ``probe_interval`` seconds apart (a key 401 or no answer starts the count again); the seconds
+        since ``started`` when the last URL completed its run. Raises :class:`Concurrent` if the key is
+        regenerated meanwhile, :class:`GatewayProbeError` for an answer that is neither, and
         :class:`RotationError` on timeout."""
         deadline = started + self.timeout
-        waiting = list(self.probe.urls)
+        needed = self.settings.probe_successes
+        streak = dict.fromkeys(self.probe.urls, 0)
         delay, done_at = 0.5, started
         unknown: dict[str, str] = {}
         while True:
             self.step("probe")
-            for url in list(waiting):
+            for url in [u for u, n in streak.items() if n < needed]:
                 verdict = self.probe.accepts(url, value)
-                if verdict:
-                    waiting.remove(url)
-                    done_at = self.clock()
-                    unknown.pop(url, None)
-                elif verdict is None:
+                streak[url] = streak[url] + 1 if verdict else 0
+                if verdict is None:
                     unknown[url] = "no answer"
+                else:
+                    unknown.pop(url, None)
+                if streak[url] >= needed:
+                    done_at = self.clock()
+            waiting = [u for u, n in streak.items() if n < needed]
             if not waiting:
                 return max(0.0, done_at - started)
             now = self.clock()
             if now >= deadline:
-                still = ", ".join(f"{u} ({unknown.get(u, 'refused')})" for u in waiting)
-                raise RotationError(
-                    f"the gateway did not accept the new {slot} key of {ref.resource_id} within "
-                    f"{self.timeout:g} s: {still}. The vault was NOT changed ({self.where} still holds its "
-                    "latest version) and the key in use still works. The gateway may still be syncing: "
-                    "rotate again later (the next attempt waits for this same key, named by the "
-                    f"{TAG_PENDING} tag, instead of regenerating it; or raise --propagation-timeout), or "
-                    "check the gateway URLs",
-                    permanent=False,
-                )
-            self.sleep(min(delay, max(0.0, deadline - now)))
-            delay = min(delay * 1.5, 15.0)
+                self.timed_out(slot, ref, waiting, unknown, streak)
+            counting = any(streak[u] for u in waiting)
+            pause = self.settings.probe_interval if counting else delay
+            self.sleep(min(pause, max(0.0, deadline - now)))
+            if not counting:
+                delay = min(delay * 1.5, 15.0)
             # Before probing again: was the key regenerated once more meanwhile (another rotation)?
             if self.session.list_keys(ref, "listSecrets while waiting for the gateway")[slot] != value:
                 raise Concurrent(f"the {slot} key was regenerated again while waiting for the gateway")
+
+    def timed_out(
+        self,
+        slot: str,
+        ref: ApimSubscriptionRef,
+        waiting: list[str],
+        unknown: dict[str, str],
+        streak: dict[str, int],
+    ) -> NoReturn:
+        still = ", ".join(
+            f"{u} ({unknown.get(u, 'refused')}; {streak[u]} of {self.settings.probe_successes} "
+            "consecutive acceptances)"
+            for u in waiting
+        )
+        raise RotationError(
+            f"the gateway did not accept the new {slot} key of {ref.resource_id} within "
+            f"{self.timeout:g} s: {still}. The vault was NOT changed ({self.where} still holds its "
+            "latest version) and the key in use still works. The gateway may still be syncing: "
+            "rotate again later (the next attempt waits for this same key, named by the "
+            f"{TAG_PENDING} tag, instead of regenerating it; or raise --propagation-timeout), or "
+            "check the gateway URLs",
+            permanent=False,
+        )
 
     # ------------------------------------------------------------------------ step 6: verify, repair
 
@@ -384,9 +430,3 @@ class Run:
         except Exception as exc:
             raise_from(kv_error(exc, where=self.where, writing=True), exc)
         return str(written.properties.version)
-
-    def update_tags(self, current: Current, tags: dict[str, str]) -> None:
-        try:
-            self.session.secrets.update_secret_properties(self.secret_name, current.version, tags=tags)
-        except Exception as exc:
-            raise_from(kv_error(exc, where=self.where, writing=True), exc)
