@@ -45,7 +45,6 @@ def gateway_status_at(azure: LocalAzure, url: str, key: str) -> int:
     return response.status_code
 
 
-
 @pytest.fixture(autouse=True)
 def quick_probes() -> Iterator[None]:
     """The probe rule's default count (10 consecutive 2xx) back to back: these tests run on the real

@@ -24,7 +24,6 @@ from .infra.events import near_expiry_event
 from .rotation_support import ManualClock, Scheduler
 
 
-
 @pytest.fixture(autouse=True)
 def quick_probes() -> Iterator[None]:
     """The probe rule's default count (10 consecutive 2xx) back to back: these tests run on the real
