@@ -5,17 +5,26 @@ one the latest version holds. A rotation
 
 1. reads the latest version (value, ``CredentialId``, ``ProviderAddress``, ``ValidityPeriodDays``).
    Without ``ValidityPeriodDays`` it refuses: the new version would get no expiry, so no
-   ``SecretNearExpiry`` would ever fire again and rotation would silently stop. Without ``CredentialId``
-   it asks ``listSecrets`` which key the stored value is and writes the tag on that version;
+   ``SecretNearExpiry`` would ever fire again and rotation would silently stop; with fewer than 31 days
+   it refuses too (``SecretNearExpiry`` fires 30 days before expiry). Where the identity may list the
+   vault's secrets, it refuses when another secret's ``ProviderAddress`` names the same APIM subscription
+   (:class:`SharedSubscriptionError`). Without ``CredentialId`` it asks ``listSecrets`` which key the
+   stored value is and writes the tag on that version;
 2. checks with ``listSecrets`` that the stored value really is the key the tag names (so the key in use
-   is never the one regenerated);
-3. regenerates the *other* key (``regeneratePrimaryKey`` / ``regenerateSecondaryKey``) and reads it back;
+   is never the one regenerated), and that every gateway URL answers the probe for it with a 2xx (a 404
+   means the probe path is not routed: :class:`GatewayProbeError`, before anything changes);
+3. proves it may tag the current version (``secrets/update/action``), then regenerates the *other* key
+   (``regeneratePrimaryKey`` / ``regenerateSecondaryKey``), reads it back and names it (fingerprint) in
+   the ``RotationPending`` tag, so that a retry resumes instead of regenerating again;
 4. **make-before-break**: APIM gateways pick a regenerated key up asynchronously, each unit (region,
    self-hosted gateway) on its own, refusing it until then. So the rotation probes every configured
-   gateway URL with the new key until each accepts it, polling with back-off for at most
-   ``propagation_timeout`` seconds. The probe is ``GET <gateway>/openai/v1/models`` with the key in the
-   subscription-key header: the gateway authenticates it like any call of the API, and listing models
-   costs no tokens. Any answer other than APIM's key 401 means "accepted"; the key itself is never logged;
+   gateway URL with the new key until each has accepted it ``probe_successes`` times in a row,
+   ``probe_interval`` seconds apart (units behind one hostname are picked per connection; every probe
+   opens a fresh one), for at most ``propagation_timeout`` seconds. The probe is
+   ``GET <gateway>/openai/v1/models`` with the key in the subscription-key header: the gateway
+   authenticates it like any call of the API, and listing models costs no tokens. Only a 2xx is
+   "accepted", APIM's key 401 is "not yet", anything else stops the rotation
+   (:class:`GatewayProbeError`); the key itself is never logged;
 5. only then writes it as a new secret version with ``CredentialId`` flipped, the other tags and the
    content type kept, and ``expires = now + ValidityPeriodDays``;
 6. verifies that the vault's latest version holds a live key of the slot its tag names, and repairs it
@@ -34,16 +43,21 @@ vault's latest version holding a key the gateway accepts, tagged with its slot. 
 rotation function in ``infra/rotation_function`` holds a blob lease per secret) keeps clients from ever
 seeing the short-lived state that step 6 repairs.
 
-Needs the ``rotation`` extra (``azure-mgmt-apimanagement``). The identity needs ``Key Vault Secrets
-Officer`` on the secret (read + write) and, on the APIM subscription, the four-action custom role that
-``infra/modules/apim.bicep`` defines (``apimvault APIM subscription key rotator``:
+:func:`revoke_current` is the emergency revocation: rotate, wait for the fleet, then regenerate the leaked
+key (:mod:`apimvault.rotation.revoke`). A failed rotation's traceback keeps no key in its frames' locals.
+
+Needs the ``rotation`` extra (``azure-mgmt-apimanagement``). The identity needs, on the secret, the data
+actions ``getSecret``, ``setSecret`` and ``update`` (the custom role ``apimvault secret rotator`` that
+``infra/`` defines, or Key Vault Secrets Officer) and, on the APIM subscription, the four-action custom
+role that ``infra/modules/apim.bicep`` defines (``apimvault APIM subscription key rotator``:
 ``Microsoft.ApiManagement/service/subscriptions/read``, ``.../listSecrets/action``,
 ``.../regeneratePrimaryKey/action``, ``.../regenerateSecondaryKey/action``).
 Nothing here logs, returns or raises with a key: only versions and fingerprints.
 
 Modules: :mod:`.config` (:class:`RotationConfig`, every setting and its one default), :mod:`.model`
 (tags, results, the subscription reference), :mod:`.azure` (Key Vault and ARM I/O, error mapping),
-:mod:`.probe` (the gateway probe), :mod:`.run` (one method per step). This module is the front.
+:mod:`.probe` (the gateway probe), :mod:`.run` (one method per step), :mod:`.revoke`. This module is
+the front.
 """
 
 from __future__ import annotations
@@ -287,7 +301,8 @@ def rotate(
         arm_endpoint: Azure Resource Manager (``APIMVAULT_ARM_ENDPOINT``, default
             ``https://management.azure.com``).
         credential: any ``TokenCredential``; ``None`` means ``DefaultAzureCredential()``. It needs Key
-            Vault Secrets Officer on the secret and the custom role ``infra/`` defines on the subscription.
+            Vault getSecret/setSecret/update on the secret and the custom role ``infra/`` defines on the
+            subscription (see the module).
         now: the instant the new expiry is computed from (default: the current UTC time).
         expected_version: rotate only if the latest version is this one (Event Grid idempotency);
             otherwise verify the latest version (and repair it if needed) and return a skipped result.
