@@ -45,6 +45,14 @@ def gateway_status_at(azure: LocalAzure, url: str, key: str) -> int:
     return response.status_code
 
 
+@pytest.fixture(autouse=True)
+def quick_probes() -> Iterator[None]:
+    """The probe rule's default count (10 consecutive 2xx) back to back: these tests run on the real
+    clock, and the spacing is covered on a manual clock."""
+    with temporary_environ({"APIMVAULT_PROBE_INTERVAL": "0"}):
+        yield
+
+
 @pytest.fixture
 def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
     credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)

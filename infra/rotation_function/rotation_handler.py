@@ -58,10 +58,7 @@ HANDLED_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY})
 """The Event Grid subscription (infra/modules/rotation.bicep) delivers only these."""
 LEASE_CONTAINER = "apimvault-rotation-leases"
 LEASE_SECONDS = 60  # the longest finite blob lease; renewed while the run lasts
-# The function's timeout is 5 minutes (host.json): waiting for another run's lease plus waiting for the
-# gateways must fit in it, with room for the ARM and Key Vault calls.
 DEFAULT_LEASE_WAIT = 60.0
-DEFAULT_FUNCTION_PROPAGATION_TIMEOUT = 180.0
 
 
 class InvalidEventError(ValueError):
@@ -298,9 +295,10 @@ def handle_event(
     the outcome.
 
     ``lease`` defaults to :func:`lease_from_environment` (the function's storage account); ``on_step`` is
-    handed to the rotation (tests use it to force interleavings). ``APIMVAULT_PROPAGATION_TIMEOUT``
-    (default 180 s here, so that the run fits the function's 5-minute timeout) bounds the wait for the
-    gateways (``APIMVAULT_GATEWAY_URLS``) to accept the new key.
+    handed to the rotation (tests use it to force interleavings). The rotation's settings are read once
+    with :meth:`apimvault.rotation.RotationConfig.from_env` (``APIMVAULT_PROPAGATION_TIMEOUT``, default
+    600 s as everywhere, ``APIMVAULT_GATEWAY_URLS``, ...): a bad value is a ``ConfigurationError`` naming
+    the variable.
 
     ``credential`` defaults (inside the library) to ``DefaultAzureCredential``, which in the function app
     is the rotator identity (``AZURE_CLIENT_ID``). ``APIMVAULT_ARM_ENDPOINT`` (tests, sovereign clouds) and
@@ -313,12 +311,11 @@ def handle_event(
     event_id, secret, version = parsed["id"], data["ObjectName"], data["Version"]
     log.info("rotation requested: event=%s secret=%s version=%s", event_id, secret, version)
 
-    from apimvault.rotation import rotate_from_event  # the library's rotation (extra "rotation")
+    # the library's rotation (extra "rotation")
+    from apimvault.rotation import RotationConfig, rotate_from_event
 
-    timeout = float(
-        os.environ.get("APIMVAULT_PROPAGATION_TIMEOUT", "") or DEFAULT_FUNCTION_PROPAGATION_TIMEOUT
-    )
     try:
+        config = RotationConfig.from_env()
         if lease is None:
             lease = lease_from_environment(secret)
         if lease is not None:
@@ -326,12 +323,7 @@ def handle_event(
             log.info("rotation lease taken: event=%s secret=%s", event_id, secret)
         try:
             result: RotationResultLike = rotate_from_event(
-                parsed,
-                credential=credential,
-                arm_endpoint=os.environ.get("APIMVAULT_ARM_ENDPOINT") or None,
-                apim_subscription_id=os.environ.get("APIMVAULT_APIM_SUBSCRIPTION_ID") or None,
-                propagation_timeout=timeout,
-                on_step=on_step,
+                parsed, credential=credential, on_step=on_step, config=config
             )
         finally:
             if lease is not None:

@@ -151,6 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the gateways to accept the new key before giving up without changing "
         "the vault (default: APIMVAULT_PROPAGATION_TIMEOUT or 600)",
     )
+    p.add_argument(
+        "--probe-successes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="consecutive 2xx probes each gateway URL must give the new key (units behind one hostname "
+        "are picked per connection; default: APIMVAULT_PROBE_SUCCESSES or 10)",
+    )
+    p.add_argument(
+        "--probe-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between those probes (default: APIMVAULT_PROBE_INTERVAL or 0.5)",
+    )
+    p.add_argument(
+        "--revoke-current",
+        action="store_true",
+        help="emergency revocation of the key the vault serves now: rotate to the other key, wait for the "
+        "fleet (--revoke-wait), then regenerate the leaked key and report when it died",
+    )
+    p.add_argument(
+        "--revoke-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --revoke-current: seconds the fleet gets to move to the new version before the leaked "
+        "key is regenerated (default: APIMVAULT_REVOKE_WAIT or 60)",
+    )
     p.set_defaults(func=cmd_rotate)
 
     p = add(
