@@ -207,16 +207,17 @@ def test_admin_api_sets_and_shows_the_delays(azure_p: LocalAzure, clock: ManualC
         assert admin.propagation()["region2"]["max"] == 6  # a refused change changed nothing
 
 
-def test_default_is_no_delay_and_units_are_not_addressable(azure: LocalAzure) -> None:
-    sub = fresh(azure)
-    old = sub.primary_key
-    azure.apim_state.regenerate(sub.sid, "primary")
-    assert statuses(azure, sub.primary_key) == {"region1": 200, "region2": 200}
-    assert statuses(azure, old) == {"region1": 401, "region2": 401}
-    assert "propagation-refused" not in azure.gateway.counters.labels()
-    # A unit name in the path is just an unrouted path (APIM's 404), whatever the key.
-    assert status(f"{azure.gateway_url}/region2", sub.primary_key) == 404
-    assert status(f"{azure.gateway_url}/region9", sub.primary_key) == 404
+def test_default_is_no_delay_and_units_are_not_addressable() -> None:
+    with LocalAzure(ca=SESSION_CA, seed=False) as azure:  # the defaults: balanced units, no delay
+        sub = fresh(azure)
+        old = sub.primary_key
+        azure.apim_state.regenerate(sub.sid, "primary")
+        assert statuses(azure, sub.primary_key) == {"region1": 200, "region2": 200}
+        assert statuses(azure, old) == {"region1": 401, "region2": 401}
+        assert "propagation-refused" not in azure.gateway.counters.labels()
+        # A unit name in the path is just an unrouted path (APIM's 404), whatever the key.
+        assert status(f"{azure.gateway_url}/region2", sub.primary_key) == 404
+        assert status(f"{azure.gateway_url}/region9", sub.primary_key) == 404
 
 
 def test_per_unit_routing_serves_each_unit_under_its_prefix(clock: ManualClock) -> None:
