@@ -318,9 +318,11 @@ def test_mgmt_client_unknown_subscription_and_service(azure: LocalAzure) -> None
     azure.assign_role(wide, "API Management Service Contributor", rg_scope)
     credential = DefaultAzureCredential(managed_identity_client_id=wide.client_id)
     try:
-        with ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url) as client:
-            with pytest.raises(ResourceNotFoundError, match="was not found"):
-                client.subscription.list_secrets(RESOURCE_GROUP, "other-service", APIM_SUBSCRIPTION)
+        with (
+            ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url) as client,
+            pytest.raises(ResourceNotFoundError, match="was not found"),
+        ):
+            client.subscription.list_secrets(RESOURCE_GROUP, "other-service", APIM_SUBSCRIPTION)
     finally:
         credential.close()
         azure.revoke_role(wide)
