@@ -28,6 +28,8 @@ from .apim import (
     Balance,
     DelaySpec,
     Routing,
+    normalize_operations,
+    normalize_suffix,
 )
 from .identity import IdentityService, write_az_stub
 from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
@@ -149,8 +151,15 @@ class LocalAzure:
         rotate_as: RotateAs = "officer",
         roles_file: str | Path | None = None,
     ) -> None:
+        # Settings checked before any port is bound or directory made.
         if rotate_as not in ("officer", "rotator"):
             raise ValueError(f"rotate_as must be 'officer' or 'rotator', not {rotate_as!r}")
+        if gateway_routing not in ("balanced", "per-unit"):
+            raise ValueError(f"gateway_routing must be 'balanced' or 'per-unit', not {gateway_routing!r}")
+        if gateway_balance not in ("round-robin", "random"):
+            raise ValueError(f"gateway_balance must be 'round-robin' or 'random', not {gateway_balance!r}")
+        api_suffix = normalize_suffix(api_suffix)
+        api_operations = normalize_operations(api_operations)
         units: Sequence[str]
         if isinstance(gateway_units, int):
             if isinstance(gateway_units, bool) or not 1 <= gateway_units <= 64:
