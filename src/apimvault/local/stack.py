@@ -392,6 +392,10 @@ class LocalAzure:
             "APIMVAULT_ADMIN_URL": self.admin.url,
             "APIMVAULT_ADMIN_TOKEN": self.admin_token,
             "APIMVAULT_GATEWAY_URLS": ",".join(self.gateway_urls),
+            # The published openai-behind-APIM pattern's base_url: the API suffix and a deployment.
+            "APIMVAULT_OPENAI_BASE_URL": (
+                f"{self.gateway_url}{self.gateway.api_path}/deployments/{DEPLOYMENT}"
+            ),
         }
         if self.rotate_as == "rotator":
             values["APIMVAULT_ROTATOR_CLIENT_ID"] = self.rotator_identity.client_id
