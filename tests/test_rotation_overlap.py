@@ -194,7 +194,10 @@ def sync_clock() -> ManualClock:
 def syncing(sync_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
     """A stack whose units take 20 s and 45 s (manual clock) to accept a regenerated key."""
     with LocalAzure(
-        ca=SESSION_CA, propagation_clock=sync_clock, propagation_delay={"region1": 20, "region2": 45}
+        ca=SESSION_CA,
+        propagation_clock=sync_clock,
+        propagation_delay={"region1": 20, "region2": 45},
+        gateway_routing="per-unit",  # each unit at its own URL until rotate's probe rule sees shared URLs
     ) as stack:
         yield stack  # tests enter stack.env() themselves, so other tests keep the session stack's
 

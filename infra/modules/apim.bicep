@@ -346,23 +346,21 @@ resource appSubscription 'Microsoft.ApiManagement/service/subscriptions@2024-05-
   }
 }
 
-// Least-privilege custom role for the rotation function: the four actions it needs on an APIM subscription.
+// Least-privilege custom role for the rotation function: the four actions it needs on an APIM subscription,
+// read from infra/roles/rotator.json (apimSubscriptionKeyRotator), the file apimvault.local's ARM plane enforces.
 // Its assignable scope is this one APIM service (a custom role may name a single resource), and the assignment
 // below narrows it further to the one APIM subscription.
+var keyRotatorRoleSpec = loadJsonContent('../roles/rotator.json', '$.apimSubscriptionKeyRotator')
+
 resource keyRotatorRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(resourceGroup().id, apim.id, 'apimvault-apim-subscription-key-rotator')
   properties: {
-    roleName: 'apimvault APIM subscription key rotator (${apim.name}, ${uniqueString(resourceGroup().id)})'
-    description: 'Read an APIM subscription, list its keys and regenerate its primary or secondary key.'
+    roleName: '${keyRotatorRoleSpec.roleName} (${apim.name}, ${uniqueString(resourceGroup().id)})'
+    description: keyRotatorRoleSpec.description
     type: 'CustomRole'
     permissions: [
       {
-        actions: [
-          'Microsoft.ApiManagement/service/subscriptions/read'
-          'Microsoft.ApiManagement/service/subscriptions/listSecrets/action'
-          'Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action'
-          'Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action'
-        ]
+        actions: loadJsonContent('../roles/rotator.json', '$.apimSubscriptionKeyRotator.actions')
         notActions: []
         dataActions: []
         notDataActions: []

@@ -61,11 +61,13 @@ ROTATOR_ACTIONS = {
     "Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action",
     "Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action",
 }
-# The rotator's Key Vault data role: read the value, write new versions, read versions' metadata. No delete,
-# purge, backup, restore or recover (Key Vault Secrets Officer has all of those).
+# The rotator's Key Vault data role: read the value, write new versions, update versions' tags (the rotation's
+# RotationPending / CredentialId tags), read versions' metadata. No delete, purge, backup, restore or recover
+# (Key Vault Secrets Officer has all of those).
 SECRET_ROTATOR_DATA_ACTIONS = {
     "Microsoft.KeyVault/vaults/secrets/getSecret/action",
     "Microsoft.KeyVault/vaults/secrets/setSecret/action",
+    "Microsoft.KeyVault/vaults/secrets/update/action",
     "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
 }
 # Custom role kind -> (actions, data actions, the resource type it is assignable on, where it is assigned).
@@ -178,7 +180,27 @@ def bicep_files(root: Path = INFRA) -> list[Path]:
 
 
 def load_templates(root: Path = INFRA) -> list[Template]:
-    return [Template(str(p.relative_to(root)), parse_bicep(p.read_text())) for p in bicep_files(root)]
+    return [
+        Template(str(p.relative_to(root)), inline_json_content(parse_bicep(p.read_text()), p.parent))
+        for p in bicep_files(root)
+    ]
+
+
+def inline_json_content(node: Any, base: Path) -> Any:
+    """``node`` with every ``loadJsonContent('file'[, '$.a.b'])`` replaced by the JSON it loads (Bicep inlines
+    it at compile time too), so the checks see e.g. the rotator roles of ``infra/roles/rotator.json``."""
+    if isinstance(node, list):
+        return [inline_json_content(item, base) for item in node]
+    if not isinstance(node, dict):
+        return node
+    fn = node.get("function")
+    if isinstance(fn, dict) and fn.get("type") == "load_json_content":
+        params = fn.get("parameters") or {}
+        value: Any = json.loads((base / str(params["file_path"])).read_text(encoding="utf-8"))
+        for key in [k for k in str(params.get("json_path") or "$").removeprefix("$").split(".") if k]:
+            value = value[key]
+        return value
+    return {key: inline_json_content(value, base) for key, value in node.items()}
 
 
 def config_of(res: dict[str, Any]) -> dict[str, Any]:

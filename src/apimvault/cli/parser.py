@@ -8,7 +8,7 @@ import math
 from .chat import cmd_chat
 from .check import cmd_check
 from .drill import cmd_drill
-from .local import cmd_local
+from .local import add_local_stack_options, cmd_local
 from .output import exit_code_table
 from .rotate import cmd_rotate
 
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--env-file", default=".apimvault-local.env", help="dotenv file to write (default %(default)s)"
     )
     p.add_argument("--check", action="store_true", help="start, check every service, stop; exit 0/1")
+    add_local_stack_options(p)
     p.set_defaults(func=cmd_local)
 
     p = add(
