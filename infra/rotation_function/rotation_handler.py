@@ -44,6 +44,7 @@ __all__ = [
     "HANDLED_EVENT_TYPES",
     "LEASE_CONTAINER",
     "InvalidEventError",
+    "LeaseLostError",
     "RotationLease",
     "event_to_dict",
     "handle_event",
@@ -92,6 +93,32 @@ class _EventGridEventLike(Protocol):  # azure.functions.EventGridEvent, without 
     def get_json(self) -> Any: ...
 
 
+class LeaseLostError(RotationError):
+    """The run lost its rotation lease (broken from outside, taken by another run, or not renewable
+    before it expired): it stopped before its next change (tag write, regeneration, vault write, repair),
+    so it never runs alongside the run that may hold the lease now. Not permanent: the queue message is
+    retried later, and the retry finds the secret rotated (and verifies it) or rotates it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, permanent=False)
+
+
+# Steps of apimvault.rotation's run that change something (rotate's ``on_step`` names): before each the
+# lease is renewed synchronously, so the step starts with the lease provably held for LEASE_SECONDS.
+CHANGING_STEPS = frozenset({"check", "regenerate", "write", "repair"})
+
+
+def _lease_lost_for_good(exc: BaseException) -> bool:
+    """A renewal error that no retry can mend: the service answered that this lease is not ours any more
+    (409 LeaseIdMismatch / LeaseNotPresent / LeaseIsBrokenAndCannotBeRenewed, 412, 404 blob gone, any
+    other 4xx but 408 and 429). Timeouts, connection errors, 408, 429 and 5xx are transient."""
+    from azure.core.exceptions import HttpResponseError
+
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        return 400 <= exc.status_code < 500 and exc.status_code not in (408, 429)
+    return False
+
+
 class RotationLease:
     """An Azure Storage blob lease that lets one rotation of a secret run at a time (see the module doc).
 
@@ -100,6 +127,14 @@ class RotationLease:
     another run, polling with back-off on the injected ``clock`` / ``sleep``, then raises
     :class:`RotationError` (retryable). While held, a background thread renews the lease every
     ``renew_every`` seconds; :meth:`release` (or leaving the ``with`` block) stops it and releases.
+
+    Held or stop (issue 19): a renewal that fails transiently (timeout, connection error, 408, 429, 5xx) is
+    retried with back-off for as long as the lease is still valid (``duration`` after the last renewal
+    that succeeded, counted from before that request was sent); a renewal the service refuses (the lease
+    was broken, taken by another run or its blob deleted), or no success before the lease would expire,
+    marks the lease **lost**. :meth:`ensure_held`, called before every rotation step, then raises
+    :class:`LeaseLostError`; before the steps that change something (:data:`CHANGING_STEPS`) it renews
+    synchronously first, so a lease broken a moment ago is seen there and not one step later.
     """
 
     def __init__(
@@ -123,12 +158,20 @@ class RotationLease:
         self.clock = clock
         self.sleep = sleep
         self._lease: Any = None
+        self._valid_until = 0.0
+        self._lost: str | None = None
+        self._renew_lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     @property
     def held(self) -> bool:
-        return self._lease is not None
+        return self._lease is not None and self._lost is None
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lease was lost (``None`` while held or never taken)."""
+        return self._lost
 
     def _ensure_blob(self) -> Any:
         from azure.core.exceptions import HttpResponseError, ResourceExistsError
@@ -153,7 +196,10 @@ class RotationLease:
         delay = 1.0
         while True:
             try:
+                sent = self.clock()
                 self._lease = blob.acquire_lease(lease_duration=self.duration)
+                self._valid_until = sent + self.duration
+                self._lost = None
                 break
             except HttpResponseError as exc:
                 if exc.status_code != 409:  # 409 LeaseAlreadyPresent: another run holds it
@@ -162,8 +208,8 @@ class RotationLease:
             if now >= deadline:
                 raise RotationError(
                     f"another rotation of {self.blob_name.removesuffix('.lock')} still holds the lease "
-                    f"{LEASE_CONTAINER}/{self.blob_name} after {self.wait:g} s; nothing was changed (Event "
-                    "Grid retries the delivery later)",
+                    f"{LEASE_CONTAINER}/{self.blob_name} after {self.wait:g} s; nothing was changed (the "
+                    "delivery is retried later)",
                     permanent=False,
                 )
             log.info("rotation lease %s is held by another run; waiting", self.blob_name)
@@ -173,16 +219,82 @@ class RotationLease:
         self._renewer = threading.Thread(target=self._renew, name="rotation-lease-renewer", daemon=True)
         self._renewer.start()
 
-    def _renew(self) -> None:
-        while not self._stop.wait(self.renew_every):
+    def _mark_lost(self, why: str) -> None:
+        if self._lost is None:
+            self._lost = why
+            log.error("rotation lease %s lost: %s; the run stops before its next change", self.blob_name, why)
+
+    def renew(self) -> None:
+        """Renew now, retrying transient errors while the lease is still valid; mark it lost otherwise.
+        Raises :class:`LeaseLostError` when the lease is (or already was) lost."""
+        with self._renew_lock:
             lease = self._lease
             if lease is None:
+                raise LeaseLostError(f"the rotation lease {LEASE_CONTAINER}/{self.blob_name} is not held")
+            delay = 1.0
+            attempt = 0
+            while self._lost is None:
+                attempt += 1
+                sent = self.clock()
+                try:
+                    lease.renew()
+                except Exception as exc:
+                    if _lease_lost_for_good(exc):
+                        status = getattr(exc, "status_code", None)
+                        code = getattr(exc, "error_code", None) or type(exc).__name__
+                        self._mark_lost(f"renewal refused ({status} {code})")
+                        break
+                    now = self.clock()
+                    if now + delay >= self._valid_until:
+                        self._mark_lost(
+                            f"no renewal succeeded before the lease expired ({attempt} attempts, last: "
+                            f"{type(exc).__name__})"
+                        )
+                        break
+                    log.warning(
+                        "renewing rotation lease %s failed (%s, attempt %d); retrying in %g s while it is "
+                        "still valid (%.0f s left)",
+                        self.blob_name,
+                        type(exc).__name__,
+                        attempt,
+                        delay,
+                        self._valid_until - now,
+                    )
+                    self.sleep(delay)
+                    delay = min(delay * 2, 8.0)
+                    continue
+                self._valid_until = sent + self.duration
+                return
+        raise self._lost_error()
+
+    def _lost_error(self, step: str | None = None) -> LeaseLostError:
+        secret = self.blob_name.removesuffix(".lock")
+        where = f" before step {step!r}" if step else ""
+        return LeaseLostError(
+            f"the rotation lease {LEASE_CONTAINER}/{self.blob_name} was lost ({self._lost}): the rotation of "
+            f"{secret} stopped{where} so that it cannot run alongside another run; the delivery is "
+            "retried later"
+        )
+
+    def ensure_held(self, step: str) -> None:
+        """Called before each rotation step: raise :class:`LeaseLostError` if the lease is lost; before a
+        step that changes something, renew first (so the step starts with ``duration`` seconds of lease)."""
+        if self._lost is not None:
+            raise self._lost_error(step)
+        if step in CHANGING_STEPS:
+            try:
+                self.renew()
+            except LeaseLostError:
+                raise self._lost_error(step) from None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            if self._lease is None or self._lost is not None:
                 return
             try:
-                lease.renew()
-            except Exception as exc:  # the lease is lost: the library's verification still holds
-                log.warning("could not renew rotation lease %s: %s", self.blob_name, type(exc).__name__)
-                return
+                self.renew()
+            except LeaseLostError:
+                return  # ensure_held stops the run before its next step
 
     def release(self) -> None:
         self._stop.set()
@@ -190,7 +302,7 @@ class RotationLease:
             self._renewer.join(timeout=30)
             self._renewer = None
         lease, self._lease = self._lease, None
-        if lease is not None:
+        if lease is not None and self._lost is None:
             try:
                 lease.release()
             except Exception as exc:  # it expires on its own within LEASE_SECONDS
@@ -234,6 +346,17 @@ def lease_from_environment(secret_name: str) -> RotationLease | None:
     client_id = os.environ.get("AzureWebJobsStorage__clientId", "").strip() or None  # noqa: SIM112 - the Functions host's names
     credential = ManagedIdentityCredential(client_id=client_id)
     return RotationLease(ContainerClient(uri, LEASE_CONTAINER, credential=credential), secret_name, wait=wait)
+
+
+def _guarded_steps(lease: RotationLease, on_step: Callable[[str], None] | None) -> Callable[[str], None]:
+    """The rotation's step hook: the caller's hook, then the lease check (held or stop)."""
+
+    def guarded(step: str) -> None:
+        if on_step is not None:
+            on_step(step)
+        lease.ensure_held(step)  # never a change without the lease
+
+    return guarded
 
 
 def event_to_dict(event: _EventGridEventLike) -> dict[str, Any]:
@@ -324,6 +447,7 @@ def handle_event(
         if lease is not None:
             lease.acquire()
             log.info("rotation lease taken: event=%s secret=%s", event_id, secret)
+        guarded = on_step if lease is None else _guarded_steps(lease, on_step)
         try:
             result: RotationResultLike = rotate_from_event(
                 parsed,
@@ -331,7 +455,7 @@ def handle_event(
                 arm_endpoint=os.environ.get("APIMVAULT_ARM_ENDPOINT") or None,
                 apim_subscription_id=os.environ.get("APIMVAULT_APIM_SUBSCRIPTION_ID") or None,
                 propagation_timeout=timeout,
-                on_step=on_step,
+                on_step=guarded,
             )
         finally:
             if lease is not None:
