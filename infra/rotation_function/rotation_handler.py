@@ -1,13 +1,20 @@
 """The rotation function's logic, free of ``azure.functions`` so it can be imported and tested anywhere.
 
-``function_app.py`` turns the Functions runtime's ``EventGridEvent`` into the plain Event Grid dict
-(:func:`event_to_dict`) and calls :func:`handle_event`, which checks the envelope (:func:`parse_event`),
-calls :func:`apimvault.rotation.rotate_from_event` and logs the outcome: event id, secret name, versions,
-credential id. Never a key: the handler does not see one, and logs only what the result object carries.
+Delivery (issue 19): Event Grid writes each ``SecretNearExpiry`` event to the Storage queue
+:data:`ROTATION_QUEUE` on the function's own storage account (answered at once: Event Grid never waits for
+a rotation), and ``function_app.py``'s queue trigger hands the message body to
+:func:`handle_queue_message`, which decodes the event (:func:`event_from_queue_message`) and calls
+:func:`handle_event`: it checks the envelope (:func:`parse_event`), calls
+:func:`apimvault.rotation.rotate_from_event` under the secret's lease and logs the outcome: event id, secret
+name, versions, credential id. Never a key: the handler does not see one, and logs only what the result
+object carries. A run that fails is retried by the queue (host.json ``visibilityTimeout`` later, which is
+longer than the longest run) and after ``maxDequeueCount`` (5) failed runs the message is in
+``<queue>-poison``, which pages (infra/modules/rotation.bicep). :func:`event_to_dict` remains for the Event
+Grid trigger's ``EventGridEvent`` (a direct push subscription).
 
-Serialising overlapping runs (issue 11). Event Grid delivers at least once and re-delivers an event it got
-no answer for within 30 s; a cold start plus ARM calls plus the wait for the gateways to accept the new key
-easily takes longer, so two runs for the same secret can overlap. Each run therefore holds a **blob lease**
+Serialising overlapping runs (issue 11). Event Grid delivers at least once ("duplicates might still be
+received"), and a message whose instance died reappears after the host's 10-minute processing visibility,
+so two runs for the same secret can overlap. Each run therefore holds a **blob lease**
 (:class:`RotationLease`) on ``apimvault-rotation-leases/<secret>.lock`` in the function's own storage
 account (``AzureWebJobsStorage``, on which the host identity already has Storage Blob Data Owner) for the
 whole rotation; a second run waits for it (bounded, with back-off) and then finds the version already
@@ -24,7 +31,9 @@ had, e.g. for a rotation started by hand with ``apimvault rotate``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -45,9 +54,12 @@ __all__ = [
     "LEASE_CONTAINER",
     "InvalidEventError",
     "LeaseLostError",
+    "ROTATION_QUEUE",
     "RotationLease",
+    "event_from_queue_message",
     "event_to_dict",
     "handle_event",
+    "handle_queue_message",
     "lease_from_environment",
     "parse_event",
 ]
@@ -59,17 +71,22 @@ HANDLED_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY})
 """The Event Grid subscription (infra/modules/rotation.bicep) delivers only these."""
 LEASE_CONTAINER = "apimvault-rotation-leases"
 LEASE_SECONDS = 60  # the longest finite blob lease; renewed while the run lasts
-# The function's timeout is 5 minutes (host.json): waiting for another run's lease plus waiting for the
-# gateways must fit in it, with room for the ARM and Key Vault calls.
+ROTATION_QUEUE = "apimvault-rotation-events"
+"""The Storage queue Event Grid delivers to (rotation.bicep ``rotationQueueName``); poison: ``<it>-poison``."""
+# The longest run: waiting for another run's lease + waiting for the gateways + the ARM / Key Vault calls and
+# probes around them. host.json's functionTimeout (15 min) and queues.visibilityTimeout (15 min) exceed it
+# (tests/infra/test_rotation_delivery.py checks the sum). 600 s of propagation: a Microsoft Q&A answer
+# (5922487) reports up to 10 minutes for a regenerated key to reach every gateway.
 DEFAULT_LEASE_WAIT = 60.0
-DEFAULT_FUNCTION_PROPAGATION_TIMEOUT = 180.0
+DEFAULT_FUNCTION_PROPAGATION_TIMEOUT = 600.0
+ROTATION_OVERHEAD = 120.0
 
 
 class InvalidEventError(ValueError):
     """The event is not a Key Vault near-expiry event for the secret this function rotates.
 
-    Raised (not swallowed) so the delivery fails and, after Event Grid's retries, lands in the dead-letter
-    container where it is visible.
+    Raised (not swallowed) so the run fails and, after the queue's ``maxDequeueCount`` tries, the message
+    lands in the poison queue, which raises an alert.
     """
 
 
@@ -410,6 +427,48 @@ def parse_event(event: Mapping[str, Any], *, expected_secret: str | None = None)
     return parsed
 
 
+def event_from_queue_message(body: bytes | str) -> dict[str, Any]:
+    """The Event Grid event in a queue message Event Grid wrote (one event per message, Event Grid schema).
+
+    host.json reads messages with ``messageEncoding: none``, so the body is what Event Grid stored: the
+    event's JSON Base64-encoded (what Event Grid writes today, azure-docs#102923) or, as it wrote before,
+    the plain JSON (azure-docs#69702). Both are accepted; a one-event array too. Anything else is an
+    :class:`InvalidEventError` (after ``maxDequeueCount`` tries the message is in the poison queue)."""
+    raw = body if isinstance(body, bytes) else body.encode()
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text.startswith(("{", "[")):
+        try:
+            text = base64.b64decode(text, validate=True).decode("utf-8").strip()
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidEventError("queue message is neither JSON nor Base64-encoded JSON") from None
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise InvalidEventError("queue message is not JSON") from None
+    if isinstance(event, list) and len(event) == 1:
+        event = event[0]
+    if not isinstance(event, dict):
+        raise InvalidEventError("queue message does not hold one Event Grid event")
+    return event
+
+
+def handle_queue_message(
+    body: bytes | str,
+    *,
+    message_id: str | None = None,
+    dequeue_count: int | None = None,
+    credential: TokenCredential | None = None,
+    lease: RotationLease | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> RotationResultLike:
+    """The queue trigger's entry (``function_app.py``): decode the event Event Grid queued
+    (:func:`event_from_queue_message`) and :func:`handle_event` it. An error propagates, so the host makes
+    the message visible again after ``visibilityTimeout`` and, after ``maxDequeueCount`` failed runs,
+    moves it to ``<queue>-poison`` (which raises an alert)."""
+    log.info("queue message %s (dequeue count %s)", message_id, dequeue_count)
+    return handle_event(event_from_queue_message(body), credential=credential, lease=lease, on_step=on_step)
+
+
 def handle_event(
     event: Mapping[str, Any],
     *,
@@ -421,15 +480,16 @@ def handle_event(
     the outcome.
 
     ``lease`` defaults to :func:`lease_from_environment` (the function's storage account); ``on_step`` is
-    handed to the rotation (tests use it to force interleavings). ``APIMVAULT_PROPAGATION_TIMEOUT``
-    (default 180 s here, so that the run fits the function's 5-minute timeout) bounds the wait for the
-    gateways (``APIMVAULT_GATEWAY_URLS``) to accept the new key.
+    handed to the rotation (tests use it to force interleavings), after the lease check of
+    :meth:`RotationLease.ensure_held` (a lost lease stops the run with :class:`LeaseLostError` before its
+    next change). ``APIMVAULT_PROPAGATION_TIMEOUT`` (default 600 s, within host.json's 15-minute
+    functionTimeout) bounds the wait for the gateways (``APIMVAULT_GATEWAY_URLS``) to accept the new key.
 
     ``credential`` defaults (inside the library) to ``DefaultAzureCredential``, which in the function app
     is the rotator identity (``AZURE_CLIENT_ID``). ``APIMVAULT_ARM_ENDPOINT`` (tests, sovereign clouds) and
     ``APIMVAULT_APIM_SUBSCRIPTION_ID`` (the one APIM subscription this function may rotate) come from the
     environment. Library errors are logged (type and message; they never carry a key) and re-raised so
-    Event Grid retries and finally dead-letters the event.
+    the queue message is retried and finally moved to the poison queue.
     """
     parsed = parse_event(event)
     data = parsed["data"]
