@@ -260,6 +260,7 @@ module rotation 'modules/rotation.bicep' = {
     functionSubnetId: network.outputs.functionSubnetId
     privateEndpointSubnetId: network.outputs.privateEndpointSubnetId
     blobDnsZoneId: network.outputs.blobDnsZoneId
+    queueDnsZoneId: network.outputs.queueDnsZoneId
     logAnalyticsWorkspaceId: monitoring.outputs.workspaceId
     appInsightsName: monitoring.outputs.appInsightsName
     appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
@@ -277,6 +278,8 @@ module alerts 'modules/alerts.bicep' = {
     actionGroupName: names.actionGroup
     emailAddresses: alertEmailAddresses
     systemTopicName: rotation.outputs.systemTopicName
+    storageAccountName: rotation.outputs.storageAccountName
+    poisonQueueName: rotation.outputs.poisonQueueName
     appInsightsName: monitoring.outputs.appInsightsName
     logAnalyticsWorkspaceId: monitoring.outputs.workspaceId
     keyVaultName: keyVault.outputs.name

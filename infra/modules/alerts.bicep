@@ -10,6 +10,8 @@
 //     A scheduled query on the vault's audit logs (AzureDiagnostics), not on the function's own telemetry, so
 //     it also fires when the function, its identity or the Event Grid subscription is gone. It stays fired
 //     (autoMitigate false) until someone closes it.
+//  5. A rotation event landed in the poison queue (its run failed host.json's maxDequeueCount times): a
+//     scheduled query on the storage account's queue logs. Stays fired until closed.
 
 param location string
 param tags object = {}
@@ -24,6 +26,10 @@ param actionGroupName string
 param emailAddresses array = []
 
 param systemTopicName string
+
+@description('The rotation function\'s storage account and the poison queue of its rotation queue (rotation.bicep).')
+param storageAccountName string
+param poisonQueueName string
 param appInsightsName string
 param logAnalyticsWorkspaceId string
 param keyVaultName string
@@ -208,6 +214,53 @@ resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
       allOf: [
         {
           query: overdueQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: [
+        actionGroupResourceId
+      ]
+    }
+  }
+}
+
+// A rotation event whose run failed maxDequeueCount times (host.json) was moved to the poison queue: the key was
+// NOT rotated and nothing retries it. The storage account's queue logs (StorageQueueLogs, rotation.bicep's
+// diagnostic setting) show the host's PutMessage on the poison queue.
+var poisonQuery = format('''
+StorageQueueLogs
+  | where AccountName =~ "{0}" and OperationName == "PutMessage" and StatusCode == 201
+  | where Uri contains "/{1}/messages"
+''', storageAccountName, poisonQueueName)
+
+resource rotationPoisoned 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: 'apimvault-rotation-poisoned'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'apimvault: rotation event moved to the poison queue'
+    description: 'A SecretNearExpiry event failed its rotation 5 times and is in the ${poisonQueueName} queue: the APIM key was NOT rotated. The function logs (FunctionAppLogs) name the error, never the key; fix it, then rotate with apimvault rotate (or move the message back to the rotation queue).'
+    severity: 1
+    enabled: true
+    scopes: [
+      logAnalyticsWorkspaceId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT1H'
+    autoMitigate: false
+    criteria: {
+      allOf: [
+        {
+          query: poisonQuery
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

@@ -24,6 +24,7 @@ var dnsZoneNames = [
   'privatelink.vaultcore.azure.net'
   'privatelink.openai.azure.com'
   'privatelink.blob.${environment().suffixes.storage}'
+  'privatelink.queue.${environment().suffixes.storage}'
 ]
 
 resource nsgPrivateEndpoints 'Microsoft.Network/networkSecurityGroups@2024-05-01' = {
@@ -141,3 +142,4 @@ output functionSubnetId string = vnet.properties.subnets[2].id
 output keyVaultDnsZoneId string = dnsZones[0].id
 output openAiDnsZoneId string = dnsZones[1].id
 output blobDnsZoneId string = dnsZones[2].id
+output queueDnsZoneId string = dnsZones[3].id

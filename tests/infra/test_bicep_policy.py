@@ -189,6 +189,26 @@ def test_secret_rotation_tags_expiry_and_seed(templates: list[Template]) -> None
     assert params["secretValidityDays"]["value"] > 30
 
 
+QUEUE = "Microsoft.Storage/storageAccounts/queueServices/queues"
+QUEUE_CONTRIBUTOR = "974c5e8b-45b9-4653-ba55-5f855dd0fb88"  # Storage Queue Data Contributor
+QUEUE_SENDER = "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a"  # Storage Queue Data Message Sender
+QUEUE_ROLES = {QUEUE_CONTRIBUTOR, QUEUE_SENDER}
+SYSTEM_TOPIC_PRINCIPAL = {
+    "operator": {
+        "type": "property_accessor",
+        "operands": {
+            "operand_1": "systemTopic",
+            "operand_2": {
+                "operator": {
+                    "type": "property_accessor",
+                    "operands": {"operand_1": "identity", "operand_2": "principalId"},
+                }
+            },
+        },
+    }
+}
+
+
 def test_near_expiry_event_subscription_filtered_with_retry_and_dead_letter(
     templates: list[Template],
 ) -> None:
@@ -204,8 +224,92 @@ def test_near_expiry_event_subscription_filtered_with_retry_and_dead_letter(
     assert p["retryPolicy"]["maxDeliveryAttempts"] >= 1
     dead_letter = p["deadLetterWithResourceIdentity"]["deadLetterDestination"]
     assert dead_letter["endpointType"] == "StorageBlob"
-    assert p["destination"]["endpointType"] == "AzureFunction"
-    assert p["destination"]["properties"]["maxEventsPerBatch"] == 1
+
+
+def test_events_reach_the_function_through_a_queue_on_its_own_storage_account(
+    templates: list[Template],
+) -> None:
+    """Issue 19 item 4: Event Grid -> Storage queue (system identity, Message Sender on that queue only) ->
+    queue trigger (host identity, Queue Data Contributor on the queue and its poison queue only), read
+    through a queue private endpoint; a message in the poison queue pages."""
+    rotation = _one(templates, "modules/rotation.bicep")
+    ((_, sub),) = rotation.of_type(EVENT_SUBSCRIPTION)
+    config = sub["config"]["config"]
+    p = config["properties"]
+    assert "destination" not in p  # no push to the function: its 30 s answer window is too short
+    delivery = p["deliveryWithResourceIdentity"]
+    assert delivery["identity"] == {"type": "SystemAssigned"}  # the only kind a storage firewall admits
+    destination = delivery["destination"]
+    assert destination["endpointType"] == "StorageQueue"
+    queue_name = rotation.resolve(destination["properties"]["queueName"])
+    handler_py = (INFRA / "rotation_function" / "rotation_handler.py").read_text()
+    assert queue_name == "apimvault-rotation-events"
+    assert f'ROTATION_QUEUE = "{queue_name}"' in handler_py
+    assert json.dumps(destination["properties"]["resourceId"]) == json.dumps(
+        {"operator": {"type": "property_accessor", "operands": {"operand_1": "storage", "operand_2": "id"}}}
+    )
+    assert "topicQueueSender" in config["dependsOn"]
+    queues = {rotation.resolve(res["config"]["name"]) for _, res in rotation.of_type(QUEUE)}
+    assert queues == {queue_name, "${rotationQueueName}-poison"}
+    # Grants on queues: exactly the topic's sender role and the host's contributor role, scoped to queues.
+    grants = {g for g in role_grants(templates) if g[0] in QUEUE_ROLES or g[2] == QUEUE}
+    assert grants == {
+        (QUEUE_CONTRIBUTOR, '"functionHostPrincipalId"', QUEUE),
+        (QUEUE_SENDER, json.dumps(SYSTEM_TOPIC_PRINCIPAL), QUEUE),
+    }
+    scopes = {
+        symbol: res["config"]["scope"]
+        for symbol, res in rotation.of_type("Microsoft.Authorization/roleAssignments")
+        if "Queue" in symbol
+    }
+    assert scopes == {
+        "hostRotationQueueContributor": "rotationQueue",
+        "hostPoisonQueueContributor": "poisonQueue",
+        "topicQueueSender": "rotationQueue",
+    }
+    # The trigger's connection: the host's identity-based AzureWebJobsStorage (no key, no connection string).
+    settings = {
+        s["name"]: s["value"]
+        for s in rotation.resources["functionApp"]["config"]["properties"]["siteConfig"]["appSettings"]
+    }
+    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert not [n for n in settings if n.startswith("AzureWebJobsStorage") and "onnection" in n]
+    function_app_py = (INFRA / "rotation_function" / "function_app.py").read_text()
+    assert 'QUEUE_CONNECTION = "AzureWebJobsStorage"' in function_app_py
+    assert rotation.modules["queuePrivateEndpoint"]["config"]["params"]["groupId"] == "queue"
+    assert "queuePrivateEndpoint" in rotation.resources["functionApp"]["config"]["dependsOn"]
+    main = _one(templates, "main.bicep")
+    assert main.modules["rotation"]["config"]["params"]["queueDnsZoneId"] == {
+        "operator": {
+            "type": "property_accessor",
+            "operands": {
+                "operand_1": "network",
+                "operand_2": {
+                    "operator": {
+                        "type": "property_accessor",
+                        "operands": {"operand_1": "outputs", "operand_2": "queueDnsZoneId"},
+                    }
+                },
+            },
+        }
+    }
+    # The poison alert: a log query on the account's queue writes, paging the action group, until closed.
+    alerts = _one(templates, "modules/alerts.bicep")
+    poisoned = alerts.resources["rotationPoisoned"]["config"]["properties"]
+    query = json.dumps(alerts.resolve(poisoned["criteria"]["allOf"][0]["query"]))
+    assert "StorageQueueLogs" in query and "PutMessage" in query and '"arg_2": "poisonQueueName"' in query
+    assert poisoned["autoMitigate"] is False
+    assert poisoned["actions"]["actionGroups"] == ["actionGroupResourceId"]
+    assert "poisonQueueName" in json.dumps(main.modules["alerts"]["config"]["params"]["poisonQueueName"])
+    diagnostics = [
+        res
+        for _, res in rotation.of_type("Microsoft.Insights/diagnosticSettings")
+        if res["config"].get("scope") == "queueService"
+    ]
+    assert [log["category"] for log in diagnostics[0]["config"]["properties"]["logs"]] == [
+        "StorageWrite",
+        "StorageDelete",
+    ]
 
 
 def test_backend_local_auth_disabled_and_apim_uses_managed_identity(templates: list[Template]) -> None:
