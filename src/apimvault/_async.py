@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from types import TracebackType
 
 from azure.core.credentials_async import AsyncTokenCredential
@@ -162,7 +163,9 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         error: BaseException | None = None
         pending = []
         try:
-            fetched = await _telemetry.atraced_read(self, flight.reason, self._fetch)
+            fetched = await _telemetry.atraced_read(
+                self, flight.reason, functools.partial(self._fetch, flight.reason)
+            )
         except Exception as exc:
             error = exc
         finally:
@@ -172,16 +175,17 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         self._emit_all(pending)
         return (fetched.key if fetched else None), error
 
-    async def _fetch(self) -> Fetched:
-        step: Fetched | Read = self._first_read()
+    async def _fetch(self, reason: Reason) -> Fetched:
+        step: Fetched | Read = self._first_read(reason)
         vault = self.secret_client
         while not isinstance(step, Fetched):
+            read = step
             try:
-                if step.listing:
+                if read.listing:
                     found = [v async for v in vault.list_properties_of_secret_versions(self.secret_name)]
-                    step = self._pick_version(found, step)
+                    step = self._pick_version(found, read)
                 else:
-                    step = self._read_done(await vault.get_secret(self.secret_name, step.version), step)
+                    step = self._read_done(await vault.get_secret(self.secret_name, read.version), read)
             except Exception as exc:
-                self._raise_typed(exc)
+                step = self._read_failed(exc, read)
         return step

@@ -31,8 +31,11 @@ from ._vault_errors import map_error, retry_after_of
 from ._vaultclient import check_secret_client, checked, secret_client_kwargs
 from .exceptions import (
     ConfigurationError,
+    InvalidSecretValueError,
+    KeyUnavailableError,
     SecretDisabledError,
     SecretExpiredError,
+    SecretNotFoundError,
     SecretNotYetValidError,
     VaultUnavailableError,
 )
@@ -83,18 +86,27 @@ class PushPlan(enum.Enum):
 class Read(NamedTuple):
     """One Key Vault request to do: ``get_secret(version)`` (``None``: the latest), or with ``listing``
     ``list_properties_of_secret_versions``. ``staged_at``: the latest version is pre-staged, valid from
-    then (Unix time), and an earlier version is being read instead."""
+    then (Unix time). ``refused``: why the latest version is not served (disabled, expired, not yet valid);
+    raised if no other version is valid now. ``for_401``: the read answers a gateway's 401. ``then``: the
+    key is already read and this read checks the previous version before it may serve as a fallback."""
 
     version: str | None
     staged_at: float | None = None
     listing: bool = False
+    refused: BaseException | None = None
+    for_401: bool = False
+    then: Fetched | None = None
 
 
 class Fetched(NamedTuple):
-    """A key read from Key Vault, and when (Unix time) to look again for a pre-staged newer version."""
+    """A key read from Key Vault, and when (Unix time) to look again for a pre-staged newer version.
+    ``previous_checked``: the previous version was read again, and ``previous`` is what Key Vault says of
+    it now (``None``: disabled, expired, deleted or unreadable as a key, so never a fallback)."""
 
     key: SubscriptionKey
     revisit_at: float | None = None
+    previous: SubscriptionKey | None = None
+    previous_checked: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +195,14 @@ def flight_timeout(where: str) -> VaultUnavailableError:
         "background",
         secret=where,
     )
+
+
+#: A version in one of these states is never served (the newest version valid now is looked for instead).
+_NOT_SERVABLE = (SecretDisabledError, SecretExpiredError, SecretNotYetValidError)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
 
 
 # Every live provider, so a forked child can reset what it inherited (see ProviderBase._after_fork).
@@ -347,7 +367,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         """Under the lock: refresh the fast-path snapshot from the cache."""
         entry = self._cache.usable(now, wall)
         until, expiry = self._cache.serve_deadline(now, wall)
-        self._fast = (until, expiry, self._cache.served(entry)) if entry is not None and until > now else None
+        self._fast = (
+            (until, expiry, self._cache.served(entry, wall)) if entry is not None and until > now else None
+        )
 
     def _decide(self) -> tuple[Action, SubscriptionKey | None, Reason]:
         """Under the lock: what a ``get_key()`` does now. Raises the last error for a LOAD that may not
@@ -361,7 +383,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
                 raise self._no_key_error()
             return action, None, "load"
         assert entry is not None
-        key = self._cache.served(entry)
+        key = self._cache.served(entry, wall)
         return action, key, "invalidated" if self._cache.invalidated else "refresh ahead"
 
     def _forced(self, sent: SubscriptionKey) -> tuple[bool, SubscriptionKey | None, bool]:
@@ -503,13 +525,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
 
     # ------------------------------------------------------------------------- Key Vault reads
 
-    def _first_read(self) -> Read:
+    def _first_read(self, reason: Reason = "refresh") -> Read:
         """A shell is about to read Key Vault: what to read first (the pinned or the latest version)."""
         if self._rebuild:  # first read in a forked child: new connections, not the parent's
             self._rebuild = False
             self.secret_client = self._make_clients()
         self._n.add("vault_reads")
-        return Read(self.version)
+        return Read(self.version, for_401=reason == "401 from gateway")
 
     def _raise_typed(self, exc: Exception) -> NoReturn:
         """Called in a shell's ``except`` block for ``get_secret``: raise the typed error (or ``exc``)."""
@@ -520,36 +542,63 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             raise
         raise mapped from exc
 
+    def _read_failed(self, exc: Exception, read: Read) -> Fetched | Read:
+        """Called in a shell's ``except`` block for a step: the next step, or raise the typed error.
+
+        The latest version refused as disabled (Key Vault's 403 ``SecretDisabled``) is not the end: the
+        newest version valid now is looked for (an operator disables a bad version to roll back). A
+        failed check of the previous version leaves the key read; the previous one is no fallback when
+        Key Vault says it is invalid, and stays as it was when Key Vault could not answer.
+        """
+        mapped = map_error(exc, where=self.where)
+        if read.then is not None:
+            invalid = isinstance(mapped, (SecretNotFoundError, InvalidSecretValueError, *_NOT_SERVABLE))
+            return read.then._replace(previous_checked=True) if invalid else read.then
+        if isinstance(mapped, SecretDisabledError) and self._reads_latest(read):
+            self._n.add("vault_reads")
+            return read._replace(listing=True, refused=mapped)
+        self._raise_typed(exc)
+
+    def _reads_latest(self, read: Read) -> bool:
+        """Whether ``read`` asked for the latest version of an unpinned secret."""
+        return self.version is None and read.version is None and not read.listing and read.then is None
+
     def _read_done(self, secret: KeyVaultSecret, read: Read) -> Fetched | Read:
         """A secret read as ``read`` asked: the key to accept, or the next read to do.
 
-        A latest version that is not valid yet (pre-staged, ``not_before`` in the future) does not
-        replace the cached one: the cached version is read again by id and, if still valid, kept
-        until the staged one's ``not_before``. A served version Key Vault reports expired is dropped.
+        A latest version that is not servable now (disabled, expired, or pre-staged with ``not_before``
+        in the future) never replaces a valid key: the versions are listed and the newest one that is
+        enabled and valid now is served (kept until a staged one's ``not_before``). A pinned version Key
+        Vault reports expired is dropped.
         """
-        key = to_key(secret, where=self.where)
         wall = self.clock()
+        if read.then is not None:  # the previous version, checked before it may serve as a fallback
+            try:
+                previous = check_validity(to_key(secret, where=self.where), where=self.where, wall=wall)
+            except KeyUnavailableError:
+                return read.then._replace(previous_checked=True)
+            return read.then._replace(previous=previous, previous_checked=True)
         try:
-            check_validity(key, where=self.where, wall=wall)
-        except SecretNotYetValidError:
-            with self._lock:
-                held = self._cache.entry(wall)
-            if read.staged_at is not None or self.version is not None:
-                raise
-            self._n.add("vault_reads")
-            if held is not None and held.key != key:
-                return Read(held.key.version, staged_at=key.not_before)
-            return Read(None, staged_at=key.not_before, listing=True)  # no key yet: find the valid one
-        except SecretExpiredError:
-            with self._lock:  # Key Vault says this version expired: never serve it again
-                held = self._cache.entry(wall)
-                if held is not None and held.key.version == key.version:
-                    self._drop()
+            key = check_validity(to_key(secret, where=self.where), where=self.where, wall=wall)
+        except _NOT_SERVABLE as exc:
+            if self._reads_latest(read):  # find the newest version valid now
+                self._n.add("vault_reads")
+                staged = (
+                    _ts(secret.properties.not_before) if isinstance(exc, SecretNotYetValidError) else None
+                )
+                return read._replace(listing=True, refused=exc, staged_at=staged)
+            if isinstance(exc, SecretExpiredError):
+                with self._lock:  # Key Vault says this version expired: never serve it again
+                    held = self._cache.entry(wall)
+                    if held is not None and held.key.version == secret.properties.version:
+                        self._drop()
             raise
-        return Fetched(key, read.staged_at)
+        return self._check_previous(Fetched(key, read.staged_at), read)
 
-    def _pick_version(self, versions: Iterable[SecretProperties], read: Read) -> Read:
-        """The latest version is pre-staged and no key is cached: read the newest version valid now."""
+    def _pick_version(self, versions: Iterable[SecretProperties], read: Read) -> Fetched | Read:
+        """The latest version is not servable now: read the newest version that is enabled and valid now
+        (the key held already, if it is that one). None: the held key is dropped and ``read.refused``
+        raised (nothing in the vault may be served)."""
         wall = self.clock()
         valid = [
             v
@@ -560,15 +609,47 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             and (v.expires_on is None or v.expires_on.timestamp() > wall)
         ]
         if not valid:
-            staged = datetime.fromtimestamp(read.staged_at or 0, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            raise SecretNotYetValidError(
-                f"{self.where}: the latest version is not valid before {staged} and no other version is "
-                "valid now",
-                secret=self.where,
-            )
+            with self._lock:
+                self._drop()
+            if isinstance(read.refused, SecretNotYetValidError):
+                staged = datetime.fromtimestamp(read.staged_at or 0, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                raise SecretNotYetValidError(
+                    f"{self.where}: the latest version is not valid before {staged} and no other version "
+                    "is valid now",
+                    secret=self.where,
+                )
+            if read.refused is not None:
+                raise read.refused
+            raise SecretNotFoundError(f"{self.where} has no version valid now", secret=self.where)
         newest = max(valid, key=lambda v: v.created_on.timestamp() if v.created_on else 0.0)
+        with self._lock:
+            held = self._cache.entry(wall)
+        if held is not None and held.key.version == newest.version:  # the key held: no read needed
+            key = dataclasses.replace(
+                held.key,
+                expires_on=_ts(newest.expires_on),
+                not_before=_ts(newest.not_before),
+            )
+            return self._check_previous(Fetched(key, read.staged_at), read)
         self._n.add("vault_reads")
-        return Read(newest.version, staged_at=read.staged_at)
+        return read._replace(version=newest.version, listing=False)
+
+    def _check_previous(self, fetched: Fetched, read: Read) -> Fetched | Read:
+        """The previous version is served only if Key Vault still says it may be: while falling back, and
+        when a 401 may lead to falling back, a read that finds no newer version reads the previous one too."""
+        with self._lock:
+            held = self._cache.entry()
+            previous = self._cache.previous
+            falling_back = self._cache.fallback is not None
+        if (
+            previous is None
+            or held is None
+            or held.key.version != fetched.key.version
+            or not (falling_back or read.for_401)
+        ):
+            return fetched
+        self._n.add("vault_reads")
+        return Read(previous.version, for_401=read.for_401, then=fetched)
 
     def _finish(
         self, fetched: Fetched | None, error: BaseException | None, reason: Reason, generation: int
@@ -618,6 +699,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         _, previous = self._cache.accept(
             key, now, wall=wall, generation=generation, revisit_at=fetched.revisit_at
         )
+        if fetched.previous_checked:
+            self._cache.confirm_previous(fetched.previous)
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
         if not self._recent_values or self._recent_values[0] != key:
             self._recent_values = (key, *self._recent_values[:1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from types import TracebackType
 
@@ -186,7 +187,9 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         fetched: Fetched | None = None
         error: BaseException | None = None
         try:
-            fetched = _telemetry.traced_read(self, flight.reason, self._fetch)
+            fetched = _telemetry.traced_read(
+                self, flight.reason, functools.partial(self._fetch, flight.reason)
+            )
         except BaseException as exc:  # published to waiters, never lost
             error = exc
         pending = []
@@ -201,17 +204,18 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         if error is not None and not isinstance(error, Exception):
             raise error
 
-    def _fetch(self) -> Fetched:
-        step: Fetched | Read = self._first_read()
+    def _fetch(self, reason: Reason) -> Fetched:
+        step: Fetched | Read = self._first_read(reason)
         vault = self.secret_client
         while not isinstance(step, Fetched):
+            read = step
             try:
-                if step.listing:
+                if read.listing:
                     step = self._pick_version(
-                        vault.list_properties_of_secret_versions(self.secret_name), step
+                        vault.list_properties_of_secret_versions(self.secret_name), read
                     )
                 else:
-                    step = self._read_done(vault.get_secret(self.secret_name, step.version), step)
+                    step = self._read_done(vault.get_secret(self.secret_name, read.version), read)
             except Exception as exc:
-                self._raise_typed(exc)
+                step = self._read_failed(exc, read)
         return step
