@@ -70,6 +70,10 @@ DEFAULT_CREDENTIAL_KWARGS: Mapping[str, Any] = DEFAULT_CLIENT_KWARGS
 # How long a caller waits for a read in flight before it gets VaultUnavailableError (the read goes on).
 # With the defaults above a read takes at most ~2 x (5 + 10) s for the token and as much for the secret.
 FLIGHT_WAIT_LIMIT = 70.0
+# From this long before the current key's expires_on, a provider logs a WARNING (at most once per
+# EXPIRY_WARNING_EVERY) and exports the seconds left (OTel gauge apimvault.key.expires_in).
+EXPIRY_WARNING_WINDOW = 7 * 86400.0
+EXPIRY_WARNING_EVERY = 86400.0
 
 Reason = Literal["load", "refresh ahead", "invalidated", "refresh", "401 from gateway"]
 """Why a provider read Key Vault (``KeyEvent.reason``)."""
@@ -141,6 +145,9 @@ class ProviderStats:
     invalidations: int
     last_error: str | None
     fallbacks_to_previous: int = 0  # times the gateway refused the current key and the previous one was used
+    expires_in_s: float | None = (
+        None  # seconds until the current key's expires_on (None: no key or no expiry)
+    )
 
 
 class _Tally:
@@ -276,6 +283,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             f"/{self.version}" if self.version else ""
         )
         self._n = _Tally()
+        self._expiry_warned_at = -math.inf  # scheduling clock: the last near-expiry WARNING
         # The current and previous keys for the log redaction filter, as SubscriptionKey objects (their
         # repr is redacted), so no attribute of the provider is the key as a plain string.
         self._recent_values: tuple[SubscriptionKey, ...] = ()
@@ -483,6 +491,11 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             invalidations=self._n["invalidations"],
             last_error=f"{type(err).__name__}: {err}" if err is not None else None,
             fallbacks_to_previous=self._n["fallbacks"],
+            expires_in_s=(
+                entry.key.expires_on - wall
+                if entry is not None and entry.key.expires_on is not None
+                else None
+            ),
         )
 
     def _record_resend(self) -> None:
@@ -709,6 +722,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         log.debug(
             "apimvault: %s loaded version %s (fp %s, %s)", self.where, key.version, key.fingerprint, reason
         )
+        self._warn_expiry(key, now, wall)
         pending = [(self._on_refresh, event)]
         if previous is not None:
             self._n.add("rotations")
@@ -717,6 +731,25 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             )
             pending.append((self._on_rotate, event))
         return pending
+
+    def _warn_expiry(self, key: SubscriptionKey, now: float, wall: float) -> None:
+        """Under the lock: a WARNING at most once a day from ``EXPIRY_WARNING_WINDOW`` before ``expires_on``
+        (a rotation stuck for weeks must not become an outage with no warning)."""
+        if key.expires_on is None:
+            return
+        left = key.expires_on - wall
+        if left > EXPIRY_WARNING_WINDOW or now - self._expiry_warned_at < EXPIRY_WARNING_EVERY:
+            return
+        self._expiry_warned_at = now
+        log.warning(
+            "apimvault: %s version %s (fp %s) expires at %s, in %.1f days; after that it is not served. "
+            "Rotate the key (apimvault rotate) or extend the expiry",
+            self.where,
+            key.version,
+            key.fingerprint,
+            datetime.fromtimestamp(key.expires_on, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            left / 86400,
+        )
 
     def _failed(
         self, error: BaseException, reason: Reason, now: float
