@@ -323,7 +323,9 @@ def test_a_backward_wall_clock_step_changes_no_schedule(azure: LocalAzure) -> No
         mono.advance(250)  # refresh-ahead runs on the monotonic schedule, whatever the wall clock did
         p.get_key()
         events.wait("refreshed", 4)
-        assert p.stats().vault_reads == 4
+        # 4 reads of the latest version, plus the previous version read again by the 401 that fell back
+        # to it and by the refresh while falling back (issue 21 item 4)
+        assert p.stats().vault_reads == 6
     finally:
         p.close()
 
@@ -345,7 +347,7 @@ async def test_a_backward_wall_clock_step_changes_no_async_schedule(azure: Local
         mono.advance(250)
         await p.get_key()
         await until(lambda: len(events.refreshed) == 4, "the refresh-ahead")
-        assert p.stats().vault_reads == 4
+        assert p.stats().vault_reads == 6  # as in the sync twin: the previous version read again twice
 
 
 def test_expiry_follows_the_wall_clock_not_the_schedule(azure: LocalAzure) -> None:

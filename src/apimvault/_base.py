@@ -290,6 +290,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
         self._flight: Any = None  # the read in flight: the shell's _Flight (a thread event or a task)
+        self._closed = False  # close() was called: every read raises closed_error(), never a raw error
         # Lock-free fast path: (scheduling deadline, wall deadline, key) while decide() answers SERVE.
         self._fast: tuple[float, float, SubscriptionKey] | None = None
         self._owned: list[Any] = []
@@ -371,8 +372,28 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             return fast[2]
         return None
 
+    def _closed_error(self) -> ConfigurationError:
+        """What every read of a closed provider raises (one typed error, whatever was in flight)."""
+        return ConfigurationError(
+            f"{type(self).__name__} for {self.where} is closed; create a new provider to read the key again"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    def _mark_closed(self) -> None:
+        """Start of ``close()``: no key is served from now on and a read in flight answers with
+        :meth:`_closed_error` (the shell then closes the clients)."""
+        with self._lock:
+            self._closed = True
+            self._fast = None
+
     def _snapshot(self, now: float, wall: float) -> None:
         """Under the lock: refresh the fast-path snapshot from the cache."""
+        if self._closed:
+            self._fast = None
+            return
         entry = self._cache.usable(now, wall)
         until, expiry = self._cache.serve_deadline(now, wall)
         self._fast = (
@@ -382,6 +403,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     def _decide(self) -> tuple[Action, SubscriptionKey | None, Reason]:
         """Under the lock: what a ``get_key()`` does now. Raises the last error for a LOAD that may not
         read Key Vault (no read in flight, backing off and no probe due)."""
+        self._check_open()
         now, wall = self._now()
         action = self._cache.decide(now, wall)
         entry = self._cache.usable(now, wall)

@@ -100,9 +100,11 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         Raises the typed error if the read fails; the cached key, if any, stays in use.
         """
         with self._lock:
+            self._check_open()
             wanted = self._push()
         while True:
             with self._lock:
+                self._check_open()
                 flight, run = self._join_or_start("refresh")
             if run:
                 self._run(flight)
@@ -128,6 +130,7 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         # and so return the refused key; then one read of our own settles it.
         for _ in range(2):
             with self._lock:
+                self._check_open()
                 stop, newer, joined = self._forced(sent)
                 flight, run = (None, False) if stop else self._join_or_start("401 from gateway")
             if flight is None:
@@ -145,7 +148,11 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         return self._fall_back(sent)
 
     def close(self) -> None:
-        """Close the SecretClient and credential this provider created (not ones passed in)."""
+        """Close the SecretClient and credential this provider created (not ones passed in).
+
+        From then on every read (``get_key()``, ``get()``, ``refresh()``, a read in flight) raises
+        :class:`~apimvault.ConfigurationError` saying the provider is closed."""
+        self._mark_closed()
         for resource in self._owned:
             resource.close()
         self._owned.clear()
@@ -192,6 +199,8 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
             )
         except BaseException as exc:  # published to waiters, never lost
             error = exc
+        if self._closed and (error is None or isinstance(error, Exception)):  # closed under the read
+            fetched, error = None, self._closed_error()
         pending = []
         with self._lock:
             try:
