@@ -68,6 +68,7 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
 
     _identity_module = "azure.identity.aio"
     _retry_policy_class = AsyncNoRetryAfterSleep
+    _default_sleep = staticmethod(asyncio.sleep)
 
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -111,11 +112,17 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
     async def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """Async twin of :meth:`SubscriptionKeyProvider.refresh_after_rejection`."""
         self._bind_loop()
-        for _ in range(2):  # see the sync twin: a joined read may predate the rotation
+        may_wait, reads = True, 0
+        while reads < 2:  # see the sync twin: a joined read may predate the rotation; the wait
             with self._lock:
                 self._check_open()
-                stop, newer, joined = self._forced(sent)
-                flight = None if stop else self._flight or self._start("401 from gateway")
+                stop, newer, joined, wait = self._forced(sent, may_wait=may_wait)
+                flight = None if stop or wait > 0 else self._flight or self._start("401 from gateway")
+            if wait > 0:
+                may_wait = False
+                await self._sleep(wait)
+                continue
+            reads += 1
             if flight is None:
                 return newer or self._fall_back(sent)
             try:

@@ -242,6 +242,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     _secret_client_class: Callable[..., ClientT]
     _identity_module: str
     _retry_policy_class: Callable[..., Any]
+    _default_sleep: Callable[[float], Any]
 
     def __init__(
         self,
@@ -262,6 +263,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         on_refresh: Callable[[KeyEvent], None] | None = None,
         on_error: Callable[[KeyEvent], None] | None = None,
         on_rotate: Callable[[KeyEvent], None] | None = None,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         self.vault_url = validate_vault_url(vault_url, allow_insecure_http=allow_insecure_http)
         self.secret_name = validate_secret_name(secret_name)
@@ -276,6 +278,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self.clock: Clock = clock if clock is not None else time.time
         self.monotonic: Clock = monotonic if monotonic is not None else clock or time.monotonic
         self._cache = KeyCache(self.policy, self.monotonic, rng, wall=self.clock)
+        # How a 401 waits for the next allowed forced read (time.sleep / asyncio.sleep; tests inject one
+        # that moves their clock). None: the shell's default.
+        self._sleep: Callable[[float], Any] = sleep if sleep is not None else self._default_sleep
         self._on_refresh = on_refresh
         self._on_error = on_error
         self._on_rotate = on_rotate
@@ -416,9 +421,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         key = self._cache.served(entry, wall)
         return action, key, "invalidated" if self._cache.invalidated else "refresh ahead"
 
-    def _forced(self, sent: SubscriptionKey) -> tuple[bool, SubscriptionKey | None, bool]:
-        """Under the lock, for a 401 on ``sent``: ``(stop, key, joined)``. ``stop``: return ``key`` now;
-        otherwise join the read in flight (``joined``) or start one (counted as forced)."""
+    def _forced(
+        self, sent: SubscriptionKey, *, may_wait: bool = False
+    ) -> tuple[bool, SubscriptionKey | None, bool, float]:
+        """Under the lock, for a 401 on ``sent``: ``(stop, key, joined, wait)``. ``wait > 0``: the last
+        forced read was less than ``forced_refresh_interval`` ago (e.g. both keys revoked one after the
+        other): sleep that long, then ask again (only with ``may_wait``, once per 401). ``stop``: return
+        ``key`` now; otherwise join the read in flight (``joined``) or start one (counted as forced)."""
         now = self.monotonic()
         entry = self._cache.entry()
         fallback = self._cache.fallback
@@ -426,18 +435,19 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             if sent == fallback:  # the previous key is refused too: back to the current one
                 self._cache.fallback = None
                 self._serve_now(entry.key)
-                return True, entry.key, False
-            return True, fallback, False  # a request sent before the fall-back
+                return True, entry.key, False, 0.0
+            return True, fallback, False, 0.0  # a request sent before the fall-back
         decision = self._cache.decide_forced(sent.version, now)
         if decision is ForceDecision.USE_NEWER:
-            return True, entry.key if entry is not None else None, False
+            return True, entry.key if entry is not None else None, False, 0.0
         joined = self._flight is not None
         if not joined and decision is ForceDecision.RATE_LIMITED:
-            return True, None, False
+            wait = self._cache.forced_wait(now) if may_wait else 0.0
+            return wait <= 0, None, False, wait
         if not joined:
             self._cache.note_forced(now)
             self._n.add("forced")
-        return False, None, joined
+        return False, None, joined, 0.0
 
     def _fall_back(self, refused: SubscriptionKey) -> SubscriptionKey | None:
         """The gateway refused the current key and Key Vault has nothing newer (or cannot say): re-send

@@ -329,6 +329,15 @@ class KeyCache:
             return ForceDecision.RATE_LIMITED  # backing off after failures (or Key Vault's Retry-After)
         return ForceDecision.REFRESH
 
+    def forced_wait(self, now: float | None = None) -> float:
+        """Seconds until a 401 may read Key Vault again, when only ``forced_refresh_interval`` stops it
+        (at most that interval); 0 when it may read now or when backing off after failures (no wait then:
+        the caller is answered with what is held)."""
+        now = self._now(now)
+        if now < self.next_attempt_at and not self.invalidated:
+            return 0.0
+        return max(0.0, self.last_forced_at + self.policy.forced_refresh_interval - now)
+
     def state(self, now: float | None = None, wall: float | None = None) -> State:
         now = self._now(now)
         entry = self.usable(now, wall)
