@@ -14,6 +14,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from ._retry import retry_after_seconds
 from .exceptions import (
     AccessDeniedError,
     ConfigurationError,
@@ -43,13 +44,8 @@ def _error_body(exc: HttpResponseError) -> dict[str, Any]:
 
 def _retry_after(exc: HttpResponseError) -> float | None:
     response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    raw = response.headers.get("Retry-After") or response.headers.get("retry-after")
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
+    headers = getattr(response, "headers", None)
+    return retry_after_seconds(headers) if headers is not None else None
 
 
 def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | ConfigurationError | None:
