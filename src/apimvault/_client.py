@@ -108,7 +108,7 @@ def _client_kwargs(
     api_version: str | None,
     header_name: str | None,
     default_headers: Mapping[str, str] | None,
-    token_scope: str | None,
+    token_scope: str | _entra.BearerTokenSource | _entra.AsyncBearerTokenSource | None,
     token_credential: Any,
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def create_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.Client | None = None,
     default_headers: Mapping[str, str] | None = None,
-    token_scope: str | None = None,  # key plus Entra token (apimvault._entra)
+    token_scope: str | _entra.BearerTokenSource | _entra.AsyncBearerTokenSource | None = None,
     token_credential: Any = None,
     **kwargs: Any,
 ) -> openai.AzureOpenAI:
@@ -210,7 +210,7 @@ def create_async_azure_openai(
     header_name: str | None = None,
     http_client: httpx2.AsyncClient | None = None,
     default_headers: Mapping[str, str] | None = None,
-    token_scope: str | None = None,  # key plus Entra token (apimvault._entra)
+    token_scope: str | _entra.BearerTokenSource | _entra.AsyncBearerTokenSource | None = None,
     token_credential: Any = None,
     **kwargs: Any,
 ) -> openai.AsyncAzureOpenAI:

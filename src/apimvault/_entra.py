@@ -233,9 +233,15 @@ class AsyncBearerTokenSource(_Bound):
 
 
 def token_source_for(
-    provider: Any, token_scope: str, credential: Any, *, is_async: bool
+    provider: Any, token_scope: str | BearerTokenSource | AsyncBearerTokenSource, credential: Any, *, is_async: bool
 ) -> BearerTokenSource | AsyncBearerTokenSource:
-    """The token source of a key-plus-token client (``create_azure_openai(..., token_scope=...)``)."""
+    """The token source of a key-plus-token client (``create_azure_openai(..., token_scope=...)``): a scope,
+    or a ready source (keep it to tune ``min_refresh_interval`` or read its ``refreshes``)."""
+    wanted = AsyncBearerTokenSource if is_async else BearerTokenSource
+    if isinstance(token_scope, BearerTokenSource | AsyncBearerTokenSource):
+        if not isinstance(token_scope, wanted):
+            raise ConfigurationError(f"this client needs a {wanted.__name__}, not {type(token_scope).__name__}")
+        return token_scope
     credential = credential if credential is not None else getattr(provider, "credential", None)
     if credential is None:
         raise ConfigurationError(
