@@ -158,7 +158,10 @@ def test_conflicting_credentials_are_refused(azure: LocalAzure) -> None:
     for kwargs in (
         {"api_key": "k"},
         {"azure_ad_token": "t"},
-        {"base_url": "https://x/openai/deployments/d", "azure_endpoint": "https://x"},  # issue 25: one of them
+        {
+            "base_url": "https://x/openai/deployments/d",
+            "azure_endpoint": "https://x",
+        },  # issue 25: one of them
     ):
         with pytest.raises(ConfigurationError):
             create_azure_openai(provider, **kwargs)  # type: ignore[arg-type]

@@ -165,7 +165,8 @@ class Rig:
         self.provider: Any = None
         self.credential: Any = DefaultAzureCredential() if api == "sync" else AsyncDefaultAzureCredential()
         if source is None:
-            source = (BearerTokenSource if api == "sync" else AsyncBearerTokenSource)(self.credential, SCOPE)
+            make_source: Any = BearerTokenSource if api == "sync" else AsyncBearerTokenSource
+            source = make_source(self.credential, SCOPE)
         self.source = source
         extra: dict[str, Any] = {"http_client": http_client} if http_client is not None else {}
         if mode == "token":
@@ -188,7 +189,9 @@ class Rig:
     def chat(self, client: Any = None) -> str:
         client = client if client is not None else self.client
         if self.api == "sync":
-            return client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices[0].message.content
+            return str(
+                client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices[0].message.content
+            )
 
         async def go() -> str:
             reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
@@ -394,7 +397,12 @@ def test_backend_401_with_a_bearer_challenge_is_not_a_token_refusal(
     failures = _thirty_calls(rig)
     assert failures == {"AuthenticationError": 30}
     refusals = refusal_stats(rig.owner)
-    assert (refusals.backend, refusals.token, refusals.token_refreshes, refusals.token_resends) == (30, 0, 0, 0)
+    assert (refusals.backend, refusals.token, refusals.token_refreshes, refusals.token_resends) == (
+        30,
+        0,
+        0,
+        0,
+    )
     assert len(origin.seen) == 30  # no re-sends
     assert rig.source.refreshes == 0
     rig.close()
@@ -426,7 +434,8 @@ def test_public_auth_never_sends_the_key_across_a_cross_origin_redirect(
         origin.redirect = (status, target)
 
         async def apost() -> httpx2.Response:
-            return await http.post(url, json={"q": 1})
+            response: httpx2.Response = await http.post(url, json={"q": 1})
+            return response
 
         if target.startswith("https"):
             response = http.post(url, json={"q": 1}) if api == "sync" else loop.run(apost())
@@ -521,9 +530,8 @@ def test_async_token_client_on_a_second_loop_is_a_configuration_error(
     with asyncio.Runner() as first:
         rig = Rig(azure, first, "async", mode, origin.url)
         assert rig.chat() == "seen"
-        with asyncio.Runner() as second:
-            with pytest.raises(ConfigurationError, match="event loop"):
-                second.run(rig.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES))
+        with asyncio.Runner() as second, pytest.raises(ConfigurationError, match="event loop"):
+            second.run(rig.client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES))
         assert rig.chat() == "seen"  # the first loop keeps working
         assert len(origin.seen) == 2
         rig.close()
@@ -553,7 +561,10 @@ def test_key_401_resend_of_a_generator_body(gateway: LocalAzure, loop: asyncio.R
     async def apost() -> httpx2.Response:
         await provider.get_key()
         rotate_to_secondary(gateway, app)  # the held key is refused from now on
-        return await http.post(url, content=_achunks(), headers={"content-type": "application/json"})
+        response: httpx2.Response = await http.post(
+            url, content=_achunks(), headers={"content-type": "application/json"}
+        )
+        return response
 
     if api == "sync":
         provider.get_key()
@@ -587,7 +598,8 @@ def test_token_401_resend_of_a_generator_body(
     else:
 
         async def apost() -> httpx2.Response:
-            return await http.post(url, content=_achunks())
+            response: httpx2.Response = await http.post(url, content=_achunks())
+            return response
 
         response = loop.run(apost())
     assert response.status_code == 200  # was: httpx2.StreamConsumed on the re-send

@@ -158,7 +158,7 @@ class _Bearer:
 class _Need(enum.Enum):
     BODY = "read the request body"
     KEY = "the current key"
-    TOKEN = "the current token"
+    TOKEN = "the current token"  # noqa: S105 - a step name, not a secret
 
 
 @dataclass(frozen=True)
@@ -422,7 +422,8 @@ class SubscriptionKeyAuth(GuardedAuth):
     * Removes an ``api-key`` header carrying :data:`PLACEHOLDER_API_KEY`.
     * Reads the request body before the first send, so a re-send never meets a consumed stream.
     * On APIM's 401 asks the provider for a newer key (coalesced, rate limited) and, if it gets one,
-      re-sends the request once with it. A second 401 is returned to the caller (``openai.AuthenticationError``).
+      re-sends the request once with it. A second 401 is returned to the caller
+      (``openai.AuthenticationError``).
     * Never sends the key across a cross-origin redirect: on httpx2's own transports a ``trace`` hook drops it
       before the redirected request's headers are written (also for this class used directly with
       ``httpx2.Client(auth=..., follow_redirects=True)``); :meth:`on_request` (an httpx2 request hook the
@@ -465,8 +466,6 @@ class TokenAuth(GuardedAuth):
 
     def __repr__(self) -> str:
         return f"TokenAuth(token_source={self.token_source!r})"
-
-
 
 
 # ------------------------------------------------------------------------------- client wiring

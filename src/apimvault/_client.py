@@ -69,8 +69,9 @@ def _check_default_headers(default_headers: Mapping[str, str] | None, header: st
         if isinstance(name, str) and name.lower() in _KEY_HEADERS | {header.lower()}:
             raise KeyInHeadersError(
                 f"default_headers carries {name!r}: apimvault sets the subscription key itself, on every "
-                f"request, from the provider (in {header!r}), so a rotation reaches the client; a key written "
-                "into default_headers would be sent as it is and never rotate. Remove it from default_headers "
+                f"request, from the provider (in {header!r}), so a rotation reaches the client; a key "
+                "written into default_headers would be sent as it is and never rotate. Remove it from "
+                "default_headers "
                 "(and api_key=...): the provider is the only place the key comes from"
             )
 
@@ -82,7 +83,8 @@ def _endpoint_args(
     if base_url is not None and azure_endpoint is not None:
         raise ConfigurationError(
             "pass azure_endpoint or base_url, not both: keep base_url for a deployment-scoped URL "
-            "(https://<apim>.azure-api.net/<api-suffix>/deployments/<deployment>; model then does not route), "
+            "(https://<apim>.azure-api.net/<api-suffix>/deployments/<deployment>; model then does not "
+            "route), "
             "or keep azure_endpoint (https://<apim>.azure-api.net) and pass model=<deployment> per call"
         )
     if base_url is not None:

@@ -81,7 +81,9 @@ def _force_claims() -> str:
 
 def _check_interval(value: object) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
-        raise ConfigurationError(f"min_refresh_interval must be a finite number of seconds >= 0, not {value!r}")
+        raise ConfigurationError(
+            f"min_refresh_interval must be a finite number of seconds >= 0, not {value!r}"
+        )
     return float(value)
 
 
@@ -233,14 +235,20 @@ class AsyncBearerTokenSource(_Bound):
 
 
 def token_source_for(
-    provider: Any, token_scope: str | BearerTokenSource | AsyncBearerTokenSource, credential: Any, *, is_async: bool
+    provider: Any,
+    token_scope: str | BearerTokenSource | AsyncBearerTokenSource,
+    credential: Any,
+    *,
+    is_async: bool,
 ) -> BearerTokenSource | AsyncBearerTokenSource:
     """The token source of a key-plus-token client (``create_azure_openai(..., token_scope=...)``): a scope,
     or a ready source (keep it to tune ``min_refresh_interval`` or read its ``refreshes``)."""
     wanted = AsyncBearerTokenSource if is_async else BearerTokenSource
     if isinstance(token_scope, BearerTokenSource | AsyncBearerTokenSource):
         if not isinstance(token_scope, wanted):
-            raise ConfigurationError(f"this client needs a {wanted.__name__}, not {type(token_scope).__name__}")
+            raise ConfigurationError(
+                f"this client needs a {wanted.__name__}, not {type(token_scope).__name__}"
+            )
         return token_scope
     credential = credential if credential is not None else getattr(provider, "credential", None)
     if credential is None:

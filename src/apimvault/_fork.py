@@ -45,5 +45,3 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-

@@ -126,7 +126,7 @@ def _apim_body(body: bytes) -> tuple[bool, str]:
 
 
 def _backend_body(body: bytes) -> bool:
-    """Whether ``body`` is a backend's own error document (Azure OpenAI's ``{"error": ...}``) or other JSON."""
+    """Whether ``body`` is a JSON document that is not APIM's (Azure OpenAI's ``{"error": ...}``...)."""
     if not body.strip():
         return False
     try:
