@@ -4,10 +4,12 @@
   "message": "Access denied due to missing/invalid subscription key..."}`` (Learn: "Subscriptions in Azure
   API Management").
   Action: the coalesced key refresh and one re-send (the auth flow's own path).
-* ``token``: any other 401 in APIM's ``{"statusCode", "message"}`` shape, or a ``WWW-Authenticate: Bearer``
-  challenge: ``validate-azure-ad-token`` / ``validate-jwt`` failed (Learn: default
+* ``token``: any other 401 in APIM's own ``{"statusCode", "message"}`` shape (or a bare ``WWW-Authenticate:
+  Bearer`` challenge with no JSON body): ``validate-azure-ad-token`` / ``validate-jwt`` failed (Learn: default
   ``failed-validation-httpcode`` 401; messages such as ``JWT not present.`` or ``IDX10223: Lifetime
-  validation failed...``). Action: one token refresh and one re-send; the key is never touched.
+  validation failed...``). A backend's ``{"error": ...}`` 401 is ``backend`` even with a Bearer challenge.
+  Action: one token refresh (bounded by the source's ``min_refresh_interval``) and one re-send; the key is
+  never touched.
 * ``quota``: 403 in APIM's shape whose message speaks of a quota: ``quota-by-key`` (Learn: 403 with
   ``Retry-After``; wire message ``Out of call volume quota. Quota will be replenished in d.hh:mm:ss.``) or
   ``azure-openai-token-limit``'s token quota (Learn: 403 when the quota is exceeded). Action: raise
