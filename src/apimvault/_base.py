@@ -534,6 +534,11 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         """Counted by the auth flow each time it re-sends a request after a 401."""
         self._n.add("resends")
 
+    def record_resend(self) -> None:
+        """Public hook of the auth contract (``apimvault._auth.KeySource``): a request was re-sent after
+        APIM's 401 (``stats().resends_401``)."""
+        self._record_resend()
+
     def invalidate(self, *, spread: float = 0.0) -> None:
         """Push invalidation: a ``get_key()`` starts a background refresh (no caller waits).
 
