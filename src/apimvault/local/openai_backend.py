@@ -83,7 +83,18 @@ _CONTENT_FILTER_RESULTS = {
     "sexual": _FILTER_OK,
     "violence": _FILTER_OK,
 }
-_PROMPT_FILTER_RESULTS = [{"prompt_index": 0, "content_filter_results": _CONTENT_FILTER_RESULTS}]
+_DETECTED_NOT = {"filtered": False, "detected": False}
+# The v1 spec's AzureContentFilterResultForPrompt requires "jailbreak" and "indirect_attack" (Prompt Shields).
+_PROMPT_FILTER_RESULTS = [
+    {
+        "prompt_index": 0,
+        "content_filter_results": {
+            **_CONTENT_FILTER_RESULTS,
+            "jailbreak": _DETECTED_NOT,
+            "indirect_attack": _DETECTED_NOT,
+        },
+    }
+]
 
 _DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)/?$")
 
