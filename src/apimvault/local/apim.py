@@ -49,6 +49,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._arm_versions import api_version_problem
 from ._server import Service, json_response
 from ._tokens import TENANT_ID, TokenError, TokenIssuer, fingerprint
 from .openai_backend import OpenAIBackend
@@ -776,7 +777,8 @@ class ArmService(Service):
 
     azure-mgmt-apimanagement 5.0.0 sends ``api-version=2024-05-01`` and asks for the default scope
     ``https://management.azure.com/.default`` (``_configuration.py``); the local identity endpoint issues
-    that audience, so the client needs no ``credential_scopes`` override. Any api-version is accepted.
+    that audience, so the client needs no ``credential_scopes`` override. An api-version the provider does not
+    serve gets ARM's 400 ``NoRegisteredProviderFound`` (:mod:`apimvault.local._arm_versions`).
 
     With ``rbac`` (as :class:`~apimvault.local.LocalAzure` wires it) every operation needs its action
     (:data:`RBAC_ACTIONS`) from a role assigned to the caller's ``oid`` at the resource or above it, else
@@ -900,6 +902,9 @@ class ArmService(Service):
         match = _ARM_PATH.match(request.url.path)
         if match is None:
             return _arm_error(404, "NotFound", f"No route for '{request.method} {request.url.path}'.")
+        unserved = api_version_problem(request.query_params["api-version"])
+        if unserved is not None:
+            return _arm_error(400, *unserved)
         arm, rg, svc = match.group("arm"), match.group("rg"), match.group("svc")
         sid, action = match.group("sid"), match.group("action")
         # ARM authorizes before it looks the resource up ("... or the scope is invalid").

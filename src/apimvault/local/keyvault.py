@@ -97,6 +97,7 @@ from ._kv_wire import (
     VAULT_RESOURCE,
     KeyVaultError,
     _bad,
+    check_api_version,
 )
 from ._server import Service, json_response
 from ._tokens import TENANT_ID, Clock, Identity, TokenError, TokenIssuer
@@ -267,6 +268,7 @@ class KeyVaultService(Service):
         api_version = (query.get("api-version") or [""])[0]
         if not api_version:
             raise _bad(MSG_API_VERSION)
+        check_api_version(api_version)
         # 2. Authorization, then input validation.
         self._authorize(claims, route)
         if route.name is not None and not _NAME_RE.match(route.name):
