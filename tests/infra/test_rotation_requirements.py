@@ -14,7 +14,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -92,7 +91,8 @@ def declared_ranges() -> list[Requirement]:
     """What lock.sh resolves: requirements.in plus apimvault[rotation]'s ranges from pyproject.toml."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = [Requirement(line) for line in logical_lines(REQUIREMENTS_IN.read_text())]
-    declared += [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["rotation"]]
+    ranges = project["dependencies"] + project["optional-dependencies"]["rotation"]
+    declared += [Requirement(r) for r in ranges]
     return declared
 
 
@@ -125,7 +125,8 @@ def test_lock_meets_every_declared_range() -> None:
     ],
 )
 def test_requirements_without_hashes_are_refused(text: str, expected: str) -> None:
-    wheel = "apimvault[rotation] @ file://${APIMVAULT_WHEELHOUSE}/apimvault-0.1-py3-none-any.whl#sha256=" + "c" * 64
+    wheel = "apimvault[rotation] @ file://${APIMVAULT_WHEELHOUSE}/apimvault-0.1-py3-none-any.whl#sha256="
+    wheel += "c" * 64
     assert expected in "\n".join(lock_problems(wheel + "\n" + text))
 
 
