@@ -764,8 +764,10 @@ def _receivers_guaranteed(t: Template, receivers: Any) -> bool:
         return bool(receivers)
     if isinstance(receivers, dict) and "loop_type" in receivers:
         array = ((receivers.get("loop_type") or {}).get("detail") or {}).get("array_name")
-        param = t.parameters.get(array) if isinstance(array, str) else None
-        floor = t.decorator(array, "min_length") if param is not None else None
+        if not isinstance(array, str) or array not in t.parameters:
+            return False
+        param = t.parameters[array]
+        floor = t.decorator(array, "min_length")
         return param is not None and param.get("default") is None and isinstance(floor, int) and floor >= 1
     return False
 
@@ -822,8 +824,9 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
                         for d in dims
                         if d.get("name") == FUNCTION_ROLE_DIMENSION
                         and d.get("operator") == "Include"
-                        and d.get("values")
-                        and "*" not in d.get("values")
+                        and isinstance(d.get("values"), list)
+                        and d["values"]
+                        and "*" not in d["values"]
                     ]
                     if not role:
                         problems.append(

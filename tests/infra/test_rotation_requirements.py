@@ -79,7 +79,7 @@ def lock_problems(text: str) -> list[str]:
 
 
 def locked_versions(text: str) -> dict[str, Version]:
-    found = {}
+    found: dict[str, Version] = {}
     for line in logical_lines(text):
         match = LOCKED.match(line.split()[0])
         if match:
