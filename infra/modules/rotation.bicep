@@ -3,7 +3,8 @@
 //   (filtered to the one secret; retries; dead-letter to a blob container) --> Azure Function (Python, Event
 //   Grid trigger) that calls apimvault.rotation.rotate_from_event with the rotator identity.
 //
-// Network: the function reaches Key Vault and its own storage through VNet integration and private endpoints;
+// Network: the function reaches Key Vault and its own storage through VNet integration and private endpoints,
+// and the APIM gateway and ARM through the NAT gateway on its subnet (network.bicep: explicit egress);
 // its inbound side accepts only the AzureEventGrid service tag (Event Grid push delivery cannot reach a
 // private endpoint). Storage takes Entra ID only (shared keys off) and denies public traffic except trusted
 // Azure services (Event Grid writes dead letters with the system topic's managed identity).
