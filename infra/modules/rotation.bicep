@@ -7,7 +7,8 @@
 //   queue (host.json); after 5 failed runs the message is in apimvault-rotation-events-poison, which pages
 //   (alerts.bicep). See infra/README.md "Event delivery".
 //
-// Network: the function reaches Key Vault and its own storage through VNet integration and private endpoints;
+// Network: the function reaches Key Vault and its own storage through VNet integration and private endpoints,
+// and the APIM gateway and ARM through the NAT gateway on its subnet (network.bicep: explicit egress);
 // its inbound side accepts only the AzureEventGrid service tag (Event Grid push delivery cannot reach a
 // private endpoint). Storage takes Entra ID only (shared keys off) and denies public traffic except trusted
 // Azure services (Event Grid writes dead letters with the system topic's managed identity).
@@ -57,10 +58,10 @@ param deployerIpAddresses array = []
 @description('Create the Event Grid subscription (phase 2, with the rotator\'s roles). It delivers to the rotation queue, so events that arrive before the function code is published wait there.')
 param enableEventSubscription bool = false
 
-@description('Most instances the function app scales out to. Rotation runs about once a month; more instances only widen the window in which two deliveries of the same event run at once.')
-@minValue(1)
-@maxValue(4)
-param maximumInstanceCount int = 1
+@description('Most instances the Flex Consumption app may scale out to (functionAppConfig.scaleAndConcurrency.maximumInstanceCount). 40 is the lowest value every region accepts (Learn: Flex Consumption plan, "Instance scaling limits"; lower values only in some regions in preview, azure-functions-host#10523) and 1000 the highest. Not needed for correctness: overlapping runs for the same secret are serialised by the per-secret blob lease (apimvault.rotation), so a second instance waits or finds the rotation done.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
 
 var deploymentContainerName = 'deploymentpackage'
 var deadLetterContainerName = 'rotation-deadletter'
@@ -411,8 +412,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           }
         }
       }
-      // Few instances, one invocation each: overlapping deliveries of one event (Event Grid is at-least-once)
-      // are rare and the library's rotation tolerates the ones that remain.
+      // One invocation per instance. The instance cap is the lowest every region accepts (40), not a
+      // correctness guard: overlapping deliveries of one event (Event Grid is at-least-once) are serialised by
+      // the per-secret blob lease, whatever the number of instances.
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: 2048
