@@ -15,6 +15,7 @@ from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth
 from ._base import check_header_name
 from ._redact import install_log_redaction
 from ._sync import SubscriptionKeyProvider
+from ._trust import check_trust_files
 from ._validation import check_client_kwargs, validate_endpoint
 from .exceptions import ConfigurationError, InsecureTransportError
 
@@ -99,6 +100,7 @@ def _client_kwargs(
     header = check_header_name(header_name or provider.header_name)
     endpoint = validate_endpoint(azure_endpoint, provider.allow_insecure_http)
     if client is None:  # made only once the arguments are known good, so nothing is left unclosed
+        check_trust_files()  # a stopped local stack's CA: a typed error naming it, not FileNotFoundError
         is_async = isinstance(provider, AsyncSubscriptionKeyProvider)
         client = openai.DefaultAsyncHttpxClient() if is_async else openai.DefaultHttpxClient()
     if client.auth is not None:

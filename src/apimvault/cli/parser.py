@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run the embedded local Azure in the foreground",
         "Start Key Vault, managed identity, APIM (gateway + ARM) and Azure OpenAI on loopback TLS, seed "
         "an APIM subscription and the secret apim-subscription-key, write a dotenv file for SDK clients, "
-        "and run until Ctrl-C/SIGTERM. --check starts it, proves each service through the real SDKs, exits.",
+        "and run until Ctrl-C/SIGTERM/SIGHUP. --check starts it, proves each service through the real SDKs, "
+        "exits.",
     )
     p.add_argument(
         "--env-file", default=".apimvault-local.env", help="dotenv file to write (default %(default)s)"
