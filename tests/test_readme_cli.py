@@ -58,3 +58,10 @@ def test_local_stops_on_sighup_removing_env_file_and_ca(tmp_path: Path) -> None:
     assert json.loads(out.strip().splitlines()[-1]) == {"event": "stopped"}
     assert not env_file.exists()
     assert not ca.parent.exists()
+
+
+def test_the_readmes_way_back_unsets_every_variable_of_the_env_file() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [line] = [x for x in readme.splitlines() if x.startswith("unset ")]
+    assert line.startswith(unset_local_env_command() + " ")
+    assert line.split()[1:] == [*LOCAL_ENV_VARIABLES, "APIMVAULT_TOKEN_SCOPE"]
