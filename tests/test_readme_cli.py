@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -65,3 +67,64 @@ def test_the_readmes_way_back_unsets_every_variable_of_the_env_file() -> None:
     [line] = [x for x in readme.splitlines() if x.startswith("unset ")]
     assert line.startswith(unset_local_env_command() + " ")
     assert line.split()[1:] == [*LOCAL_ENV_VARIABLES, "APIMVAULT_TOKEN_SCOPE"]
+
+
+def _command_rows() -> dict[str, str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `apimvault (\w+)([^|]*(?:\\\|[^|]*)*)\| (.*) \|$", readme, flags=re.M)
+    return {name: usage + " " + what for name, usage, what in rows}
+
+
+def test_the_readme_command_table_names_every_option_of_every_command() -> None:
+    """The README's command table is as complete as `--help`: every subcommand, every option."""
+    from apimvault.cli.parser import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    rows = _command_rows()
+    assert set(rows) == set(sub.choices), (set(rows), set(sub.choices))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            for flag in action.option_strings:
+                if flag in ("-h", "--help", "--json"):
+                    continue  # every command's; said once above the table
+                assert flag in rows[name], f"README's `apimvault {name}` row lacks {flag}"
+
+
+def test_check_help_names_the_token_scope_variable() -> None:
+    run = run_cli(["check", "--help"])
+    assert "APIMVAULT_TOKEN_SCOPE" in run.out
+
+
+def test_one_framework_test_command_in_the_readme_and_ci() -> None:
+    """The framework section, the Development section and .ci/run give the same integrations command."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8")
+    framework = readme.split("## Use with your framework", 1)[1].split("\n## ", 1)[0]
+    development = readme.split("## Development", 1)[1].split("\n## ", 1)[0]
+    commands = [
+        [line.strip() for line in text.splitlines() if "pytest" in line and "-m integrations" in line]
+        for text in (framework, development, ci)
+    ]
+    assert all(len(c) == 1 for c in commands), commands
+    assert commands[0] == commands[1] == commands[2], commands
+    assert "-W default::DeprecationWarning" in commands[0][0]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_the_installed_openai_and_httpx2_are_in_the_readmes_tested_range() -> None:
+    from importlib.metadata import version
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"Tested with openai ([\d.]+) to ([\d.]+) and httpx2 ([\d.]+) to ([\d.]+)", readme)
+    assert stated, "README states the tested openai/httpx2 range"
+    for name, low, high in (("openai", *stated.group(1, 2)), ("httpx2", *stated.group(3, 4))):
+        installed = version(name)
+        assert _version(low) <= _version(installed) <= _version(high), (
+            f"{name} {installed} is outside the README's tested range {low} to {high}: run the suite with "
+            "it and update the range"
+        )

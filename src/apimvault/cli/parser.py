@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "which identity (claims only, never the token); Key Vault reachable; access (a 403 names the role "
         "and scope to grant); the secret (enabled, not expired, version, age, CredentialId, fingerprint); "
         "APIM accepting the key (a 1-token chat). Uses AZURE_KEYVAULT_URL, APIMVAULT_SECRET_NAME, "
-        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT.",
+        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT; with APIMVAULT_TOKEN_SCOPE "
+        "(api://<app-id>/.default) it also gets the Entra token a key-plus-token client sends, shows its "
+        "claims and sends it with the chat.",
     )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--endpoint", help="APIM gateway URL (default: AZURE_OPENAI_ENDPOINT)")
