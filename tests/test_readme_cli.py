@@ -128,3 +128,14 @@ def test_the_installed_openai_and_httpx2_are_in_the_readmes_tested_range() -> No
             f"{name} {installed} is outside the README's tested range {low} to {high}: run the suite with "
             "it and update the range"
         )
+
+
+@pytest.mark.parametrize("argv", [["chat", "hi"], ["drill", "--duration", "2"]], ids=lambda a: a[0])
+def test_a_wrong_deployment_is_named_once(azure: LocalAzure, argv: list[str]) -> None:
+    """`chat` names the deployment Azure OpenAI did not find, as `check` does; `drill` prints the 404 once."""
+    app = new_rotating_app(azure)
+    run = run_cli([*argv, "--deployment", "no-such-deployment"], app.env())
+    assert run.code == 11, run.err
+    assert "deployment 'no-such-deployment' not found" in run.err
+    assert run.err.count("404") == 1, run.err
+    assert "APIMVAULT_DEPLOYMENT" in run.err
