@@ -139,3 +139,20 @@ def test_a_wrong_deployment_is_named_once(azure: LocalAzure, argv: list[str]) ->
     assert "deployment 'no-such-deployment' not found" in run.err
     assert run.err.count("404") == 1, run.err
     assert "APIMVAULT_DEPLOYMENT" in run.err
+
+
+def test_the_drill_log_tells_each_rotation_before_its_recovery_with_both_times(azure: LocalAzure) -> None:
+    """The timeline says rotation N (when it began, when its version was stored: the summary's times)
+    before any line about the key rotation N revoked."""
+    app = new_rotating_app(azure)
+    run = run_cli(["drill", "--json", "--duration", "4", "--concurrency", "4", "--clients", "2"], app.env())
+    assert run.code == 0, run.err
+    report = run.json()
+    timeline: list[str] = report["timeline"]
+    assert len(report["rotation_log"]) >= 2
+    for r in report["rotation_log"]:
+        [told] = [i for i, line in enumerate(timeline) if f"rotation {r['index']} (began " in line]
+        assert f"(began t={r['started_s']:.1f}s)" in timeline[told]
+        assert f"at t={r['at_s']:.1f}s" in timeline[told]
+        later = [i for i, line in enumerate(timeline) if f"revoked by rotation {r['index']} any more" in line]
+        assert all(i > told for i in later), timeline
