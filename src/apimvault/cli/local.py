@@ -114,7 +114,9 @@ def _serve(env_file: Path, out: Output, options: dict[str, Any]) -> int:
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: the terminal closed. Stopped like SIGTERM, so the env file and the CA directory go too.
+        hup = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+        for sig in (signal.SIGINT, signal.SIGTERM, *hup):
             previous[sig] = signal.signal(sig, _stop)
     try:
         with embedded_stack(need_async=False, **options) as azure:
@@ -144,7 +146,7 @@ def _serve(env_file: Path, out: Output, options: dict[str, Any]) -> int:
                     "API's), never the APIM key; use it with"
                 )
                 out.line(f"  set -a; . {env_file}; set +a; apimvault check")
-                out.line("Ctrl-C (or SIGTERM) stops the stack.")
+                out.line("Ctrl-C (or SIGTERM, or closing the terminal) stops the stack.")
             while not stop.wait(0.5):
                 pass
             with contextlib.suppress(OSError):

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run the embedded local Azure in the foreground",
         "Start Key Vault, managed identity, APIM (gateway + ARM) and Azure OpenAI on loopback TLS, seed "
         "an APIM subscription and the secret apim-subscription-key, write a dotenv file for SDK clients, "
-        "and run until Ctrl-C/SIGTERM. --check starts it, proves each service through the real SDKs, exits.",
+        "and run until Ctrl-C/SIGTERM/SIGHUP. --check starts it, proves each service through the real SDKs, "
+        "exits.",
     )
     p.add_argument(
         "--env-file", default=".apimvault-local.env", help="dotenv file to write (default %(default)s)"
@@ -103,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "which identity (claims only, never the token); Key Vault reachable; access (a 403 names the role "
         "and scope to grant); the secret (enabled, not expired, version, age, CredentialId, fingerprint); "
         "APIM accepting the key (a 1-token chat). Uses AZURE_KEYVAULT_URL, APIMVAULT_SECRET_NAME, "
-        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT.",
+        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT; with APIMVAULT_TOKEN_SCOPE "
+        "(api://<app-id>/.default) it also gets the Entra token a key-plus-token client sends, shows its "
+        "claims and sends it with the chat.",
     )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--endpoint", help="APIM gateway URL (default: AZURE_OPENAI_ENDPOINT)")
