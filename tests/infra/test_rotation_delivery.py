@@ -34,7 +34,6 @@ from azure.functions.queue import QueueMessageInConverter
 from azure.storage.queue import QueueClient
 
 from apimvault.local import LocalAzure, temporary_environ
-from apimvault.rotation import RotationConfig
 from apimvault.local.eventgrid import (
     FunctionDestination,
     LocalEventGrid,
@@ -43,6 +42,7 @@ from apimvault.local.eventgrid import (
     ReceivedMessage,
     StorageQueueDestination,
 )
+from apimvault.rotation import RotationConfig
 from tests.cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
 from tests.rotation_support import ManualClock
 
@@ -146,7 +146,7 @@ def test_host_json_gives_a_rotation_room_and_moves_failures_to_the_poison_queue(
     )
     assert longest == 780.0  # 1 min lease wait + 10 min propagation + 2 min of calls and probes
     # the handler's figure is the rotation's own default (RotationConfig reads the same variable)
-    assert handler.DEFAULT_FUNCTION_PROPAGATION_TIMEOUT == RotationConfig().propagation_timeout
+    assert RotationConfig().propagation_timeout == handler.DEFAULT_FUNCTION_PROPAGATION_TIMEOUT
     assert settings.function_timeout is not None and settings.function_timeout > longest
     # A run that failed (e.g. another run held the lease) is retried only after the longest run is over.
     assert settings.visibility_timeout >= settings.function_timeout
