@@ -342,9 +342,26 @@ def test_a_failed_rotation_leaves_no_key_in_traceback_locals(
         azure.keyvault.faults.clear()
     primary, secondary = app.keys()
     assert secondary != azure.keyvault.latest(app.name).value  # it failed after regenerating
-    frames = [f for f in _frames(exc) if f.f_code.co_name != "attempt"]
-    assert len(frames) > 3
+    _assert_no_key_in_locals(exc, {primary, secondary}, skip="attempt", at_least=4)
+
+    # A refusal at plan time (the probe path is not routed) keeps the key in use out of its locals too.
+    try:
+        plan_rotation(
+            vault_url=azure.vault_url,
+            secret_name=app.name,
+            credential=officer,
+            gateway_urls=f"{azure.gateway_url}/not-the-api",
+        )
+    except GatewayProbeError as refused:
+        _assert_no_key_in_locals(refused, {primary, secondary}, skip=None, at_least=2)
+    else:
+        raise AssertionError("the plan should have been refused")
+
+
+def _assert_no_key_in_locals(exc: BaseException, keys: set[str], *, skip: str | None, at_least: int) -> None:
+    frames = [f for f in _frames(exc) if f.f_code.co_name != skip and "test_" not in f.f_code.co_name]
+    assert len(frames) >= at_least
     for frame in frames:
         for name, value in frame.f_locals.items():
             text = f"{name}={value!r}"
-            assert primary not in text and secondary not in text, (frame.f_code.co_name, name)
+            assert not any(key in text for key in keys), (frame.f_code.co_name, name)
