@@ -120,14 +120,16 @@ def test_an_unrouted_probe_path_is_refused_at_plan_time(
     assert_no_key(str(info.value), app.seen_keys)
 
 
-def test_a_5xx_from_the_gateway_stops_the_rotation(
-    azure: LocalAzure, officer: DefaultAzureCredential
+@pytest.mark.parametrize("status", [500, 401, 403, 400])
+def test_an_answer_that_says_nothing_about_the_key_stops_the_rotation(
+    azure: LocalAzure, officer: DefaultAzureCredential, status: int
 ) -> None:
+    """The backend's 401 (not APIM's key refusal), 403, 400 or 5xx relayed by the gateway: no verdict."""
     app = new_rotating_app(azure)
     keys = app.keys()
-    azure.openai.faults.inject("status", operation="Models", status=500, times=1)
+    azure.openai.faults.inject("status", operation="Models", status=status, times=1)
     try:
-        with pytest.raises(GatewayProbeError, match="500"):
+        with pytest.raises(GatewayProbeError, match=str(status)):
             rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
     finally:
         azure.openai.faults.clear()
