@@ -367,3 +367,52 @@ def _assert_no_key_in_locals(exc: BaseException, keys: set[str], *, skip: str | 
         for name, value in frame.f_locals.items():
             text = f"{name}={value!r}"
             assert not any(key in text for key in keys), (frame.f_code.co_name, name)
+
+
+# ------------------------------------------------------------- units behind one URL (19.3, balanced)
+
+
+def _balanced_stack_available() -> bool:
+    import inspect
+
+    return "gateway_balance" in inspect.signature(LocalAzure).parameters
+
+
+@pytest.mark.skipif(not _balanced_stack_available(), reason="no balanced gateway units in the stack yet")
+def test_a_lagging_unit_behind_one_url_holds_the_vault_back(local_azure: LocalAzure) -> None:
+    """Four units behind one URL, round-robin, one of them 40 s late: one acceptance per URL (K=1) stores the
+    key while that unit still refuses it; the default rule waits for it."""
+    clock = ManualClock()
+    options = {
+        "gateway_units": 4,
+        "gateway_balance": "round-robin",
+        "propagation_delay": {"unit1": 0, "unit2": 0, "unit3": 40, "unit4": 0},
+        "propagation_clock": clock,
+    }
+    with LocalAzure(ca=SESSION_CA, **options) as azure:  # type: ignore[arg-type]
+        early, waited = new_rotating_app(azure), new_rotating_app(azure)
+        with azure.env(APIMVAULT_PROBE_INTERVAL="0.5"):
+            officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+            try:
+                hasty = rotate(
+                    vault_url=azure.vault_url,
+                    secret_name=early.name,
+                    credential=officer,
+                    config=RotationConfig.from_env(subscription_from_env=False, probe_successes=1),
+                    clock=clock,
+                    sleep=clock.advance,
+                )
+                clock.advance(100)
+                started = clock()
+                result = rotate(
+                    vault_url=azure.vault_url,
+                    secret_name=waited.name,
+                    credential=officer,
+                    clock=clock,
+                    sleep=clock.advance,
+                )
+            finally:
+                officer.close()
+    assert hasty.propagation_seconds is not None and hasty.propagation_seconds < 40  # the hazard
+    assert result.propagation_seconds is not None and result.propagation_seconds >= 40
+    assert clock() - started >= 40
