@@ -120,14 +120,16 @@ def test_an_unrouted_probe_path_is_refused_at_plan_time(
     assert_no_key(str(info.value), app.seen_keys)
 
 
-def test_a_5xx_from_the_gateway_stops_the_rotation(
-    azure: LocalAzure, officer: DefaultAzureCredential
+@pytest.mark.parametrize("status", [500, 401, 403, 400])
+def test_an_answer_that_says_nothing_about_the_key_stops_the_rotation(
+    azure: LocalAzure, officer: DefaultAzureCredential, status: int
 ) -> None:
+    """The backend's 401 (not APIM's key refusal), 403, 400 or 5xx relayed by the gateway: no verdict."""
     app = new_rotating_app(azure)
     keys = app.keys()
-    azure.openai.faults.inject("status", operation="Models", status=500, times=1)
+    azure.openai.faults.inject("status", operation="Models", status=status, times=1)
     try:
-        with pytest.raises(GatewayProbeError, match="500"):
+        with pytest.raises(GatewayProbeError, match=str(status)):
             rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
     finally:
         azure.openai.faults.clear()
@@ -342,9 +344,75 @@ def test_a_failed_rotation_leaves_no_key_in_traceback_locals(
         azure.keyvault.faults.clear()
     primary, secondary = app.keys()
     assert secondary != azure.keyvault.latest(app.name).value  # it failed after regenerating
-    frames = [f for f in _frames(exc) if f.f_code.co_name != "attempt"]
-    assert len(frames) > 3
+    _assert_no_key_in_locals(exc, {primary, secondary}, skip="attempt", at_least=4)
+
+    # A refusal at plan time (the probe path is not routed) keeps the key in use out of its locals too.
+    try:
+        plan_rotation(
+            vault_url=azure.vault_url,
+            secret_name=app.name,
+            credential=officer,
+            gateway_urls=f"{azure.gateway_url}/not-the-api",
+        )
+    except GatewayProbeError as refused:
+        _assert_no_key_in_locals(refused, {primary, secondary}, skip=None, at_least=2)
+    else:
+        raise AssertionError("the plan should have been refused")
+
+
+def _assert_no_key_in_locals(exc: BaseException, keys: set[str], *, skip: str | None, at_least: int) -> None:
+    frames = [f for f in _frames(exc) if f.f_code.co_name != skip and "test_" not in f.f_code.co_name]
+    assert len(frames) >= at_least
     for frame in frames:
         for name, value in frame.f_locals.items():
             text = f"{name}={value!r}"
-            assert primary not in text and secondary not in text, (frame.f_code.co_name, name)
+            assert not any(key in text for key in keys), (frame.f_code.co_name, name)
+
+
+# ------------------------------------------------------------- units behind one URL (19.3, balanced)
+
+
+def _balanced_stack_available() -> bool:
+    import inspect
+
+    return "gateway_balance" in inspect.signature(LocalAzure).parameters
+
+
+@pytest.mark.skipif(not _balanced_stack_available(), reason="no balanced gateway units in the stack yet")
+def test_a_lagging_unit_behind_one_url_holds_the_vault_back(local_azure: LocalAzure) -> None:
+    """Four units behind one URL, round-robin, one of them 40 s late: one acceptance per URL (K=1) stores the
+    key while that unit still refuses it; the default rule waits for it."""
+    clock = ManualClock()
+    options = {
+        "gateway_units": 4,
+        "gateway_balance": "round-robin",
+        "propagation_delay": {"unit1": 0, "unit2": 0, "unit3": 40, "unit4": 0},
+        "propagation_clock": clock,
+    }
+    with LocalAzure(ca=SESSION_CA, **options) as azure:  # type: ignore[arg-type]
+        early, waited = new_rotating_app(azure), new_rotating_app(azure)
+        with azure.env(APIMVAULT_PROBE_INTERVAL="0.5"):
+            officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+            try:
+                hasty = rotate(
+                    vault_url=azure.vault_url,
+                    secret_name=early.name,
+                    credential=officer,
+                    config=RotationConfig.from_env(subscription_from_env=False, probe_successes=1),
+                    clock=clock,
+                    sleep=clock.advance,
+                )
+                clock.advance(100)
+                started = clock()
+                result = rotate(
+                    vault_url=azure.vault_url,
+                    secret_name=waited.name,
+                    credential=officer,
+                    clock=clock,
+                    sleep=clock.advance,
+                )
+            finally:
+                officer.close()
+    assert hasty.propagation_seconds is not None and hasty.propagation_seconds < 40  # the hazard
+    assert result.propagation_seconds is not None and result.propagation_seconds >= 40
+    assert clock() - started >= 40

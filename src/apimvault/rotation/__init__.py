@@ -238,6 +238,9 @@ def plan_rotation(
                     f"key of {ref.resource_id}; store the current key with the tag and rotate again"
                 )
         _check_routes(probe, current.value, where, current.version)
+    except BaseException as exc:
+        scrub_traceback(exc)
+        raise
     finally:
         probe.close()
         session.close()
@@ -334,7 +337,7 @@ def rotate(
         propagation_timeout=propagation_timeout,
         header_name=header_name,
     )
-    with _running(where, secret_name, credential, settings, clock, sleep, on_step, now) as run:
+    with _running(vault_url, secret_name, credential, settings, clock, sleep, on_step, now) as run:
         result = run.rotate(expected)
     _telemetry.rotation_counted("skipped" if result.skipped else "rotated", where)
     return result
@@ -342,7 +345,7 @@ def rotate(
 
 @contextlib.contextmanager
 def _running(
-    where: str,
+    vault_url: str,
     secret_name: str,
     credential: TokenCredential | None,
     settings: RotationConfig,
@@ -352,7 +355,8 @@ def _running(
     now: dt.datetime | float | None,
 ) -> Iterator[Run]:
     """A :class:`Run` with its clients; closes them, counts a failure and scrubs its traceback."""
-    session = Session(where.rsplit("/secrets/", 1)[0], settings.arm_endpoint, credential)
+    where = f"{vault_url}/secrets/{secret_name}"
+    session = Session(vault_url, settings.arm_endpoint, credential)
     probe = GatewayProbe(settings.gateway_urls, header_name=settings.header_name)
     try:
         yield Run(session, probe, secret_name, where, settings, clock, sleep, on_step, utc_now(now))
@@ -382,7 +386,7 @@ def revoke_current(
     key and probe until every gateway refuses it. ``on_step`` also sees ``spread`` and ``revoke``."""
     vault_url, secret_name, where = _target(vault_url, secret_name)
     settings = _settings(config)
-    with _running(where, secret_name, credential, settings, clock, sleep, on_step, now) as run:
+    with _running(vault_url, secret_name, credential, settings, clock, sleep, on_step, now) as run:
         result = revoke(run)
     _telemetry.rotation_counted("rotated", where)
     return result
@@ -417,6 +421,9 @@ def check_latest(
         keys = session.list_keys(ref, "listSecrets to check the vault")
         live = slot is not None and keys[slot] == latest.value
         accepted = {url: probe.accepts(url, latest.value) for url in settings.gateway_urls}
+    except BaseException as exc:
+        scrub_traceback(exc)
+        raise
     finally:
         probe.close()
         session.close()

@@ -49,7 +49,8 @@ ENV_REVOKE_WAIT = "APIMVAULT_REVOKE_WAIT"
 DEFAULT_PROBE_SUCCESSES = 10
 """Consecutive 2xx answers each gateway URL must give the new key. Units behind one hostname are
 balanced per connection and cannot be addressed: with N units and one lagging, K fresh-connection probes
-all miss it with probability ((N-1)/N)**K (K=10: N=2 0.1 %, N=3 1.7 %, N=4 5.6 %)."""
+all miss it with probability ((N-1)/N)**K (K=10: N=2 0.1 %, N=3 1.7 %, N=4 5.6 %); a 401 that breaks a
+run doubles the run needed (up to 4 K), so later tries do not add much to that chance."""
 DEFAULT_PROBE_INTERVAL = 0.5
 """Seconds between the consecutive probes of one URL (each on a fresh connection)."""
 DEFAULT_REVOKE_WAIT = 60.0

@@ -105,17 +105,23 @@ def _ref(run: Run, latest: Any) -> Any:
 
 def wait_refused(run: Run, value: str, started: float) -> float:
     """Probe until every gateway URL refuses ``value`` (APIM's key 401) ``probe_successes`` times in a
-    row; the seconds since ``started``. Raises :class:`RotationError` after ``propagation_timeout``."""
-    needed = run.settings.probe_successes
+    row (a 2xx that breaks a run doubles the run needed, up to 4 K, as in
+    :meth:`~apimvault.rotation.run.Run.wait_accepted`); the seconds since ``started``. Raises
+    :class:`RotationError` after ``propagation_timeout``."""
+    first = run.settings.probe_successes
     streak = dict.fromkeys(run.probe.urls, 0)
-    done_at = started
+    needed = dict.fromkeys(run.probe.urls, first)
+    done_at, delay = started, 0.5
     while True:
         run.step("probe")
-        for url in [u for u, n in streak.items() if n < needed]:
-            streak[url] = streak[url] + 1 if run.probe.accepts(url, value) is False else 0
-            if streak[url] >= needed:
+        for url in [u for u, n in streak.items() if n < needed[u]]:
+            refused = run.probe.accepts(url, value) is False
+            if not refused and streak[url]:
+                needed[url] = min(needed[url] * 2, 4 * first)
+            streak[url] = streak[url] + 1 if refused else 0
+            if streak[url] >= needed[url]:
                 done_at = run.clock()
-        waiting = [u for u, n in streak.items() if n < needed]
+        waiting = [u for u, n in streak.items() if n < needed[u]]
         if not waiting:
             return max(0.0, done_at - started)
         if run.clock() - started >= run.timeout:
@@ -124,4 +130,7 @@ def wait_refused(run: Run, value: str, started: float) -> float:
                 f"after {run.timeout:g} s (gateway sync): check again with `apimvault check`",
                 permanent=False,
             )
-        run.sleep(run.settings.probe_interval or 0.5)
+        counting = any(streak[u] for u in waiting)
+        run.sleep(run.settings.probe_interval if counting else delay)
+        if not counting:
+            delay = min(delay * 1.5, 15.0)

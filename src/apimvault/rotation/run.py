@@ -265,33 +265,40 @@ class Run:
     # ---------------------------------------------------------------------------------- step 4: probe
 
     def wait_accepted(self, value: str, slot: str, ref: ApimSubscriptionRef, started: float) -> float:
-        """Poll every gateway until each accepts ``value`` in ``probe_successes`` consecutive probes
-        ``probe_interval`` seconds apart (a key 401 or no answer starts the count again); the seconds
-        since ``started`` when the last URL completed its run. Raises :class:`Concurrent` if the key is
-        regenerated meanwhile, :class:`GatewayProbeError` for an answer that is neither, and
-        :class:`RotationError` on timeout."""
+        """Poll every gateway until each accepts ``value`` in ``probe_successes`` (K) consecutive probes
+        ``probe_interval`` seconds apart; the seconds since ``started`` when the last URL completed its run.
+
+        A key 401 starts the count again, and when it breaks a run of acceptances (some unit behind the
+        URL accepts, another still lags) the run needed doubles, up to 4 K: a lucky run that misses the
+        lagging unit then gets rarer with every try, so the chance of missing it stays about
+        ``((N-1)/N)**K`` for N units however long it lags. No answer restarts the count too. Raises
+        :class:`Concurrent` if the key is regenerated meanwhile, :class:`GatewayProbeError` for an answer
+        that is neither, and :class:`RotationError` on timeout."""
         deadline = started + self.timeout
-        needed = self.settings.probe_successes
+        first = self.settings.probe_successes
         streak = dict.fromkeys(self.probe.urls, 0)
+        needed = dict.fromkeys(self.probe.urls, first)
         delay, done_at = 0.5, started
         unknown: dict[str, str] = {}
         while True:
             self.step("probe")
-            for url in [u for u, n in streak.items() if n < needed]:
+            for url in [u for u, n in streak.items() if n < needed[u]]:
                 verdict = self.probe.accepts(url, value)
+                if verdict is False and streak[url]:
+                    needed[url] = min(needed[url] * 2, 4 * first)
                 streak[url] = streak[url] + 1 if verdict else 0
                 if verdict is None:
                     unknown[url] = "no answer"
                 else:
                     unknown.pop(url, None)
-                if streak[url] >= needed:
+                if streak[url] >= needed[url]:
                     done_at = self.clock()
-            waiting = [u for u, n in streak.items() if n < needed]
+            waiting = [u for u, n in streak.items() if n < needed[u]]
             if not waiting:
                 return max(0.0, done_at - started)
             now = self.clock()
             if now >= deadline:
-                self.timed_out(slot, ref, waiting, unknown, streak)
+                self.timed_out(slot, ref, waiting, unknown, streak, needed)
             counting = any(streak[u] for u in waiting)
             pause = self.settings.probe_interval if counting else delay
             self.sleep(min(pause, max(0.0, deadline - now)))
@@ -308,10 +315,10 @@ class Run:
         waiting: list[str],
         unknown: dict[str, str],
         streak: dict[str, int],
+        needed: dict[str, int],
     ) -> NoReturn:
         still = ", ".join(
-            f"{u} ({unknown.get(u, 'refused')}; {streak[u]} of {self.settings.probe_successes} "
-            "consecutive acceptances)"
+            f"{u} ({unknown.get(u, 'refused')}; {streak[u]} of {needed[u]} consecutive acceptances)"
             for u in waiting
         )
         raise RotationError(
