@@ -8,9 +8,9 @@ from tests.cli_support import run_cli
 
 
 def test_check_with_an_empty_suffix_three_units_and_infras_rotator() -> None:
-    run = run_cli(
-        ["local", "--check", "--json", "--api-suffix", "", "--gateway-units", "3", "--rotate-as", "rotator"]
-    )
+    argv = ["--api-suffix", "", "--gateway-units", "3", "--rotate-as", "rotator"]
+    argv += ["--gateway-routing", "balanced"]
+    run = run_cli(["local", "--check", "--json", *argv])
     assert run.code == 0, run.out + run.err
     services = {s["service"]: s for s in run.json()["services"]}
     assert all(s["ok"] for s in services.values()), services
@@ -31,6 +31,7 @@ def test_check_with_the_default_suffix_names_it() -> None:
         (["--api-suffix", "a b"], "--api-suffix"),
         (["--gateway-units", "0"], "--gateway-units"),
         (["--rotate-as", "owner"], "--rotate-as"),
+        (["--gateway-routing", "anycast"], "--gateway-routing"),
     ],
 )
 def test_bad_stack_options_are_refused(argv: list[str], message: str) -> None:

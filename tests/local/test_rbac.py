@@ -335,6 +335,8 @@ def test_seeded_rotator_and_rotate_as(azure: LocalAzure) -> None:
         (azure.infra_roles[SECRET_ROTATOR_KEY].name, azure.secret_scope()),
         (azure.infra_roles[APIM_ROTATOR_KEY].name, azure.apim_subscription_scope()),
     }
+    app = {(a.role, a.scope) for a in azure.rbac.assignments(azure.app_identity)}
+    assert ("Key Vault Secrets User", azure.secret_scope()) in app  # as infra's app identity
     assert "APIMVAULT_ROTATOR_CLIENT_ID" not in azure.environ()  # the default rotates as the officer
     assert azure.rotation_identity == azure.officer_identity
     stack = LocalAzure(ca=azure.ca, seed=False, rotate_as="rotator")  # not started: environ only

@@ -334,6 +334,12 @@ class LocalAzure:
         ]
 
     @property
+    def app_identity(self) -> Identity:
+        """The app's identity: the default one (what a request naming no identity gets), holding
+        ``Key Vault Secrets User`` on the seeded secret as infra's app identity does."""
+        return self.default_identity
+
+    @property
     def rotation_identity(self) -> Identity:
         """The identity the CLI rotates as with this stack's environment (``rotate_as``)."""
         return self.rotator_identity if self.rotate_as == "rotator" else self.officer_identity
