@@ -238,6 +238,7 @@ def test_through_the_queue_the_delivery_is_answered_at_once_and_duplicates_rotat
     assert_no_key(repr(invocations) + repr(attempts), app.seen_keys | set(app.keys()))
 
 
+@pytest.mark.slow  # real lease back-off (seconds) while instances wait: in CI's `-m slow` run
 def test_duplicates_taken_by_concurrent_instances_rotate_once_under_the_lease(
     caplog: pytest.LogCaptureFixture,
     azure: LocalAzure,
