@@ -37,6 +37,7 @@ from apimvault.local import LocalAzure, temporary_environ
 from apimvault.local.eventgrid import (
     FunctionDestination,
     LocalEventGrid,
+    MemoryQueue,
     QueueSettings,
     QueueTriggerHost,
     ReceivedMessage,
@@ -336,3 +337,39 @@ def test_the_handler_reads_event_grid_queue_messages_either_encoding(
         handler.event_from_queue_message("not an event")
     with pytest.raises(handler.InvalidEventError):
         handler.event_from_queue_message("[1, 2]")
+
+
+def test_the_memory_queue_gives_the_host_what_azurite_gives_it(
+    queues: tuple[QueueClient, QueueClient], handler: ModuleType
+) -> None:
+    """The drill's in-memory queue against the real one: the same deliveries, one event whose run always
+    fails and one that succeeds, end in the same invocations and the same poison queue."""
+
+    def invoke(message: ReceivedMessage) -> None:
+        if handler.event_from_queue_message(message.body)["id"] == "bad":
+            raise RuntimeError("planted failure")
+
+    def script(queue: Any, poison: Any) -> tuple[list[tuple[str, int, str]], list[str]]:
+        grid = LocalEventGrid(StorageQueueDestination(queue), clock=ManualClock())
+        grid.publish([{"id": "good", "data": {}}, {"id": "bad", "data": {}}])
+        grid.deliver_due()
+        settings = QueueSettings(
+            **{**QueueSettings.from_host_json(HOST_JSON).__dict__, "visibility_timeout": 0.0}
+        )
+        host = QueueTriggerHost(queue, invoke, settings=settings, poison_queue_client=poison)
+        bodies = {m.id: m.content for m in queue.peek_messages(max_messages=32)}
+        runs = sorted(
+            (handler.event_from_queue_message(bodies[i.message_id])["id"], i.dequeue_count, i.outcome)
+            for i in host.drain()
+        )
+        poisoned = [
+            handler.event_from_queue_message(m.content)["id"] for m in poison.peek_messages(max_messages=32)
+        ]
+        return runs, poisoned
+
+    clock = ManualClock()
+    memory = script(MemoryQueue("rotation", clock=clock), MemoryQueue("rotation-poison", clock=clock))
+    azurite_result = script(*queues)
+    assert memory == azurite_result
+    assert memory[1] == ["bad"] and ("good", 1, "succeeded") in memory[0]
+    assert [r for r in memory[0] if r[0] == "bad"][-1] == ("bad", 5, "poisoned")
