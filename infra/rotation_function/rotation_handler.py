@@ -279,6 +279,8 @@ class RotationLease:
                     )
                     self.sleep(delay)
                     delay = min(delay * 2, 8.0)
+                    if self._stop.is_set():  # the run ended meanwhile: release() takes over
+                        return
                     continue
                 self._valid_until = sent + self.duration
                 return
