@@ -16,6 +16,7 @@ azure-storage-blob / azure-storage-queue over TLS on 127.0.0.1). Event Grid is
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -162,6 +163,16 @@ def test_function_app_registers_one_queue_trigger_on_the_rotation_queue(
     assert binding.type == "queueTrigger"
     assert binding.queue_name == handler.ROTATION_QUEUE == "apimvault-rotation-events"
     assert binding.connection == "AzureWebJobsStorage"
+    # What the host reads from the indexed function (the function.json of the v2 model).
+    assert json.loads(function.get_function_json())["bindings"] == [
+        {
+            "direction": "IN",
+            "type": "queueTrigger",
+            "name": "msg",
+            "queueName": "apimvault-rotation-events",
+            "connection": "AzureWebJobsStorage",
+        }
+    ]
 
 
 def test_a_long_rotation_through_the_event_grid_trigger_times_out_and_is_redelivered(
