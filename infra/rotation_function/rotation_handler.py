@@ -52,9 +52,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "HANDLED_EVENT_TYPES",
     "LEASE_CONTAINER",
+    "ROTATION_QUEUE",
     "InvalidEventError",
     "LeaseLostError",
-    "ROTATION_QUEUE",
     "RotationLease",
     "event_from_queue_message",
     "event_to_dict",
@@ -72,7 +72,7 @@ HANDLED_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY})
 LEASE_CONTAINER = "apimvault-rotation-leases"
 LEASE_SECONDS = 60  # the longest finite blob lease; renewed while the run lasts
 ROTATION_QUEUE = "apimvault-rotation-events"
-"""The Storage queue Event Grid delivers to (rotation.bicep ``rotationQueueName``); poison: ``<it>-poison``."""
+"""The Storage queue Event Grid delivers to (rotation.bicep ``rotationQueueName``); poison: ``<it>-poison``"""
 # The longest run: waiting for another run's lease + waiting for the gateways + the ARM / Key Vault calls and
 # probes around them. host.json's functionTimeout (15 min) and queues.visibilityTimeout (15 min) exceed it
 # (tests/infra/test_rotation_delivery.py checks the sum). 600 s of propagation: a Microsoft Q&A answer
@@ -279,6 +279,8 @@ class RotationLease:
                     )
                     self.sleep(delay)
                     delay = min(delay * 2, 8.0)
+                    if self._stop.is_set():  # the run ended meanwhile: release() takes over
+                        return
                     continue
                 self._valid_until = sent + self.duration
                 return

@@ -4,6 +4,7 @@ duplicates, and host.json's queue settings."""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 from pathlib import Path
@@ -16,10 +17,17 @@ from apimvault.local.eventgrid import (
     DeliveryError,
     FunctionDestination,
     LocalEventGrid,
+    MemoryQueue,
+    MemoryQueueError,
     QueueSettings,
+    QueueTriggerHost,
+    ReceivedMessage,
+    StorageQueueDestination,
     retry_delay,
 )
 from tests.rotation_support import ManualClock
+
+HOST_JSON = Path(__file__).resolve().parents[2] / "infra" / "rotation_function" / "host.json"
 
 EVENT = {"id": "e-1", "eventType": "Microsoft.KeyVault.SecretNearExpiry", "subject": "s", "data": {}}
 
@@ -169,3 +177,51 @@ def test_queue_settings_read_host_json_with_the_extension_defaults(tmp_path: Pat
     path.write_text(json.dumps({"extensions": {"queues": {"visibilityTimeout": "15 minutes"}}}))
     with pytest.raises(ValueError, match="TimeSpan"):
         QueueSettings.from_host_json(path)
+
+
+def _failing(message: ReceivedMessage) -> None:
+    raise RuntimeError(f"run failed on dequeue {message.dequeue_count}")
+
+
+def test_memory_queue_host_retries_after_the_visibility_timeout_then_poisons() -> None:
+    """host.json's 15-minute visibilityTimeout on the injected clock: a failed message is invisible until
+    it has passed, and after maxDequeueCount failed runs it is in <queue>-poison."""
+    clock = ManualClock(0.0)
+    queue, poison = MemoryQueue("rotation", clock=clock), MemoryQueue("rotation-poison", clock=clock)
+    settings = QueueSettings.from_host_json(HOST_JSON)
+    assert settings.visibility_timeout == 900.0
+    grid = LocalEventGrid(StorageQueueDestination(queue), clock=clock)
+    grid.publish(EVENT)
+    assert [a.outcome for a in grid.deliver_due()] == ["delivered"]
+    host = QueueTriggerHost(queue, _failing, settings=settings, poison_queue_client=poison)
+
+    outcomes: list[tuple[int, str]] = []
+    for _ in range(settings.max_dequeue_count):
+        (run,) = host.poll_once()
+        outcomes.append((run.dequeue_count, run.outcome))
+        clock.advance(899.0)
+        assert host.poll_once() == []  # still invisible just before the visibility timeout
+        clock.advance(1.0)
+    assert outcomes == [(1, "failed"), (2, "failed"), (3, "failed"), (4, "failed"), (5, "poisoned")]
+    assert queue.get_queue_properties().approximate_message_count == 0
+    (poisoned,) = poison.receive_messages(max_messages=32)
+    assert json.loads(base64.b64decode(poisoned.content)) == EVENT
+
+
+def test_memory_queue_refuses_a_stale_pop_receipt_and_drops_expired_messages() -> None:
+    clock = ManualClock(0.0)
+    queue = MemoryQueue("q", clock=clock)
+    queue.send_message("a")
+    (first,) = queue.receive_messages(visibility_timeout=0)
+    (second,) = queue.receive_messages(visibility_timeout=60)
+    assert (first.dequeue_count, second.dequeue_count) == (1, 2)
+    with pytest.raises(MemoryQueueError) as info:
+        queue.delete_message(first.id, first.pop_receipt)
+    assert info.value.status_code == 400
+    assert queue.receive_messages() == []  # invisible for 60 s
+    queue.delete_message(second.id, second.pop_receipt)
+    queue.send_message("b", time_to_live=10)
+    queue.send_message("c", time_to_live=-1)
+    clock.advance(10.0)
+    assert [m.content for m in queue.peek_messages(max_messages=5)] == ["c"]
+    assert queue.get_queue_properties().approximate_message_count == 1

@@ -16,6 +16,7 @@ azure-storage-blob / azure-storage-queue over TLS on 127.0.0.1). Event Grid is
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from apimvault.local import LocalAzure, temporary_environ
 from apimvault.local.eventgrid import (
     FunctionDestination,
     LocalEventGrid,
+    MemoryQueue,
     QueueSettings,
     QueueTriggerHost,
     ReceivedMessage,
@@ -164,6 +166,16 @@ def test_function_app_registers_one_queue_trigger_on_the_rotation_queue(
     assert binding.type == "queueTrigger"
     assert binding.queue_name == handler.ROTATION_QUEUE == "apimvault-rotation-events"
     assert binding.connection == "AzureWebJobsStorage"
+    # What the host reads from the indexed function (the function.json of the v2 model).
+    assert json.loads(function.get_function_json())["bindings"] == [
+        {
+            "direction": "IN",
+            "type": "queueTrigger",
+            "name": "msg",
+            "queueName": "apimvault-rotation-events",
+            "connection": "AzureWebJobsStorage",
+        }
+    ]
 
 
 def test_a_long_rotation_through_the_event_grid_trigger_times_out_and_is_redelivered(
@@ -246,6 +258,7 @@ def test_through_the_queue_the_delivery_is_answered_at_once_and_duplicates_rotat
     assert_no_key(repr(invocations) + repr(attempts), app.seen_keys | set(app.keys()))
 
 
+@pytest.mark.slow  # real lease back-off (seconds) while instances wait: in CI's `-m slow` run
 def test_duplicates_taken_by_concurrent_instances_rotate_once_under_the_lease(
     caplog: pytest.LogCaptureFixture,
     azure: LocalAzure,
@@ -343,3 +356,39 @@ def test_the_handler_reads_event_grid_queue_messages_either_encoding(
         handler.event_from_queue_message("not an event")
     with pytest.raises(handler.InvalidEventError):
         handler.event_from_queue_message("[1, 2]")
+
+
+def test_the_memory_queue_gives_the_host_what_azurite_gives_it(
+    queues: tuple[QueueClient, QueueClient], handler: ModuleType
+) -> None:
+    """The drill's in-memory queue against the real one: the same deliveries, one event whose run always
+    fails and one that succeeds, end in the same invocations and the same poison queue."""
+
+    def invoke(message: ReceivedMessage) -> None:
+        if handler.event_from_queue_message(message.body)["id"] == "bad":
+            raise RuntimeError("planted failure")
+
+    def script(queue: Any, poison: Any) -> tuple[list[tuple[str, int, str]], list[str]]:
+        grid = LocalEventGrid(StorageQueueDestination(queue), clock=ManualClock())
+        grid.publish([{"id": "good", "data": {}}, {"id": "bad", "data": {}}])
+        grid.deliver_due()
+        settings = QueueSettings(
+            **{**QueueSettings.from_host_json(HOST_JSON).__dict__, "visibility_timeout": 0.0}
+        )
+        host = QueueTriggerHost(queue, invoke, settings=settings, poison_queue_client=poison)
+        bodies = {m.id: m.content for m in queue.peek_messages(max_messages=32)}
+        runs = sorted(
+            (handler.event_from_queue_message(bodies[i.message_id])["id"], i.dequeue_count, i.outcome)
+            for i in host.drain()
+        )
+        poisoned = [
+            handler.event_from_queue_message(m.content)["id"] for m in poison.peek_messages(max_messages=32)
+        ]
+        return runs, poisoned
+
+    clock = ManualClock()
+    memory = script(MemoryQueue("rotation", clock=clock), MemoryQueue("rotation-poison", clock=clock))
+    azurite_result = script(*queues)
+    assert memory == azurite_result
+    assert memory[1] == ["bad"] and ("good", 1, "succeeded") in memory[0]
+    assert [r for r in memory[0] if r[0] == "bad"][-1] == ("bad", 5, "poisoned")

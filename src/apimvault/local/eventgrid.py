@@ -41,7 +41,8 @@ Driving it::
     host = QueueTriggerHost(queue_client, invoke, settings=QueueSettings.from_host_json(path))
     host.drain()                                 # run the function for every visible message
 
-Needs ``azure-storage-queue`` (extra ``local``) for the queue parts only.
+Without Azurite (a drill on a machine with Python only), :class:`MemoryQueue` stands in for the queue client
+on the same injected clock. ``azure-storage-queue`` (extra ``local``) is needed only for real queues.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime
 import heapq
 import itertools
 import json
@@ -56,6 +58,7 @@ import logging
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +74,9 @@ __all__ = [
     "FunctionDestination",
     "Invocation",
     "LocalEventGrid",
+    "MemoryQueue",
+    "MemoryQueueError",
+    "MemoryQueueMessage",
     "QueueSettings",
     "QueueTriggerHost",
     "ReceivedMessage",
@@ -347,6 +353,129 @@ class LocalEventGrid:
         self.metrics["DeadLetteredCount"] += 1
         self.dead_lettered.append((pending.event, reason))
         log.warning("event %s dead-lettered: %s", pending.event.get("id"), reason)
+
+
+# ------------------------------------------------------------------------------------ an in-memory queue
+
+
+@dataclasses.dataclass
+class MemoryQueueMessage:
+    """The fields of ``azure.storage.queue.QueueMessage`` that the host and the destination use."""
+
+    id: str
+    content: str
+    dequeue_count: int
+    inserted_on: datetime.datetime
+    expires_on: datetime.datetime | None
+    next_visible_on: datetime.datetime
+    pop_receipt: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryQueueProperties:
+    approximate_message_count: int
+
+
+class MemoryQueueError(Exception):
+    """A queue operation Azure Storage would refuse (404 MessageNotFound, 400 PopReceiptMismatch)."""
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class MemoryQueue:
+    """A Storage queue in memory on the injected ``clock``: the subset of ``azure.storage.queue.QueueClient``
+    that :class:`StorageQueueDestination` and :class:`QueueTriggerHost` call, with Azure's semantics for
+    visibility timeouts (default 30 s on receive), dequeue counts, pop receipts (a stale one is refused) and
+    message time-to-live (default 7 days, -1 never). For a drill that runs without Azurite: visibility
+    follows the injected clock, so a ``visibilityTimeout`` of 15 minutes costs no waiting. Tests of the
+    deployed path use Azurite (real azure-storage-queue); ``test_rotation_delivery.py`` checks that both give
+    the same invocations and poison queue for the same messages."""
+
+    def __init__(self, queue_name: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.queue_name = queue_name
+        self.clock = clock
+        self._messages: dict[str, MemoryQueueMessage] = {}
+        self._ids = itertools.count(1)
+
+    def _at(self, seconds: float) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+
+    def _expired(self, message: MemoryQueueMessage) -> bool:
+        return message.expires_on is not None and message.expires_on <= self._at(self.clock())
+
+    def create_queue(self) -> None:
+        """Idempotent here (Azure answers 409 QueueAlreadyExists only for different metadata)."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def send_message(self, content: str, *, time_to_live: int | None = None) -> MemoryQueueMessage:
+        now = self.clock()
+        ttl = 7 * 86400 if time_to_live is None else time_to_live
+        message = MemoryQueueMessage(
+            id=f"{self.queue_name}-{next(self._ids)}",
+            content=content,
+            dequeue_count=0,
+            inserted_on=self._at(now),
+            expires_on=None if ttl == -1 else self._at(now + ttl),
+            next_visible_on=self._at(now),
+            pop_receipt=None,
+        )
+        self._messages[message.id] = message
+        return dataclasses.replace(message)
+
+    def receive_messages(
+        self,
+        *,
+        messages_per_page: int | None = None,
+        max_messages: int | None = None,
+        visibility_timeout: int | None = None,
+    ) -> list[MemoryQueueMessage]:
+        now = self.clock()
+        limit = max_messages or messages_per_page or 1
+        hidden_for = 30 if visibility_timeout is None else visibility_timeout
+        taken: list[MemoryQueueMessage] = []
+        for message in list(self._messages.values()):
+            if self._expired(message):
+                del self._messages[message.id]
+                continue
+            if len(taken) == limit or message.next_visible_on > self._at(now):
+                continue
+            message.dequeue_count += 1
+            message.pop_receipt = uuid.uuid4().hex
+            message.next_visible_on = self._at(now + hidden_for)
+            taken.append(dataclasses.replace(message))
+        return taken
+
+    def _owned(self, message_id: str, pop_receipt: str | None) -> MemoryQueueMessage:
+        message = self._messages.get(message_id)
+        if message is None or self._expired(message):
+            raise MemoryQueueError(f"message {message_id} not found", status_code=404)
+        if pop_receipt != message.pop_receipt:
+            raise MemoryQueueError(f"pop receipt of {message_id} does not match", status_code=400)
+        return message
+
+    def update_message(self, message_id: str, pop_receipt: str | None, *, visibility_timeout: int) -> None:
+        message = self._owned(message_id, pop_receipt)
+        message.pop_receipt = uuid.uuid4().hex
+        message.next_visible_on = self._at(self.clock() + visibility_timeout)
+
+    def delete_message(self, message_id: str, pop_receipt: str | None) -> None:
+        self._owned(message_id, pop_receipt)
+        del self._messages[message_id]
+
+    def peek_messages(self, *, max_messages: int = 1) -> list[MemoryQueueMessage]:
+        now = self._at(self.clock())
+        visible = [m for m in self._messages.values() if not self._expired(m) and m.next_visible_on <= now]
+        return [dataclasses.replace(m) for m in visible[:max_messages]]
+
+    def get_queue_properties(self) -> MemoryQueueProperties:
+        return MemoryQueueProperties(sum(1 for m in self._messages.values() if not self._expired(m)))
+
+    def clear_messages(self) -> None:
+        self._messages.clear()
 
 
 # ------------------------------------------------------------------------------------ the queue trigger
