@@ -28,7 +28,7 @@ from ._key import SubscriptionKey
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
 from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
 from ._vault_errors import map_error, retry_after_of
-from ._vaultclient import check_secret_client, checked, secret_client_kwargs
+from ._vaultclient import check_secret_client, checked, secret_client_kwargs, token_deadline
 from .exceptions import (
     ConfigurationError,
     InvalidSecretValueError,
@@ -285,6 +285,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     _identity_module: str
     _retry_policy_class: Callable[..., Any]
     _default_sleep: Callable[[float], Any]
+    _deadline_class: Callable[[Any, float], Any]
 
     def __init__(
         self,
@@ -372,17 +373,19 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         assert self._build is not None
         credential, client_kwargs, credential_kwargs = self._build
         owned: list[Any] = []
+        vault_credential = credential
         if credential is None:
             identity = import_module(self._identity_module)
-            credential = identity.DefaultAzureCredential(
-                **{**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
-            )
+            bounds = {**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
+            credential = identity.DefaultAzureCredential(**bounds)
             owned.append(credential)
+            # One deadline for each whole token request (not only per read): a trickling identity endpoint.
+            vault_credential = self._deadline_class(credential, token_deadline(bounds))
         self.credential = credential
         # Never logs a Key Vault body (the key), whatever logging_enable says: see _vaultclient.
         settings = secret_client_kwargs(DEFAULT_CLIENT_KWARGS, client_kwargs)
         settings.setdefault("retry_policy", self._retry_policy_class(**settings))
-        client = self._secret_client_class(self.vault_url, credential, **settings)
+        client = self._secret_client_class(self.vault_url, vault_credential, **settings)
         owned.insert(0, client)
         checked(client, owned, where=self.where)
         self._owned = owned

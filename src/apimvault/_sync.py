@@ -16,6 +16,7 @@ from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, fligh
 from ._key import SubscriptionKey
 from ._policy import Action
 from ._retry import NoRetryAfterSleep
+from ._vaultclient import DeadlineCredential
 from .exceptions import KeyUnavailableError
 
 __all__ = ["SubscriptionKeyProvider"]
@@ -86,6 +87,7 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
 
     _identity_module = "azure.identity"
     _retry_policy_class = NoRetryAfterSleep
+    _deadline_class = DeadlineCredential
     _default_sleep = staticmethod(time.sleep)
 
     # ------------------------------------------------------------------------------ public API
