@@ -145,9 +145,7 @@ class ProviderStats:
     invalidations: int
     last_error: str | None
     fallbacks_to_previous: int = 0  # times the gateway refused the current key and the previous one was used
-    expires_in_s: float | None = (
-        None  # seconds until the current key's expires_on (None: no key or no expiry)
-    )
+    expires_in_s: float | None = None  # seconds until the current key's expires_on (None: none / no key)
 
 
 class _Tally:
@@ -377,10 +375,11 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         if credential is None:
             identity = import_module(self._identity_module)
             bounds = {**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
+            # One deadline for each whole token request (not only per read): a trickling identity endpoint.
+            deadline = token_deadline(bounds)
             credential = identity.DefaultAzureCredential(**bounds)
             owned.append(credential)
-            # One deadline for each whole token request (not only per read): a trickling identity endpoint.
-            vault_credential = self._deadline_class(credential, token_deadline(bounds))
+            vault_credential = self._deadline_class(credential, deadline)
         self.credential = credential
         # Never logs a Key Vault body (the key), whatever logging_enable says: see _vaultclient.
         settings = secret_client_kwargs(DEFAULT_CLIENT_KWARGS, client_kwargs)
