@@ -581,3 +581,34 @@ async def test_async_recovery_after_an_outage_follows_the_vault_within_a_probe_i
         clock.advance(SLOW_BACKOFF.probe_interval)
         assert await p.get() == app.subscription.primary_key
         assert p.stats().vault_reads == 2
+
+
+# ------------------------------------------------------- issue 21 item 11: fork during a token refresh
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_fork_during_a_token_refresh_does_not_hang_the_child(azure: LocalAzure) -> None:
+    """A thread forcing a new Entra token holds the token source's lock while the identity endpoint is slow;
+    a child forked then gets a lock of its own and answers (it hung on the parent's held lock)."""
+    from azure.identity import DefaultAzureCredential
+
+    from apimvault import BearerTokenSource
+
+    credential = DefaultAzureCredential()
+    source = BearerTokenSource(credential, "api://apimvault-gateway/.default")
+    token = source()
+    requests = azure.identity.counters["GetToken"]
+    azure.identity.faults.inject("hang", operation="GetToken", seconds=5, times=1)
+    refresher = threading.Thread(target=source.refresh_after_rejection, args=(token,), daemon=True)
+    refresher.start()
+    try:
+        wait_until(lambda: azure.identity.counters["GetToken"] > requests, "the forced token request")
+        assert refresher.is_alive()  # it holds the source's lock while the endpoint hangs
+        answer = _fork_and_read(
+            lambda: "same token" if source.refresh_after_rejection("old") == token else "?"
+        )
+        assert answer == "same token"
+    finally:
+        refresher.join(30)
+        azure.identity.faults.clear()
+        credential.close()

@@ -16,6 +16,7 @@ from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, fligh
 from ._key import SubscriptionKey
 from ._policy import Action
 from ._retry import AsyncNoRetryAfterSleep
+from ._vaultclient import AsyncDeadlineCredential
 from .exceptions import ConfigurationError, KeyUnavailableError
 
 __all__ = ["AsyncSubscriptionKeyProvider"]
@@ -68,6 +69,7 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
 
     _identity_module = "azure.identity.aio"
     _retry_policy_class = AsyncNoRetryAfterSleep
+    _deadline_class = AsyncDeadlineCredential
     _default_sleep = staticmethod(asyncio.sleep)
 
     _loop: asyncio.AbstractEventLoop | None = None

@@ -28,7 +28,7 @@ from ._key import SubscriptionKey
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
 from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
 from ._vault_errors import map_error, retry_after_of
-from ._vaultclient import check_secret_client, checked, secret_client_kwargs
+from ._vaultclient import check_secret_client, checked, secret_client_kwargs, token_deadline
 from .exceptions import (
     ConfigurationError,
     InvalidSecretValueError,
@@ -145,9 +145,7 @@ class ProviderStats:
     invalidations: int
     last_error: str | None
     fallbacks_to_previous: int = 0  # times the gateway refused the current key and the previous one was used
-    expires_in_s: float | None = (
-        None  # seconds until the current key's expires_on (None: no key or no expiry)
-    )
+    expires_in_s: float | None = None  # seconds until the current key's expires_on (None: none / no key)
 
 
 class _Tally:
@@ -225,6 +223,48 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _PerProcess:
+    """A data descriptor for a lock (or any per-process object) held by instances of a class that does not
+    itself reset on fork: a forked child reading the attribute gets a fresh one instead of the parent's,
+    which a parent thread may have held at the fork (the child would wait for it forever)."""
+
+    _guard = threading.Lock()
+
+    def __init__(self, name: str, factory: Callable[[], Any]) -> None:
+        self._slot = f"_{name}_per_process"
+        self._factory = factory
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        pid = os.getpid()
+        held = obj.__dict__.get(self._slot)
+        if held is not None and held[0] == pid:
+            return held[1]
+        with _PerProcess._guard:  # two threads of a child must get the same fresh lock
+            held = obj.__dict__.get(self._slot)
+            if held is None or held[0] != pid:
+                held = obj.__dict__[self._slot] = (pid, self._factory())
+            return held[1]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._slot] = (os.getpid(), value)
+
+
+def per_process(owner: type, name: str, factory: Callable[[], Any]) -> None:
+    """Make ``owner().<name>`` per process: a forked child gets ``factory()`` in place of the parent's
+    (e.g. ``per_process(BearerTokenSource, "_lock", threading.Lock)``)."""
+    setattr(owner, name, _PerProcess(name, factory))
+
+
+def _fresh_guard() -> None:
+    _PerProcess._guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_fresh_guard)
+
+
 CredentialT = TypeVar("CredentialT")
 ClientT = TypeVar("ClientT")
 
@@ -243,6 +283,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     _identity_module: str
     _retry_policy_class: Callable[..., Any]
     _default_sleep: Callable[[float], Any]
+    _deadline_class: Callable[[Any, float], Any]
 
     def __init__(
         self,
@@ -330,17 +371,20 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         assert self._build is not None
         credential, client_kwargs, credential_kwargs = self._build
         owned: list[Any] = []
+        vault_credential = credential
         if credential is None:
             identity = import_module(self._identity_module)
-            credential = identity.DefaultAzureCredential(
-                **{**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
-            )
+            bounds = {**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
+            # One deadline for each whole token request (not only per read): a trickling identity endpoint.
+            deadline = token_deadline(bounds)
+            credential = identity.DefaultAzureCredential(**bounds)
             owned.append(credential)
+            vault_credential = self._deadline_class(credential, deadline)
         self.credential = credential
         # Never logs a Key Vault body (the key), whatever logging_enable says: see _vaultclient.
         settings = secret_client_kwargs(DEFAULT_CLIENT_KWARGS, client_kwargs)
         settings.setdefault("retry_policy", self._retry_policy_class(**settings))
-        client = self._secret_client_class(self.vault_url, credential, **settings)
+        client = self._secret_client_class(self.vault_url, vault_credential, **settings)
         owned.insert(0, client)
         checked(client, owned, where=self.where)
         self._owned = owned

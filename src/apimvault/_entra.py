@@ -344,3 +344,11 @@ def create_async_token_azure_openai(
             credential = DefaultAzureCredential()
         source = AsyncBearerTokenSource(credential, token_scope)
     return openai.AsyncAzureOpenAI(**_token_kwargs(source, http_client, azure_endpoint, api_version, kwargs))
+
+
+# Fork safety (issue 21 item 11): a child forked while a thread refreshes a token must not inherit the lock
+# that thread holds; each process gets its own (the mechanism is apimvault._base.per_process).
+from ._base import per_process  # noqa: E402
+
+per_process(BearerTokenSource, "_lock", threading.Lock)
+per_process(AsyncBearerTokenSource, "_lock", asyncio.Lock)

@@ -16,6 +16,7 @@ from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, fligh
 from ._key import SubscriptionKey
 from ._policy import Action
 from ._retry import NoRetryAfterSleep
+from ._vaultclient import DeadlineCredential
 from .exceptions import KeyUnavailableError
 
 __all__ = ["SubscriptionKeyProvider"]
@@ -78,6 +79,12 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
     keep the current key; only a cold start or a key past its hard limit makes callers wait, and then
     all of them wait for the same single read (at most ``FLIGHT_WAIT_LIMIT`` seconds).
 
+    Validity: the provider serves the newest version that is enabled and valid now (``expires_on``,
+    ``not_before``); a newer version created disabled, already expired or pre-staged never replaces a
+    valid key, and disabling the newest version rolls back to the one before. The previous-key fallback
+    (see :meth:`refresh_after_rejection`) obeys the same rules. From 7 days before the current key's
+    ``expires_on`` it logs a WARNING once a day (``stats().expires_in_s``; OTel ``apimvault.key.expires_in``).
+
     Fork-safe: in a child process the provider forgets the parent's read in flight and locks, and
     rebuilds the clients it created before its first read (see README, "fork").
     """
@@ -86,6 +93,7 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
 
     _identity_module = "azure.identity"
     _retry_policy_class = NoRetryAfterSleep
+    _deadline_class = DeadlineCredential
     _default_sleep = staticmethod(time.sleep)
 
     # ------------------------------------------------------------------------------ public API
