@@ -15,6 +15,7 @@ from ._base import check_header_name
 from ._fork import track_for_fork
 from ._redact import install_log_redaction
 from ._sync import SubscriptionKeyProvider
+from ._trust import check_trust_files
 from ._validation import check_client_kwargs, validate_endpoint
 from .exceptions import ConfigurationError, KeyInHeadersError
 
@@ -127,6 +128,7 @@ def _client_kwargs(
         else None
     )
     if client is None:  # made only once the arguments are known good, so nothing is left unclosed
+        check_trust_files()  # a stopped local stack's CA: a typed error naming it, not FileNotFoundError
         client = openai.DefaultAsyncHttpxClient() if is_async else openai.DefaultHttpxClient()
     auth = SubscriptionKeyAuth(provider, header_name=header, origin=origin, token_source=tokens)
     install(client, auth, "the key" if tokens is None else "the key and the token")

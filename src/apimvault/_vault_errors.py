@@ -14,6 +14,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from ._retry import retry_after_seconds
+from ._trust import trust_error, trust_problem
 from .exceptions import (
     AccessDeniedError,
     ConfigurationError,
@@ -43,19 +45,19 @@ def _error_body(exc: HttpResponseError) -> dict[str, Any]:
 
 def _retry_after(exc: HttpResponseError) -> float | None:
     response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    raw = response.headers.get("Retry-After") or response.headers.get("retry-after")
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
+    headers = getattr(response, "headers", None)
+    return retry_after_seconds(headers) if headers is not None else None
 
 
 def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | ConfigurationError | None:
     """Translate an Azure SDK exception into apimvault's tree; ``None`` for exceptions we don't know."""
     if isinstance(exc, KeyUnavailableError | ConfigurationError):
         return exc
+    # No TLS without the CA file (e.g. requests' "Could not find a suitable TLS CA certificate bundle",
+    # also inside azure-identity's ClientAuthenticationError): say which variable names it.
+    unanswered = isinstance(exc, ClientAuthenticationError) and exc.status_code is None
+    if (isinstance(exc, OSError | ServiceRequestError) or unanswered) and (problem := trust_problem()):
+        return trust_error(problem)
     if isinstance(exc, ResourceNotFoundError):
         return SecretNotFoundError(
             f"{where} was not found (404). Check APIMVAULT_SECRET_NAME and AZURE_KEYVAULT_URL, "
@@ -81,10 +83,19 @@ def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | Config
         if status == 403:
             caller = re.search(r"Caller:\s*([^\r\n]+)", message)
             who = f" ({caller.group(1).strip()})" if caller else ""
+            named = re.search(r"/secrets/([^/]+)", where)
+            name = named.group(1) if named else where
+            oid = re.search(r"oid=([0-9a-fA-F-]+)", message)
+            assignee = oid.group(1) if oid else "<object id>"
             return AccessDeniedError(
-                f"the identity{who} may not read {where} (403 {code or 'Forbidden'}). Grant it the "
-                f"'Key Vault Secrets User' role on the secret: scope "
-                f"'<vault resource id>/secrets/{where.rsplit('/', 1)[-1]}'",
+                f"the identity{who} may not read {where} (403 {code or 'Forbidden'}). Two causes give "
+                f"this 403: (1) the identity lacks the 'Key Vault Secrets User' role on the secret: grant "
+                f"it on scope '<vault resource id>/secrets/{name}'; (2) the secret name is misspelt: with "
+                "the role scoped to one secret, Key Vault answers 403, not 404, for any other name, so "
+                f"check APIMVAULT_SECRET_NAME={name}. To tell them apart, list the scopes the identity "
+                f"may read: az role assignment list --assignee {assignee} --all --query '[].scope' "
+                "(a scope ending in /secrets/<another name> means the name is wrong; none, the role is "
+                "missing); `apimvault check` shows the identity and the scope",
                 secret=where,
             )
         if status == 401:

@@ -119,8 +119,14 @@ def _pipeline_parts(client: Any) -> tuple[list[Any], Any] | None:
     return [getattr(p, "_policy", p) for p in policies], getattr(pipeline, "_transport", None)
 
 
-def check_secret_client(client: Any, *, where: str) -> None:
-    """Refuse a ``SecretClient`` whose pipeline would log secret bodies or skip TLS / challenge checks."""
+def check_secret_client(client: Any, *, where: str, built: bool = False) -> None:
+    """Refuse a ``SecretClient`` whose pipeline would log secret bodies or skip TLS / challenge checks.
+
+    ``built``: the provider built it from ``client_kwargs``, so its pipeline holds the redacting policy and
+    no azure-core ``NetworkTraceLoggingPolicy`` at all: one passed in ``per_call_policies`` /
+    ``per_retry_policies`` would log bodies whenever ``logging_enable`` is on (it reads the flag the
+    redacting policy sets for the request), so it is refused whatever its own flag says.
+    """
     parts = _pipeline_parts(client)
     if parts is None:
         raise ConfigurationError(
@@ -128,6 +134,12 @@ def check_secret_client(client: Any, *, where: str) -> None:
             "let the provider build it (credential= and client_kwargs=)"
         )
     policies, transport = parts
+    if built and any(isinstance(p, NetworkTraceLoggingPolicy) for p in policies):
+        raise ConfigurationError(
+            f"client_kwargs for {where} add azure-core's NetworkTraceLoggingPolicy (per_call_policies / "
+            "per_retry_policies): it logs every Key Vault response body, i.e. the key. Leave it out; "
+            "logging_enable=True in client_kwargs traces requests without bodies"
+        )
     if any(isinstance(p, NetworkTraceLoggingPolicy) and p.enable_http_logger for p in policies):
         raise ConfigurationError(
             f"secret_client for {where} has logging_enable=True: azure-core would log every Key Vault "
@@ -149,7 +161,7 @@ def check_secret_client(client: Any, *, where: str) -> None:
 def checked(client: Any, owned: Iterable[Any], *, where: str) -> None:
     """:func:`check_secret_client` for a client the provider built: on refusal, close what it made."""
     try:
-        check_secret_client(client, where=where)
+        check_secret_client(client, where=where, built=True)
     except ConfigurationError:
         for resource in owned:
             close = resource.close()

@@ -13,6 +13,7 @@ from .output import (
     EXIT_OK,
     Output,
     fail,
+    request_failure,
 )
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -63,7 +64,7 @@ def cmd_chat(args: argparse.Namespace, out: Output) -> int:
     except Exception as exc:
         if not out.json:
             out.stdout.write("\n")
-        return fail(out, exc, {"deployment": deployment})
+        return fail(out, exc, {"deployment": deployment}, message=request_failure(exc, deployment))
     if not out.json:
         out.stdout.write("\n")
         print(

@@ -22,6 +22,32 @@ _LOCAL_ENDPOINT_VARIABLES = (
     "APIMVAULT_ADMIN_URL",
 )
 _TRUST_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+#: Every variable `apimvault local` writes to its environment file (LocalAzure.environ(); a test keeps the two
+#: equal), so a shell can leave the stack's environment with one `unset`.
+LOCAL_ENV_VARIABLES = (
+    "AZURE_KEYVAULT_URL",
+    "APIMVAULT_SECRET_NAME",
+    "AZURE_OPENAI_ENDPOINT",
+    "OPENAI_API_VERSION",
+    "APIMVAULT_DEPLOYMENT",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "AZURE_TOKEN_CREDENTIALS",
+    "AZURE_TENANT_ID",
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "APIMVAULT_ARM_ENDPOINT",
+    "APIMVAULT_APIM_SUBSCRIPTION_ID",
+    "APIMVAULT_OFFICER_CLIENT_ID",
+    "APIMVAULT_ADMIN_URL",
+    "APIMVAULT_ADMIN_TOKEN",
+    "APIMVAULT_GATEWAY_URLS",
+)
+
+
+def unset_local_env_command() -> str:
+    """The one shell command that leaves `apimvault local`'s environment (every variable its file sets)."""
+    return "unset " + " ".join(LOCAL_ENV_VARIABLES)
 
 
 def env_var(name: str) -> str | None:
@@ -111,6 +137,5 @@ def require_live_stack() -> None:
     if why is not None:
         raise ConfigurationError(
             f"the local stack is not running ({why}): start `apimvault local` again and re-source its "
-            "environment file, or unset its variables (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, "
-            "AZURE_KEYVAULT_URL, IDENTITY_ENDPOINT, ...)"
+            f"environment file, or leave its environment: {unset_local_env_command()}"
         )

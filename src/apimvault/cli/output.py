@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import IO, Any
 
@@ -60,6 +61,18 @@ EXIT_CODES: dict[int, str] = {
 
 def exit_code_table() -> str:
     return "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
+
+def request_failure(exc: BaseException, deployment: str) -> str:
+    """``"<type>: <text>"``, naming the deployment when Azure OpenAI (behind APIM) answered 404."""
+    message = f"{type(exc).__name__}: {exc}"
+    if getattr(exc, "status_code", None) == 404 and type(exc).__module__.startswith("openai"):
+        api_version = os.environ.get("OPENAI_API_VERSION", "").strip() or "<unset>"
+        message += (
+            f" (deployment {deployment!r} not found: check --deployment / APIMVAULT_DEPLOYMENT, "
+            f"OPENAI_API_VERSION={api_version} and the API path of AZURE_OPENAI_ENDPOINT)"
+        )
+    return message
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -137,11 +150,14 @@ class Output:
             print(redact_text(text), file=self.stdout, flush=True)
 
 
-def fail(out: Output, exc: BaseException, doc: dict[str, Any] | None = None) -> int:
+def fail(
+    out: Output, exc: BaseException, doc: dict[str, Any] | None = None, *, message: str | None = None
+) -> int:
+    """Print the error once (``message``, default ``"<type>: <text>"``) and return its exit code."""
     if isinstance(exc, BrokenPipeError):  # stdout is gone: main() ends quietly
         raise exc
     code = exit_code_for(exc)
-    message = f"{type(exc).__name__}: {exc}"
+    message = message or f"{type(exc).__name__}: {exc}"
     out.error(message)
     if out.json:
         out.document({**(doc or {}), "ok": False, "exit_code": code, "error": message})

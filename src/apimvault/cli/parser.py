@@ -8,7 +8,7 @@ import math
 from .chat import cmd_chat
 from .check import cmd_check
 from .drill import cmd_drill
-from .local import cmd_local
+from .local import add_local_stack_options, cmd_local
 from .output import exit_code_table
 from .rotate import cmd_rotate
 
@@ -87,12 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run the embedded local Azure in the foreground",
         "Start Key Vault, managed identity, APIM (gateway + ARM) and Azure OpenAI on loopback TLS, seed "
         "an APIM subscription and the secret apim-subscription-key, write a dotenv file for SDK clients, "
-        "and run until Ctrl-C/SIGTERM. --check starts it, proves each service through the real SDKs, exits.",
+        "and run until Ctrl-C/SIGTERM/SIGHUP. --check starts it, proves each service through the real SDKs, "
+        "exits.",
     )
     p.add_argument(
         "--env-file", default=".apimvault-local.env", help="dotenv file to write (default %(default)s)"
     )
     p.add_argument("--check", action="store_true", help="start, check every service, stop; exit 0/1")
+    add_local_stack_options(p)
     p.set_defaults(func=cmd_local)
 
     p = add(
@@ -102,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "which identity (claims only, never the token); Key Vault reachable; access (a 403 names the role "
         "and scope to grant); the secret (enabled, not expired, version, age, CredentialId, fingerprint); "
         "APIM accepting the key (a 1-token chat). Uses AZURE_KEYVAULT_URL, APIMVAULT_SECRET_NAME, "
-        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT.",
+        "AZURE_OPENAI_ENDPOINT, OPENAI_API_VERSION, APIMVAULT_DEPLOYMENT; with APIMVAULT_TOKEN_SCOPE "
+        "(api://<app-id>/.default) it also gets the Entra token a key-plus-token client sends, shows its "
+        "claims and sends it with the chat.",
     )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--endpoint", help="APIM gateway URL (default: AZURE_OPENAI_ENDPOINT)")
@@ -150,6 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the gateways to accept the new key before giving up without changing "
         "the vault (default: APIMVAULT_PROPAGATION_TIMEOUT or 600)",
+    )
+    p.add_argument(
+        "--probe-successes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="consecutive 2xx probes each gateway URL must give the new key (units behind one hostname "
+        "are picked per connection; default: APIMVAULT_PROBE_SUCCESSES or 10)",
+    )
+    p.add_argument(
+        "--probe-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between those probes (default: APIMVAULT_PROBE_INTERVAL or 0.5)",
+    )
+    p.add_argument(
+        "--revoke-current",
+        action="store_true",
+        help="emergency revocation of the key the vault serves now: rotate to the other key, wait for the "
+        "fleet (--revoke-wait), then regenerate the leaked key and report when it died",
+    )
+    p.add_argument(
+        "--revoke-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --revoke-current: seconds the fleet gets to move to the new version before the leaked "
+        "key is regenerated (default: APIMVAULT_REVOKE_WAIT or 60)",
     )
     p.set_defaults(func=cmd_rotate)
 

@@ -78,8 +78,9 @@ class SecretVersion:
         if with_value:
             body["value"] = self.value
         body.update(self.item(base, with_version=True))
-        if self.previous_version is not None:
-            body["previousVersion"] = self.previous_version
+        # No "previousVersion": the spec reserves it for certificate-backed secrets ("The version of the
+        # previous certificate, if applicable"), and this vault holds none; list items never carry it.
+        # ``previous_version`` stays as the store's own history.
         return body
 
 

@@ -248,8 +248,9 @@ def print_report(out: Output, report: dict[str, Any]) -> None:
         conv = f"{r['convergence_s']:.2f}s" if r["convergence_s"] is not None else "NOT CONVERGED"
         via = counts_text(r["converged_via"])
         out.line(
-            f"rotation {r['index']}        t={r['at_s']:.1f}s regenerated {r['regenerated']}, version "
-            f"{r['new_version'][:8]} (fp {r['fingerprint']}); converged in {conv} ({via})"
+            f"rotation {r['index']}        began t={r['started_s']:.1f}s, stored t={r['at_s']:.1f}s: "
+            f"regenerated {r['regenerated']}, version {r['new_version'][:8]} (fp {r['fingerprint']}); "
+            f"converged in {conv} ({via})"
         )
         live = "live" if r["vault_latest_live"] else "NOT LIVE"
         out.line(

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from ...exceptions import ApimVaultError, ConfigurationError
 from ..config import env_var, vault_url_variable
 from ..embedded import embedded_stack
-from ..output import EXIT_FAILED, EXIT_OK, fail
+from ..output import EXIT_FAILED, EXIT_OK, fail, request_failure
 from .metrics import ClientSlot
 from .report import DrillReport, print_report
 from .schedule import RotationSchedule
@@ -408,8 +408,11 @@ def _run_target(target: Target, args: argparse.Namespace, out: Output) -> int:
     try:
         report = drill.run()
     except PreflightFailed as failed:
-        out.error(f"{failed}; the drill stopped before rotating anything")
-        return fail(out, failed.cause, {"preflight": failed.kind, "rotations": 0})
+        cause = request_failure(failed.cause, target.deployment)
+        message = (
+            f"the {failed.kind} preflight request failed: {cause}; the drill stopped before rotating anything"
+        )
+        return fail(out, failed.cause, {"preflight": failed.kind, "rotations": 0}, message=message)
     if out.json:
         out.document(report)
     else:

@@ -118,6 +118,19 @@ class RotationSchedule(DrillState):
         assert result.new_version is not None
         at = self.elapsed()
         check = self._check_vault()
+        revoked = (
+            f"; {held} clients held the {result.regenerated} key it revoked"
+            if index > 1
+            else f"; the {self.start_credential_id} key the clients use stays valid"
+        )
+        live = "live" if check.get("ok") else "NOT LIVE"
+        lines = [
+            f"rotation {index} (began t={started:.1f}s): regenerated {result.regenerated}, gateway accepted "
+            f"it after {result.propagation_seconds or 0:.1f}s, then stored version {result.new_version[:8]} "
+            f"at t={at:.1f}s (fp {result.fingerprint}){revoked}",
+            *(f"rotation {index}: {line}" for line in deliveries),
+            f"rotation {index}: vault latest version {str(check.get('version', '?'))[:8]} is {live}",
+        ]
         with self._lock:
             self.versions.append(result.new_version)
             record = RotationRecord(
@@ -140,22 +153,9 @@ class RotationSchedule(DrillState):
             if held == 0 and index > 1:
                 record.revocation_recovery_s = 0.0
             self.rotations.append(record)
-        revoked = (
-            f"; {record.clients_on_revoked_key} clients held the {result.regenerated} key it revoked"
-            if record.index > 1
-            else f"; the {self.start_credential_id} key the clients use stays valid"
-        )
-        self.log(
-            f"rotation {record.index}: regenerated {result.regenerated}, gateway accepted it after "
-            f"{result.propagation_seconds or 0:.1f}s, then stored version {result.new_version[:8]} "
-            f"(fp {result.fingerprint}){revoked}"
-        )
-        for line in deliveries:
-            self.log(f"rotation {record.index}: {line}")
-        live = "live" if record.vault_latest_live else "NOT LIVE"
-        self.log(
-            f"rotation {record.index}: vault latest version {str(check.get('version', '?'))[:8]} is {live}"
-        )
+            # Logged with the change: the monitor's "no client holds the key revoked by rotation N" (it
+            # reads self.rotations under the same lock) can only come after these lines.
+            self._log_locked(*lines)
         if push:
             self._push(result.new_version)
 

@@ -92,11 +92,18 @@ class DrillState:
         return time.monotonic() - self._t0 if self._t0 else 0.0
 
     def log(self, text: str) -> None:
-        line = f"t={self.elapsed():5.1f}s  {text}"
+        """One timeline line, stamped with the time it is logged (printed in timeline order)."""
         with self._lock:
+            self._log_locked(text)
+
+    def _log_locked(self, *texts: str) -> None:
+        """Log lines while holding ``_lock`` (with the state change they describe, so no other thread's
+        line about that change can come first)."""
+        for text in texts:
+            line = f"t={self.elapsed():5.1f}s  {text}"
             self.timeline.append(line)
-        if not self.live and not self.out.json:
-            self.out.line(line)
+            if not self.live and not self.out.json:
+                self.out.line(line)
 
     def _on_refresh(self, slot: ClientSlot) -> Callable[[Any], None]:
         def record(event: Any) -> None:

@@ -1,0 +1,224 @@
+"""Every ```python block in README.md runs as written (issue 23), as a script, after one stated prelude: a
+running local stack whose environment file is sourced (the README's "Before the examples" block). A block
+that is deliberately a fragment is marked by an ``<!-- fragment -->`` line just before it.
+
+The framework section's blocks ("## Use with your framework") need the frameworks: they run in the
+integrations run (tests/integrations/test_readme_blocks.py); the rest run here, in the default run.
+
+Each block runs in its own Python process (forked from one that imported openai once), with the session
+stack's variables (what `apimvault local`'s env file holds) plus the prelude's, the socket layer limited to
+loopback as in the test session, and ``-X dev`` (ResourceWarning shown): it must exit 0 and leave nothing
+unclosed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.identity import DefaultAzureCredential
+
+import apimvault
+from apimvault.local import LocalAzure
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FRAMEWORK_SECTION = "Use with your framework"
+FRAGMENT = "<!-- fragment -->"
+PRELUDE_TITLE = "Before the examples"
+
+#: Runs each block file given in argv (``<path>.py``) as ``__main__`` in a forked child of one process
+#: that imported openai and the Azure SDK once (4 s on a loaded machine, per process otherwise), with
+#: connections limited to loopback; the child's stdout/stderr go to ``<path>.out`` / ``<path>.err`` and its
+#: exit code (after the interpreter's own shutdown: atexit, unclosed-resource warnings) to the JSON printed.
+_RUNNER = """
+import json, os, runpy, socket, sys, traceback
+_connect = socket.socket.connect
+def _loopback_only(self, address):
+    if isinstance(address, tuple) and self.family in (socket.AF_INET, socket.AF_INET6):
+        host = str(address[0])
+        if not (host.startswith("127.") or host in ("::1", "localhost")):
+            raise ConnectionRefusedError(f"README block tried to reach non-loopback address {host!r}")
+    return _connect(self, address)
+socket.socket.connect = _loopback_only
+import azure.identity, azure.keyvault.secrets, openai  # shared by every block: imported once
+codes = {}
+for path in sys.argv[1:]:
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            os.dup2(os.open(path + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit:
+            raise
+        except BaseException:
+            traceback.print_exc()
+            sys.exit(1)
+        sys.exit(0)  # unwinds to the interpreter's shutdown in the child
+    codes[path] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(codes))
+"""
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str
+    code: str
+    line: int  # 1-based line of the opening fence
+    section: str  # the "## " heading it is under
+    heading: str  # the nearest heading ("## " or "### ")
+    fragment: bool
+
+    @property
+    def id(self) -> str:
+        return f"L{self.line}-{re.sub(r'[^A-Za-z0-9]+', '-', self.heading).strip('-')[:40]}"
+
+
+def readme_blocks(text: str | None = None) -> list[Block]:
+    """Every fenced block of the README with its place and whether it is marked a fragment."""
+    lines = (text if text is not None else README.read_text(encoding="utf-8")).splitlines()
+    blocks: list[Block] = []
+    section = heading = ""
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("## "):
+            section = heading = line[3:].strip()
+        elif line.startswith("### "):
+            heading = line[4:].strip()
+        fence = re.match(r"^```(\w*)\s*$", line)
+        if fence:
+            start = i
+            i += 1
+            body: list[str] = []
+            while i < len(lines) and not lines[i].startswith("```"):
+                body.append(lines[i])
+                i += 1
+            before = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+            blocks.append(
+                Block(fence.group(1), "\n".join(body) + "\n", start + 1, section, heading, before == FRAGMENT)
+            )
+        i += 1
+    return blocks
+
+
+def _python_blocks() -> list[Block]:
+    return [b for b in readme_blocks() if b.lang == "python"]
+
+
+DEFAULT_RUN = [b for b in _python_blocks() if b.section != FRAMEWORK_SECTION and not b.fragment]
+
+
+def prelude_env() -> dict[str, str]:
+    """The ``export`` lines of the README's prelude block (beyond the sourced env file)."""
+    code = "".join(b.code for b in readme_blocks() if b.heading == PRELUDE_TITLE and b.lang == "sh")
+    return dict(re.findall(r"^export (\w+)=(\S+)", code, flags=re.M))
+
+
+def block_env(azure: LocalAzure) -> dict[str, str]:
+    """What a shell has after the prelude: its own basics, the stack's env file, the prelude's exports."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update(azure.environ())
+    env.update(prelude_env())
+    env["PYTHONPATH"] = str(Path(apimvault.__file__).parents[1])  # these sources
+    return env
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="module")
+def ran(local_azure: LocalAzure, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Ran]:
+    """Every default-run block, run once (README line -> its exit code and output)."""
+    where = tmp_path_factory.mktemp("readme-blocks")  # outside the source tree
+    paths = {b.line: where / f"block_{b.line}.py" for b in DEFAULT_RUN}
+    for block in DEFAULT_RUN:
+        paths[block.line].write_text(block.code, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", _RUNNER, *map(str, paths.values())],
+        env=block_env(local_azure),
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        line: Ran(
+            codes[str(path)],
+            Path(f"{path}.out").read_text(encoding="utf-8"),
+            Path(f"{path}.err").read_text(encoding="utf-8"),
+        )
+        for line, path in paths.items()
+    }
+
+
+def test_the_readme_has_a_prelude_and_marks_its_fragments() -> None:
+    blocks = readme_blocks()
+    assert any(b.heading == PRELUDE_TITLE and b.lang == "sh" for b in blocks)
+    assert prelude_env(), "the prelude exports the variables the examples read"
+    text = README.read_text(encoding="utf-8").splitlines()
+    markers = [i for i, line in enumerate(text) if line.strip() == FRAGMENT]
+    marked = {b.line - 1 for b in blocks if b.fragment}  # each marker must precede a block
+    assert len(markers) == len(marked)
+    assert len(DEFAULT_RUN) >= 6, [b.id for b in DEFAULT_RUN]
+
+
+@pytest.mark.parametrize("block", DEFAULT_RUN, ids=lambda b: b.id)
+def test_readme_python_block_runs_as_written(block: Block, ran: dict[int, Ran]) -> None:
+    done = ran[block.line]
+    assert done.code == 0, f"README.md line {block.line} ({block.heading}):\n{done.out}\n{done.err}"
+    for noise in ("ResourceWarning", "Exception ignored", "Unclosed"):
+        assert noise not in done.err, f"README.md line {block.line}:\n{done.err}"
+
+
+def test_a_fragment_marker_takes_its_block_out_of_the_run() -> None:
+    text = "## A\n\n<!-- fragment -->\n\n```python\nx = undefined\n```\n\n```python\nprint(1)\n```\n"
+    first, second = readme_blocks(text)
+    assert first.fragment and not second.fragment
+    assert (first.line, second.line, first.section) == (5, 9, "A")
+
+
+def test_the_observability_block_prints_apimvaults_span(ran: dict[int, Ran]) -> None:
+    [block] = [b for b in DEFAULT_RUN if b.section == "Observability"]
+    assert '"name": "apimvault.vault.read"' in ran[block.line].out
+
+
+def test_token_only_works_on_the_local_stack_after_the_readmes_policies_put(azure: LocalAzure) -> None:
+    """The README's `PUT /gateway/policies` (run as written, with curl) turns the key requirement off, and
+    then a token-only client gets answers; before it, the stack refuses it (no subscription key)."""
+    import openai
+
+    from apimvault import create_token_azure_openai
+
+    [put] = [b for b in readme_blocks() if b.lang == "sh" and "/gateway/policies" in b.code]
+    scope = prelude_env()["APIMVAULT_TOKEN_SCOPE"]
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    credential = DefaultAzureCredential()
+    with credential, create_token_azure_openai(scope, credential=credential, max_retries=0) as token_only:
+        with pytest.raises(openai.AuthenticationError):
+            token_only.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        try:
+            done = subprocess.run(
+                ["bash", "-c", put.code], env=block_env(azure), capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert '"subscription_required":false' in done.stdout.replace(" ", "")
+            reply = token_only.chat.completions.create(model="gpt-4o-mini", messages=messages)
+            assert reply.choices[0].message.content
+        finally:
+            azure.gateway.policies.set(azure.gateway.api_path, None)
