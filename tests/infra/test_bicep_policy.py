@@ -302,7 +302,9 @@ def test_events_reach_the_function_through_a_queue_on_its_own_storage_account(
     query = json.dumps(alerts.resolve(poisoned["criteria"]["allOf"][0]["query"]))
     assert "StorageQueueLogs" in query and "PutMessage" in query and '"arg_2": "poisonQueueName"' in query
     assert poisoned["autoMitigate"] is False
-    assert poisoned["actions"]["actionGroups"] == "queryAlertActionGroups"  # the created group (+ the extra one)
+    assert (
+        poisoned["actions"]["actionGroups"] == "queryAlertActionGroups"
+    )  # the created group (+ the extra one)
     assert "poisonQueueName" in json.dumps(main.modules["alerts"]["config"]["params"]["poisonQueueName"])
     diagnostics = [
         res
