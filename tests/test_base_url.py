@@ -2,7 +2,8 @@
 deployment-scoped ``base_url``, ``api_version="2024-02-01"`` and the key in ``default_headers`` — works
 through apimvault with the same ``base_url``, and keeps every promise of the ``azure_endpoint`` path.
 
-Real openai clients over TLS to the local stack (its gateway serves the Azure OpenAI API under ``/openai``).
+Real openai clients over TLS to the local stack, its gateway serving the Azure OpenAI API under the default
+``/openai`` suffix and under none.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 HEADER = "Ocp-Apim-Subscription-Key"
 README = Path(__file__).resolve().parents[1] / "README.md"
-SUFFIXES = ["openai"]  # the local gateway's default API URL suffix
+SUFFIXES = ["openai", ""]  # the local gateway's default API URL suffix, and none (the API at the root)
+
+
+@pytest.fixture
+def suffixed(azure: LocalAzure, suffix: str) -> Iterator[LocalAzure]:
+    """The session's stack serving the Azure OpenAI API under ``suffix`` for this test."""
+    azure.gateway.configure_api(suffix=suffix)
+    try:
+        yield azure
+    finally:
+        azure.gateway.configure_api(suffix="openai")
 
 
 @pytest.fixture
@@ -65,8 +76,9 @@ def published_snippet(base_url: str, key: str) -> openai.AzureOpenAI:
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_published_snippet_through_apimvault_survives_a_revoking_rotation(
-    azure: LocalAzure, suffix: str, stream: bool
+    suffixed: LocalAzure, suffix: str, stream: bool
 ) -> None:
+    azure = suffixed
     app = new_app_secret(azure)
     base_url = deployment_url(azure, suffix)
     static = published_snippet(base_url, app.subscription.primary_key)
@@ -104,8 +116,9 @@ def test_published_snippet_through_apimvault_survives_a_revoking_rotation(
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_async_published_snippet_through_apimvault_survives_a_revoking_rotation(
-    azure: LocalAzure, loop: asyncio.Runner, suffix: str, stream: bool
+    suffixed: LocalAzure, loop: asyncio.Runner, suffix: str, stream: bool
 ) -> None:
+    azure = suffixed
     app = new_app_secret(azure)
     base_url = deployment_url(azure, suffix)
 
