@@ -22,6 +22,7 @@ from .exceptions import (
     CredentialError,
     KeyUnavailableError,
     SecretDisabledError,
+    SecretExpiredError,
     SecretNotFoundError,
     VaultUnavailableError,
 )
@@ -80,6 +81,8 @@ def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | Config
         message = str(error.get("message") or "")
         if status == 403 and code == "SecretDisabled":
             return SecretDisabledError(f"{where} is disabled (403 SecretDisabled)", secret=where)
+        if status == 403 and code == "SecretExpired":  # a vault that enforces exp (real ones serve it)
+            return SecretExpiredError(f"{where} is expired (403 SecretExpired)", secret=where)
         if status == 403:
             caller = re.search(r"Caller:\s*([^\r\n]+)", message)
             who = f" ({caller.group(1).strip()})" if caller else ""

@@ -596,3 +596,21 @@ def test_responses_errors(azure: LocalAzure) -> None:
     assert (
         raw(azure, "POST", "/openai/v1/responses", json={"model": DEPLOYMENT, "input": 3}).status_code == 400
     )
+
+
+def test_v1_routes_have_the_gateways_key_checks(azure: LocalAzure) -> None:
+    """Issue 22.8: /openai/v1/* (Responses too) sits behind the APIM key check of the dated routes."""
+    body = {"model": DEPLOYMENT, "input": "hi"}
+    with httpx2.Client(timeout=10) as c:
+        for route in ("responses", "chat/completions", "embeddings", "models"):
+            url = f"{azure.gateway_url}/openai/v1/{route}"
+            missing = c.post(url, json=body) if route != "models" else c.get(url)
+            assert missing.status_code == 401 and "missing subscription key" in missing.json()["message"]
+            assert missing.headers["www-authenticate"].startswith("AzureApiManagementKey")
+            wrong = c.get(url, headers={"Ocp-Apim-Subscription-Key": "0" * 32})
+            assert wrong.status_code == 401 and "invalid subscription key" in wrong.json()["message"]
+    seen_before = len(azure.openai.seen())
+    assert raw(azure, "POST", "/openai/v1/responses", json=body).status_code == 200
+    forwarded = azure.openai.seen()[seen_before:]
+    assert [s.path for s in forwarded] == ["/openai/v1/responses"]
+    assert "ocp-apim-subscription-key" not in forwarded[0].header_names  # the key stops at the gateway

@@ -103,6 +103,7 @@ MSG_DELETED_BUT_RECOVERABLE = (
 )
 # Azure/azure-sdk-for-js#24756 and ansible-collections/azure#1989 (code Forbidden, innererror SecretDisabled).
 MSG_DISABLED = "Operation get is not allowed on a disabled secret."
+MSG_SECRET_EXPIRED = "Operation get is not allowed on an expired secret."  # noqa: S105 - (inference; SecretStore)
 # Observed: "(BadParameter) Secret is beyond the maximum permitted length of 25600 characters. Inner error:
 # { "code": "SecretTooLarge" }" (quoted in a public PQC-on-Key-Vault write-up; also Azure/azure-cli#5639).
 MSG_TOO_LARGE = "Secret is beyond the maximum permitted length of 25600 characters."

@@ -104,8 +104,10 @@ _DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|e
 STABLE_API_VERSIONS = frozenset({"2022-12-01", "2023-05-15", "2024-02-01", "2024-06-01", "2024-10-21"})
 V1_API_VERSIONS = frozenset({"v1", "preview"})
 RESPONSES_FIRST_PREVIEW = "2025-03-01-preview"
-# Real Azure OpenAI's answer to an api-version it does not serve (quoted in hotovo/aider-desk#460:
+# Real Azure OpenAI's answer to an api-version it does not serve (quoted in hotovo/aider-desk#460, 2025:
 # 'API version not supported: {"error":{"code":"BadRequest","message":"API version not supported"}}').
+# Older write-ups describe a 404 "Resource not found" for a version a route does not have; the one wire
+# body on record is the 400 above, so that is what the local service sends.
 API_VERSION_NOT_SUPPORTED = "API version not supported"
 _PREVIEW_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})-preview$")
 
