@@ -846,6 +846,12 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
                     problems.append(f"{where}: autoMitigate must be false (the alert stays until closed)")
                 if "ago(overdue)" not in text:
                     problems.append(f"{where}: query has no overdue grace period")
+                if p.get("skipQueryValidation") is not True:
+                    problems.append(
+                        f"{where}: skipQueryValidation is not true (AzureDiagnostics has no Key Vault "
+                        "columns before the vault's first log: creating the rule would fail on a fresh "
+                        "workspace)"
+                    )
             if "ApiManagementGatewayLogs" in text and "ResponseCode == 401" in text:
                 unauthorized = True
             if not _notifies_created_group(t, (p.get("actions") or {}).get("actionGroups")):

@@ -600,6 +600,15 @@ def test_alerts_page_when_rotation_stops(templates: list[Template]) -> None:
     assert main.decorator("rotationOverdueHours", "min_value") >= 25  # past Event Grid's 24 h of retries
 
 
+def test_overdue_rule_without_skip_query_validation_is_refused(templates: list[Template]) -> None:
+    alerts = _one(templates, "modules/alerts.bicep")
+    text = (INFRA / "modules" / "alerts.bicep").read_text()
+    assert text.count("skipQueryValidation: true") == 2
+    bad = parse_text(text.replace("skipQueryValidation: true", "skipQueryValidation: false"), alerts.name)
+    problems = "\n".join(check_alerts([bad]))
+    assert "rotationOverdue: skipQueryValidation is not true" in problems, problems
+
+
 def test_token_limit_and_metrics_have_safe_defaults(templates: list[Template]) -> None:
     """Point 10: the limit is a bounded parameter with a default; metrics need the API diagnostic."""
     assert check_token_limits(templates) == []
