@@ -1,7 +1,9 @@
 // apimvault: Azure OpenAI behind API Management, the APIM subscription key kept in Key Vault and rotated by
 // itself. Deploy to a resource group:
 //   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json -p publisherEmail=... \
+//     -p alertEmailAddresses="['oncall@example.com']" \
 //     -p seedSecret=true   (first deployment only; see infra/README.md "Deploy" and "Runbook: what-if first")
+// alertEmailAddresses is required (at least one receiver). infra/README.md "Runbook: on call" is for operators.
 // See infra/README.md for what each choice guards against, the two-phase rollout (code, then Event Grid
 // subscription) and the post-deploy checks.
 //

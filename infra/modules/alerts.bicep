@@ -201,7 +201,10 @@ resource functionErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
 // request URI (PUT {vault}/secrets/{name}?api-version=...) and the secret URI of the object returned as `id`
 // ({vault}/secrets/{name}/{version}); the secret name is taken from whichever of the two is present, so the
 // filter matches with or without a version segment and never a secret whose name merely starts the same.
-// SecretNearExpiryEventGridNotification is logged whether or not an Event Grid subscription exists. Sample
+// SecretNearExpiryEventGridNotification is logged whether or not an Event Grid subscription exists.
+// AzureDiagnostics gains a typed column only when a row first carries it, so on a fresh workspace these
+// columns do not exist yet: column_ifexists() keeps the query valid then (and skipQueryValidation lets the
+// rule be created before any vault log has arrived). Sample
 // rows and a test: tests/infra/data/keyvault_azurediagnostics_rows.json, tests/infra/test_alert_queries.py.
 var overdueQuery = format('''
 let secretName = "{0}";
@@ -210,14 +213,16 @@ let overdue = {2}h;
 let vaultLogs = AzureDiagnostics
   | where ResourceProvider == "MICROSOFT.KEYVAULT" and Resource =~ vaultName;
 let lastWrite = toscalar(vaultLogs
-  | where OperationName == "SecretSet" and httpStatusCode_d == 200
-  | extend objectName = extract(@"/secrets/([^/?]+)", 1, iff(isnotempty(id_s), id_s, requestUri_s))
+  | where OperationName == "SecretSet" and column_ifexists("httpStatusCode_d", 0.0) == 200
+  | extend idUri = column_ifexists("id_s", ""), requestUri = column_ifexists("requestUri_s", "")
+  | extend objectName = extract(@"/secrets/([^/?]+)", 1, iff(isnotempty(idUri), idUri, requestUri))
   | where objectName =~ secretName
   | summarize max(TimeGenerated));
 vaultLogs
   | where OperationName == "SecretNearExpiryEventGridNotification"
-  | where eventGridEventProperties_data_ObjectName_s =~ secretName
-  | summarize notifiedAt = max(TimeGenerated), expiresAt = max(unixtime_seconds_todatetime(eventGridEventProperties_data_EXP_d))
+  | where column_ifexists("eventGridEventProperties_data_ObjectName_s", "") =~ secretName
+  | extend expSeconds = column_ifexists("eventGridEventProperties_data_EXP_d", 0.0)
+  | summarize notifiedAt = max(TimeGenerated), expiresAt = max(unixtime_seconds_todatetime(expSeconds))
   | where isnotnull(notifiedAt) and notifiedAt < ago(overdue)
   | where isnull(lastWrite) or lastWrite < notifiedAt
   | extend daysToExpiry = datetime_diff("day", expiresAt, now())
@@ -239,6 +244,8 @@ resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
     evaluationFrequency: 'PT1H'
     windowSize: 'P2D'
     autoMitigate: false
+    // The workspace has no Key Vault columns until the vault has logged: validate at run time, not creation.
+    skipQueryValidation: true
     criteria: {
       allOf: [
         {
@@ -289,6 +296,8 @@ resource gatewayUnauthorized 'Microsoft.Insights/scheduledQueryRules@2023-12-01'
     evaluationFrequency: 'PT5M'
     windowSize: 'PT15M'
     autoMitigate: true
+    // ApiManagementGatewayLogs may hold no rows before the first request: validate at run time.
+    skipQueryValidation: true
     criteria: {
       allOf: [
         {

@@ -814,10 +814,48 @@ def check_action_groups(templates: Iterable[Template]) -> list[str]:
     return problems
 
 
-def _notifies_created_group(t: Template, actions: Any) -> bool:
-    """The (variable-expanded) actions reference the id of an action group created in the same file."""
+def _group_outputs(templates: list[Template]) -> dict[str, set[str]]:
+    """File -> names of its outputs whose value is the id of an action group the file creates."""
+    found: dict[str, set[str]] = {}
+    for t in templates:
+        groups = {symbol for symbol, _ in t.of_type(ACTION_GROUP)}
+        for name, out in t.outputs.items():
+            acc = _accessor(t.resolve(out.get("value")))
+            if acc and acc[0] in groups and acc[1] == "id":
+                found.setdefault(t.name, set()).add(name)
+    return found
+
+
+def _param_is_created_group(t: Template, param: str, templates: list[Template]) -> bool:
+    """Every module call of ``t`` (in any file) passes ``param`` a created action group's id output."""
+    outputs = _group_outputs(templates)
+    calls = [
+        (caller, mod)
+        for caller in templates
+        for mod in caller.modules.values()
+        if str(((mod.get("detail") or {}).get("path")) or "") == t.name
+    ]
+    if not calls:
+        return False
+    for caller, mod in calls:
+        passed = dotted(((mod.get("config") or {}).get("params") or {}).get(param))
+        parts = (passed or "").split(".")
+        if len(parts) != 3 or parts[1] != "outputs" or parts[0] not in caller.modules:
+            return False
+        path = str(((caller.modules[parts[0]].get("detail") or {}).get("path")) or "")
+        if parts[2] not in outputs.get(path, set()):
+            return False
+    return True
+
+
+def _notifies_created_group(t: Template, actions: Any, templates: list[Template]) -> bool:
+    """The (variable-expanded) actions reference the id of an action group created in the same file, or a
+    parameter that every caller fills with such an id from the module that creates it."""
     text = json.dumps(expand(t, actions))
-    return any(f'"operand_1": "{symbol}", "operand_2": "id"' in text for symbol, _ in t.of_type(ACTION_GROUP))
+    if any(f'"operand_1": "{symbol}", "operand_2": "id"' in text for symbol, _ in t.of_type(ACTION_GROUP)):
+        return True
+    referenced = {p for p in t.parameters if f'"{p}"' in text}
+    return any(_param_is_created_group(t, p, templates) for p in referenced)
 
 
 def check_alerts(templates: Iterable[Template]) -> list[str]:
@@ -855,7 +893,7 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
                             f"{where}: requests/failed is not limited to the function's "
                             f"{FUNCTION_ROLE_DIMENSION}"
                         )
-            if not _notifies_created_group(t, p.get("actions")):
+            if not _notifies_created_group(t, p.get("actions"), templates):
                 problems.append(f"{where}: does not notify the action group created with receivers")
         for symbol, res in t.of_type(SCHEDULED_QUERY):
             where = f"{t.name}:{symbol}"
@@ -868,9 +906,15 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
                     problems.append(f"{where}: autoMitigate must be false (the alert stays until closed)")
                 if "ago(overdue)" not in text:
                     problems.append(f"{where}: query has no overdue grace period")
+                if p.get("skipQueryValidation") is not True:
+                    problems.append(
+                        f"{where}: skipQueryValidation is not true (AzureDiagnostics has no Key Vault "
+                        "columns before the vault's first log: creating the rule would fail on a fresh "
+                        "workspace)"
+                    )
             if "ApiManagementGatewayLogs" in text and "ResponseCode == 401" in text:
                 unauthorized = True
-            if not _notifies_created_group(t, (p.get("actions") or {}).get("actionGroups")):
+            if not _notifies_created_group(t, (p.get("actions") or {}).get("actionGroups"), templates):
                 problems.append(f"{where}: does not notify the action group created with receivers")
     for key, what in REQUIRED_METRIC_ALERTS.items():
         if key not in found:

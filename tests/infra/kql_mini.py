@@ -14,7 +14,7 @@ read, never run. This interprets the subset those queries use, on a list of dict
   ``<=``, ``>=``, ``+ - * /``, string literals ("..." and verbatim @"..."), numbers, timespans (``26h``,
   ``15m``, ``2d``), and the functions ``ago``, ``now``, ``extract``, ``iff``, ``isnotempty``, ``isempty``,
   ``isnull``, ``isnotnull``, ``strcat``, ``unixtime_seconds_todatetime``, ``datetime_diff`` (``"day"``),
-  ``round``, ``tostring``.
+  ``round``, ``tostring``, ``column_ifexists`` (the column where the table has it, else the default).
 
 Anything else raises ``KqlUnsupported``: a query that grows past this subset fails its test loudly instead
 of being half-evaluated. A column a row lacks is an error too (``KqlUnknownColumn``), so a misspelt column
@@ -265,6 +265,16 @@ class _Parser:
             table = self.tabular()
             self.take(")")
             return next(iter(table[0].values())) if table and table[0] else None
+        if name == "column_ifexists":  # the named column where the table has it, else the default
+            _, column = self.take()
+            self.take(",")
+            default = self.expr(row, evaluate=evaluate)
+            self.take(")")
+            if not evaluate:
+                return None
+            if not isinstance(column, str):
+                raise KqlUnsupported("column_ifexists needs a string literal column name")
+            return row.get(column, default)
         args = []
         while not self.at(")"):
             args.append(self.expr(row, evaluate=evaluate))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def test_the_old_id_s_filter_would_have_paged_after_a_rotation() -> None:
     ``id_s contains "/secrets/<name>/"``, so a completed rotation still paged as overdue."""
     query = overdue_query()
     new_filter = (
-        '| extend objectName = extract(@"/secrets/([^/?]+)", 1, iff(isnotempty(id_s), id_s, requestUri_s))\n'
+        '| extend objectName = extract(@"/secrets/([^/?]+)", 1, iff(isnotempty(idUri), idUri, requestUri))\n'
         "  | where objectName =~ secretName"
     )
     assert new_filter in query
@@ -133,12 +134,38 @@ def test_the_old_id_s_filter_would_have_paged_after_a_rotation() -> None:
     assert fired(query, _rows(["n1", "s2"]), now) == []
 
 
-def test_a_misspelt_column_is_caught() -> None:
+def named_columns(query: str) -> set[str]:
+    """Columns the query reads through column_ifexists("<name>", ...)."""
+    return set(re.findall(r'column_ifexists\("([^"]+)"', query))
+
+
+def test_every_column_the_query_reads_is_in_the_documented_rows() -> None:
+    """column_ifexists() keeps the query valid on a fresh workspace, but it would also turn a misspelt column
+    (KQL names are case-sensitive) into a silent default: each name must be a column of the sample rows."""
+    names = named_columns(overdue_query())
+    assert names == {
+        "httpStatusCode_d",
+        "id_s",
+        "requestUri_s",
+        "eventGridEventProperties_data_ObjectName_s",
+        "eventGridEventProperties_data_EXP_d",
+    }
+    assert names <= set(COLUMNS)
+
+
+def test_a_misspelt_column_silences_the_alert_and_is_caught() -> None:
     query = overdue_query().replace(
         "eventGridEventProperties_data_ObjectName_s", "eventGridEventProperties_data_objectName_s"
     )
+    assert not named_columns(query) <= set(COLUMNS)
+    assert fired(query, _rows(["n1"]), NOTIFIED + timedelta(hours=27)) == []  # what the check above prevents
     with pytest.raises(KqlUnknownColumn):
-        fired(query, _rows(["n1"]), NOTIFIED + timedelta(hours=27))
+        run_query(
+            "T | where eventGridEventProperties_data_objectName_s == 1",
+            {"T": _rows(["n1"])},
+            now=NOTIFIED,
+            schemas={"T": COLUMNS},
+        )
 
 
 def test_interpreter_refuses_what_it_does_not_implement() -> None:

@@ -705,6 +705,15 @@ def test_alerts_page_when_rotation_stops(templates: list[Template]) -> None:
     assert main.decorator("rotationOverdueHours", "min_value") >= 25  # past Event Grid's 24 h of retries
 
 
+def test_overdue_rule_without_skip_query_validation_is_refused(templates: list[Template]) -> None:
+    alerts = _one(templates, "modules/alerts.bicep")
+    text = (INFRA / "modules" / "alerts.bicep").read_text()
+    assert text.count("skipQueryValidation: true") == 2
+    bad = parse_text(text.replace("skipQueryValidation: true", "skipQueryValidation: false"), alerts.name)
+    problems = "\n".join(check_alerts([bad]))
+    assert "rotationOverdue: skipQueryValidation is not true" in problems, problems
+
+
 def test_token_limit_and_metrics_have_safe_defaults(templates: list[Template]) -> None:
     """Point 10: the limit is a bounded parameter with a default; metrics need the API diagnostic."""
     assert check_token_limits(templates) == []
@@ -1140,3 +1149,77 @@ def test_vault_name_can_be_changed_after_a_purge_protected_teardown(templates: l
     assert "keyVaultSuffix" not in json.dumps(
         {k: v for k, v in main.variables["names"]["value"].items() if k != "keyVault"}
     )
+
+
+def test_an_alert_in_another_module_may_notify_the_created_group_through_a_parameter() -> None:
+    """An alert declared beside its resource (e.g. in rotation.bicep) notifies the group alerts.bicep creates,
+    passed in by main.bicep from the alerts module's output; any other parameter value is refused."""
+    alerts = parse_text(
+        """
+@minLength(1)
+param emails array
+resource group 'Microsoft.Insights/actionGroups@2023-01-01' = {
+  name: 'g'
+  location: 'global'
+  properties: {
+    groupShortName: 'g'
+    enabled: true
+    emailReceivers: [for (address, i) in emails: {
+      name: 'email-${i}'
+      emailAddress: address
+    }]
+  }
+}
+output actionGroupId string = group.id
+output other string = 'x'
+""",
+        "modules/alerts.bicep",
+    )
+    module = parse_text(
+        """
+param actionGroupId string
+resource poison 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: 'poison'
+  location: 'global'
+  properties: {
+    criteria: {
+      allOf: [
+        {
+          metricNamespace: 'Microsoft.Storage/storageAccounts/queueServices'
+          metricName: 'QueueMessageCount'
+          operator: 'GreaterThan'
+          threshold: 0
+        }
+      ]
+    }
+    actions: [
+      {
+        actionGroupId: actionGroupId
+      }
+    ]
+  }
+}
+""",
+        "modules/rotation.bicep",
+    )
+
+    def main(output: str) -> Template:
+        return parse_text(
+            f"""
+module alerts 'modules/alerts.bicep' = {{
+  name: 'alerts'
+}}
+module rotation 'modules/rotation.bicep' = {{
+  name: 'rotation'
+  params: {{
+    actionGroupId: alerts.outputs.{output}
+  }}
+}}
+""",
+            "main.bicep",
+        )
+
+    good = "\n".join(check_alerts([main("actionGroupId"), alerts, module]))
+    assert "poison: does not notify" not in good, good
+    bad = "\n".join(check_alerts([main("other"), alerts, module]))
+    assert "poison: does not notify the action group created with receivers" in bad, bad

@@ -206,3 +206,38 @@ def test_pip_refuses_a_wheel_whose_hash_differs(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "sha256" in result.stderr.lower() and "expected" in result.stderr.lower(), result.stderr
+
+
+@pytest.mark.slow
+def test_pip_refuses_a_requirement_without_a_hash(tmp_path: Path) -> None:
+    """pip itself, in --require-hashes mode (how build_package.sh and verify_lock.sh install), refuses a line
+    of this file whose hash was dropped, and names the hash it would need (offline)."""
+    (line,) = [m for m in map(PINNED.match, REQUIREMENTS.read_text().splitlines()) if m]
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    (wheelhouse / f"apimvault-{line['version']}-py3-none-any.whl").write_bytes(b"any wheel")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(line.group(0).split("#sha256=")[0] + "\n")
+    assert lock_problems(requirements.read_text()) != []  # our lint refuses it too
+    env = {**os.environ, "APIMVAULT_WHEELHOUSE": str(wheelhouse), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--no-index",
+            "--require-hashes",
+            "-r",
+            str(requirements),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Hashes are required in --require-hashes mode" in result.stderr, result.stderr
