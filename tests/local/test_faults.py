@@ -123,19 +123,18 @@ def test_operation_scoping(azure: LocalAzure) -> None:
 
 
 def test_slow_stream(azure: LocalAzure) -> None:
-    azure.openai.faults.inject_stream("slow_stream", seconds=0.1, times=1)
-    started = time.monotonic()
+    fault = azure.openai.faults.inject_stream("slow_stream", seconds=0.01, times=1)
     stream = client(azure).chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
-    arrivals = []
+    chunks = 0
     texts = []
     for chunk in stream:
-        arrivals.append(time.monotonic())
+        chunks += 1
         if chunk.choices:
             texts.append(chunk.choices[0].delta.content or "")
     assert "".join(texts) == reply_for("fault")
-    # The backend sleeps 0.1 s before each chunk, so the stream cannot end sooner (a lower bound that load
-    # only lengthens; the gaps seen by a loaded client are no measure, see bench/ for speed figures).
-    assert len(arrivals) >= 7 and arrivals[-1] - started >= 0.09 * (len(arrivals) - 1)
+    # Every event after the first was held back (the chunks after the first, then [DONE]): a count, not a
+    # timing; how a slow stream feels to a client is measured in bench/.
+    assert chunks >= 7 and fault.delayed == chunks
     assert azure.openai.faults.stream_active == []  # times=1: the next stream is not slowed
     again = client(azure).chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in again if c.choices) == reply_for("fault")

@@ -161,6 +161,8 @@ class StreamFault:
     times: int | None = None
     seconds: float = 0.1
     after_chunks: int = 2
+    delayed: int = 0
+    """How many SSE events a ``slow_stream`` fault held back (what tests assert instead of timing)."""
 
     def matches(self, operation: str) -> bool:
         return self.operation is None or self.operation == operation
@@ -755,6 +757,9 @@ class OpenAIBackend(Service):
                 raise StreamDropped(f"stream dropped after {index} events (injected)")
             if delay and index:
                 await asyncio.sleep(delay)
+                for fault in faults:
+                    if fault.kind == "slow_stream":
+                        fault.delayed += 1
             await send({"type": "http.response.body", "body": frame, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
