@@ -10,6 +10,7 @@ import json
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.identity import DefaultAzureCredential
@@ -416,3 +417,38 @@ def test_a_lagging_unit_behind_one_url_holds_the_vault_back(local_azure: LocalAz
     assert hasty.propagation_seconds is not None and hasty.propagation_seconds < 40  # the hazard
     assert result.propagation_seconds is not None and result.propagation_seconds >= 40
     assert clock() - started >= 40
+
+
+def _rotator_stack_available() -> bool:
+    import inspect
+
+    return "rotate_as" in inspect.signature(LocalAzure).parameters
+
+
+@pytest.mark.skipif(not _rotator_stack_available(), reason="no rotator identity with infra's roles yet")
+def test_the_rotator_with_infras_roles_times_out_and_resumes_without_regenerating(
+    local_azure: LocalAzure,
+) -> None:
+    """Issue 19.1: as the identity holding exactly infra's roles, a rotation that times out waiting for a
+    slow unit leaves RotationPending, and the retry resumes the wait for the same key (no second
+    regeneration, no write the role does not grant)."""
+    clock = ManualClock()
+    with LocalAzure(ca=SESSION_CA, propagation_clock=clock, propagation_delay={"region2": 3600}) as azure:
+        app = new_rotating_app(azure)
+        stack: Any = azure  # the rotator's API arrives with the localtwin branch
+        stack.grant_rotator_roles(stack.rotator_identity, secret=app.name, apim_subscription=app.sid)
+        primary, _ = app.keys()
+        rotator = DefaultAzureCredential(managed_identity_client_id=stack.rotator_identity.client_id)
+        kwargs: dict[str, Any] = {"propagation_timeout": 120, "clock": clock, "sleep": clock.advance}
+        try:
+            with azure.env(), pytest.raises(RotationError, match="vault was NOT changed"):
+                rotate(vault_url=azure.vault_url, secret_name=app.name, credential=rotator, **kwargs)
+            _, pending = app.keys()
+            assert (azure.keyvault.latest(app.name).tags or {})["RotationPending"].startswith("secondary:")
+            clock.advance(3600)
+            with azure.env():
+                again = rotate(vault_url=azure.vault_url, secret_name=app.name, credential=rotator, **kwargs)
+        finally:
+            rotator.close()
+        assert "resumed" in again.reason and app.keys() == (primary, pending)
+        assert azure.keyvault.latest(app.name).value == pending

@@ -76,11 +76,17 @@ from ..exceptions import ConfigurationError, RotationError
 from .azure import Session, refuse_shared, resolve_target
 from .config import (
     DEFAULT_ARM_ENDPOINT,
+    DEFAULT_PROBE_INTERVAL,
+    DEFAULT_PROBE_SUCCESSES,
     DEFAULT_PROPAGATION_TIMEOUT,
+    DEFAULT_REVOKE_WAIT,
     ENV_APIM_SUBSCRIPTION_ID,
     ENV_ARM_ENDPOINT,
     ENV_GATEWAY_URLS,
+    ENV_PROBE_INTERVAL,
+    ENV_PROBE_SUCCESSES,
     ENV_PROPAGATION_TIMEOUT,
+    ENV_REVOKE_WAIT,
     RotationConfig,
 )
 from .model import (
@@ -112,11 +118,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_ARM_ENDPOINT",
+    "DEFAULT_PROBE_INTERVAL",
+    "DEFAULT_PROBE_SUCCESSES",
     "DEFAULT_PROPAGATION_TIMEOUT",
+    "DEFAULT_REVOKE_WAIT",
     "ENV_APIM_SUBSCRIPTION_ID",
     "ENV_ARM_ENDPOINT",
     "ENV_GATEWAY_URLS",
+    "ENV_PROBE_INTERVAL",
+    "ENV_PROBE_SUCCESSES",
     "ENV_PROPAGATION_TIMEOUT",
+    "ENV_REVOKE_WAIT",
     "EXPIRED",
     "NEAR_EXPIRY",
     "PROBE_PATH",
