@@ -14,6 +14,7 @@ import json
 import os
 import select
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -22,18 +23,20 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from azure.identity import DefaultAzureCredential
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
+    BearerTokenSource,
     CachePolicy,
     SubscriptionKeyProvider,
     create_async_azure_openai,
     create_azure_openai,
     refusal_stats,
 )
-from apimvault.local import DEPLOYMENT, LocalAzure
+from apimvault.local import DEPLOYMENT, Fault, LocalAzure
 
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages, wait_until
 
 MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
@@ -49,7 +52,7 @@ def _read_line(fd: int) -> str:
     deadline = time.monotonic() + WAIT_S
     while not data.endswith(b"\n"):
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, "a forked worker is stuck (shared connection?)"
+        assert ready, "a forked worker is stuck (a shared connection, an inherited lock?)"
         chunk = os.read(fd, 4096)
         assert chunk, "a forked worker died"
         data += chunk
@@ -232,3 +235,39 @@ def test_prefork_fleet_async_through_a_revoking_rotation(azure: LocalAzure) -> N
     assert [r.get("failed") for r in results] == [[]] * WORKERS, results
     assert sum(r["ok"] for r in results) == WORKERS * 2 * PER_PHASE
     assert all(parent_port not in r["ports"] for r in results)
+
+
+def test_fork_during_a_token_refresh_leaves_the_child_a_working_token_source(azure: LocalAzure) -> None:
+    """Issue 21, item 11: a thread of the parent is inside a token refresh (holding the source's lock) when
+    the process forks; the child's token source must not wait forever for that lock."""
+    credential = DefaultAzureCredential()
+    source = BearerTokenSource(credential, "api://apimvault-gateway/.default")
+    sent = source.token()
+    before = azure.identity.counters.total()
+    azure.identity.faults.add(Fault("hang", seconds=3, times=1))  # the refresh's token request is held
+    refresh = threading.Thread(target=source.refresh_after_rejection, args=(sent,), daemon=True)
+    refresh.start()
+    wait_until(lambda: azure.identity.counters.total() > before, "the refresh to reach the identity endpoint")
+    assert refresh.is_alive()  # inside the refresh, holding the lock, when the process forks
+
+    def work(say: Callable[[str], None], wait_go: Callable[[], None]) -> dict[str, Any]:
+        # Inside the bound the parent's refresh set, the refused token gets no new request: None, at once.
+        again = source.refresh_after_rejection(sent)
+        return {"again": again, "token_is_current": source.token() == sent}
+
+    pid, read_fd, write_fd = _fork(work)
+    try:
+        result = json.loads(_read_line(read_fd))  # was: the child blocked on the inherited lock forever
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert result == {"again": None, "token_is_current": True}
+    azure.identity.faults.clear()
+    refresh.join(timeout=WAIT_S)
+    credential.close()
