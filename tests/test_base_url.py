@@ -226,7 +226,7 @@ def test_readme_coming_from_a_static_key_runs_as_written(azure: LocalAzure) -> N
     before, after = _readme_blocks()
     app = new_app_secret(azure)
     env: dict[str, str | None] = {
-        "APIM_GATEWAY": azure.gateway_url,
+        "APIMVAULT_OPENAI_BASE_URL": deployment_url(azure, "openai"),
         "APIM_SUBSCRIPTION_KEY": app.subscription.primary_key,
         "APIMVAULT_SECRET_NAME": app.name,
     }

@@ -30,11 +30,14 @@ the token just refreshed inside that interval goes to the caller without a new t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import math
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -87,10 +90,26 @@ def _check_interval(value: object) -> float:
     return float(value)
 
 
+# Every live token source, so a forked child can replace the locks it inherited (a refresh running in another
+# thread at fork time holds one, and that thread does not exist in the child).
+_SOURCES: weakref.WeakSet[_Bound] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for source in list(_SOURCES):
+        with contextlib.suppress(AttributeError):  # forked while it was being built: it has no lock yet
+            source._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Bound:
     """What both token sources share: the refresh bound and the tokens the log filter must mask."""
 
     def __init__(self, scope: str, min_refresh_interval: float, clock: Callable[[], float]) -> None:
+        _SOURCES.add(self)
         self.scope = _check_scope(scope)
         self.min_refresh_interval = _check_interval(min_refresh_interval)
         self._clock = clock
@@ -116,6 +135,10 @@ class _Bound:
         """The tokens this source handed out last (for the log and CLI redaction)."""
         return tuple(self._recent)
 
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks (the parent's may be held by a thread the child does not have)."""
+        raise NotImplementedError
+
 
 class BearerTokenSource(_Bound):
     """A bearer token for ``scope`` from ``credential``: :meth:`token` (or call it) for the token; never log
@@ -136,6 +159,9 @@ class BearerTokenSource(_Bound):
         self._make = get_bearer_token_provider
         self.credential = credential
         self._provider = get_bearer_token_provider(credential, self.scope)
+        self._lock = threading.Lock()
+
+    def _after_fork(self) -> None:
         self._lock = threading.Lock()
 
     def token(self) -> str:
@@ -201,6 +227,11 @@ class AsyncBearerTokenSource(_Bound):
                 "credential's connections do); this is another loop. Create one token source (and one "
                 "client) per event loop"
             )
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock, and no event loop yet (the child runs its own)."""
+        self._lock = asyncio.Lock()
+        self._loop = None
 
     async def token(self) -> str:
         """The current token (azure-identity's cache and refresh-before-expiry)."""
