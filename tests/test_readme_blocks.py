@@ -140,20 +140,18 @@ class Ran:
     err: str
 
 
-@pytest.fixture(scope="module")
-def ran(local_azure: LocalAzure, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Ran]:
-    """Every default-run block, run once (README line -> its exit code and output)."""
-    where = tmp_path_factory.mktemp("readme-blocks")  # outside the source tree
-    paths = {b.line: where / f"block_{b.line}.py" for b in DEFAULT_RUN}
-    for block in DEFAULT_RUN:
+def run_blocks(blocks: list[Block], env: dict[str, str], where: Path) -> dict[int, Ran]:
+    """Run each block as a script (README line -> its exit code and output), in ``where``."""
+    paths = {b.line: where / f"block_{b.line}.py" for b in blocks}
+    for block in blocks:
         paths[block.line].write_text(block.code, encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "-X", "dev", "-c", _RUNNER, *map(str, paths.values())],
-        env=block_env(local_azure),
+        env=env,
         cwd=where,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     codes = json.loads(done.stdout.strip().splitlines()[-1])
@@ -165,6 +163,18 @@ def ran(local_azure: LocalAzure, tmp_path_factory: pytest.TempPathFactory) -> di
         )
         for line, path in paths.items()
     }
+
+
+@pytest.fixture(scope="module")
+def ran(local_azure: LocalAzure, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Ran]:
+    """Every default-run block, run once, outside the source tree."""
+    return run_blocks(DEFAULT_RUN, block_env(local_azure), tmp_path_factory.mktemp("readme-blocks"))
+
+
+def assert_ran_clean(block: Block, done: Ran) -> None:
+    assert done.code == 0, f"README.md line {block.line} ({block.heading}):\n{done.out}\n{done.err}"
+    for noise in ("ResourceWarning", "Exception ignored", "Unclosed"):
+        assert noise not in done.err, f"README.md line {block.line}:\n{done.err}"
 
 
 def test_the_readme_has_a_prelude_and_marks_its_fragments() -> None:
@@ -180,10 +190,7 @@ def test_the_readme_has_a_prelude_and_marks_its_fragments() -> None:
 
 @pytest.mark.parametrize("block", DEFAULT_RUN, ids=lambda b: b.id)
 def test_readme_python_block_runs_as_written(block: Block, ran: dict[int, Ran]) -> None:
-    done = ran[block.line]
-    assert done.code == 0, f"README.md line {block.line} ({block.heading}):\n{done.out}\n{done.err}"
-    for noise in ("ResourceWarning", "Exception ignored", "Unclosed"):
-        assert noise not in done.err, f"README.md line {block.line}:\n{done.err}"
+    assert_ran_clean(block, ran[block.line])
 
 
 def test_a_fragment_marker_takes_its_block_out_of_the_run() -> None:
