@@ -20,6 +20,10 @@ writes a new version (the old key stays valid at APIM for ``revoke_after`` secon
 16:00 an emergency rotation writes a new version and revokes the current key at the same instant — every
 process's next request gets APIM's 401 (the 401 storm). With ``push``, each rotation also delivers an Event
 Grid ``SecretNewVersionCreated`` to every process (``invalidate()``) within ``push_delay`` seconds.
+
+With ``revoke_wait`` set, the 16:00 emergency follows ``apimvault rotate --revoke-current`` instead: the new
+version is written (and pushed, spread over ``push_delay``) while the leaked key stays valid, and the leaked
+key is revoked ``revoke_wait`` seconds later (``leaked_dead_s``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class FleetConfig:
     limit: int = 4000
     latency: float = 0.05
     seed: int = 1
+    revoke_wait: float | None = None  # None: the emergency revokes at once; else staged revocation
 
 
 @dataclasses.dataclass
@@ -65,6 +70,7 @@ class FleetResult:
     storm_converged_s: float  # 16:00 emergency rotation -> every process holds the new key
     start_converged_s: float  # every process holds a key
     events: int
+    leaked_dead_s: float = 0.0  # 16:00 -> the leaked key is revoked at APIM
 
 
 class _Vault:
@@ -90,6 +96,7 @@ class _Throttled(Exception):
 
 
 _WAKE, _RESPONSE, _PUSH, _GLOBAL = 0, 1, 2, 3
+_PLANNED, _PLANNED_REVOKE, _EMERGENCY, _STAGED_REVOKE = 0, 1, 2, 3
 
 
 def simulate(config: FleetConfig) -> FleetResult:
@@ -157,7 +164,9 @@ def simulate(config: FleetConfig) -> FleetResult:
         if next_t < config.day:
             push(next_t, _WAKE, pid, gen[pid])
 
-    globals_at = (config.rotation_at, config.rotation_at + config.revoke_after, config.storm_at)
+    staged = config.revoke_wait is not None
+    revoke_at = config.storm_at + (config.revoke_wait or 0.0)
+    globals_at = (config.rotation_at, config.rotation_at + config.revoke_after, config.storm_at, revoke_at)
     busy = [(g - config.latency, g + config.push_delay + config.latency) for g in globals_at]
 
     def start_read(pid: int, t: float) -> None:
@@ -209,12 +218,37 @@ def simulate(config: FleetConfig) -> FleetResult:
                 )
                 del watching[name]
 
+    def global_event(what: int, t: float) -> None:
+        if what == _PLANNED:  # planned rotation: new version, old key still valid
+            current[0] = 1
+            valid.add(1)
+            watching["rotation"] = 1
+        elif what == _PLANNED_REVOKE:  # the planned rotation's old key is revoked
+            valid.discard(0)
+        elif what == _EMERGENCY:  # emergency: a new version; the leaked key revoked now or staged
+            current[0] = 2
+            valid.add(2)
+            if not staged:
+                valid.difference_update({0, 1})
+            watching["storm"] = 2
+        else:  # staged revocation: the fleet had revoke_wait seconds; now the leaked key dies
+            valid.difference_update({0, 1})
+        if what in (_PLANNED, _EMERGENCY) and config.push:
+            for p in range(n):
+                push(t + master.random() * config.push_delay, _PUSH, p)
+        if what != _PLANNED:
+            for p in range(n):
+                if held[p] is not None and held[p] not in valid:
+                    schedule(p, t, explicit=True)
+
     # start-up: each process makes its first request within the start window
     for pid in range(n):
         push(master.random() * config.start_window, _WAKE, pid, gen[pid])
     push(config.rotation_at, _GLOBAL, 0)
     push(config.rotation_at + config.revoke_after, _GLOBAL, 1)
-    push(config.storm_at, _GLOBAL, 2)
+    push(config.storm_at, _GLOBAL, _EMERGENCY)
+    if staged:
+        push(revoke_at, _GLOBAL, _STAGED_REVOKE)
     events = 0
 
     while heap:
@@ -268,25 +302,7 @@ def simulate(config: FleetConfig) -> FleetResult:
             cache.invalidate()
             schedule(pid, t)
         else:  # _GLOBAL
-            if pid == 0:  # planned rotation: new version, old key still valid
-                current[0] = 1
-                valid.add(1)
-                watching["rotation"] = 1
-            elif pid == 1:  # the planned rotation's old key is revoked
-                valid.discard(0)
-            else:  # emergency rotation: new version and the current key revoked at once
-                current[0] = 2
-                valid.add(2)
-                valid.discard(1)
-                valid.discard(0)
-                watching["storm"] = 2
-            if pid != 1 and config.push:
-                for p in range(n):
-                    push(t + master.random() * config.push_delay, _PUSH, p)
-            if pid != 0:
-                for p in range(n):
-                    if held[p] is not None and held[p] not in valid:
-                        schedule(p, t, explicit=True)
+            global_event(pid, t)
 
     peak: dict[str, int] = {}
     for window, count in vault.requests.items():
@@ -303,4 +319,5 @@ def simulate(config: FleetConfig) -> FleetResult:
         converged["storm"],
         converged["start"],
         events,
+        revoke_at - config.storm_at,
     )

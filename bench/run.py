@@ -86,6 +86,13 @@ def fleet_configs(sizes: Sizes) -> list[tuple[str, FleetConfig]]:
     runs.append(("jitter 0.2, push on", dataclasses.replace(base, push=True)))
     # push whose refreshes are spread over 30 s (what an invalidate() with a random delay would give)
     runs.append(("jitter 0.2, push spread 30 s", dataclasses.replace(base, push=True, push_delay=30.0)))
+    # apimvault rotate --revoke-current: new version pushed (spread 30 s), the leaked key revoked 60 s later
+    runs.append(
+        (
+            "revoke-current: push spread 30 s, revoke after 60 s",
+            dataclasses.replace(base, push=True, push_delay=30.0, revoke_wait=60.0),
+        )
+    )
     for ttl in sizes.sweep_ttls:
         runs.append(
             (

@@ -1,7 +1,9 @@
 // apimvault: Azure OpenAI behind API Management, the APIM subscription key kept in Key Vault and rotated by
 // itself. Deploy to a resource group:
 //   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json -p publisherEmail=... \
+//     -p alertEmailAddresses="['oncall@example.com']" \
 //     -p seedSecret=true   (first deployment only; see infra/README.md "Deploy" and "Runbook: what-if first")
+// alertEmailAddresses is required (at least one receiver). infra/README.md "Runbook: on call" is for operators.
 // See infra/README.md for what each choice guards against, the two-phase rollout (code, then Event Grid
 // subscription) and the post-deploy checks.
 //
@@ -84,16 +86,26 @@ param seedSecret bool = false
 @minValue(1000)
 param tokensPerMinute int = 10000
 
-@description('Resource id of an existing action group for the rotation alerts. Empty: one is created with alertEmailAddresses.')
+@description('Resource id of an existing action group the alerts notify in addition to the one created with alertEmailAddresses. Empty: only that one.')
 param alertActionGroupId string = ''
 
-@description('E-mail addresses paged by the rotation alerts (used when alertActionGroupId is empty).')
-param alertEmailAddresses array = []
+@description('E-mail addresses paged by the alerts (receivers of the action group created here). Required, at least one: an alert that reaches nobody is worse than none.')
+@minLength(1)
+param alertEmailAddresses array
+
+@description('Percentage of gateway requests answered 401 in 15 minutes above which the 401-rate alert fires.')
+@minValue(1)
+@maxValue(100)
+param unauthorizedPercentThreshold int = 5
 
 @description('Hours after Key Vault\'s near-expiry notification without a new secret version before the overdue-rotation alert fires (25-47).')
 @minValue(25)
 @maxValue(47)
 param rotationOverdueHours int = 26
+
+@description('Changes the vault\'s name (and only its name). The vault is purge-protected: after the resource group is deleted its name stays reserved for the 90-day retention, so a redeploy with the same name fails with a conflict. Set any new value (e.g. "2") for a fresh vault name, or recover the old vault instead (infra/README.md "Teardown and redeploy"). Empty keeps the original name.')
+@maxLength(20)
+param keyVaultNameSeed string = ''
 
 @description('Put a CanNotDelete lock on the vault.')
 param lockKeyVault bool = true
@@ -104,11 +116,13 @@ param logRetentionInDays int = 90
 // ------------------------------------------------------------------------------------------------ names
 
 var suffix = take(uniqueString(resourceGroup().id, namePrefix), 8)
+// Same length as suffix, so the vault name stays within 24 characters (3 + 11 + 1 + 8 = 23).
+var keyVaultSuffix = empty(keyVaultNameSeed) ? suffix : take(uniqueString(resourceGroup().id, namePrefix, keyVaultNameSeed), 8)
 var names = {
   workspace: 'log-${namePrefix}-${suffix}'
   appInsights: 'appi-${namePrefix}-${suffix}'
   vnet: 'vnet-${namePrefix}-${suffix}'
-  keyVault: 'kv-${namePrefix}-${suffix}'
+  keyVault: 'kv-${namePrefix}-${keyVaultSuffix}'
   openAi: 'oai-${namePrefix}-${suffix}'
   apim: 'apim-${namePrefix}-${suffix}'
   appIdentity: 'id-${namePrefix}-app'
@@ -260,6 +274,7 @@ module rotation 'modules/rotation.bicep' = {
     functionSubnetId: network.outputs.functionSubnetId
     privateEndpointSubnetId: network.outputs.privateEndpointSubnetId
     blobDnsZoneId: network.outputs.blobDnsZoneId
+    queueDnsZoneId: network.outputs.queueDnsZoneId
     logAnalyticsWorkspaceId: monitoring.outputs.workspaceId
     appInsightsName: monitoring.outputs.appInsightsName
     appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
@@ -273,10 +288,14 @@ module alerts 'modules/alerts.bicep' = {
   params: {
     location: location
     tags: tags
-    actionGroupId: alertActionGroupId
+    additionalActionGroupId: alertActionGroupId
     actionGroupName: names.actionGroup
     emailAddresses: alertEmailAddresses
+    functionAppName: rotation.outputs.functionAppName
+    unauthorizedPercentThreshold: unauthorizedPercentThreshold
     systemTopicName: rotation.outputs.systemTopicName
+    storageAccountName: rotation.outputs.storageAccountName
+    poisonQueueName: rotation.outputs.poisonQueueName
     appInsightsName: monitoring.outputs.appInsightsName
     logAnalyticsWorkspaceId: monitoring.outputs.workspaceId
     keyVaultName: keyVault.outputs.name
@@ -314,6 +333,9 @@ output appIdentityResourceId string = identities.outputs.appId
 
 @description('Function app hosting the rotation function (publish infra/rotation_function to it).')
 output rotationFunctionAppName string = rotation.outputs.functionAppName
+
+@description('The rotation function\'s only public egress address (NAT gateway on its subnet): allow-list it where the function must be let in.')
+output rotationFunctionEgressIp string = network.outputs.natPublicIpAddress
 
 @description('Client id of the rotator identity (for a drill run as the rotator).')
 output rotatorClientId string = identities.outputs.rotatorClientId

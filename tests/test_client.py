@@ -155,7 +155,14 @@ def test_insecure_request_url_refused_by_auth(azure: LocalAzure) -> None:
 
 def test_conflicting_credentials_are_refused(azure: LocalAzure) -> None:
     provider = SubscriptionKeyProvider(azure.vault_url, "x", credential=object())  # type: ignore[arg-type]
-    for kwargs in ({"api_key": "k"}, {"azure_ad_token": "t"}, {"base_url": "https://x"}):
+    for kwargs in (
+        {"api_key": "k"},
+        {"azure_ad_token": "t"},
+        {
+            "base_url": "https://x/openai/deployments/d",
+            "azure_endpoint": "https://x",
+        },  # issue 25: one of them
+    ):
         with pytest.raises(ConfigurationError):
             create_azure_openai(provider, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):

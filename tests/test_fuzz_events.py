@@ -13,6 +13,7 @@ import socket
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -69,8 +70,11 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-event_types = st.sampled_from(
-    [NEW_VERSION, NEAR_EXPIRY, EXPIRED, "Microsoft.EventGrid.SubscriptionValidationEvent", "x"]
+event_types = st.one_of(
+    st.sampled_from(
+        [NEW_VERSION, NEAR_EXPIRY, EXPIRED, "Microsoft.EventGrid.SubscriptionValidationEvent", "x"]
+    ),
+    json_values,  # issue 21 item 15: a list eventType, an object CloudEvents type
 )
 versions = st.one_of(st.none(), st.text(alphabet="0123456789abcdef", min_size=32, max_size=32), json_values)
 ids = st.one_of(
@@ -129,6 +133,8 @@ GOOD = [
 @example(b"\xff\xfe")
 @example("[1, 2]")
 @example({"eventType": NEW_VERSION, "data": {"VaultName": "kv", "ObjectName": NAME, "Version": 5}})
+@example({"eventType": [NEW_VERSION], "data": {"VaultName": "kv", "ObjectName": NAME}})
+@example({"type": {"x": 1}, "specversion": "1.0"})
 def test_parse_secret_events(payload: Any) -> None:
     try:
         events = parse_secret_events(payload)
@@ -199,3 +205,50 @@ def test_good_event_concerns_the_provider() -> None:
         assert provider.stats().failures == 1
     finally:
         provider.close()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"eventType": [NEW_VERSION], "data": GOOD[0]["data"]},
+        [{"type": {"name": NEW_VERSION}, "specversion": "1.0", "data": GOOD[0]["data"]}],
+        {"eventType": ["a"], "type": NEW_VERSION},
+        DEEP,
+        DEEP.encode(),
+        '{"eventType": ' + DEEP + "}",
+    ],
+    ids=[
+        "list eventType",
+        "object CloudEvents type",
+        "list eventType, str type",
+        "deep str",
+        "deep bytes",
+        "deep field",
+    ],
+)
+def test_malformed_event_types_and_nesting_raise_configuration_error(payload: Any) -> None:
+    """Issue 21 item 15: not TypeError (unhashable type) nor RecursionError, from the parser and from both
+    refresh functions, and no Key Vault read."""
+    with pytest.raises(ConfigurationError):
+        parse_secret_events(payload)
+    provider = SubscriptionKeyProvider(VAULT, NAME, credential=_Token(), policy=POLICY)
+    try:
+        with pytest.raises(ConfigurationError):
+            refresh_from_event(payload, [provider])
+        assert provider.stats().vault_reads == 0
+    finally:
+        provider.close()
+
+    async def run() -> None:
+        aprovider = AsyncSubscriptionKeyProvider(VAULT, NAME, credential=_AsyncToken(), policy=POLICY)
+        try:
+            with pytest.raises(ConfigurationError):
+                await arefresh_from_event(payload, [aprovider])
+            assert aprovider.stats().vault_reads == 0
+        finally:
+            await aprovider.close()
+
+    asyncio.run(run())

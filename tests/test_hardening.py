@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 import pytest
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
@@ -188,6 +189,94 @@ async def test_retry_after_is_honoured_by_the_async_provider_not_inside_the_read
         assert await p.get() == app.subscription.primary_key
 
 
+class MillisecondRetryAfter(SansIOHTTPPolicy[Any, Any]):
+    """A public azure-core per-retry policy standing for a service that throttles in milliseconds: it turns
+    the stack's ``Retry-After: N`` on a 429 into ``<header>: N*1000`` (azure-core's RetryPolicy, which runs
+    before it sees the response, would sleep on either)."""
+
+    def __init__(self, header: str) -> None:
+        self.header = header
+
+    def on_response(self, request: Any, response: Any) -> None:
+        headers = response.http_response.headers
+        seconds = headers.get("Retry-After")
+        if response.http_response.status_code == 429 and seconds is not None:
+            del headers["Retry-After"]
+            headers[self.header] = str(int(seconds) * 1000)
+
+
+MS_HEADERS = ["x-ms-retry-after-ms", "retry-after-ms"]
+
+
+@pytest.mark.parametrize("header", MS_HEADERS)
+def test_millisecond_retry_after_is_honoured_by_the_provider_not_inside_the_read(
+    azure: LocalAzure, header: str
+) -> None:
+    """Issue 21 item 9: a 429 with x-ms-retry-after-ms / retry-after-ms (20 s) held a cold caller 20 s inside
+    azure-core's retry and the back-off never saw it. Now: one request, the typed error carries 20 s, and no
+    read happens before they have passed (the default SDK retry is on: it would have retried after 20 s)."""
+    app = new_app_secret(azure)
+    clock = FakeClock()
+    p = sync_provider(
+        azure, app, clock=clock, client_kwargs={"per_retry_policies": [MillisecondRetryAfter(header)]}
+    )
+    azure.keyvault.faults.inject("throttle", operation="GetSecret", retry_after=20)
+    try:
+        with pytest.raises(VaultUnavailableError) as info:
+            p.get_key()
+        assert info.value.retry_after == 20
+        assert azure.keyvault.counters["GetSecret"] == 1  # no second request: no sleep inside the read
+        clock.advance(15)  # back-off (1 s) and the probe interval would allow a read; the header does not
+        with pytest.raises(VaultUnavailableError):
+            p.get_key()
+        assert azure.keyvault.counters["GetSecret"] == 1
+        azure.keyvault.faults.clear()
+        clock.advance(6)
+        assert p.get() == app.subscription.primary_key
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("header", MS_HEADERS)
+async def test_millisecond_retry_after_is_honoured_by_the_async_provider_not_inside_the_read(
+    azure: LocalAzure, header: str
+) -> None:
+    app = new_app_secret(azure)
+    clock = FakeClock()
+    azure.keyvault.faults.inject("throttle", operation="GetSecret", retry_after=20)
+    kwargs = {"per_retry_policies": [MillisecondRetryAfter(header)]}
+    async with async_provider(azure, app, clock=clock, client_kwargs=kwargs) as p:
+        with pytest.raises(VaultUnavailableError) as info:
+            await p.get_key()
+        assert info.value.retry_after == 20
+        assert azure.keyvault.counters["GetSecret"] == 1
+        clock.advance(15)
+        with pytest.raises(VaultUnavailableError):
+            await p.get_key()
+        assert azure.keyvault.counters["GetSecret"] == 1
+        azure.keyvault.faults.clear()
+        clock.advance(6)
+        assert await p.get() == app.subscription.primary_key
+
+
+def test_retry_after_is_bounded_by_retry_after_max(azure: LocalAzure) -> None:
+    """A huge Retry-After (in any header) holds reads back at most ``retry_after_max``."""
+    app = new_app_secret(azure)
+    clock = FakeClock()
+    policy = CachePolicy(ttl=300, jitter=0, backoff_initial=1, backoff_max=8, retry_after_max=60)
+    kwargs = {"per_retry_policies": [MillisecondRetryAfter("x-ms-retry-after-ms")]}
+    p = sync_provider(azure, app, clock=clock, policy=policy, client_kwargs=kwargs)
+    azure.keyvault.faults.inject("throttle", operation="GetSecret", retry_after=86400, times=1)
+    try:
+        with pytest.raises(VaultUnavailableError):
+            p.get_key()
+        clock.advance(61)
+        assert p.get() == app.subscription.primary_key
+        assert azure.keyvault.counters["GetSecret"] == 2
+    finally:
+        p.close()
+
+
 # ------------------------------------------------------------------- 7: hanging identity endpoint
 
 
@@ -234,7 +323,9 @@ def test_a_backward_wall_clock_step_changes_no_schedule(azure: LocalAzure) -> No
         mono.advance(250)  # refresh-ahead runs on the monotonic schedule, whatever the wall clock did
         p.get_key()
         events.wait("refreshed", 4)
-        assert p.stats().vault_reads == 4
+        # 4 reads of the latest version, plus the previous version read again by the 401 that fell back
+        # to it and by the refresh while falling back (issue 21 item 4)
+        assert p.stats().vault_reads == 6
     finally:
         p.close()
 
@@ -256,7 +347,7 @@ async def test_a_backward_wall_clock_step_changes_no_async_schedule(azure: Local
         mono.advance(250)
         await p.get_key()
         await until(lambda: len(events.refreshed) == 4, "the refresh-ahead")
-        assert p.stats().vault_reads == 4
+        assert p.stats().vault_reads == 6  # as in the sync twin: the previous version read again twice
 
 
 def test_expiry_follows_the_wall_clock_not_the_schedule(azure: LocalAzure) -> None:
@@ -490,3 +581,34 @@ async def test_async_recovery_after_an_outage_follows_the_vault_within_a_probe_i
         clock.advance(SLOW_BACKOFF.probe_interval)
         assert await p.get() == app.subscription.primary_key
         assert p.stats().vault_reads == 2
+
+
+# ------------------------------------------------------- issue 21 item 11: fork during a token refresh
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_fork_during_a_token_refresh_does_not_hang_the_child(azure: LocalAzure) -> None:
+    """A thread forcing a new Entra token holds the token source's lock while the identity endpoint is slow;
+    a child forked then gets a lock of its own and answers (it hung on the parent's held lock)."""
+    from azure.identity import DefaultAzureCredential
+
+    from apimvault import BearerTokenSource
+
+    credential = DefaultAzureCredential()
+    source = BearerTokenSource(credential, "api://apimvault-gateway/.default")
+    token = source()
+    requests = azure.identity.counters["GetToken"]
+    azure.identity.faults.inject("hang", operation="GetToken", seconds=5, times=1)
+    refresher = threading.Thread(target=source.refresh_after_rejection, args=(token,), daemon=True)
+    refresher.start()
+    try:
+        wait_until(lambda: azure.identity.counters["GetToken"] > requests, "the forced token request")
+        assert refresher.is_alive()  # it holds the source's lock while the endpoint hangs
+        answer = _fork_and_read(
+            lambda: "same token" if source.refresh_after_rejection("old") == token else "?"
+        )
+        assert answer == "same token"
+    finally:
+        refresher.join(30)
+        azure.identity.faults.clear()
+        credential.close()

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import pytest
+from azure.core.pipeline.policies import NetworkTraceLoggingPolicy
 from azure.identity import DefaultAzureCredential
 from azure.identity.aio import DefaultAzureCredential as AsyncDefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
@@ -126,3 +127,27 @@ def test_client_kwargs_that_would_undo_the_guard_are_refused(azure: LocalAzure, 
     ):
         with pytest.raises(error, match=message):
             cls(azure.vault_url, "any", client_kwargs=options)
+
+
+class _OwnTrace(NetworkTraceLoggingPolicy):
+    """A subclass of azure-core's network trace, as an application might add for its own debugging."""
+
+
+@pytest.mark.parametrize("policy", [NetworkTraceLoggingPolicy, _OwnTrace], ids=["azure-core", "subclass"])
+@pytest.mark.parametrize("where", ["per_call_policies", "per_retry_policies"])
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_network_trace_policy_added_through_client_kwargs_is_refused(
+    azure: LocalAzure, caplog: pytest.LogCaptureFixture, api: str, where: str, policy: Any
+) -> None:
+    """Issue 21 item 8: logging_enable=True plus azure-core's own NetworkTraceLoggingPolicy in
+    per_call_policies / per_retry_policies logged the GetSecret body. It is refused (typed) before any read,
+    whatever its own flag says, and nothing reaches the trace logger."""
+    caplog.set_level(logging.DEBUG)
+    app = new_app_secret(azure)
+    cls: Any = SubscriptionKeyProvider if api == "sync" else AsyncSubscriptionKeyProvider
+    for enabled in (False, True):
+        options = {"logging_enable": True, where: [policy(logging_enable=enabled)]}
+        with pytest.raises(ConfigurationError, match="NetworkTraceLoggingPolicy"):
+            cls(azure.vault_url, app.name, client_kwargs=options)
+    assert azure.keyvault.counters["GetSecret"] == 0
+    assert _leaks(_logged(caplog), [app.subscription.primary_key]) == []

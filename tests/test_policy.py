@@ -276,3 +276,46 @@ def test_an_integer_too_large_for_a_float_is_a_configuration_error(name: str) ->
     # raised OverflowError instead of the documented ConfigurationError.
     with pytest.raises(ConfigurationError, match=f"{name} must be .* too large for a float"):
         CachePolicy(**{name: 10**400})
+
+
+def test_fallback_ends_at_the_previous_keys_expiry() -> None:
+    """Issue 21 item 4, the pure rule: the previous key is served only until its own expires_on."""
+    cache, clock = make()
+    old = key("a" * 32, "o" * 32, expires_on=START + 100)
+    new = key("b" * 32, "n" * 32)
+    cache.accept(old)
+    entry, _ = cache.accept(new)
+    assert cache.fall_back(new) == old
+    assert cache.served(entry) == old
+    clock.advance(100)
+    assert cache.served(entry) == new
+    assert cache.fallback is None
+    assert cache.fall_back(new) is None  # expired: no fallback any more
+
+
+def test_confirm_previous_drops_or_refreshes_the_fallback() -> None:
+    cache, _ = make()
+    old, new = key("a" * 32, "o" * 32), key("b" * 32, "n" * 32)
+    cache.accept(old)
+    entry, _ = cache.accept(new)
+    assert cache.fall_back(new) == old
+    later = key("a" * 32, "o" * 32, expires_on=START + 50)  # Key Vault now gives it an expiry
+    cache.confirm_previous(later)
+    assert cache.served(entry).expires_on == START + 50
+    cache.confirm_previous(None)  # Key Vault says disabled / gone
+    assert (cache.previous, cache.fallback) == (None, None)
+    assert cache.served(entry) == new
+
+
+def test_forced_wait_is_bounded_by_the_interval_and_zero_while_backing_off() -> None:
+    cache, clock = make(CachePolicy(ttl=300, jitter=0, forced_refresh_interval=5))
+    cache.accept(key())
+    cache.note_forced()
+    clock.advance(1)
+    assert cache.decide_forced("a" * 32) is ForceDecision.RATE_LIMITED
+    assert cache.forced_wait() == pytest.approx(4)
+    clock.advance(4)
+    assert cache.forced_wait() == 0
+    cache.note_forced()
+    cache.reject(RuntimeError("vault down"))  # backing off: answered at once, no wait
+    assert cache.forced_wait() == 0

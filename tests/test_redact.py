@@ -35,3 +35,24 @@ def test_install_is_idempotent() -> None:
     second = install_log_redaction()
     assert first is second
     assert logging.getLogger("httpx2").filters.count(first) == 1
+
+
+def test_redact_text_masks_every_key_and_token_the_process_holds(azure: LocalAzure) -> None:
+    from apimvault import SubscriptionKeyProvider
+    from apimvault._redact import redact_text, watch_value
+
+    from .core_helpers import new_app_secret
+
+    app = new_app_secret(azure)
+    key = app.subscription.primary_key
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJhcGk6Ly94In0.c2lnbmF0dXJl"
+    assert redact_text(f"echo {key}") == f"echo {key}"  # not held by any provider yet
+    with SubscriptionKeyProvider(azure.vault_url, app.name) as provider:  # no client: never watched for logs
+        provider.get_key()
+        masked = redact_text(
+            f"headers: {{'ocp-apim-subscription-key': '{key}', 'authorization': 'Bearer {jwt}'}}"
+        )
+    assert key not in masked and f"<redacted:{provider.current().fingerprint}>" in masked  # type: ignore[union-attr]
+    assert jwt not in masked and "<redacted:jwt>" in masked
+    watch_value("opaque-token-value-1234")
+    assert redact_text("x opaque-token-value-1234 y").startswith("x <redacted:")

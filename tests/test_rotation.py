@@ -45,6 +45,14 @@ def gateway_status_at(azure: LocalAzure, url: str, key: str) -> int:
     return response.status_code
 
 
+@pytest.fixture(autouse=True)
+def quick_probes() -> Iterator[None]:
+    """The probe rule's default count (10 consecutive 2xx) back to back: these tests run on the real
+    clock, and the spacing is covered on a manual clock."""
+    with temporary_environ({"APIMVAULT_PROBE_INTERVAL": "0"}):
+        yield
+
+
 @pytest.fixture
 def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
     credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
@@ -247,7 +255,10 @@ def slow_clock() -> ManualClock:
 def slow_gateway(slow_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
     """A stack whose gateway units take 20 s and 45 s (on a manual clock) to accept a regenerated key."""
     with LocalAzure(
-        ca=SESSION_CA, propagation_clock=slow_clock, propagation_delay={"region1": 20, "region2": 45}
+        ca=SESSION_CA,
+        propagation_clock=slow_clock,
+        propagation_delay={"region1": 20, "region2": 45},
+        gateway_routing="per-unit",  # each unit at its own URL until rotate's probe rule sees shared URLs
     ) as stack:
         yield stack  # each test enters stack.env() itself, so other tests keep the session stack's
 

@@ -15,13 +15,21 @@ from typing import Any
 import pytest
 from azure.identity import DefaultAzureCredential
 
-from apimvault.local import LocalAzure
+from apimvault.local import LocalAzure, temporary_environ
 from apimvault.rotation import RotationResult, rotate, rotate_from_event
 
 from .cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
 from .conftest import SESSION_CA
 from .infra.events import near_expiry_event
 from .rotation_support import ManualClock, Scheduler
+
+
+@pytest.fixture(autouse=True)
+def quick_probes() -> Iterator[None]:
+    """The probe rule's default count (10 consecutive 2xx) back to back: these tests run on the real
+    clock, and the spacing is covered on a manual clock."""
+    with temporary_environ({"APIMVAULT_PROBE_INTERVAL": "0"}):
+        yield
 
 
 @pytest.fixture
@@ -135,7 +143,8 @@ def test_a_write_of_a_key_revoked_meanwhile_is_repaired(
     # run 0: read, check -> at regenerate; run 1: read, check -> at regenerate; run 0: regenerate, probe
     # -> at write; run 1: regenerate -> at probe; then run 0 writes (the revoked key) and verifies.
     order = [0, 0, 1, 1, 0, 0, 1, 0]
-    results, scheduler = overlap(azure, officer, app, 2, order)
+    with temporary_environ({"APIMVAULT_PROBE_SUCCESSES": "1"}):  # the schedule names one probe round
+        results, scheduler = overlap(azure, officer, app, 2, order)
     first, second = results
     assert isinstance(first, RotationResult) and isinstance(second, RotationResult)
     assert not first.skipped and first.repaired_versions  # wrote, found it revoked, repaired
@@ -185,7 +194,10 @@ def sync_clock() -> ManualClock:
 def syncing(sync_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
     """A stack whose units take 20 s and 45 s (manual clock) to accept a regenerated key."""
     with LocalAzure(
-        ca=SESSION_CA, propagation_clock=sync_clock, propagation_delay={"region1": 20, "region2": 45}
+        ca=SESSION_CA,
+        propagation_clock=sync_clock,
+        propagation_delay={"region1": 20, "region2": 45},
+        gateway_routing="per-unit",  # each unit at its own URL until rotate's probe rule sees shared URLs
     ) as stack:
         yield stack  # tests enter stack.env() themselves, so other tests keep the session stack's
 

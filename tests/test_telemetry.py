@@ -7,6 +7,7 @@ the series of its own secret (``apimvault.secret``), so tests do not see each ot
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -317,3 +318,93 @@ def test_canary_key_never_appears_in_any_export(otel: Otel, azure: LocalAzure) -
     exported = otel.everything_exported()
     assert provider.where in exported and "apimvault.resend" in exported
     assert find_leaks({"otel": exported}, [CANARY_PRIMARY, CANARY_SECONDARY]) == []
+
+
+@pytest.mark.parametrize("clocks", ["real", "split"])
+def test_staleness_compares_the_scheduling_clock_only(otel: Otel, azure: LocalAzure, clocks: str) -> None:
+    """Issue 21 item 14: a fresh key's staleness is 0, not ~1.8e9 s (wall minus monotonic); past the
+    fresh period it counts on the scheduling clock."""
+    app = new_app_secret(azure)
+    wall, mono = FakeClock(), FakeClock(start=1000.0)
+    kwargs: dict[str, Any] = {"clock": wall, "monotonic": mono} if clocks == "split" else {}
+    provider = SubscriptionKeyProvider(azure.vault_url, app.name, policy=POLICY, **kwargs)
+    try:
+        provider.get_key()
+        (staleness,) = otel.points("apimvault.key.staleness", provider.where)
+        assert staleness.value == 0
+        if clocks == "split":
+            mono.advance(POLICY.ttl + 30)  # the wall clock stands still: only the scheduling clock counts
+            (staleness,) = otel.points("apimvault.key.staleness", provider.where)
+            assert staleness.value == pytest.approx(30)
+    finally:
+        provider.close()
+
+
+DAY = 86400.0
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_near_expiry_warns_once_a_day_and_exports_seconds_left(
+    otel: Otel, azure: LocalAzure, api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19 item 7: from 7 days before expires_on a provider logs a WARNING once a day and exports
+    apimvault.key.expires_in (seconds left); before that window neither."""
+    clock = FakeClock()
+    expires = int(clock.now + 8 * DAY)
+    app = new_app_secret(azure, expires=expires)
+    policy = CachePolicy(ttl=3600, jitter=0, refresh_margin=60, max_staleness=0)
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelname == "WARNING" and "expires at" in r.getMessage()
+        ]
+
+    async def aload(provider: AsyncSubscriptionKeyProvider) -> None:
+        await provider.get_key()
+
+    loop = asyncio.new_event_loop()
+    if api == "sync":
+        provider: Any = SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock, policy=policy)
+
+        def load() -> None:
+            provider.get_key()
+    else:
+        provider = loop.run_until_complete(_build_async(azure.vault_url, app.name, clock, policy))
+
+        def load() -> None:
+            loop.run_until_complete(aload(provider))
+
+    caplog.set_level("WARNING", logger="apimvault")
+    try:
+        load()
+        assert warnings() == []
+        assert otel.points("apimvault.key.expires_in", provider.where) == []
+        clock.advance(DAY + 1)  # 7 days minus 1 s left: past the hard limit, so the next get_key reads
+        load()
+        assert len(warnings()) == 1 and app.name in warnings()[0]
+        (left,) = otel.points("apimvault.key.expires_in", provider.where)
+        assert left.value == pytest.approx(expires - clock.now)
+        assert provider.stats().expires_in_s == pytest.approx(expires - clock.now)
+        for _ in range(5):  # five more reads within the day: no second warning
+            clock.advance(3601)
+            load()
+        assert len(warnings()) == 1
+        clock.advance(DAY - 5 * 3601)  # a day after the first warning
+        load()
+        assert len(warnings()) == 2
+        (left,) = otel.points("apimvault.key.expires_in", provider.where)
+        assert left.value == pytest.approx(expires - clock.now)
+    finally:
+        if api == "sync":
+            provider.close()
+        else:
+            loop.run_until_complete(provider.close())
+        loop.close()
+
+
+async def _build_async(
+    url: str, name: str, clock: FakeClock, policy: CachePolicy
+) -> AsyncSubscriptionKeyProvider:
+    return AsyncSubscriptionKeyProvider(url, name, clock=clock, policy=policy)

@@ -1,8 +1,10 @@
-// Alerts that page someone when rotation stops silently. All go to one action group: an existing one
-// (actionGroupId) or, when that is empty, one created here with e-mail receivers.
+// Alerts that page someone when rotation stops silently or breaks clients. All go to the action group created
+// here, whose receivers are a required, non-empty parameter (a deployment without one fails validation), and
+// also to an existing action group when additionalActionGroupId is set.
 //  1. A rotation event was dead-lettered (Event Grid gave up after its retries: the key was NOT rotated).
 //  2. Event Grid failed to deliver to the function (each failed attempt; retries may still succeed).
-//  3. The rotation function failed (failed invocations in Application Insights).
+//  3. The rotation function failed: failed requests in Application Insights whose cloud_RoleName is the
+//     function app (the component also receives APIM's allErrors entries, which must not page here).
 //  4. The secret is near expiry and no new version was written: Key Vault logged its SecretNearExpiry
 //     notification for the secret more than rotationOverdueHours ago (by then Event Grid's 24-hour retry
 //     window is over) and no successful SecretSet on the secret followed. The secret is then within
@@ -10,33 +12,53 @@
 //     A scheduled query on the vault's audit logs (AzureDiagnostics), not on the function's own telemetry, so
 //     it also fires when the function, its identity or the Event Grid subscription is gone. It stays fired
 //     (autoMitigate false) until someone closes it.
+//  5. The gateway's 401 rate: more than unauthorizedPercentThreshold percent of at least
+//     unauthorizedMinRequests requests in 15 minutes answered 401, the first symptom of a rotation that
+//     stored a key the gateway does not accept (or of clients holding a revoked key).
+//  6. A rotation event landed in the poison queue (its run failed host.json's maxDequeueCount times): a
+//     scheduled query on the storage account's queue logs. Stays fired until closed.
 
 param location string
 param tags object = {}
 
-@description('Resource id of an existing action group. Empty: create one with alertEmailAddresses as receivers.')
-param actionGroupId string = ''
+@description('Resource id of an existing action group notified in addition to the one created here. Empty: only the created one.')
+param additionalActionGroupId string = ''
 
-@description('Name of the action group created when actionGroupId is empty.')
+@description('Name of the action group created here.')
 param actionGroupName string
 
-@description('E-mail receivers of the created action group.')
-param emailAddresses array = []
+@description('E-mail receivers of the created action group: at least one (required, no default), so every alert reaches someone.')
+@minLength(1)
+param emailAddresses array
 
 param systemTopicName string
+
+@description('The rotation function\'s storage account and the poison queue of its rotation queue (rotation.bicep).')
+param storageAccountName string
+param poisonQueueName string
 param appInsightsName string
 param logAnalyticsWorkspaceId string
 param keyVaultName string
 param secretName string
+
+@description('Name of the rotation function app: its telemetry carries this cloud_RoleName (cloud/roleName dimension).')
+param functionAppName string
 
 @description('Hours after Key Vault\'s SecretNearExpiry notification without a new secret version before the overdue-rotation alert fires. At least 25 (Event Grid retries for 24 hours), at most 47 (the query looks back 2 days).')
 @minValue(25)
 @maxValue(47)
 param rotationOverdueHours int = 26
 
-var createActionGroup = empty(actionGroupId)
+@description('Percentage of gateway requests answered 401 within 15 minutes above which the 401-rate alert fires.')
+@minValue(1)
+@maxValue(100)
+param unauthorizedPercentThreshold int = 5
 
-resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (createActionGroup) {
+@description('Fewest gateway requests in the 15-minute window before the 401 rate is judged (a handful of stray calls without a key must not page).')
+@minValue(1)
+param unauthorizedMinRequests int = 20
+
+resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {
   name: actionGroupName
   location: 'global'
   tags: tags
@@ -51,7 +73,15 @@ resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (createAc
   }
 }
 
-var actionGroupResourceId = createActionGroup ? actionGroup.id : actionGroupId
+var extraActionGroups = empty(additionalActionGroupId) ? [] : [
+  additionalActionGroupId
+]
+var queryAlertActionGroups = concat([
+  actionGroup.id
+], extraActionGroups)
+var metricAlertActions = [for group in queryAlertActionGroups: {
+  actionGroupId: group
+}]
 
 resource systemTopic 'Microsoft.EventGrid/systemTopics@2025-02-15' existing = {
   name: systemTopicName
@@ -89,11 +119,7 @@ resource deadLettered 'Microsoft.Insights/metricAlerts@2018-03-01' = {
         }
       ]
     }
-    actions: [
-      {
-        actionGroupId: actionGroupResourceId
-      }
-    ]
+    actions: metricAlertActions
   }
 }
 
@@ -124,11 +150,7 @@ resource deliveryFailures 'Microsoft.Insights/metricAlerts@2018-03-01' = {
         }
       ]
     }
-    actions: [
-      {
-        actionGroupId: actionGroupResourceId
-      }
-    ]
+    actions: metricAlertActions
   }
 }
 
@@ -137,7 +159,7 @@ resource functionErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
   location: 'global'
   tags: tags
   properties: {
-    description: 'The rotation function failed (failed invocations in Application Insights). Event Grid retries; the function logs (FunctionAppLogs, AppExceptions) name the error, never the key.'
+    description: 'The rotation function failed (failed invocations with its cloud_RoleName in Application Insights). Event Grid retries; the function logs (FunctionAppLogs, AppExceptions) name the error, never the key.'
     severity: 2
     enabled: true
     scopes: [
@@ -156,19 +178,34 @@ resource functionErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
           operator: 'GreaterThan'
           threshold: 0
           timeAggregation: 'Count'
+          // Only the function's own invocations, not APIM's failed requests in the same component.
+          dimensions: [
+            {
+              name: 'cloud/roleName'
+              operator: 'Include'
+              values: [
+                functionAppName
+              ]
+            }
+          ]
         }
       ]
     }
-    actions: [
-      {
-        actionGroupId: actionGroupResourceId
-      }
-    ]
+    actions: metricAlertActions
   }
 }
 
-// Key Vault audit logs land in AzureDiagnostics (the vault's diagnostic setting sets no destination type).
+// Key Vault audit logs land in AzureDiagnostics (the vault's diagnostic setting sets no destination type), one
+// row per operation with the record's properties flattened into typed columns (id -> id_s, requestUri ->
+// requestUri_s, httpStatusCode -> httpStatusCode_d). Microsoft documents that a SecretSet record carries the
+// request URI (PUT {vault}/secrets/{name}?api-version=...) and the secret URI of the object returned as `id`
+// ({vault}/secrets/{name}/{version}); the secret name is taken from whichever of the two is present, so the
+// filter matches with or without a version segment and never a secret whose name merely starts the same.
 // SecretNearExpiryEventGridNotification is logged whether or not an Event Grid subscription exists.
+// AzureDiagnostics gains a typed column only when a row first carries it, so on a fresh workspace these
+// columns do not exist yet: column_ifexists() keeps the query valid then (and skipQueryValidation lets the
+// rule be created before any vault log has arrived). Sample
+// rows and a test: tests/infra/data/keyvault_azurediagnostics_rows.json, tests/infra/test_alert_queries.py.
 var overdueQuery = format('''
 let secretName = "{0}";
 let vaultName = "{1}";
@@ -176,13 +213,16 @@ let overdue = {2}h;
 let vaultLogs = AzureDiagnostics
   | where ResourceProvider == "MICROSOFT.KEYVAULT" and Resource =~ vaultName;
 let lastWrite = toscalar(vaultLogs
-  | where OperationName == "SecretSet" and httpStatusCode_d == 200
-  | where id_s contains strcat("/secrets/", secretName, "/")
+  | where OperationName == "SecretSet" and column_ifexists("httpStatusCode_d", 0.0) == 200
+  | extend idUri = column_ifexists("id_s", ""), requestUri = column_ifexists("requestUri_s", "")
+  | extend objectName = extract(@"/secrets/([^/?]+)", 1, iff(isnotempty(idUri), idUri, requestUri))
+  | where objectName =~ secretName
   | summarize max(TimeGenerated));
 vaultLogs
   | where OperationName == "SecretNearExpiryEventGridNotification"
-  | where eventGridEventProperties_data_ObjectName_s == secretName
-  | summarize notifiedAt = max(TimeGenerated), expiresAt = max(unixtime_seconds_todatetime(eventGridEventProperties_data_EXP_d))
+  | where column_ifexists("eventGridEventProperties_data_ObjectName_s", "") =~ secretName
+  | extend expSeconds = column_ifexists("eventGridEventProperties_data_EXP_d", 0.0)
+  | summarize notifiedAt = max(TimeGenerated), expiresAt = max(unixtime_seconds_todatetime(expSeconds))
   | where isnotnull(notifiedAt) and notifiedAt < ago(overdue)
   | where isnull(lastWrite) or lastWrite < notifiedAt
   | extend daysToExpiry = datetime_diff("day", expiresAt, now())
@@ -204,6 +244,8 @@ resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
     evaluationFrequency: 'PT1H'
     windowSize: 'P2D'
     autoMitigate: false
+    // The workspace has no Key Vault columns until the vault has logged: validate at run time, not creation.
+    skipQueryValidation: true
     criteria: {
       allOf: [
         {
@@ -219,11 +261,104 @@ resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
       ]
     }
     actions: {
-      actionGroups: [
-        actionGroupResourceId
-      ]
+      actionGroups: queryAlertActionGroups
     }
   }
 }
 
-output actionGroupId string = actionGroupResourceId
+output actionGroupId string = actionGroup.id
+
+// The gateway's 401 rate over all APIs (resource-specific table: APIM's diagnostic setting uses the Dedicated
+// destination). A bad rotation shows here first: clients present a key the gateway no longer (or not yet)
+// accepts. Noise from callers without any key is damped by the minimum request count and the percentage.
+var unauthorizedQuery = format('''
+let minRequests = {0};
+let maxPercent = {1};
+ApiManagementGatewayLogs
+  | summarize total = count(), unauthorized = countif(ResponseCode == 401)
+  | extend unauthorizedPercent = iff(total == 0, 0.0, round(100.0 * unauthorized / total, 1))
+  | where total >= minRequests and unauthorizedPercent > maxPercent
+''', unauthorizedMinRequests, unauthorizedPercentThreshold)
+
+resource gatewayUnauthorized 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: 'apimvault-gateway-401-rate'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'apimvault: APIM gateway 401 rate'
+    description: 'More than ${unauthorizedPercentThreshold}% of at least ${unauthorizedMinRequests} gateway requests in 15 minutes were refused with 401. After a rotation: the stored key is not (yet) accepted by the gateway or clients hold a revoked key; run apimvault check, see infra/README.md "Runbook: 401 spike".'
+    severity: 1
+    enabled: true
+    scopes: [
+      logAnalyticsWorkspaceId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    // ApiManagementGatewayLogs may hold no rows before the first request: validate at run time.
+    skipQueryValidation: true
+    criteria: {
+      allOf: [
+        {
+          query: unauthorizedQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: queryAlertActionGroups
+    }
+  }
+}
+
+// A rotation event whose run failed maxDequeueCount times (host.json) was moved to the poison queue: the key was
+// NOT rotated and nothing retries it. The storage account's queue logs (StorageQueueLogs, rotation.bicep's
+// diagnostic setting) show the host's PutMessage on the poison queue.
+var poisonQuery = format('''
+StorageQueueLogs
+  | where AccountName =~ "{0}" and OperationName == "PutMessage" and StatusCode == 201
+  | where Uri contains "/{1}/messages"
+''', storageAccountName, poisonQueueName)
+
+resource rotationPoisoned 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: 'apimvault-rotation-poisoned'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'apimvault: rotation event moved to the poison queue'
+    description: 'A SecretNearExpiry event failed its rotation 5 times and is in the ${poisonQueueName} queue: the APIM key was NOT rotated. The function logs (FunctionAppLogs) name the error, never the key; fix it, then rotate with apimvault rotate (or move the message back to the rotation queue).'
+    severity: 1
+    enabled: true
+    scopes: [
+      logAnalyticsWorkspaceId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT1H'
+    autoMitigate: false
+    criteria: {
+      allOf: [
+        {
+          query: poisonQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: queryAlertActionGroups
+    }
+  }
+}

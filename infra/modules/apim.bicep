@@ -15,7 +15,8 @@
 //    named value apimvault-tokens-per-minute (parameter tokensPerMinute); metrics go to Application Insights
 //    through an APIM logger that authenticates with APIM's managed identity (the component has local auth off).
 //  - Diagnostic settings (gateway logs and metrics) to Log Analytics; gateway request logging never records
-//    headers or bodies (the key is a header).
+//    headers or bodies, and every APIM diagnostic (each logger's) masks the subscription key header and the
+//    subscription-key query parameter (dataMasking, mode Hide).
 
 param name string
 param location string
@@ -131,7 +132,38 @@ resource apimDiagnosticSettings 'Microsoft.Insights/diagnosticSettings@2021-05-0
   }
 }
 
-// Gateway request logging to Azure Monitor: no headers, no bodies (the subscription key travels in a header).
+// Every logger's diagnostic masks the subscription key wherever a request may carry it: the
+// Ocp-Apim-Subscription-Key header and the subscription-key query parameter (APIM accepts a key there too; the
+// API's policy refuses such a request with 400, but the gateway logs the refused request's URL first).
+// Mode Hide drops the value from the logged URL and headers (Learn: apim diagnostics DataMaskingEntity).
+var keyMasking = {
+  queryParams: [
+    {
+      value: 'subscription-key'
+      mode: 'Hide'
+    }
+  ]
+  headers: [
+    {
+      value: 'Ocp-Apim-Subscription-Key'
+      mode: 'Hide'
+    }
+    {
+      value: 'api-key'
+      mode: 'Hide'
+    }
+  ]
+}
+// Log no headers and no bodies, and mask the key in what is logged (the URL).
+var maskedMessage = {
+  headers: []
+  body: {
+    bytes: 0
+  }
+  dataMasking: keyMasking
+}
+
+// Gateway request logging to Azure Monitor: no headers, no bodies, the key masked.
 resource apimGatewayDiagnostics 'Microsoft.ApiManagement/service/diagnostics@2024-05-01' = {
   parent: apim
   name: 'azuremonitor'
@@ -145,32 +177,12 @@ resource apimGatewayDiagnostics 'Microsoft.ApiManagement/service/diagnostics@202
       percentage: 100
     }
     frontend: {
-      request: {
-        headers: []
-        body: {
-          bytes: 0
-        }
-      }
-      response: {
-        headers: []
-        body: {
-          bytes: 0
-        }
-      }
+      request: maskedMessage
+      response: maskedMessage
     }
     backend: {
-      request: {
-        headers: []
-        body: {
-          bytes: 0
-        }
-      }
-      response: {
-        headers: []
-        body: {
-          bytes: 0
-        }
-      }
+      request: maskedMessage
+      response: maskedMessage
     }
   }
 }
@@ -266,7 +278,8 @@ resource appInsightsLogger 'Microsoft.ApiManagement/service/loggers@2024-05-01' 
   ]
 }
 
-// Custom metrics on (the token metric policy needs it); no headers, no bodies, no client IP, errors only.
+// Custom metrics on (the token metric policy needs it); no headers, no bodies, no client IP, errors only, the
+// key masked in the logged URL.
 resource openAiApiDiagnostics 'Microsoft.ApiManagement/service/apis/diagnostics@2024-05-01' = {
   parent: openAiApi
   name: 'applicationinsights'
@@ -279,6 +292,14 @@ resource openAiApiDiagnostics 'Microsoft.ApiManagement/service/apis/diagnostics@
     sampling: {
       samplingType: 'fixed'
       percentage: 0
+    }
+    frontend: {
+      request: maskedMessage
+      response: maskedMessage
+    }
+    backend: {
+      request: maskedMessage
+      response: maskedMessage
     }
   }
 }
@@ -346,23 +367,21 @@ resource appSubscription 'Microsoft.ApiManagement/service/subscriptions@2024-05-
   }
 }
 
-// Least-privilege custom role for the rotation function: the four actions it needs on an APIM subscription.
+// Least-privilege custom role for the rotation function: the four actions it needs on an APIM subscription,
+// read from infra/roles/rotator.json (apimSubscriptionKeyRotator), the file apimvault.local's ARM plane enforces.
 // Its assignable scope is this one APIM service (a custom role may name a single resource), and the assignment
 // below narrows it further to the one APIM subscription.
+var keyRotatorRoleSpec = loadJsonContent('../roles/rotator.json', '$.apimSubscriptionKeyRotator')
+
 resource keyRotatorRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(resourceGroup().id, apim.id, 'apimvault-apim-subscription-key-rotator')
   properties: {
-    roleName: 'apimvault APIM subscription key rotator (${apim.name}, ${uniqueString(resourceGroup().id)})'
-    description: 'Read an APIM subscription, list its keys and regenerate its primary or secondary key.'
+    roleName: '${keyRotatorRoleSpec.roleName} (${apim.name}, ${uniqueString(resourceGroup().id)})'
+    description: keyRotatorRoleSpec.description
     type: 'CustomRole'
     permissions: [
       {
-        actions: [
-          'Microsoft.ApiManagement/service/subscriptions/read'
-          'Microsoft.ApiManagement/service/subscriptions/listSecrets/action'
-          'Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action'
-          'Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action'
-        ]
+        actions: loadJsonContent('../roles/rotator.json', '$.apimSubscriptionKeyRotator.actions')
         notActions: []
         dataActions: []
         notDataActions: []

@@ -43,6 +43,10 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
     WorkspaceResourceId: workspace.id
     DisableLocalAuth: true
     IngestionMode: 'LogAnalytics'
+    // Custom metrics keep their dimensions (the portal's "Custom metrics: With dimensions"): APIM's token
+    // metrics (azure-openai-emit-token-metric) are split by subscription, product and deployment. Not in the
+    // published API definitions, accepted by ARM (Azure/bicep#6595); tests/infra/type_check.py lists it.
+    CustomMetricsOptedInType: 'WithDimensions'
   }
 }
 

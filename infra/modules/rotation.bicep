@@ -1,9 +1,14 @@
 // Automated dual-key rotation.
 //   Key Vault --(SecretNearExpiry, 30 days before exp)--> Event Grid system topic --> event subscription
-//   (filtered to the one secret; retries; dead-letter to a blob container) --> Azure Function (Python, Event
-//   Grid trigger) that calls apimvault.rotation.rotate_from_event with the rotator identity.
+//   (filtered to the one secret; retries; dead-letter to a blob container) --> Storage queue
+//   apimvault-rotation-events on the function's own storage account (delivered with the topic's managed
+//   identity; answered as soon as the message is stored) --> Azure Function (Python, queue trigger) that
+//   calls apimvault.rotation.rotate_from_event with the rotator identity. A run that fails is retried by the
+//   queue (host.json); after 5 failed runs the message is in apimvault-rotation-events-poison, which pages
+//   (alerts.bicep). See infra/README.md "Event delivery".
 //
-// Network: the function reaches Key Vault and its own storage through VNet integration and private endpoints;
+// Network: the function reaches Key Vault and its own storage through VNet integration and private endpoints,
+// and the APIM gateway and ARM through the NAT gateway on its subnet (network.bicep: explicit egress);
 // its inbound side accepts only the AzureEventGrid service tag (Event Grid push delivery cannot reach a
 // private endpoint). Storage takes Entra ID only (shared keys off) and denies public traffic except trusted
 // Azure services (Event Grid writes dead letters with the system topic's managed identity).
@@ -40,6 +45,9 @@ param functionSubnetId string
 param privateEndpointSubnetId string
 param blobDnsZoneId string
 
+@description('Private DNS zone privatelink.queue.<storage suffix>: the function reads its rotation queue through a queue private endpoint.')
+param queueDnsZoneId string
+
 param logAnalyticsWorkspaceId string
 param appInsightsName string
 param appInsightsConnectionString string
@@ -47,16 +55,22 @@ param appInsightsConnectionString string
 @description('Public IPs allowed to the function app\'s deployment (SCM) endpoint, for publishing the code.')
 param deployerIpAddresses array = []
 
-@description('Create the Event Grid subscription. Event Grid validates the function endpoint on creation, so enable this once the function code is published.')
+@description('Create the Event Grid subscription (phase 2, with the rotator\'s roles). It delivers to the rotation queue, so events that arrive before the function code is published wait there.')
 param enableEventSubscription bool = false
 
-@description('Most instances the function app scales out to. Rotation runs about once a month; more instances only widen the window in which two deliveries of the same event run at once.')
-@minValue(1)
-@maxValue(4)
-param maximumInstanceCount int = 1
+@description('Most instances the Flex Consumption app may scale out to (functionAppConfig.scaleAndConcurrency.maximumInstanceCount). 40 is the lowest value every region accepts (Learn: Flex Consumption plan, "Instance scaling limits"; lower values only in some regions in preview, azure-functions-host#10523) and 1000 the highest. Not needed for correctness: overlapping runs for the same secret are serialised by the per-secret blob lease (apimvault.rotation), so a second instance waits or finds the rotation done.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
 
 var deploymentContainerName = 'deploymentpackage'
 var deadLetterContainerName = 'rotation-deadletter'
+// The queue Event Grid delivers to: infra/rotation_function/rotation_handler.py ROTATION_QUEUE. The Functions
+// host moves a message that failed maxDequeueCount (host.json) runs to <queue>-poison.
+var rotationQueueName = 'apimvault-rotation-events'
+var poisonQueueName = '${rotationQueueName}-poison'
+var storageQueueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+var storageQueueDataMessageSenderRoleId = 'c6a89b2d-59bc-44d0-9896-0f6e12d7b80a'
 var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 var storageBlobDataContributorRoleId = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 var monitoringMetricsPublisherRoleId = '3913510d-42f4-4e42-8a64-420c390055eb'
@@ -172,6 +186,84 @@ resource hostBlobOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   scope: storage
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataOwnerRoleId)
+    principalId: functionHostPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// ------------------------------------------------------------------------------------ delivery queue
+
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource rotationQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: rotationQueueName
+}
+
+// Created here (not by the host on first use) so its role assignment and the poison alert exist up front.
+resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: poisonQueueName
+}
+
+// StorageWrite holds the PutMessage on the poison queue that the poison alert (alerts.bicep) looks for.
+resource storageQueueDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: queueService
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        category: 'StorageWrite'
+        enabled: true
+      }
+      {
+        category: 'StorageDelete'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'Transaction'
+        enabled: true
+      }
+    ]
+  }
+}
+
+module queuePrivateEndpoint 'privateEndpoint.bicep' = {
+  name: 'pe-${storageAccountName}-queue'
+  params: {
+    name: 'pe-${storageAccountName}-queue'
+    location: location
+    tags: tags
+    subnetId: privateEndpointSubnetId
+    targetResourceId: storage.id
+    groupId: 'queue'
+    privateDnsZoneId: queueDnsZoneId
+  }
+}
+
+// The queue trigger (connection AzureWebJobsStorage, the host identity) reads, updates and deletes messages
+// of the rotation queue and writes failed ones to the poison queue: Contributor on those two queues only.
+resource hostRotationQueueContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(rotationQueue.id, functionHostPrincipalId, storageQueueDataContributorRoleId)
+  scope: rotationQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataContributorRoleId)
+    principalId: functionHostPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource hostPoisonQueueContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(poisonQueue.id, functionHostPrincipalId, storageQueueDataContributorRoleId)
+  scope: poisonQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataContributorRoleId)
     principalId: functionHostPrincipalId
     principalType: 'ServicePrincipal'
   }
@@ -320,8 +412,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           }
         }
       }
-      // Few instances, one invocation each: overlapping deliveries of one event (Event Grid is at-least-once)
-      // are rare and the library's rotation tolerates the ones that remain.
+      // One invocation per instance. The instance cap is the lowest every region accepts (40), not a
+      // correctness guard: overlapping deliveries of one event (Event Grid is at-least-once) are serialised by
+      // the per-secret blob lease, whatever the number of instances.
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: 2048
@@ -343,6 +436,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     deploymentContainer
     hostBlobOwner
     storagePrivateEndpoint
+    queuePrivateEndpoint
+    hostRotationQueueContributor
   ]
 }
 
@@ -405,6 +500,19 @@ resource systemTopicDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-0
   }
 }
 
+// The system topic's identity may put messages on the rotation queue (and nothing else on the account).
+// Event Grid delivers to a storage account behind a firewall only with a system-assigned identity and the
+// trusted-services exception (networkAcls.bypass AzureServices).
+resource topicQueueSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(rotationQueue.id, systemTopic.id, storageQueueDataMessageSenderRoleId)
+  scope: rotationQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataMessageSenderRoleId)
+    principalId: systemTopic.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
 // The system topic's identity may write dead letters into the one container.
 resource topicDeadLetterWriter 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(deadLetterContainer.id, systemTopic.id, storageBlobDataContributorRoleId)
@@ -421,12 +529,19 @@ resource nearExpirySubscription 'Microsoft.EventGrid/systemTopics/eventSubscript
   name: 'apim-key-near-expiry'
   properties: {
     eventDeliverySchema: 'EventGridSchema'
-    destination: {
-      endpointType: 'AzureFunction'
-      properties: {
-        resourceId: '${functionApp.id}/functions/${functionName}'
-        maxEventsPerBatch: 1
-        preferredBatchSizeInKilobytes: 64
+    // To the queue, not to the function: Event Grid waits only 30 s for an answer and the Event Grid trigger
+    // answers when the rotation ends (minutes), so every delivery would time out and be redelivered.
+    deliveryWithResourceIdentity: {
+      identity: {
+        type: 'SystemAssigned'
+      }
+      destination: {
+        endpointType: 'StorageQueue'
+        properties: {
+          resourceId: storage.id
+          queueName: rotationQueueName
+          queueMessageTimeToLiveInSeconds: -1
+        }
       }
     }
     filter: {
@@ -466,6 +581,7 @@ resource nearExpirySubscription 'Microsoft.EventGrid/systemTopics/eventSubscript
   }
   dependsOn: [
     topicDeadLetterWriter
+    topicQueueSender
   ]
 }
 
@@ -473,3 +589,6 @@ output functionAppName string = functionApp.name
 output functionName string = functionName
 output systemTopicName string = systemTopic.name
 output deadLetterContainerName string = deadLetterContainerName
+output storageAccountName string = storage.name
+output rotationQueueName string = rotationQueueName
+output poisonQueueName string = poisonQueueName

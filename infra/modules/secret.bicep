@@ -1,8 +1,9 @@
 // Rights on the Key Vault secret holding the APIM subscription key (the secret itself is written once, by
 // secretSeed.bicep, and afterwards only by the rotation). Both assignments are scoped to the one secret.
 //  - App identity: Key Vault Secrets User (read the value).
-//  - Rotator identity: a custom data role with exactly get, set and read-metadata on secrets. Key Vault Secrets
-//    Officer would also let it delete, purge, back up and restore; rotation needs none of that. The definition is
+//  - Rotator identity: a custom data role with exactly the data actions of keyVaultSecretRotator in
+//    ../roles/rotator.json (get, set, update and read metadata; the local stack enforces the same file). Key Vault
+//    Secrets Officer would also let it delete, purge, back up and restore; rotation needs none of that. The definition is
 //    assignable on this vault only and is created on every deployment; the assignment only when
 //    assignRotatorRole is true (the second deployment), so it never races the replication of a role definition
 //    created moments before ("RoleDefinitionDoesNotExist").
@@ -18,6 +19,8 @@ param rotatorPrincipalId string
 param assignRotatorRole bool = false
 
 var keyVaultSecretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
+// One source for the rotator's rights: infra/roles/rotator.json, also read by apimvault.local's RBAC.
+var secretRotatorRoleSpec = loadJsonContent('../roles/rotator.json', '$.keyVaultSecretRotator')
 
 resource vault 'Microsoft.KeyVault/vaults@2024-11-01' existing = {
   name: keyVaultName
@@ -32,18 +35,14 @@ resource apimKeySecret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' existing =
 resource secretRotatorRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(vault.id, 'apimvault-secret-rotator')
   properties: {
-    roleName: 'apimvault secret rotator (${vault.name}, ${uniqueString(vault.id)})'
-    description: 'Read a Key Vault secret, write new versions of it and read its metadata. No delete, purge, backup or restore.'
+    roleName: '${secretRotatorRoleSpec.roleName} (${vault.name}, ${uniqueString(vault.id)})'
+    description: secretRotatorRoleSpec.description
     type: 'CustomRole'
     permissions: [
       {
         actions: []
         notActions: []
-        dataActions: [
-          'Microsoft.KeyVault/vaults/secrets/getSecret/action'
-          'Microsoft.KeyVault/vaults/secrets/setSecret/action'
-          'Microsoft.KeyVault/vaults/secrets/readMetadata/action'
-        ]
+        dataActions: loadJsonContent('../roles/rotator.json', '$.keyVaultSecretRotator.dataActions')
         notDataActions: []
       }
     ]

@@ -1,13 +1,20 @@
 """The rotation function's logic, free of ``azure.functions`` so it can be imported and tested anywhere.
 
-``function_app.py`` turns the Functions runtime's ``EventGridEvent`` into the plain Event Grid dict
-(:func:`event_to_dict`) and calls :func:`handle_event`, which checks the envelope (:func:`parse_event`),
-calls :func:`apimvault.rotation.rotate_from_event` and logs the outcome: event id, secret name, versions,
-credential id. Never a key: the handler does not see one, and logs only what the result object carries.
+Delivery (issue 19): Event Grid writes each ``SecretNearExpiry`` event to the Storage queue
+:data:`ROTATION_QUEUE` on the function's own storage account (answered at once: Event Grid never waits for
+a rotation), and ``function_app.py``'s queue trigger hands the message body to
+:func:`handle_queue_message`, which decodes the event (:func:`event_from_queue_message`) and calls
+:func:`handle_event`: it checks the envelope (:func:`parse_event`), calls
+:func:`apimvault.rotation.rotate_from_event` under the secret's lease and logs the outcome: event id, secret
+name, versions, credential id. Never a key: the handler does not see one, and logs only what the result
+object carries. A run that fails is retried by the queue (host.json ``visibilityTimeout`` later, which is
+longer than the longest run) and after ``maxDequeueCount`` (5) failed runs the message is in
+``<queue>-poison``, which pages (infra/modules/rotation.bicep). :func:`event_to_dict` remains for the Event
+Grid trigger's ``EventGridEvent`` (a direct push subscription).
 
-Serialising overlapping runs (issue 11). Event Grid delivers at least once and re-delivers an event it got
-no answer for within 30 s; a cold start plus ARM calls plus the wait for the gateways to accept the new key
-easily takes longer, so two runs for the same secret can overlap. Each run therefore holds a **blob lease**
+Serialising overlapping runs (issue 11). Event Grid delivers at least once ("duplicates might still be
+received"), and a message whose instance died reappears after the host's 10-minute processing visibility,
+so two runs for the same secret can overlap. Each run therefore holds a **blob lease**
 (:class:`RotationLease`) on ``apimvault-rotation-leases/<secret>.lock`` in the function's own storage
 account (``AzureWebJobsStorage``, on which the host identity already has Storage Blob Data Owner) for the
 whole rotation; a second run waits for it (bounded, with back-off) and then finds the version already
@@ -24,7 +31,9 @@ had, e.g. for a rotation started by hand with ``apimvault rotate``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -43,10 +52,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "HANDLED_EVENT_TYPES",
     "LEASE_CONTAINER",
+    "ROTATION_QUEUE",
     "InvalidEventError",
+    "LeaseLostError",
     "RotationLease",
+    "event_from_queue_message",
     "event_to_dict",
     "handle_event",
+    "handle_queue_message",
     "lease_from_environment",
     "parse_event",
 ]
@@ -58,17 +71,22 @@ HANDLED_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY})
 """The Event Grid subscription (infra/modules/rotation.bicep) delivers only these."""
 LEASE_CONTAINER = "apimvault-rotation-leases"
 LEASE_SECONDS = 60  # the longest finite blob lease; renewed while the run lasts
-# The function's timeout is 5 minutes (host.json): waiting for another run's lease plus waiting for the
-# gateways must fit in it, with room for the ARM and Key Vault calls.
+ROTATION_QUEUE = "apimvault-rotation-events"
+"""The Storage queue Event Grid delivers to (rotation.bicep ``rotationQueueName``); poison: ``<it>-poison``"""
+# The longest run: waiting for another run's lease + waiting for the gateways + the ARM / Key Vault calls and
+# probes around them. host.json's functionTimeout (15 min) and queues.visibilityTimeout (15 min) exceed it
+# (tests/infra/test_rotation_delivery.py checks the sum). 600 s of propagation: a Microsoft Q&A answer
+# (5922487) reports up to 10 minutes for a regenerated key to reach every gateway.
 DEFAULT_LEASE_WAIT = 60.0
-DEFAULT_FUNCTION_PROPAGATION_TIMEOUT = 180.0
+DEFAULT_FUNCTION_PROPAGATION_TIMEOUT = 600.0  # RotationConfig's default (tests check they agree)
+ROTATION_OVERHEAD = 120.0
 
 
 class InvalidEventError(ValueError):
     """The event is not a Key Vault near-expiry event for the secret this function rotates.
 
-    Raised (not swallowed) so the delivery fails and, after Event Grid's retries, lands in the dead-letter
-    container where it is visible.
+    Raised (not swallowed) so the run fails and, after the queue's ``maxDequeueCount`` tries, the message
+    lands in the poison queue, which raises an alert.
     """
 
 
@@ -92,6 +110,32 @@ class _EventGridEventLike(Protocol):  # azure.functions.EventGridEvent, without 
     def get_json(self) -> Any: ...
 
 
+class LeaseLostError(RotationError):
+    """The run lost its rotation lease (broken from outside, taken by another run, or not renewable
+    before it expired): it stopped before its next change (tag write, regeneration, vault write, repair),
+    so it never runs alongside the run that may hold the lease now. Not permanent: the queue message is
+    retried later, and the retry finds the secret rotated (and verifies it) or rotates it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, permanent=False)
+
+
+# Steps of apimvault.rotation's run that change something (rotate's ``on_step`` names): before each the
+# lease is renewed synchronously, so the step starts with the lease provably held for LEASE_SECONDS.
+CHANGING_STEPS = frozenset({"check", "regenerate", "write", "repair"})
+
+
+def _lease_lost_for_good(exc: BaseException) -> bool:
+    """A renewal error that no retry can mend: the service answered that this lease is not ours any more
+    (409 LeaseIdMismatch / LeaseNotPresent / LeaseIsBrokenAndCannotBeRenewed, 412, 404 blob gone, any
+    other 4xx but 408 and 429). Timeouts, connection errors, 408, 429 and 5xx are transient."""
+    from azure.core.exceptions import HttpResponseError
+
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        return 400 <= exc.status_code < 500 and exc.status_code not in (408, 429)
+    return False
+
+
 class RotationLease:
     """An Azure Storage blob lease that lets one rotation of a secret run at a time (see the module doc).
 
@@ -100,6 +144,14 @@ class RotationLease:
     another run, polling with back-off on the injected ``clock`` / ``sleep``, then raises
     :class:`RotationError` (retryable). While held, a background thread renews the lease every
     ``renew_every`` seconds; :meth:`release` (or leaving the ``with`` block) stops it and releases.
+
+    Held or stop (issue 19): a renewal that fails transiently (timeout, connection error, 408, 429, 5xx) is
+    retried with back-off for as long as the lease is still valid (``duration`` after the last renewal
+    that succeeded, counted from before that request was sent); a renewal the service refuses (the lease
+    was broken, taken by another run or its blob deleted), or no success before the lease would expire,
+    marks the lease **lost**. :meth:`ensure_held`, called before every rotation step, then raises
+    :class:`LeaseLostError`; before the steps that change something (:data:`CHANGING_STEPS`) it renews
+    synchronously first, so a lease broken a moment ago is seen there and not one step later.
     """
 
     def __init__(
@@ -123,12 +175,20 @@ class RotationLease:
         self.clock = clock
         self.sleep = sleep
         self._lease: Any = None
+        self._valid_until = 0.0
+        self._lost: str | None = None
+        self._renew_lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     @property
     def held(self) -> bool:
-        return self._lease is not None
+        return self._lease is not None and self._lost is None
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lease was lost (``None`` while held or never taken)."""
+        return self._lost
 
     def _ensure_blob(self) -> Any:
         from azure.core.exceptions import HttpResponseError, ResourceExistsError
@@ -153,7 +213,10 @@ class RotationLease:
         delay = 1.0
         while True:
             try:
+                sent = self.clock()
                 self._lease = blob.acquire_lease(lease_duration=self.duration)
+                self._valid_until = sent + self.duration
+                self._lost = None
                 break
             except HttpResponseError as exc:
                 if exc.status_code != 409:  # 409 LeaseAlreadyPresent: another run holds it
@@ -162,8 +225,8 @@ class RotationLease:
             if now >= deadline:
                 raise RotationError(
                     f"another rotation of {self.blob_name.removesuffix('.lock')} still holds the lease "
-                    f"{LEASE_CONTAINER}/{self.blob_name} after {self.wait:g} s; nothing was changed (Event "
-                    "Grid retries the delivery later)",
+                    f"{LEASE_CONTAINER}/{self.blob_name} after {self.wait:g} s; nothing was changed (the "
+                    "delivery is retried later)",
                     permanent=False,
                 )
             log.info("rotation lease %s is held by another run; waiting", self.blob_name)
@@ -173,16 +236,84 @@ class RotationLease:
         self._renewer = threading.Thread(target=self._renew, name="rotation-lease-renewer", daemon=True)
         self._renewer.start()
 
-    def _renew(self) -> None:
-        while not self._stop.wait(self.renew_every):
+    def _mark_lost(self, why: str) -> None:
+        if self._lost is None:
+            self._lost = why
+            log.error("rotation lease %s lost: %s; the run stops before its next change", self.blob_name, why)
+
+    def renew(self) -> None:
+        """Renew now, retrying transient errors while the lease is still valid; mark it lost otherwise.
+        Raises :class:`LeaseLostError` when the lease is (or already was) lost."""
+        with self._renew_lock:
             lease = self._lease
             if lease is None:
+                raise LeaseLostError(f"the rotation lease {LEASE_CONTAINER}/{self.blob_name} is not held")
+            delay = 1.0
+            attempt = 0
+            while self._lost is None:
+                attempt += 1
+                sent = self.clock()
+                try:
+                    lease.renew()
+                except Exception as exc:
+                    if _lease_lost_for_good(exc):
+                        status = getattr(exc, "status_code", None)
+                        code = getattr(exc, "error_code", None) or type(exc).__name__
+                        self._mark_lost(f"renewal refused ({status} {code})")
+                        break
+                    now = self.clock()
+                    if now + delay >= self._valid_until:
+                        self._mark_lost(
+                            f"no renewal succeeded before the lease expired ({attempt} attempts, last: "
+                            f"{type(exc).__name__})"
+                        )
+                        break
+                    log.warning(
+                        "renewing rotation lease %s failed (%s, attempt %d); retrying in %g s while it is "
+                        "still valid (%.0f s left)",
+                        self.blob_name,
+                        type(exc).__name__,
+                        attempt,
+                        delay,
+                        self._valid_until - now,
+                    )
+                    self.sleep(delay)
+                    delay = min(delay * 2, 8.0)
+                    if self._stop.is_set():  # the run ended meanwhile: release() takes over
+                        return
+                    continue
+                self._valid_until = sent + self.duration
+                return
+        raise self._lost_error()
+
+    def _lost_error(self, step: str | None = None) -> LeaseLostError:
+        secret = self.blob_name.removesuffix(".lock")
+        where = f" before step {step!r}" if step else ""
+        return LeaseLostError(
+            f"the rotation lease {LEASE_CONTAINER}/{self.blob_name} was lost ({self._lost}): the rotation of "
+            f"{secret} stopped{where} so that it cannot run alongside another run; the delivery is "
+            "retried later"
+        )
+
+    def ensure_held(self, step: str) -> None:
+        """Called before each rotation step: raise :class:`LeaseLostError` if the lease is lost; before a
+        step that changes something, renew first (so the step starts with ``duration`` seconds of lease)."""
+        if self._lost is not None:
+            raise self._lost_error(step)
+        if step in CHANGING_STEPS:
+            try:
+                self.renew()
+            except LeaseLostError:
+                raise self._lost_error(step) from None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            if self._lease is None or self._lost is not None:
                 return
             try:
-                lease.renew()
-            except Exception as exc:  # the lease is lost: the library's verification still holds
-                log.warning("could not renew rotation lease %s: %s", self.blob_name, type(exc).__name__)
-                return
+                self.renew()
+            except LeaseLostError:
+                return  # ensure_held stops the run before its next step
 
     def release(self) -> None:
         self._stop.set()
@@ -190,7 +321,7 @@ class RotationLease:
             self._renewer.join(timeout=30)
             self._renewer = None
         lease, self._lease = self._lease, None
-        if lease is not None:
+        if lease is not None and self._lost is None:
             try:
                 lease.release()
             except Exception as exc:  # it expires on its own within LEASE_SECONDS
@@ -234,6 +365,17 @@ def lease_from_environment(secret_name: str) -> RotationLease | None:
     client_id = os.environ.get("AzureWebJobsStorage__clientId", "").strip() or None  # noqa: SIM112 - the Functions host's names
     credential = ManagedIdentityCredential(client_id=client_id)
     return RotationLease(ContainerClient(uri, LEASE_CONTAINER, credential=credential), secret_name, wait=wait)
+
+
+def _guarded_steps(lease: RotationLease, on_step: Callable[[str], None] | None) -> Callable[[str], None]:
+    """The rotation's step hook: the caller's hook, then the lease check (held or stop)."""
+
+    def guarded(step: str) -> None:
+        if on_step is not None:
+            on_step(step)
+        lease.ensure_held(step)  # never a change without the lease
+
+    return guarded
 
 
 def event_to_dict(event: _EventGridEventLike) -> dict[str, Any]:
@@ -287,6 +429,48 @@ def parse_event(event: Mapping[str, Any], *, expected_secret: str | None = None)
     return parsed
 
 
+def event_from_queue_message(body: bytes | str) -> dict[str, Any]:
+    """The Event Grid event in a queue message Event Grid wrote (one event per message, Event Grid schema).
+
+    host.json reads messages with ``messageEncoding: none``, so the body is what Event Grid stored: the
+    event's JSON Base64-encoded (what Event Grid writes today, azure-docs#102923) or, as it wrote before,
+    the plain JSON (azure-docs#69702). Both are accepted; a one-event array too. Anything else is an
+    :class:`InvalidEventError` (after ``maxDequeueCount`` tries the message is in the poison queue)."""
+    raw = body if isinstance(body, bytes) else body.encode()
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text.startswith(("{", "[")):
+        try:
+            text = base64.b64decode(text, validate=True).decode("utf-8").strip()
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidEventError("queue message is neither JSON nor Base64-encoded JSON") from None
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise InvalidEventError("queue message is not JSON") from None
+    if isinstance(event, list) and len(event) == 1:
+        event = event[0]
+    if not isinstance(event, dict):
+        raise InvalidEventError("queue message does not hold one Event Grid event")
+    return event
+
+
+def handle_queue_message(
+    body: bytes | str,
+    *,
+    message_id: str | None = None,
+    dequeue_count: int | None = None,
+    credential: TokenCredential | None = None,
+    lease: RotationLease | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> RotationResultLike:
+    """The queue trigger's entry (``function_app.py``): decode the event Event Grid queued
+    (:func:`event_from_queue_message`) and :func:`handle_event` it. An error propagates, so the host makes
+    the message visible again after ``visibilityTimeout`` and, after ``maxDequeueCount`` failed runs,
+    moves it to ``<queue>-poison`` (which raises an alert)."""
+    log.info("queue message %s (dequeue count %s)", message_id, dequeue_count)
+    return handle_event(event_from_queue_message(body), credential=credential, lease=lease, on_step=on_step)
+
+
 def handle_event(
     event: Mapping[str, Any],
     *,
@@ -298,40 +482,38 @@ def handle_event(
     the outcome.
 
     ``lease`` defaults to :func:`lease_from_environment` (the function's storage account); ``on_step`` is
-    handed to the rotation (tests use it to force interleavings). ``APIMVAULT_PROPAGATION_TIMEOUT``
-    (default 180 s here, so that the run fits the function's 5-minute timeout) bounds the wait for the
-    gateways (``APIMVAULT_GATEWAY_URLS``) to accept the new key.
+    handed to the rotation (tests use it to force interleavings), after the lease check of
+    :meth:`RotationLease.ensure_held` (a lost lease stops the run with :class:`LeaseLostError` before its
+    next change). The rotation's settings are read once with
+    :meth:`apimvault.rotation.RotationConfig.from_env` (``APIMVAULT_PROPAGATION_TIMEOUT``, default 600 s as
+    everywhere and within host.json's 15-minute functionTimeout, ``APIMVAULT_GATEWAY_URLS``, ...): a bad
+    value is a ``ConfigurationError`` naming the variable.
 
     ``credential`` defaults (inside the library) to ``DefaultAzureCredential``, which in the function app
     is the rotator identity (``AZURE_CLIENT_ID``). ``APIMVAULT_ARM_ENDPOINT`` (tests, sovereign clouds) and
     ``APIMVAULT_APIM_SUBSCRIPTION_ID`` (the one APIM subscription this function may rotate) come from the
     environment. Library errors are logged (type and message; they never carry a key) and re-raised so
-    Event Grid retries and finally dead-letters the event.
+    the queue message is retried and finally moved to the poison queue.
     """
     parsed = parse_event(event)
     data = parsed["data"]
     event_id, secret, version = parsed["id"], data["ObjectName"], data["Version"]
     log.info("rotation requested: event=%s secret=%s version=%s", event_id, secret, version)
 
-    from apimvault.rotation import rotate_from_event  # the library's rotation (extra "rotation")
+    # the library's rotation (extra "rotation")
+    from apimvault.rotation import RotationConfig, rotate_from_event
 
-    timeout = float(
-        os.environ.get("APIMVAULT_PROPAGATION_TIMEOUT", "") or DEFAULT_FUNCTION_PROPAGATION_TIMEOUT
-    )
     try:
+        config = RotationConfig.from_env()
         if lease is None:
             lease = lease_from_environment(secret)
         if lease is not None:
             lease.acquire()
             log.info("rotation lease taken: event=%s secret=%s", event_id, secret)
+        guarded = on_step if lease is None else _guarded_steps(lease, on_step)
         try:
             result: RotationResultLike = rotate_from_event(
-                parsed,
-                credential=credential,
-                arm_endpoint=os.environ.get("APIMVAULT_ARM_ENDPOINT") or None,
-                apim_subscription_id=os.environ.get("APIMVAULT_APIM_SUBSCRIPTION_ID") or None,
-                propagation_timeout=timeout,
-                on_step=on_step,
+                parsed, credential=credential, on_step=guarded, config=config
             )
         finally:
             if lease is not None:

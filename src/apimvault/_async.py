@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+from collections.abc import Callable
 from types import TracebackType
 
 from azure.core.credentials_async import AsyncTokenCredential
@@ -14,6 +16,7 @@ from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, fligh
 from ._key import SubscriptionKey
 from ._policy import Action
 from ._retry import AsyncNoRetryAfterSleep
+from ._vaultclient import AsyncDeadlineCredential
 from .exceptions import ConfigurationError, KeyUnavailableError
 
 __all__ = ["AsyncSubscriptionKeyProvider"]
@@ -29,17 +32,23 @@ class _Flight:
     generation: int
     task: asyncio.Task[_Outcome] | None = None
 
-    async def settle(self, where: str) -> _Outcome:
-        """Await the read's end, bounded by ``FLIGHT_WAIT_LIMIT`` (then raise VaultUnavailableError)."""
+    async def settle(self, where: str, closed: Callable[[], BaseException]) -> _Outcome:
+        """Await the read's end, bounded by ``FLIGHT_WAIT_LIMIT`` (then raise VaultUnavailableError). A read
+        cancelled by ``close()`` raises ``closed()``, not a CancelledError nobody asked for."""
         assert self.task is not None
         try:
             return await asyncio.wait_for(asyncio.shield(self.task), FLIGHT_WAIT_LIMIT)
         except TimeoutError:
             raise flight_timeout(where) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.task.cancelled() and (current is None or not current.cancelling()):
+                raise closed() from None
+            raise
 
-    async def outcome(self, where: str) -> SubscriptionKey:
+    async def outcome(self, where: str, closed: Callable[[], BaseException]) -> SubscriptionKey:
         """Await (bounded) and return the key or raise the read's error."""
-        key, error = await self.settle(where)
+        key, error = await self.settle(where, closed)
         if error is not None:
             raise fresh_copy(error)
         assert key is not None
@@ -60,6 +69,8 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
 
     _identity_module = "azure.identity.aio"
     _retry_policy_class = AsyncNoRetryAfterSleep
+    _deadline_class = AsyncDeadlineCredential
+    _default_sleep = staticmethod(asyncio.sleep)
 
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -79,7 +90,7 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
                     self._start(reason)
                 return key
             flight = self._flight or self._start(reason)
-        return await flight.outcome(self.where)
+        return await flight.outcome(self.where, self._closed_error)
 
     async def get(self) -> str:
         """The current key's value, for ``api_key=`` style callables. Never log it."""
@@ -90,25 +101,34 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         raise the typed error if it fails."""
         self._bind_loop()
         with self._lock:
+            self._check_open()
             wanted = self._push()
         while True:
             with self._lock:
+                self._check_open()
                 flight = self._flight or self._start("refresh")
             if flight.generation >= wanted:
-                return await flight.outcome(self.where)
-            await flight.settle(self.where)
+                return await flight.outcome(self.where, self._closed_error)
+            await flight.settle(self.where, self._closed_error)
 
     async def refresh_after_rejection(self, sent: SubscriptionKey) -> SubscriptionKey | None:
         """Async twin of :meth:`SubscriptionKeyProvider.refresh_after_rejection`."""
         self._bind_loop()
-        for _ in range(2):  # see the sync twin: a joined read may predate the rotation
+        may_wait, reads = True, 0
+        while reads < 2:  # see the sync twin: a joined read may predate the rotation; the wait
             with self._lock:
-                stop, newer, joined = self._forced(sent)
-                flight = None if stop else self._flight or self._start("401 from gateway")
+                self._check_open()
+                stop, newer, joined, wait = self._forced(sent, may_wait=may_wait)
+                flight = None if stop or wait > 0 else self._flight or self._start("401 from gateway")
+            if wait > 0:
+                may_wait = False
+                await self._sleep(wait)
+                continue
+            reads += 1
             if flight is None:
                 return newer or self._fall_back(sent)
             try:
-                key = await flight.outcome(self.where)
+                key = await flight.outcome(self.where, self._closed_error)
             except KeyUnavailableError:
                 return self._fall_back(sent)
             if key != sent:
@@ -118,7 +138,11 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         return self._fall_back(sent)
 
     async def close(self) -> None:
-        """Cancel a background refresh and close the SecretClient/credential this provider created."""
+        """Cancel a background refresh and close the SecretClient/credential this provider created.
+
+        From then on every read (and one in flight) raises :class:`~apimvault.ConfigurationError` saying
+        the provider is closed."""
+        self._mark_closed()
         flight, self._flight = self._flight, None
         if flight is not None and flight.task is not None and not flight.task.done():
             flight.task.cancel()
@@ -162,26 +186,31 @@ class AsyncSubscriptionKeyProvider(ProviderBase[AsyncTokenCredential, SecretClie
         error: BaseException | None = None
         pending = []
         try:
-            fetched = await _telemetry.atraced_read(self, flight.reason, self._fetch)
+            fetched = await _telemetry.atraced_read(
+                self, flight.reason, functools.partial(self._fetch, flight.reason)
+            )
         except Exception as exc:
             error = exc
         finally:
+            if self._closed:  # closed under the read: its outcome is the closed error
+                fetched, error = None, self._closed_error()
             with self._lock:
                 if self._flight is flight:
                     pending = self._finish(fetched, error, flight.reason, flight.generation)
         self._emit_all(pending)
         return (fetched.key if fetched else None), error
 
-    async def _fetch(self) -> Fetched:
-        step: Fetched | Read = self._first_read()
+    async def _fetch(self, reason: Reason) -> Fetched:
+        step: Fetched | Read = self._first_read(reason)
         vault = self.secret_client
         while not isinstance(step, Fetched):
+            read = step
             try:
-                if step.listing:
+                if read.listing:
                     found = [v async for v in vault.list_properties_of_secret_versions(self.secret_name)]
-                    step = self._pick_version(found, step)
+                    step = self._pick_version(found, read)
                 else:
-                    step = self._read_done(await vault.get_secret(self.secret_name, step.version), step)
+                    step = self._read_done(await vault.get_secret(self.secret_name, read.version), read)
             except Exception as exc:
-                self._raise_typed(exc)
+                step = self._read_failed(exc, read)
         return step

@@ -28,11 +28,14 @@ from ._key import SubscriptionKey
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
 from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
 from ._vault_errors import map_error, retry_after_of
-from ._vaultclient import check_secret_client, checked, secret_client_kwargs
+from ._vaultclient import check_secret_client, checked, secret_client_kwargs, token_deadline
 from .exceptions import (
     ConfigurationError,
+    InvalidSecretValueError,
+    KeyUnavailableError,
     SecretDisabledError,
     SecretExpiredError,
+    SecretNotFoundError,
     SecretNotYetValidError,
     VaultUnavailableError,
 )
@@ -67,6 +70,10 @@ DEFAULT_CREDENTIAL_KWARGS: Mapping[str, Any] = DEFAULT_CLIENT_KWARGS
 # How long a caller waits for a read in flight before it gets VaultUnavailableError (the read goes on).
 # With the defaults above a read takes at most ~2 x (5 + 10) s for the token and as much for the secret.
 FLIGHT_WAIT_LIMIT = 70.0
+# From this long before the current key's expires_on, a provider logs a WARNING (at most once per
+# EXPIRY_WARNING_EVERY) and exports the seconds left (OTel gauge apimvault.key.expires_in).
+EXPIRY_WARNING_WINDOW = 7 * 86400.0
+EXPIRY_WARNING_EVERY = 86400.0
 
 Reason = Literal["load", "refresh ahead", "invalidated", "refresh", "401 from gateway"]
 """Why a provider read Key Vault (``KeyEvent.reason``)."""
@@ -83,18 +90,27 @@ class PushPlan(enum.Enum):
 class Read(NamedTuple):
     """One Key Vault request to do: ``get_secret(version)`` (``None``: the latest), or with ``listing``
     ``list_properties_of_secret_versions``. ``staged_at``: the latest version is pre-staged, valid from
-    then (Unix time), and an earlier version is being read instead."""
+    then (Unix time). ``refused``: why the latest version is not served (disabled, expired, not yet valid);
+    raised if no other version is valid now. ``for_401``: the read answers a gateway's 401. ``then``: the
+    key is already read and this read checks the previous version before it may serve as a fallback."""
 
     version: str | None
     staged_at: float | None = None
     listing: bool = False
+    refused: BaseException | None = None
+    for_401: bool = False
+    then: Fetched | None = None
 
 
 class Fetched(NamedTuple):
-    """A key read from Key Vault, and when (Unix time) to look again for a pre-staged newer version."""
+    """A key read from Key Vault, and when (Unix time) to look again for a pre-staged newer version.
+    ``previous_checked``: the previous version was read again, and ``previous`` is what Key Vault says of
+    it now (``None``: disabled, expired, deleted or unreadable as a key, so never a fallback)."""
 
     key: SubscriptionKey
     revisit_at: float | None = None
+    previous: SubscriptionKey | None = None
+    previous_checked: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +145,7 @@ class ProviderStats:
     invalidations: int
     last_error: str | None
     fallbacks_to_previous: int = 0  # times the gateway refused the current key and the previous one was used
+    expires_in_s: float | None = None  # seconds until the current key's expires_on (None: none / no key)
 
 
 class _Tally:
@@ -185,6 +202,14 @@ def flight_timeout(where: str) -> VaultUnavailableError:
     )
 
 
+#: A version in one of these states is never served (the newest version valid now is looked for instead).
+_NOT_SERVABLE = (SecretDisabledError, SecretExpiredError, SecretNotYetValidError)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
 # Every live provider, so a forked child can reset what it inherited (see ProviderBase._after_fork).
 _PROVIDERS: weakref.WeakSet[ProviderBase[Any, Any]] = weakref.WeakSet()
 
@@ -196,6 +221,48 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _PerProcess:
+    """A data descriptor for a lock (or any per-process object) held by instances of a class that does not
+    itself reset on fork: a forked child reading the attribute gets a fresh one instead of the parent's,
+    which a parent thread may have held at the fork (the child would wait for it forever)."""
+
+    _guard = threading.Lock()
+
+    def __init__(self, name: str, factory: Callable[[], Any]) -> None:
+        self._slot = f"_{name}_per_process"
+        self._factory = factory
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        pid = os.getpid()
+        held = obj.__dict__.get(self._slot)
+        if held is not None and held[0] == pid:
+            return held[1]
+        with _PerProcess._guard:  # two threads of a child must get the same fresh lock
+            held = obj.__dict__.get(self._slot)
+            if held is None or held[0] != pid:
+                held = obj.__dict__[self._slot] = (pid, self._factory())
+            return held[1]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._slot] = (os.getpid(), value)
+
+
+def per_process(owner: type, name: str, factory: Callable[[], Any]) -> None:
+    """Make ``owner().<name>`` per process: a forked child gets ``factory()`` in place of the parent's
+    (e.g. ``per_process(BearerTokenSource, "_lock", threading.Lock)``)."""
+    setattr(owner, name, _PerProcess(name, factory))
+
+
+def _fresh_guard() -> None:
+    _PerProcess._guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_fresh_guard)
 
 
 CredentialT = TypeVar("CredentialT")
@@ -215,6 +282,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
     _secret_client_class: Callable[..., ClientT]
     _identity_module: str
     _retry_policy_class: Callable[..., Any]
+    _default_sleep: Callable[[float], Any]
+    _deadline_class: Callable[[Any, float], Any]
 
     def __init__(
         self,
@@ -235,6 +304,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         on_refresh: Callable[[KeyEvent], None] | None = None,
         on_error: Callable[[KeyEvent], None] | None = None,
         on_rotate: Callable[[KeyEvent], None] | None = None,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         self.vault_url = validate_vault_url(vault_url, allow_insecure_http=allow_insecure_http)
         self.secret_name = validate_secret_name(secret_name)
@@ -249,6 +319,9 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self.clock: Clock = clock if clock is not None else time.time
         self.monotonic: Clock = monotonic if monotonic is not None else clock or time.monotonic
         self._cache = KeyCache(self.policy, self.monotonic, rng, wall=self.clock)
+        # How a 401 waits for the next allowed forced read (time.sleep / asyncio.sleep; tests inject one
+        # that moves their clock). None: the shell's default.
+        self._sleep: Callable[[float], Any] = sleep if sleep is not None else self._default_sleep
         self._on_refresh = on_refresh
         self._on_error = on_error
         self._on_rotate = on_rotate
@@ -256,12 +329,14 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             f"/{self.version}" if self.version else ""
         )
         self._n = _Tally()
+        self._expiry_warned_at = -math.inf  # scheduling clock: the last near-expiry WARNING
         # The current and previous keys for the log redaction filter, as SubscriptionKey objects (their
         # repr is redacted), so no attribute of the provider is the key as a plain string.
         self._recent_values: tuple[SubscriptionKey, ...] = ()
         # Guards the cache state (cachetools' TLRUCache is not thread-safe). Never held across I/O or await.
         self._lock = threading.Lock()
         self._flight: Any = None  # the read in flight: the shell's _Flight (a thread event or a task)
+        self._closed = False  # close() was called: every read raises closed_error(), never a raw error
         # Lock-free fast path: (scheduling deadline, wall deadline, key) while decide() answers SERVE.
         self._fast: tuple[float, float, SubscriptionKey] | None = None
         self._owned: list[Any] = []
@@ -296,17 +371,20 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         assert self._build is not None
         credential, client_kwargs, credential_kwargs = self._build
         owned: list[Any] = []
+        vault_credential = credential
         if credential is None:
             identity = import_module(self._identity_module)
-            credential = identity.DefaultAzureCredential(
-                **{**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
-            )
+            bounds = {**DEFAULT_CREDENTIAL_KWARGS, **(credential_kwargs or {})}
+            # One deadline for each whole token request (not only per read): a trickling identity endpoint.
+            deadline = token_deadline(bounds)
+            credential = identity.DefaultAzureCredential(**bounds)
             owned.append(credential)
+            vault_credential = self._deadline_class(credential, deadline)
         self.credential = credential
         # Never logs a Key Vault body (the key), whatever logging_enable says: see _vaultclient.
         settings = secret_client_kwargs(DEFAULT_CLIENT_KWARGS, client_kwargs)
         settings.setdefault("retry_policy", self._retry_policy_class(**settings))
-        client = self._secret_client_class(self.vault_url, credential, **settings)
+        client = self._secret_client_class(self.vault_url, vault_credential, **settings)
         owned.insert(0, client)
         checked(client, owned, where=self.where)
         self._owned = owned
@@ -343,15 +421,38 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             return fast[2]
         return None
 
+    def _closed_error(self) -> ConfigurationError:
+        """What every read of a closed provider raises (one typed error, whatever was in flight)."""
+        return ConfigurationError(
+            f"{type(self).__name__} for {self.where} is closed; create a new provider to read the key again"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    def _mark_closed(self) -> None:
+        """Start of ``close()``: no key is served from now on and a read in flight answers with
+        :meth:`_closed_error` (the shell then closes the clients)."""
+        with self._lock:
+            self._closed = True
+            self._fast = None
+
     def _snapshot(self, now: float, wall: float) -> None:
         """Under the lock: refresh the fast-path snapshot from the cache."""
+        if self._closed:
+            self._fast = None
+            return
         entry = self._cache.usable(now, wall)
         until, expiry = self._cache.serve_deadline(now, wall)
-        self._fast = (until, expiry, self._cache.served(entry)) if entry is not None and until > now else None
+        self._fast = (
+            (until, expiry, self._cache.served(entry, wall)) if entry is not None and until > now else None
+        )
 
     def _decide(self) -> tuple[Action, SubscriptionKey | None, Reason]:
         """Under the lock: what a ``get_key()`` does now. Raises the last error for a LOAD that may not
         read Key Vault (no read in flight, backing off and no probe due)."""
+        self._check_open()
         now, wall = self._now()
         action = self._cache.decide(now, wall)
         entry = self._cache.usable(now, wall)
@@ -361,12 +462,16 @@ class ProviderBase(Generic[CredentialT, ClientT]):
                 raise self._no_key_error()
             return action, None, "load"
         assert entry is not None
-        key = self._cache.served(entry)
+        key = self._cache.served(entry, wall)
         return action, key, "invalidated" if self._cache.invalidated else "refresh ahead"
 
-    def _forced(self, sent: SubscriptionKey) -> tuple[bool, SubscriptionKey | None, bool]:
-        """Under the lock, for a 401 on ``sent``: ``(stop, key, joined)``. ``stop``: return ``key`` now;
-        otherwise join the read in flight (``joined``) or start one (counted as forced)."""
+    def _forced(
+        self, sent: SubscriptionKey, *, may_wait: bool = False
+    ) -> tuple[bool, SubscriptionKey | None, bool, float]:
+        """Under the lock, for a 401 on ``sent``: ``(stop, key, joined, wait)``. ``wait > 0``: the last
+        forced read was less than ``forced_refresh_interval`` ago (e.g. both keys revoked one after the
+        other): sleep that long, then ask again (only with ``may_wait``, once per 401). ``stop``: return
+        ``key`` now; otherwise join the read in flight (``joined``) or start one (counted as forced)."""
         now = self.monotonic()
         entry = self._cache.entry()
         fallback = self._cache.fallback
@@ -374,18 +479,19 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             if sent == fallback:  # the previous key is refused too: back to the current one
                 self._cache.fallback = None
                 self._serve_now(entry.key)
-                return True, entry.key, False
-            return True, fallback, False  # a request sent before the fall-back
+                return True, entry.key, False, 0.0
+            return True, fallback, False, 0.0  # a request sent before the fall-back
         decision = self._cache.decide_forced(sent.version, now)
         if decision is ForceDecision.USE_NEWER:
-            return True, entry.key if entry is not None else None, False
+            return True, entry.key if entry is not None else None, False, 0.0
         joined = self._flight is not None
         if not joined and decision is ForceDecision.RATE_LIMITED:
-            return True, None, False
+            wait = self._cache.forced_wait(now) if may_wait else 0.0
+            return wait <= 0, None, False, wait
         if not joined:
             self._cache.note_forced(now)
             self._n.add("forced")
-        return False, None, joined
+        return False, None, joined, 0.0
 
     def _fall_back(self, refused: SubscriptionKey) -> SubscriptionKey | None:
         """The gateway refused the current key and Key Vault has nothing newer (or cannot say): re-send
@@ -461,11 +567,21 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             invalidations=self._n["invalidations"],
             last_error=f"{type(err).__name__}: {err}" if err is not None else None,
             fallbacks_to_previous=self._n["fallbacks"],
+            expires_in_s=(
+                entry.key.expires_on - wall
+                if entry is not None and entry.key.expires_on is not None
+                else None
+            ),
         )
 
     def _record_resend(self) -> None:
         """Counted by the auth flow each time it re-sends a request after a 401."""
         self._n.add("resends")
+
+    def record_resend(self) -> None:
+        """Public hook of the auth contract (``apimvault._auth.KeySource``): a request was re-sent after
+        APIM's 401 (``stats().resends_401``)."""
+        self._record_resend()
 
     def invalidate(self, *, spread: float = 0.0) -> None:
         """Push invalidation: a ``get_key()`` starts a background refresh (no caller waits).
@@ -503,13 +619,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
 
     # ------------------------------------------------------------------------- Key Vault reads
 
-    def _first_read(self) -> Read:
+    def _first_read(self, reason: Reason = "refresh") -> Read:
         """A shell is about to read Key Vault: what to read first (the pinned or the latest version)."""
         if self._rebuild:  # first read in a forked child: new connections, not the parent's
             self._rebuild = False
             self.secret_client = self._make_clients()
         self._n.add("vault_reads")
-        return Read(self.version)
+        return Read(self.version, for_401=reason == "401 from gateway")
 
     def _raise_typed(self, exc: Exception) -> NoReturn:
         """Called in a shell's ``except`` block for ``get_secret``: raise the typed error (or ``exc``)."""
@@ -520,36 +636,63 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             raise
         raise mapped from exc
 
+    def _read_failed(self, exc: Exception, read: Read) -> Fetched | Read:
+        """Called in a shell's ``except`` block for a step: the next step, or raise the typed error.
+
+        The latest version refused as disabled (Key Vault's 403 ``SecretDisabled``) is not the end: the
+        newest version valid now is looked for (an operator disables a bad version to roll back). A
+        failed check of the previous version leaves the key read; the previous one is no fallback when
+        Key Vault says it is invalid, and stays as it was when Key Vault could not answer.
+        """
+        mapped = map_error(exc, where=self.where)
+        if read.then is not None:
+            invalid = isinstance(mapped, (SecretNotFoundError, InvalidSecretValueError, *_NOT_SERVABLE))
+            return read.then._replace(previous_checked=True) if invalid else read.then
+        if isinstance(mapped, SecretDisabledError) and self._reads_latest(read):
+            self._n.add("vault_reads")
+            return read._replace(listing=True, refused=mapped)
+        self._raise_typed(exc)
+
+    def _reads_latest(self, read: Read) -> bool:
+        """Whether ``read`` asked for the latest version of an unpinned secret."""
+        return self.version is None and read.version is None and not read.listing and read.then is None
+
     def _read_done(self, secret: KeyVaultSecret, read: Read) -> Fetched | Read:
         """A secret read as ``read`` asked: the key to accept, or the next read to do.
 
-        A latest version that is not valid yet (pre-staged, ``not_before`` in the future) does not
-        replace the cached one: the cached version is read again by id and, if still valid, kept
-        until the staged one's ``not_before``. A served version Key Vault reports expired is dropped.
+        A latest version that is not servable now (disabled, expired, or pre-staged with ``not_before``
+        in the future) never replaces a valid key: the versions are listed and the newest one that is
+        enabled and valid now is served (kept until a staged one's ``not_before``). A pinned version Key
+        Vault reports expired is dropped.
         """
-        key = to_key(secret, where=self.where)
         wall = self.clock()
+        if read.then is not None:  # the previous version, checked before it may serve as a fallback
+            try:
+                previous = check_validity(to_key(secret, where=self.where), where=self.where, wall=wall)
+            except KeyUnavailableError:
+                return read.then._replace(previous_checked=True)
+            return read.then._replace(previous=previous, previous_checked=True)
         try:
-            check_validity(key, where=self.where, wall=wall)
-        except SecretNotYetValidError:
-            with self._lock:
-                held = self._cache.entry(wall)
-            if read.staged_at is not None or self.version is not None:
-                raise
-            self._n.add("vault_reads")
-            if held is not None and held.key != key:
-                return Read(held.key.version, staged_at=key.not_before)
-            return Read(None, staged_at=key.not_before, listing=True)  # no key yet: find the valid one
-        except SecretExpiredError:
-            with self._lock:  # Key Vault says this version expired: never serve it again
-                held = self._cache.entry(wall)
-                if held is not None and held.key.version == key.version:
-                    self._drop()
+            key = check_validity(to_key(secret, where=self.where), where=self.where, wall=wall)
+        except _NOT_SERVABLE as exc:
+            if self._reads_latest(read):  # find the newest version valid now
+                self._n.add("vault_reads")
+                staged = (
+                    _ts(secret.properties.not_before) if isinstance(exc, SecretNotYetValidError) else None
+                )
+                return read._replace(listing=True, refused=exc, staged_at=staged)
+            if isinstance(exc, SecretExpiredError):
+                with self._lock:  # Key Vault says this version expired: never serve it again
+                    held = self._cache.entry(wall)
+                    if held is not None and held.key.version == secret.properties.version:
+                        self._drop()
             raise
-        return Fetched(key, read.staged_at)
+        return self._check_previous(Fetched(key, read.staged_at), read)
 
-    def _pick_version(self, versions: Iterable[SecretProperties], read: Read) -> Read:
-        """The latest version is pre-staged and no key is cached: read the newest version valid now."""
+    def _pick_version(self, versions: Iterable[SecretProperties], read: Read) -> Fetched | Read:
+        """The latest version is not servable now: read the newest version that is enabled and valid now
+        (the key held already, if it is that one). None: the held key is dropped and ``read.refused``
+        raised (nothing in the vault may be served)."""
         wall = self.clock()
         valid = [
             v
@@ -560,15 +703,47 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             and (v.expires_on is None or v.expires_on.timestamp() > wall)
         ]
         if not valid:
-            staged = datetime.fromtimestamp(read.staged_at or 0, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            raise SecretNotYetValidError(
-                f"{self.where}: the latest version is not valid before {staged} and no other version is "
-                "valid now",
-                secret=self.where,
-            )
+            with self._lock:
+                self._drop()
+            if isinstance(read.refused, SecretNotYetValidError):
+                staged = datetime.fromtimestamp(read.staged_at or 0, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                raise SecretNotYetValidError(
+                    f"{self.where}: the latest version is not valid before {staged} and no other version "
+                    "is valid now",
+                    secret=self.where,
+                )
+            if read.refused is not None:
+                raise read.refused
+            raise SecretNotFoundError(f"{self.where} has no version valid now", secret=self.where)
         newest = max(valid, key=lambda v: v.created_on.timestamp() if v.created_on else 0.0)
+        with self._lock:
+            held = self._cache.entry(wall)
+        if held is not None and held.key.version == newest.version:  # the key held: no read needed
+            key = dataclasses.replace(
+                held.key,
+                expires_on=_ts(newest.expires_on),
+                not_before=_ts(newest.not_before),
+            )
+            return self._check_previous(Fetched(key, read.staged_at), read)
         self._n.add("vault_reads")
-        return Read(newest.version, staged_at=read.staged_at)
+        return read._replace(version=newest.version, listing=False)
+
+    def _check_previous(self, fetched: Fetched, read: Read) -> Fetched | Read:
+        """The previous version is served only if Key Vault still says it may be: while falling back, and
+        when a 401 may lead to falling back, a read that finds no newer version reads the previous one too."""
+        with self._lock:
+            held = self._cache.entry()
+            previous = self._cache.previous
+            falling_back = self._cache.fallback is not None
+        if (
+            previous is None
+            or held is None
+            or held.key.version != fetched.key.version
+            or not (falling_back or read.for_401)
+        ):
+            return fetched
+        self._n.add("vault_reads")
+        return Read(previous.version, for_401=read.for_401, then=fetched)
 
     def _finish(
         self, fetched: Fetched | None, error: BaseException | None, reason: Reason, generation: int
@@ -618,6 +793,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         _, previous = self._cache.accept(
             key, now, wall=wall, generation=generation, revisit_at=fetched.revisit_at
         )
+        if fetched.previous_checked:
+            self._cache.confirm_previous(fetched.previous)
         # Lock-free snapshot for the log redaction filter (which may run while _lock is held).
         if not self._recent_values or self._recent_values[0] != key:
             self._recent_values = (key, *self._recent_values[:1])
@@ -626,6 +803,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         log.debug(
             "apimvault: %s loaded version %s (fp %s, %s)", self.where, key.version, key.fingerprint, reason
         )
+        self._warn_expiry(key, now, wall)
         pending = [(self._on_refresh, event)]
         if previous is not None:
             self._n.add("rotations")
@@ -634,6 +812,25 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             )
             pending.append((self._on_rotate, event))
         return pending
+
+    def _warn_expiry(self, key: SubscriptionKey, now: float, wall: float) -> None:
+        """Under the lock: a WARNING at most once a day from ``EXPIRY_WARNING_WINDOW`` before ``expires_on``
+        (a rotation stuck for weeks must not become an outage with no warning)."""
+        if key.expires_on is None:
+            return
+        left = key.expires_on - wall
+        if left > EXPIRY_WARNING_WINDOW or now - self._expiry_warned_at < EXPIRY_WARNING_EVERY:
+            return
+        self._expiry_warned_at = now
+        log.warning(
+            "apimvault: %s version %s (fp %s) expires at %s, in %.1f days; after that it is not served. "
+            "Rotate the key (apimvault rotate) or extend the expiry",
+            self.where,
+            key.version,
+            key.fingerprint,
+            datetime.fromtimestamp(key.expires_on, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            left / 86400,
+        )
 
     def _failed(
         self, error: BaseException, reason: Reason, now: float

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -11,13 +10,14 @@ import openai
 
 from . import _entra
 from ._async import AsyncSubscriptionKeyProvider
-from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth
+from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, install
 from ._base import check_header_name
+from ._fork import track_for_fork
 from ._redact import install_log_redaction
 from ._sync import SubscriptionKeyProvider
 from ._trust import check_trust_files
 from ._validation import check_client_kwargs, validate_endpoint
-from .exceptions import ConfigurationError, InsecureTransportError
+from .exceptions import ConfigurationError, KeyInHeadersError
 
 __all__ = ["LiveHeaders", "create_async_azure_openai", "create_azure_openai"]
 
@@ -59,27 +59,47 @@ class LiveHeaders(Mapping[str, str]):
         return f"LiveHeaders({self._base!r}, key header {self._header!r} set at send time)"
 
 
-def _tls_problem(client: httpx2.Client | httpx2.AsyncClient) -> str | None:
-    """What is wrong with the TLS verification of ``client``'s transports, or ``None``.
+# ---------------------------------------------------------------------------------------- wiring
 
-    httpx2 keeps the ``ssl.SSLContext`` built from ``verify=`` on each ``HTTPTransport``'s connection
-    pool (also for proxy mounts). Certificate *and* host name checks must both be on. A custom transport
-    (not an ``httpx2.HTTPTransport``) is the caller's own code and is taken as given.
-    """
-    transports = [client._transport, *client._mounts.values()]
-    for transport in transports:
-        if not isinstance(transport, httpx2.HTTPTransport | httpx2.AsyncHTTPTransport):
-            continue
-        pool = transport._pool
-        for attr, what in (("_ssl_context", "TLS"), ("_proxy_ssl_context", "proxy TLS")):
-            ctx = getattr(pool, attr, None)
-            if not isinstance(ctx, ssl.SSLContext):
-                continue  # None: httpcore2's default context, which verifies
-            if ctx.verify_mode != ssl.CERT_REQUIRED:
-                return f"its {what} does not verify certificates (verify=False or CERT_NONE)"
-            if not ctx.check_hostname:
-                return f"its {what} does not check host names (check_hostname=False)"
-    return None
+#: Header names that carry an APIM subscription key whatever ``header_name`` the provider uses.
+_KEY_HEADERS = frozenset({"ocp-apim-subscription-key", "api-key"})
+
+
+def _check_default_headers(default_headers: Mapping[str, str] | None, header: str) -> None:
+    for name in default_headers or {}:
+        if isinstance(name, str) and name.lower() in _KEY_HEADERS | {header.lower()}:
+            raise KeyInHeadersError(
+                f"default_headers carries {name!r}: apimvault sets the subscription key itself, on every "
+                f"request, from the provider (in {header!r}), so a rotation reaches the client; a key "
+                "written into default_headers would be sent as it is and never rotate. Remove it from "
+                "default_headers "
+                "(and api_key=...): the provider is the only place the key comes from"
+            )
+
+
+def _endpoint_args(
+    azure_endpoint: str | None, base_url: str | None, allow_insecure_http: bool
+) -> tuple[str, dict[str, str]]:
+    """The origin to pin and what openai gets: ``azure_endpoint`` or a (deployment-scoped) ``base_url``."""
+    if base_url is not None and azure_endpoint is not None:
+        raise ConfigurationError(
+            "pass azure_endpoint or base_url, not both: keep base_url for a deployment-scoped URL "
+            "(https://<apim>.azure-api.net/<api-suffix>/deployments/<deployment>; model then does not "
+            "route), "
+            "or keep azure_endpoint (https://<apim>.azure-api.net) and pass model=<deployment> per call"
+        )
+    if base_url is not None:
+        if not isinstance(base_url, str) or not base_url.strip():
+            raise ConfigurationError(
+                f"base_url must be a URL such as https://<apim>.azure-api.net/openai, not {base_url!r}"
+            )
+        try:
+            url = validate_endpoint(base_url.strip(), allow_insecure_http)
+        except ConfigurationError as exc:  # same checks, the message names the argument given
+            raise type(exc)(str(exc).replace("azure_endpoint", "base_url", 1)) from None
+        return url, {"base_url": url}
+    endpoint = validate_endpoint(azure_endpoint, allow_insecure_http)
+    return endpoint, {"azure_endpoint": endpoint}
 
 
 def _client_kwargs(
@@ -87,69 +107,67 @@ def _client_kwargs(
     client: httpx2.Client | httpx2.AsyncClient | None,
     *,
     azure_endpoint: str | None,
+    base_url: str | None,
     api_version: str | None,
     header_name: str | None,
     default_headers: Mapping[str, str] | None,
-    token_scope: str | None,
+    token_scope: str | _entra.BearerTokenSource | _entra.AsyncBearerTokenSource | None,
     token_credential: Any,
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     """What both factories hand to openai: endpoint checked, auth and redirect hook installed, and with
-    ``token_scope`` an Entra token provider next to the key (:mod:`apimvault._entra`)."""
+    ``token_scope`` an Entra token source on the same auth (:mod:`apimvault._entra`)."""
     check_client_kwargs(kwargs)
     header = check_header_name(header_name or provider.header_name)
-    endpoint = validate_endpoint(azure_endpoint, provider.allow_insecure_http)
+    _check_default_headers(default_headers, header)
+    origin, endpoint_args = _endpoint_args(azure_endpoint, base_url, provider.allow_insecure_http)
+    is_async = isinstance(provider, AsyncSubscriptionKeyProvider)
+    tokens = (
+        _entra.token_source_for(provider, token_scope, token_credential, is_async=is_async)
+        if token_scope is not None
+        else None
+    )
     if client is None:  # made only once the arguments are known good, so nothing is left unclosed
         check_trust_files()  # a stopped local stack's CA: a typed error naming it, not FileNotFoundError
-        is_async = isinstance(provider, AsyncSubscriptionKeyProvider)
         client = openai.DefaultAsyncHttpxClient() if is_async else openai.DefaultHttpxClient()
-    if client.auth is not None:
-        raise ConfigurationError("http_client already has an auth; apimvault installs its own")
-    problem = _tls_problem(client)
-    if problem is not None:
-        raise InsecureTransportError(
-            f"http_client is refused: {problem}; the key would go to any server that answers. "
-            "Keep TLS verification on (trust a private CA with verify=ssl.create_default_context(cafile=...))"
-        )
-    auth = SubscriptionKeyAuth(provider, header_name=header, origin=endpoint)
-    client.auth = auth
-    hooks = client.event_hooks
-    hook = auth.aon_request if isinstance(client, httpx2.AsyncClient) else auth.on_request
-    hooks["request"] = [*hooks.get("request", []), hook]
-    client.event_hooks = hooks
+    auth = SubscriptionKeyAuth(provider, header_name=header, origin=origin, token_source=tokens)
+    install(client, auth, "the key" if tokens is None else "the key and the token")
+    track_for_fork(client)
     install_log_redaction(provider)
-    built = {
-        "azure_endpoint": endpoint,
+    return {
+        **endpoint_args,
         "api_version": api_version,
-        # Only the auth on this transport ever sets the key (also for ``api-key``): openai holds a
-        # placeholder the auth replaces, so a copy given another transport carries no key.
+        # Only the auth on this transport ever sets the key and the token: openai holds a placeholder the
+        # auth removes, so a copy given another transport carries neither.
         "api_key": PLACEHOLDER_API_KEY,
         "default_headers": LiveHeaders(provider, header, default_headers),
         "http_client": client,
         **kwargs,
     }
-    if token_scope is not None:  # key plus token
-        is_async = isinstance(provider, AsyncSubscriptionKeyProvider)
-        _entra.add_token(built, provider, token_scope, token_credential, is_async=is_async)
-    return built
 
 
 def create_azure_openai(
     provider: SubscriptionKeyProvider,
     *,
     azure_endpoint: str | None = None,
+    base_url: str | None = None,
     api_version: str | None = None,
     header_name: str | None = None,
     http_client: httpx2.Client | None = None,
     default_headers: Mapping[str, str] | None = None,
-    token_scope: str | None = None,  # key plus Entra token (apimvault._entra)
+    token_scope: str | _entra.BearerTokenSource | _entra.AsyncBearerTokenSource | None = None,
     token_credential: Any = None,
     **kwargs: Any,
 ) -> openai.AzureOpenAI:
     """A plain ``openai.AzureOpenAI`` whose every request carries the provider's current key.
 
     ``azure_endpoint`` (the APIM gateway) and ``api_version`` default to openai's own
-    ``AZURE_OPENAI_ENDPOINT`` / ``OPENAI_API_VERSION``. Other keyword arguments go to ``AzureOpenAI``.
+    ``AZURE_OPENAI_ENDPOINT`` / ``OPENAI_API_VERSION``. Instead of ``azure_endpoint`` a ``base_url`` may be
+    given as in openai, e.g. the deployment-scoped ``https://<apim>.azure-api.net/<api-suffix>/deployments/<dep>``
+    (``model`` then does not route); the guard pins the origin of whichever is given, and both together are a
+    :class:`ConfigurationError`. Other keyword arguments go to ``AzureOpenAI``. ``default_headers`` must not
+    carry a key header (``Ocp-Apim-Subscription-Key``, ``api-key`` or ``header_name``):
+    :class:`~apimvault.exceptions.KeyInHeadersError`, since the provider is where the key comes from.
     openai gets a placeholder ``api_key`` (it insists on a credential) and ``default_headers`` without
     the key: only the :class:`SubscriptionKeyAuth` apimvault installs on the transport sets the key
     (in ``header_name``; ``api-key`` when APIM is configured so) and removes the placeholder. Pass
@@ -158,10 +176,13 @@ def create_azure_openai(
     ``copy``) carries no key at all: build a new client with this factory instead.
 
     ``token_scope`` (e.g. ``api://<app-id>/.default``, the gateway API's app registration) adds an Entra
-    bearer token to every request, for gateways that run ``validate-azure-ad-token`` next to the key:
-    openai's ``azure_ad_token_provider`` built with azure-identity's ``get_bearer_token_provider`` on the
-    provider's credential (or ``token_credential``); no ``api_key`` is set then. A token 401 gets one
-    token refresh and one re-send and never touches the key (:mod:`apimvault._entra`).
+    bearer token to every request, for gateways that run ``validate-azure-ad-token`` next to the key: a
+    :class:`~apimvault.BearerTokenSource` (azure-identity's ``get_bearer_token_provider``) on the provider's
+    credential (or ``token_credential``), set at send time by the same auth under the key's guards. A token
+    401 gets one bounded token refresh and one re-send and never touches the key (:mod:`apimvault._entra`).
+
+    The client is fork-safe: in a child process forked after it was built (or used), it gets fresh
+    connection pools; the parent's connections are left alone.
     """
     if not isinstance(provider, SubscriptionKeyProvider):
         raise ConfigurationError(
@@ -173,6 +194,7 @@ def create_azure_openai(
             provider,
             http_client,
             azure_endpoint=azure_endpoint,
+            base_url=base_url,
             api_version=api_version,
             header_name=header_name,
             default_headers=default_headers,
@@ -187,11 +209,12 @@ def create_async_azure_openai(
     provider: AsyncSubscriptionKeyProvider,
     *,
     azure_endpoint: str | None = None,
+    base_url: str | None = None,
     api_version: str | None = None,
     header_name: str | None = None,
     http_client: httpx2.AsyncClient | None = None,
     default_headers: Mapping[str, str] | None = None,
-    token_scope: str | None = None,  # key plus Entra token (apimvault._entra)
+    token_scope: str | _entra.BearerTokenSource | _entra.AsyncBearerTokenSource | None = None,
     token_credential: Any = None,
     **kwargs: Any,
 ) -> openai.AsyncAzureOpenAI:
@@ -203,6 +226,7 @@ def create_async_azure_openai(
             provider,
             http_client,
             azure_endpoint=azure_endpoint,
+            base_url=base_url,
             api_version=api_version,
             header_name=header_name,
             default_headers=default_headers,

@@ -12,12 +12,19 @@ own app registration (``api://<app-id>/.default``), not the Cognitive Services s
   challenge, which makes azure-identity (MSAL) bypass its token cache, and starts a new
   ``get_bearer_token_provider`` so later requests use the new token too. Concurrent refusals of the same
   token share one refresh.
-* :func:`add_token` turns a key client's arguments into key-plus-token ones (``create_azure_openai(...,
+* :func:`token_source_for` makes the token source of a key-plus-token client (``create_azure_openai(...,
   token_scope=...)``); :func:`create_token_azure_openai` / :func:`create_async_token_azure_openai` build a
   token-only client for gateways that need no subscription key.
 
-openai treats an explicit ``api_key`` and ``azure_ad_token_provider`` as exclusive, so key-plus-token
-clients set no ``api_key``: the key travels in the subscription-key header set by the auth flow.
+Both kinds of client hand openai only a placeholder ``api_key``: the token is set at send time by the auth
+on the client's transport (:class:`apimvault._auth.GuardedAuth`), as the key is, so it is never in openai's
+request options (nor in a failed request's traceback locals), and it gets the key's guards: https only,
+pinned to the endpoint's origin, dropped on cross-origin redirects, TLS verification required, and a copy
+given another ``http_client`` carries no token at all (it fails closed).
+
+Forced token refreshes are bounded like forced key reads: concurrent refusals of one token share one
+refresh, and at most one forced refresh happens per ``min_refresh_interval`` (default 5 s); a refusal of
+the token just refreshed inside that interval goes to the caller without a new token request.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import threading
 import time
-from collections.abc import AsyncGenerator, Generator
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -35,7 +44,9 @@ import openai
 from azure.core.credentials import TokenCredential
 from azure.core.credentials_async import AsyncTokenCredential
 
-from . import _refusal
+from ._auth import PLACEHOLDER_API_KEY, TokenAuth, install
+from ._fork import track_for_fork
+from ._redact import install_log_redaction
 from .exceptions import ConfigurationError
 
 __all__ = [
@@ -68,35 +79,87 @@ def _force_claims() -> str:
     return json.dumps({"access_token": {"nbf": {"essential": True, "value": str(int(time.time()))}}})
 
 
-class BearerTokenSource:
-    """A bearer token for ``scope`` from ``credential``: call it for the token; never log the result."""
+def _check_interval(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+        raise ConfigurationError(
+            f"min_refresh_interval must be a finite number of seconds >= 0, not {value!r}"
+        )
+    return float(value)
 
-    def __init__(self, credential: TokenCredential, scope: str) -> None:
+
+class _Bound:
+    """What both token sources share: the refresh bound and the tokens the log filter must mask."""
+
+    def __init__(self, scope: str, min_refresh_interval: float, clock: Callable[[], float]) -> None:
+        self.scope = _check_scope(scope)
+        self.min_refresh_interval = _check_interval(min_refresh_interval)
+        self._clock = clock
+        self._last_forced: float | None = None
+        self._recent: deque[str] = deque(maxlen=2)
+        self.refreshes = 0
+        install_log_redaction(self)
+
+    def _seen(self, token: str) -> str:
+        if not self._recent or self._recent[-1] != token:
+            self._recent.append(token)
+        return token
+
+    def _may_force(self) -> bool:
+        """Under the lock: whether a forced refresh may happen now (one per ``min_refresh_interval``)."""
+        now = self._clock()
+        if self._last_forced is not None and now - self._last_forced < self.min_refresh_interval:
+            return False
+        self._last_forced = now
+        return True
+
+    def _redaction_values(self) -> tuple[str, ...]:
+        """The tokens this source handed out last (for the log and CLI redaction)."""
+        return tuple(self._recent)
+
+
+class BearerTokenSource(_Bound):
+    """A bearer token for ``scope`` from ``credential``: :meth:`token` (or call it) for the token; never log
+    the result. ``clock`` (monotonic seconds) bounds forced refreshes to one per ``min_refresh_interval``."""
+
+    def __init__(
+        self,
+        credential: TokenCredential,
+        scope: str,
+        *,
+        min_refresh_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         from azure.identity import get_bearer_token_provider
 
         _check_credential(credential, is_async=False)
+        super().__init__(scope, min_refresh_interval, clock)
         self._make = get_bearer_token_provider
         self.credential = credential
-        self.scope = _check_scope(scope)
         self._provider = get_bearer_token_provider(credential, self.scope)
         self._lock = threading.Lock()
-        self.refreshes = 0
 
-    def __call__(self) -> str:
-        return self._provider()
+    def token(self) -> str:
+        """The current token (azure-identity's cache and refresh-before-expiry)."""
+        return self._seen(self._provider())
+
+    def __call__(self) -> str:  # openai's azure_ad_token_provider shape
+        return self.token()
 
     def refresh_after_rejection(self, sent: str) -> str | None:
-        """The gateway refused ``sent``: a different token to re-send with, or ``None`` if none can be had."""
+        """The gateway refused ``sent``: a different token to re-send with, or ``None`` if none can be had
+        (the credential cannot refresh on demand, or a forced refresh already happened this interval)."""
         with self._lock:
-            current = self._provider()
+            current = self.token()
             if current != sent:  # another request refreshed meanwhile
                 return current
+            if not self._may_force():
+                return None
             try:
                 self.credential.get_token(self.scope, claims=_force_claims())
             except Exception:  # the credential cannot refresh on demand: the 401 goes to the caller
                 return None
             self._provider = self._make(self.credential, self.scope)
-            fresh = self._provider()
+            fresh = self.token()
             if fresh == sent:
                 return None
             self.refreshes += 1
@@ -106,35 +169,62 @@ class BearerTokenSource:
         return f"BearerTokenSource(scope={self.scope!r}, credential={type(self.credential).__name__})"
 
 
-class AsyncBearerTokenSource:
-    """The asyncio twin of :class:`BearerTokenSource` (an ``AsyncTokenCredential``)."""
+class AsyncBearerTokenSource(_Bound):
+    """The asyncio twin of :class:`BearerTokenSource` (an ``AsyncTokenCredential``). Like the async key
+    provider it belongs to the event loop it first runs on; another loop gets :class:`ConfigurationError`."""
 
-    def __init__(self, credential: AsyncTokenCredential, scope: str) -> None:
+    def __init__(
+        self,
+        credential: AsyncTokenCredential,
+        scope: str,
+        *,
+        min_refresh_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         from azure.identity.aio import get_bearer_token_provider
 
         _check_credential(credential, is_async=True)
+        super().__init__(scope, min_refresh_interval, clock)
         self._make = get_bearer_token_provider
         self.credential = credential
-        self.scope = _check_scope(scope)
         self._provider = get_bearer_token_provider(credential, self.scope)
         self._lock = asyncio.Lock()
-        self.refreshes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise ConfigurationError(
+                f"{type(self).__name__} for {self.scope} belongs to the event loop it first ran on (its aio "
+                "credential's connections do); this is another loop. Create one token source (and one "
+                "client) per event loop"
+            )
+
+    async def token(self) -> str:
+        """The current token (azure-identity's cache and refresh-before-expiry)."""
+        self._bind_loop()
+        return self._seen(await self._provider())
 
     async def __call__(self) -> str:
-        return await self._provider()
+        return await self.token()
 
     async def refresh_after_rejection(self, sent: str) -> str | None:
         """Async twin of :meth:`BearerTokenSource.refresh_after_rejection`."""
+        self._bind_loop()
         async with self._lock:
-            current = await self._provider()
+            current = await self.token()
             if current != sent:
                 return current
+            if not self._may_force():
+                return None
             try:
                 await self.credential.get_token(self.scope, claims=_force_claims())
             except Exception:
                 return None
             self._provider = self._make(self.credential, self.scope)
-            fresh = await self._provider()
+            fresh = await self.token()
             if fresh == sent:
                 return None
             self.refreshes += 1
@@ -144,58 +234,34 @@ class AsyncBearerTokenSource:
         return f"AsyncBearerTokenSource(scope={self.scope!r}, credential={type(self.credential).__name__})"
 
 
-def add_token(
-    kwargs: dict[str, Any], provider: Any, token_scope: str, credential: Any, *, is_async: bool
-) -> dict[str, Any]:
-    """Turn a key client's ``AzureOpenAI`` arguments into key-plus-token ones (no ``api_key``)."""
+def token_source_for(
+    provider: Any,
+    token_scope: str | BearerTokenSource | AsyncBearerTokenSource,
+    credential: Any,
+    *,
+    is_async: bool,
+) -> BearerTokenSource | AsyncBearerTokenSource:
+    """The token source of a key-plus-token client (``create_azure_openai(..., token_scope=...)``): a scope,
+    or a ready source (keep it to tune ``min_refresh_interval`` or read its ``refreshes``)."""
+    wanted = AsyncBearerTokenSource if is_async else BearerTokenSource
+    if isinstance(token_scope, BearerTokenSource | AsyncBearerTokenSource):
+        if not isinstance(token_scope, wanted):
+            raise ConfigurationError(
+                f"this client needs a {wanted.__name__}, not {type(token_scope).__name__}"
+            )
+        return token_scope
     credential = credential if credential is not None else getattr(provider, "credential", None)
     if credential is None:
         raise ConfigurationError(
             "token_scope needs a credential: pass token_credential=..., or build the provider with a "
             "credential (not only a secret_client)"
         )
-    source: BearerTokenSource | AsyncBearerTokenSource = (
-        AsyncBearerTokenSource(credential, token_scope)
-        if is_async
-        else BearerTokenSource(credential, token_scope)
-    )
-    kwargs.pop("api_key", None)
-    kwargs["azure_ad_token_provider"] = source
-    kwargs["http_client"].auth.token_source = source  # the auth flow's token-401 action uses it
-    return kwargs
+    if is_async:
+        return AsyncBearerTokenSource(credential, token_scope)
+    return BearerTokenSource(credential, token_scope)
 
 
 # ------------------------------------------------------------------------------------ token only
-
-
-class _TokenAuth(httpx2.Auth):
-    """A token-only client's auth: the token openai set; after a token 401, one refresh and one re-send."""
-
-    requires_request_body = True
-
-    def __init__(self, source: BearerTokenSource | AsyncBearerTokenSource) -> None:
-        self.token_source = source
-
-    def sync_auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
-        response = yield request
-        if response.status_code != 401:
-            _refusal.after_response(self.token_source, response)
-            return
-        resend = _refusal.after_other_401(self, self.token_source, request, response, response.read())
-        if resend is not None:
-            yield resend
-
-    async def async_auth_flow(
-        self, request: httpx2.Request
-    ) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
-        response = yield request
-        if response.status_code != 401:
-            await _refusal.aafter_response(self.token_source, response)
-            return
-        body = await response.aread()
-        resend = await _refusal.aafter_other_401(self, self.token_source, request, response, body)
-        if resend is not None:
-            yield resend
 
 
 def _token_kwargs(
@@ -215,13 +281,14 @@ def _token_kwargs(
             if isinstance(source, AsyncBearerTokenSource)
             else openai.DefaultHttpxClient()
         )
-    if client.auth is not None:
-        raise ConfigurationError("http_client already has an auth; apimvault installs its own")
-    client.auth = _TokenAuth(source)
+    install(client, TokenAuth(source, origin=endpoint), "the Entra token")
+    track_for_fork(client)
     return {
         "azure_endpoint": endpoint,
         "api_version": api_version,
-        "azure_ad_token_provider": source,
+        # openai holds only a placeholder: the auth on this transport sets the token at send time, so a
+        # copy given another transport carries no token at all.
+        "api_key": PLACEHOLDER_API_KEY,
         "http_client": client,
         **kwargs,
     }
@@ -241,8 +308,11 @@ def create_token_azure_openai(
     ``token_scope`` is the API's scope (``api://<app-id>/.default``) or a ready :class:`BearerTokenSource`
     (keep it to read :func:`apimvault.refusal_stats` of it). ``credential`` defaults to
     ``DefaultAzureCredential()``; pass your own to control its lifetime. After the gateway's token 401 the
-    client gets one new token and re-sends once; APIM's quota 403 raises
-    :class:`~apimvault.exceptions.QuotaExceededError` as in key mode.
+    client gets one new token and re-sends once (at most one forced refresh per the source's
+    ``min_refresh_interval``); APIM's quota 403 raises :class:`~apimvault.exceptions.QuotaExceededError` as
+    in key mode. The token gets the key's guards: https only, the endpoint's origin only, dropped on
+    cross-origin redirects, ``http_client`` must verify TLS, and copies given another ``http_client`` carry
+    no token.
     """
     if isinstance(token_scope, BearerTokenSource):
         source = token_scope
@@ -274,3 +344,11 @@ def create_async_token_azure_openai(
             credential = DefaultAzureCredential()
         source = AsyncBearerTokenSource(credential, token_scope)
     return openai.AsyncAzureOpenAI(**_token_kwargs(source, http_client, azure_endpoint, api_version, kwargs))
+
+
+# Fork safety (issue 21 item 11): a child forked while a thread refreshes a token must not inherit the lock
+# that thread holds; each process gets its own (the mechanism is apimvault._base.per_process).
+from ._base import per_process  # noqa: E402
+
+per_process(BearerTokenSource, "_lock", threading.Lock)
+per_process(AsyncBearerTokenSource, "_lock", asyncio.Lock)

@@ -40,6 +40,8 @@ def _event_list(payload: Any) -> list[Mapping[str, Any]]:
             payload = json.loads(payload)
         except ValueError as exc:
             raise ConfigurationError(f"event payload is not JSON: {exc}") from None
+        except RecursionError:  # e.g. 100,000 nested brackets: refused before any event is looked at
+            raise ConfigurationError("event payload is nested too deeply to be an event") from None
     if isinstance(payload, Mapping):
         payload = [payload]
     if not isinstance(payload, list) or not all(isinstance(e, Mapping) for e in payload):
@@ -56,7 +58,11 @@ def parse_secret_events(payload: Any) -> list[SecretEvent]:
     events = []
     for raw in _event_list(payload):
         event_type = raw.get("eventType") or raw.get("type")
-        if event_type not in _SECRET_EVENTS:
+        if event_type is not None and not isinstance(event_type, str):  # a list or an object (unhashable)
+            raise ConfigurationError(
+                f"event has an eventType / type of {type(event_type).__name__}, not a string"
+            )
+        if event_type is None or event_type not in _SECRET_EVENTS:
             continue
         data = raw.get("data")
         if not isinstance(data, Mapping):

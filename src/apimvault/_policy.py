@@ -254,9 +254,16 @@ class KeyCache:
             return None
         return entry
 
-    def served(self, entry: CacheEntry) -> SubscriptionKey:
-        """The key to serve from ``entry``: the current one, or the previous one while falling back."""
-        return self.fallback if self.fallback is not None else entry.key
+    def served(self, entry: CacheEntry, wall: float | None = None) -> SubscriptionKey:
+        """The key to serve from ``entry``: the current one, or the previous one while falling back (never
+        past the previous one's ``expires_on``: then the fallback ends)."""
+        fallback = self.fallback
+        if fallback is None:
+            return entry.key
+        if fallback.expires_on is not None and self._wall(wall) >= fallback.expires_on:
+            self.fallback = None
+            return entry.key
+        return fallback
 
     def usable(self, now: float | None = None, wall: float | None = None) -> CacheEntry | None:
         """The entry if it may be served at this instant."""
@@ -284,7 +291,8 @@ class KeyCache:
         if entry is None:
             return _NEVER
         expiry = min(
-            k.expires_on if k.expires_on is not None else math.inf for k in (entry.key, self.served(entry))
+            k.expires_on if k.expires_on is not None else math.inf
+            for k in (entry.key, self.served(entry, wall))
         )
         if self.invalidated:
             if now >= self.next_attempt_at:
@@ -320,6 +328,15 @@ class KeyCache:
         if now < self.next_attempt_at and not self.invalidated:
             return ForceDecision.RATE_LIMITED  # backing off after failures (or Key Vault's Retry-After)
         return ForceDecision.REFRESH
+
+    def forced_wait(self, now: float | None = None) -> float:
+        """Seconds until a 401 may read Key Vault again, when only ``forced_refresh_interval`` stops it
+        (at most that interval); 0 when it may read now or when backing off after failures (no wait then:
+        the caller is answered with what is held)."""
+        now = self._now(now)
+        if now < self.next_attempt_at and not self.invalidated:
+            return 0.0
+        return max(0.0, self.last_forced_at + self.policy.forced_refresh_interval - now)
 
     def state(self, now: float | None = None, wall: float | None = None) -> State:
         now = self._now(now)
@@ -437,6 +454,16 @@ class KeyCache:
             return None
         self.fallback = previous
         return previous
+
+    def confirm_previous(self, previous: SubscriptionKey | None) -> None:
+        """Key Vault's word on the previous version (read again): ``None`` means it is disabled, expired
+        or gone, so it is no fallback any more; otherwise its current attributes replace the held ones."""
+        if previous is None or self.previous is None or previous.version != self.previous.version:
+            self.previous = self.fallback = None
+            return
+        self.previous = previous
+        if self.fallback is not None:
+            self.fallback = previous
 
     def clear(self) -> None:
         self._store.clear()

@@ -1,16 +1,22 @@
-"""A logging filter that keeps subscription keys out of log records, whatever logger they come from."""
+"""Keeping keys and tokens out of text: a logging filter (whatever logger a record comes from) and
+:func:`redact_text` for everything a command prints (the CLI's output, errors included)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from ._key import fingerprint
 
-__all__ = ["KeyRedactionFilter", "install_log_redaction"]
+__all__ = ["KeyRedactionFilter", "install_log_redaction", "redact_text", "watch_value"]
+
+#: A JSON Web Token (an Entra access token): header and payload are base64url JSON, so they start ``eyJ``.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
 SENSITIVE_HEADERS = frozenset({"ocp-apim-subscription-key", "api-key", "authorization", "subscription-key"})
 
@@ -41,6 +47,7 @@ class KeyRedactionFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._providers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._values: deque[str] = deque(maxlen=32)  # tokens a command got itself (watch_value)
         # Re-entrant: garbage collection during the WeakSet walk can finalize a client whose close()
         # logs (httpcore2 DEBUG) and so re-enters this filter on the same thread.
         self._lock = threading.RLock()
@@ -49,10 +56,15 @@ class KeyRedactionFilter(logging.Filter):
         with self._lock:
             self._providers.add(provider)
 
+    def watch_value(self, value: str) -> None:
+        with self._lock:
+            if value and value not in self._values:
+                self._values.append(value)
+
     def _secrets(self) -> list[str]:
         with self._lock:
             providers = list(self._providers)
-        values: list[str] = []
+            values = list(self._values)
         for provider in providers:
             values.extend(provider._redaction_values())
         return values
@@ -109,3 +121,30 @@ def install_log_redaction(*providers: Any, loggers: Iterable[str] = DEFAULT_LOGG
     for provider in providers:
         _FILTER.watch(provider)
     return _FILTER
+
+
+def watch_value(value: str) -> None:
+    """Mask ``value`` (a token a command got itself) in logs and in :func:`redact_text` from now on."""
+    _FILTER.watch_value(value)
+
+
+def _held() -> list[str]:
+    """Every key and token this process holds: each live provider's current and previous key, the tokens
+    of the watched token sources, and the watched values."""
+    from ._base import _PROVIDERS  # every live provider (the registry the fork handler uses)
+
+    values = _FILTER._secrets()
+    for provider in list(_PROVIDERS):
+        values.extend(provider._redaction_values())
+    return sorted({v for v in values if v}, key=len, reverse=True)  # longest first: no partial leftovers
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every key and token this process holds replaced by ``<redacted:fingerprint>``, and any
+    other JWT by ``<redacted:jwt>`` (an endpoint that echoes request headers in its error body)."""
+    if not text:
+        return text
+    for secret in _held():
+        if secret in text:
+            text = text.replace(secret, f"<redacted:{fingerprint(secret)}>")
+    return _JWT.sub("<redacted:jwt>", text)

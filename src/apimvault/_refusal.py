@@ -4,10 +4,12 @@
   "message": "Access denied due to missing/invalid subscription key..."}`` (Learn: "Subscriptions in Azure
   API Management").
   Action: the coalesced key refresh and one re-send (the auth flow's own path).
-* ``token``: any other 401 in APIM's ``{"statusCode", "message"}`` shape, or a ``WWW-Authenticate: Bearer``
-  challenge: ``validate-azure-ad-token`` / ``validate-jwt`` failed (Learn: default
+* ``token``: any other 401 in APIM's own ``{"statusCode", "message"}`` shape (or a bare ``WWW-Authenticate:
+  Bearer`` challenge with no JSON body): ``validate-azure-ad-token`` / ``validate-jwt`` failed (Learn: default
   ``failed-validation-httpcode`` 401; messages such as ``JWT not present.`` or ``IDX10223: Lifetime
-  validation failed...``). Action: one token refresh and one re-send; the key is never touched.
+  validation failed...``). A backend's ``{"error": ...}`` 401 is ``backend`` even with a Bearer challenge.
+  Action: one token refresh (bounded by the source's ``min_refresh_interval``) and one re-send; the key is
+  never touched.
 * ``quota``: 403 in APIM's shape whose message speaks of a quota: ``quota-by-key`` (Learn: 403 with
   ``Retry-After``; wire message ``Out of call volume quota. Quota will be replenished in d.hh:mm:ss.``) or
   ``azure-openai-token-limit``'s token quota (Learn: 403 when the quota is exceeded). Action: raise
@@ -32,19 +34,24 @@ import json
 import re
 import threading
 import weakref
-from collections.abc import Awaitable
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import httpx2
 
 from . import _telemetry
 from .exceptions import QuotaExceededError
 
+if TYPE_CHECKING:
+    from ._auth import AsyncKeySource, AsyncTokenSource, KeySource, TokenSource
+
+#: Whose counts a refusal goes to: a key provider, or a token-only client's token source.
+RefusalOwner: TypeAlias = "KeySource | AsyncKeySource | TokenSource | AsyncTokenSource"
+
 __all__ = ["RefusalKind", "RefusalStats", "classify", "refusal_stats"]
 
 RefusalKind = Literal["key", "token", "quota", "rate", "backend", "other"]
 KINDS: tuple[RefusalKind, ...] = ("key", "token", "quota", "rate", "backend", "other")
-_WATCHED = frozenset((401, 403, 429))
+WATCHED = frozenset((401, 403, 429))
 _TIMESPAN = re.compile(r"(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})")
 
 
@@ -97,7 +104,7 @@ def refusal_stats(provider: object) -> RefusalStats:
     return tally.stats() if tally is not None else RefusalStats()
 
 
-def _note(provider: object, name: str) -> None:
+def _note(provider: RefusalOwner, name: str) -> None:
     _tally(provider).add(name)
     _telemetry.refusal_counted(provider, name)
 
@@ -120,9 +127,20 @@ def _apim_body(body: bytes) -> tuple[bool, str]:
     return False, ""
 
 
+def _backend_body(body: bytes) -> bool:
+    """Whether ``body`` is a JSON document that is not APIM's (Azure OpenAI's ``{"error": ...}``...)."""
+    if not body.strip():
+        return False
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
 def classify(status: int, headers: httpx2.Headers, body: bytes) -> RefusalKind | None:
     """The kind of gateway refusal (see the module table), or ``None`` for a status that is not one."""
-    if status not in _WATCHED:
+    if status not in WATCHED:
         return None
     if status == 429:
         return "rate"
@@ -133,9 +151,11 @@ def classify(status: int, headers: httpx2.Headers, body: bytes) -> RefusalKind |
             return "key"
         if apim and "subscription key" in message.lower():
             return "key"
-        if apim or challenge.startswith("bearer"):
+        if apim:  # validate-azure-ad-token / validate-jwt: APIM's own shape, no key words
             return "token"
-        return "backend"
+        if challenge.startswith("bearer") and not _backend_body(body):
+            return "token"  # a bare Bearer challenge (a custom failed-validation response)
+        return "backend"  # Azure OpenAI's {"error": ...}, with or without a Bearer challenge
     if apim:
         return "quota" if "quota" in message.lower() else "other"
     return "backend"
@@ -177,94 +197,29 @@ def _quota_error(response: httpx2.Response, body: bytes) -> QuotaExceededError:
 
 
 # ------------------------------------------------------------------------------- auth-flow hooks
+#
+# The auth flow (apimvault._auth.GuardedAuth) calls these with the owner of the counts: the key provider,
+# or the token source of a token-only client.
 
 
-class TokenSource(Protocol):
-    """What the auth flow needs from a bearer-token source to act on a token 401 (see ``_entra``)."""
-
-    def refresh_after_rejection(self, sent: str) -> str | Awaitable[str | None] | None: ...
-
-
-def _sent_token(request: httpx2.Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def after_response(provider: object, response: httpx2.Response) -> None:
-    """Sync hook for a response that is not a 401: count a refusal; APIM's quota 403 raises."""
-    if response.status_code not in _WATCHED:
-        return
-    body = response.read()
-    _act(provider, response, body)
-
-
-async def aafter_response(provider: object, response: httpx2.Response) -> None:
-    """Async twin of :func:`after_response`."""
-    if response.status_code not in _WATCHED:
-        return
-    body = await response.aread()
-    _act(provider, response, body)
-
-
-def _act(provider: object, response: httpx2.Response, body: bytes) -> None:
+def on_refusal(owner: RefusalOwner, response: httpx2.Response, body: bytes) -> RefusalKind | None:
+    """Classify a watched response, count it against ``owner``; APIM's quota 403 raises
+    :class:`~apimvault.exceptions.QuotaExceededError`. Returns the kind (``None``: not a refusal)."""
     kind = classify(response.status_code, response.headers, body)
     if kind is None:
-        return
-    _note(provider, kind)
+        return None
+    _note(owner, kind)
     if kind == "quota":
         raise _quota_error(response, body)
+    return kind
 
 
-def after_other_401(
-    auth: object, provider: object, request: httpx2.Request, response: httpx2.Response, body: bytes
-) -> httpx2.Request | None:
-    """Sync hook for a 401 that is not APIM's key 401: a token 401 gets one token refresh and re-send."""
-    source, sent = _token_401(auth, provider, request, response, body)
-    if source is None or sent is None:
-        return None
-    token = source.refresh_after_rejection(sent)
-    return _resend_with(provider, request, token if isinstance(token, str) else None)
+def note_token_refresh(owner: RefusalOwner) -> None:
+    """Hook: a token 401 got a new token (one refresh, or one another request made meanwhile)."""
+    _note(owner, "token_refreshes")
 
 
-async def aafter_other_401(
-    auth: object, provider: object, request: httpx2.Request, response: httpx2.Response, body: bytes
-) -> httpx2.Request | None:
-    """Async twin of :func:`after_other_401`."""
-    source, sent = _token_401(auth, provider, request, response, body)
-    if source is None or sent is None:
-        return None
-    result = source.refresh_after_rejection(sent)
-    token = await result if not isinstance(result, str | None) else result
-    return _resend_with(provider, request, token)
-
-
-def _token_401(
-    auth: object, provider: object, request: httpx2.Request, response: httpx2.Response, body: bytes
-) -> tuple[TokenSource | None, str | None]:
-    kind = classify(response.status_code, response.headers, body)
-    if kind is None:
-        return None, None
-    _note(provider, kind)
-    if kind != "token":
-        return None, None
-    return getattr(auth, "token_source", None), _sent_token(request)
-
-
-def _resend_with(provider: object, request: httpx2.Request, token: str | None) -> httpx2.Request | None:
-    if token is None:
-        return None
-    _note(provider, "token_refreshes")
-    request.headers["Authorization"] = f"Bearer {token}"
-    note_resend(provider, "token")
-    return request
-
-
-def note_key_401(provider: object) -> None:
-    """Hook: APIM refused the subscription key (the auth flow's own key path then acts)."""
-    _note(provider, "key")
-
-
-def note_resend(provider: object, kind: Literal["key", "token"]) -> None:
+def note_resend(owner: RefusalOwner, kind: Literal["key", "token"]) -> None:
     """Hook: the auth flow re-sends a request after a ``kind`` 401."""
-    _note(provider, f"{kind}_resends")
-    _telemetry.resend_event(kind, provider)
+    _note(owner, f"{kind}_resends")
+    _telemetry.resend_event(kind, owner)

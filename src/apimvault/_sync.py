@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
+import time
 from types import TracebackType
 
 from azure.core.credentials import TokenCredential
@@ -14,6 +16,7 @@ from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, fligh
 from ._key import SubscriptionKey
 from ._policy import Action
 from ._retry import NoRetryAfterSleep
+from ._vaultclient import DeadlineCredential
 from .exceptions import KeyUnavailableError
 
 __all__ = ["SubscriptionKeyProvider"]
@@ -67,11 +70,20 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
             ``logging_enable=True`` the trace never shows bodies or credential headers.
         allow_insecure_http: allow ``http://`` endpoints. **Security:** only for loopback tests.
         on_refresh / on_error / on_rotate: callbacks receiving a :class:`KeyEvent` (never the key).
+        sleep: how a 401 arriving within ``policy.forced_refresh_interval`` of the last forced read waits
+            for the next allowed read (at most that interval; ``time.sleep``, the async provider
+            ``asyncio.sleep``). Inject one that moves your fake clock in tests.
 
     ``get_key()`` is the hot path: a fresh key costs a clock read and no lock. Within
     ``refresh_margin`` of the end of the fresh period one background thread refreshes while callers
     keep the current key; only a cold start or a key past its hard limit makes callers wait, and then
     all of them wait for the same single read (at most ``FLIGHT_WAIT_LIMIT`` seconds).
+
+    Validity: the provider serves the newest version that is enabled and valid now (``expires_on``,
+    ``not_before``); a newer version created disabled, already expired or pre-staged never replaces a
+    valid key, and disabling the newest version rolls back to the one before. The previous-key fallback
+    (see :meth:`refresh_after_rejection`) obeys the same rules. From 7 days before the current key's
+    ``expires_on`` it logs a WARNING once a day (``stats().expires_in_s``; OTel ``apimvault.key.expires_in``).
 
     Fork-safe: in a child process the provider forgets the parent's read in flight and locks, and
     rebuilds the clients it created before its first read (see README, "fork").
@@ -81,6 +93,8 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
 
     _identity_module = "azure.identity"
     _retry_policy_class = NoRetryAfterSleep
+    _deadline_class = DeadlineCredential
+    _default_sleep = staticmethod(time.sleep)
 
     # ------------------------------------------------------------------------------ public API
 
@@ -99,9 +113,11 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         Raises the typed error if the read fails; the cached key, if any, stays in use.
         """
         with self._lock:
+            self._check_open()
             wanted = self._push()
         while True:
             with self._lock:
+                self._check_open()
                 flight, run = self._join_or_start("refresh")
             if run:
                 self._run(flight)
@@ -116,7 +132,9 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         that sees APIM's 401 (``apimvault.is_apim_key_rejection``) and wants the same coalesced behaviour.
 
         Coalesced: concurrent 401s share one read; skipped if the cache already holds a newer version;
-        rate limited by ``policy.forced_refresh_interval`` and by back-off after failures.
+        rate limited by ``policy.forced_refresh_interval`` (a 401 inside it waits for the next allowed read,
+        at most the interval, instead of failing: both keys revoked one after the other) and by back-off
+        after failures (answered at once with what is held).
 
         Previous-key fallback: when Key Vault has nothing newer than the refused current version (a gateway
         that has not picked up a rotation yet), the previous distinct version is returned and served from
@@ -124,11 +142,20 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         one is refused as well, the current one is served again.
         """
         # Twice at most: a read joined here may have started before the rotation wrote the new version,
-        # and so return the refused key; then one read of our own settles it.
-        for _ in range(2):
+        # and so return the refused key; then one read of our own settles it. Within
+        # forced_refresh_interval of the last forced read, wait (once, at most the interval) for the next
+        # allowed read instead of failing: both keys revoked one after the other is an emergency rotation.
+        may_wait, reads = True, 0
+        while reads < 2:
             with self._lock:
-                stop, newer, joined = self._forced(sent)
-                flight, run = (None, False) if stop else self._join_or_start("401 from gateway")
+                self._check_open()
+                stop, newer, joined, wait = self._forced(sent, may_wait=may_wait)
+                flight, run = (None, False) if stop or wait > 0 else self._join_or_start("401 from gateway")
+            if wait > 0:
+                may_wait = False
+                self._sleep(wait)
+                continue
+            reads += 1
             if flight is None:
                 return newer or self._fall_back(sent)
             if run:
@@ -144,7 +171,11 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         return self._fall_back(sent)
 
     def close(self) -> None:
-        """Close the SecretClient and credential this provider created (not ones passed in)."""
+        """Close the SecretClient and credential this provider created (not ones passed in).
+
+        From then on every read (``get_key()``, ``get()``, ``refresh()``, a read in flight) raises
+        :class:`~apimvault.ConfigurationError` saying the provider is closed."""
+        self._mark_closed()
         for resource in self._owned:
             resource.close()
         self._owned.clear()
@@ -186,9 +217,13 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         fetched: Fetched | None = None
         error: BaseException | None = None
         try:
-            fetched = _telemetry.traced_read(self, flight.reason, self._fetch)
+            fetched = _telemetry.traced_read(
+                self, flight.reason, functools.partial(self._fetch, flight.reason)
+            )
         except BaseException as exc:  # published to waiters, never lost
             error = exc
+        if self._closed and (error is None or isinstance(error, Exception)):  # closed under the read
+            fetched, error = None, self._closed_error()
         pending = []
         with self._lock:
             try:
@@ -201,17 +236,18 @@ class SubscriptionKeyProvider(ProviderBase[TokenCredential, SecretClient]):
         if error is not None and not isinstance(error, Exception):
             raise error
 
-    def _fetch(self) -> Fetched:
-        step: Fetched | Read = self._first_read()
+    def _fetch(self, reason: Reason) -> Fetched:
+        step: Fetched | Read = self._first_read(reason)
         vault = self.secret_client
         while not isinstance(step, Fetched):
+            read = step
             try:
-                if step.listing:
+                if read.listing:
                     step = self._pick_version(
-                        vault.list_properties_of_secret_versions(self.secret_name), step
+                        vault.list_properties_of_secret_versions(self.secret_name), read
                     )
                 else:
-                    step = self._read_done(vault.get_secret(self.secret_name, step.version), step)
+                    step = self._read_done(vault.get_secret(self.secret_name, read.version), read)
             except Exception as exc:
-                self._raise_typed(exc)
+                step = self._read_failed(exc, read)
         return step

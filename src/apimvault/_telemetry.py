@@ -15,6 +15,8 @@ Metrics (one meter, ``apimvault``; units as OpenTelemetry's semantic conventions
 ``apimvault.vault.read.duration``   s          Histogram; ``apimvault.outcome``, ``apimvault.secret``
 ``apimvault.key.age``               s          Observable gauge, from ``stats()``
 ``apimvault.key.staleness``         s          Observable gauge: seconds past the key's fresh period
+``apimvault.key.expires_in``        s          Observable gauge: seconds until the key's ``expires_on``,
+                                               only from 7 days before it (none without an expiry)
 ``apimvault.key.state``             1          Observable gauge: 1 for the provider's current state
                                                (``apimvault.state``), 0 for the others
 ``apimvault.key.rotations``         {rotation}  Observable counter: version changes seen (``stats()``)
@@ -106,6 +108,12 @@ class _Instruments:
             description="Seconds the cached key is past its fresh period (served stale)",
         )
         meter.create_observable_gauge(
+            "apimvault.key.expires_in",
+            [self._expires_in],
+            unit="s",
+            description="Seconds until the cached key's expires_on, from 7 days before it",
+        )
+        meter.create_observable_gauge(
             "apimvault.key.state", [self._state], unit="1", description="1 for the provider's current state"
         )
         meter.create_observable_counter(
@@ -135,6 +143,12 @@ class _Instruments:
             if stats.age_s is not None:
                 yield self._observation(_staleness_of(provider, stats), {"apimvault.secret": provider.where})
 
+    def _expires_in(self, _options: Any) -> Iterable[Any]:
+        for provider, stats in self._each():
+            left = _expires_in_of(provider, stats)
+            if left is not None:
+                yield self._observation(left, {"apimvault.secret": provider.where})
+
     def _state(self, _options: Any) -> Iterable[Any]:
         for provider, stats in self._each():
             for state in STATES:
@@ -149,13 +163,25 @@ class _Instruments:
 
 
 def _staleness_of(provider: Any, stats: Any) -> float:
-    """Seconds past the fresh period of the cached key (0 while fresh)."""
+    """Seconds past the fresh period of the cached key (0 while fresh).
+
+    ``fresh_until`` is on the provider's scheduling clock (``monotonic``), so it is compared with that
+    clock, never with the wall clock (Unix time: ~1.8e9 s apart from ``time.monotonic``)."""
     cache = getattr(provider, "_cache", None)
     entry = cache.entry() if cache is not None and hasattr(cache, "entry") else None
     fresh_until = getattr(entry, "fresh_until", None)
     if isinstance(fresh_until, int | float):
-        return max(0.0, float(provider.clock()) - fresh_until)
-    return max(0.0, float(stats.age_s) - float(provider.policy.ttl_s))
+        return max(0.0, float(provider.monotonic()) - fresh_until)
+    return max(0.0, float(stats.age_s) - float(provider.policy.ttl))
+
+
+def _expires_in_of(provider: Any, stats: Any) -> float | None:
+    """Seconds until the current key's ``expires_on`` (wall clock), when that is within the warning window
+    (``EXPIRY_WARNING_WINDOW``, 7 days); ``None`` otherwise (no expiry, or far away)."""
+    from ._base import EXPIRY_WARNING_WINDOW
+
+    left = getattr(stats, "expires_in_s", None)
+    return float(left) if isinstance(left, int | float) and left <= EXPIRY_WARNING_WINDOW else None
 
 
 def _active() -> _Instruments | None:

@@ -14,6 +14,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from ._retry import retry_after_seconds
 from ._trust import trust_error, trust_problem
 from .exceptions import (
     AccessDeniedError,
@@ -21,6 +22,7 @@ from .exceptions import (
     CredentialError,
     KeyUnavailableError,
     SecretDisabledError,
+    SecretExpiredError,
     SecretNotFoundError,
     VaultUnavailableError,
 )
@@ -44,13 +46,8 @@ def _error_body(exc: HttpResponseError) -> dict[str, Any]:
 
 def _retry_after(exc: HttpResponseError) -> float | None:
     response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    raw = response.headers.get("Retry-After") or response.headers.get("retry-after")
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
+    headers = getattr(response, "headers", None)
+    return retry_after_seconds(headers) if headers is not None else None
 
 
 def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | ConfigurationError | None:
@@ -84,6 +81,8 @@ def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | Config
         message = str(error.get("message") or "")
         if status == 403 and code == "SecretDisabled":
             return SecretDisabledError(f"{where} is disabled (403 SecretDisabled)", secret=where)
+        if status == 403 and code == "SecretExpired":  # a vault that enforces exp (real ones serve it)
+            return SecretExpiredError(f"{where} is expired (403 SecretExpired)", secret=where)
         if status == 403:
             caller = re.search(r"Caller:\s*([^\r\n]+)", message)
             who = f" ({caller.group(1).strip()})" if caller else ""

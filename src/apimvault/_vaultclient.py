@@ -17,10 +17,13 @@ accepted). So the fix is at the source:
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from azure.core.exceptions import ClientAuthenticationError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import HttpLoggingPolicy, NetworkTraceLoggingPolicy, SansIOHTTPPolicy
 
@@ -30,10 +33,13 @@ if TYPE_CHECKING:
     pass
 
 __all__ = [
+    "AsyncDeadlineCredential",
+    "DeadlineCredential",
     "RedactedNetworkTraceLoggingPolicy",
     "check_secret_client",
     "checked",
     "secret_client_kwargs",
+    "token_deadline",
 ]
 
 #: The logger azure-core's network trace writes to, so ``logging_enable`` output shows up where it would.
@@ -89,6 +95,101 @@ class RedactedNetworkTraceLoggingPolicy(SansIOHTTPPolicy[Any, Any]):
             )
 
 
+def token_deadline(credential_kwargs: Mapping[str, Any]) -> float:
+    """The documented bound for one token request of the provider's own credential, in seconds: every
+    attempt (``retry_total`` + 1) connecting and reading once (``connection_timeout`` + ``read_timeout``).
+    With the defaults 2 x (5 + 10) = 30 s."""
+    try:
+        attempts = int(credential_kwargs.get("retry_total", 1)) + 1
+        per_try = float(credential_kwargs.get("connection_timeout", 5)) + float(
+            credential_kwargs.get("read_timeout", 10)
+        )
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            "credential_kwargs retry_total / connection_timeout / read_timeout must be numbers"
+        ) from None
+    if not attempts >= 1 or not per_try > 0 or per_try == float("inf"):
+        raise ConfigurationError("credential_kwargs timeouts must be positive and finite")
+    return attempts * per_try
+
+
+def _too_slow(seconds: float) -> ClientAuthenticationError:
+    return ClientAuthenticationError(
+        f"the identity endpoint did not complete the token request within {seconds:.0f} s (a deadline for "
+        "the whole request, not per read: it may be answering too slowly)"
+    )
+
+
+class DeadlineCredential:
+    """The provider's own ``DefaultAzureCredential`` as its SecretClient sees it: each token request has a
+    deadline for the whole request. azure-core's ``read_timeout`` bounds each socket read only, so an
+    identity endpoint that trickles its answer a byte at a time held a caller indefinitely; now the caller
+    gets ``ClientAuthenticationError`` (so :class:`~apimvault.CredentialError`) at the deadline while the
+    request finishes (or fails) in a daemon thread."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        self._inner = inner
+        self._seconds = seconds
+
+    def _bounded(self, call: Callable[[], Any]) -> Any:
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = call()
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="apimvault-token", daemon=True).start()
+        if not done.wait(self._seconds):
+            raise _too_slow(self._seconds)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return self._bounded(lambda: self._inner.get_token(*scopes, **kwargs))
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> Any:
+        return self._bounded(lambda: self._inner.get_token_info(*scopes, options=options))
+
+    def close(self) -> None:
+        """The provider closes the credential it owns itself."""
+
+
+class AsyncDeadlineCredential:
+    """The aio twin of :class:`DeadlineCredential` (``asyncio.timeout``: the request is cancelled)."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        self._inner = inner
+        self._seconds = seconds
+
+    async def _bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            async with asyncio.timeout(self._seconds):
+                return await call()
+        except TimeoutError:
+            raise _too_slow(self._seconds) from None
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return await self._bounded(lambda: self._inner.get_token(*scopes, **kwargs))
+
+    async def get_token_info(self, *scopes: str, options: Any = None) -> Any:
+        return await self._bounded(lambda: self._inner.get_token_info(*scopes, options=options))
+
+    async def close(self) -> None:
+        """The provider closes the credential it owns itself."""
+
+    async def __aenter__(self) -> AsyncDeadlineCredential:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 def secret_client_kwargs(
     defaults: Mapping[str, Any], client_kwargs: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -119,8 +220,14 @@ def _pipeline_parts(client: Any) -> tuple[list[Any], Any] | None:
     return [getattr(p, "_policy", p) for p in policies], getattr(pipeline, "_transport", None)
 
 
-def check_secret_client(client: Any, *, where: str) -> None:
-    """Refuse a ``SecretClient`` whose pipeline would log secret bodies or skip TLS / challenge checks."""
+def check_secret_client(client: Any, *, where: str, built: bool = False) -> None:
+    """Refuse a ``SecretClient`` whose pipeline would log secret bodies or skip TLS / challenge checks.
+
+    ``built``: the provider built it from ``client_kwargs``, so its pipeline holds the redacting policy and
+    no azure-core ``NetworkTraceLoggingPolicy`` at all: one passed in ``per_call_policies`` /
+    ``per_retry_policies`` would log bodies whenever ``logging_enable`` is on (it reads the flag the
+    redacting policy sets for the request), so it is refused whatever its own flag says.
+    """
     parts = _pipeline_parts(client)
     if parts is None:
         raise ConfigurationError(
@@ -128,6 +235,12 @@ def check_secret_client(client: Any, *, where: str) -> None:
             "let the provider build it (credential= and client_kwargs=)"
         )
     policies, transport = parts
+    if built and any(isinstance(p, NetworkTraceLoggingPolicy) for p in policies):
+        raise ConfigurationError(
+            f"client_kwargs for {where} add azure-core's NetworkTraceLoggingPolicy (per_call_policies / "
+            "per_retry_policies): it logs every Key Vault response body, i.e. the key. Leave it out; "
+            "logging_enable=True in client_kwargs traces requests without bodies"
+        )
     if any(isinstance(p, NetworkTraceLoggingPolicy) and p.enable_http_logger for p in policies):
         raise ConfigurationError(
             f"secret_client for {where} has logging_enable=True: azure-core would log every Key Vault "
@@ -149,7 +262,7 @@ def check_secret_client(client: Any, *, where: str) -> None:
 def checked(client: Any, owned: Iterable[Any], *, where: str) -> None:
     """:func:`check_secret_client` for a client the provider built: on refusal, close what it made."""
     try:
-        check_secret_client(client, where=where)
+        check_secret_client(client, where=where, built=True)
     except ConfigurationError:
         for resource in owned:
             close = resource.close()

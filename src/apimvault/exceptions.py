@@ -4,7 +4,8 @@ The tree::
 
     ApimVaultError
     ├── ConfigurationError (also ValueError)     bad arguments or environment: fix the code or the env
-    │   └── InsecureTransportError                 the key would travel over plain http
+    │   ├── InsecureTransportError                 the key would travel over plain http
+    │   └── KeyInHeadersError                      a static key in ``default_headers`` (the provider sets it)
     ├── RotationError                              a dual-key rotation could not be done safely
     ├── QuotaExceededError (also openai.PermissionDeniedError)  APIM's quota (quota-by-key or the
     │                                              azure-openai-token-limit quota) is spent until renewal
@@ -37,6 +38,7 @@ __all__ = [
     "CredentialError",
     "InsecureTransportError",
     "InvalidSecretValueError",
+    "KeyInHeadersError",
     "KeyUnavailableError",
     "QuotaExceededError",
     "RotationError",
@@ -58,6 +60,11 @@ class ConfigurationError(ApimVaultError, ValueError):
 
 class InsecureTransportError(ConfigurationError):
     """The key would be sent over plain http; pass ``allow_insecure_http=True`` only for loopback tests."""
+
+
+class KeyInHeadersError(ConfigurationError):
+    """``default_headers`` carries a subscription-key header: a static key there would be sent as it is,
+    never rotated, beside the provider's. Remove it: the client sets the provider's current key itself."""
 
 
 class RotationError(ApimVaultError):

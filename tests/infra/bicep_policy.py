@@ -61,11 +61,13 @@ ROTATOR_ACTIONS = {
     "Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action",
     "Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action",
 }
-# The rotator's Key Vault data role: read the value, write new versions, read versions' metadata. No delete,
-# purge, backup, restore or recover (Key Vault Secrets Officer has all of those).
+# The rotator's Key Vault data role: read the value, write new versions, update versions' tags (the rotation's
+# RotationPending / CredentialId tags), read versions' metadata. No delete, purge, backup, restore or recover
+# (Key Vault Secrets Officer has all of those).
 SECRET_ROTATOR_DATA_ACTIONS = {
     "Microsoft.KeyVault/vaults/secrets/getSecret/action",
     "Microsoft.KeyVault/vaults/secrets/setSecret/action",
+    "Microsoft.KeyVault/vaults/secrets/update/action",
     "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
 }
 # Custom role kind -> (actions, data actions, the resource type it is assignable on, where it is assigned).
@@ -178,7 +180,27 @@ def bicep_files(root: Path = INFRA) -> list[Path]:
 
 
 def load_templates(root: Path = INFRA) -> list[Template]:
-    return [Template(str(p.relative_to(root)), parse_bicep(p.read_text())) for p in bicep_files(root)]
+    return [
+        Template(str(p.relative_to(root)), inline_json_content(parse_bicep(p.read_text()), p.parent))
+        for p in bicep_files(root)
+    ]
+
+
+def inline_json_content(node: Any, base: Path) -> Any:
+    """``node`` with every ``loadJsonContent('file'[, '$.a.b'])`` replaced by the JSON it loads (Bicep inlines
+    it at compile time too), so the checks see e.g. the rotator roles of ``infra/roles/rotator.json``."""
+    if isinstance(node, list):
+        return [inline_json_content(item, base) for item in node]
+    if not isinstance(node, dict):
+        return node
+    fn = node.get("function")
+    if isinstance(fn, dict) and fn.get("type") == "load_json_content":
+        params = fn.get("parameters") or {}
+        value: Any = json.loads((base / str(params["file_path"])).read_text(encoding="utf-8"))
+        for key in [k for k in str(params.get("json_path") or "$").removeprefix("$").split(".") if k]:
+            value = value[key]
+        return value
+    return {key: inline_json_content(value, base) for key, value in node.items()}
 
 
 def config_of(res: dict[str, Any]) -> dict[str, Any]:
@@ -622,7 +644,10 @@ def _validity_days(t: Template, value: Any) -> int | None:
 # ------------------------------------------------------------------------------------ the function app
 
 FUNCTION_APP = "Microsoft.Web/sites"
-MAX_ROTATION_INSTANCES = 4
+# Flex Consumption maximumInstanceCount: 40 is the lowest value every region accepts (lower ones only in some
+# regions in preview: azure-functions-host#10523), 1000 the highest (Learn: Flex Consumption plan).
+FLEX_INSTANCES_MIN = 40
+FLEX_INSTANCES_MAX = 1000
 
 
 def _max_value(t: Template, value: Any) -> int | None:
@@ -637,10 +662,24 @@ def _max_value(t: Template, value: Any) -> int | None:
     return None
 
 
+def _min_value(t: Template, value: Any) -> int | None:
+    """An int literal, or the smallest value a parameter can take (its @minValue, else None = unbounded)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value in t.parameters:
+        floor = t.decorator(value, "min_value")
+        return floor if isinstance(floor, int) else None
+    return None
+
+
 def check_function_apps(templates: Iterable[Template]) -> list[str]:
-    """Flex Consumption function apps: no cors block (unsupported there), few instances (at most
-    MAX_ROTATION_INSTANCES, parameter ceiling included) with one invocation per instance (HTTP trigger
-    concurrency 1 and a one-thread Python pool), and the app deployed after its storage's private endpoint."""
+    """Flex Consumption function apps: no cors block (unsupported there), an instance cap every region
+    accepts (FLEX_INSTANCES_MIN..FLEX_INSTANCES_MAX, a parameter's whole @minValue..@maxValue range and its
+    default included; overlapping runs are serialised by the rotation lease, not by the cap), one invocation
+    per instance (HTTP trigger concurrency 1 and a one-thread Python pool), and the app deployed after its
+    storage's private endpoint."""
     problems: list[str] = []
     for t in templates:
         for symbol, res in t.of_type(FUNCTION_APP):
@@ -650,11 +689,16 @@ def check_function_apps(templates: Iterable[Template]) -> list[str]:
             if "cors" in site:
                 problems.append(f"{where}: siteConfig.cors is not supported on Flex Consumption")
             scale = (p.get("functionAppConfig") or {}).get("scaleAndConcurrency") or {}
-            most = _max_value(t, scale.get("maximumInstanceCount"))
-            if most is None or most > MAX_ROTATION_INSTANCES:
+            cap = scale.get("maximumInstanceCount")
+            least, most = _min_value(t, cap), _max_value(t, cap)
+            if least is None or least < FLEX_INSTANCES_MIN or most is None or most > FLEX_INSTANCES_MAX:
                 problems.append(
-                    f"{where}: maximumInstanceCount can be {most!r} (at most {MAX_ROTATION_INSTANCES})"
+                    f"{where}: maximumInstanceCount can be {least!r}..{most!r}, outside the range every "
+                    f"region accepts ({FLEX_INSTANCES_MIN}..{FLEX_INSTANCES_MAX})"
                 )
+            default = t.parameters.get(cap, {}).get("default") if isinstance(cap, str) else None
+            if isinstance(default, int) and not FLEX_INSTANCES_MIN <= default <= FLEX_INSTANCES_MAX:
+                problems.append(f"{where}: maximumInstanceCount defaults to {default}")
             per_instance = ((scale.get("triggers") or {}).get("http") or {}).get("perInstanceConcurrency")
             if per_instance != 1:
                 problems.append(f"{where}: triggers.http.perInstanceConcurrency is {per_instance!r}, not 1")
@@ -720,30 +764,137 @@ REQUIRED_METRIC_ALERTS = {
     ("Microsoft.EventGrid/systemTopics", "DeliveryAttemptFailCount"): "Event Grid delivery failures",
     ("microsoft.insights/components", "requests/failed"): "rotation function errors",
 }
+FUNCTION_ROLE_DIMENSION = "cloud/roleName"
+
+
+def expand(t: Template, value: Any, _depth: int = 0) -> Any:
+    """``value`` with every variable reference replaced by the variable's value, recursively."""
+    if _depth > 10:
+        return value
+    if isinstance(value, str) and value in t.variables:
+        return expand(t, t.variables[value].get("value"), _depth + 1)
+    if isinstance(value, dict):
+        return {k: expand(t, v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(t, v, _depth + 1) for v in value]
+    return value
+
+
+def _receivers_guaranteed(t: Template, receivers: Any) -> bool:
+    """A non-empty literal list, or a loop over a required parameter (no default) with @minLength >= 1."""
+    if isinstance(receivers, list):
+        return bool(receivers)
+    if isinstance(receivers, dict) and "loop_type" in receivers:
+        array = ((receivers.get("loop_type") or {}).get("detail") or {}).get("array_name")
+        if not isinstance(array, str) or array not in t.parameters:
+            return False
+        param = t.parameters[array]
+        floor = t.decorator(array, "min_length")
+        return param is not None and param.get("default") is None and isinstance(floor, int) and floor >= 1
+    return False
+
+
+def check_action_groups(templates: Iterable[Template]) -> list[str]:
+    """Every action group created is unconditional and has at least one receiver for sure: some
+    ``*Receivers`` list is a non-empty literal or a loop over a required parameter with @minLength(1), so a
+    deployment without a receiver fails validation instead of creating alerts that reach nobody."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type(ACTION_GROUP):
+            where = f"{t.name}:{symbol}"
+            if (res.get("config") or {}).get("condition") is not None:
+                problems.append(f"{where}: created only under a condition (alerts could reach nobody)")
+            p = _props(res)
+            lists = {k: v for k, v in p.items() if k.endswith("Receivers")}
+            if not any(_receivers_guaranteed(t, v) for v in lists.values()):
+                problems.append(
+                    f"{where}: no receiver guaranteed (needs a non-empty list or a loop over a required "
+                    "parameter with @minLength(1))"
+                )
+    return problems
+
+
+def _group_outputs(templates: list[Template]) -> dict[str, set[str]]:
+    """File -> names of its outputs whose value is the id of an action group the file creates."""
+    found: dict[str, set[str]] = {}
+    for t in templates:
+        groups = {symbol for symbol, _ in t.of_type(ACTION_GROUP)}
+        for name, out in t.outputs.items():
+            acc = _accessor(t.resolve(out.get("value")))
+            if acc and acc[0] in groups and acc[1] == "id":
+                found.setdefault(t.name, set()).add(name)
+    return found
+
+
+def _param_is_created_group(t: Template, param: str, templates: list[Template]) -> bool:
+    """Every module call of ``t`` (in any file) passes ``param`` a created action group's id output."""
+    outputs = _group_outputs(templates)
+    calls = [
+        (caller, mod)
+        for caller in templates
+        for mod in caller.modules.values()
+        if str(((mod.get("detail") or {}).get("path")) or "") == t.name
+    ]
+    if not calls:
+        return False
+    for caller, mod in calls:
+        passed = dotted(((mod.get("config") or {}).get("params") or {}).get(param))
+        parts = (passed or "").split(".")
+        if len(parts) != 3 or parts[1] != "outputs" or parts[0] not in caller.modules:
+            return False
+        path = str(((caller.modules[parts[0]].get("detail") or {}).get("path")) or "")
+        if parts[2] not in outputs.get(path, set()):
+            return False
+    return True
+
+
+def _notifies_created_group(t: Template, actions: Any, templates: list[Template]) -> bool:
+    """The (variable-expanded) actions reference the id of an action group created in the same file, or a
+    parameter that every caller fills with such an id from the module that creates it."""
+    text = json.dumps(expand(t, actions))
+    if any(f'"operand_1": "{symbol}", "operand_2": "id"' in text for symbol, _ in t.of_type(ACTION_GROUP)):
+        return True
+    referenced = {p for p in t.parameters if f'"{p}"' in text}
+    return any(_param_is_created_group(t, p, templates) for p in referenced)
 
 
 def check_alerts(templates: Iterable[Template]) -> list[str]:
-    """The alerts that make a silent stop of rotation page someone: metric alerts for dead-lettered events,
-    delivery failures and function errors, and a scheduled query on the vault's audit logs for "near expiry
-    and no new version written"; every alert notifies the action group taken from an actionGroupId
-    parameter (or the group created when it is empty)."""
+    """The alerts that make a silent stop of rotation (or a bad key) page someone: metric alerts for
+    dead-lettered events, delivery failures and function errors (the latter only for the function's own
+    cloud_RoleName), a scheduled query on the vault's audit logs for "near expiry and no new version
+    written", and a scheduled query on the gateway's 401 rate; every alert notifies an action group created
+    in the same file (whose receivers check_action_groups guarantees)."""
     problems: list[str] = []
     templates = list(templates)
     found: set[tuple[str, str]] = set()
-    overdue = False
+    overdue = unauthorized = False
     for t in templates:
-        has_param = "actionGroupId" in t.parameters
-        group_refs = {"actionGroupResourceId", "actionGroupId"}
         for symbol, res in t.of_type(METRIC_ALERT):
             where = f"{t.name}:{symbol}"
             p = _props(res)
             for criterion in (p.get("criteria") or {}).get("allOf") or []:
-                found.add((str(criterion.get("metricNamespace")), str(criterion.get("metricName"))))
+                key = (str(criterion.get("metricNamespace")), str(criterion.get("metricName")))
+                found.add(key)
                 if criterion.get("threshold") != 0 or criterion.get("operator") != "GreaterThan":
                     problems.append(f"{where}: must fire on the first occurrence (GreaterThan 0)")
-            targets = {a.get("actionGroupId") for a in p.get("actions") or [] if isinstance(a, dict)}
-            if not has_param or not targets & group_refs:
-                problems.append(f"{where}: does not notify the actionGroupId parameter's action group")
+                if key == ("microsoft.insights/components", "requests/failed"):
+                    dims = [d for d in criterion.get("dimensions") or [] if isinstance(d, dict)]
+                    role = [
+                        d
+                        for d in dims
+                        if d.get("name") == FUNCTION_ROLE_DIMENSION
+                        and d.get("operator") == "Include"
+                        and isinstance(d.get("values"), list)
+                        and d["values"]
+                        and "*" not in d["values"]
+                    ]
+                    if not role:
+                        problems.append(
+                            f"{where}: requests/failed is not limited to the function's "
+                            f"{FUNCTION_ROLE_DIMENSION}"
+                        )
+            if not _notifies_created_group(t, p.get("actions"), templates):
+                problems.append(f"{where}: does not notify the action group created with receivers")
         for symbol, res in t.of_type(SCHEDULED_QUERY):
             where = f"{t.name}:{symbol}"
             p = _props(res)
@@ -755,23 +906,166 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
                     problems.append(f"{where}: autoMitigate must be false (the alert stays until closed)")
                 if "ago(overdue)" not in text:
                     problems.append(f"{where}: query has no overdue grace period")
-            groups = set((p.get("actions") or {}).get("actionGroups") or [])
-            if not has_param or not groups & group_refs:
-                problems.append(f"{where}: does not notify the actionGroupId parameter's action group")
+                if p.get("skipQueryValidation") is not True:
+                    problems.append(
+                        f"{where}: skipQueryValidation is not true (AzureDiagnostics has no Key Vault "
+                        "columns before the vault's first log: creating the rule would fail on a fresh "
+                        "workspace)"
+                    )
+            if "ApiManagementGatewayLogs" in text and "ResponseCode == 401" in text:
+                unauthorized = True
+            if not _notifies_created_group(t, (p.get("actions") or {}).get("actionGroups"), templates):
+                problems.append(f"{where}: does not notify the action group created with receivers")
     for key, what in REQUIRED_METRIC_ALERTS.items():
         if key not in found:
             problems.append(f"no metric alert for {what} ({key[0]} {key[1]})")
     if not overdue:
         problems.append("no scheduled query alert for a secret near expiry without a new version")
+    if not unauthorized:
+        problems.append("no scheduled query alert on the gateway's 401 rate (ApiManagementGatewayLogs)")
+    return problems
+
+
+# ------------------------------------------------------------------------------- APIM logging: key masked
+
+APIM_LOGGER = "Microsoft.ApiManagement/service/loggers"
+APIM_DIAGNOSTICS = (
+    "Microsoft.ApiManagement/service/diagnostics",
+    "Microsoft.ApiManagement/service/apis/diagnostics",
+)
+KEY_QUERY_PARAMETER = "subscription-key"
+KEY_HEADER = "ocp-apim-subscription-key"
+MASK_MODES = {"Hide", "Mask"}
+
+
+def _masks(entities: Any, name: str) -> bool:
+    return isinstance(entities, list) and any(
+        isinstance(e, dict) and str(e.get("value", "")).lower() == name and e.get("mode") in MASK_MODES
+        for e in entities
+    )
+
+
+def check_apim_logging(templates: Iterable[Template]) -> list[str]:
+    """Every APIM diagnostic (service-wide and per API, i.e. every logger's) masks the subscription key where
+    a request carries it: dataMasking on frontend.request and backend.request with the subscription-key query
+    parameter and the Ocp-Apim-Subscription-Key header, mode Hide or Mask. Every logger declared is used by
+    such a diagnostic."""
+    problems: list[str] = []
+    used_loggers: set[str] = set()
+    loggers: list[tuple[str, str]] = []
+    for t in templates:
+        loggers += [(t.name, symbol) for symbol, _ in t.of_type(APIM_LOGGER)]
+        for rtype in APIM_DIAGNOSTICS:
+            for symbol, res in t.of_type(rtype):
+                where = f"{t.name}:{symbol}"
+                p = expand(t, _props(res))
+                logger = _accessor(p.get("loggerId"))
+                if logger and logger[1] == "id":
+                    used_loggers.add(f"{t.name}:{logger[0]}")
+                for side in ("frontend", "backend"):
+                    request = (
+                        ((p.get(side) or {}).get("request") or {}) if isinstance(p.get(side), dict) else {}
+                    )
+                    masking = request.get("dataMasking") if isinstance(request, dict) else None
+                    masking = masking if isinstance(masking, dict) else {}
+                    if not _masks(masking.get("queryParams"), KEY_QUERY_PARAMETER):
+                        problems.append(
+                            f"{where}: {side}.request.dataMasking does not hide/mask query parameter "
+                            f"{KEY_QUERY_PARAMETER}"
+                        )
+                    if not _masks(masking.get("headers"), KEY_HEADER):
+                        problems.append(
+                            f"{where}: {side}.request.dataMasking does not hide/mask header "
+                            "Ocp-Apim-Subscription-Key"
+                        )
+    for name, symbol in loggers:
+        if f"{name}:{symbol}" not in used_loggers:
+            problems.append(f"{name}:{symbol}: logger without a diagnostic that masks the key")
+    return problems
+
+
+# ---------------------------------------------------------------------------------- function egress
+
+SUBNET_DELEGATION_FUNCTIONS = "Microsoft.App/environments"
+NAT_GATEWAY = "Microsoft.Network/natGateways"
+
+
+def check_function_egress(templates: Iterable[Template]) -> list[str]:
+    """The Flex Consumption integration subnet (delegated to Microsoft.App/environments) has explicit egress:
+    a NAT gateway of the same file attached, and defaultOutboundAccess false (no reliance on the implicit
+    outbound access Microsoft is retiring)."""
+    problems: list[str] = []
+    for t in templates:
+        nat_symbols = {symbol for symbol, _ in t.of_type(NAT_GATEWAY)}
+        for symbol, res in t.of_type("Microsoft.Network/virtualNetworks"):
+            for subnet in _props(res).get("subnets") or []:
+                if not isinstance(subnet, dict):
+                    continue
+                sp = subnet.get("properties") or {}
+                delegations = json.dumps(sp.get("delegations") or [])
+                if SUBNET_DELEGATION_FUNCTIONS not in delegations:
+                    continue
+                where = f"{t.name}:{symbol}/{t.resolve(subnet.get('name'))}"
+                nat = (
+                    _accessor((sp.get("natGateway") or {}).get("id"))
+                    if isinstance(sp.get("natGateway"), dict)
+                    else None
+                )
+                if not nat or nat[0] not in nat_symbols or nat[1] != "id":
+                    problems.append(f"{where}: function subnet without a NAT gateway (egress left implicit)")
+                if sp.get("defaultOutboundAccess") is not False:
+                    problems.append(f"{where}: defaultOutboundAccess is not false")
     return problems
 
 
 # ------------------------------------------------------------------------------------ token limits
 
 
+TOKEN_LIMIT_POLICIES = ("azure-openai-token-limit", "llm-token-limit")
+
+
+def policy_text(t: Template, res: dict[str, Any]) -> str | None:
+    """The XML of an APIM policy resource: a literal value, or the file loadTextContent() names (relative
+    to the template's folder under infra/)."""
+    value = _props(res).get("value")
+    if isinstance(value, str):
+        return value
+    fn = (value or {}).get("function") if isinstance(value, dict) else None
+    if fn and fn.get("type") == "load_text_content":
+        path = (fn.get("parameters") or {}).get("file_path")
+        if isinstance(path, str):
+            file = INFRA / Path(t.name).parent / path
+            return file.read_text() if file.is_file() else None
+    return None
+
+
+def _prompt_estimate_problems(templates: Iterable[Template]) -> list[str]:
+    """estimate-prompt-tokens="true" only on an API imported from a specification (properties.format and
+    value): APIM estimates prompt tokens from the API's prompt schema, which a hand-defined API lacks, so
+    there the attribute promises a pre-check that never happens."""
+    problems: list[str] = []
+    for t in templates:
+        for symbol, res in t.of_type("Microsoft.ApiManagement/service/apis/policies"):
+            text = policy_text(t, res) or ""
+            if not re.search(r'estimate-prompt-tokens\s*=\s*"true"', text):
+                continue
+            if not any(tag in text for tag in TOKEN_LIMIT_POLICIES):
+                continue
+            api = t.resources.get(str(config_of(res).get("parent")))
+            api_props = _props(api) if api else {}
+            if not (api_props.get("format") and api_props.get("value")):
+                problems.append(
+                    f'{t.name}:{symbol}: estimate-prompt-tokens="true" on an API without an imported '
+                    "specification (no prompt schema to estimate from)"
+                )
+    return problems
+
+
 def check_token_limits(templates: Iterable[Template]) -> list[str]:
-    """The APIM named value the token-limit policy reads is set from a bounded parameter with a default, and
-    the API's Application Insights diagnostic has custom metrics on (the token-metric policy needs it)."""
+    """The APIM named value the token-limit policy reads is set from a bounded parameter with a default, the
+    API's Application Insights diagnostic has custom metrics on (the token-metric policy needs it), and
+    prompt-token estimation is asked for only where the API has a prompt schema."""
+    templates = list(templates)
     problems: list[str] = []
     named = metrics = False
     for t in templates:
@@ -799,6 +1093,19 @@ def check_token_limits(templates: Iterable[Template]) -> list[str]:
             p = _props(res)
             if p.get("metrics") is True and p.get("logClientIp") is False:
                 metrics = True
+    problems += _prompt_estimate_problems(templates)
+    emits = any(
+        "emit-token-metric" in (policy_text(t, res) or "")
+        for t in templates
+        for _, res in t.of_type("Microsoft.ApiManagement/service/apis/policies")
+    )
+    for t in templates:
+        for symbol, res in t.of_type("Microsoft.Insights/components"):
+            if emits and t.resolve(_props(res).get("CustomMetricsOptedInType")) != "WithDimensions":
+                problems.append(
+                    f"{t.name}:{symbol}: CustomMetricsOptedInType is not 'WithDimensions' (the token "
+                    "metrics' dimensions would be dropped)"
+                )
     if not named:
         problems.append("no named value apimvault-tokens-per-minute for the azure-openai-token-limit policy")
     if not metrics:

@@ -23,10 +23,13 @@ from .bicep_policy import (
     SYSTEM_TOPIC,
     V2_TIERS,
     Template,
+    check_action_groups,
     check_alerts,
     check_apim,
+    check_apim_logging,
     check_custom_role_ordering,
     check_function_apps,
+    check_function_egress,
     check_key_vaults,
     check_outputs_and_parameters,
     check_role_assignments,
@@ -189,6 +192,26 @@ def test_secret_rotation_tags_expiry_and_seed(templates: list[Template]) -> None
     assert params["secretValidityDays"]["value"] > 30
 
 
+QUEUE = "Microsoft.Storage/storageAccounts/queueServices/queues"
+QUEUE_CONTRIBUTOR = "974c5e8b-45b9-4653-ba55-5f855dd0fb88"  # Storage Queue Data Contributor
+QUEUE_SENDER = "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a"  # Storage Queue Data Message Sender
+QUEUE_ROLES = {QUEUE_CONTRIBUTOR, QUEUE_SENDER}
+SYSTEM_TOPIC_PRINCIPAL = {
+    "operator": {
+        "type": "property_accessor",
+        "operands": {
+            "operand_1": "systemTopic",
+            "operand_2": {
+                "operator": {
+                    "type": "property_accessor",
+                    "operands": {"operand_1": "identity", "operand_2": "principalId"},
+                }
+            },
+        },
+    }
+}
+
+
 def test_near_expiry_event_subscription_filtered_with_retry_and_dead_letter(
     templates: list[Template],
 ) -> None:
@@ -204,8 +227,93 @@ def test_near_expiry_event_subscription_filtered_with_retry_and_dead_letter(
     assert p["retryPolicy"]["maxDeliveryAttempts"] >= 1
     dead_letter = p["deadLetterWithResourceIdentity"]["deadLetterDestination"]
     assert dead_letter["endpointType"] == "StorageBlob"
-    assert p["destination"]["endpointType"] == "AzureFunction"
-    assert p["destination"]["properties"]["maxEventsPerBatch"] == 1
+
+
+def test_events_reach_the_function_through_a_queue_on_its_own_storage_account(
+    templates: list[Template],
+) -> None:
+    """Issue 19 item 4: Event Grid -> Storage queue (system identity, Message Sender on that queue only) ->
+    queue trigger (host identity, Queue Data Contributor on the queue and its poison queue only), read
+    through a queue private endpoint; a message in the poison queue pages."""
+    rotation = _one(templates, "modules/rotation.bicep")
+    ((_, sub),) = rotation.of_type(EVENT_SUBSCRIPTION)
+    config = sub["config"]["config"]
+    p = config["properties"]
+    assert "destination" not in p  # no push to the function: its 30 s answer window is too short
+    delivery = p["deliveryWithResourceIdentity"]
+    assert delivery["identity"] == {"type": "SystemAssigned"}  # the only kind a storage firewall admits
+    destination = delivery["destination"]
+    assert destination["endpointType"] == "StorageQueue"
+    queue_name = rotation.resolve(destination["properties"]["queueName"])
+    handler_py = (INFRA / "rotation_function" / "rotation_handler.py").read_text()
+    assert queue_name == "apimvault-rotation-events"
+    assert f'ROTATION_QUEUE = "{queue_name}"' in handler_py
+    assert json.dumps(destination["properties"]["resourceId"]) == json.dumps(
+        {"operator": {"type": "property_accessor", "operands": {"operand_1": "storage", "operand_2": "id"}}}
+    )
+    assert "topicQueueSender" in config["dependsOn"]
+    queues = {rotation.resolve(res["config"]["name"]) for _, res in rotation.of_type(QUEUE)}
+    assert queues == {queue_name, "${rotationQueueName}-poison"}
+    # Grants on queues: exactly the topic's sender role and the host's contributor role, scoped to queues.
+    grants = {g for g in role_grants(templates) if g[0] in QUEUE_ROLES or g[2] == QUEUE}
+    assert grants == {
+        (QUEUE_CONTRIBUTOR, '"functionHostPrincipalId"', QUEUE),
+        (QUEUE_SENDER, json.dumps(SYSTEM_TOPIC_PRINCIPAL), QUEUE),
+    }
+    scopes = {
+        symbol: res["config"]["scope"]
+        for symbol, res in rotation.of_type("Microsoft.Authorization/roleAssignments")
+        if "Queue" in symbol
+    }
+    assert scopes == {
+        "hostRotationQueueContributor": "rotationQueue",
+        "hostPoisonQueueContributor": "poisonQueue",
+        "topicQueueSender": "rotationQueue",
+    }
+    # The trigger's connection: the host's identity-based AzureWebJobsStorage (no key, no connection string).
+    settings = {
+        s["name"]: s["value"]
+        for s in rotation.resources["functionApp"]["config"]["properties"]["siteConfig"]["appSettings"]
+    }
+    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert not [n for n in settings if n.startswith("AzureWebJobsStorage") and "onnection" in n]
+    function_app_py = (INFRA / "rotation_function" / "function_app.py").read_text()
+    assert 'QUEUE_CONNECTION = "AzureWebJobsStorage"' in function_app_py
+    assert rotation.modules["queuePrivateEndpoint"]["config"]["params"]["groupId"] == "queue"
+    assert "queuePrivateEndpoint" in rotation.resources["functionApp"]["config"]["dependsOn"]
+    main = _one(templates, "main.bicep")
+    assert main.modules["rotation"]["config"]["params"]["queueDnsZoneId"] == {
+        "operator": {
+            "type": "property_accessor",
+            "operands": {
+                "operand_1": "network",
+                "operand_2": {
+                    "operator": {
+                        "type": "property_accessor",
+                        "operands": {"operand_1": "outputs", "operand_2": "queueDnsZoneId"},
+                    }
+                },
+            },
+        }
+    }
+    # The poison alert: a log query on the account's queue writes, paging the action group, until closed.
+    alerts = _one(templates, "modules/alerts.bicep")
+    poisoned = alerts.resources["rotationPoisoned"]["config"]["properties"]
+    query = json.dumps(alerts.resolve(poisoned["criteria"]["allOf"][0]["query"]))
+    assert "StorageQueueLogs" in query and "PutMessage" in query and '"arg_2": "poisonQueueName"' in query
+    assert poisoned["autoMitigate"] is False
+    # the group created in alerts.bicep (plus the optional existing one)
+    assert poisoned["actions"]["actionGroups"] == "queryAlertActionGroups"
+    assert "poisonQueueName" in json.dumps(main.modules["alerts"]["config"]["params"]["poisonQueueName"])
+    diagnostics = [
+        res
+        for _, res in rotation.of_type("Microsoft.Insights/diagnosticSettings")
+        if res["config"].get("scope") == "queueService"
+    ]
+    assert [log["category"] for log in diagnostics[0]["config"]["properties"]["logs"]] == [
+        "StorageWrite",
+        "StorageDelete",
+    ]
 
 
 def test_backend_local_auth_disabled_and_apim_uses_managed_identity(templates: list[Template]) -> None:
@@ -545,13 +653,15 @@ def test_triple_des_setting_only_for_tiers_that_support_cipher_changes(templates
     assert set(main.decorator("apimSkuName", "allowed")) <= V2_TIERS
 
 
-def test_function_app_has_no_cors_few_instances_one_invocation_each_and_waits_for_storage_endpoint(
+def test_function_app_has_no_cors_an_accepted_instance_cap_one_invocation_each_and_waits_for_storage(
     templates: list[Template],
 ) -> None:
-    """Point 4."""
+    """Issue 15 point 4; issue 20 item 1: the instance cap is one every region accepts (40..1000)."""
     assert check_function_apps(templates) == []
     rotation = _one(templates, "modules/rotation.bicep")
-    assert rotation.parameters["maximumInstanceCount"]["default"] == 1
+    assert rotation.parameters["maximumInstanceCount"]["default"] == 40
+    assert rotation.decorator("maximumInstanceCount", "min_value") == 40
+    assert rotation.decorator("maximumInstanceCount", "max_value") == 1000
     assert "storagePrivateEndpoint" in rotation.resources["functionApp"]["config"]["dependsOn"]
 
 
@@ -578,11 +688,30 @@ def test_redeploys_leave_the_secret_versions_and_expiry_alone(templates: list[Te
 def test_alerts_page_when_rotation_stops(templates: list[Template]) -> None:
     """Point 9: dead letters, delivery failures, function errors, near expiry without a new version."""
     assert check_alerts(templates) == []
+    assert check_action_groups(templates) == []
     alerts = _one(templates, "modules/alerts.bicep")
-    assert alerts.parameters["actionGroupId"]["default"] == ""
+    assert alerts.parameters["additionalActionGroupId"]["default"] == ""
     main = _one(templates, "main.bicep")
-    assert main.modules["alerts"]["config"]["params"]["actionGroupId"] == "alertActionGroupId"
+    params = main.modules["alerts"]["config"]["params"]
+    assert params["additionalActionGroupId"] == "alertActionGroupId"
+    assert params["emailAddresses"] == "alertEmailAddresses"
+    # Receivers are required all the way up: main.bicep's parameter has no default and @minLength(1), and the
+    # parameter file does not fill it in for the deployer.
+    assert main.parameters["alertEmailAddresses"]["default"] is None
+    assert main.decorator("alertEmailAddresses", "min_length") == 1
+    assert "alertEmailAddresses" not in json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    # The function-errors alert is scoped to the function app's own cloud_RoleName.
+    assert dotted(params["functionAppName"]) == "rotation.outputs.functionAppName"
     assert main.decorator("rotationOverdueHours", "min_value") >= 25  # past Event Grid's 24 h of retries
+
+
+def test_overdue_rule_without_skip_query_validation_is_refused(templates: list[Template]) -> None:
+    alerts = _one(templates, "modules/alerts.bicep")
+    text = (INFRA / "modules" / "alerts.bicep").read_text()
+    assert text.count("skipQueryValidation: true") == 2
+    bad = parse_text(text.replace("skipQueryValidation: true", "skipQueryValidation: false"), alerts.name)
+    problems = "\n".join(check_alerts([bad]))
+    assert "rotationOverdue: skipQueryValidation is not true" in problems, problems
 
 
 def test_token_limit_and_metrics_have_safe_defaults(templates: list[Template]) -> None:
@@ -654,7 +783,7 @@ def test_function_seeding_alert_and_token_checks_flag_bad_snippets() -> None:
     function = "\n".join(check_function_apps([parse_text(BAD_FUNCTION)]))
     for expected in (
         "siteConfig.cors is not supported",
-        "maximumInstanceCount can be 100",
+        "maximumInstanceCount can be None..100, outside the range every region accepts (40..1000)",
         "perInstanceConcurrency is None, not 1",
         "PYTHON_THREADPOOL_THREAD_COUNT is not '1'",
         "does not depend on the storage account's blob private endpoint",
@@ -672,10 +801,11 @@ def test_function_seeding_alert_and_token_checks_flag_bad_snippets() -> None:
     alerts = "\n".join(check_alerts([parse_text(BAD_ALERTS)]))
     for expected in (
         "a: must fire on the first occurrence",
-        "a: does not notify the actionGroupId parameter's action group",
+        "a: does not notify the action group created with receivers",
         "Event Grid delivery failures",
         "rotation function errors",
-        "no scheduled query alert",
+        "no scheduled query alert for a secret near expiry",
+        "no scheduled query alert on the gateway's 401 rate",
     ):
         assert expected in alerts, alerts
     tokens = "\n".join(check_token_limits([parse_text(BAD_FUNCTION)]))
@@ -702,3 +832,394 @@ resource apim 'Microsoft.ApiManagement/service@2024-05-01' = {
 """
     problems = check_apim([parse_text(snippet)])
     assert any("TripleDes168" in p and "v2 tiers" in p for p in problems), problems
+
+
+# ------------------------------------------------------------------------------------------ issue 20
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [
+        pytest.param("maximumInstanceCount: 1", "can be 1..1, outside", id="literal-1"),
+        pytest.param("maximumInstanceCount: 1001", "can be 1001..1001, outside", id="literal-1001"),
+        pytest.param("maximumInstanceCount: instances", "can be 1..4, outside", id="old-param-range"),
+        pytest.param("maximumInstanceCount: wide", "maximumInstanceCount defaults to 1", id="bad-default"),
+    ],
+)
+def test_instance_cap_outside_the_accepted_range_is_refused(cap: str, expected: str) -> None:
+    snippet = f"""
+@minValue(1)
+@maxValue(4)
+param instances int = 1
+@minValue(40)
+@maxValue(1000)
+param wide int = 1
+resource app 'Microsoft.Web/sites@2024-04-01' = {{
+  name: 'func'
+  properties: {{
+    functionAppConfig: {{
+      scaleAndConcurrency: {{
+        {cap}
+      }}
+    }}
+  }}
+}}
+"""
+    problems = "\n".join(check_function_apps([parse_text(snippet)]))
+    assert expected in problems, problems
+    good = snippet.replace(cap, "maximumInstanceCount: 40")
+    assert "maximumInstanceCount" not in "\n".join(check_function_apps([parse_text(good)]))
+
+
+ACTION_GROUPS = """
+param optionalEmails array = []
+param requiredEmails array
+@minLength(1)
+param emails array
+param create bool = true
+resource empty 'Microsoft.Insights/actionGroups@2023-01-01' = {
+  name: 'empty'
+  location: 'global'
+  properties: {
+    groupShortName: 'e'
+    enabled: true
+    emailReceivers: []
+  }
+}
+resource defaulted 'Microsoft.Insights/actionGroups@2023-01-01' = {
+  name: 'defaulted'
+  location: 'global'
+  properties: {
+    groupShortName: 'd'
+    enabled: true
+    emailReceivers: [for (address, i) in optionalEmails: {
+      name: 'email-${i}'
+      emailAddress: address
+    }]
+  }
+}
+resource unbounded 'Microsoft.Insights/actionGroups@2023-01-01' = {
+  name: 'unbounded'
+  location: 'global'
+  properties: {
+    groupShortName: 'u'
+    enabled: true
+    emailReceivers: [for (address, i) in requiredEmails: {
+      name: 'email-${i}'
+      emailAddress: address
+    }]
+  }
+}
+resource conditional 'Microsoft.Insights/actionGroups@2023-01-01' = if (create) {
+  name: 'conditional'
+  location: 'global'
+  properties: {
+    groupShortName: 'c'
+    enabled: true
+    emailReceivers: [for (address, i) in emails: {
+      name: 'email-${i}'
+      emailAddress: address
+    }]
+  }
+}
+resource good 'Microsoft.Insights/actionGroups@2023-01-01' = {
+  name: 'good'
+  location: 'global'
+  properties: {
+    groupShortName: 'g'
+    enabled: true
+    emailReceivers: [for (address, i) in emails: {
+      name: 'email-${i}'
+      emailAddress: address
+    }]
+  }
+}
+"""
+
+
+def test_action_group_without_receivers_is_refused() -> None:
+    problems = check_action_groups([parse_text(ACTION_GROUPS)])
+    text = "\n".join(problems)
+    for expected in (
+        "empty: no receiver guaranteed",
+        "defaulted: no receiver guaranteed",
+        "unbounded: no receiver guaranteed",
+        "conditional: created only under a condition",
+    ):
+        assert expected in text, text
+    assert not [p for p in problems if ":good:" in p or p.startswith("<snippet>:good")], problems
+
+
+MASKING = """
+resource apim 'Microsoft.ApiManagement/service@2024-05-01' existing = {
+  name: 'apim'
+}
+resource api 'Microsoft.ApiManagement/service/apis@2024-05-01' existing = {
+  parent: apim
+  name: 'api'
+}
+resource unused 'Microsoft.ApiManagement/service/loggers@2024-05-01' = {
+  parent: apim
+  name: 'unused'
+  properties: {
+    loggerType: 'applicationInsights'
+  }
+}
+resource logger 'Microsoft.ApiManagement/service/loggers@2024-05-01' = {
+  parent: apim
+  name: 'ai'
+  properties: {
+    loggerType: 'applicationInsights'
+  }
+}
+resource plain 'Microsoft.ApiManagement/service/apis/diagnostics@2024-05-01' = {
+  parent: api
+  name: 'applicationinsights'
+  properties: {
+    loggerId: logger.id
+    frontend: {
+      request: {
+        headers: []
+      }
+    }
+  }
+}
+resource wrongMode 'Microsoft.ApiManagement/service/diagnostics@2024-05-01' = {
+  parent: apim
+  name: 'azuremonitor'
+  properties: {
+    loggerId: logger.id
+    frontend: {
+      request: {
+        dataMasking: {
+          queryParams: [
+            {
+              value: 'subscription-key'
+              mode: 'Show'
+            }
+          ]
+          headers: [
+            {
+              value: 'Ocp-Apim-Subscription-Key'
+              mode: 'Mask'
+            }
+          ]
+        }
+      }
+    }
+  }
+}
+"""
+
+
+def test_logger_without_masking_is_refused(templates: list[Template]) -> None:
+    assert check_apim_logging(templates) == []
+    problems = "\n".join(check_apim_logging([parse_text(MASKING)]))
+    for expected in (
+        "plain: frontend.request.dataMasking does not hide/mask query parameter subscription-key",
+        "plain: frontend.request.dataMasking does not hide/mask header Ocp-Apim-Subscription-Key",
+        "plain: backend.request.dataMasking does not hide/mask query parameter",
+        "wrongMode: frontend.request.dataMasking does not hide/mask query parameter subscription-key",
+        "wrongMode: backend.request.dataMasking does not hide/mask header",
+        "unused: logger without a diagnostic that masks the key",
+    ):
+        assert expected in problems, problems
+    assert "wrongMode: frontend.request.dataMasking does not hide/mask header" not in problems
+
+
+def test_every_apim_diagnostic_hides_the_key_and_the_real_loggers_are_covered(
+    templates: list[Template],
+) -> None:
+    apim = _one(templates, "modules/apim.bicep")
+    masking = apim.variables["keyMasking"]["value"]
+    assert {"value": "subscription-key", "mode": "Hide"} in masking["queryParams"]
+    assert {"value": "Ocp-Apim-Subscription-Key", "mode": "Hide"} in masking["headers"]
+    diagnostics = [s for s, _ in apim.of_type("Microsoft.ApiManagement/service/diagnostics")]
+    diagnostics += [s for s, _ in apim.of_type("Microsoft.ApiManagement/service/apis/diagnostics")]
+    assert sorted(diagnostics) == ["apimGatewayDiagnostics", "openAiApiDiagnostics"]
+
+
+EGRESS = """
+resource nat 'Microsoft.Network/natGateways@2024-05-01' = {
+  name: 'nat'
+  location: 'westeurope'
+}
+resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
+  name: 'vnet'
+  properties: {
+    subnets: [
+      {
+        name: 'implicit'
+        properties: {
+          delegations: [
+            {
+              name: 'd'
+              properties: {
+                serviceName: 'Microsoft.App/environments'
+              }
+            }
+          ]
+        }
+      }
+      {
+        name: 'natButDefaultOutbound'
+        properties: {
+          natGateway: {
+            id: nat.id
+          }
+          delegations: [
+            {
+              name: 'd'
+              properties: {
+                serviceName: 'Microsoft.App/environments'
+              }
+            }
+          ]
+        }
+      }
+    ]
+  }
+}
+"""
+
+
+def test_function_subnet_egress_is_explicit(templates: list[Template]) -> None:
+    assert check_function_egress(templates) == []
+    network = _one(templates, "modules/network.bicep")
+    assert sum(1 for _ in network.of_type("Microsoft.Network/natGateways")) == 1
+    problems = "\n".join(check_function_egress([parse_text(EGRESS)]))
+    assert "vnet/implicit: function subnet without a NAT gateway" in problems, problems
+    assert "vnet/implicit: defaultOutboundAccess is not false" in problems, problems
+    assert "natButDefaultOutbound: defaultOutboundAccess is not false" in problems, problems
+    assert "natButDefaultOutbound: function subnet without a NAT gateway" not in problems, problems
+
+
+def test_prompt_estimation_needs_an_imported_api_and_metrics_keep_dimensions(
+    templates: list[Template],
+) -> None:
+    assert check_token_limits(templates) == []
+    snippet = """
+resource apim 'Microsoft.ApiManagement/service@2024-05-01' existing = {
+  name: 'apim'
+}
+resource api 'Microsoft.ApiManagement/service/apis@2024-05-01' = {
+  parent: apim
+  name: 'api'
+  properties: {
+    path: 'openai'
+  }
+}
+resource policy 'Microsoft.ApiManagement/service/apis/policies@2024-05-01' = {
+  parent: api
+  name: 'policy'
+  properties: {
+    format: 'rawxml'
+    value: 'POLICY'
+  }
+}
+resource appi 'Microsoft.Insights/components@2020-02-02' = {
+  name: 'appi'
+  location: 'westeurope'
+  kind: 'web'
+  properties: {
+    Application_Type: 'web'
+  }
+}
+"""
+    snippet = snippet.replace(
+        "POLICY",
+        '<policies><inbound><azure-openai-token-limit tokens-per-minute="1" estimate-prompt-tokens="true" />'
+        "<azure-openai-emit-token-metric /></inbound></policies>",
+    )
+    problems = "\n".join(check_token_limits([parse_text(snippet)]))
+    assert 'policy: estimate-prompt-tokens="true" on an API without an imported specification' in problems
+    assert "appi: CustomMetricsOptedInType is not 'WithDimensions'" in problems
+    imported = snippet.replace("path: 'openai'", "path: 'openai'\n    format: 'openapi-link'\n    value: 'x'")
+    assert "estimate-prompt-tokens" not in "\n".join(check_token_limits([parse_text(imported)]))
+
+
+def test_vault_name_can_be_changed_after_a_purge_protected_teardown(templates: list[Template]) -> None:
+    """Issue 20 item 6: keyVaultNameSeed changes the vault's name only; empty keeps the original name."""
+    main = _one(templates, "main.bicep")
+    assert main.parameters["keyVaultNameSeed"]["default"] == ""
+    ops = main.variables["keyVaultSuffix"]["value"]["operator"]["operands"]
+    assert ops["true_value"] == "suffix"  # empty seed: the name every earlier deployment used
+    assert "keyVaultNameSeed" in json.dumps(ops["false_value"])
+    assert "keyVaultSuffix" in json.dumps(main.variables["names"]["value"]["keyVault"])
+    assert "keyVaultSuffix" not in json.dumps(
+        {k: v for k, v in main.variables["names"]["value"].items() if k != "keyVault"}
+    )
+
+
+def test_an_alert_in_another_module_may_notify_the_created_group_through_a_parameter() -> None:
+    """An alert declared beside its resource (e.g. in rotation.bicep) notifies the group alerts.bicep creates,
+    passed in by main.bicep from the alerts module's output; any other parameter value is refused."""
+    alerts = parse_text(
+        """
+@minLength(1)
+param emails array
+resource group 'Microsoft.Insights/actionGroups@2023-01-01' = {
+  name: 'g'
+  location: 'global'
+  properties: {
+    groupShortName: 'g'
+    enabled: true
+    emailReceivers: [for (address, i) in emails: {
+      name: 'email-${i}'
+      emailAddress: address
+    }]
+  }
+}
+output actionGroupId string = group.id
+output other string = 'x'
+""",
+        "modules/alerts.bicep",
+    )
+    module = parse_text(
+        """
+param actionGroupId string
+resource poison 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: 'poison'
+  location: 'global'
+  properties: {
+    criteria: {
+      allOf: [
+        {
+          metricNamespace: 'Microsoft.Storage/storageAccounts/queueServices'
+          metricName: 'QueueMessageCount'
+          operator: 'GreaterThan'
+          threshold: 0
+        }
+      ]
+    }
+    actions: [
+      {
+        actionGroupId: actionGroupId
+      }
+    ]
+  }
+}
+""",
+        "modules/rotation.bicep",
+    )
+
+    def main(output: str) -> Template:
+        return parse_text(
+            f"""
+module alerts 'modules/alerts.bicep' = {{
+  name: 'alerts'
+}}
+module rotation 'modules/rotation.bicep' = {{
+  name: 'rotation'
+  params: {{
+    actionGroupId: alerts.outputs.{output}
+  }}
+}}
+""",
+            "main.bicep",
+        )
+
+    good = "\n".join(check_alerts([main("actionGroupId"), alerts, module]))
+    assert "poison: does not notify" not in good, good
+    bad = "\n".join(check_alerts([main("other"), alerts, module]))
+    assert "poison: does not notify the action group created with receivers" in bad, bad

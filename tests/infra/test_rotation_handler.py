@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import json
 from types import ModuleType
 from typing import Any
 
@@ -89,26 +90,18 @@ def test_event_to_dict_rebuilds_the_event_grid_schema(handler: ModuleType) -> No
     }
 
 
-def test_function_app_registers_one_event_grid_function(
+def test_function_app_hands_the_queue_message_to_the_handler(
     function_dir: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     func = pytest.importorskip("azure.functions")
     function_app = importlib.import_module("function_app")
     functions = function_app.app.get_functions()
     assert [f.get_function_name() for f in functions] == [function_app.FUNCTION_NAME]
-    assert [b.type for b in functions[0].get_bindings()] == ["eventGridTrigger"]
-    # The runtime hands the function an EventGridEvent; the adapter turns it back into the posted dict.
+    assert [b.type for b in functions[0].get_bindings()] == ["queueTrigger"]
+    # The runtime hands the function a QueueMessage; the adapter passes its body and metadata on.
     original = _event()
-    seen: list[dict[str, Any]] = []
-    monkeypatch.setattr(function_app, "handle_event", seen.append)  # the module-level name the function calls
-    event = func.EventGridEvent(
-        id=original["id"],
-        data=original["data"],
-        topic=original["topic"],
-        subject=original["subject"],
-        event_type=original["eventType"],
-        event_time=datetime.datetime(2026, 11, 26, 10, 0, tzinfo=datetime.UTC),
-        data_version="1",
-    )
-    functions[0].get_user_function()(event)
-    assert seen and seen[0]["data"] == original["data"] and seen[0]["eventType"] == original["eventType"]
+    seen: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(function_app, "handle_queue_message", lambda body, **kw: seen.append((body, kw)))
+    body = json.dumps(original).encode()
+    functions[0].get_user_function()(func.QueueMessage(id="m-1", body=body))
+    assert seen == [(body, {"message_id": "m-1", "dequeue_count": None})]

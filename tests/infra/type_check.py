@@ -42,6 +42,15 @@ SUBSET = TYPES_DIR / "subset.json"
 
 REQUIRED = 1
 READ_ONLY = 2
+# Properties ARM accepts that the published definitions lack, each with its evidence and the literal values
+# allowed. Anything else unknown is still an error.
+UNDOCUMENTED_PROPERTIES: dict[tuple[str, str], tuple[set[str], str]] = {
+    ("ApplicationInsightsComponentProperties", "CustomMetricsOptedInType"): (
+        {"WithDimensions", "NoDimensions", "NoMeasurements", "Off"},
+        "Azure/bicep#6595 (a Microsoft engineer lists the values; the portal's 'Custom metrics: With "
+        "dimensions' switch writes it); MicrosoftDocs/azure-docs#54745",
+    ),
+}
 BICEP_KEYWORDS = {"parent", "scope", "dependsOn"}  # resource-body keys Bicep handles itself
 _EXPRESSION_KEYS = ({"operator"}, {"function"})
 
@@ -256,6 +265,13 @@ class _Checker:
                 continue
             path = f"{where}.{key}"
             prop = properties.get(key)
+            undocumented = UNDOCUMENTED_PROPERTIES.get((str(typ.get("name")), key))
+            if prop is None and undocumented is not None:
+                allowed, _evidence = undocumented
+                resolved = self.t.resolve(item)
+                if isinstance(resolved, str) and resolved not in allowed and not _is_expression(resolved):
+                    problems.append(f"{path}: {json.dumps(resolved)} is not one of {sorted(allowed)}")
+                continue
             if prop is None:
                 if additional is not None:
                     problems += self.check(item, additional, path)

@@ -67,6 +67,40 @@ async def test_langchain_chat_and_embeddings_through_rotation(
     assert_no_key(stack.keys, *debug_logs.texts, printed.out, printed.err, repr(llm), repr(embeddings))
 
 
+async def test_langchain_structured_output_and_tool_calls_through_rotation(azure: LocalAzure) -> None:
+    """Issue 22.3/22.4 done-when: with_structured_output and bind_tools(...).invoke on the local stack."""
+    import jsonschema  # type: ignore[import-untyped]
+
+    stack = Rotating.new(azure)
+    provider = stack.provider()
+    try:
+        async with stack.aprovider() as aprovider:
+            ns = run_readme_block("LangChain", provider=provider, aprovider=aprovider)
+            forecaster, tool_user, weather = ns["forecaster"], ns["tool_user"], ns["Weather"]
+
+            first = forecaster.invoke("weather in Oslo?")
+            assert isinstance(first, weather)
+            assert await forecaster.ainvoke("weather in Oslo?") == first  # deterministic, sync or async
+            stack.rotate()
+            assert isinstance(await forecaster.ainvoke("weather in Bergen?"), weather)
+
+            stack.rotate()
+            message = tool_user.invoke("weather in Oslo?")
+            assert [call["name"] for call in message.tool_calls] == ["get_weather"]
+            schema = tool_user.kwargs["tools"][0]["function"]["parameters"]
+            jsonschema.validate(message.tool_calls[0]["args"], schema)
+            assert message.response_metadata["finish_reason"] == "tool_calls"
+            stack.rotate()
+            chunks = [chunk async for chunk in tool_user.astream("weather in Oslo?")]
+            merged = chunks[0]
+            for chunk in chunks[1:]:
+                merged = merged + chunk
+            assert merged.tool_calls == message.tool_calls  # streamed deltas add up to the same call
+            assert provider.stats().resends_401 == 1 and aprovider.stats().resends_401 == 2
+    finally:
+        provider.close()
+
+
 async def test_langchain_half_not_given_refuses_to_send(azure: LocalAzure) -> None:
     stack = Rotating.new(azure)
     provider = stack.provider()

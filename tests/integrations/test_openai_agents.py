@@ -1,12 +1,16 @@
-"""OpenAI Agents SDK: an agent on OpenAIChatCompletionsModel with an apimvault client, through a rotation."""
+"""OpenAI Agents SDK: agents on its default OpenAIResponsesModel (a tool, structured output) and on
+OpenAIChatCompletionsModel, with apimvault clients, through rotations."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
 pytest.importorskip("agents")
 
 from agents import Agent, Runner
+from pydantic import BaseModel
 
 from apimvault.local import LocalAzure
 
@@ -42,3 +46,49 @@ async def test_openai_agents_run_and_stream_through_rotation(
     printed = capsys.readouterr()
     assert any(name.startswith("openai.agents") for name in debug_logs.names())
     assert_no_key(stack.keys, *debug_logs.texts, printed.out, printed.err, repr(agent))
+
+
+async def test_openai_agents_default_responses_model_calls_a_tool_and_returns_structured_output(
+    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 22.7 done-when: the default Responses model runs through rotations with 0 failed calls."""
+    debug_logs.debug("openai.agents")
+    stack = Rotating.new(azure)
+    async with stack.aprovider() as aprovider:
+        ns = run_readme_block("OpenAI Agents SDK", aprovider=aprovider)
+        agent, weather = ns["weather_agent"], ns["Weather"]
+        assert isinstance(agent, Agent) and issubclass(weather, BaseModel)
+        before = azure.openai.counters["Responses"]
+
+        runs: list[Any] = []
+        result = await Runner.run(agent, "weather in Oslo?")
+        runs.append(result)
+        stack.rotate()  # revokes the key the client holds
+        runs.append(await Runner.run(agent, "weather in Bergen?"))
+        stack.rotate()
+        streamed = Runner.run_streamed(agent, "weather in Tromsø?")
+        events = [event async for event in streamed.stream_events()]
+        assert events
+        runs.append(streamed)
+
+        for run in runs:
+            assert isinstance(run.final_output, weather)  # schema-valid structured output
+            calls: list[Any] = [i for i in run.new_items if i.type == "tool_call_item"]
+            outputs: list[Any] = [i for i in run.new_items if i.type == "tool_call_output_item"]
+            assert [c.raw_item.name for c in calls] == ["get_weather"]  # the tool was called ...
+            assert [o.output for o in outputs] == [f"18 C in {_city(c.raw_item.arguments)}" for c in calls]
+        # 0 failed calls: two model calls per run (tool call, then the answer), every one answered; the only
+        # refusals are the two revoked keys, each re-sent once.
+        assert azure.openai.counters["Responses"] - before == 6
+        assert aprovider.stats().resends_401 == 2
+        assert stack.slots()[-1] == "secondary"
+    printed = capsys.readouterr()
+    assert_no_key(stack.keys, *debug_logs.texts, printed.out, printed.err, repr(agent))
+
+
+def _city(arguments: str) -> str:
+    import json
+
+    city = json.loads(arguments)["city"]
+    assert isinstance(city, str)
+    return city

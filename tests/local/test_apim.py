@@ -307,8 +307,25 @@ def test_mgmt_client_unknown_subscription_and_service(azure: LocalAzure) -> None
     with pytest.raises(ResourceNotFoundError) as info:
         apim.subscription.get(RESOURCE_GROUP, APIM_SERVICE, "nope")
     assert info.value.error is not None and info.value.error.code == "ResourceNotFound"
-    with pytest.raises(ResourceNotFoundError, match="was not found"):
+    # The default identity's role is scoped to the seeded service: ARM authorizes before it looks up, so
+    # another service is "not authorized ... or the scope is invalid" (403), as on Azure.
+    with pytest.raises(HttpResponseError) as denied:
         apim.subscription.list_secrets(RESOURCE_GROUP, "other-service", APIM_SUBSCRIPTION)
+    assert denied.value.status_code == 403 and "or the scope is invalid" in str(denied.value)
+    # With a role on the whole resource group the unknown service is a plain 404.
+    wide = azure.add_identity("rg-contributor")
+    rg_scope = f"/subscriptions/{ARM_SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
+    azure.assign_role(wide, "API Management Service Contributor", rg_scope)
+    credential = DefaultAzureCredential(managed_identity_client_id=wide.client_id)
+    try:
+        with (
+            ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url) as client,
+            pytest.raises(ResourceNotFoundError, match="was not found"),
+        ):
+            client.subscription.list_secrets(RESOURCE_GROUP, "other-service", APIM_SUBSCRIPTION)
+    finally:
+        credential.close()
+        azure.revoke_role(wide)
 
 
 def arm_url(azure: LocalAzure, suffix: str = "", api_version: str | None = "2024-05-01") -> str:

@@ -5,11 +5,21 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from apimvault.local import LocalAzure
 
 
-def test_env_file_sources_in_a_shell_with_every_value_intact(azure: LocalAzure, tmp_path: Path) -> None:
-    path = azure.write_env_file(tmp_path / ".env")
+@pytest.mark.parametrize("routing", ["balanced", "per-unit"])
+def test_env_file_sources_in_a_shell_with_every_value_intact(
+    azure: LocalAzure, tmp_path: Path, routing: str
+) -> None:
+    # Not started: the env file needs only the bound ports. per-unit routing lists several gateway URLs.
+    stack = LocalAzure(ca=azure.ca, seed=False, gateway_routing=routing, rotate_as="rotator")  # type: ignore[arg-type]
+    try:
+        path = stack.write_env_file(tmp_path / ".env")
+    finally:
+        stack.stop()
     # The README's line: `set -a; . file; set +a`. A value with a space (the gateway unit list) once broke it.
     shell = subprocess.run(
         ["bash", "-c", 'set -a; . "$1" || exit 9; set +a; env -0', "bash", str(path)],
@@ -20,6 +30,11 @@ def test_env_file_sources_in_a_shell_with_every_value_intact(azure: LocalAzure, 
     )
     assert shell.returncode == 0 and shell.stderr == "", shell.stderr
     seen = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
-    expected = azure.environ()
+    expected = stack.environ()
     assert {k: seen.get(k) for k in expected} == expected
-    assert "," in expected["APIMVAULT_GATEWAY_URLS"]  # every gateway unit, one variable
+    assert expected["APIMVAULT_GATEWAY_URLS"] == ",".join(stack.gateway_urls)
+    assert expected["APIMVAULT_ROTATOR_CLIENT_ID"] == stack.rotator_identity.client_id
+    if routing == "per-unit":
+        assert "," in expected["APIMVAULT_GATEWAY_URLS"]  # every gateway unit, one variable
+    else:
+        assert expected["APIMVAULT_GATEWAY_URLS"] == stack.gateway_url  # units share one URL

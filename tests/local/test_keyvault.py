@@ -317,8 +317,8 @@ def test_set_and_get_latest_and_by_version(
     assert first.properties.enabled is True
     created = first.properties.created_on
     assert created is not None and before <= int(created.timestamp()) <= after
-    assert first.properties.previous_version is None
-    assert second.properties.previous_version == first.properties.version
+    # Issue 22.5: previousVersion is for certificate-backed secrets only (spec), never on plain ones.
+    assert first.properties.previous_version is None and second.properties.previous_version is None
 
     latest = client.get_secret(name)  # GET /secrets/{name}/ (empty version)
     assert (latest.value, latest.properties.version) == ("v2", second.properties.version)
@@ -326,6 +326,18 @@ def test_set_and_get_latest_and_by_version(
     assert (older.value, older.properties.content_type) == ("v1", "text/plain")
     assert spec.validated > 0
     assert azure.keyvault.latest(name).version == second.properties.version
+
+
+def test_previous_version_never_on_plain_secrets_or_list_items(raw: Raw, client: SecretClient) -> None:
+    """Issue 22.5: the spec gives previousVersion to certificate-backed secrets only; items never have it."""
+    name = unique()
+    client.set_secret(name, "v1")
+    bodies = [raw.request("PUT", f"/secrets/{name}", json={"value": "v2"}).json()]
+    bodies.append(raw.request("GET", f"/secrets/{name}/").json())
+    bodies.append(raw.request("PATCH", f"/secrets/{name}/", json={"contentType": "x"}).json())
+    bodies.extend(raw.request("GET", f"/secrets/{name}/versions").json()["value"])
+    bodies.extend(raw.request("GET", "/secrets", params={"maxresults": "25"}).json()["value"])
+    assert len(bodies) >= 5 and all("previousVersion" not in body for body in bodies)
 
 
 def test_get_without_trailing_slash_and_names_are_case_insensitive(raw: Raw, client: SecretClient) -> None:
@@ -825,7 +837,23 @@ def test_bad_requests_answer_in_key_vault_shape_and_the_vault_keeps_serving(raw:
 def test_missing_api_version_is_bad_parameter(raw: Raw) -> None:
     response = raw.request("GET", f"/secrets/{SECRET_NAME}/", api_version=None)
     assert response.status_code == 400 and error_of(response)["code"] == "BadParameter"
-    assert raw.request("GET", f"/secrets/{SECRET_NAME}/", api_version="7.4").status_code == 200  # any value
+    for served in ("7.4", "7.6", "2025-07-01", "2026-04-01", "7.6-preview.2", "2025-06-01-preview"):
+        assert raw.request("GET", f"/secrets/{SECRET_NAME}/", api_version=served).status_code == 200
+
+
+@pytest.mark.parametrize("version", ["1999-01-01", "8.0", "7.7", "latest"])
+def test_unknown_api_version_is_refused_as_key_vault_does(raw: Raw, version: str) -> None:
+    """Issue 22.1: Key Vault's answer (Azure/azure-sdk-for-python#28595, azure-sdk-for-net#14789)."""
+    response = raw.request("GET", f"/secrets/{SECRET_NAME}/", api_version=version)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {
+            "code": "BadParameter",
+            "message": f"The specified version ({version}) is not recognized. "
+            "Consider using the latest supported version (2026-04-01).",
+        }
+    }
+    assert response.headers["x-ms-request-id"]
 
 
 def test_value_size_limit(raw: Raw, client: SecretClient) -> None:

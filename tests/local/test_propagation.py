@@ -1,7 +1,9 @@
 """Gateway propagation in the local APIM: per-unit delays on an injected clock, no sleeps.
 
 Keys are regenerated through the real azure-mgmt-apimanagement client and checked through the real openai
-client against each gateway unit's endpoint.
+client against the gateway's one URL: the units share it and take requests in turn (round-robin), so
+``len(units)`` consecutive requests reach each unit once; which unit answered comes from the gateway's
+record of the request (``gateway.recent()``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def status(url: str, key: str) -> int:
     return 200
 
 
+def statuses(azure: LocalAzure, key: str) -> dict[str, int]:
+    """Per gateway unit, the status of a chat with ``key`` through the gateway's one URL: one request per
+    unit (round-robin), each attributed to the unit the gateway says answered it."""
+    seen: dict[str, int] = {}
+    for _ in azure.apim_state.units:
+        code = status(azure.gateway_url, key)
+        seen[azure.gateway.recent()[-1].unit] = code
+    assert set(seen) == set(azure.apim_state.units)  # every unit answered one of them
+    return seen
+
+
 def regenerate_via_arm(azure: LocalAzure, sid: str, which: str) -> None:
     with azure.env():
         credential = DefaultAzureCredential()
@@ -95,27 +108,26 @@ def test_each_unit_accepts_the_new_key_only_after_its_own_delay(
     azure_p: LocalAzure, clock: ManualClock
 ) -> None:
     sub = fresh(azure_p)
-    urls = azure_p.gateway_unit_urls
-    assert list(urls) == ["region1", "region2"] and urls["region1"] == azure_p.gateway_url
+    # The units share the gateway's one URL (a region's units share a hostname): not addressable one by one.
+    assert azure_p.gateway_urls == (azure_p.gateway_url,)
+    assert azure_p.gateway_unit_urls == {"region1": azure_p.gateway_url, "region2": azure_p.gateway_url}
     old = sub.secondary_key
     regenerate_via_arm(azure_p, sub.sid, "secondary")
     new = sub.secondary_key
     assert new != old
 
     # Before any unit has synced: the new value is refused everywhere, the replaced one still works.
-    assert [status(u, new) for u in urls.values()] == [401, 401]
-    assert [status(u, old) for u in urls.values()] == [200, 200]
-    assert status(azure_p.gateway_url, sub.primary_key) == 200  # the other key is untouched
+    assert statuses(azure_p, new) == {"region1": 401, "region2": 401}
+    assert statuses(azure_p, old) == {"region1": 200, "region2": 200}
+    assert set(statuses(azure_p, sub.primary_key).values()) == {200}  # the other key is untouched
 
-    clock.advance(10)  # region1's delay has passed, region2's has not
-    assert status(urls["region1"], new) == 200
-    assert status(urls["region1"], old) == 401
-    assert status(urls["region2"], new) == 401
-    assert status(urls["region2"], old) == 200
+    clock.advance(10)  # region1's delay has passed, region2's has not: one URL, two answers
+    assert statuses(azure_p, new) == {"region1": 200, "region2": 401}
+    assert statuses(azure_p, old) == {"region1": 401, "region2": 200}
 
     clock.advance(20)  # region2 too
-    assert [status(u, new) for u in urls.values()] == [200, 200]
-    assert [status(u, old) for u in urls.values()] == [401, 401]
+    assert statuses(azure_p, new) == {"region1": 200, "region2": 200}
+    assert statuses(azure_p, old) == {"region1": 401, "region2": 401}
 
     labels = azure_p.gateway.counters.labels()
     assert labels["propagation-refused:region1"] == 1  # the new key before t+10
@@ -123,8 +135,6 @@ def test_each_unit_accepts_the_new_key_only_after_its_own_delay(
     assert labels["propagation-refused"] == 3
     assert labels["propagation-stale:region1"] == 1 and labels["propagation-stale:region2"] == 2
     assert labels["key:invalid"] == 6  # 3 propagation refusals + the old key 3 times after a sync
-    units = {u.unit for u in azure_p.gateway.recent()}
-    assert units == {"region1", "region2"}
 
 
 def test_changes_apply_in_order_and_an_old_value_never_returns(
@@ -138,12 +148,15 @@ def test_changes_apply_in_order_and_an_old_value_never_returns(
     clock.advance(5)
     azure_p.apim_state.regenerate(sub.sid, "primary")
     k2 = sub.primary_key
-    url = azure_p.gateway_unit_urls["region2"]
-    assert (status(url, k0), status(url, k1), status(url, k2)) == (200, 401, 401)
+
+    def on_region2() -> tuple[int, int, int]:
+        return tuple(statuses(azure_p, k)["region2"] for k in (k0, k1, k2))  # type: ignore[return-value]
+
+    assert on_region2() == (200, 401, 401)
     clock.advance(5)  # the first change applied: k1 is served, although ARM already shows k2
-    assert (status(url, k0), status(url, k1), status(url, k2)) == (401, 200, 401)
+    assert on_region2() == (401, 200, 401)
     clock.advance(5)
-    assert (status(url, k0), status(url, k1), status(url, k2)) == (401, 401, 200)
+    assert on_region2() == (401, 401, 200)
 
 
 def test_random_delay_stays_within_its_range(stack: LocalAzure, clock: ManualClock) -> None:
@@ -155,10 +168,10 @@ def test_random_delay_stays_within_its_range(stack: LocalAzure, clock: ManualClo
             stack.apim_state.regenerate(sub.sid, "secondary")
             new = sub.secondary_key
             clock.advance(3.9)
-            assert [status(u, new) for u in stack.gateway_unit_urls.values()] == [401, 401]
-            assert [status(u, old) for u in stack.gateway_unit_urls.values()] == [200, 200]
+            assert set(statuses(stack, new).values()) == {401}
+            assert set(statuses(stack, old).values()) == {200}
             clock.advance(8.2)
-            assert [status(u, new) for u in stack.gateway_unit_urls.values()] == [200, 200]
+            assert set(statuses(stack, new).values()) == {200}
     finally:
         stack.apim_state.settle()
 
@@ -176,12 +189,11 @@ def test_admin_api_sets_and_shows_the_delays(azure_p: LocalAzure, clock: ManualC
 
         sub = fresh(azure_p)
         azure_p.apim_state.regenerate(sub.sid, "primary")
-        assert status(azure_p.gateway_unit_urls["region1"], sub.primary_key) == 200  # no delay there
         assert admin.propagation()["region2"]["pending"] == 1
-        assert status(azure_p.gateway_unit_urls["region2"], sub.primary_key) == 401
+        assert statuses(azure_p, sub.primary_key) == {"region1": 200, "region2": 401}  # no delay on 1
         clock.advance(6)
         assert admin.propagation()["region2"]["pending"] == 0
-        assert status(azure_p.gateway_unit_urls["region2"], sub.primary_key) == 200
+        assert statuses(azure_p, sub.primary_key) == {"region1": 200, "region2": 200}
 
         for body, message in [
             ((-1, 2), ">= 0"),
@@ -195,15 +207,39 @@ def test_admin_api_sets_and_shows_the_delays(azure_p: LocalAzure, clock: ManualC
         assert admin.propagation()["region2"]["max"] == 6  # a refused change changed nothing
 
 
-def test_default_is_no_delay_and_unit_prefixes_route(azure: LocalAzure) -> None:
-    sub = fresh(azure)
-    old = sub.primary_key
-    azure.apim_state.regenerate(sub.sid, "primary")
-    for url in azure.gateway_unit_urls.values():
-        assert status(url, sub.primary_key) == 200
-        assert status(url, old) == 401
-    assert "propagation-refused" not in azure.gateway.counters.labels()
-    assert status(f"{azure.gateway_url}/region9", sub.primary_key) == 404  # no such unit: APIM's 404
+def test_default_is_no_delay_and_units_are_not_addressable() -> None:
+    with LocalAzure(ca=SESSION_CA, seed=False) as azure:  # the defaults: balanced units, no delay
+        sub = fresh(azure)
+        old = sub.primary_key
+        azure.apim_state.regenerate(sub.sid, "primary")
+        assert statuses(azure, sub.primary_key) == {"region1": 200, "region2": 200}
+        assert statuses(azure, old) == {"region1": 401, "region2": 401}
+        assert "propagation-refused" not in azure.gateway.counters.labels()
+        # A unit name in the path is just an unrouted path (APIM's 404), whatever the key.
+        assert status(f"{azure.gateway_url}/region2", sub.primary_key) == 404
+        assert status(f"{azure.gateway_url}/region9", sub.primary_key) == 404
+
+
+def test_per_unit_routing_serves_each_unit_under_its_prefix(clock: ManualClock) -> None:
+    with LocalAzure(
+        ca=SESSION_CA,
+        seed=False,
+        gateway_routing="per-unit",
+        propagation_clock=clock,
+        propagation_delay={"region2": 30},
+    ) as stack:
+        urls = stack.gateway_unit_urls
+        assert urls == {"region1": stack.gateway_url, "region2": stack.gateway_url + "/region2"}
+        assert stack.gateway_urls == tuple(urls.values())
+        sub = fresh(stack)
+        stack.apim_state.regenerate(sub.sid, "primary")
+        assert (status(urls["region1"], sub.primary_key), status(urls["region2"], sub.primary_key)) == (
+            200,
+            401,
+        )
+        clock.advance(30)
+        assert status(urls["region2"], sub.primary_key) == 200
+        assert [u.unit for u in stack.gateway.recent()] == ["region1", "region2", "region2"]
 
 
 def test_bad_unit_and_delay_configuration() -> None:
@@ -226,10 +262,11 @@ def test_chosen_keys_propagate_like_a_regeneration(azure_p: LocalAzure, clock: M
     azure_p.apim_state.set_key(sub.sid, "primary", chosen[0])
     azure_p.apim_state.set_key(sub.sid, "secondary", chosen[1])
     assert (sub.primary_key, sub.secondary_key) == chosen  # ARM's view at once
-    url = azure_p.gateway_unit_urls["region1"]
-    assert (status(url, chosen[0]), status(url, old_primary)) == (401, 200)
+    on_region1 = [statuses(azure_p, k)["region1"] for k in (chosen[0], old_primary)]
+    assert on_region1 == [401, 200]
     clock.advance(10)
-    assert (status(url, chosen[0]), status(url, chosen[1]), status(url, old_primary)) == (200, 200, 401)
+    on_region1 = [statuses(azure_p, k)["region1"] for k in (*chosen, old_primary)]
+    assert on_region1 == [200, 200, 401]
     other = fresh(azure_p)
     before = (other.primary_key, other.secondary_key)
     with pytest.raises(ValueError, match="already in use"):

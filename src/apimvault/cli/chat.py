@@ -55,8 +55,7 @@ def cmd_chat(args: argparse.Namespace, out: Output) -> int:
                             if text:
                                 parts.append(text)
                                 if not out.json:
-                                    out.stdout.write(text)
-                                    out.stdout.flush()
+                                    out.write(text)
                             finish_reason = choice.finish_reason or finish_reason
             finally:
                 client.close()

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._redact import watch_value
 from ..exceptions import (
     AccessDeniedError,
     ConfigurationError,
@@ -183,6 +184,7 @@ def _credential_step(check: _Check) -> int | None:
     with capture_identity_log() as log:
         try:
             token = credential.get_token(vault_scope(check.vault_url)).token
+            watch_value(token)  # redaction: never printed, whatever echoes it
         except ClientAuthenticationError as exc:
             lines = [line.strip() for line in str(exc.message).splitlines() if line.strip()][:10]
             check.record(

@@ -36,11 +36,13 @@ def token_step(
     from azure.core.exceptions import ClientAuthenticationError
 
     from .._entra import _check_scope
+    from .._redact import watch_value
     from ..exceptions import ConfigurationError
 
     try:
         scope = _check_scope(scope)
         token = credential.get_token(scope).token
+        watch_value(token)  # never printed, whatever echoes it
     except ConfigurationError as exc:
         record(make_step("token", False, f"{ENV_TOKEN_SCOPE}: {exc}"))
         return False

@@ -17,8 +17,9 @@ from ..exceptions import (
 
 
 @contextlib.contextmanager
-def embedded_stack(*, need_async: bool) -> Iterator[Any]:
-    """Start an embedded :class:`~apimvault.local.LocalAzure` with its environment applied."""
+def embedded_stack(*, need_async: bool, **options: Any) -> Iterator[Any]:
+    """Start an embedded :class:`~apimvault.local.LocalAzure` (``options``: its keyword arguments) with its
+    environment applied."""
     from ..local import LocalAzure, prepare_ca, temporary_environ
 
     directory = Path(tempfile.mkdtemp(prefix="apimvault-local-"))
@@ -35,7 +36,7 @@ def embedded_stack(*, need_async: bool) -> Iterator[Any]:
                     f"{exc}; or run `apimvault local` in another terminal and point this command at it "
                     "(set -a; . .apimvault-local.env; set +a)"
                 ) from exc
-            azure = LocalAzure(directory=directory, ca=ca)
+            azure = LocalAzure(directory=directory, ca=ca, **options)
             # Requests still in flight when the stack stops (a background refresh, a client that timed out)
             # make uvicorn and asyncio log tracebacks about cancelled tasks; they are not news.
             quiet = {name: logging.getLogger(name).level for name in ("uvicorn.error", "asyncio")}

@@ -25,12 +25,69 @@ from .output import (
 # --------------------------------------------------------------------------------------------- local
 
 
+def add_local_stack_options(p: argparse.ArgumentParser) -> None:
+    """The stack's options on ``apimvault local`` (see :class:`apimvault.local.LocalAzure`)."""
+    p.add_argument(
+        "--api-suffix",
+        default="openai",
+        metavar="SUFFIX",
+        help="URL suffix the gateway serves the Azure OpenAI API under (default %(default)s; '' serves it at "
+        "the root: https://<gateway>/deployments/<deployment>/...)",
+    )
+    p.add_argument(
+        "--gateway-units",
+        type=int,
+        default=2,
+        metavar="N",
+        help="gateway units behind the one gateway URL, each request balanced to one (default %(default)s)",
+    )
+    # Default per-unit until `rotate` requires consecutive accepted probes per URL (issue 19.3): with units
+    # behind one URL today's one-2xx-per-URL probe can store a key a lagging unit still refuses, and a
+    # `drill` against this stack fails (reproduced: 15 and 23 failed requests in two --chaos runs).
+    p.add_argument(
+        "--gateway-routing",
+        choices=("balanced", "per-unit"),
+        default="per-unit",
+        help="'balanced': the units share the one gateway URL, one unit per request (as real APIM's units "
+        "of a region); 'per-unit': each unit also at <gateway>/<unit> (default %(default)s)",
+    )
+    p.add_argument(
+        "--rotate-as",
+        choices=("officer", "rotator"),
+        default="officer",
+        help="identity `rotate`/`drill` use with the env file: 'rotator' holds exactly infra/'s roles "
+        "(infra/roles/rotator.json; sets APIMVAULT_ROTATOR_CLIENT_ID), 'officer' Key Vault Secrets Officer "
+        "(default %(default)s)",
+    )
+
+
+def _stack_options(args: argparse.Namespace) -> dict[str, Any]:
+    units = getattr(args, "gateway_units", 2)
+    if not isinstance(units, int) or not 1 <= units <= 64:
+        raise ConfigurationError(f"--gateway-units must be 1 to 64, not {units}")
+    try:
+        from ..local.apim import normalize_suffix
+
+        suffix = normalize_suffix(getattr(args, "api_suffix", "openai"))
+    except ValueError as exc:
+        raise ConfigurationError(f"--api-suffix: {exc}") from None
+    options: dict[str, Any] = {
+        "api_suffix": suffix,
+        "rotate_as": getattr(args, "rotate_as", "officer"),
+        "gateway_routing": getattr(args, "gateway_routing", "per-unit"),
+    }
+    if units != 2:  # default: the two named units region1, region2
+        options["gateway_units"] = units
+    return options
+
+
 def cmd_local(args: argparse.Namespace, out: Output) -> int:
+    options = _stack_options(args)
     if args.check:
-        return _local_check(out)
+        return _local_check(out, options)
     env_file = Path(args.env_file)
     with _env_file_lock(env_file):
-        return _serve(env_file, out)
+        return _serve(env_file, out, options)
 
 
 @contextlib.contextmanager
@@ -63,7 +120,7 @@ def _env_file_lock(env_file: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _serve(env_file: Path, out: Output) -> int:
+def _serve(env_file: Path, out: Output, options: dict[str, Any]) -> int:
     stop = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:
@@ -76,7 +133,7 @@ def _serve(env_file: Path, out: Output) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, *hup):
             previous[sig] = signal.signal(sig, _stop)
     try:
-        with embedded_stack(need_async=False) as azure:
+        with embedded_stack(need_async=False, **options) as azure:
             azure.write_env_file(env_file)
             services = {name: svc.url for name, svc in azure.services.items()}
             services["admin"] = azure.admin.url
@@ -91,6 +148,12 @@ def _serve(env_file: Path, out: Output) -> int:
                 for name, url in services.items():
                     out.line(f"  {name:<9} {url}")
                 out.line(f"  secret    {azure.environ()['APIMVAULT_SECRET_NAME']} (CredentialId=primary)")
+                units = len(azure.apim_state.units)
+                out.line(
+                    f"  api       {azure.environ()['APIMVAULT_OPENAI_BASE_URL']} (suffix "
+                    f"{azure.gateway.api_suffix!r}; {units} gateway units behind one URL)"
+                )
+                out.line(f"  rotation  runs as {azure.rotation_identity.name} (--rotate-as)")
                 out.line(
                     f"environment written to {env_file} (mode 0600): endpoints, the CA, IDENTITY_HEADER "
                     "(the local identity endpoint's credential) and APIMVAULT_ADMIN_TOKEN (the admin "
@@ -112,7 +175,7 @@ def _serve(env_file: Path, out: Output) -> int:
     return EXIT_OK
 
 
-def _local_check(out: Output) -> int:
+def _local_check(out: Output, options: dict[str, Any]) -> int:
     results: list[dict[str, Any]] = []
 
     def step(name: str, fn: Callable[[], str]) -> None:
@@ -125,7 +188,7 @@ def _local_check(out: Output) -> int:
         results.append({"service": name, "ok": ok, "detail": detail, "ms": round(ms, 1)})
         out.line(f"{'ok  ' if ok else 'FAIL'} {name:<9} {detail} ({ms:.0f} ms)")
 
-    with embedded_stack(need_async=False) as azure:
+    with embedded_stack(need_async=False, **options) as azure:
         from azure.identity import DefaultAzureCredential
         from azure.keyvault.secrets import SecretClient
 
@@ -171,7 +234,19 @@ def _local_check(out: Output) -> int:
 
         def gateway() -> str:
             with SubscriptionKeyProvider.from_env() as provider:
-                client = create_azure_openai(provider, max_retries=0, timeout=15)
+                if azure.gateway.api_suffix == "openai":
+                    client = create_azure_openai(provider, max_retries=0, timeout=15)
+                else:  # the API under another suffix: the published base_url pattern, key in a header
+                    import openai
+
+                    client = openai.AzureOpenAI(
+                        base_url=env["APIMVAULT_OPENAI_BASE_URL"],
+                        api_key="placeholder",
+                        api_version=env["OPENAI_API_VERSION"],
+                        default_headers={"Ocp-Apim-Subscription-Key": provider.get_key().reveal()},
+                        max_retries=0,
+                        timeout=15,
+                    )
                 try:
                     reply = client.chat.completions.create(
                         model=env["APIMVAULT_DEPLOYMENT"], messages=[{"role": "user", "content": "ping"}]
@@ -181,7 +256,10 @@ def _local_check(out: Output) -> int:
             used = azure.gateway.recent()[-1]
             content = (reply.choices[0].message.content or "").strip()
             deployment = env["APIMVAULT_DEPLOYMENT"]
-            return f"AzureOpenAI chat via APIM ({used.slot} key) -> {deployment}: {content[:40]!r}"
+            return (
+                f"AzureOpenAI chat via APIM ({used.slot} key, unit {used.unit}, API "
+                f"{azure.gateway.api_path or '/'}) -> {deployment}: {content[:40]!r}"
+            )
 
         def admin() -> str:
             with AdminClient(azure.admin.url, azure.ca_path, token=azure.admin_token) as client:

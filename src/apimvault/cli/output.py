@@ -7,6 +7,7 @@ import os
 import sys
 from typing import IO, Any
 
+from .._redact import redact_text
 from ..exceptions import (
     AccessDeniedError,
     ConfigurationError,
@@ -123,21 +124,30 @@ class Output:
         self.stdout = stdout if stdout is not None else sys.stdout
         self.stderr = stderr if stderr is not None else sys.stderr
 
+    # Everything printed goes through redact_text: no key or token the process holds (nor any JWT) is ever
+    # shown, also when an endpoint echoes request headers into an error message.
+
     def line(self, text: str = "") -> None:
         if not self.json:
-            print(text, file=self.stdout, flush=True)
+            print(redact_text(text), file=self.stdout, flush=True)
 
     def note(self, text: str) -> None:
         """Progress/information (stdout); with ``--json`` nothing: what matters goes into the document."""
         if not self.json:
-            print(text, file=self.stdout, flush=True)
+            print(redact_text(text), file=self.stdout, flush=True)
+
+    def write(self, text: str) -> None:
+        """Raw text on stdout (a streamed reply), without a newline."""
+        self.stdout.write(redact_text(text))
+        self.stdout.flush()
 
     def error(self, text: str) -> None:
-        print(f"apimvault: {text}", file=self.stderr, flush=True)
+        print(redact_text(f"apimvault: {text}"), file=self.stderr, flush=True)
 
     def document(self, doc: dict[str, Any]) -> None:
         if self.json:
-            print(json.dumps(doc, indent=2, sort_keys=False, default=str), file=self.stdout, flush=True)
+            text = json.dumps(doc, indent=2, sort_keys=False, default=str)
+            print(redact_text(text), file=self.stdout, flush=True)
 
 
 def fail(

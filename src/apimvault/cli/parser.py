@@ -8,7 +8,7 @@ import math
 from .chat import cmd_chat
 from .check import cmd_check
 from .drill import cmd_drill
-from .local import cmd_local
+from .local import add_local_stack_options, cmd_local
 from .output import exit_code_table
 from .rotate import cmd_rotate
 
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--env-file", default=".apimvault-local.env", help="dotenv file to write (default %(default)s)"
     )
     p.add_argument("--check", action="store_true", help="start, check every service, stop; exit 0/1")
+    add_local_stack_options(p)
     p.set_defaults(func=cmd_local)
 
     p = add(
@@ -153,6 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the gateways to accept the new key before giving up without changing "
         "the vault (default: APIMVAULT_PROPAGATION_TIMEOUT or 600)",
+    )
+    p.add_argument(
+        "--probe-successes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="consecutive 2xx probes each gateway URL must give the new key (units behind one hostname "
+        "are picked per connection; default: APIMVAULT_PROBE_SUCCESSES or 10)",
+    )
+    p.add_argument(
+        "--probe-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between those probes (default: APIMVAULT_PROBE_INTERVAL or 0.5)",
+    )
+    p.add_argument(
+        "--revoke-current",
+        action="store_true",
+        help="emergency revocation of the key the vault serves now: rotate to the other key, wait for the "
+        "fleet (--revoke-wait), then regenerate the leaked key and report when it died",
+    )
+    p.add_argument(
+        "--revoke-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --revoke-current: seconds the fleet gets to move to the new version before the leaked "
+        "key is regenerated (default: APIMVAULT_REVOKE_WAIT or 60)",
     )
     p.set_defaults(func=cmd_rotate)
 

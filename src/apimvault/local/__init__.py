@@ -19,6 +19,7 @@ from ._server import ServerThread, Service
 from ._tls import LocalCA, prepare_ca
 from ._tokens import TENANT_ID, Identity, TokenError, TokenIssuer, fingerprint
 from .keyvault import ROLE_OFFICER, ROLE_USER
+from .rbac import Assignment, Rbac, RoleDefinition, RoleError, load_infra_roles
 from .stack import API_VERSION, DEPLOYMENT, SECRET_NAME, LocalAzure
 
 __all__ = [
@@ -28,17 +29,22 @@ __all__ = [
     "ROLE_USER",
     "SECRET_NAME",
     "TENANT_ID",
+    "Assignment",
     "Counters",
     "Fault",
     "Faults",
     "Identity",
     "LocalAzure",
     "LocalCA",
+    "Rbac",
+    "RoleDefinition",
+    "RoleError",
     "ServerThread",
     "Service",
     "TokenError",
     "TokenIssuer",
     "fingerprint",
+    "load_infra_roles",
     "prepare_ca",
     "temporary_environ",
 ]

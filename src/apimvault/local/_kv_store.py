@@ -18,6 +18,7 @@ from ._kv_wire import (
     MSG_EXISTS,
     MSG_NOT_FOUND,
     MSG_PROPERTY_INVALID,
+    MSG_SECRET_EXPIRED,
     MSG_TOO_LARGE,
     MSG_TOO_MANY_TAGS,
     RECOVERABLE_DAYS,
@@ -78,8 +79,9 @@ class SecretVersion:
         if with_value:
             body["value"] = self.value
         body.update(self.item(base, with_version=True))
-        if self.previous_version is not None:
-            body["previousVersion"] = self.previous_version
+        # No "previousVersion": the spec reserves it for certificate-backed secrets ("The version of the
+        # previous certificate, if applicable"), and this vault holds none; list items never carry it.
+        # ``previous_version`` stays as the store's own history.
         return body
 
 
@@ -131,6 +133,11 @@ class SecretStore:
         self._lock = threading.Lock()
         self._secrets: dict[str, _Secret] = {}  # lower-cased name -> live secret
         self._deleted: dict[str, _Secret] = {}  # lower-cased name -> soft-deleted secret
+        self.refuse_expired = False
+        """Real Key Vault serves an expired version (200; see :mod:`apimvault.local.keyvault`). ``True``
+        makes GET refuse one instead (403 ``Forbidden``, inner error ``SecretExpired``, shaped like the
+        real ``SecretDisabled`` answer; the text is an inference), so clients can be tested against a vault
+        that enforces ``exp`` too."""
 
     def set(
         self,
@@ -190,6 +197,8 @@ class SecretStore:
             raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=shown))
         if not found.enabled:
             raise KeyVaultError(403, "Forbidden", MSG_DISABLED, "SecretDisabled")
+        if self.refuse_expired and found.expires is not None and found.expires <= int(self.clock()):
+            raise KeyVaultError(403, "Forbidden", MSG_SECRET_EXPIRED, "SecretExpired")
         return found
 
     def update(self, name: str, version: str, changes: dict[str, Any]) -> SecretVersion:

@@ -35,6 +35,17 @@ VAULT_RESOURCE = (
 # Key Vault's first-party application id, which is also an accepted token audience.
 _KEYVAULT_APP_ID = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093"
 
+# Every version the secrets data plane has served (azure-keyvault-secrets' ApiVersion enum: 2016-10-01,
+# 7.0-7.6, 2025-07-01, 2026-04-01), plus its preview versions (7.x-preview[.N], YYYY-MM-DD-preview).
+API_VERSIONS = frozenset(
+    {"2016-10-01", "7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01", "2026-04-01"}
+)
+LATEST_API_VERSION = "2026-04-01"
+_PREVIEW_VERSION_RE = re.compile(
+    r"^(?:7\.[0-6]-preview(?:\.[0-9]+)?|20[0-9]{2}-[01][0-9]-[0-3][0-9]-preview)$"
+)
+
+
 _NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")  # spec pattern ^[0-9a-zA-Z-]+$ plus the documented 1..127
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 _CLIENT_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
@@ -92,6 +103,7 @@ MSG_DELETED_BUT_RECOVERABLE = (
 )
 # Azure/azure-sdk-for-js#24756 and ansible-collections/azure#1989 (code Forbidden, innererror SecretDisabled).
 MSG_DISABLED = "Operation get is not allowed on a disabled secret."
+MSG_SECRET_EXPIRED = "Operation get is not allowed on an expired secret."  # noqa: S105 - (inference; SecretStore)
 # Observed: "(BadParameter) Secret is beyond the maximum permitted length of 25600 characters. Inner error:
 # { "code": "SecretTooLarge" }" (quoted in a public PQC-on-Key-Vault write-up; also Azure/azure-cli#5639).
 MSG_TOO_LARGE = "Secret is beyond the maximum permitted length of 25600 characters."
@@ -113,6 +125,12 @@ MSG_FORBIDDEN_RBAC = (
 MSG_PROPERTY_INVALID = "Property {name} has invalid value"
 # The following are inference (shapes follow the real BadParameter errors above).
 MSG_API_VERSION = "The api-version query parameter (?api-version=) is required for all requests."
+# Real text (Azure/azure-sdk-for-python#28595, Azure/azure-sdk-for-net#14789): 400 BadParameter "The specified
+# version (7.3) is not recognized. Consider using the latest supported version (7.1)."
+MSG_UNKNOWN_API_VERSION = (
+    "The specified version ({version}) is not recognized."
+    + " Consider using the latest supported version ({latest})."
+)
 MSG_BAD_NAME = "The request URI contains an invalid name: {name}"
 MSG_MAXRESULTS = "The value of maxresults is invalid: it must be an integer between 1 and 25."
 MSG_SKIPTOKEN = "The $skiptoken value is invalid."
@@ -161,3 +179,9 @@ class KeyVaultError(Exception):
 
 def _bad(message: str, inner: str | None = None) -> KeyVaultError:
     return KeyVaultError(400, "BadParameter", message, inner)
+
+
+def check_api_version(version: str) -> None:
+    """Refuse an ``api-version`` the secrets data plane does not serve, as Key Vault does (400)."""
+    if version not in API_VERSIONS and not _PREVIEW_VERSION_RE.match(version):
+        raise _bad(MSG_UNKNOWN_API_VERSION.format(version=version, latest=LATEST_API_VERSION))

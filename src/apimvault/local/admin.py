@@ -13,6 +13,17 @@ Routes (JSON; errors are ``{"error": {"code", "message"}}``)::
     GET    /gateway/propagation        per gateway unit: {"min", "max", "pending"} (seconds, queued changes)
     PUT    /gateway/propagation        body: {"delay": seconds | [low, high], "unit": name (optional: all)}
     GET|PUT|DELETE /gateway/policies   the /openai API's policies (apimvault.local.policies)
+    GET    /gateway/api                {"suffix", "path", "operations", "routing", "balance", "units", "urls"}
+    PUT    /gateway/api                body: {"suffix": "openai" | "" | ..., "operations": [[METHOD, tmpl]]}
+    GET    /rbac/roles                 role definitions: built-in and infra's (infra/roles/rotator.json)
+    GET    /rbac/identities            [{"name", "client_id", "object_id"}] the identity endpoint knows
+    POST   /rbac/identities            body: {"name"} -> a new (or the existing) identity, no roles
+    GET    /rbac/assignments           [{"principalId", "principalName", "roleName", "scope"}]
+    POST   /rbac/assignments           body: {"principal": client id | object id | name, "role",
+                                       and "scope" (ARM id) or "secret" or "apim_subscription"}
+    DELETE /rbac/assignments           body: {"principal", "role"?, "scope"? | "secret"? | ...}
+    POST   /rbac/rotator-roles         body: {"principal", "secret"?, "apim_subscription"?}: infra's
+                                       rotator roles on that secret and APIM subscription
 
 Every route needs ``Authorization: Bearer <token>``: the stack's owner gets the token from
 ``LocalAzure.admin_token`` (and ``APIMVAULT_ADMIN_TOKEN`` in its env file, mode 0600), so other local users
@@ -28,7 +39,7 @@ import os
 import secrets
 import ssl
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx2
 from starlette.requests import Request
@@ -40,6 +51,11 @@ from ._server import Service, json_response
 from .apim import ApimGateway
 from .openai_backend import STREAM_FAULT_KINDS, BackendFaults, StreamFaultKind
 from .policies import admin_route as policies_admin_route
+from .rbac import RoleError
+
+if TYPE_CHECKING:
+    from ._tokens import Identity
+    from .stack import LocalAzure
 
 FAULT_KINDS: tuple[str, ...] = ("latency", "status", "throttle", "reset", "hang")
 MAX_BODY_BYTES = 64 * 1024
@@ -79,9 +95,12 @@ class AdminService(Service):
 
     name = "admin"
 
-    def __init__(self, services: dict[str, Service], *, token: str | None = None) -> None:
+    def __init__(
+        self, services: dict[str, Service], *, token: str | None = None, stack: LocalAzure | None = None
+    ) -> None:
         super().__init__()
         self.services = services
+        self.stack = stack  # identities and roles (/rbac/...) when it serves a LocalAzure
         self.token = token if token is not None else secrets.token_urlsafe(32)
         self._expected = f"Bearer {self.token}".encode()
 
@@ -158,6 +177,8 @@ class AdminService(Service):
             )
         if not parts or len(parts) > 3:
             return _error(404, "NotFound", f"no admin route {request.url.path}")
+        if parts[0] == "rbac" and self.stack is not None:
+            return await self._rbac(self.stack, parts[1:], method, request)
         service = self.services.get(parts[0])
         if service is None:
             return _error(
@@ -181,7 +202,21 @@ class AdminService(Service):
                 return json_response(self._add_fault(service, await self._json(request)), 201)
             return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
         if route == ["policies"] and isinstance(service, ApimGateway):
-            return await policies_admin_route(service.policies, service.api_path, method, request)
+            return await policies_admin_route(service.policies, service.api_id, method, request)
+        if route == ["api"] and isinstance(service, ApimGateway):
+            if method == "GET":
+                return json_response(service.api_config())
+            if method == "PUT":
+                body = await self._json(request)
+                unknown = sorted(set(body) - {"suffix", "operations"})
+                if unknown:
+                    raise _BadRequest(f"unknown API fields: {', '.join(unknown)}")
+                try:
+                    service.configure_api(suffix=body.get("suffix"), operations=body.get("operations"))
+                except (ValueError, TypeError) as exc:
+                    raise _BadRequest(str(exc)) from None
+                return json_response(service.api_config())
+            return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
         if route == ["recent"] and method == "GET" and isinstance(service, ApimGateway):
             return json_response({"recent": [u._asdict() for u in service.recent()]})
         if route == ["propagation"] and isinstance(service, ApimGateway):
@@ -191,6 +226,57 @@ class AdminService(Service):
                 self._set_propagation(service, await self._json(request))
                 return json_response({"units": service.state.propagation()})
             return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        return _error(404, "NotFound", f"no admin route {method} {request.url.path}")
+
+    async def _rbac(self, stack: LocalAzure, route: list[str], method: str, request: Request) -> Response:
+        identities = stack.identity.identities
+        names = {i.object_id: i.name for i in identities}
+        if route == ["roles"] and method == "GET":
+            return json_response({"roles": [r.as_dict() for r in stack.rbac.roles]})
+        if route == ["identities"]:
+            if method == "GET":
+                return json_response({"identities": [_identity_json(i) for i in identities]})
+            if method == "POST":
+                name = (await self._json(request)).get("name")
+                if not isinstance(name, str) or not name.strip() or len(name) > 128:
+                    raise _BadRequest("'name' must be a non-empty string (at most 128 characters)")
+                return json_response(_identity_json(stack.add_identity(name.strip())), 201)
+            return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+        if route == ["assignments"] and method == "GET":
+            rows = [
+                {**a.as_dict(), "principalName": names.get(a.principal)} for a in stack.rbac.assignments()
+            ]
+            return json_response({"assignments": rows})
+        if route in (["assignments"], ["rotator-roles"]) and method in ("POST", "DELETE"):
+            body = await self._json(request)
+            known = {"principal", "role", "scope", "secret", "apim_subscription"}
+            unknown = sorted(set(body) - known)
+            if unknown:
+                raise _BadRequest(f"unknown fields: {', '.join(unknown)}")
+            who = _principal(identities, body.get("principal"))
+            try:
+                if route == ["rotator-roles"]:
+                    if method != "POST":
+                        return _error(405, "MethodNotAllowed", f"{method} is not allowed here")
+                    made = stack.grant_rotator_roles(
+                        who,
+                        secret=_text(body, "secret", default="apim-subscription-key"),
+                        apim_subscription=_text(body, "apim_subscription", default="apimvault-app"),
+                    )
+                    return json_response({"assignments": [a.as_dict() for a in made]}, 201)
+                scope = _scope(stack, body)
+                role = body.get("role")
+                if method == "DELETE":
+                    if role is not None and not isinstance(role, str):
+                        raise _BadRequest("'role' must be a string")
+                    return json_response({"removed": stack.revoke_role(who, role, scope)})
+                if not isinstance(role, str) or scope is None:
+                    raise _BadRequest(
+                        "'role' and a scope ('scope', 'secret' or 'apim_subscription') are required"
+                    )
+                return json_response(stack.assign_role(who, role, scope).as_dict(), 201)
+            except RoleError as exc:
+                raise _BadRequest(str(exc)) from None
         return _error(404, "NotFound", f"no admin route {method} {request.url.path}")
 
     @staticmethod
@@ -250,6 +336,40 @@ class AdminService(Service):
             )
         )
         return dataclasses.asdict(fault)
+
+
+def _identity_json(identity: Identity) -> dict[str, str]:
+    return {"name": identity.name, "client_id": identity.client_id, "object_id": identity.object_id}
+
+
+def _principal(identities: list[Identity], given: Any) -> Identity:
+    if not isinstance(given, str) or not given:
+        raise _BadRequest("'principal' (a client id, object id or identity name) is required")
+    for identity in identities:
+        if given.lower() in (identity.client_id.lower(), identity.object_id.lower(), identity.name.lower()):
+            return identity
+    raise _BadRequest(f"no identity {given!r}; create it with POST /rbac/identities")
+
+
+def _text(body: dict[str, Any], name: str, *, default: str) -> str:
+    value = body.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise _BadRequest(f"'{name}' must be a non-empty string")
+    return value
+
+
+def _scope(stack: LocalAzure, body: dict[str, Any]) -> str | None:
+    given = [k for k in ("scope", "secret", "apim_subscription") if body.get(k) is not None]
+    if len(given) > 1:
+        raise _BadRequest("give one of 'scope', 'secret' and 'apim_subscription'")
+    if not given:
+        return None
+    value = _text(body, given[0], default="")
+    if given[0] == "secret":
+        return stack.secret_scope(value)
+    if given[0] == "apim_subscription":
+        return stack.apim_subscription_scope(value)
+    return value
 
 
 def _faults_of(service: Service) -> list[dict[str, Any]]:
@@ -351,6 +471,53 @@ class AdminClient:
         """Set the propagation delay (seconds, or a ``(low, high)`` range) of one unit or of all."""
         body: dict[str, Any] = {"delay": list(delay) if isinstance(delay, tuple) else delay, "unit": unit}
         return cast(dict[str, dict[str, float]], self._call("PUT", "/gateway/propagation", body)["units"])
+
+    # the gateway's API: URL suffix and operations
+    def api(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self._call("GET", "/gateway/api"))
+
+    def set_api(
+        self, *, suffix: str | None = None, operations: list[tuple[str, str]] | None = None
+    ) -> dict[str, Any]:
+        """Change the API URL suffix (``""``: the API at the root) and/or its operations."""
+        body: dict[str, Any] = {}
+        if suffix is not None:
+            body["suffix"] = suffix
+        if operations is not None:
+            body["operations"] = [list(op) for op in operations]
+        return cast(dict[str, Any], self._call("PUT", "/gateway/api", body))
+
+    # identities and roles
+    def roles(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", "/rbac/roles")["roles"])
+
+    def identities(self) -> list[dict[str, str]]:
+        return cast(list[dict[str, str]], self._call("GET", "/rbac/identities")["identities"])
+
+    def add_identity(self, name: str) -> dict[str, str]:
+        """A managed identity the stack mints tokens for, with no role: ``{name, client_id, object_id}``."""
+        return cast(dict[str, str], self._call("POST", "/rbac/identities", {"name": name}))
+
+    def assignments(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", "/rbac/assignments")["assignments"])
+
+    def assign_role(self, principal: str, role: str, **scope: str) -> dict[str, str]:
+        """Assign ``role`` to ``principal`` (client id, object id or name) at ``scope=`` (an ARM id),
+        ``secret=`` or ``apim_subscription=``."""
+        return cast(
+            dict[str, str],
+            self._call("POST", "/rbac/assignments", {"principal": principal, "role": role, **scope}),
+        )
+
+    def revoke_role(self, principal: str, role: str | None = None, **scope: str) -> int:
+        body: dict[str, Any] = {"principal": principal, "role": role, **scope}
+        return int(self._call("DELETE", "/rbac/assignments", body)["removed"])
+
+    def grant_rotator_roles(self, principal: str, **where: str) -> list[dict[str, str]]:
+        """infra's rotator roles for ``principal`` on ``secret=`` and ``apim_subscription=`` (default: the
+        seeded ones)."""
+        body: dict[str, Any] = {"principal": principal, **where}
+        return cast(list[dict[str, str]], self._call("POST", "/rbac/rotator-roles", body)["assignments"])
 
     # the gateway's per-API policies
     def policies(self) -> dict[str, Any]:

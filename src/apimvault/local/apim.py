@@ -2,7 +2,9 @@
 
 * :class:`ApimState` holds the APIM subscriptions and their two keys (both valid at once; Microsoft Learn,
   "Subscriptions in Azure API Management").
-* :class:`ApimGateway` checks ``Ocp-Apim-Subscription-Key`` (or the ``subscription-key`` query parameter),
+* :class:`ApimGateway` routes a request to the API's operations (APIM's 404 ``Resource not found`` for a
+  path or method no operation matches, before any key check), checks ``Ocp-Apim-Subscription-Key`` (or the
+  ``subscription-key`` query parameter),
   applies an optional rate-limit policy, strips the key and forwards to the Azure OpenAI backend in-process
   (the backend's ASGI app, faults and counters included), relaying the response, SSE chunks included, as the
   backend sends it.
@@ -18,8 +20,11 @@ of the key table; ``regenerate`` changes the authoritative table (what ARM's ``l
 once and queues the change for each unit, which applies it ``delay`` seconds later on the state's injected
 ``clock`` (a fixed delay or one drawn uniformly from ``(low, high)`` for each regeneration and unit; the
 changes of one unit apply in order). A delay of 0 (the default) applies the change at once, as before.
-The first unit answers at the gateway's root URL (``/openai/...``); every unit also answers under its own
-path prefix (``/<unit>/openai/...``), so a client picks a unit by its endpoint. The gateway counts, per
+Units (``routing="balanced"``, the default) share the gateway's one URL as the units of a region share one
+hostname behind a load balancer: each routed request goes to one unit, round-robin or seeded random, so
+one accepted request proves nothing about the other units. ``routing="per-unit"`` keeps the earlier
+model where the first unit answers at the root and every unit also under ``/<unit>/...``. Only regional
+and self-hosted gateways have URLs of their own in real APIM. The gateway counts, per
 unit, ``propagation-refused`` (a current key refused because the unit has not synced it yet) and
 ``propagation-stale`` (a replaced key still accepted).
 """
@@ -44,10 +49,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._arm_versions import api_version_problem
 from ._server import Service, json_response
 from ._tokens import TENANT_ID, TokenError, TokenIssuer, fingerprint
 from .openai_backend import OpenAIBackend
 from .policies import PolicyEngine, forward_without_key
+from .rbac import APIM_SUBSCRIPTIONS, Rbac
 
 Slot = Literal["primary", "secondary"]
 UseSlot = Literal["primary", "secondary", "invalid", "missing"]
@@ -55,6 +62,19 @@ DelaySpec: TypeAlias = float | tuple[float, float]
 """A propagation delay in seconds: fixed, or ``(low, high)`` to draw one uniformly per regeneration."""
 DEFAULT_UNITS = ("region1", "region2")
 _UNIT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+Routing = Literal["balanced", "per-unit"]
+"""``balanced``: every unit behind the gateway's one URL, one unit chosen per request (real APIM: the units of
+a region share one hostname behind a load balancer). ``per-unit``: each unit also at ``/<unit>`` (the first
+at the root), for tests written before units shared a URL."""
+Balance = Literal["round-robin", "random"]
+DEFAULT_API_SUFFIX = "openai"
+"""The Azure OpenAI API's URL suffix (infra/modules/apim.bicep: ``path: 'openai'``)."""
+DEFAULT_OPERATIONS: tuple[tuple[str, str], ...] = (("POST", "/*"), ("GET", "/*"))
+"""The API's operations as infra defines them (``openAiPostOperation`` / ``openAiGetOperation``)."""
+_SUFFIX = re.compile(r"^[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*$")
+_METHOD = re.compile(r"^(?:\*|[A-Z]{3,7})$")
+_SEGMENT = r"(?:[A-Za-z0-9._~:@!$&'()+,;=%-]+|\{[A-Za-z0-9_-]+\}|\*)"
+_TEMPLATE = re.compile(rf"^/{_SEGMENT}?(?:/{_SEGMENT})*$")
 
 # Gateway 401 bodies as observed on the wire (raw responses quoted in community write-ups and the Learn
 # tutorial): "... to an API.", not the Learn table's "... to this API.".
@@ -66,8 +86,51 @@ INVALID_KEY_MESSAGE = (
     "Access denied due to invalid subscription key. Make sure to provide a valid key for an active "
     "subscription."
 )
-# APIM's answer when no API/operation matches the request.
+# APIM's answer when no API/operation matches the request, whatever key it carries (it routes before it
+# checks the key: Microsoft Q&A 5743485; body {"statusCode": 404, "message": "Resource not found"} as
+# community captures of unmatched operations show, e.g. the Tech Community post on APIM's 404 instead of 405).
 NOT_FOUND_MESSAGE = "Resource not found"
+
+
+def normalize_suffix(suffix: str) -> str:
+    """An API URL suffix without surrounding slashes (``""`` allowed); ValueError if malformed."""
+    if not isinstance(suffix, str):
+        raise ValueError("the API URL suffix must be a string")
+    cleaned = suffix.strip().strip("/")
+    if cleaned and (len(cleaned) > 400 or not _SUFFIX.match(cleaned)):
+        raise ValueError(f"invalid API URL suffix {suffix!r}: path segments of [A-Za-z0-9._~-], or empty")
+    return cleaned
+
+
+def normalize_operations(operations: Sequence[Sequence[str]]) -> tuple[tuple[str, str], ...]:
+    """``((METHOD, urlTemplate), ...)``, validated: METHOD upper-case or ``*``; a template starts with ``/``
+    and its segments are literals, ``{param}`` (one segment) or ``*`` (the rest of the path, last only)."""
+    result: list[tuple[str, str]] = []
+    for op in operations:
+        if isinstance(op, str) or len(op) != 2 or not all(isinstance(x, str) for x in op):
+            raise ValueError(f"an operation is a (method, urlTemplate) pair, not {op!r}")
+        method, template = op[0].strip().upper(), op[1].strip()
+        if not _METHOD.match(method) or not _TEMPLATE.match(template) or "*" in template.rstrip("*"):
+            raise ValueError(f"invalid operation {op!r}: (METHOD or '*', '/literal/{{param}}/*')")
+        result.append((method, template))
+    if not result:
+        raise ValueError("an API needs at least one operation")
+    return tuple(result)
+
+
+def _template_matches(template: str, path: str) -> bool:
+    want = template.strip("/").split("/") if template.strip("/") else []
+    have = path.strip("/").split("/") if path.strip("/") else []
+    for i, segment in enumerate(want):
+        if segment == "*":
+            return True
+        if i >= len(have):
+            return False
+        if segment.startswith("{") and segment.endswith("}"):
+            continue
+        if segment.lower() != have[i].lower():
+            return False
+    return len(have) == len(want)
 
 
 def _now_iso() -> str:
@@ -387,10 +450,20 @@ def _apim_error(status: int, message: str, headers: dict[str, str] | None = None
 
 
 class ApimGateway(Service):
-    """The APIM gateway for the ``/openai`` API, forwarding to :class:`OpenAIBackend`."""
+    """The APIM gateway for the Azure OpenAI API, forwarding to :class:`OpenAIBackend`.
+
+    ``api_suffix`` is the API's URL suffix (default ``openai``; ``""`` publishes it at the root, so both
+    ``https://host/openai/deployments/<dep>/...`` and ``https://host/deployments/<dep>/...`` shapes can be
+    served); the backend always sees ``/openai/...`` as an APIM backend URL ending in ``/openai`` makes it.
+    ``operations`` are the API's ``(method, urlTemplate)`` pairs (default: infra's ``POST /*`` and
+    ``GET /*``). A request no operation matches gets APIM's 404 ``Resource not found`` before any key check.
+    ``routing`` / ``balance`` / ``seed``: how requests reach the gateway units (:data:`Routing`).
+    """
 
     name = "gateway"
-    api_path = "/openai"
+    api_id = "/openai"
+    """The API's name for its policies (``policies.set(gateway.api_id, ...)``); it does not change with the
+    URL suffix, as a real APIM API keeps its name when its path changes."""
 
     def __init__(
         self,
@@ -401,40 +474,129 @@ class ApimGateway(Service):
         header_name: str = "Ocp-Apim-Subscription-Key",
         query_name: str = "subscription-key",
         recent_size: int = 1000,
+        api_suffix: str = DEFAULT_API_SUFFIX,
+        operations: Sequence[Sequence[str]] = DEFAULT_OPERATIONS,
+        routing: Routing = "balanced",
+        balance: Balance = "round-robin",
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        if routing not in ("balanced", "per-unit"):
+            raise ValueError(f"routing must be 'balanced' or 'per-unit', not {routing!r}")
+        if balance not in ("round-robin", "random"):
+            raise ValueError(f"balance must be 'round-robin' or 'random', not {balance!r}")
         self.state = state
         self.backend = backend
         self.rate_limit_per_minute = rate_limit_per_minute
         self.header_name = header_name
         self.query_name = query_name
+        self.routing: Routing = routing
+        self.balance: Balance = balance
         self._header_bytes = header_name.lower().encode("latin-1")
         self._recent: collections.deque[KeyUse] = collections.deque(maxlen=recent_size)
         self._windows: dict[str, collections.deque[float]] = {}
         self._lock = threading.Lock()
         self._backend_app: ASGIApp | None = None
+        self._suffix = normalize_suffix(api_suffix)
+        self._operations = normalize_operations(operations)
+        self._turn = 0
+        self._rng = random.Random(seed)  # noqa: S311 - load balancing, not security
         self.policies = PolicyEngine(self.counters)  # per-API policies (apimvault.local.policies)
+
+    # ------------------------------------------------------------------------------------ the API
+
+    @property
+    def api_suffix(self) -> str:
+        """The API URL suffix without slashes (``""``: the API is served at the gateway's root)."""
+        return self._suffix
+
+    @property
+    def api_path(self) -> str:
+        """The API's path prefix on the gateway: ``"/" + api_suffix``, or ``""`` for an empty suffix."""
+        return f"/{self._suffix}" if self._suffix else ""
+
+    @property
+    def operations(self) -> tuple[tuple[str, str], ...]:
+        return self._operations
+
+    def configure_api(
+        self, *, suffix: str | None = None, operations: Sequence[Sequence[str]] | None = None
+    ) -> None:
+        """Change the API's URL suffix and/or operations (ValueError for bad values; nothing changes then)."""
+        new_suffix = self._suffix if suffix is None else normalize_suffix(suffix)
+        new_ops = self._operations if operations is None else normalize_operations(operations)
+        if self.routing == "per-unit" and new_suffix.split("/")[0] in self.state.units:
+            raise ValueError(f"the API URL suffix {new_suffix!r} would hide the gateway unit of that name")
+        self._suffix, self._operations = new_suffix, new_ops
+
+    def api_config(self) -> dict[str, Any]:
+        return {
+            "suffix": self._suffix,
+            "path": self.api_path,
+            "operations": [list(op) for op in self._operations],
+            "routing": self.routing,
+            "balance": self.balance,
+            "units": list(self.state.units),
+            "urls": list(self.urls),
+        }
+
+    def _route(self, method: str, path: str) -> str | None:
+        """The path inside the API (``"/deployments/..."``) if an operation routes ``method path``, else
+        None (APIM's 404)."""
+        prefix = self.api_path
+        if prefix:
+            if path != prefix and not path.startswith(prefix + "/"):
+                return None
+            rest = path[len(prefix) :] or "/"
+        else:
+            rest = path or "/"
+        for op_method, template in self._operations:
+            if op_method in ("*", method.upper()) and _template_matches(template, rest):
+                return rest
+        return None
 
     # ------------------------------------------------------------------------------------ units
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The distinct gateway URLs: one when units are balanced, one per unit with ``per-unit``."""
+        if self.routing == "balanced":
+            return (self.url,)
+        return tuple(self.unit_urls().values())
+
     def unit_urls(self) -> dict[str, str]:
-        """The URL of each gateway unit: the first at the root, the others under ``/<unit>``."""
+        """Where each gateway unit answers: every unit at the one URL when balanced; with ``per-unit`` the
+        first at the root and the others under ``/<unit>``."""
+        if self.routing == "balanced":
+            return dict.fromkeys(self.state.units, self.url)
         return {u: self.url if i == 0 else f"{self.url}/{u}" for i, u in enumerate(self.state.units)}
 
-    def _split_unit(self, path: str) -> tuple[str, str]:
-        """``(unit, path without the unit prefix)``; the first unit when there is no prefix."""
+    def _pick_unit(self) -> str:
+        units = self.state.units
+        with self._lock:
+            if self.balance == "random":
+                return self._rng.choice(units)
+            unit = units[self._turn % len(units)]
+            self._turn += 1
+            return unit
+
+    def _split_unit(self, path: str) -> tuple[str | None, str]:
+        """``(unit, path without a unit prefix)``: with ``per-unit`` routing the unit a ``/<unit>`` prefix
+        names (the first without one); when balanced no unit yet (chosen per routed request)."""
+        if self.routing == "balanced":
+            return None, path
         first, _, rest = path.lstrip("/").partition("/")
-        if first in self.state.units and first != self.api_path.strip("/"):
+        if first in self.state.units and first != self._suffix.split("/")[0]:
             return first, "/" + rest
         return self.state.units[0], path
 
     # ------------------------------------------------------------------------------ Service protocol
 
     def classify(self, method: str, path: str) -> str:
-        path = self._split_unit(path)[1]
-        if not path.startswith("/openai/"):
+        rest = self._route(method, self._split_unit(path)[1])
+        if rest is None:
             return "unknown"
-        operation = self.backend.classify(method, path)  # the API's operations are the backend's
+        operation = self.backend.classify(method, "/openai" + rest)  # the API's operations are the backend's
         return "OpenAI" if operation == "unknown" else operation
 
     def error_response(self, status: int, message: str) -> Response:
@@ -507,13 +669,15 @@ class ApimGateway(Service):
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        unit, path = self._split_unit(scope["path"])
-        if not (path == self.api_path or path.startswith(self.api_path + "/")):
+        pinned, path = self._split_unit(scope["path"])
+        rest = self._route(scope["method"], path)
+        if rest is None:  # APIM routes before it checks the key: 404 whatever key the request carries
             await _apim_error(404, NOT_FOUND_MESSAGE)(scope, receive, send)
             return
+        unit = pinned if pinned is not None else self._pick_unit()
         key, headers, query = self._extract(scope)
-        if not key and await forward_without_key(self, scope, receive, send):  # token-only API
-            return
+        if not key and await forward_without_key(self, self._backend_scope(scope, rest), receive, send):
+            return  # a token-only API
         if not key:
             self._record(None, "missing", None, unit)
             await _apim_error(401, MISSING_KEY_MESSAGE, {"WWW-Authenticate": self.challenge})(
@@ -544,7 +708,7 @@ class ApimGateway(Service):
                 429, f"Rate limit is exceeded. Try again in {wait} seconds.", {"Retry-After": str(wait)}
             )(scope, receive, send)
             return
-        refused, receive = await self.policies.inbound(self.api_path, sub.sid, scope, receive)
+        refused, receive = await self.policies.inbound(self.api_id, sub.sid, scope, receive)
         if refused is not None:
             await refused(scope, receive, send)
             return
@@ -552,16 +716,23 @@ class ApimGateway(Service):
         # removed and the backend's own api-key set.
         headers.append((b"host", f"127.0.0.1:{self.backend.port}".encode()))
         headers.append((b"api-key", self.backend.api_key.encode()))
-        forwarded = dict(scope)
+        forwarded = self._backend_scope(scope, rest)
         forwarded["headers"] = headers
         forwarded["query_string"] = query
-        if path != scope["path"]:  # a unit prefix: the backend sees the API path alone
-            forwarded["path"] = path
-            raw = scope.get("raw_path")
-            forwarded["raw_path"] = raw[len(unit) + 1 :] if raw else path.encode("latin-1")
         forwarded["server"] = ("127.0.0.1", self.backend.port)
         assert self._backend_app is not None
         await self._backend_app(forwarded, receive, send)
+
+    @staticmethod
+    def _backend_scope(scope: Scope, rest: str) -> dict[str, Any]:
+        """``scope`` with the path the backend sees: ``/openai`` + the path inside the API (the API URL
+        suffix and any unit prefix replaced, as APIM replaces the API path with the backend URL's)."""
+        forwarded = dict(scope)
+        backend_path = "/openai" + rest
+        if backend_path != scope["path"]:
+            forwarded["path"] = backend_path
+            forwarded["raw_path"] = backend_path.encode("latin-1")
+        return forwarded
 
 
 # -------------------------------------------------------------------------------------------------- ARM
@@ -576,6 +747,25 @@ _ACTIONS = {
     "regenerateprimarykey": "RegeneratePrimaryKey",
     "regeneratesecondarykey": "RegenerateSecondaryKey",
 }
+# The Azure RBAC action each operation needs (Learn, "Azure permissions for Integration":
+# Microsoft.ApiManagement/service/subscriptions/...).
+RBAC_ACTIONS = {
+    "GetSubscription": APIM_SUBSCRIPTIONS + "read",
+    "GetSubscriptionEntityTag": APIM_SUBSCRIPTIONS + "read",
+    "ListSubscriptions": APIM_SUBSCRIPTIONS + "read",
+    "ListSecrets": APIM_SUBSCRIPTIONS + "listSecrets/action",
+    "RegeneratePrimaryKey": APIM_SUBSCRIPTIONS + "regeneratePrimaryKey/action",
+    "RegenerateSecondaryKey": APIM_SUBSCRIPTIONS + "regenerateSecondaryKey/action",
+}
+# ARM's 403 when no role assignment grants the action (wire text as ARM returns it, e.g. Azure/ARO-RP#66,
+# microsoft/foundry-dev-tools#555): {"error":{"code":"AuthorizationFailed","message":"The client '<id>' with
+# object id '<oid>' does not have authorization to perform action '<action>' over scope '<scope>' or the
+# scope is invalid. If access was recently granted, please refresh your credentials."}}
+AUTHORIZATION_FAILED = (
+    "The client '{client}' with object id '{oid}' does not have authorization to perform action "
+    "'{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please "
+    "refresh your credentials."
+)
 
 
 def _arm_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -587,16 +777,22 @@ class ArmService(Service):
 
     azure-mgmt-apimanagement 5.0.0 sends ``api-version=2024-05-01`` and asks for the default scope
     ``https://management.azure.com/.default`` (``_configuration.py``); the local identity endpoint issues
-    that audience, so the client needs no ``credential_scopes`` override. Any api-version is accepted.
+    that audience, so the client needs no ``credential_scopes`` override. An api-version the provider does not
+    serve gets ARM's 400 ``NoRegisteredProviderFound`` (:mod:`apimvault.local._arm_versions`).
+
+    With ``rbac`` (as :class:`~apimvault.local.LocalAzure` wires it) every operation needs its action
+    (:data:`RBAC_ACTIONS`) from a role assigned to the caller's ``oid`` at the resource or above it, else
+    403 ``AuthorizationFailed``; without it any valid token may do everything.
     """
 
     name = "arm"
     audience_prefix = "https://management."
 
-    def __init__(self, state: ApimState, tokens: TokenIssuer) -> None:
+    def __init__(self, state: ApimState, tokens: TokenIssuer, *, rbac: Rbac | None = None) -> None:
         super().__init__()
         self.state = state
         self.tokens = tokens
+        self.rbac = rbac
 
     def classify(self, method: str, path: str) -> str:
         match = _ARM_PATH.match(path)
@@ -628,7 +824,7 @@ class ArmService(Service):
             )
         }
 
-    def _authenticate(self, request: Request) -> Response | None:
+    def _authenticate(self, request: Request) -> dict[str, Any] | Response:
         # Missing header: ARM's body {"error":{"code":"AuthenticationFailed","message":"Authentication failed.
         # The 'Authorization' header is missing."}} as Azure docs and ARM test doubles record it (e.g. the
         # Azure Monitor resource-scoped query docs, mock ARM servers in Go SDK tests). Bad tokens get ARM's
@@ -662,7 +858,25 @@ class ArmService(Service):
                 "'https://management.azure.com'.",
                 self._challenge("The access token has been obtained for wrong audience or resource."),
             )
-        return None
+        return claims
+
+    def _authorize(self, claims: dict[str, Any], operation: str, match: re.Match[str]) -> Response | None:
+        """403 ``AuthorizationFailed`` unless a role assigned to the caller grants the operation's action."""
+        action = RBAC_ACTIONS.get(operation)
+        if self.rbac is None or action is None:
+            return None
+        scope = (
+            f"/subscriptions/{match.group('arm')}/resourceGroups/{match.group('rg')}/providers/"
+            f"Microsoft.ApiManagement/service/{match.group('svc')}/subscriptions"
+        )
+        if match.group("sid"):
+            scope += f"/{match.group('sid')}"
+        oid = str(claims.get("oid", ""))
+        if self.rbac.allowed(oid, action, scope, data=False):
+            return None
+        client = str(claims.get("appid", "") or oid)
+        message = AUTHORIZATION_FAILED.format(client=client, oid=oid, action=action, scope=scope)
+        return _arm_error(403, "AuthorizationFailed", message)
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -676,9 +890,9 @@ class ArmService(Service):
         await response(scope, receive, send)
 
     async def _handle(self, request: Request) -> Response:
-        denied = self._authenticate(request)
-        if denied is not None:
-            return denied
+        claims = self._authenticate(request)
+        if isinstance(claims, Response):
+            return claims
         if not request.query_params.get("api-version"):
             return _arm_error(
                 400,
@@ -688,8 +902,15 @@ class ArmService(Service):
         match = _ARM_PATH.match(request.url.path)
         if match is None:
             return _arm_error(404, "NotFound", f"No route for '{request.method} {request.url.path}'.")
+        unserved = api_version_problem(request.query_params["api-version"])
+        if unserved is not None:
+            return _arm_error(400, *unserved)
         arm, rg, svc = match.group("arm"), match.group("rg"), match.group("svc")
         sid, action = match.group("sid"), match.group("action")
+        # ARM authorizes before it looks the resource up ("... or the scope is invalid").
+        forbidden = self._authorize(claims, self.classify(request.method, request.url.path), match)
+        if forbidden is not None:
+            return forbidden
         if not self.state.service_exists(arm, rg, svc):
             return _arm_error(
                 404,

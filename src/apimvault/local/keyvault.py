@@ -15,10 +15,12 @@ Behaviour worth knowing:
   which makes ``https://127.0.0.1:PORT`` pass the SDK's challenge-resource verification with it left ON.
 * **Tokens** must come from the stack's :class:`~apimvault.local.TokenIssuer`, be unexpired and carry
   a Key Vault audience (``https://vault.azure.net`` or the challenge resource); anything else is 401.
-* **RBAC** is keyed by the token's ``oid``. ``Key Vault Secrets User`` may read values and metadata;
-  ``Key Vault Secrets Officer`` (and ``Key Vault Administrator``) may do everything. Assignments are at vault
-  scope or on one secret; vault-wide operations (list secrets, list deleted secrets, restore) need vault
-  scope.
+* **RBAC** is keyed by the token's ``oid`` and checks the operation's *data action* against the roles
+  assigned to it (:mod:`apimvault.local.rbac`: built-in roles and infra's custom roles from
+  ``infra/roles/rotator.json``). ``Key Vault Secrets User`` may read values and metadata; ``Key Vault Secrets
+  Officer`` (and ``Key Vault Administrator``) may do everything. Assignments are at vault scope or on one
+  secret; vault-wide operations (list secrets, list deleted secrets, restore) need vault scope. A refusal is
+  403 ``Forbidden`` / innererror ``ForbiddenByRbac`` naming the action, as the real vault answers.
 * **exp / nbf are advisory for secrets.** Real Key Vault refuses *key* operations outside a key's validity
   window, but a secret GET returns the value whatever ``exp``/``nbf`` say; the attributes carry the dates and
   the application must honour them (observed: Altinn/altinn-studio#5029, "App has access to expired secrets
@@ -65,7 +67,6 @@ from ._kv_wire import (
     _HOST_RE,
     _KEYVAULT_APP_ID,
     _NAME_RE,
-    _ROLE_ACTIONS,
     _STATUS_CODES,
     _VAULT_WIDE,
     _WITH_BODY,
@@ -96,9 +97,11 @@ from ._kv_wire import (
     VAULT_RESOURCE,
     KeyVaultError,
     _bad,
+    check_api_version,
 )
 from ._server import Service, json_response
 from ._tokens import TENANT_ID, Clock, Identity, TokenError, TokenIssuer
+from .rbac import Rbac
 
 __all__ = [
     "ROLE_ADMINISTRATOR",
@@ -119,13 +122,14 @@ class KeyVaultService(Service):
 
     name = "keyvault"
 
-    def __init__(self, tokens: TokenIssuer, *, clock: Clock = time.time) -> None:
+    def __init__(self, tokens: TokenIssuer, *, clock: Clock = time.time, rbac: Rbac | None = None) -> None:
         super().__init__()
         self.tokens = tokens
         self.clock = clock
-        self._lock = threading.Lock()  # guards the role assignments and the token cache
+        self._lock = threading.Lock()  # guards the token cache
         self.store = SecretStore(clock)
-        self._assignments: dict[str, set[tuple[str, str | None]]] = {}  # oid -> {(role, secret-or-None)}
+        # Role definitions and assignments (apimvault.local.rbac), shared with the ARM plane in a stack.
+        self.rbac = rbac if rbac is not None else Rbac()
         self._token_cache: dict[str, dict[str, Any]] = {}
         self._backup_key = AESGCM(AESGCM.generate_key(bit_length=256))
         challenge_resource = f"https://0.0.1:{self.port}"
@@ -176,25 +180,21 @@ class KeyVaultService(Service):
             raise KeyError(name)
         return list(secret.versions)
 
+    @staticmethod
+    def scope(secret: str | None = None) -> str:
+        """The ARM resource id of the vault (``secret=None``) or of one of its secrets: a role scope."""
+        return VAULT_RESOURCE if secret is None else f"{VAULT_RESOURCE}/secrets/{secret.lower()}"
+
     def grant(self, identity: Identity, role: str, *, secret: str | None = None) -> None:
-        """Assign ``role`` to ``identity`` on the whole vault (``secret=None``) or on one secret."""
-        if role not in _ROLE_ACTIONS:
-            raise ValueError(f"unknown role {role!r}; expected one of {sorted(_ROLE_ACTIONS)}")
-        scope = None if secret is None else secret.lower()
-        with self._lock:
-            self._assignments.setdefault(identity.object_id, set()).add((role, scope))
+        """Assign ``role`` (a built-in role or one of :attr:`rbac`'s custom roles, e.g. infra's
+        ``apimvault secret rotator``) to ``identity`` on the whole vault (``secret=None``) or on one secret.
+        ``ValueError`` for an unknown role."""
+        self.rbac.assign(identity, role, self.scope(secret))
 
     def revoke(self, identity: Identity, role: str | None = None, *, secret: str | None = None) -> None:
         """Remove assignments of ``identity``: of ``role`` (any role if ``None``) on ``secret`` (every scope,
         vault and per-secret, if ``None``). ``revoke(identity)`` removes all of its access."""
-        with self._lock:
-            held = self._assignments.get(identity.object_id)
-            if not held:
-                return
-            scope = None if secret is None else secret.lower()
-            for assignment in list(held):
-                if (role is None or assignment[0] == role) and (secret is None or assignment[1] == scope):
-                    held.discard(assignment)
+        self.rbac.revoke(identity, role, None if secret is None else self.scope(secret))
 
     # ------------------------------------------------------------------------------ service hooks
 
@@ -268,6 +268,7 @@ class KeyVaultService(Service):
         api_version = (query.get("api-version") or [""])[0]
         if not api_version:
             raise _bad(MSG_API_VERSION)
+        check_api_version(api_version)
         # 2. Authorization, then input validation.
         self._authorize(claims, route)
         if route.name is not None and not _NAME_RE.match(route.name):
@@ -315,11 +316,8 @@ class KeyVaultService(Service):
         action = ACTIONS[route.operation]
         oid = str(claims.get("oid", ""))
         secret_scope = None if route.operation in _VAULT_WIDE or route.name is None else route.name.lower()
-        with self._lock:
-            held = tuple(self._assignments.get(oid, ()))
-        for role, scope in held:
-            if action in _ROLE_ACTIONS[role] and (scope is None or scope == secret_scope):
-                return
+        if self.rbac.allowed(oid, action, self.scope(secret_scope), data=True):
+            return
         resource = VAULT_RESOURCE if secret_scope is None else f"{VAULT_RESOURCE}/secrets/{secret_scope}"
         message = MSG_FORBIDDEN_RBAC.format(
             appid=claims.get("appid", ""),

@@ -410,7 +410,7 @@ class PolicyEngine:
 async def forward_without_key(gateway: Any, scope: Scope, receive: Receive, send: Send) -> bool:
     """For an API with ``subscription_required=False``: apply its policies to a request that carries no
     key and forward it as the gateway forwards keyed ones. Returns False when the API requires a key."""
-    api = gateway.api_path
+    api = gateway.api_id
     if gateway.policies.get(api).subscription_required:
         return False
     _, headers, query = gateway._extract(scope)

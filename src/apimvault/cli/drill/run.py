@@ -373,7 +373,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
             finally:
                 if target.faults is not None:
                     target.faults.close()
-        with embedded_stack(need_async=True) as azure:
+        # Rotation as infra's rotator identity (only infra/roles/rotator.json's roles). Gateway units at their
+        # own URLs until rotate's probe rule sees a lagging unit behind one URL (issue 19.3); then drop it.
+        with embedded_stack(need_async=True, rotate_as="rotator", gateway_routing="per-unit") as azure:
             env = azure.environ()
             if getattr(args, "token_scope", None):  # the gateway then checks the token too
                 audience = args.token_scope.strip().removesuffix("/.default")
@@ -387,11 +389,11 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 deployment=args.deployment or env["APIMVAULT_DEPLOYMENT"],
                 apim_subscription_id=azure.apim_subscription_id,
                 arm_endpoint=azure.arm_url,
-                rotator_client_id=azure.officer_identity.client_id,
+                rotator_client_id=azure.rotation_identity.client_id,
                 label="embedded local Azure (127.0.0.1, TLS)",
                 loopback=True,
                 faults=StackFaults(azure=azure),
-                gateway_urls=tuple(azure.gateway_unit_urls.values()),
+                gateway_urls=azure.gateway_urls,
             )
             return _run_target(target, args, out)
     except Exception as exc:
