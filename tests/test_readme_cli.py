@@ -69,7 +69,8 @@ def test_the_readmes_way_back_unsets_every_variable_of_the_env_file() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     [line] = [x for x in readme.splitlines() if x.startswith("unset ")]
     assert line.startswith(unset_local_env_command() + " ")
-    prelude = re.findall(r"^export (\w+)=", readme.split("## Before the examples", 1)[1].split("\n## ", 1)[0], flags=re.M)
+    section = readme.split("## Before the examples", 1)[1].split("\n## ", 1)[0]
+    prelude = re.findall(r"^export (\w+)=", section, flags=re.M)
     assert prelude and line.split()[1:] == [*LOCAL_ENV_VARIABLES, *prelude]
 
 
