@@ -117,10 +117,17 @@ def _python_blocks() -> list[Block]:
 DEFAULT_RUN = [b for b in _python_blocks() if b.section != FRAMEWORK_SECTION and not b.fragment]
 
 
-def prelude_env() -> dict[str, str]:
-    """The ``export`` lines of the README's prelude block (beyond the sourced env file)."""
+def prelude_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``export`` lines of the README's prelude block (beyond the sourced env file), a ``"$NAME"``
+    value taken from ``env`` (the sourced file's variables)."""
     code = "".join(b.code for b in readme_blocks() if b.heading == PRELUDE_TITLE and b.lang == "sh")
-    return dict(re.findall(r"^export (\w+)=(\S+)", code, flags=re.M))
+    exports = dict(re.findall(r"^export (\w+)=(\S+)", code, flags=re.M))
+    for name, value in exports.items():
+        ref = re.fullmatch(r'"?\$(\w+)"?', value)
+        if ref:
+            assert env is not None and ref.group(1) in env, f"the prelude's {name} needs {ref.group(1)}"
+            exports[name] = env[ref.group(1)]
+    return exports
 
 
 def block_env(azure: LocalAzure) -> dict[str, str]:
@@ -128,7 +135,7 @@ def block_env(azure: LocalAzure) -> dict[str, str]:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update(azure.environ())
-    env.update(prelude_env())
+    env.update(prelude_env(env))
     env["PYTHONPATH"] = str(Path(apimvault.__file__).parents[1])  # these sources
     return env
 
@@ -140,20 +147,18 @@ class Ran:
     err: str
 
 
-@pytest.fixture(scope="module")
-def ran(local_azure: LocalAzure, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Ran]:
-    """Every default-run block, run once (README line -> its exit code and output)."""
-    where = tmp_path_factory.mktemp("readme-blocks")  # outside the source tree
-    paths = {b.line: where / f"block_{b.line}.py" for b in DEFAULT_RUN}
-    for block in DEFAULT_RUN:
+def run_blocks(blocks: list[Block], env: dict[str, str], where: Path) -> dict[int, Ran]:
+    """Run each block as a script (README line -> its exit code and output), in ``where``."""
+    paths = {b.line: where / f"block_{b.line}.py" for b in blocks}
+    for block in blocks:
         paths[block.line].write_text(block.code, encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "-X", "dev", "-c", _RUNNER, *map(str, paths.values())],
-        env=block_env(local_azure),
+        env=env,
         cwd=where,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     codes = json.loads(done.stdout.strip().splitlines()[-1])
@@ -167,10 +172,22 @@ def ran(local_azure: LocalAzure, tmp_path_factory: pytest.TempPathFactory) -> di
     }
 
 
+@pytest.fixture(scope="module")
+def ran(local_azure: LocalAzure, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Ran]:
+    """Every default-run block, run once, outside the source tree."""
+    return run_blocks(DEFAULT_RUN, block_env(local_azure), tmp_path_factory.mktemp("readme-blocks"))
+
+
+def assert_ran_clean(block: Block, done: Ran) -> None:
+    assert done.code == 0, f"README.md line {block.line} ({block.heading}):\n{done.out}\n{done.err}"
+    for noise in ("ResourceWarning", "Exception ignored", "Unclosed"):
+        assert noise not in done.err, f"README.md line {block.line}:\n{done.err}"
+
+
 def test_the_readme_has_a_prelude_and_marks_its_fragments() -> None:
     blocks = readme_blocks()
     assert any(b.heading == PRELUDE_TITLE and b.lang == "sh" for b in blocks)
-    assert prelude_env(), "the prelude exports the variables the examples read"
+    assert prelude_env({"AZURE_OPENAI_ENDPOINT": "x"}), "the prelude exports the variables the examples read"
     text = README.read_text(encoding="utf-8").splitlines()
     markers = [i for i, line in enumerate(text) if line.strip() == FRAGMENT]
     marked = {b.line - 1 for b in blocks if b.fragment}  # each marker must precede a block
@@ -180,10 +197,7 @@ def test_the_readme_has_a_prelude_and_marks_its_fragments() -> None:
 
 @pytest.mark.parametrize("block", DEFAULT_RUN, ids=lambda b: b.id)
 def test_readme_python_block_runs_as_written(block: Block, ran: dict[int, Ran]) -> None:
-    done = ran[block.line]
-    assert done.code == 0, f"README.md line {block.line} ({block.heading}):\n{done.out}\n{done.err}"
-    for noise in ("ResourceWarning", "Exception ignored", "Unclosed"):
-        assert noise not in done.err, f"README.md line {block.line}:\n{done.err}"
+    assert_ran_clean(block, ran[block.line])
 
 
 def test_a_fragment_marker_takes_its_block_out_of_the_run() -> None:
@@ -206,7 +220,7 @@ def test_token_only_works_on_the_local_stack_after_the_readmes_policies_put(azur
     from apimvault import create_token_azure_openai
 
     [put] = [b for b in readme_blocks() if b.lang == "sh" and "/gateway/policies" in b.code]
-    scope = prelude_env()["APIMVAULT_TOKEN_SCOPE"]
+    scope = prelude_env(block_env(azure))["APIMVAULT_TOKEN_SCOPE"]
     messages: list[Any] = [{"role": "user", "content": "hi"}]
     credential = DefaultAzureCredential()
     with credential, create_token_azure_openai(scope, credential=credential, max_retries=0) as token_only:

@@ -9,11 +9,11 @@ pytest.importorskip("haystack")
 from haystack.components.generators.chat import AzureOpenAIChatGenerator
 from haystack.dataclasses import ChatMessage, StreamingChunk
 
-from apimvault import ConfigurationError, create_azure_openai
+from apimvault import ConfigurationError, create_async_azure_openai, create_azure_openai
 from apimvault.integrations.haystack import azure_openai_chat_generator
 from apimvault.local import DEPLOYMENT, LocalAzure
 
-from .support import LogCapture, Rotating, assert_no_key, run_readme_block
+from .support import LogCapture, Rotating, assert_no_key
 
 pytestmark = pytest.mark.integrations
 
@@ -30,7 +30,10 @@ async def test_haystack_chat_generator_through_rotation(
     provider = stack.provider()
     try:
         async with stack.aprovider() as aprovider:
-            generator = run_readme_block("Haystack", provider=provider, aprovider=aprovider)["generator"]
+            # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
+            generator = azure_openai_chat_generator(
+                create_azure_openai(provider), create_async_azure_openai(aprovider), deployment="gpt-4o-mini"
+            )
             assert isinstance(generator, AzureOpenAIChatGenerator)
             generator.warm_up()  # what a pipeline does first: must keep apimvault's clients
             await generator.warm_up_async()

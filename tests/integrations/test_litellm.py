@@ -8,9 +8,10 @@ pytest.importorskip("litellm")
 
 import litellm
 
+from apimvault import create_async_azure_openai, create_azure_openai
 from apimvault.local import LocalAzure
 
-from .support import LogCapture, Rotating, arun_readme_block, assert_no_key
+from .support import LogCapture, Rotating, assert_no_key
 
 pytestmark = pytest.mark.integrations
 
@@ -28,10 +29,13 @@ async def test_litellm_completion_sync_async_streaming_through_rotation(
     provider = stack.provider()
     try:
         async with stack.aprovider() as aprovider:
-            ns = await arun_readme_block("LiteLLM", provider=provider, aprovider=aprovider)
-            client, aclient = ns["client"], ns["aclient"]
-            assert ns["reply"].choices[0].message.content
-            assert ns["areply"].choices[0].message.content
+            # as the README block calls it (the block itself runs as a script: test_readme_blocks.py)
+            client, aclient = create_azure_openai(provider), create_async_azure_openai(aprovider)
+            assert (
+                litellm.completion(model=MODEL, messages=MESSAGES, client=client).choices[0].message.content
+            )
+            areply = await litellm.acompletion(model=MODEL, messages=MESSAGES, client=aclient)
+            assert areply.choices[0].message.content
             assert set(stack.slots()) == {"primary"}
 
             stack.rotate()  # revokes the key both providers hold

@@ -9,9 +9,10 @@ pytest.importorskip("semantic_kernel")
 from semantic_kernel.connectors.ai.open_ai import AzureChatCompletion, AzureChatPromptExecutionSettings
 from semantic_kernel.contents import ChatHistory
 
+from apimvault import create_async_azure_openai
 from apimvault.local import LocalAzure
 
-from .support import LogCapture, Rotating, assert_no_key, run_readme_block
+from .support import LogCapture, Rotating, assert_no_key
 
 pytestmark = pytest.mark.integrations
 
@@ -29,7 +30,10 @@ async def test_semantic_kernel_chat_through_rotation(
     stack = Rotating.new(azure)
     settings = AzureChatPromptExecutionSettings()
     async with stack.aprovider() as aprovider:
-        chat = run_readme_block("Semantic Kernel", aprovider=aprovider)["chat"]
+        # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
+        chat = AzureChatCompletion(
+            deployment_name="gpt-4o-mini", async_client=create_async_azure_openai(aprovider)
+        )
         assert isinstance(chat, AzureChatCompletion)
 
         reply = await chat.get_chat_message_content(_history("hello"), settings)
@@ -56,7 +60,10 @@ async def test_semantic_kernel_to_dict_carries_no_key(azure: LocalAzure) -> None
     """SK's ``to_dict()`` copies the client's ``default_headers``; they must not hold the key."""
     stack = Rotating.new(azure)
     async with stack.aprovider() as aprovider:
-        chat = run_readme_block("Semantic Kernel", aprovider=aprovider)["chat"]
+        # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
+        chat = AzureChatCompletion(
+            deployment_name="gpt-4o-mini", async_client=create_async_azure_openai(aprovider)
+        )
         await aprovider.get()
         if any(value in stack.keys for value in chat.client.default_headers.values()):
             pytest.xfail("this apimvault shows the key in client.default_headers (LiveHeaders)")
