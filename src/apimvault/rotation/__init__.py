@@ -293,6 +293,7 @@ def plan_rotation(
         probe_successes=settings.probe_successes,
         probe_interval=settings.probe_interval,
         shared_checked=shared is not None,
+        token_scope=settings.token_scope,
     )
 
 
