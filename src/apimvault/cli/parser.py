@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --revoke-current: seconds the fleet gets to move to the new version before the leaked "
         "key is regenerated (default: APIMVAULT_REVOKE_WAIT or 60)",
     )
+    p.add_argument(
+        "--token-scope",
+        metavar="SCOPE",
+        help="a gateway that validates an Entra token as well as the key: the API's scope "
+        "(api://<app-id>/.default); the probes then send a token the rotator's credential gets for it "
+        "(default: APIMVAULT_TOKEN_SCOPE; unset: the key alone)",
+    )
     p.set_defaults(func=cmd_rotate)
 
     p = add(

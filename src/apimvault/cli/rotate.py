@@ -68,6 +68,7 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
             probe_successes=args.probe_successes,
             probe_interval=args.probe_interval,
             revoke_wait=args.revoke_wait,
+            token_scope=args.token_scope,
         )
         if args.revoke_current and args.event is not None:
             raise ConfigurationError("--revoke-current rotates the secret named by --secret, not an --event")

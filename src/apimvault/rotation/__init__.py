@@ -24,7 +24,10 @@ one the latest version holds. A rotation
    ``GET <gateway>/openai/v1/models`` with the key in the subscription-key header: the gateway
    authenticates it like any call of the API, and listing models costs no tokens. Only a 2xx is
    "accepted", APIM's key 401 is "not yet", anything else stops the rotation
-   (:class:`GatewayProbeError`); the key itself is never logged;
+   (:class:`GatewayProbeError`); the key itself is never logged. A gateway that validates an Entra token
+   as well (key-plus-token mode) needs ``token_scope`` (``APIMVAULT_TOKEN_SCOPE``): the probe then sends
+   ``Authorization: Bearer`` with a token the rotation's credential gets for that scope (never logged);
+   without it the gateway's token 401 is a :class:`GatewayProbeError` that says so;
 5. only then writes it as a new secret version with ``CredentialId`` flipped, the other tags and the
    content type kept, and ``expires = now + ValidityPeriodDays``;
 6. verifies that the vault's latest version holds a live key of the slot its tag names, and repairs it
@@ -87,6 +90,7 @@ from .config import (
     ENV_PROBE_SUCCESSES,
     ENV_PROPAGATION_TIMEOUT,
     ENV_REVOKE_WAIT,
+    ENV_TOKEN_SCOPE,
     RotationConfig,
 )
 from .model import (
@@ -129,6 +133,7 @@ __all__ = [
     "ENV_PROBE_SUCCESSES",
     "ENV_PROPAGATION_TIMEOUT",
     "ENV_REVOKE_WAIT",
+    "ENV_TOKEN_SCOPE",
     "EXPIRED",
     "NEAR_EXPIRY",
     "PROBE_PATH",
@@ -167,6 +172,7 @@ def _settings(
     gateway_urls: Sequence[str] | str | None = None,
     propagation_timeout: float | None = None,
     header_name: str | None = None,
+    token_scope: str | None = None,
 ) -> RotationConfig:
     """``config`` (default: the environment, all but the subscription) with the arguments given applied."""
     overrides: dict[str, Any] = {
@@ -175,12 +181,24 @@ def _settings(
         "gateway_urls": gateway_urls,
         "propagation_timeout": propagation_timeout,
         "header_name": header_name,
+        "token_scope": token_scope,
     }
     if config is None:
         return RotationConfig.from_env(subscription_from_env=False, **overrides)
     config = config.replace(**overrides)
     config.require_gateways()
     return config
+
+
+def _probe(settings: RotationConfig, session: Session) -> GatewayProbe:
+    """The gateway probe of a rotation: the key, and with ``settings.token_scope`` a token the rotation's
+    credential gets for that scope (key-plus-token gateways)."""
+    return GatewayProbe(
+        settings.gateway_urls,
+        header_name=settings.header_name,
+        token_scope=settings.token_scope,
+        credential=session.credential,
+    )
 
 
 def scrub_traceback(exc: BaseException) -> None:
@@ -219,6 +237,7 @@ def plan_rotation(
     gateway_urls: Sequence[str] | str | None = None,
     propagation_timeout: float | None = None,
     config: RotationConfig | None = None,
+    token_scope: str | None = None,
 ) -> RotationPlan:
     """Read the secret and describe what :func:`rotate` would do, changing nothing.
 
@@ -233,9 +252,10 @@ def plan_rotation(
         arm_endpoint=arm_endpoint,
         gateway_urls=gateway_urls,
         propagation_timeout=propagation_timeout,
+        token_scope=token_scope,
     )
     session = Session(vault_url, settings.arm_endpoint, credential)
-    probe = GatewayProbe(settings.gateway_urls, header_name=settings.header_name)
+    probe = _probe(settings, session)
     try:
         current = session.read_current(secret_name, where)
         ref, slot, days = resolve_target(current, settings.apim_subscription_id, where)
@@ -273,6 +293,7 @@ def plan_rotation(
         probe_successes=settings.probe_successes,
         probe_interval=settings.probe_interval,
         shared_checked=shared is not None,
+        token_scope=settings.token_scope,
     )
 
 
@@ -304,6 +325,7 @@ def rotate(
     sleep: Callable[[float], None] = time.sleep,
     on_step: Callable[[str], None] | None = None,
     config: RotationConfig | None = None,
+    token_scope: str | None = None,
 ) -> RotationResult:
     """Rotate the APIM subscription key held in ``secret_name`` (the dual-credential pattern, see the module).
 
@@ -332,6 +354,10 @@ def rotate(
             ``probe``, ``write``, ``verify``, ``repair``); tests use it to force interleavings.
         config: the settings (:class:`RotationConfig`, default: the environment); the arguments above
             override it.
+        token_scope: for a gateway that validates an Entra token as well as the key, the API's scope
+            (``api://<app-id>/.default``, default ``APIMVAULT_TOKEN_SCOPE``): the probe sends a token
+            ``credential`` gets for it. Without one, the gateway's token 401 is a
+            :class:`GatewayProbeError` naming ``APIMVAULT_TOKEN_SCOPE``.
 
     Raises the typed errors of :mod:`apimvault.exceptions` (``AccessDeniedError`` names the role),
     :class:`ConfigurationError` for bad input and :class:`RotationError` when rotating would be unsafe,
@@ -348,6 +374,7 @@ def rotate(
         gateway_urls=gateway_urls,
         propagation_timeout=propagation_timeout,
         header_name=header_name,
+        token_scope=token_scope,
     )
     with _running(vault_url, secret_name, credential, settings, clock, sleep, on_step, now) as run:
         result = run.rotate(expected)
@@ -369,7 +396,7 @@ def _running(
     """A :class:`Run` with its clients; closes them, counts a failure and scrubs its traceback."""
     where = f"{vault_url}/secrets/{secret_name}"
     session = Session(vault_url, settings.arm_endpoint, credential)
-    probe = GatewayProbe(settings.gateway_urls, header_name=settings.header_name)
+    probe = _probe(settings, session)
     try:
         yield Run(session, probe, secret_name, where, settings, clock, sleep, on_step, utc_now(now))
     except BaseException as exc:
@@ -414,6 +441,7 @@ def check_latest(
     gateway_urls: Sequence[str] | str | None = None,
     header_name: str | None = None,
     config: RotationConfig | None = None,
+    token_scope: str | None = None,
 ) -> LatestCheck:
     """Check, changing nothing, that the latest version holds a live key of the slot its tag names and
     that every gateway accepts it (one probe each, see :class:`GatewayProbe`)."""
@@ -424,9 +452,10 @@ def check_latest(
         arm_endpoint=arm_endpoint,
         gateway_urls=gateway_urls,
         header_name=header_name,
+        token_scope=token_scope,
     )
     session = Session(vault_url, settings.arm_endpoint, credential)
-    probe = GatewayProbe(settings.gateway_urls, header_name=settings.header_name)
+    probe = _probe(settings, session)
     try:
         latest = session.read_current(secret_name, where)
         ref, slot, _ = resolve_target(latest, settings.apim_subscription_id, where)
@@ -481,6 +510,7 @@ def rotate_from_event(
     sleep: Callable[[float], None] = time.sleep,
     on_step: Callable[[str], None] | None = None,
     config: RotationConfig | None = None,
+    token_scope: str | None = None,
 ) -> RotationResult:
     """Rotate on a Key Vault ``SecretNearExpiry`` (or ``SecretExpired``) event, idempotently.
 
@@ -511,6 +541,7 @@ def rotate_from_event(
         gateway_urls=gateway_urls,
         propagation_timeout=propagation_timeout,
         header_name=header_name,
+        token_scope=token_scope,
     )
     results: list[RotationResult] = []
     for item in wanted:

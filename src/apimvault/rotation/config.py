@@ -28,6 +28,7 @@ __all__ = [
     "ENV_PROBE_SUCCESSES",
     "ENV_PROPAGATION_TIMEOUT",
     "ENV_REVOKE_WAIT",
+    "ENV_TOKEN_SCOPE",
     "RotationConfig",
 ]
 
@@ -46,6 +47,7 @@ MAX_PROPAGATION_TIMEOUT = 86400.0
 ENV_PROBE_SUCCESSES = "APIMVAULT_PROBE_SUCCESSES"
 ENV_PROBE_INTERVAL = "APIMVAULT_PROBE_INTERVAL"
 ENV_REVOKE_WAIT = "APIMVAULT_REVOKE_WAIT"
+ENV_TOKEN_SCOPE = "APIMVAULT_TOKEN_SCOPE"  # noqa: S105 - a variable name (the providers' and check's too)
 DEFAULT_PROBE_SUCCESSES = 10
 """Consecutive 2xx answers each gateway URL must give the new key. Units behind one hostname are
 balanced per connection and cannot be addressed: with N units and one lagging, K fresh-connection probes
@@ -129,7 +131,10 @@ class RotationConfig:
     regenerated key. ``apim_subscription_id``: the APIM subscription's ARM id (``None``: the secret's
     ``ProviderAddress`` tag). ``vault_url``: the only vault an event may name (``None``: the event's).
     ``probe_successes`` / ``probe_interval``: the probe rule (that many consecutive 2xx per URL, that many
-    seconds apart). ``revoke_wait``: see :func:`apimvault.rotation.revoke_current`.
+    seconds apart). ``revoke_wait``: see :func:`apimvault.rotation.revoke_current`. ``token_scope``: for a
+    gateway that validates an Entra token as well as the key (key-plus-token mode), the API's scope
+    (``api://<app-id>/.default``); the probe then sends ``Authorization: Bearer`` with a token the rotation's
+    credential gets for it (``None``: the key alone).
     Build it with :meth:`from_env`; the constructor validates too (naming the field).
     """
 
@@ -142,6 +147,7 @@ class RotationConfig:
     probe_successes: int = DEFAULT_PROBE_SUCCESSES
     probe_interval: float = DEFAULT_PROBE_INTERVAL
     revoke_wait: float = DEFAULT_REVOKE_WAIT
+    token_scope: str | None = None
 
     def __post_init__(self) -> None:
         self._check(
@@ -191,6 +197,14 @@ class RotationConfig:
                 set_(self, "apim_subscription_id", parse_apim_subscription_id(sub).resource_id)
             except ConfigurationError as exc:
                 raise ConfigurationError(f"{names['apim_subscription_id']}: {exc}") from None
+        scope = values.get("token_scope")
+        if scope is not None:
+            from .._entra import _check_scope
+
+            try:
+                set_(self, "token_scope", _check_scope(scope))
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{names['token_scope']}: {exc}") from None
         vault = values.get("vault_url")
         if vault is not None:
             from .._validation import validate_vault_url
@@ -215,10 +229,11 @@ class RotationConfig:
         Variables: ``APIMVAULT_GATEWAY_URLS`` (space or comma separated; else ``AZURE_OPENAI_ENDPOINT``),
         ``APIMVAULT_ARM_ENDPOINT``, ``APIMVAULT_APIM_SUBSCRIPTION_ID``, ``APIMVAULT_PROPAGATION_TIMEOUT``,
         ``APIMVAULT_HEADER_NAME``, ``AZURE_KEYVAULT_URL``, ``APIMVAULT_PROBE_SUCCESSES``,
-        ``APIMVAULT_PROBE_INTERVAL``, ``APIMVAULT_REVOKE_WAIT``. Raises :class:`ConfigurationError` naming the
-        variable for every bad value, and when no gateway URL is known (unless ``require_gateways`` is
-        false). ``subscription_from_env=False`` leaves ``APIMVAULT_APIM_SUBSCRIPTION_ID`` unread (the
-        library's functions take the subscription from their argument or the secret's tag only).
+        ``APIMVAULT_PROBE_INTERVAL``, ``APIMVAULT_REVOKE_WAIT``, ``APIMVAULT_TOKEN_SCOPE``. Raises
+        :class:`ConfigurationError` naming the variable for every bad value, and when no gateway URL is
+        known (unless ``require_gateways`` is false). ``subscription_from_env=False`` leaves
+        ``APIMVAULT_APIM_SUBSCRIPTION_ID`` unread (the library's functions take the subscription from their
+        argument or the secret's tag only).
         """
         from .._base import DEFAULT_HEADER, ENV_HEADER
 
@@ -241,6 +256,7 @@ class RotationConfig:
             "probe_successes": (ENV_PROBE_SUCCESSES, get(ENV_PROBE_SUCCESSES)),
             "probe_interval": (ENV_PROBE_INTERVAL, get(ENV_PROBE_INTERVAL)),
             "revoke_wait": (ENV_REVOKE_WAIT, get(ENV_REVOKE_WAIT)),
+            "token_scope": (ENV_TOKEN_SCOPE, get(ENV_TOKEN_SCOPE)),
         }
         if not subscription_from_env:
             sources["apim_subscription_id"] = (ENV_APIM_SUBSCRIPTION_ID, None)
@@ -265,6 +281,7 @@ class RotationConfig:
             "probe_successes": DEFAULT_PROBE_SUCCESSES,
             "probe_interval": DEFAULT_PROBE_INTERVAL,
             "revoke_wait": DEFAULT_REVOKE_WAIT,
+            "token_scope": None,
         }
         for field, default in defaults.items():
             object.__setattr__(config, field, default)

@@ -95,6 +95,7 @@ class RotationPlan:
     probe_successes: int = 1
     probe_interval: float = 0.0
     shared_checked: bool = False
+    token_scope: str | None = None
 
     def describe(self) -> list[str]:
         expiry = f"expiring in {self.validity_days} days (ValidityPeriodDays)"
@@ -112,8 +113,9 @@ class RotationPlan:
         ]
         for url in self.gateway_urls:
             lines.append(
-                f"wait         until {url} accepts it (probe: GET {url}{PROBE_PATH}, no tokens; "
-                f"{self.probe_successes} consecutive 2xx {self.probe_interval:g} s apart; at most "
+                f"wait         until {url} accepts it (probe: GET {url}{PROBE_PATH}, no tokens"
+                + (f", key plus a bearer token for {self.token_scope}; " if self.token_scope else "; ")
+                + f"{self.probe_successes} consecutive 2xx {self.probe_interval:g} s apart; at most "
                 f"{self.propagation_timeout:g} s)"
             )
         lines += [

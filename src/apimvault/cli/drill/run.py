@@ -98,6 +98,7 @@ class Drill(RotationSchedule, DrillReport):
             arm_endpoint=self.target.arm_endpoint,
             credential=self._rotation_credential,
             gateway_urls=self.target.gateway_urls or None,
+            token_scope=self.token_scope,
         )
         self._configure_propagation()
         self.versions.append(plan.current_version)

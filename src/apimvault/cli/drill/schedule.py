@@ -93,6 +93,7 @@ class RotationSchedule(DrillState):
             "arm_endpoint": self.target.arm_endpoint,
             "credential": self._rotation_credential,
             "gateway_urls": self.target.gateway_urls or None,
+            "token_scope": self.token_scope,  # key plus token: the probes send a token too
             # A local stack's delays are known; real gateways get the library's default (or the env's).
             "propagation_timeout": max(60.0, 20 * self.propagation)
             if self.target.faults is not None
@@ -230,6 +231,7 @@ class RotationSchedule(DrillState):
                 arm_endpoint=self.target.arm_endpoint,
                 credential=self._rotation_credential,
                 gateway_urls=self.target.gateway_urls or None,
+                token_scope=self.token_scope,
             )
         except ApimVaultError as exc:
             self.log(f"vault check failed: {type(exc).__name__}: {exc}")
