@@ -192,7 +192,7 @@ def test_a_long_rotation_through_the_event_grid_trigger_times_out_and_is_redeliv
     probed: list[str] = []
 
     def slow_gateways(step: str) -> None:
-        # the rotation probes each gateway URL several times (consecutive acceptances): the 4 minutes pass once
+        # the rotation probes each gateway URL several times (consecutive 2xx): the 4 minutes pass once
         if step == "probe" and not probed:
             clock.advance(240.0)
         if step == "probe":
