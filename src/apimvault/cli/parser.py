@@ -228,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="also send an Entra token for this scope (api://<app-id>/.default); the embedded stack's "
         "gateway then validates it; the report shows token refreshes next to key refreshes",
     )
+    p.add_argument(
+        "--delivery",
+        choices=("auto", "azurite", "memory"),
+        default="auto",
+        help="the Storage queue between the local Event Grid and the rotation function's handler: "
+        "Azurite (node_modules/.bin or PATH, with Node.js; the handler then holds its blob lease there), "
+        "in memory (Python only), or auto: Azurite when found (default %(default)s)",
+    )
+    p.add_argument(
+        "--revoke",
+        action="store_true",
+        help="make rotation 3 an emergency revocation (rotate --revoke-current) of the key the clients "
+        "hold, mid-traffic; the report says when every gateway refused it",
+    )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--client-id", help="managed identity client id of the rotator")
     p.add_argument("--yes", action="store_true", help="allow regenerating keys of a non-loopback target")
