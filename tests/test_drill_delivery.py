@@ -120,7 +120,8 @@ def test_the_drill_rotates_through_the_queue_and_the_function_handler_as_the_rot
     report = run.json()
     _check_deployed_path(report, balanced, str(env["APIMVAULT_ROTATOR_CLIENT_ID"]), kind)
     assert len(report["delivery"]["invocations"]) == 3
-    assert report["delivery"]["lease"] == ("none (no storage)" if kind == "memory" else "blob lease on Azurite")
+    lease = "none (no storage)" if kind == "memory" else "blob lease on Azurite"
+    assert report["delivery"]["lease"] == lease
     assert balanced.keyvault.latest(app.name).version == report["rotation_log"][-1]["new_version"]
     assert_no_key(run.out + run.err, _keys_and_versions(balanced, app))
 
@@ -158,7 +159,8 @@ def test_revocation_mid_traffic_kills_the_leaked_key_without_a_failed_request(ba
     by_version = {v.version: v.value for v in leaked}
     leaked_value = by_version[report["rotation_log"][1]["new_version"]]
     assert fingerprint(leaked_value) == revocation["revoked_fingerprint"]
-    assert leaked_value not in app.keys()
+    primary, secondary = app.keys()
+    assert leaked_value not in (primary, secondary)
     # the revocation rotated to the other key first: the vault serves a live key, every client has it
     assert revocation["revoked_slot"] != last["regenerated"] and last["vault_latest_live"] is True
     assert all(c["version"] == last["new_version"] for c in report["clients_detail"])

@@ -258,8 +258,7 @@ def slow_gateway(slow_clock: ManualClock, local_azure: LocalAzure) -> Iterator[L
         ca=SESSION_CA,
         propagation_clock=slow_clock,
         propagation_delay={"region1": 20, "region2": 45},
-        gateway_routing="per-unit",  # each unit at its own URL until rotate's probe rule sees shared URLs
-    ) as stack:
+    ) as stack:  # both units behind one URL (balanced, in turn): only this module's requests reach them
         yield stack  # each test enters stack.env() itself, so other tests keep the session stack's
 
 
@@ -279,7 +278,7 @@ def test_vault_gets_the_new_key_only_once_every_gateway_unit_accepts_it(
                 (
                     slow_clock(),
                     azure.keyvault.latest(app.name).version,
-                    gateway_status(azure, secondary),  # region1 (the root URL)
+                    gateway_status(azure, secondary),  # one unit in turn (both behind the URL)
                     gateway_status(azure, v1.value),  # what clients that refresh now get
                 )
             )
