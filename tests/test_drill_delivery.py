@@ -228,3 +228,19 @@ def test_the_chaos_drill_through_azurite_as_the_rotator(balanced: LocalAzure) ->
     assert len(report["delivery"]["invocations"]) == 4  # rotations 1, 2, and 3 delivered twice
     assert report["probe_rule"] == {"successes": 10, "interval_s": 0.5}
     assert_no_key(run.out + run.err, _keys_and_versions(balanced, app))
+
+
+def test_without_azurite_auto_takes_the_memory_queue_and_azurite_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apimvault.cli.drill.delivery import open_delivery
+    from apimvault.exceptions import ConfigurationError
+
+    monkeypatch.chdir(tmp_path)  # no node_modules here
+    monkeypatch.setenv("PATH", str(tmp_path))  # and neither node nor azurite on PATH
+    assert find_azurite() is None
+    with open_delivery("auto") as delivery:
+        assert delivery.kind == "memory" and delivery.why == "Azurite not found"
+        assert delivery.describe()["lease"] == "none (no storage)"
+    with pytest.raises(ConfigurationError, match="no Azurite found"), open_delivery("azurite"):
+        pass

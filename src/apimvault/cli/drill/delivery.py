@@ -247,18 +247,45 @@ def open_delivery(choice: str) -> Iterator[Delivery]:
     if choice not in CHOICES:
         raise ConfigurationError(f"--delivery must be one of {', '.join(CHOICES)}, not {choice!r}")
     bin_dir = find_azurite() if choice != "memory" else None
-    if bin_dir is None:
+    clients = _storage_clients()
+    if bin_dir is None or clients is not None:
         if choice == "azurite":
             raise ConfigurationError(
-                "--delivery azurite: no Azurite found (node_modules/.bin/azurite-queue or azurite-queue on "
-                "PATH, and Node.js); install it with `npm ci` (package.json) or use --delivery memory"
+                "--delivery azurite: "
+                + (
+                    clients
+                    or "no Azurite found (node_modules/.bin/azurite-queue or azurite-queue on PATH, and "
+                    "Node.js); install it with `npm ci` (package.json)"
+                )
+                + "; or use --delivery memory"
             )
-        why = "chosen with --delivery memory" if choice == "memory" else "Azurite not found"
+        why = (
+            "chosen with --delivery memory"
+            if choice == "memory"
+            else "Azurite not found"
+            if bin_dir is None
+            else f"Azurite found but {clients}"
+        )
         yield Delivery(
             "memory", MemoryQueue(ROTATION_QUEUE), MemoryQueue(f"{ROTATION_QUEUE}-poison"), why=why
         )
         return
     yield from _azurite_delivery(bin_dir)
+
+
+def _storage_clients() -> str | None:
+    """Why Azurite's queue and blob cannot be used from here (``None``: they can)."""
+    import importlib
+
+    missing = []
+    for module in ("azure.storage.queue", "azure.storage.blob"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        return f"{' and '.join(missing)} not installed (extras local and rotation)"
+    return None
 
 
 def _azurite_delivery(bin_dir: Path) -> Iterator[Delivery]:
