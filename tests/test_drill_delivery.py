@@ -244,3 +244,38 @@ def test_without_azurite_auto_takes_the_memory_queue_and_azurite_is_refused(
         assert delivery.describe()["lease"] == "none (no storage)"
     with pytest.raises(ConfigurationError, match="no Azurite found"), open_delivery("azurite"):
         pass
+
+
+def test_the_in_process_stack_names_the_rotator_and_its_roles(balanced: LocalAzure) -> None:
+    """The embedded drill's view of who rotates (the admin-API view is what the drills above report)."""
+    from apimvault.cli.drill.target import StackFaults
+
+    faults = StackFaults(azure=balanced)
+    name, roles = faults.identity_roles(balanced.rotator_identity.client_id.upper())
+    assert name == balanced.rotator_identity.name
+    assert sorted(r["role"] for r in roles) == sorted(r.name for r in load_infra_roles().values())
+    assert faults.identity_roles("00000000-0000-0000-0000-000000000000") == (None, [])
+
+
+@pytest.mark.slow
+def test_the_quickstart_drill_embedded_needs_no_environment(tmp_path: Path) -> None:
+    """``apimvault drill`` with no variables set (the Quickstart): its own embedded stack, balanced units,
+    its rotator, the in-memory queue (no node_modules in the working directory), in a fresh process (the
+    embedded stack's CA must be trusted before aiohttp is imported)."""
+    import json
+    import subprocess
+    import sys
+
+    keep = ("PATH", "HOME", "LANG", "TMPDIR")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    code = "import sys; from apimvault.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["drill", "--json", "--duration", "5", "--concurrency", "4"]
+    command = [sys.executable, "-c", code, *argv]  # this interpreter, fixed arguments
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    report = json.loads(done.stdout)
+    assert report["ok"] is True and report["failed"] == 0
+    assert report["rotator"]["name"] == "rotator" and report["rotator"]["only_roles_file_roles"] is True
+    assert report["delivery"]["kind"] == "memory" and report["delivery"]["why"] == "Azurite not found"
+    assert len(report["gateway_urls"]) == 1 and report["vault_latest_live"] == [True] * report["rotations"]

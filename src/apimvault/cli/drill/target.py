@@ -54,7 +54,7 @@ class StackFaults:
         assigned to it (``{"role", "scope"}``)."""
         wanted = client_id.lower()
         if self.azure is not None:
-            found = next((i for i in self.azure.identity.identities() if i.client_id.lower() == wanted), None)
+            found = next((i for i in self.azure.identity.identities if i.client_id.lower() == wanted), None)
             if found is None:
                 return None, []
             held = self.azure.rbac.assignments(found)
