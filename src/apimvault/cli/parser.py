@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Run chat traffic (threads and asyncio tasks, plain and streaming) through clients built by the core "
         "while rotating the key at least twice, so both APIM keys are regenerated and the key the clients "
         "started with is revoked mid-traffic; report failures, 401s recovered, vault reads, convergence "
-        "and latency. Exit 1 if any request failed. Against a non-loopback target it needs --yes.",
+        "and latency. Each rotation is a SecretNearExpiry event through a local Event Grid and a Storage "
+        "queue to the rotation function's handler, run as the rotator identity; the report names the "
+        "identity, its roles and the delivery path. Exit 1 if any request failed. Against a non-loopback "
+        "target it needs --yes.",
     )
     p.add_argument(
         "--concurrency", type=_at_least(2), default=16, help="workers in total, >= 2 (default %(default)s)"
