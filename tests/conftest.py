@@ -42,10 +42,11 @@ def _loopback_only() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def local_azure() -> Iterator[LocalAzure]:
-    # Gateway units at their own URLs (per-unit) until `rotate` requires consecutive accepted probes per URL
-    # (issue 19.3): today's rule (one 2xx per URL) cannot see a lagging unit behind a shared URL, which the
-    # stack's default (balanced units behind one URL) models. The drill's tests rotate with propagation here.
-    with LocalAzure(ca=SESSION_CA, gateway_routing="per-unit") as azure, azure.env():
+    # The stack's default: both gateway units behind one URL, each request to one of them in turn, as real
+    # APIM's units of a region. `rotate` stores a key only after K consecutive accepted probes per URL; the
+    # drills that rotate here with propagation keep (K - 1) x interval above the longest unit delay, so which
+    # unit each probe reaches cannot matter (tests/test_drill_delivery.py's module doc).
+    with LocalAzure(ca=SESSION_CA) as azure, azure.env():
         yield azure
 
 

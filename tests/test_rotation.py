@@ -258,8 +258,7 @@ def slow_gateway(slow_clock: ManualClock, local_azure: LocalAzure) -> Iterator[L
         ca=SESSION_CA,
         propagation_clock=slow_clock,
         propagation_delay={"region1": 20, "region2": 45},
-        gateway_routing="per-unit",  # each unit at its own URL until rotate's probe rule sees shared URLs
-    ) as stack:
+    ) as stack:  # both units behind one URL (balanced, in turn): only this module's requests reach them
         yield stack  # each test enters stack.env() itself, so other tests keep the session stack's
 
 
@@ -279,7 +278,7 @@ def test_vault_gets_the_new_key_only_once_every_gateway_unit_accepts_it(
                 (
                     slow_clock(),
                     azure.keyvault.latest(app.name).version,
-                    gateway_status(azure, secondary),  # region1 (the root URL)
+                    gateway_status(azure, secondary),  # one unit in turn (both behind the URL)
                     gateway_status(azure, v1.value),  # what clients that refresh now get
                 )
             )
@@ -403,7 +402,7 @@ def test_probe_needs_a_gateway_and_says_what_it_sends(
             )
     assert app.keys() == keys
     plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
-    assert plan.gateway_urls == tuple(azure.gateway_unit_urls.values())
+    assert plan.gateway_urls == azure.gateway_urls
     described = "\n".join(plan.describe())
     assert "GET " + azure.gateway_url + "/openai/v1/models" in described and "no tokens" in described
     probe = GatewayProbe(plan.gateway_urls)
@@ -485,7 +484,7 @@ def test_check_latest_reports_a_revoked_latest_version(
     app = new_rotating_app(azure)
     good = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
     assert good.ok and good.live and good.credential_id == "primary"
-    assert set(good.accepted) == set(azure.gateway_unit_urls.values())
+    assert set(good.accepted) == set(azure.gateway_urls)
     azure.apim_state.regenerate(app.sid, "primary")  # the stored key is revoked elsewhere
     bad = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
     assert not bad.ok and not bad.live and set(bad.accepted.values()) == {False}
@@ -502,7 +501,7 @@ def test_cli_rotate_reports_propagation_and_takes_a_timeout(azure: LocalAzure) -
     assert result["propagation_seconds"] is not None and result["propagation_seconds"] >= 0
     assert result["verified_version"] == azure.keyvault.latest(app.name).version == result["new_version"]
     assert result["repaired_versions"] == [] and plan["propagation_timeout"] == 30
-    assert plan["gateway_urls"] == list(azure.gateway_unit_urls.values())
+    assert plan["gateway_urls"] == list(azure.gateway_urls)
     human = run_cli(["rotate"], app.env())
     assert human.code == 0 and "the gateway accepted the new key" in human.out
     assert "/openai/v1/models" in human.out  # the plan says what the probe sends

@@ -197,8 +197,7 @@ def syncing(sync_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalA
         ca=SESSION_CA,
         propagation_clock=sync_clock,
         propagation_delay={"region1": 20, "region2": 45},
-        gateway_routing="per-unit",  # each unit at its own URL until rotate's probe rule sees shared URLs
-    ) as stack:
+    ) as stack:  # both units behind one URL (balanced, in turn)
         yield stack  # tests enter stack.env() themselves, so other tests keep the session stack's
 
 

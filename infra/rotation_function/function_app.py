@@ -6,14 +6,16 @@ writes each event to the Storage queue ``apimvault-rotation-events`` on the func
 as soon as the message is stored, so a rotation that waits minutes for the gateways never times it out.
 The connection ``AzureWebJobsStorage`` is the host's own, identity-based in Azure
 (``AzureWebJobsStorage__accountName`` / ``__credential`` / ``__clientId``). Retries, the poison queue and the
-visibility timeout are host.json's ``extensions.queues``. The logic lives in :mod:`rotation_handler` so it
-can be tested without the Functions runtime.
+visibility timeout are host.json's ``extensions.queues``. The logic lives in the package,
+:mod:`apimvault.rotation.function` (in the wheel; the drill runs it too), so it can be tested without the
+Functions runtime.
 """
 
 from __future__ import annotations
 
 import azure.functions as func
-from rotation_handler import ROTATION_QUEUE, handle_queue_message
+
+from apimvault.rotation.function import ROTATION_QUEUE, handle_queue_message
 
 FUNCTION_NAME = "rotate_apim_key"
 QUEUE_CONNECTION = "AzureWebJobsStorage"

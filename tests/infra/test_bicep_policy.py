@@ -245,7 +245,7 @@ def test_events_reach_the_function_through_a_queue_on_its_own_storage_account(
     destination = delivery["destination"]
     assert destination["endpointType"] == "StorageQueue"
     queue_name = rotation.resolve(destination["properties"]["queueName"])
-    handler_py = (INFRA / "rotation_function" / "rotation_handler.py").read_text()
+    handler_py = (INFRA.parent / "src" / "apimvault" / "rotation" / "function.py").read_text()  # the handler
     assert queue_name == "apimvault-rotation-events"
     assert f'ROTATION_QUEUE = "{queue_name}"' in handler_py
     assert json.dumps(destination["properties"]["resourceId"]) == json.dumps(

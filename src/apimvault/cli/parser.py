@@ -199,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Run chat traffic (threads and asyncio tasks, plain and streaming) through clients built by the core "
         "while rotating the key at least twice, so both APIM keys are regenerated and the key the clients "
         "started with is revoked mid-traffic; report failures, 401s recovered, vault reads, convergence "
-        "and latency. Exit 1 if any request failed. Against a non-loopback target it needs --yes.",
+        "and latency. Each rotation is a SecretNearExpiry event through a local Event Grid and a Storage "
+        "queue to the rotation function's handler, run as the rotator identity; the report names the "
+        "identity, its roles and the delivery path. Exit 1 if any request failed. Against a non-loopback "
+        "target it needs --yes.",
     )
     p.add_argument(
         "--concurrency", type=_at_least(2), default=16, help="workers in total, >= 2 (default %(default)s)"
@@ -234,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-scope",
         help="also send an Entra token for this scope (api://<app-id>/.default); the embedded stack's "
         "gateway then validates it; the report shows token refreshes next to key refreshes",
+    )
+    p.add_argument(
+        "--delivery",
+        choices=("auto", "azurite", "memory"),
+        default="auto",
+        help="the Storage queue between the local Event Grid and the rotation function's handler: "
+        "Azurite (node_modules/.bin or PATH, with Node.js; the handler then holds its blob lease there), "
+        "in memory (Python only), or auto: Azurite when found (default %(default)s)",
+    )
+    p.add_argument(
+        "--revoke",
+        action="store_true",
+        help="make rotation 3 an emergency revocation (rotate --revoke-current) of the key the clients "
+        "hold, mid-traffic; the report says when every gateway refused it",
     )
     p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
     p.add_argument("--client-id", help="managed identity client id of the rotator")

@@ -113,6 +113,11 @@ class RotationRecord:
     deliveries: list[str] = dataclasses.field(default_factory=list)
     """With an overlapped rotation: what each delivery of the event did."""
     overlapped: bool = False
+    revoked_rank: int | None = None
+    """The rank of the newest version whose key this rotation revoked (default: ``index - 2``, the version
+    before the previous one; a revocation also revokes the previous one's, ``index - 1``)."""
+    revocation: dict[str, Any] | None = None
+    """A revocation's outcome: the leaked slot and fingerprint, the fleet wait, when the key died."""
 
 
 def counts_text(counts: dict[str, int]) -> str:

@@ -97,12 +97,15 @@ class DrillReport(DrillState):
         converged = all(c is not None for c in convergence)
         failed = self.metrics.failed
         vault_live = all(r.vault_latest_live for r in self.rotations)
+        revocations = [r.revocation for r in self.rotations if r.revocation is not None]
+        revoked = not self.revoke or bool(revocations)
         ok = (
             failed == 0
             and converged
             and vault_live
             and len(self.rotations) >= 2
             and self.metrics.requests > 0
+            and revoked
         )
         gateway = None
         server_reads = None
@@ -137,6 +140,8 @@ class DrillReport(DrillState):
                 why.append("fewer than 2 rotations")
             if not vault_live:
                 why.append("the vault's latest version was not live after every rotation")
+            if not revoked:
+                why.append("the revocation did not run")
             verdict = "FAIL: " + "; ".join(why or ["no traffic"])
         from ..._refusal import refusal_stats
 
@@ -177,6 +182,16 @@ class DrillReport(DrillState):
                 "forced_refresh_interval_s": self.policy.forced_refresh_interval,
             },
             "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
+            "rotator": self.rotator,
+            "delivery": self.delivery.describe() if self.delivery is not None else None,
+            "gateway_urls": list(self.target.client_urls),
+            "probe_rule": {
+                "successes": self._rotation_config.probe_successes,
+                "interval_s": self._rotation_config.probe_interval,
+            }
+            if self._rotation_config is not None
+            else None,
+            "revocation": revocations[0] if revocations else None,
             "propagation": {
                 "units_s": self.propagation_settings,
                 "random": self.chaos and bool(self.propagation_settings),
@@ -214,6 +229,39 @@ def print_report(out: Output, report: dict[str, Any]) -> None:
     lat = report["latency_ms"]
     out.line("")
     out.line(f"target            {report['target']}")
+    rotator = report["rotator"] or {}
+    out.line(f"rotator           {rotator.get('identity', '?')}")
+    roles = rotator.get("roles")
+    held = (
+        ", ".join(f"{r['role']} on {r['scope']}" for r in roles) if roles else "not known (not a local stack)"
+    )
+    out.line(f"roles             {held}")
+    only = rotator.get("only_roles_file_roles")
+    out.line(
+        f"roles file        {rotator.get('roles_file')}: {', '.join(rotator.get('roles_file_roles', []))}"
+        + (
+            ""
+            if only is None
+            else ("; the rotator holds only these" if only else "; the rotator holds OTHERS")
+        )
+    )
+    delivery = report["delivery"]
+    if delivery is not None:
+        out.line(f"delivery          {delivery['path']}")
+        out.line(
+            f"                  queue {delivery['queue']} ({delivery['why']}); lease: {delivery['lease']}"
+        )
+    urls = report["gateway_urls"]
+    probe = report["probe_rule"]
+    out.line(
+        f"gateway           {len(urls)} URL{'s' if len(urls) != 1 else ''} ({', '.join(urls)})"
+        + (
+            f"; a new key counts as live after {probe['successes']} consecutive accepted probes per URL, "
+            f"{probe['interval_s']:g}s apart"
+            if probe
+            else ""
+        )
+    )
     out.line(
         f"policy            ttl {report['policy']['ttl_s']:.0f}s (jitter {report['policy']['jitter']:.0%}), "
         f"refresh margin {report['policy']['refresh_margin_s']:.1f}s, max staleness "
@@ -256,6 +304,15 @@ def print_report(out: Output, report: dict[str, Any]) -> None:
         out.line(
             f"                  gateway propagation {r['propagation_s'] or 0:.1f}s; vault latest "
             f"version {live}" + ("; overlapped a duplicate delivery" if r["overlapped"] else "")
+        )
+    revocation = report["revocation"]
+    if revocation is not None:
+        out.line(
+            f"revocation        leaked {revocation['revoked_slot']} key "
+            f"(fp {revocation['revoked_fingerprint']}) "
+            f"died {revocation['dead_after_s']:.1f}s after its regeneration (drill t="
+            f"{revocation['dead_at_drill_s']:.1f}s, {revocation['dead_at']}), after a "
+            f"{revocation['fleet_wait_s']:.1f}s fleet wait"
         )
     if report["gateway_key_use"] is not None:
         out.line(f"gateway key use   {report['gateway_key_use']}")

@@ -14,15 +14,28 @@ Timeline (``D`` = duration; every client loads the key just before traffic start
                          version, which is valid); they reach rotation 2's version at their refresh-ahead
     0.45 D  chaos only   Key Vault GetSecret answers 503 for 0.15 D (refreshes fail; stale-if-error)
     0.70 D  rotation 3   regenerates the secondary key; clients converge via the Event Grid helper
-                         (``refresh_from_event`` with a SecretNewVersionCreated event)
+                         (``refresh_from_event`` with a SecretNewVersionCreated event). With ``--revoke``
+                         it is an emergency revocation instead (``revoke_current``): rotate to the other
+                         key, push it to the clients, then regenerate the key they held and report when
+                         every gateway refused it
     0.85 D  chaos only   latency spikes on the gateway and on Key Vault
     D       traffic stops once every client holds the last version (at most TTL + 5 s more)
+
+Every rotation (but the revocation, an operator's command) is delivered as in Azure (:mod:`.delivery`):
+a ``SecretNearExpiry`` event through the local Event Grid to the Storage queue (Azurite's when found,
+else in memory), whose queue trigger runs the rotation function's handler
+(:func:`apimvault.rotation.function.handle_queue_message`) as the rotator identity (``--client-id`` /
+``APIMVAULT_ROTATOR_CLIENT_ID``; the embedded stack's holds exactly ``infra/roles/rotator.json``'s roles).
+The report names the identity, its roles and the delivery path.
 
 Gateway propagation (APIM syncs a regenerated key to each gateway unit asynchronously; Microsoft Q&A
 question 5922487 reports up to 10 minutes): on a local stack the drill makes each gateway unit accept a
 regenerated key only after a delay (``--propagation S``, default 2 s: unit k of n waits ``S * k / n``;
-with ``--chaos`` each unit draws a random delay in ``[S / 4, 1.5 S]`` for every regeneration), and the
-clients are spread over the units. Every rotation is make-before-break (it stores the new key only once
+with ``--chaos`` each unit draws a random delay in ``[S / 4, 1.5 S]`` for every regeneration). The
+embedded stack's units answer behind one URL (balanced, as a region's units share a hostname): the
+rotation accepts a new key only after K consecutive accepted probes per URL, each on a fresh connection
+(``APIMVAULT_PROBE_SUCCESSES``); with a stack serving units at their own URLs the clients are spread over
+them. Every rotation is make-before-break (it stores the new key only once
 every unit accepts it) and reports the measured propagation; after each one the drill checks,
 independently, that the vault's latest version holds a live key of its tagged slot that every unit
 accepts. With ``--chaos`` rotation 3 is two overlapping deliveries of the same ``SecretNearExpiry`` event
@@ -101,6 +114,7 @@ class Drill(RotationSchedule, DrillReport):
             token_scope=self.token_scope,
         )
         self._configure_propagation()
+        self._configure_rotation()
         self.versions.append(plan.current_version)
         self.start_credential_id = plan.credential_id
         self._sync_credential = DefaultAzureCredential()
@@ -141,6 +155,61 @@ class Drill(RotationSchedule, DrillReport):
         ``i`` unit ``i + 1`` (modulo the units), so with two clients of each kind every unit serves both."""
         urls = self.target.client_urls
         return urls[n % len(urls)]
+
+    def _configure_rotation(self) -> None:
+        """The rotations' settings, the rotator's identity and roles, and the delivery path."""
+        from ...rotation import RotationConfig
+        from .delivery import open_delivery
+
+        local = self.target.faults is not None
+        # A local stack's delays are known; real gateways get the library's defaults (or the env's).
+        self._rotation_config = RotationConfig.from_env(
+            gateway_urls=self.target.gateway_urls or None,
+            arm_endpoint=self.target.arm_endpoint,
+            apim_subscription_id=self.target.apim_subscription_id,
+            vault_url=self.target.vault_url,
+            propagation_timeout=max(60.0, 20 * self.propagation) if local else None,
+            revoke_wait=max(2.0, 2 * self.policy.forced_refresh_interval) if local else None,
+            token_scope=self.token_scope,  # key plus token: the probes send a token too
+        )
+        self.rotator = self._rotator_info()
+        roles = self.rotator["roles"]
+        self.log(
+            f"rotator: {self.rotator['identity']}"
+            + (f" holding {', '.join(r['role'] for r in roles)}" if roles is not None else "")
+            + f" (roles file {self.rotator['roles_file']})"
+        )
+        self.delivery = self._exit.enter_context(open_delivery(self.delivery_choice))
+        self.delivery.credential = self._rotation_credential
+        self.delivery.config = self._rotation_config
+        self.log(
+            f"delivery: Event Grid -> {self.delivery.kind} queue -> queue trigger -> rotation function "
+            f"handler ({self.delivery.why}; lease: {self.delivery.describe()['lease']})"
+        )
+
+    def _rotator_info(self) -> dict[str, Any]:
+        """Who the rotations run as, the roles it holds (local stacks) and infra's roles file."""
+        from ...local.rbac import load_infra_roles, roles_file
+
+        path = roles_file()
+        infra = sorted(role.name for role in load_infra_roles(path).values())
+        client_id = self.target.rotator_client_id
+        info: dict[str, Any] = {
+            "client_id": client_id,
+            "name": None,
+            "identity": f"managed identity {client_id}" if client_id else "DefaultAzureCredential's identity",
+            "roles": None,  # unknown outside a local stack
+            "roles_file": str(path),
+            "roles_file_roles": infra,
+            "only_roles_file_roles": None,
+        }
+        if client_id and self.target.faults is not None:
+            name, roles = self.target.faults.identity_roles(client_id)
+            info["name"] = name
+            info["identity"] = f"{name} (client id {client_id})" if name else info["identity"]
+            info["roles"] = roles
+            info["only_roles_file_roles"] = bool(roles) and {r["role"] for r in roles} <= set(infra)
+        return info
 
     def _configure_propagation(self) -> None:
         faults = self.target.faults
@@ -334,6 +403,8 @@ class Drill(RotationSchedule, DrillReport):
         self.log("preflight: a plain and a streaming request of each kind (sync, async) succeeded")
 
     def _cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self._exit.close()  # the delivery's queue clients (and Azurite, if the drill started it)
         self._restore_propagation()
         if self.target.faults is not None:
             for service in ("keyvault", "gateway"):
@@ -374,9 +445,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
             finally:
                 if target.faults is not None:
                     target.faults.close()
-        # Rotation as infra's rotator identity (only infra/roles/rotator.json's roles). Gateway units at their
-        # own URLs until rotate's probe rule sees a lagging unit behind one URL (issue 19.3); then drop it.
-        with embedded_stack(need_async=True, rotate_as="rotator", gateway_routing="per-unit") as azure:
+        # Rotation as infra's rotator identity (only infra/roles/rotator.json's roles), against the gateway
+        # units behind one URL (the stack's balanced default): the rotation's probe rule (K consecutive
+        # accepted probes per URL, each on a fresh connection) sees a lagging unit there.
+        with embedded_stack(need_async=True, rotate_as="rotator") as azure:
             env = azure.environ()
             if getattr(args, "token_scope", None):  # the gateway then checks the token too
                 audience = args.token_scope.strip().removesuffix("/.default")

@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from ...exceptions import ApimVaultError
@@ -40,7 +39,7 @@ class RotationSchedule(DrillState):
         self._rotate(push=False)
         if self.chaos and self.target.faults is not None:
             # Only once nobody holds the revoked key: an outage then costs no request (stale-if-error).
-            self._wait_converged(0, 0.45 * d + 5)
+            self._wait_converged(0, max(0.45 * d, self.elapsed()) + 5)
             self._wait_until(0.45 * d)
             self._inject("keyvault", "status", operation="GetSecret", status=503)
             outage = max(0.15 * d, 1.0)  # rotations that wait for the gateway may have used up 0.45-0.60 D
@@ -52,7 +51,10 @@ class RotationSchedule(DrillState):
         self._wait_until(max(0.70 * d, self.elapsed() + gap))
         if self._traffic_broken():
             return
-        self._rotate(push=True, duplicate=self.chaos)
+        if self.revoke:
+            self._revoke()
+        else:
+            self._rotate(push=True, duplicate=self.chaos)
         if self.chaos and self.target.faults is not None:
             self._wait_until(0.85 * d)
             spikes = max(8, self.concurrency * 3)
@@ -66,7 +68,8 @@ class RotationSchedule(DrillState):
         last = len(self.rotations) - 1
         if self.rotations and self.rotations[last].convergence_s is None:
             self.log("waiting for every client to reach the last version")
-            self._wait_converged(last, d + self.policy.ttl + 5)
+            # counted from now: rotations that wait for K accepted probes per URL may outlast D
+            self._wait_converged(last, max(d, self.elapsed()) + self.policy.ttl + 5)
 
     def _traffic_broken(self) -> bool:
         """Stop rotating when most requests fail: the traffic is broken, and rotating proves nothing."""
@@ -87,35 +90,31 @@ class RotationSchedule(DrillState):
                 return
             time.sleep(0.02)
 
-    def _rotation_kwargs(self) -> dict[str, Any]:
+    def _near_expiry(self, version: str) -> dict[str, Any]:
+        """The ``SecretNearExpiry`` event Key Vault publishes for ``version`` (Event Grid schema)."""
         return {
-            "apim_subscription_id": self.target.apim_subscription_id,
-            "arm_endpoint": self.target.arm_endpoint,
-            "credential": self._rotation_credential,
-            "gateway_urls": self.target.gateway_urls or None,
-            "token_scope": self.token_scope,  # key plus token: the probes send a token too
-            # A local stack's delays are known; real gateways get the library's default (or the env's).
-            "propagation_timeout": max(60.0, 20 * self.propagation)
-            if self.target.faults is not None
-            else None,
+            "id": f"drill-near-expiry-{version}",
+            "subject": self.target.secret_name,
+            "eventType": "Microsoft.KeyVault.SecretNearExpiry",
+            "eventTime": "2026-01-01T00:00:00+00:00",
+            "dataVersion": "1",
+            "metadataVersion": "1",
+            "topic": "/subscriptions/drill/resourceGroups/drill/providers/Microsoft.KeyVault/vaults/drill",
+            "data": {
+                "Id": f"{self.target.vault_url}/secrets/{self.target.secret_name}/{version}",
+                "VaultName": (self.target.vault_url.split("//", 1)[-1].split(".", 1)[0]),
+                "ObjectType": "Secret",
+                "ObjectName": self.target.secret_name,
+                "Version": version,
+            },
         }
 
     def _rotate(self, *, push: bool, duplicate: bool = False) -> None:
-        from ...rotation import rotate
-
         started = self.elapsed()
         index = len(self.rotations) + 1
         with self._lock:  # who holds the key this rotation is about to regenerate (version index - 2)
             held = sum(1 for rank in self._ranks() if 0 <= rank <= index - 2)
-        deliveries: list[str] = []
-        if duplicate:
-            result, deliveries = self._deliver_twice()
-        else:
-            result = rotate(
-                vault_url=self.target.vault_url,
-                secret_name=self.target.secret_name,
-                **self._rotation_kwargs(),
-            )
+        result, deliveries = self._deliver(duplicate=duplicate)
         assert result.new_version is not None
         at = self.elapsed()
         check = self._check_vault()
@@ -160,64 +159,138 @@ class RotationSchedule(DrillState):
         if push:
             self._push(result.new_version)
 
-    def _deliver_twice(self) -> tuple[Any, list[str]]:
-        """Two overlapping deliveries of the SecretNearExpiry event for the current version: the second
-        starts while the first waits for the gateways to accept its new key. Exactly one must rotate."""
-        from ...rotation import rotate_from_event
-
-        version = self.versions[-1]
-        event = {
-            "id": f"drill-near-expiry-{version}",
-            "subject": self.target.secret_name,
-            "eventType": "Microsoft.KeyVault.SecretNearExpiry",
-            "data": {
-                "Id": f"{self.target.vault_url}/secrets/{self.target.secret_name}/{version}",
-                "VaultName": (self.target.vault_url.split("//", 1)[-1].split(".", 1)[0]),
-                "ObjectType": "Secret",
-                "ObjectName": self.target.secret_name,
-                "Version": version,
-            },
-        }
-        outcomes: list[Any] = [None, None]
-        started = threading.Event()
-
-        def deliver(i: int, hook: Callable[[str], None] | None) -> None:
-            try:
-                outcomes[i] = rotate_from_event(event, on_step=hook, **self._rotation_kwargs())
-            except Exception as exc:
-                outcomes[i] = exc
-
-        second = threading.Thread(target=deliver, args=(1, None), name="drill-redelivery", daemon=True)
+    def _deliver(self, *, duplicate: bool) -> tuple[Any, list[str]]:
+        """Deliver the ``SecretNearExpiry`` event of the current version the deployed way (see
+        :mod:`.delivery`): Event Grid -> queue -> queue trigger -> the rotation function's handler, as the
+        rotator identity. With ``duplicate`` Event Grid delivers it once more while the first run waits for
+        the gateways, and a second instance runs the handler for it; exactly one run must rotate."""
+        delivery = self.delivery
+        assert delivery is not None
+        event = self._near_expiry(self.versions[-1])
+        before = len(delivery.outcomes)
+        second: list[threading.Thread] = []
 
         def first_hook(step: str) -> None:
-            if step == "probe" and not started.is_set():
-                started.set()
-                second.start()
+            if step == "probe" and not second:
+                second.append(delivery.redeliver_concurrently(event["id"], self.target.secret_name))
 
-        deliver(0, first_hook)
-        if not started.is_set():  # the first run never waited for the gateway: deliver again now
-            second.start()
-        second.join(120)
+        delivery.deliver(event, on_step=first_hook if duplicate else None)
+        if duplicate and not second:  # the first run never waited for the gateway: deliver again now
+            second.append(delivery.redeliver_concurrently(event["id"], self.target.secret_name))
+        for thread in second:
+            thread.join(180)
+        outcomes = delivery.outcomes[before:]
         lines = []
         for i, outcome in enumerate(outcomes):
-            name = "delivery" if i == 0 else "duplicate delivery"
-            if isinstance(outcome, BaseException) or outcome is None:
-                lines.append(f"{name}: FAILED {type(outcome).__name__}: {outcome}")
-            elif outcome.skipped:
+            name = f"queue message (dequeue {outcome.dequeue_count}){' duplicate' if i else ''}"
+            if outcome.error is not None:
+                lines.append(f"{name}: FAILED {type(outcome.error).__name__}: {outcome.error}")
+            elif outcome.result.skipped:
                 lines.append(
-                    f"{name}: skipped ({outcome.reason}); vault verified at {outcome.verified_version}"
+                    f"{name}: skipped ({outcome.result.reason}); vault verified at "
+                    f"{outcome.result.verified_version}"
                 )
             else:
-                lines.append(f"{name}: rotated to {outcome.new_version} ({outcome.credential_id})")
-        rotated = [
-            o for o in outcomes if not isinstance(o, BaseException) and o is not None and not o.skipped
-        ]
-        failed = [o for o in outcomes if isinstance(o, BaseException) or o is None]
-        if failed or len(rotated) != 1:
+                lines.append(
+                    f"{name}: rotated to {outcome.result.new_version} ({outcome.result.credential_id})"
+                )
+        failed = [o.error for o in outcomes if o.error is not None]
+        if failed and not duplicate:
+            raise failed[0]  # the handler's typed error (e.g. AccessDeniedError), as the function raises it
+        rotated = [o.result for o in outcomes if o.error is None and not o.result.skipped]
+        expected = 2 if duplicate else 1
+        if failed or len(rotated) != 1 or len(outcomes) != expected:
             raise ApimVaultError(
-                "overlapping deliveries did not end in exactly one rotation: " + "; ".join(lines)
+                f"{len(outcomes)} handler runs for {expected} deliveries did not end in exactly one "
+                "rotation: " + "; ".join(lines or ["no queue message was received"])
             )
         return rotated[0], lines
+
+    def _revoke(self) -> None:
+        """The emergency revocation (``apimvault rotate --revoke-current``) of the key the clients hold, mid-
+        traffic: :func:`apimvault.rotation.revoke_current` as the rotator identity rotates to the other key
+        make-before-break; in its fleet window the drill pushes the new version to every client (Event
+        Grid's ``SecretNewVersionCreated``); then the leaked key is regenerated and the report says when
+        every gateway refused it. Run directly (an operator's command, not an Event Grid delivery)."""
+        from ...rotation import revoke_current
+
+        started = self.elapsed()
+        index = len(self.rotations) + 1
+        held: list[int] = []
+
+        def hook(step: str) -> None:
+            if step == "spread" and len(self.versions) < index + 1:
+                version = self._latest_version()
+                with self._lock:
+                    self.versions.append(version)
+                self.log(f"revocation: version {version[:8]} stored; pushing it to the fleet")
+                self._push(version)
+            elif step == "revoke" and not held:
+                with self._lock:  # clients still on the leaked version (or older) when it is regenerated
+                    held.append(sum(1 for rank in self._ranks() if 0 <= rank <= index - 1))
+
+        self.log(f"revocation: the {self.rotations[-1].regenerated} key the clients hold leaked; revoking it")
+        revocation = revoke_current(
+            vault_url=self.target.vault_url,
+            secret_name=self.target.secret_name,
+            credential=self._rotation_credential,
+            config=self._rotation_config,
+            on_step=hook,
+        )
+        result = revocation.rotation
+        assert result.new_version is not None
+        at = self.elapsed()
+        check = self._check_vault()
+        live = "live" if check.get("ok") else "NOT LIVE"
+        lines = [
+            f"rotation {index} (revocation, began t={started:.1f}s): regenerated {result.regenerated}, "
+            f"gateway accepted it after {result.propagation_seconds or 0:.1f}s, stored version "
+            f"{result.new_version[:8]}; waited {revocation.waited_seconds:.1f}s for the fleet, then "
+            f"regenerated the leaked {revocation.revoked_slot} key (fp {revocation.revoked_fingerprint}): "
+            f"every gateway refused it {revocation.dead_after_seconds:.1f}s later, at t={at:.1f}s "
+            f"({held[0] if held else 0} clients still held it)",
+            f"rotation {index}: vault latest version {str(check.get('version', '?'))[:8]} is {live}",
+        ]
+        with self._lock:
+            if len(self.versions) < index + 1:
+                self.versions.append(result.new_version)
+            record = RotationRecord(
+                index=index,
+                at_s=round(at, 3),
+                old_version=result.old_version,
+                new_version=result.new_version,
+                credential_id=result.credential_id,
+                regenerated=result.regenerated,
+                fingerprint=result.fingerprint,
+                push=True,
+                started_s=round(started, 3),
+                propagation_s=result.propagation_seconds,
+                vault_latest_live=bool(check.get("ok")),
+                vault_check=check,
+                revoked_rank=index - 1,
+                revocation={
+                    "revoked_slot": revocation.revoked_slot,
+                    "revoked_fingerprint": revocation.revoked_fingerprint,
+                    "fleet_wait_s": revocation.waited_seconds,
+                    "dead_after_s": revocation.dead_after_seconds,
+                    "dead_at": revocation.dead_at,
+                    "dead_at_drill_s": round(at, 3),
+                },
+            )
+            record.clients_on_revoked_key = held[0] if held else 0
+            if not record.clients_on_revoked_key:
+                record.revocation_recovery_s = 0.0
+            self.rotations.append(record)
+            self._log_locked(*lines)
+
+    def _latest_version(self) -> str:
+        """The vault's latest version (read as the rotator, which may get the secret)."""
+        from azure.keyvault.secrets import SecretClient
+
+        with SecretClient(self.target.vault_url, self._rotation_credential) as client:
+            version = client.get_secret(self.target.secret_name).properties.version
+        assert version is not None
+        return version
 
     def _check_vault(self) -> dict[str, Any]:
         """An independent check, after a rotation, that the vault's latest version is live everywhere."""
@@ -271,7 +344,7 @@ class RotationSchedule(DrillState):
                 ranks = self._ranks()
             low = min(ranks) if ranks else -1
             for record in recovering:
-                if low > record.index - 2:
+                if low > (record.index - 2 if record.revoked_rank is None else record.revoked_rank):
                     record.revocation_recovery_s = round(max(0.0, self.elapsed() - record.started_s), 3)
                     self.log(
                         f"no client holds the key revoked by rotation {record.index} any more "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from .target import Target
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..output import Output
+    from .delivery import Delivery
 
 
 # How a client reached a version (the provider's refresh reasons, named for the report). In the drill only
@@ -85,6 +87,12 @@ class DrillState:
         self.start_credential_id = ""
         self._propagation_before: dict[str, dict[str, float]] | None = None
         self.propagation_settings: dict[str, Any] | None = None  # per unit, as the drill set it
+        self.delivery_choice: str = getattr(args, "delivery", None) or "auto"
+        self.revoke = bool(getattr(args, "revoke", False))
+        self.delivery: Delivery | None = None  # Event Grid -> queue -> the rotation function's handler
+        self._exit = contextlib.ExitStack()  # the delivery's queue (and Azurite), closed at cleanup
+        self._rotation_config: Any = None  # apimvault.rotation.RotationConfig the rotations run with
+        self.rotator: dict[str, Any] | None = None  # who rotates, with which roles
 
     # ---------------------------------------------------------------------------- helpers
 

@@ -49,6 +49,22 @@ class StackFaults:
         data = self.admin.counters(service)
         return dict(data.get("operations", {})), dict(data.get("labels", {}))
 
+    def identity_roles(self, client_id: str) -> tuple[str | None, list[dict[str, str]]]:
+        """The local identity with ``client_id`` (its name, ``None`` if the stack has none) and the roles
+        assigned to it (``{"role", "scope"}``)."""
+        wanted = client_id.lower()
+        if self.azure is not None:
+            found = next((i for i in self.azure.identity.identities if i.client_id.lower() == wanted), None)
+            if found is None:
+                return None, []
+            held = self.azure.rbac.assignments(found)
+            return str(found.name), [{"role": a.role, "scope": a.scope} for a in held]
+        ident = next((i for i in self.admin.identities() if i["client_id"].lower() == wanted), None)
+        if ident is None:
+            return None, []
+        assigned = [a for a in self.admin.assignments() if a["principalId"] == ident["object_id"]]
+        return str(ident["name"]), [{"role": a["roleName"], "scope": a["scope"]} for a in assigned]
+
     def close(self) -> None:
         if self.admin is not None:
             self.admin.close()
