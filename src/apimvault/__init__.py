@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     __version__: str
     from ._async import AsyncSubscriptionKeyProvider
     from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
-    from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
+    from ._base import KeyEvent, ProviderStats
     from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
     from ._entra import (
         AsyncBearerTokenSource,
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._policy import CachePolicy
     from ._redact import KeyRedactionFilter, install_log_redaction
     from ._refusal import RefusalStats, refusal_stats
+    from ._settings import DEFAULT_HEADER
     from ._sync import SubscriptionKeyProvider
     from .exceptions import QuotaExceededError
 
@@ -64,7 +65,7 @@ _LAZY = {
     "PLACEHOLDER_API_KEY": "._auth",
     "SubscriptionKeyAuth": "._auth",
     "is_apim_key_rejection": "._auth",
-    "DEFAULT_HEADER": "._base",
+    "DEFAULT_HEADER": "._settings",
     "KeyEvent": "._base",
     "ProviderStats": "._base",
     "LiveHeaders": "._client",

@@ -19,13 +19,26 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from importlib import import_module
-from types import MappingProxyType
 from typing import Any, Generic, Literal, NamedTuple, NoReturn, Self, TypeVar
 
 from azure.keyvault.secrets import KeyVaultSecret, SecretProperties
 
 from ._key import SubscriptionKey
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
+from ._settings import (  # re-exported: imported from here by code written before _settings
+    DEFAULT_CLIENT_KWARGS,
+    DEFAULT_CREDENTIAL_KWARGS,
+    DEFAULT_HEADER,
+    ENV_HEADER,
+    ENV_SECRET_NAME,
+    ENV_SECRET_VERSION,
+    ENV_VAULT_URL,
+    EXPIRY_WARNING_EVERY,
+    EXPIRY_WARNING_WINDOW,
+    FLIGHT_WAIT_LIMIT,
+    check_header_name,
+    check_spread,
+)
 from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
 from ._vault_errors import map_error, retry_after_of
 from ._vaultclient import check_secret_client, checked, secret_client_kwargs, token_deadline
@@ -40,40 +53,24 @@ from .exceptions import (
     VaultUnavailableError,
 )
 
-__all__ = ["KeyEvent", "ProviderStats", "Reason"]
+__all__ = [
+    "DEFAULT_CLIENT_KWARGS",
+    "DEFAULT_CREDENTIAL_KWARGS",
+    "DEFAULT_HEADER",
+    "ENV_HEADER",
+    "ENV_SECRET_NAME",
+    "ENV_SECRET_VERSION",
+    "ENV_VAULT_URL",
+    "EXPIRY_WARNING_EVERY",
+    "EXPIRY_WARNING_WINDOW",
+    "FLIGHT_WAIT_LIMIT",
+    "KeyEvent",
+    "ProviderStats",
+    "Reason",
+    "check_header_name",
+]
 
 log = logging.getLogger("apimvault")
-
-DEFAULT_HEADER = "Ocp-Apim-Subscription-Key"
-ENV_VAULT_URL = "AZURE_KEYVAULT_URL"
-ENV_SECRET_NAME = "APIMVAULT_SECRET_NAME"  # noqa: S105 - a variable name
-ENV_SECRET_VERSION = "APIMVAULT_SECRET_VERSION"  # noqa: S105 - a variable name
-ENV_HEADER = "APIMVAULT_HEADER_NAME"
-_HEADER_NAME = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-# SecretClient settings: apimvault retries on its own schedule (back-off, stale-if-error), so the SDK
-# retries little and never holds a caller for long. The shells add a retry policy that never sleeps on
-# a Retry-After inside a read (the provider's back-off honours it instead, see ``_retry``).
-DEFAULT_CLIENT_KWARGS: Mapping[str, Any] = MappingProxyType(
-    {
-        "retry_total": 1,
-        "retry_backoff_factor": 0.2,
-        "retry_backoff_max": 2,
-        "connection_timeout": 5,
-        "read_timeout": 10,
-    }
-)
-# The DefaultAzureCredential a provider creates itself (credential=None) gets the same bounds for the
-# identity endpoint (managed identity, workload identity, ...) instead of azure-core's 300 s read timeout
-# and up to 10 retries (minutes behind a hanging identity endpoint).
-DEFAULT_CREDENTIAL_KWARGS: Mapping[str, Any] = DEFAULT_CLIENT_KWARGS
-# How long a caller waits for a read in flight before it gets VaultUnavailableError (the read goes on).
-# With the defaults above a read takes at most ~2 x (5 + 10) s for the token and as much for the secret.
-FLIGHT_WAIT_LIMIT = 70.0
-# From this long before the current key's expires_on, a provider logs a WARNING (at most once per
-# EXPIRY_WARNING_EVERY) and exports the seconds left (OTel gauge apimvault.key.expires_in).
-EXPIRY_WARNING_WINDOW = 7 * 86400.0
-EXPIRY_WARNING_EVERY = 86400.0
 
 Reason = Literal["load", "refresh ahead", "invalidated", "refresh", "401 from gateway"]
 """Why a provider read Key Vault (``KeyEvent.reason``)."""
@@ -178,12 +175,6 @@ class _Tally:
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()
-
-
-def check_header_name(name: str) -> str:
-    if not isinstance(name, str) or not name or any(c not in _HEADER_NAME for c in name):
-        raise ConfigurationError(f"header name {name!r} is not a valid HTTP header name")
-    return name
 
 
 def fresh_copy(error: BaseException) -> BaseException:
@@ -591,8 +582,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         already in flight does not answer an invalidation (it may predate the change). Push-triggered
         reads are at most one per ``policy.forced_refresh_interval``.
         """
-        if not isinstance(spread, int | float) or isinstance(spread, bool) or not 0 <= spread < math.inf:
-            raise ConfigurationError(f"spread must be a finite number of seconds >= 0, got {spread!r}")
+        check_spread(spread)
         with self._lock:
             self._n.add("invalidations")
             self._cache.invalidate(spread, self.monotonic())

@@ -3,25 +3,18 @@ token a key-plus-token client would send (``APIMVAULT_TOKEN_SCOPE``). The token 
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Callable
 from typing import Any
+
+from .._jwt import unverified_claims
 
 __all__ = ["ENV_TOKEN_SCOPE", "describe_token_refusal", "token_step"]
 
 ENV_TOKEN_SCOPE = "APIMVAULT_TOKEN_SCOPE"  # noqa: S105 - a variable name
 
 
-def _claims(token: str) -> dict[str, Any]:
-    """The payload of a JWT, unverified (for display only); ``{}`` if it is not one."""
-    try:
-        payload = token.split(".")[1]
-        doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+_claims = unverified_claims
 
 
 def token_step(

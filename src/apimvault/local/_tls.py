@@ -9,9 +9,10 @@ from pathlib import Path
 
 import trustme
 
+from .._settings import TRUST_FILE_VARIABLES
 from ..exceptions import ConfigurationError
 
-TRUST_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+TRUST_VARIABLES = TRUST_FILE_VARIABLES
 """The variables that make Python's ``ssl``, httpx2, requests and aiohttp trust a CA file."""
 
 

@@ -49,9 +49,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._key import fingerprint
 from ._arm_versions import api_version_problem
 from ._server import Service, json_response
-from ._tokens import TENANT_ID, TokenError, TokenIssuer, fingerprint
+from ._tokens import TENANT_ID, TokenError, TokenIssuer
 from .openai_backend import OpenAIBackend
 from .policies import PolicyEngine, forward_without_key
 from .rbac import APIM_SUBSCRIPTIONS, Rbac

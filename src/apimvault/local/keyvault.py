@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._jwt import unverified_claims
 from ._kv_parsing import (
     _b64url_decode,
     _b64url_encode,
@@ -303,11 +304,7 @@ class KeyVaultService(Service):
     def _token_problem(self, token: str, exc: TokenError) -> str:
         if "expired" in str(exc):
             return MSG_EXPIRED
-        try:
-            unverified = json.loads(_b64url_decode(token.split(".")[1]))
-            issuer = unverified.get("iss") if isinstance(unverified, dict) else None
-        except (ValueError, IndexError, binascii.Error):
-            issuer = None
+        issuer = unverified_claims(token).get("iss")
         if isinstance(issuer, str) and issuer != self.tokens.issuer:
             return MSG_INVALID_ISSUER.format(tenant=TENANT_ID, found=issuer)
         return MSG_BAD_SIGNATURE

@@ -66,7 +66,7 @@ class GatewayProbe:
 
         import httpx2
 
-        from .._base import DEFAULT_HEADER, ENV_HEADER, check_header_name
+        from .._settings import DEFAULT_HEADER, ENV_HEADER, check_header_name
 
         self.urls = tuple(urls)
         self.header_name = check_header_name(
