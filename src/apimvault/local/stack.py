@@ -12,7 +12,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from ..rotation import ApimSubscriptionRef
 from ._env import temporary_environ
 from ._server import ServerThread, Service
 from ._tls import LocalCA
@@ -30,6 +29,7 @@ from .apim import (
     Routing,
     normalize_operations,
     normalize_suffix,
+    subscription_resource_id,
 )
 from .identity import IdentityService, write_az_stub
 from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
@@ -254,9 +254,7 @@ class LocalAzure:
     @property
     def apim_subscription_id(self) -> str:
         """The ARM resource id of the seeded APIM subscription."""
-        return ApimSubscriptionRef(
-            ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION
-        ).resource_id
+        return subscription_resource_id(ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION)
 
     def seed(self) -> None:
         sub = self.apim_state.create_subscription(
