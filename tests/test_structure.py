@@ -109,6 +109,58 @@ def test_no_import_cycles_in_src() -> None:
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
+# Which parts of the package a part may not import (a part: a subpackage, or "core" for the top-level
+# modules: apimvault/_*.py, exceptions.py and __init__.py).
+FORBIDDEN_IMPORTS = {
+    "core": {"cli", "local", "rotation", "integrations"},
+    "local": {"cli", "rotation"},
+    "rotation": {"cli", "local"},
+}
+
+
+def _part(module: str) -> str:
+    """``apimvault.local.apim`` -> ``local``; ``apimvault._base`` / ``apimvault`` -> ``core``."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1].startswith("_") or parts[1] == "exceptions":
+        return "core"
+    return parts[1]
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """``"a -> b"`` for every import of ``graph`` that crosses a line ``FORBIDDEN_IMPORTS`` draws."""
+    return sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if _part(target) in FORBIDDEN_IMPORTS.get(_part(module), set())
+    )
+
+
+def test_the_layering_check_sees_function_level_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "apimvault"
+    for sub in ("local", "rotation", "cli"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_base.py").write_text("def f():\n    from .cli import main\n")
+    (pkg / "local" / "stack.py").write_text("from ..rotation import ref\n")
+    (pkg / "rotation" / "ref.py").write_text("from .. import _base\n")
+    graph = import_graph(tmp_path)
+    assert _part("apimvault._base") == "core" and _part("apimvault.local.stack") == "local"
+    assert layering_violations(graph) == [
+        "apimvault._base -> apimvault.cli",
+        "apimvault.local.stack -> apimvault.rotation.ref",
+    ]
+
+
+def test_the_core_local_and_rotation_keep_to_their_layers() -> None:
+    """The core imports none of cli, local, rotation, integrations; local imports neither cli nor rotation;
+    rotation imports neither cli nor local (function-level imports included, TYPE_CHECKING blocks not)."""
+    graph = import_graph()
+    assert "apimvault._base" in graph and "apimvault.local.stack" in graph and "apimvault.rotation" in graph
+    assert layering_violations(graph) == []
+
+
 def test_nothing_outside_local_imports_a_private_local_module() -> None:
     offenders = []
     for top in ("src", "tests", "bench"):
