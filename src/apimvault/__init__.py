@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     __version__: str
     from ._async import AsyncSubscriptionKeyProvider
     from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
-    from ._base import KeyEvent, ProviderStats
     from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
     from ._entra import (
         AsyncBearerTokenSource,
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     )
     from ._events import SecretEvent, arefresh_from_event, parse_secret_events, refresh_from_event
     from ._key import SubscriptionKey, fingerprint
+    from ._model import KeyEvent, ProviderStats
     from ._policy import CachePolicy
     from ._redact import KeyRedactionFilter, install_log_redaction
     from ._refusal import RefusalStats, refusal_stats
@@ -66,8 +66,8 @@ _LAZY = {
     "SubscriptionKeyAuth": "._auth",
     "is_apim_key_rejection": "._auth",
     "DEFAULT_HEADER": "._settings",
-    "KeyEvent": "._base",
-    "ProviderStats": "._base",
+    "KeyEvent": "._model",
+    "ProviderStats": "._model",
     "LiveHeaders": "._client",
     "create_async_azure_openai": "._client",
     "create_azure_openai": "._client",

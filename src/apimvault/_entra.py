@@ -347,8 +347,8 @@ def create_async_token_azure_openai(
 
 
 # Fork safety (issue 21 item 11): a child forked while a thread refreshes a token must not inherit the lock
-# that thread holds; each process gets its own (the mechanism is apimvault._base.per_process).
-from ._base import per_process  # noqa: E402
+# that thread holds; each process gets its own (the mechanism is apimvault._per_process.per_process).
+from ._per_process import per_process  # noqa: E402
 
 per_process(BearerTokenSource, "_lock", threading.Lock)
 per_process(AsyncBearerTokenSource, "_lock", asyncio.Lock)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._async import AsyncSubscriptionKeyProvider
-from ._base import PushPlan
+from ._model import PushPlan
 from ._settings import EVENT_EXPIRED, EVENT_NEAR_EXPIRY, EVENT_NEW_VERSION, check_spread
 from ._sync import SubscriptionKeyProvider
 from .exceptions import ConfigurationError, KeyUnavailableError

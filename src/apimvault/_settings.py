@@ -6,7 +6,8 @@ defining their own copies. No I/O, and nothing heavier than ``exceptions`` is im
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, MutableMapping
 from types import MappingProxyType
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "TRUST_VARIABLES",
     "check_header_name",
     "check_spread",
+    "provider_settings_from_env",
 ]
 
 # ---------------------------------------------------------------------------------- environment names
@@ -38,6 +40,23 @@ ENV_VAULT_URL = "AZURE_KEYVAULT_URL"
 ENV_SECRET_NAME = "APIMVAULT_SECRET_NAME"  # noqa: S105 - a variable name
 ENV_SECRET_VERSION = "APIMVAULT_SECRET_VERSION"  # noqa: S105 - a variable name
 ENV_HEADER = "APIMVAULT_HEADER_NAME"
+
+
+def provider_settings_from_env(kwargs: MutableMapping[str, Any]) -> tuple[str, str]:
+    """``(vault_url, secret_name)`` from ``AZURE_KEYVAULT_URL`` and ``APIMVAULT_SECRET_NAME``; sets
+    ``version`` / ``header_name`` in ``kwargs`` from ``APIMVAULT_SECRET_VERSION`` / ``APIMVAULT_HEADER_NAME``
+    unless given. :class:`ConfigurationError` names the required variables that are not set."""
+    vault_url = os.environ.get(ENV_VAULT_URL, "").strip()
+    secret_name = os.environ.get(ENV_SECRET_NAME, "").strip()
+    missing = [n for n, v in ((ENV_VAULT_URL, vault_url), (ENV_SECRET_NAME, secret_name)) if not v]
+    if missing:
+        raise ConfigurationError(f"environment variable(s) not set: {', '.join(missing)}")
+    if "version" not in kwargs and os.environ.get(ENV_SECRET_VERSION, "").strip():
+        kwargs["version"] = os.environ[ENV_SECRET_VERSION].strip()
+    if "header_name" not in kwargs and os.environ.get(ENV_HEADER, "").strip():
+        kwargs["header_name"] = os.environ[ENV_HEADER].strip()
+    return vault_url, secret_name
+
 
 #: The variables that make Python's ``ssl``, httpx2, requests and aiohttp trust a CA *file*
 #: (what ``apimvault local`` sets).

@@ -12,8 +12,9 @@ from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
 from . import _telemetry
-from ._base import Fetched, ProviderBase, Read, Reason, flight_timeout, fresh_copy
+from ._base import ProviderBase, flight_timeout, fresh_copy
 from ._key import SubscriptionKey
+from ._model import Fetched, Read, Reason
 from ._policy import Action
 from ._retry import NoRetryAfterSleep
 from ._settings import FLIGHT_WAIT_LIMIT
