@@ -24,6 +24,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import _oai_shapes as shapes
+from ._chat_shapes import count_tokens as _count
+from ._chat_shapes import text_of as _text_of
+from ._chat_shapes import word_pieces as _words
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -37,29 +40,12 @@ class ResponsesError(ValueError):
         self.param = param
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
 def _input_items(raw: Any) -> list[dict[str, Any]]:
     if isinstance(raw, str):
         return [{"type": "message", "role": "user", "content": raw}]
     if isinstance(raw, list) and all(isinstance(i, dict) for i in raw):
         return list(raw)
     raise ResponsesError("Invalid type for 'input': expected a string or an array of input items.", "input")
-
-
-def _count(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def _words(text: str) -> list[str]:
-    words = text.split(" ")
-    return [words[0]] + [" " + w for w in words[1:]]
 
 
 class ResponsesApi:
