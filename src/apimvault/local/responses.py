@@ -76,34 +76,7 @@ class ResponsesApi:
         last = _text_of(users[-1].get("content")) if users else ""
         has_result = any(i.get("type") == "function_call_output" for i in items)
         chosen = shapes.chosen_tools(tools, choice, body.get("parallel_tool_calls"), has_result)
-        seed = last
-        output: list[dict[str, Any]] = []
-        if chosen:
-            for index, tool in enumerate(chosen):
-                output.append(
-                    {
-                        "type": "function_call",
-                        "id": "fc_" + shapes.call_id("", seed, tool["name"], index),
-                        "call_id": shapes.call_id("call_", seed, tool["name"], index),
-                        "name": tool["name"],
-                        "arguments": shapes.arguments_for(tool, seed),
-                        "status": "completed",
-                    }
-                )
-        else:
-            text_cfg = body.get("text")
-            fmt = text_cfg.get("format") if isinstance(text_cfg, dict) else None
-            structured = shapes.structured_content(fmt, seed)
-            text = structured if structured is not None else self._reply_for(last)
-            output.append(
-                {
-                    "type": "message",
-                    "id": "msg_" + secrets.token_hex(12),
-                    "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-                }
-            )
+        output = self._output(body, chosen, last)
         input_tokens = sum(_count(_text_of(i.get("content", i.get("output", "")))) for i in items)
         if isinstance(instructions, str):
             input_tokens += _count(instructions)
@@ -145,6 +118,39 @@ class ResponsesApi:
             "metadata": body.get("metadata") or {},
         }
         return response
+
+    def _output(self, body: dict[str, Any], chosen: list[dict[str, Any]], last: str) -> list[dict[str, Any]]:
+        """The output items: a ``function_call`` per chosen tool, else one assistant message (structured
+        JSON for ``text.format``, else the reply for the last user text)."""
+        seed = last
+        output: list[dict[str, Any]] = []
+        if chosen:
+            for index, tool in enumerate(chosen):
+                output.append(
+                    {
+                        "type": "function_call",
+                        "id": "fc_" + shapes.call_id("", seed, tool["name"], index),
+                        "call_id": shapes.call_id("call_", seed, tool["name"], index),
+                        "name": tool["name"],
+                        "arguments": shapes.arguments_for(tool, seed),
+                        "status": "completed",
+                    }
+                )
+        else:
+            text_cfg = body.get("text")
+            fmt = text_cfg.get("format") if isinstance(text_cfg, dict) else None
+            structured = shapes.structured_content(fmt, seed)
+            text = structured if structured is not None else self._reply_for(last)
+            output.append(
+                {
+                    "type": "message",
+                    "id": "msg_" + secrets.token_hex(12),
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+                }
+            )
+        return output
 
     @staticmethod
     def events(response: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
