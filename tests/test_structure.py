@@ -208,6 +208,43 @@ def test_no_function_in_src_over_80_lines() -> None:
     assert {k: v for k, v in found.items() if k not in LONG_FUNCTIONS_OWNED_ELSEWHERE} == {}
 
 
+def private_names_imported(src: Path = SRC) -> list[str]:
+    """``"module: name"`` for every underscore name (not a module, not a dunder) a module of ``src`` imports
+    from another module of ``src``: what crosses a module boundary has a public name."""
+    paths = {_module_name(p, src): p for p in src.rglob("*.py")}
+    found = []
+    for name, path in paths.items():
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            if target not in paths:
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and f"{target}.{alias.name}" not in paths:
+                    found.append(f"{name}: {target}.{alias.name}")
+    return sorted(found)
+
+
+def test_the_private_name_check_finds_one(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_a.py").write_text("_x = 1\ny = 2\n")
+    (pkg / "b.py").write_text("from . import _a\nfrom ._a import y\ndef f():\n    from ._a import _x\n")
+    assert private_names_imported(tmp_path) == ["pkg.b: pkg._a._x"]
+
+
+def test_no_underscore_name_crosses_a_module_boundary_in_src() -> None:
+    assert private_names_imported() == []
+
+
 def test_nothing_outside_local_imports_a_private_local_module() -> None:
     offenders = []
     for top in ("src", "tests", "bench"):

@@ -21,8 +21,8 @@ from typing import Any, Generic, NoReturn, Self, TypeVar
 from azure.keyvault.secrets import KeyVaultSecret, SecretProperties
 
 from ._key import SubscriptionKey
-from ._model import Fetched, KeyEvent, ProviderStats, PushPlan, Read, Reason, _Tally
-from ._per_process import _PROVIDERS, per_process
+from ._model import Counters, Fetched, KeyEvent, ProviderStats, PushPlan, Read, Reason
+from ._per_process import PROVIDERS, per_process
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
 from ._settings import (  # re-exported: imported from here by code written before _settings
     DEFAULT_CLIENT_KWARGS,
@@ -168,7 +168,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self.where = f"{self.vault_url}/secrets/{self.secret_name}" + (
             f"/{self.version}" if self.version else ""
         )
-        self._n = _Tally()
+        self._n = Counters()
         self._expiry_warned_at = -math.inf  # scheduling clock: the last near-expiry WARNING
         # The current and previous keys for the log redaction filter, as SubscriptionKey objects (their
         # repr is redacted), so no attribute of the provider is the key as a plain string.
@@ -187,7 +187,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         if secret_client is not None:  # the caller's: refused if it would log bodies or skip verification
             check_secret_client(secret_client, where=self.where)
         self.secret_client: ClientT = secret_client if secret_client is not None else self._make_clients()
-        _PROVIDERS.add(self)
+        PROVIDERS.add(self)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Self:

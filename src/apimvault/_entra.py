@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 
-def _check_scope(scope: object) -> str:
+def check_scope(scope: object) -> str:
     if not isinstance(scope, str) or not scope.strip() or any(c.isspace() for c in scope.strip()):
         raise ConfigurationError(
             f"token_scope must be one scope such as 'api://<app-id>/.default', not {scope!r}"
@@ -91,7 +91,7 @@ class _Bound:
     """What both token sources share: the refresh bound and the tokens the log filter must mask."""
 
     def __init__(self, scope: str, min_refresh_interval: float, clock: Callable[[], float]) -> None:
-        self.scope = _check_scope(scope)
+        self.scope = check_scope(scope)
         self.min_refresh_interval = _check_interval(min_refresh_interval)
         self._clock = clock
         self._last_forced: float | None = None

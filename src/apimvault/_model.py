@@ -87,7 +87,7 @@ class ProviderStats:
     expires_in_s: float | None = None  # seconds until the current key's expires_on (None: none / no key)
 
 
-class _Tally:
+class Counters:
     """Thread-safe counters (``+=`` on a shared dict loses increments under contention)."""
 
     __slots__ = ("_counts", "_lock")

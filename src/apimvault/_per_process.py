@@ -15,11 +15,11 @@ from typing import Any
 __all__ = ["per_process"]
 
 # Every live provider, so a forked child can reset what it inherited (see ProviderBase._after_fork).
-_PROVIDERS: weakref.WeakSet[Any] = weakref.WeakSet()  # of ProviderBase
+PROVIDERS: weakref.WeakSet[Any] = weakref.WeakSet()  # of ProviderBase
 
 
 def _after_fork_in_child() -> None:
-    for provider in list(_PROVIDERS):
+    for provider in list(PROVIDERS):
         provider._after_fork()
 
 

@@ -28,12 +28,12 @@ def token_step(
     """Get a token for ``scope`` with ``credential`` and record the ``token`` step; False if none came."""
     from azure.core.exceptions import ClientAuthenticationError
 
-    from .._entra import _check_scope
+    from .._entra import check_scope
     from .._redact import watch_value
     from ..exceptions import ConfigurationError
 
     try:
-        scope = _check_scope(scope)
+        scope = check_scope(scope)
         token = credential.get_token(scope).token
         watch_value(token)  # never printed, whatever echoes it
     except ConfigurationError as exc:
