@@ -1,12 +1,13 @@
 """What the sync and async providers share that is not about threads or tasks.
 
 Configuration, the Azure clients a provider owns, cache decisions under the lock, turning Key Vault answers
-into keys, counters, callbacks and fork safety. No I/O.
+into keys, counters and callbacks. No I/O. Next to it: :mod:`apimvault._settings` (environment names,
+defaults, the header check), :mod:`apimvault._model` (the data a provider works with and hands out) and
+:mod:`apimvault._per_process` (fork safety).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -22,7 +23,7 @@ from azure.keyvault.secrets import KeyVaultSecret, SecretProperties
 
 from ._key import SubscriptionKey
 from ._model import Counters, Fetched, KeyEvent, ProviderStats, PushPlan, Read, Reason
-from ._per_process import PROVIDERS, per_process
+from ._per_process import PROVIDERS
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
 from ._settings import (  # re-exported: imported from here by code written before _settings
     DEFAULT_CLIENT_KWARGS,
@@ -47,7 +48,7 @@ from ._validation import (
     validate_vault_url,
     validate_version,
 )
-from ._vault_errors import map_error, retry_after_of
+from ._vault_errors import fresh_copy, map_error, retry_after_of
 from ._vaultclient import check_secret_client, checked, secret_client_kwargs, token_deadline
 from .exceptions import (
     ConfigurationError,
@@ -75,26 +76,9 @@ __all__ = [
     "ProviderStats",
     "Reason",
     "check_header_name",
-    "per_process",
 ]
 
 log = logging.getLogger("apimvault")
-
-
-def fresh_copy(error: BaseException) -> BaseException:
-    """A copy of ``error`` to raise in one more thread or task, so they never share a traceback."""
-    clone = copy.copy(error)
-    clone.__traceback__ = None
-    clone.__cause__ = error.__cause__
-    return clone
-
-
-def flight_timeout(where: str) -> VaultUnavailableError:
-    return VaultUnavailableError(
-        f"a Key Vault read for {where} did not finish within {FLIGHT_WAIT_LIMIT:.0f} s; it goes on in the "
-        "background",
-        secret=where,
-    )
 
 
 #: A version in one of these states is never served (the newest version valid now is looked for instead).
