@@ -1,6 +1,7 @@
 """Environment and configuration of the commands.
 
-Only the standard library at import time; the core's constants are imported where they are used.
+Only the standard library and :mod:`apimvault._settings` (the core's settings, itself standard library
+only) at import time.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from .._settings import TRUST_FILE_VARIABLES
+from .._settings import DEFAULT_HEADER, ENV_HEADER, ENV_VAULT_URL, TRUST_FILE_VARIABLES
 from ..exceptions import ConfigurationError
 
 # Variables `apimvault local` writes that point at the stack's endpoints (checked by require_live_stack).
@@ -58,15 +59,11 @@ def env_var(name: str) -> str | None:
 
 def vault_url_variable() -> str:
     """The name of the variable holding the vault URL (the core's ``AZURE_KEYVAULT_URL``)."""
-    from .._settings import ENV_VAULT_URL
-
     return ENV_VAULT_URL
 
 
 def header_name() -> str:
     """The header APIM reads the key from (``APIMVAULT_HEADER_NAME``, default Ocp-Apim-Subscription-Key)."""
-    from .._settings import DEFAULT_HEADER, ENV_HEADER
-
     return env_var(ENV_HEADER) or DEFAULT_HEADER
 
 

@@ -12,9 +12,6 @@ import trustme
 from .._settings import TRUST_FILE_VARIABLES
 from ..exceptions import ConfigurationError
 
-TRUST_VARIABLES = TRUST_FILE_VARIABLES
-"""The variables that make Python's ``ssl``, httpx2, requests and aiohttp trust a CA file."""
-
 
 class LocalCA:
     """One certificate authority per stack; issues the loopback server certificate and writes the CA PEM.
@@ -71,6 +68,6 @@ def prepare_ca(
             "aiohttp is already imported in this process, so it cannot trust a new local stack's CA: "
             "call apimvault.local.prepare_ca() before importing openai or azure's aio clients"
         )
-    for name in TRUST_VARIABLES:
+    for name in TRUST_FILE_VARIABLES:
         os.environ[name] = str(ca.ca_path)
     return ca
