@@ -245,6 +245,48 @@ def test_no_underscore_name_crosses_a_module_boundary_in_src() -> None:
     assert private_names_imported() == []
 
 
+def settings_defined_again(src: Path = SRC) -> list[str]:
+    """``"module: NAME"`` for every module-level constant outside ``apimvault._settings`` whose value is one
+    of ``_settings``' strings or tuples (an environment name, the header, an event type, the trust variables):
+    those have one home."""
+    from apimvault import _settings
+
+    values = {
+        v
+        for n in _settings.__all__
+        if isinstance(v := getattr(_settings, n), str | tuple) and not callable(v)
+    }
+    found = []
+    for path in src.rglob("*.py"):
+        if path == SRC / "apimvault" / "_settings.py":
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+                try:
+                    value = ast.literal_eval(node.value)
+                    hash(value)
+                except (ValueError, TypeError):
+                    continue
+                if isinstance(value, str | tuple) and value in values:
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    names = [t.id for t in targets if isinstance(t, ast.Name)]
+                    found.append(f"{_module_name(path, src)}: {', '.join(names)}")
+    return sorted(found)
+
+
+def test_the_settings_check_finds_a_copy(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        'ENV = "AZURE_KEYVAULT_URL"\nOTHER = "x"\nTRUST = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")\n'
+    )
+    assert settings_defined_again(tmp_path) == ["pkg.m: ENV", "pkg.m: TRUST"]
+
+
+def test_settings_and_constants_have_one_home() -> None:
+    assert settings_defined_again() == []
+
+
 def test_nothing_outside_local_imports_a_private_local_module() -> None:
     offenders = []
     for top in ("src", "tests", "bench"):
