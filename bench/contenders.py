@@ -51,7 +51,7 @@ from apimvault import (
     create_async_azure_openai,
     create_azure_openai,
 )
-from apimvault._base import DEFAULT_CLIENT_KWARGS
+from apimvault._settings import DEFAULT_CLIENT_KWARGS
 
 APIM_HEADER = "Ocp-Apim-Subscription-Key"
 TTL = 300.0  # the cachetools and aws contenders' TTL (apimvault's default TTL)

@@ -47,6 +47,25 @@ def test_healthy(azure: LocalAzure) -> None:
     assert "ManagedIdentityCredential" in human and azure.default_identity.object_id in human
 
 
+def test_the_credential_used_is_named_without_azure_identitys_log(azure: LocalAzure) -> None:
+    """Without azure-identity's INFO record, ``check`` asks the chain's members in order (public API only)."""
+    from azure.identity import DefaultAzureCredential
+
+    from apimvault.cli.check import credential_used
+    from apimvault.cli.identity import vault_scope
+
+    with azure.env(AZURE_CLIENT_ID=None) as env:
+        credential = DefaultAzureCredential()
+        try:
+            scope = vault_scope(env["AZURE_KEYVAULT_URL"])
+            assert credential_used(credential, scope, []) == "ManagedIdentityCredential"
+            logged = ["DefaultAzureCredential acquired a token from EnvironmentCredential"]
+            assert credential_used(credential, scope, logged) == "EnvironmentCredential"
+            assert credential_used(object(), scope, []) == "unknown"
+        finally:
+            credential.close()
+
+
 def test_no_role_names_the_role_and_scope(azure: LocalAzure) -> None:
     app = new_rotating_app(azure, grant=False)
     code, doc, human = _check(app)

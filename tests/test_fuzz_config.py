@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from apimvault import CachePolicy, ConfigurationError, InsecureTransportError, SubscriptionKeyProvider
-from apimvault._base import ENV_HEADER, ENV_SECRET_NAME, ENV_SECRET_VERSION, ENV_VAULT_URL
+from apimvault._settings import ENV_HEADER, ENV_SECRET_NAME, ENV_SECRET_VERSION, ENV_VAULT_URL
 from apimvault.local import temporary_environ
 
 FAST = settings(

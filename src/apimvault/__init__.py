@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     __version__: str
     from ._async import AsyncSubscriptionKeyProvider
     from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, is_apim_key_rejection
-    from ._base import DEFAULT_HEADER, KeyEvent, ProviderStats
     from ._client import LiveHeaders, create_async_azure_openai, create_azure_openai
     from ._entra import (
         AsyncBearerTokenSource,
@@ -30,9 +29,11 @@ if TYPE_CHECKING:
     )
     from ._events import SecretEvent, arefresh_from_event, parse_secret_events, refresh_from_event
     from ._key import SubscriptionKey, fingerprint
+    from ._model import KeyEvent, ProviderStats
     from ._policy import CachePolicy
     from ._redact import KeyRedactionFilter, install_log_redaction
     from ._refusal import RefusalStats, refusal_stats
+    from ._settings import DEFAULT_HEADER
     from ._sync import SubscriptionKeyProvider
     from .exceptions import QuotaExceededError
 
@@ -64,9 +65,9 @@ _LAZY = {
     "PLACEHOLDER_API_KEY": "._auth",
     "SubscriptionKeyAuth": "._auth",
     "is_apim_key_rejection": "._auth",
-    "DEFAULT_HEADER": "._base",
-    "KeyEvent": "._base",
-    "ProviderStats": "._base",
+    "DEFAULT_HEADER": "._settings",
+    "KeyEvent": "._model",
+    "ProviderStats": "._model",
     "LiveHeaders": "._client",
     "create_async_azure_openai": "._client",
     "create_azure_openai": "._client",

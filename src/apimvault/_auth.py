@@ -24,8 +24,8 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import httpx2
 
 from . import _refusal
-from ._base import check_header_name
 from ._key import SubscriptionKey
+from ._settings import check_header_name
 from .exceptions import ConfigurationError, InsecureTransportError
 
 __all__ = [

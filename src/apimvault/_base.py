@@ -1,33 +1,54 @@
 """What the sync and async providers share that is not about threads or tasks.
 
 Configuration, the Azure clients a provider owns, cache decisions under the lock, turning Key Vault answers
-into keys, counters, callbacks and fork safety. No I/O.
+into keys, counters and callbacks. No I/O. Next to it: :mod:`apimvault._settings` (environment names,
+defaults, the header check), :mod:`apimvault._model` (the data a provider works with and hands out) and
+:mod:`apimvault._per_process` (fork safety).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import enum
 import logging
 import math
-import os
 import random
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from importlib import import_module
-from types import MappingProxyType
-from typing import Any, Generic, Literal, NamedTuple, NoReturn, Self, TypeVar
+from typing import Any, Generic, NoReturn, Self, TypeVar
 
 from azure.keyvault.secrets import KeyVaultSecret, SecretProperties
 
 from ._key import SubscriptionKey
+from ._model import Counters, Fetched, KeyEvent, ProviderStats, PushPlan, Read, Reason
+from ._per_process import PROVIDERS
 from ._policy import Action, CachePolicy, Clock, ForceDecision, KeyCache
-from ._validation import check_validity, to_key, validate_secret_name, validate_vault_url, validate_version
-from ._vault_errors import map_error, retry_after_of
+from ._settings import (  # re-exported: imported from here by code written before _settings
+    DEFAULT_CLIENT_KWARGS,
+    DEFAULT_CREDENTIAL_KWARGS,
+    DEFAULT_HEADER,
+    ENV_HEADER,
+    ENV_SECRET_NAME,
+    ENV_SECRET_VERSION,
+    ENV_VAULT_URL,
+    EXPIRY_WARNING_EVERY,
+    EXPIRY_WARNING_WINDOW,
+    FLIGHT_WAIT_LIMIT,
+    check_header_name,
+    check_spread,
+    provider_settings_from_env,
+)
+from ._validation import (
+    check_validity,
+    newest_valid_version,
+    to_key,
+    validate_secret_name,
+    validate_vault_url,
+    validate_version,
+)
+from ._vault_errors import fresh_copy, map_error, retry_after_of
 from ._vaultclient import check_secret_client, checked, secret_client_kwargs, token_deadline
 from .exceptions import (
     ConfigurationError,
@@ -40,166 +61,24 @@ from .exceptions import (
     VaultUnavailableError,
 )
 
-__all__ = ["KeyEvent", "ProviderStats", "Reason"]
+__all__ = [
+    "DEFAULT_CLIENT_KWARGS",
+    "DEFAULT_CREDENTIAL_KWARGS",
+    "DEFAULT_HEADER",
+    "ENV_HEADER",
+    "ENV_SECRET_NAME",
+    "ENV_SECRET_VERSION",
+    "ENV_VAULT_URL",
+    "EXPIRY_WARNING_EVERY",
+    "EXPIRY_WARNING_WINDOW",
+    "FLIGHT_WAIT_LIMIT",
+    "KeyEvent",
+    "ProviderStats",
+    "Reason",
+    "check_header_name",
+]
 
 log = logging.getLogger("apimvault")
-
-DEFAULT_HEADER = "Ocp-Apim-Subscription-Key"
-ENV_VAULT_URL = "AZURE_KEYVAULT_URL"
-ENV_SECRET_NAME = "APIMVAULT_SECRET_NAME"  # noqa: S105 - a variable name
-ENV_SECRET_VERSION = "APIMVAULT_SECRET_VERSION"  # noqa: S105 - a variable name
-ENV_HEADER = "APIMVAULT_HEADER_NAME"
-_HEADER_NAME = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-# SecretClient settings: apimvault retries on its own schedule (back-off, stale-if-error), so the SDK
-# retries little and never holds a caller for long. The shells add a retry policy that never sleeps on
-# a Retry-After inside a read (the provider's back-off honours it instead, see ``_retry``).
-DEFAULT_CLIENT_KWARGS: Mapping[str, Any] = MappingProxyType(
-    {
-        "retry_total": 1,
-        "retry_backoff_factor": 0.2,
-        "retry_backoff_max": 2,
-        "connection_timeout": 5,
-        "read_timeout": 10,
-    }
-)
-# The DefaultAzureCredential a provider creates itself (credential=None) gets the same bounds for the
-# identity endpoint (managed identity, workload identity, ...) instead of azure-core's 300 s read timeout
-# and up to 10 retries (minutes behind a hanging identity endpoint).
-DEFAULT_CREDENTIAL_KWARGS: Mapping[str, Any] = DEFAULT_CLIENT_KWARGS
-# How long a caller waits for a read in flight before it gets VaultUnavailableError (the read goes on).
-# With the defaults above a read takes at most ~2 x (5 + 10) s for the token and as much for the secret.
-FLIGHT_WAIT_LIMIT = 70.0
-# From this long before the current key's expires_on, a provider logs a WARNING (at most once per
-# EXPIRY_WARNING_EVERY) and exports the seconds left (OTel gauge apimvault.key.expires_in).
-EXPIRY_WARNING_WINDOW = 7 * 86400.0
-EXPIRY_WARNING_EVERY = 86400.0
-
-Reason = Literal["load", "refresh ahead", "invalidated", "refresh", "401 from gateway"]
-"""Why a provider read Key Vault (``KeyEvent.reason``)."""
-
-
-class PushPlan(enum.Enum):
-    """What a provider does about a Key Vault event (see ``ProviderBase._push_event``)."""
-
-    SKIP = "skip"  # it already holds the version the event names
-    READ = "read"  # read Key Vault now (refresh)
-    DEFERRED = "deferred"  # invalidated: one background refresh, rate limited or spread
-
-
-class Read(NamedTuple):
-    """One Key Vault request to do: ``get_secret(version)`` (``None``: the latest), or with ``listing``
-    ``list_properties_of_secret_versions``. ``staged_at``: the latest version is pre-staged, valid from
-    then (Unix time). ``refused``: why the latest version is not served (disabled, expired, not yet valid);
-    raised if no other version is valid now. ``for_401``: the read answers a gateway's 401. ``then``: the
-    key is already read and this read checks the previous version before it may serve as a fallback."""
-
-    version: str | None
-    staged_at: float | None = None
-    listing: bool = False
-    refused: BaseException | None = None
-    for_401: bool = False
-    then: Fetched | None = None
-
-
-class Fetched(NamedTuple):
-    """A key read from Key Vault, and when (Unix time) to look again for a pre-staged newer version.
-    ``previous_checked``: the previous version was read again, and ``previous`` is what Key Vault says of
-    it now (``None``: disabled, expired, deleted or unreadable as a key, so never a fallback)."""
-
-    key: SubscriptionKey
-    revisit_at: float | None = None
-    previous: SubscriptionKey | None = None
-    previous_checked: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyEvent:
-    """What callbacks receive: never the key, only its version and fingerprint."""
-
-    secret: str
-    version: str | None
-    fingerprint: str | None
-    previous_version: str | None = None
-    reason: str = ""
-    error: BaseException | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ProviderStats:
-    """Counters and current state of a provider, safe to log or export."""
-
-    secret: str
-    version: str | None
-    fingerprint: str | None
-    credential_id: str | None
-    age_s: float | None
-    state: str  # a apimvault._policy.State value: "empty" | "fresh" | "refresh-due" | "stale" | "expired"
-    vault_reads: int
-    refreshes: int
-    rotations: int
-    failures: int
-    consecutive_failures: int
-    forced_refreshes: int
-    resends_401: int
-    invalidations: int
-    last_error: str | None
-    fallbacks_to_previous: int = 0  # times the gateway refused the current key and the previous one was used
-    expires_in_s: float | None = None  # seconds until the current key's expires_on (None: none / no key)
-
-
-class _Tally:
-    """Thread-safe counters (``+=`` on a shared dict loses increments under contention)."""
-
-    __slots__ = ("_counts", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(
-            (
-                "vault_reads",
-                "refreshes",
-                "rotations",
-                "failures",
-                "forced",
-                "resends",
-                "invalidations",
-                "fallbacks",
-            ),
-            0,
-        )
-
-    def add(self, name: str) -> None:
-        with self._lock:
-            self._counts[name] += 1
-
-    def __getitem__(self, name: str) -> int:
-        return self._counts[name]
-
-    def after_fork(self) -> None:
-        self._lock = threading.Lock()
-
-
-def check_header_name(name: str) -> str:
-    if not isinstance(name, str) or not name or any(c not in _HEADER_NAME for c in name):
-        raise ConfigurationError(f"header name {name!r} is not a valid HTTP header name")
-    return name
-
-
-def fresh_copy(error: BaseException) -> BaseException:
-    """A copy of ``error`` to raise in one more thread or task, so they never share a traceback."""
-    clone = copy.copy(error)
-    clone.__traceback__ = None
-    clone.__cause__ = error.__cause__
-    return clone
-
-
-def flight_timeout(where: str) -> VaultUnavailableError:
-    return VaultUnavailableError(
-        f"a Key Vault read for {where} did not finish within {FLIGHT_WAIT_LIMIT:.0f} s; it goes on in the "
-        "background",
-        secret=where,
-    )
 
 
 #: A version in one of these states is never served (the newest version valid now is looked for instead).
@@ -208,61 +87,6 @@ _NOT_SERVABLE = (SecretDisabledError, SecretExpiredError, SecretNotYetValidError
 
 def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
-
-
-# Every live provider, so a forked child can reset what it inherited (see ProviderBase._after_fork).
-_PROVIDERS: weakref.WeakSet[ProviderBase[Any, Any]] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for provider in list(_PROVIDERS):
-        provider._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _PerProcess:
-    """A data descriptor for a lock (or any per-process object) held by instances of a class that does not
-    itself reset on fork: a forked child reading the attribute gets a fresh one instead of the parent's,
-    which a parent thread may have held at the fork (the child would wait for it forever)."""
-
-    _guard = threading.Lock()
-
-    def __init__(self, name: str, factory: Callable[[], Any]) -> None:
-        self._slot = f"_{name}_per_process"
-        self._factory = factory
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        if obj is None:
-            return self
-        pid = os.getpid()
-        held = obj.__dict__.get(self._slot)
-        if held is not None and held[0] == pid:
-            return held[1]
-        with _PerProcess._guard:  # two threads of a child must get the same fresh lock
-            held = obj.__dict__.get(self._slot)
-            if held is None or held[0] != pid:
-                held = obj.__dict__[self._slot] = (pid, self._factory())
-            return held[1]
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self._slot] = (os.getpid(), value)
-
-
-def per_process(owner: type, name: str, factory: Callable[[], Any]) -> None:
-    """Make ``owner().<name>`` per process: a forked child gets ``factory()`` in place of the parent's
-    (e.g. ``per_process(BearerTokenSource, "_lock", threading.Lock)``)."""
-    setattr(owner, name, _PerProcess(name, factory))
-
-
-def _fresh_guard() -> None:
-    _PerProcess._guard = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(after_in_child=_fresh_guard)
 
 
 CredentialT = TypeVar("CredentialT")
@@ -328,7 +152,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         self.where = f"{self.vault_url}/secrets/{self.secret_name}" + (
             f"/{self.version}" if self.version else ""
         )
-        self._n = _Tally()
+        self._n = Counters()
         self._expiry_warned_at = -math.inf  # scheduling clock: the last near-expiry WARNING
         # The current and previous keys for the log redaction filter, as SubscriptionKey objects (their
         # repr is redacted), so no attribute of the provider is the key as a plain string.
@@ -347,21 +171,13 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         if secret_client is not None:  # the caller's: refused if it would log bodies or skip verification
             check_secret_client(secret_client, where=self.where)
         self.secret_client: ClientT = secret_client if secret_client is not None else self._make_clients()
-        _PROVIDERS.add(self)
+        PROVIDERS.add(self)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Self:
         """Build from ``AZURE_KEYVAULT_URL`` and ``APIMVAULT_SECRET_NAME`` (optional
         ``APIMVAULT_SECRET_VERSION``, ``APIMVAULT_HEADER_NAME``); keyword arguments as for the constructor."""
-        vault_url = os.environ.get(ENV_VAULT_URL, "").strip()
-        secret_name = os.environ.get(ENV_SECRET_NAME, "").strip()
-        missing = [n for n, v in ((ENV_VAULT_URL, vault_url), (ENV_SECRET_NAME, secret_name)) if not v]
-        if missing:
-            raise ConfigurationError(f"environment variable(s) not set: {', '.join(missing)}")
-        if "version" not in kwargs and os.environ.get(ENV_SECRET_VERSION, "").strip():
-            kwargs["version"] = os.environ[ENV_SECRET_VERSION].strip()
-        if "header_name" not in kwargs and os.environ.get(ENV_HEADER, "").strip():
-            kwargs["header_name"] = os.environ[ENV_HEADER].strip()
+        vault_url, secret_name = provider_settings_from_env(kwargs)
         return cls(vault_url, secret_name, **kwargs)
 
     # ------------------------------------------------------------------------- owned Azure clients
@@ -591,8 +407,7 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         already in flight does not answer an invalidation (it may predate the change). Push-triggered
         reads are at most one per ``policy.forced_refresh_interval``.
         """
-        if not isinstance(spread, int | float) or isinstance(spread, bool) or not 0 <= spread < math.inf:
-            raise ConfigurationError(f"spread must be a finite number of seconds >= 0, got {spread!r}")
+        check_spread(spread)
         with self._lock:
             self._n.add("invalidations")
             self._cache.invalidate(spread, self.monotonic())
@@ -694,15 +509,8 @@ class ProviderBase(Generic[CredentialT, ClientT]):
         (the key held already, if it is that one). None: the held key is dropped and ``read.refused``
         raised (nothing in the vault may be served)."""
         wall = self.clock()
-        valid = [
-            v
-            for v in versions
-            if v.enabled is not False
-            and v.version
-            and (v.not_before is None or v.not_before.timestamp() <= wall)
-            and (v.expires_on is None or v.expires_on.timestamp() > wall)
-        ]
-        if not valid:
+        newest = newest_valid_version(versions, wall)
+        if newest is None:
             with self._lock:
                 self._drop()
             if isinstance(read.refused, SecretNotYetValidError):
@@ -715,7 +523,6 @@ class ProviderBase(Generic[CredentialT, ClientT]):
             if read.refused is not None:
                 raise read.refused
             raise SecretNotFoundError(f"{self.where} has no version valid now", secret=self.where)
-        newest = max(valid, key=lambda v: v.created_on.timestamp() if v.created_on else 0.0)
         with self._lock:
             held = self._cache.entry(wall)
         if held is not None and held.key.version == newest.version:  # the key held: no read needed

@@ -11,9 +11,9 @@ import openai
 from . import _entra
 from ._async import AsyncSubscriptionKeyProvider
 from ._auth import PLACEHOLDER_API_KEY, SubscriptionKeyAuth, install
-from ._base import check_header_name
 from ._fork import track_for_fork
 from ._redact import install_log_redaction
+from ._settings import check_header_name
 from ._sync import SubscriptionKeyProvider
 from ._trust import check_trust_files
 from ._validation import check_client_kwargs, validate_endpoint

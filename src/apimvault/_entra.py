@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 
-def _check_scope(scope: object) -> str:
+def check_scope(scope: object) -> str:
     if not isinstance(scope, str) or not scope.strip() or any(c.isspace() for c in scope.strip()):
         raise ConfigurationError(
             f"token_scope must be one scope such as 'api://<app-id>/.default', not {scope!r}"
@@ -110,7 +110,7 @@ class _Bound:
 
     def __init__(self, scope: str, min_refresh_interval: float, clock: Callable[[], float]) -> None:
         _SOURCES.add(self)
-        self.scope = _check_scope(scope)
+        self.scope = check_scope(scope)
         self.min_refresh_interval = _check_interval(min_refresh_interval)
         self._clock = clock
         self._last_forced: float | None = None
@@ -378,8 +378,8 @@ def create_async_token_azure_openai(
 
 
 # Fork safety (issue 21 item 11): a child forked while a thread refreshes a token must not inherit the lock
-# that thread holds; each process gets its own (the mechanism is apimvault._base.per_process).
-from ._base import per_process  # noqa: E402
+# that thread holds; each process gets its own (the mechanism is apimvault._per_process.per_process).
+from ._per_process import per_process  # noqa: E402
 
 per_process(BearerTokenSource, "_lock", threading.Lock)
 per_process(AsyncBearerTokenSource, "_lock", asyncio.Lock)

@@ -10,15 +10,16 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._async import AsyncSubscriptionKeyProvider
-from ._base import PushPlan
+from ._model import PushPlan
+from ._settings import EVENT_EXPIRED, EVENT_NEAR_EXPIRY, EVENT_NEW_VERSION, check_spread
 from ._sync import SubscriptionKeyProvider
 from .exceptions import ConfigurationError, KeyUnavailableError
 
 __all__ = ["SecretEvent", "arefresh_from_event", "parse_secret_events", "refresh_from_event"]
 
-NEW_VERSION = "Microsoft.KeyVault.SecretNewVersionCreated"
-NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
-EXPIRED = "Microsoft.KeyVault.SecretExpired"
+NEW_VERSION = EVENT_NEW_VERSION
+NEAR_EXPIRY = EVENT_NEAR_EXPIRY
+EXPIRED = EVENT_EXPIRED
 _SECRET_EVENTS = frozenset({NEW_VERSION, NEAR_EXPIRY, EXPIRED})
 P = TypeVar("P", SubscriptionKeyProvider, AsyncSubscriptionKeyProvider)
 
@@ -100,8 +101,7 @@ def _concerns(event: SecretEvent, provider: SubscriptionKeyProvider | AsyncSubsc
 
 def _plans(payload: Any, providers: Iterable[P], spread: float) -> Iterator[tuple[P, PushPlan]]:
     """For each provider an event concerns: the plan (an event naming the version held costs nothing)."""
-    if not isinstance(spread, int | float) or isinstance(spread, bool) or not 0 <= spread < float("inf"):
-        raise ConfigurationError(f"spread must be a finite number of seconds >= 0, got {spread!r}")
+    check_spread(spread)
     events = parse_secret_events(payload)
     for provider in providers:
         if provider.version is not None:  # pinned: a new version changes nothing for this provider

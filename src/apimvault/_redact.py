@@ -131,10 +131,10 @@ def watch_value(value: str) -> None:
 def _held() -> list[str]:
     """Every key and token this process holds: each live provider's current and previous key, the tokens
     of the watched token sources, and the watched values."""
-    from ._base import _PROVIDERS  # every live provider (the registry the fork handler uses)
+    from ._per_process import PROVIDERS  # every live provider (the registry the fork handler uses)
 
     values = _FILTER._secrets()
-    for provider in list(_PROVIDERS):
+    for provider in list(PROVIDERS):
         values.extend(provider._redaction_values())
     return sorted({v for v in values if v}, key=len, reverse=True)  # longest first: no partial leftovers
 

@@ -12,10 +12,13 @@ from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
 from . import _telemetry
-from ._base import FLIGHT_WAIT_LIMIT, Fetched, ProviderBase, Read, Reason, flight_timeout, fresh_copy
+from ._base import ProviderBase
 from ._key import SubscriptionKey
+from ._model import Fetched, Read, Reason
 from ._policy import Action
 from ._retry import NoRetryAfterSleep
+from ._settings import FLIGHT_WAIT_LIMIT
+from ._vault_errors import flight_timeout, fresh_copy
 from ._vaultclient import DeadlineCredential
 from .exceptions import KeyUnavailableError
 

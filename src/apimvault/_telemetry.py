@@ -178,7 +178,7 @@ def _staleness_of(provider: Any, stats: Any) -> float:
 def _expires_in_of(provider: Any, stats: Any) -> float | None:
     """Seconds until the current key's ``expires_on`` (wall clock), when that is within the warning window
     (``EXPIRY_WARNING_WINDOW``, 7 days); ``None`` otherwise (no expiry, or far away)."""
-    from ._base import EXPIRY_WARNING_WINDOW
+    from ._settings import EXPIRY_WARNING_WINDOW
 
     left = getattr(stats, "expires_in_s", None)
     return float(left) if isinstance(left, int | float) and left <= EXPIRY_WARNING_WINDOW else None

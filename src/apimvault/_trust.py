@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import os
 
+from ._settings import TRUST_VARIABLES
 from .exceptions import ConfigurationError
 
 __all__ = ["TRUST_VARIABLES", "check_trust_files", "trust_problem"]
-
-#: The variables that point Python's ``ssl`` (``SSL_CERT_FILE``, ``SSL_CERT_DIR``), httpx2, aiohttp and
-#: requests (``REQUESTS_CA_BUNDLE``) at the CAs to trust.
-TRUST_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "SSL_CERT_DIR")
 
 
 def trust_problem() -> str | None:

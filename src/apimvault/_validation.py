@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from azure.keyvault.secrets import KeyVaultSecret
+from azure.keyvault.secrets import KeyVaultSecret, SecretProperties
 
 from ._key import SubscriptionKey, validate_key_value
 from .exceptions import (
@@ -23,7 +23,14 @@ from .exceptions import (
     SecretNotYetValidError,
 )
 
-__all__ = ["check_validity", "to_key", "validate_secret_name", "validate_vault_url", "validate_version"]
+__all__ = [
+    "check_validity",
+    "newest_valid_version",
+    "to_key",
+    "validate_secret_name",
+    "validate_vault_url",
+    "validate_version",
+]
 
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")
 _VERSION = re.compile(r"[0-9a-fA-F]{32}")
@@ -113,6 +120,21 @@ def check_validity(key: SubscriptionKey, *, where: str, wall: float) -> Subscrip
 
 #: openai client arguments a provider supplies itself (the key) or that would move the endpoint.
 _CLIENT_CONFLICTS = ("api_key", "azure_ad_token", "azure_ad_token_provider", "base_url")
+
+
+def newest_valid_version(versions: Iterable[SecretProperties], wall: float) -> SecretProperties | None:
+    """The newest (by ``created_on``) of ``versions`` that is enabled and valid at ``wall`` (Unix time)."""
+    valid = [
+        v
+        for v in versions
+        if v.enabled is not False
+        and v.version
+        and (v.not_before is None or v.not_before.timestamp() <= wall)
+        and (v.expires_on is None or v.expires_on.timestamp() > wall)
+    ]
+    if not valid:
+        return None
+    return max(valid, key=lambda v: v.created_on.timestamp() if v.created_on else 0.0)
 
 
 def check_client_kwargs(kwargs: Mapping[str, Any]) -> None:

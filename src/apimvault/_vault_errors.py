@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from typing import Any
@@ -15,6 +16,7 @@ from azure.core.exceptions import (
 )
 
 from ._retry import retry_after_seconds
+from ._settings import FLIGHT_WAIT_LIMIT
 from ._trust import trust_error, trust_problem
 from .exceptions import (
     AccessDeniedError,
@@ -27,7 +29,7 @@ from .exceptions import (
     VaultUnavailableError,
 )
 
-__all__ = ["map_error", "retry_after_of"]
+__all__ = ["flight_timeout", "fresh_copy", "map_error", "retry_after_of"]
 
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -133,3 +135,19 @@ def map_error(exc: BaseException, *, where: str) -> KeyUnavailableError | Config
 
 def retry_after_of(error: BaseException) -> float | None:
     return error.retry_after if isinstance(error, VaultUnavailableError) else None
+
+
+def fresh_copy(error: BaseException) -> BaseException:
+    """A copy of ``error`` to raise in one more thread or task, so they never share a traceback."""
+    clone = copy.copy(error)
+    clone.__traceback__ = None
+    clone.__cause__ = error.__cause__
+    return clone
+
+
+def flight_timeout(where: str) -> VaultUnavailableError:
+    return VaultUnavailableError(
+        f"a Key Vault read for {where} did not finish within {FLIGHT_WAIT_LIMIT:.0f} s; it goes on in the "
+        "background",
+        secret=where,
+    )

@@ -196,14 +196,7 @@ def _credential_step(check: _Check) -> int | None:
                 )
             )
             return EXIT_CREDENTIAL
-    used = None
-    for message in log.messages:
-        found = re.search(r"acquired a token from (\w+)", message)
-        if found:
-            used = found.group(1)
-    if used is None:
-        successful = getattr(credential, "_successful_credential", None)
-        used = type(successful).__name__ if successful is not None else "unknown"
+    used = credential_used(credential, vault_scope(check.vault_url), log.messages)
     identity = check.identity = identity_of(jwt_claims(token))
     check.report["credential"] = {"chain": chain, "used": used, "identity": identity}
     check.record(
@@ -216,6 +209,28 @@ def _credential_step(check: _Check) -> int | None:
         )
     )
     return None
+
+
+def credential_used(credential: Any, scope: str, log_messages: list[str]) -> str:
+    """The name of the credential of a ``DefaultAzureCredential`` chain that got the token.
+
+    azure-identity says it in an INFO record (``... acquired a token from ManagedIdentityCredential``);
+    without one (logging disabled), each credential of the chain (its public ``credentials``) is asked in
+    the chain's order, as the chain asks them: the first that answers is the one the chain used."""
+    used = None
+    for message in log_messages:
+        found = re.search(r"acquired a token from (\w+)", message)
+        if found:
+            used = found.group(1)
+    if used is not None:
+        return used
+    for member in getattr(credential, "credentials", ()):
+        try:
+            watch_value(member.get_token(scope).token)  # redaction: never printed
+        except Exception:  # noqa: S112 - the chain, too, moves on after any error of a member
+            continue
+        return type(member).__name__
+    return "unknown"
 
 
 def _secret_step(check: _Check) -> int | None:
@@ -270,8 +285,15 @@ def _secret_step(check: _Check) -> int | None:
         else:
             record(_Step("secret", False, f"{type(exc).__name__}: {exc}"))
         return code
+    _secret_found(check, key)
+    return None
+
+
+def _secret_found(check: _Check, key: Any) -> None:
+    """Record the vault, access and secret steps of a key read: what the secret is, never its value."""
+    record = check.record
     now = time.time()
-    record(_Step("vault", True, f"{vault_url} answered"))
+    record(_Step("vault", True, f"{check.vault_url} answered"))
     record(_Step("access", True, "the identity may read the secret (Key Vault Secrets User or more)"))
     secret_info = {
         "version": key.version,
@@ -299,7 +321,6 @@ def _secret_step(check: _Check) -> int | None:
             secret_info,
         )
     )
-    return None
 
 
 def _token_step(check: _Check) -> int | None:

@@ -3,25 +3,18 @@ token a key-plus-token client would send (``APIMVAULT_TOKEN_SCOPE``). The token 
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Callable
 from typing import Any
+
+from .._jwt import unverified_claims
 
 __all__ = ["ENV_TOKEN_SCOPE", "describe_token_refusal", "token_step"]
 
 ENV_TOKEN_SCOPE = "APIMVAULT_TOKEN_SCOPE"  # noqa: S105 - a variable name
 
 
-def _claims(token: str) -> dict[str, Any]:
-    """The payload of a JWT, unverified (for display only); ``{}`` if it is not one."""
-    try:
-        payload = token.split(".")[1]
-        doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+_claims = unverified_claims
 
 
 def token_step(
@@ -35,12 +28,12 @@ def token_step(
     """Get a token for ``scope`` with ``credential`` and record the ``token`` step; False if none came."""
     from azure.core.exceptions import ClientAuthenticationError
 
-    from .._entra import _check_scope
+    from .._entra import check_scope
     from .._redact import watch_value
     from ..exceptions import ConfigurationError
 
     try:
-        scope = _check_scope(scope)
+        scope = check_scope(scope)
         token = credential.get_token(scope).token
         watch_value(token)  # never printed, whatever echoes it
     except ConfigurationError as exc:

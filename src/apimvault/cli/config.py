@@ -1,6 +1,7 @@
 """Environment and configuration of the commands.
 
-Only the standard library at import time; the core's constants are imported where they are used.
+Only the standard library and :mod:`apimvault._settings` (the core's settings, itself standard library
+only) at import time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from .._settings import DEFAULT_HEADER, ENV_HEADER, ENV_VAULT_URL, TRUST_FILE_VARIABLES
 from ..exceptions import ConfigurationError
 
 # Variables `apimvault local` writes that point at the stack's endpoints (checked by require_live_stack).
@@ -21,7 +23,6 @@ _LOCAL_ENDPOINT_VARIABLES = (
     "IDENTITY_ENDPOINT",
     "APIMVAULT_ADMIN_URL",
 )
-_TRUST_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 #: Every variable `apimvault local` writes to its environment file (LocalAzure.environ(); a test keeps the two
 #: equal), so a shell can leave the stack's environment with one `unset`.
 LOCAL_ENV_VARIABLES = (
@@ -60,15 +61,11 @@ def env_var(name: str) -> str | None:
 
 def vault_url_variable() -> str:
     """The name of the variable holding the vault URL (the core's ``AZURE_KEYVAULT_URL``)."""
-    from .._base import ENV_VAULT_URL
-
     return ENV_VAULT_URL
 
 
 def header_name() -> str:
     """The header APIM reads the key from (``APIMVAULT_HEADER_NAME``, default Ocp-Apim-Subscription-Key)."""
-    from .._base import DEFAULT_HEADER, ENV_HEADER
-
     return env_var(ENV_HEADER) or DEFAULT_HEADER
 
 
@@ -122,7 +119,7 @@ def stopped_local_stack() -> str | None:
     Two signs: a trust variable (``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``) names a file that does not
     exist (the stack deletes its CA when it stops), or a loopback endpoint refuses connections.
     """
-    for name in _TRUST_VARIABLES:
+    for name in TRUST_FILE_VARIABLES:
         path = env_var(name)
         if path and not os.path.exists(path):
             return f"{name}={path} does not exist"

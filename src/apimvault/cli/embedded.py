@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .._settings import TRUST_FILE_VARIABLES
 from ..exceptions import (
     ConfigurationError,
 )
@@ -24,7 +25,7 @@ def embedded_stack(*, need_async: bool, **options: Any) -> Iterator[Any]:
 
     directory = Path(tempfile.mkdtemp(prefix="apimvault-local-"))
     # Entered with today's values, so leaving it restores the two trust variables set below.
-    trust = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
+    trust = {k: os.environ.get(k) for k in TRUST_FILE_VARIABLES}
     with temporary_environ(trust):
         try:
             # Sync SDK clients read SSL_CERT_FILE / REQUESTS_CA_BUNDLE when they are created; aiohttp reads

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._jwt import unverified_claims
 
-def jwt_claims(token: str) -> dict[str, Any]:
-    """The payload of a JWT, *not verified* (only to show which identity it belongs to)."""
-    try:
-        payload = token.split(".")[1]
-        payload += "=" * (-len(payload) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (IndexError, ValueError):
-        return {}
-    return claims if isinstance(claims, dict) else {}
+jwt_claims = unverified_claims
+"""The payload of a JWT, *not verified* (only to show which identity it belongs to)."""
 
 
 _IDENTITY_CLAIMS = (

@@ -188,92 +188,103 @@ def _local_check(out: Output, options: dict[str, Any]) -> int:
         out.line(f"{'ok  ' if ok else 'FAIL'} {name:<9} {detail} ({ms:.0f} ms)")
 
     with embedded_stack(need_async=False, **options) as azure:
-        from azure.identity import DefaultAzureCredential
-        from azure.keyvault.secrets import SecretClient
-
-        from .. import SubscriptionKeyProvider, create_azure_openai, fingerprint
-        from ..local.admin import AdminClient
-        from ..local.stack import APIM_SERVICE, APIM_SUBSCRIPTION, ARM_SUBSCRIPTION, RESOURCE_GROUP
-
         env = azure.environ()
         vault_fp: dict[str, str] = {}
-
-        def identity() -> str:
-            with DefaultAzureCredential() as credential:
-                token = credential.get_token("https://vault.azure.net/.default").token
-            who = identity_of(jwt_claims(token))
-            return f"DefaultAzureCredential -> ManagedIdentityCredential: {describe_identity(who)}"
-
-        def keyvault() -> str:
-            with DefaultAzureCredential() as credential, SecretClient(azure.vault_url, credential) as client:
-                secret = client.get_secret(env["APIMVAULT_SECRET_NAME"])
-            vault_fp["fp"] = fingerprint(secret.value or "")
-            tags = secret.properties.tags or {}
-            return (
-                f"SecretClient read {secret.name} version {secret.properties.version} "
-                f"(CredentialId={tags.get('CredentialId')}, fingerprint {vault_fp['fp']})"
-            )
-
-        def arm() -> str:
-            from azure.mgmt.apimanagement import ApiManagementClient
-
-            officer = env["APIMVAULT_OFFICER_CLIENT_ID"]
-            with DefaultAzureCredential(managed_identity_client_id=officer) as credential:
-                client = ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url)
-                try:
-                    keys = client.subscription.list_secrets(RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION)
-                finally:
-                    client.close()
-            match = (
-                "matches the vault"
-                if fingerprint(keys.primary_key or "") == vault_fp.get("fp")
-                else "MISMATCH"
-            )
-            return f"ApiManagementClient listSecrets {APIM_SUBSCRIPTION}: primary key {match}"
-
-        def gateway() -> str:
-            with SubscriptionKeyProvider.from_env() as provider:
-                if azure.gateway.api_suffix == "openai":
-                    client = create_azure_openai(provider, max_retries=0, timeout=15)
-                else:  # the API under another suffix: the published base_url pattern, key in a header
-                    import openai
-
-                    client = openai.AzureOpenAI(
-                        base_url=env["APIMVAULT_OPENAI_BASE_URL"],
-                        api_key="placeholder",
-                        api_version=env["OPENAI_API_VERSION"],
-                        default_headers={"Ocp-Apim-Subscription-Key": provider.get_key().reveal()},
-                        max_retries=0,
-                        timeout=15,
-                    )
-                try:
-                    reply = client.chat.completions.create(
-                        model=env["APIMVAULT_DEPLOYMENT"], messages=[{"role": "user", "content": "ping"}]
-                    )
-                finally:
-                    client.close()
-            used = azure.gateway.recent()[-1]
-            content = (reply.choices[0].message.content or "").strip()
-            deployment = env["APIMVAULT_DEPLOYMENT"]
-            return (
-                f"AzureOpenAI chat via APIM ({used.slot} key, unit {used.unit}, API "
-                f"{azure.gateway.api_path or '/'}) -> {deployment}: {content[:40]!r}"
-            )
-
-        def admin() -> str:
-            with AdminClient(azure.admin.url, azure.ca_path, token=azure.admin_token) as client:
-                names = [s["name"] for s in client.services()]
-            return f"admin API lists {', '.join(names)}"
-
         for name, fn in (
-            ("identity", identity),
-            ("keyvault", keyvault),
-            ("arm", arm),
-            ("gateway", gateway),
-            ("admin", admin),
+            ("identity", _check_identity),
+            ("keyvault", lambda: _check_keyvault(azure, env, vault_fp)),
+            ("arm", lambda: _check_arm(azure, env, vault_fp)),
+            ("gateway", lambda: _check_gateway(azure, env)),
+            ("admin", lambda: _check_admin(azure)),
         ):
             step(name, fn)
     ok = all(r["ok"] for r in results)
     out.document({"ok": ok, "services": results})
     out.line("local Azure: all services answer" if ok else "local Azure: some services failed")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+# Each check below runs inside the embedded stack (its SDK imports come after the stack trusts its CA).
+
+
+def _check_identity() -> str:
+    from azure.identity import DefaultAzureCredential
+
+    with DefaultAzureCredential() as credential:
+        token = credential.get_token("https://vault.azure.net/.default").token
+    who = identity_of(jwt_claims(token))
+    return f"DefaultAzureCredential -> ManagedIdentityCredential: {describe_identity(who)}"
+
+
+def _check_keyvault(azure: Any, env: dict[str, str], vault_fp: dict[str, str]) -> str:
+    from azure.identity import DefaultAzureCredential
+    from azure.keyvault.secrets import SecretClient
+
+    from .. import fingerprint
+
+    with DefaultAzureCredential() as credential, SecretClient(azure.vault_url, credential) as client:
+        secret = client.get_secret(env["APIMVAULT_SECRET_NAME"])
+    vault_fp["fp"] = fingerprint(secret.value or "")
+    tags = secret.properties.tags or {}
+    return (
+        f"SecretClient read {secret.name} version {secret.properties.version} "
+        f"(CredentialId={tags.get('CredentialId')}, fingerprint {vault_fp['fp']})"
+    )
+
+
+def _check_arm(azure: Any, env: dict[str, str], vault_fp: dict[str, str]) -> str:
+    from azure.identity import DefaultAzureCredential
+    from azure.mgmt.apimanagement import ApiManagementClient
+
+    from .. import fingerprint
+    from ..local.stack import APIM_SERVICE, APIM_SUBSCRIPTION, ARM_SUBSCRIPTION, RESOURCE_GROUP
+
+    officer = env["APIMVAULT_OFFICER_CLIENT_ID"]
+    with DefaultAzureCredential(managed_identity_client_id=officer) as credential:
+        client = ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url)
+        try:
+            keys = client.subscription.list_secrets(RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION)
+        finally:
+            client.close()
+    match = "matches the vault" if fingerprint(keys.primary_key or "") == vault_fp.get("fp") else "MISMATCH"
+    return f"ApiManagementClient listSecrets {APIM_SUBSCRIPTION}: primary key {match}"
+
+
+def _check_gateway(azure: Any, env: dict[str, str]) -> str:
+    from .. import SubscriptionKeyProvider, create_azure_openai
+
+    with SubscriptionKeyProvider.from_env() as provider:
+        if azure.gateway.api_suffix == "openai":
+            client = create_azure_openai(provider, max_retries=0, timeout=15)
+        else:  # the API under another suffix: the published base_url pattern, key in a header
+            import openai
+
+            client = openai.AzureOpenAI(
+                base_url=env["APIMVAULT_OPENAI_BASE_URL"],
+                api_key="placeholder",
+                api_version=env["OPENAI_API_VERSION"],
+                default_headers={"Ocp-Apim-Subscription-Key": provider.get_key().reveal()},
+                max_retries=0,
+                timeout=15,
+            )
+        try:
+            reply = client.chat.completions.create(
+                model=env["APIMVAULT_DEPLOYMENT"], messages=[{"role": "user", "content": "ping"}]
+            )
+        finally:
+            client.close()
+    used = azure.gateway.recent()[-1]
+    content = (reply.choices[0].message.content or "").strip()
+    deployment = env["APIMVAULT_DEPLOYMENT"]
+    return (
+        f"AzureOpenAI chat via APIM ({used.slot} key, unit {used.unit}, API "
+        f"{azure.gateway.api_path or '/'}) -> {deployment}: {content[:40]!r}"
+    )
+
+
+def _check_admin(azure: Any) -> str:
+    from ..local.admin import AdminClient
+
+    with AdminClient(azure.admin.url, azure.ca_path, token=azure.admin_token) as client:
+        names = [s["name"] for s in client.services()]
+    return f"admin API lists {', '.join(names)}"

@@ -13,11 +13,12 @@ A process that uses the async SDKs (aiohttp) against a stack trusts its CA first
 Only the names below are public; the modules starting with ``_`` are not.
 """
 
+from .._key import fingerprint
 from ._env import temporary_environ
 from ._faults import Counters, Fault, Faults
 from ._server import ServerThread, Service
 from ._tls import LocalCA, prepare_ca
-from ._tokens import TENANT_ID, Identity, TokenError, TokenIssuer, fingerprint
+from ._tokens import TENANT_ID, Identity, TokenError, TokenIssuer
 from .keyvault import ROLE_OFFICER, ROLE_USER
 from .rbac import Assignment, Rbac, RoleDefinition, RoleError, load_infra_roles
 from .stack import API_VERSION, DEPLOYMENT, SECRET_NAME, LocalAzure

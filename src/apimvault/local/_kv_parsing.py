@@ -14,21 +14,21 @@ from ._kv_wire import (
     MSG_PROPERTY_INVALID,
     MSG_SKIPTOKEN,
     MSG_VALUE_REQUIRED,
-    _bad,
+    bad_parameter,
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class _Route:
+class KvRoute:
     operation: str
     name: str | None = None
     version: str = ""
 
 
-_UNKNOWN = _Route("unknown")
+_UNKNOWN = KvRoute("unknown")
 
 
-def _route(method: str, path: str) -> _Route:
+def route_of(method: str, path: str) -> KvRoute:
     """Map ``method path`` to an operation of the spec (``unknown`` when it is none of them)."""
     segs = path.lstrip("/").split("/")
     if len(segs) > 1 and segs[-1] == "":
@@ -37,42 +37,42 @@ def _route(method: str, path: str) -> _Route:
     head = segs[0].lower()
     if head == "secrets":
         if n == 1:
-            return _Route("GetSecrets") if method == "GET" else _UNKNOWN
+            return KvRoute("GetSecrets") if method == "GET" else _UNKNOWN
         name = segs[1]
         if n == 2:
             if name.lower() == "restore" and method == "POST":
-                return _Route("RestoreSecret")
+                return KvRoute("RestoreSecret")
             op = {"PUT": "SetSecret", "GET": "GetSecret", "PATCH": "UpdateSecret", "DELETE": "DeleteSecret"}
-            return _Route(op[method], name) if method in op else _UNKNOWN
+            return KvRoute(op[method], name) if method in op else _UNKNOWN
         if n == 3:
             tail = segs[2]
             if tail == "versions" and method == "GET":
-                return _Route("GetSecretVersions", name)
+                return KvRoute("GetSecretVersions", name)
             if tail == "backup" and method == "POST":
-                return _Route("BackupSecret", name)
+                return KvRoute("BackupSecret", name)
             if method == "GET":
-                return _Route("GetSecret", name, tail)
+                return KvRoute("GetSecret", name, tail)
             if method == "PATCH":
-                return _Route("UpdateSecret", name, tail)
+                return KvRoute("UpdateSecret", name, tail)
         return _UNKNOWN
     if head == "deletedsecrets":  # both /deletedsecrets and /deletedSecrets (lowkey-vault accepts both)
         if n == 1:
-            return _Route("GetDeletedSecrets") if method == "GET" else _UNKNOWN
+            return KvRoute("GetDeletedSecrets") if method == "GET" else _UNKNOWN
         if n == 2:
             if method == "GET":
-                return _Route("GetDeletedSecret", segs[1])
+                return KvRoute("GetDeletedSecret", segs[1])
             if method == "DELETE":
-                return _Route("PurgeDeletedSecret", segs[1])
+                return KvRoute("PurgeDeletedSecret", segs[1])
         if n == 3 and segs[2] == "recover" and method == "POST":
-            return _Route("RecoverDeletedSecret", segs[1])
+            return KvRoute("RecoverDeletedSecret", segs[1])
     return _UNKNOWN
 
 
-def _b64url_encode(data: bytes) -> str:
+def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64url_decode(text: str) -> bytes:
+def b64url_decode(text: str) -> bytes:
     text = text.strip().replace("+", "-").replace("/", "_")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -83,7 +83,7 @@ def _b64url_decode(text: str) -> bytes:
 def _optional_str(payload: dict[str, Any], key: str) -> str | None:
     value = payload.get(key)
     if value is not None and not isinstance(value, str):
-        raise _bad(MSG_PROPERTY_INVALID.format(name=key))
+        raise bad_parameter(MSG_PROPERTY_INVALID.format(name=key))
     return value
 
 
@@ -94,7 +94,7 @@ def _tags(payload: dict[str, Any]) -> dict[str, str] | None:
     if not isinstance(tags, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
     ):
-        raise _bad(MSG_PROPERTY_INVALID.format(name="tags"))
+        raise bad_parameter(MSG_PROPERTY_INVALID.format(name="tags"))
     return dict(tags)
 
 
@@ -104,27 +104,27 @@ def _attributes(payload: dict[str, Any]) -> dict[str, Any]:
     if attrs is None:
         return {}
     if not isinstance(attrs, dict):
-        raise _bad(MSG_PROPERTY_INVALID.format(name="attributes"))
+        raise bad_parameter(MSG_PROPERTY_INVALID.format(name="attributes"))
     out: dict[str, Any] = {}
     enabled = attrs.get("enabled")
     if enabled is not None:
         if not isinstance(enabled, bool):
-            raise _bad(MSG_PROPERTY_INVALID.format(name="attributes.enabled"))
+            raise bad_parameter(MSG_PROPERTY_INVALID.format(name="attributes.enabled"))
         out["enabled"] = enabled
     for wire, field in (("nbf", "not_before"), ("exp", "expires")):
         stamp = attrs.get(wire)
         if stamp is not None:
             if isinstance(stamp, bool) or not isinstance(stamp, int) or not 0 <= stamp < 2**40:
-                raise _bad(MSG_PROPERTY_INVALID.format(name=f"attributes.{wire}"))
+                raise bad_parameter(MSG_PROPERTY_INVALID.format(name=f"attributes.{wire}"))
             out[field] = stamp
     return out
 
 
-def _parse_set(payload: dict[str, Any]) -> dict[str, Any]:
+def parse_set(payload: dict[str, Any]) -> dict[str, Any]:
     if "value" not in payload or payload["value"] is None:
-        raise _bad(MSG_VALUE_REQUIRED)
+        raise bad_parameter(MSG_VALUE_REQUIRED)
     if not isinstance(payload["value"], str):
-        raise _bad(MSG_PROPERTY_INVALID.format(name="value"))
+        raise bad_parameter(MSG_PROPERTY_INVALID.format(name="value"))
     attrs = _attributes(payload)
     return {
         "value": payload["value"],
@@ -136,7 +136,7 @@ def _parse_set(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _parse_update(payload: dict[str, Any]) -> dict[str, Any]:
+def parse_update(payload: dict[str, Any]) -> dict[str, Any]:
     changes = _attributes(payload)
     if payload.get("contentType") is not None:
         changes["content_type"] = _optional_str(payload, "contentType")
@@ -145,24 +145,24 @@ def _parse_update(payload: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
-def _maxresults(query: dict[str, list[str]]) -> int:
+def max_results(query: dict[str, list[str]]) -> int:
     raw = query.get("maxresults")
     if raw is None:
         return DEFAULT_PAGE
     text = raw[0].strip()
     if not text.isdigit() or not 1 <= int(text) <= 25:
-        raise _bad(MSG_MAXRESULTS)
+        raise bad_parameter(MSG_MAXRESULTS)
     return int(text)
 
 
-def _skiptoken(query: dict[str, list[str]]) -> str | None:
+def skip_token(query: dict[str, list[str]]) -> str | None:
     raw = query.get("$skiptoken")
     if raw is None or raw[0] == "":
         return None
     try:
-        marker = json.loads(_b64url_decode(raw[0]))["NextMarker"]
+        marker = json.loads(b64url_decode(raw[0]))["NextMarker"]
     except (ValueError, KeyError, TypeError, binascii.Error):
-        raise _bad(MSG_SKIPTOKEN) from None
+        raise bad_parameter(MSG_SKIPTOKEN) from None
     if not isinstance(marker, str):
-        raise _bad(MSG_SKIPTOKEN)
+        raise bad_parameter(MSG_SKIPTOKEN)
     return marker

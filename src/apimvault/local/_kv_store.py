@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 from ._kv_wire import (
-    _NAME_RE,
     MAX_TAGS,
     MAX_VALUE_BYTES,
     MSG_BAD_NAME,
@@ -21,10 +20,11 @@ from ._kv_wire import (
     MSG_SECRET_EXPIRED,
     MSG_TOO_LARGE,
     MSG_TOO_MANY_TAGS,
+    NAME_RE,
     RECOVERABLE_DAYS,
     RECOVERY_LEVEL,
     KeyVaultError,
-    _bad,
+    bad_parameter,
 )
 from ._tokens import Clock
 
@@ -86,7 +86,7 @@ class SecretVersion:
 
 
 @dataclasses.dataclass
-class _Secret:
+class StoredSecret:
     name: str  # the casing it was created with
     versions: list[SecretVersion] = dataclasses.field(default_factory=list)
     by_version: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -131,8 +131,8 @@ class SecretStore:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._lock = threading.Lock()
-        self._secrets: dict[str, _Secret] = {}  # lower-cased name -> live secret
-        self._deleted: dict[str, _Secret] = {}  # lower-cased name -> soft-deleted secret
+        self._secrets: dict[str, StoredSecret] = {}  # lower-cased name -> live secret
+        self._deleted: dict[str, StoredSecret] = {}  # lower-cased name -> soft-deleted secret
         self.refuse_expired = False
         """Real Key Vault serves an expired version (200; see :mod:`apimvault.local.keyvault`). ``True``
         makes GET refuse one instead (403 ``Forbidden``, inner error ``SecretExpired``, shaped like the
@@ -150,14 +150,14 @@ class SecretStore:
         expires: int | None,
     ) -> SecretVersion:
         """Add a new version of ``name`` (creating the secret)."""
-        if not _NAME_RE.match(name):
-            raise _bad(MSG_BAD_NAME.format(name=name))
+        if not NAME_RE.match(name):
+            raise bad_parameter(MSG_BAD_NAME.format(name=name))
         if not isinstance(value, str):
-            raise _bad(MSG_PROPERTY_INVALID.format(name="value"))
+            raise bad_parameter(MSG_PROPERTY_INVALID.format(name="value"))
         if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
-            raise _bad(MSG_TOO_LARGE, "SecretTooLarge")
+            raise bad_parameter(MSG_TOO_LARGE, "SecretTooLarge")
         if tags is not None and len(tags) > MAX_TAGS:
-            raise _bad(MSG_TOO_MANY_TAGS)
+            raise bad_parameter(MSG_TOO_MANY_TAGS)
         key = name.lower()
         with self._lock:
             if key in self._deleted:
@@ -169,7 +169,7 @@ class SecretStore:
                 )
             secret = self._secrets.get(key)
             if secret is None:
-                secret = self._secrets[key] = _Secret(name)
+                secret = self._secrets[key] = StoredSecret(name)
             now = int(self.clock())
             version = SecretVersion(
                 name=secret.name,
@@ -210,26 +210,26 @@ class SecretStore:
                 shown = f"{name}/{version}" if version else name
                 raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=shown))
             if "tags" in changes and changes["tags"] is not None and len(changes["tags"]) > MAX_TAGS:
-                raise _bad(MSG_TOO_MANY_TAGS)
+                raise bad_parameter(MSG_TOO_MANY_TAGS)
             updated = dataclasses.replace(found, **changes, updated=int(self.clock()))
             secret.replace(updated)
             return updated
 
-    def live(self, name: str) -> _Secret | None:
+    def live(self, name: str) -> StoredSecret | None:
         with self._lock:
             return self._secrets.get(name.lower())
 
-    def all_live(self) -> list[_Secret]:
+    def all_live(self) -> list[StoredSecret]:
         """Every live secret, by lower-cased name."""
         with self._lock:
             return [self._secrets[k] for k in sorted(self._secrets)]
 
-    def all_deleted(self) -> list[_Secret]:
+    def all_deleted(self) -> list[StoredSecret]:
         """Every soft-deleted secret, by lower-cased name."""
         with self._lock:
             return [self._deleted[k] for k in sorted(self._deleted)]
 
-    def delete(self, name: str) -> _Secret:
+    def delete(self, name: str) -> StoredSecret:
         """Soft-delete: the secret moves to the deleted ones for ``RECOVERABLE_DAYS``."""
         with self._lock:
             secret = self._secrets.pop(name.lower(), None)
@@ -241,7 +241,7 @@ class SecretStore:
             self._deleted[name.lower()] = secret
             return secret
 
-    def deleted(self, name: str) -> _Secret:
+    def deleted(self, name: str) -> StoredSecret:
         with self._lock:
             secret = self._deleted.get(name.lower())
         if secret is None:
@@ -253,7 +253,7 @@ class SecretStore:
             if self._deleted.pop(name.lower(), None) is None:
                 raise KeyVaultError(404, "SecretNotFound", MSG_DELETED_NOT_FOUND.format(name=name))
 
-    def recover(self, name: str) -> _Secret:
+    def recover(self, name: str) -> StoredSecret:
         with self._lock:
             secret = self._deleted.pop(name.lower(), None)
             if secret is None:
@@ -270,7 +270,7 @@ class SecretStore:
                 raise KeyVaultError(404, "SecretNotFound", MSG_NOT_FOUND.format(name=name))
             return {"name": secret.name, "versions": [dataclasses.asdict(v) for v in secret.versions]}
 
-    def restore(self, secret: _Secret) -> _Secret:
+    def restore(self, secret: StoredSecret) -> StoredSecret:
         """Put a backed-up secret back; refused while one of that name lives or is soft-deleted."""
         key = secret.name.lower()
         with self._lock:

@@ -33,7 +33,7 @@ VAULT_RESOURCE = (
 )
 
 # Key Vault's first-party application id, which is also an accepted token audience.
-_KEYVAULT_APP_ID = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093"
+KEYVAULT_APP_ID = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093"
 
 # Every version the secrets data plane has served (azure-keyvault-secrets' ApiVersion enum: 2016-10-01,
 # 7.0-7.6, 2025-07-01, 2026-04-01), plus its preview versions (7.x-preview[.N], YYYY-MM-DD-preview).
@@ -46,9 +46,9 @@ _PREVIEW_VERSION_RE = re.compile(
 )
 
 
-_NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")  # spec pattern ^[0-9a-zA-Z-]+$ plus the documented 1..127
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-_CLIENT_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")  # spec pattern ^[0-9a-zA-Z-]+$ plus the documented 1..127
+HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+CLIENT_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
 
 _ACTION_PREFIX = "Microsoft.KeyVault/vaults/secrets/"
 # operationId -> the RBAC data action it needs. Source: the Key Vault access-policy-to-RBAC mapping
@@ -74,8 +74,8 @@ _ROLE_ACTIONS: dict[str, frozenset[str]] = {
     ROLE_OFFICER: frozenset(ACTIONS.values()),
     ROLE_ADMINISTRATOR: frozenset(ACTIONS.values()),
 }
-_VAULT_WIDE = frozenset({"GetSecrets", "GetDeletedSecrets", "RestoreSecret"})
-_WITH_BODY = frozenset({"SetSecret", "UpdateSecret", "RestoreSecret"})
+VAULT_WIDE = frozenset({"GetSecrets", "GetDeletedSecrets", "RestoreSecret"})
+WITH_BODY = frozenset({"SetSecret", "UpdateSecret", "RestoreSecret"})
 
 # ---- error strings (real ones are cited; the rest are inference) -------------------------------------------
 
@@ -144,7 +144,7 @@ MSG_EXISTS = "Secret {name} already exists."
 MSG_BODY_TOO_LARGE = "The request body is too large."
 MSG_NO_ROUTE = "The requested resource does not exist: {method} {path}"
 
-_STATUS_CODES = {
+STATUS_CODES = {
     400: "BadParameter",
     401: "Unauthorized",
     403: "Forbidden",
@@ -177,11 +177,11 @@ class KeyVaultError(Exception):
         return {"error": error}
 
 
-def _bad(message: str, inner: str | None = None) -> KeyVaultError:
+def bad_parameter(message: str, inner: str | None = None) -> KeyVaultError:
     return KeyVaultError(400, "BadParameter", message, inner)
 
 
 def check_api_version(version: str) -> None:
     """Refuse an ``api-version`` the secrets data plane does not serve, as Key Vault does (400)."""
     if version not in API_VERSIONS and not _PREVIEW_VERSION_RE.match(version):
-        raise _bad(MSG_UNKNOWN_API_VERSION.format(version=version, latest=LATEST_API_VERSION))
+        raise bad_parameter(MSG_UNKNOWN_API_VERSION.format(version=version, latest=LATEST_API_VERSION))

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import trustme
 
+from .._settings import TRUST_FILE_VARIABLES
 from ..exceptions import ConfigurationError
-
-TRUST_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
-"""The variables that make Python's ``ssl``, httpx2, requests and aiohttp trust a CA file."""
 
 
 class LocalCA:
@@ -70,6 +68,6 @@ def prepare_ca(
             "aiohttp is already imported in this process, so it cannot trust a new local stack's CA: "
             "call apimvault.local.prepare_ca() before importing openai or azure's aio clients"
         )
-    for name in TRUST_VARIABLES:
+    for name in TRUST_FILE_VARIABLES:
         os.environ[name] = str(ca.ca_path)
     return ca

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import secrets
 import time
@@ -20,11 +19,6 @@ Clock = Callable[[], float]
 
 TENANT_ID = "72f988bf-0000-4000-8000-00000000a2ae"
 """Tenant GUID the local identity service puts in tokens and the vault names in its challenge."""
-
-
-def fingerprint(value: str) -> str:
-    """Short, non-reversible fingerprint of a secret value, safe to log (first 8 hex of SHA-256)."""
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
 
 
 @dataclasses.dataclass(frozen=True)

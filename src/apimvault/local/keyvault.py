@@ -51,26 +51,23 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._jwt import unverified_claims
 from ._kv_parsing import (
-    _b64url_decode,
-    _b64url_encode,
-    _maxresults,
-    _parse_set,
-    _parse_update,
-    _Route,
-    _route,
-    _skiptoken,
+    KvRoute,
+    b64url_decode,
+    b64url_encode,
+    max_results,
+    parse_set,
+    parse_update,
+    route_of,
+    skip_token,
 )
-from ._kv_store import SecretStore, SecretVersion, _Secret
+from ._kv_store import SecretStore, SecretVersion, StoredSecret
 from ._kv_wire import (
-    _CLIENT_REQUEST_ID_RE,
-    _HOST_RE,
-    _KEYVAULT_APP_ID,
-    _NAME_RE,
-    _STATUS_CODES,
-    _VAULT_WIDE,
-    _WITH_BODY,
     ACTIONS,
+    CLIENT_REQUEST_ID_RE,
+    HOST_RE,
+    KEYVAULT_APP_ID,
     MAX_BODY_BYTES,
     MSG_API_VERSION,
     MSG_BAD_BACKUP,
@@ -88,15 +85,19 @@ from ._kv_wire import (
     MSG_NOT_OBJECT,
     MSG_PROPERTY_INVALID,
     MSG_VALUE_REQUIRED,
+    NAME_RE,
     ROLE_ADMINISTRATOR,
     ROLE_OFFICER,
     ROLE_USER,
     SERVICE_VERSION,
+    STATUS_CODES,
     VAULT_LOCATION,
     VAULT_NAME,
     VAULT_RESOURCE,
+    VAULT_WIDE,
+    WITH_BODY,
     KeyVaultError,
-    _bad,
+    bad_parameter,
     check_api_version,
 )
 from ._server import Service, json_response
@@ -137,7 +138,7 @@ class KeyVaultService(Service):
             {
                 "https://vault.azure.net",
                 "https://vault.azure.net/",
-                _KEYVAULT_APP_ID,
+                KEYVAULT_APP_ID,
                 challenge_resource,
                 challenge_resource + "/",
             }
@@ -199,10 +200,10 @@ class KeyVaultService(Service):
     # ------------------------------------------------------------------------------ service hooks
 
     def classify(self, method: str, path: str) -> str:
-        return _route(method, path).operation
+        return route_of(method, path).operation
 
     def error_response(self, status: int, message: str) -> Response:
-        code = _STATUS_CODES.get(status, "InternalServerError" if status >= 500 else "BadParameter")
+        code = STATUS_CODES.get(status, "InternalServerError" if status >= 500 else "BadParameter")
         return json_response({"error": {"code": code, "message": message}}, status, self._headers(None))
 
     def build_app(self) -> ASGIApp:
@@ -232,7 +233,7 @@ class KeyVaultService(Service):
         for key, value in scope.get("headers", ()):
             headers[key.decode("latin-1").lower()] = value.decode("latin-1")
         crid = headers.get("x-ms-client-request-id")
-        if crid is not None and not _CLIENT_REQUEST_ID_RE.match(crid):
+        if crid is not None and not CLIENT_REQUEST_ID_RE.match(crid):
             crid = None
         out = self._headers(crid)
         try:
@@ -259,7 +260,7 @@ class KeyVaultService(Service):
         claims = self._authenticate(headers.get("authorization", ""))
         method: str = scope["method"]
         path: str = scope["path"]
-        route = _route(method, path)
+        route = route_of(method, path)
         if route.operation == "unknown":
             raise KeyVaultError(404, "NotFound", MSG_NO_ROUTE.format(method=method, path=path))
         query = urllib.parse.parse_qs(
@@ -267,14 +268,14 @@ class KeyVaultService(Service):
         )
         api_version = (query.get("api-version") or [""])[0]
         if not api_version:
-            raise _bad(MSG_API_VERSION)
+            raise bad_parameter(MSG_API_VERSION)
         check_api_version(api_version)
         # 2. Authorization, then input validation.
         self._authorize(claims, route)
-        if route.name is not None and not _NAME_RE.match(route.name):
-            raise _bad(MSG_BAD_NAME.format(name=route.name))
+        if route.name is not None and not NAME_RE.match(route.name):
+            raise bad_parameter(MSG_BAD_NAME.format(name=route.name))
         payload: dict[str, Any] = {}
-        if route.operation in _WITH_BODY:
+        if route.operation in WITH_BODY:
             payload = await self._read_json(receive, headers)
         base = self._base_url(scope, headers)
         return self._dispatch(route, payload, query, api_version, base)
@@ -303,19 +304,15 @@ class KeyVaultService(Service):
     def _token_problem(self, token: str, exc: TokenError) -> str:
         if "expired" in str(exc):
             return MSG_EXPIRED
-        try:
-            unverified = json.loads(_b64url_decode(token.split(".")[1]))
-            issuer = unverified.get("iss") if isinstance(unverified, dict) else None
-        except (ValueError, IndexError, binascii.Error):
-            issuer = None
+        issuer = unverified_claims(token).get("iss")
         if isinstance(issuer, str) and issuer != self.tokens.issuer:
             return MSG_INVALID_ISSUER.format(tenant=TENANT_ID, found=issuer)
         return MSG_BAD_SIGNATURE
 
-    def _authorize(self, claims: dict[str, Any], route: _Route) -> None:
+    def _authorize(self, claims: dict[str, Any], route: KvRoute) -> None:
         action = ACTIONS[route.operation]
         oid = str(claims.get("oid", ""))
-        secret_scope = None if route.operation in _VAULT_WIDE or route.name is None else route.name.lower()
+        secret_scope = None if route.operation in VAULT_WIDE or route.name is None else route.name.lower()
         if self.rbac.allowed(oid, action, self.scope(secret_scope), data=True):
             return
         resource = VAULT_RESOURCE if secret_scope is None else f"{VAULT_RESOURCE}/secrets/{secret_scope}"
@@ -333,7 +330,7 @@ class KeyVaultService(Service):
     def _base_url(self, scope: Scope, headers: dict[str, str]) -> str:
         """``scheme://host:port`` exactly as the client addressed us, so ids and nextLinks round-trip."""
         host = headers.get("host", "")
-        if not _HOST_RE.match(host):
+        if not HOST_RE.match(host):
             server = scope.get("server")
             host = f"{server[0]}:{server[1]}" if server else f"127.0.0.1:{self.port}"
         return f"{scope.get('scheme', 'https')}://{host}"
@@ -347,7 +344,7 @@ class KeyVaultService(Service):
         while True:
             message = await receive()
             if message["type"] != "http.request":  # client went away
-                raise _bad(MSG_NOT_JSON)
+                raise bad_parameter(MSG_NOT_JSON)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > MAX_BODY_BYTES:
@@ -357,34 +354,39 @@ class KeyVaultService(Service):
                 break
         media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media_type != "application/json":
-            raise _bad(MSG_CONTENT_TYPE)
+            raise bad_parameter(MSG_CONTENT_TYPE)
         try:
             payload = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
-            raise _bad(MSG_NOT_JSON) from None
+            raise bad_parameter(MSG_NOT_JSON) from None
         if not isinstance(payload, dict):
-            raise _bad(MSG_NOT_OBJECT)
+            raise bad_parameter(MSG_NOT_OBJECT)
         return payload
 
     # ------------------------------------------------------------------------------ operations
 
     def _dispatch(
-        self, route: _Route, payload: dict[str, Any], query: dict[str, list[str]], api_version: str, base: str
+        self,
+        route: KvRoute,
+        payload: dict[str, Any],
+        query: dict[str, list[str]],
+        api_version: str,
+        base: str,
     ) -> tuple[int, dict[str, Any] | None]:
         op = route.operation
         name = route.name or ""
         if op == "GetSecret":
             return 200, self.store.get(name, route.version).bundle(base, with_value=True)
         if op == "SetSecret":
-            created = self.store.set(name, **_parse_set(payload))
+            created = self.store.set(name, **parse_set(payload))
             return 200, created.bundle(base, with_value=True)
         if op == "UpdateSecret":
-            return 200, self.store.update(name, route.version, _parse_update(payload)).bundle(
+            return 200, self.store.update(name, route.version, parse_update(payload)).bundle(
                 base, with_value=False
             )
         if op in ("GetSecrets", "GetSecretVersions", "GetDeletedSecrets"):
-            page_size = _maxresults(query)
-            marker = _skiptoken(query)
+            page_size = max_results(query)
+            marker = skip_token(query)
             path = {"GetSecrets": "/secrets", "GetDeletedSecrets": "/deletedsecrets"}.get(op)
             if path is None:
                 path = f"/secrets/{name}/versions"
@@ -394,7 +396,7 @@ class KeyVaultService(Service):
             page = keyed[start : start + page_size]
             next_link = None
             if start + page_size < len(keyed):
-                token = _b64url_encode(json.dumps({"NextMarker": page[-1][0]}).encode())
+                token = b64url_encode(json.dumps({"NextMarker": page[-1][0]}).encode())
                 params = {"api-version": api_version, "$skiptoken": token}
                 if "maxresults" in query:
                     params["maxresults"] = str(page_size)
@@ -439,22 +441,24 @@ class KeyVaultService(Service):
         state = self.store.export(name)
         nonce = secrets.token_bytes(12)
         sealed = self._backup_key.encrypt(nonce, json.dumps(state).encode("utf-8"), self._BACKUP_AAD)
-        return _b64url_encode(nonce + sealed)
+        return b64url_encode(nonce + sealed)
 
-    def _restore(self, payload: dict[str, Any]) -> _Secret:
+    def _restore(self, payload: dict[str, Any]) -> StoredSecret:
         blob = payload.get("value")
         if not isinstance(blob, str) or not blob:
-            raise _bad(MSG_VALUE_REQUIRED if blob is None else MSG_PROPERTY_INVALID.format(name="value"))
+            raise bad_parameter(
+                MSG_VALUE_REQUIRED if blob is None else MSG_PROPERTY_INVALID.format(name="value")
+            )
         try:
-            raw = _b64url_decode(blob)
+            raw = b64url_decode(blob)
             state = json.loads(self._backup_key.decrypt(raw[:12], raw[12:], self._BACKUP_AAD))
-            secret = _Secret(str(state["name"]))
+            secret = StoredSecret(str(state["name"]))
             for fields in state["versions"]:
                 if fields.get("tags") is not None:
                     fields["tags"] = dict(fields["tags"])
                 secret.add(SecretVersion(**fields))
         except (ValueError, KeyError, TypeError, InvalidTag, binascii.Error):
-            raise _bad(MSG_BAD_BACKUP) from None
+            raise bad_parameter(MSG_BAD_BACKUP) from None
         if not secret.versions:
-            raise _bad(MSG_BAD_BACKUP)
+            raise bad_parameter(MSG_BAD_BACKUP)
         return self.store.restore(secret)

@@ -35,7 +35,6 @@ import asyncio
 import base64
 import collections
 import dataclasses
-import hashlib
 import json
 import re
 import secrets
@@ -49,6 +48,22 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import _oai_shapes as shapes
+from ._chat_shapes import (
+    chat_completion,
+    chat_stream_events,
+    chat_usage,
+    count_tokens,
+    reply_pieces,
+    split_json,
+    sse,
+    text_of,
+)
+from ._chat_shapes import (
+    embedding_for as embedding_for,
+)
+from ._chat_shapes import (
+    reply_for as reply_for,
+)
 from ._faults import Faults, take_matching
 from ._server import Service, json_response
 from .responses import ResponsesApi, ResponsesError, sse_event
@@ -58,7 +73,6 @@ CHAT_DEPLOYMENTS: dict[str, str] = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
 EMBEDDING_DEPLOYMENTS: dict[str, int] = {"text-embedding-3-small": 1536}
 """Embedding deployments: deployment name -> default vector dimensions."""
 MAX_BODY_BYTES = 4 * 1024 * 1024
-SYSTEM_FINGERPRINT = "fp_apimvault"
 
 # Azure OpenAI behind APIM, "Errors" (an azure-sdk-for-js recording).
 INVALID_KEY_MESSAGE = (
@@ -75,26 +89,6 @@ BAD_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
     "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
 )
-
-_FILTER_OK = {"filtered": False, "severity": "safe"}
-_CONTENT_FILTER_RESULTS = {
-    "hate": _FILTER_OK,
-    "self_harm": _FILTER_OK,
-    "sexual": _FILTER_OK,
-    "violence": _FILTER_OK,
-}
-_DETECTED_NOT = {"filtered": False, "detected": False}
-# The v1 spec's AzureContentFilterResultForPrompt requires "jailbreak" and "indirect_attack" (Prompt Shields).
-_PROMPT_FILTER_RESULTS = [
-    {
-        "prompt_index": 0,
-        "content_filter_results": {
-            **_CONTENT_FILTER_RESULTS,
-            "jailbreak": _DETECTED_NOT,
-            "indirect_attack": _DETECTED_NOT,
-        },
-    }
-]
 
 _DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)/?$")
 
@@ -119,25 +113,6 @@ def api_version_supported(version: str, *, responses: bool = False) -> bool:
     if responses:
         return version == "preview" or bool(match and "2025-03-01" <= match.group(1) <= today)
     return version in STABLE_API_VERSIONS or bool(match and "2022-03-01" <= match.group(1) <= today)
-
-
-def reply_for(text: str) -> str:
-    """The deterministic assistant reply for a last user message ``text``."""
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    return f"apimvault local reply to {digest}."
-
-
-def _reply_pieces(text: str) -> list[str]:
-    words = reply_for(text).split(" ")
-    return [words[0]] + [" " + w for w in words[1:]]
-
-
-def embedding_for(item: str, dimensions: int) -> list[float]:
-    """The deterministic unit vector for one embeddings input item."""
-    raw = hashlib.shake_256(item.encode("utf-8")).digest(2 * dimensions)
-    values = [(v - 32768) / 32768.0 for v in struct.unpack(f"<{dimensions}H", raw)]
-    norm = sum(v * v for v in values) ** 0.5 or 1.0
-    return [round(v / norm, 7) for v in values]
 
 
 # --------------------------------------------------------------------------------------------- faults
@@ -272,23 +247,6 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _sse(event: dict[str, Any] | str) -> bytes:
-    data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-def _count_tokens(text: str) -> int:
-    return max(1, len(text.split()))
 
 
 # -------------------------------------------------------------------------------------------- service
@@ -488,7 +446,7 @@ class OpenAIBackend(Service):
         tokens = 0
         for index, item in enumerate(items):
             text = item if isinstance(item, str) else json.dumps(item)
-            tokens += _count_tokens(text)
+            tokens += count_tokens(text)
             vector = embedding_for(text, dims)
             embedding: list[float] | str = (
                 vector if fmt == "float" else base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
@@ -536,205 +494,30 @@ class OpenAIBackend(Service):
         problem = self._deployment_problem(deployment, "chatCompletion")
         if problem is not None:
             return problem
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _HttpError(
-                invalid_request("'messages' is a required property and must be a non-empty array", "messages")
-            )
-        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise _HttpError(invalid_request("Each message must be an object with a 'role'.", "messages"))
+        messages = _chat_messages(body)
         users = [m for m in messages if m.get("role") == "user"]
-        last = _text_of((users or messages)[-1].get("content"))
-        prompt_tokens = sum(_count_tokens(_text_of(m.get("content"))) for m in messages)
-        tools = shapes.function_tools(body.get("tools"))
-        choice = body.get("tool_choice")
-        if choice is not None and choice != "none" and not tools:
-            # OpenAI's message for tool_choice without tools (Azure OpenAI relays it).
-            raise _HttpError(
-                invalid_request(
-                    "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
-                    "specified.",
-                    "tool_choice",
-                )
-            )
-        if isinstance(choice, dict):
-            wanted = (
-                (choice.get("function") or {}).get("name")
-                if isinstance(choice.get("function"), dict)
-                else None
-            )
-            if not any(t["name"] == wanted for t in tools):
-                raise _HttpError(
-                    invalid_request(
-                        f"Invalid value for 'tool_choice': no function named '{wanted}' was specified in "
-                        "the 'tools' parameter.",  # (inference: OpenAI's wording is not on record)
-                        "tool_choice",
-                    )
-                )
+        last = text_of((users or messages)[-1].get("content"))
+        prompt_tokens = sum(count_tokens(text_of(m.get("content"))) for m in messages)
+        tools = _chat_tools(body)
         has_result = any(m.get("role") == "tool" for m in messages)
-        try:
-            chosen = shapes.chosen_tools(tools, choice, body.get("parallel_tool_calls"), has_result)
-            calls: list[dict[str, Any]] = [
-                {
-                    "id": shapes.call_id("call_", last, tool["name"], index),
-                    "type": "function",
-                    "function": {"name": tool["name"], "arguments": shapes.arguments_for(tool, last)},
-                }
-                for index, tool in enumerate(chosen)
-            ]
-            structured = None if calls else shapes.structured_content(body.get("response_format"), last)
-        except shapes.SchemaError as exc:
-            raise _HttpError(invalid_request(f"Invalid schema: {exc}", "response_format")) from None
-        finish = "tool_calls" if calls else "stop"
+        calls, pieces, finish = _chat_answer(body, tools, last, has_result)
         if calls:
-            pieces: list[str] = []
-            completion_tokens = sum(_count_tokens(str(c["function"]["arguments"])) for c in calls)
+            completion_tokens = sum(count_tokens(str(c["function"]["arguments"])) for c in calls)
         else:
-            pieces = _split_json(structured) if structured is not None else _reply_pieces(last)
-            limit = body.get("max_completion_tokens", body.get("max_tokens"))
-            if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(pieces):
-                pieces, finish = pieces[:limit], "length"
             completion_tokens = len(pieces)
         model = CHAT_DEPLOYMENTS[deployment]
         ident = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
-        usage = {
-            "completion_tokens": completion_tokens,
-            "prompt_tokens": prompt_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "completion_tokens_details": {
-                "accepted_prediction_tokens": 0,
-                "audio_tokens": 0,
-                "reasoning_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-            "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
-        }
+        usage = chat_usage(prompt_tokens, completion_tokens)
         if body.get("stream") is True:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            await self._stream(
-                send,
-                operation,
-                ident,
-                created,
-                model,
-                pieces,
-                calls,
-                finish,
-                usage if include_usage else None,
+            events = chat_stream_events(
+                ident, created, model, pieces, calls, finish, usage if include_usage else None
             )
+            await self._send_stream(send, operation, ident, [sse(e) for e in events])
             return None
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": None if calls else "".join(pieces),
-            "refusal": None,
-            "annotations": [],
-        }
-        if calls:
-            message["tool_calls"] = calls
-        return json_response(
-            {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "prompt_filter_results": _PROMPT_FILTER_RESULTS,
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": finish,
-                        "logprobs": None,
-                        "message": message,
-                        "content_filter_results": _CONTENT_FILTER_RESULTS,
-                    }
-                ],
-                "usage": usage,
-            }
-        )
-
-    async def _stream(
-        self,
-        send: Send,
-        operation: str,
-        ident: str,
-        created: int,
-        model: str,
-        pieces: list[str],
-        calls: list[dict[str, Any]],
-        finish: str,
-        usage: dict[str, Any] | None,
-    ) -> None:
-        def chunk(
-            delta: dict[str, Any], finish_reason: str | None, filters: dict[str, Any]
-        ) -> dict[str, Any]:
-            return {
-                "choices": [
-                    {
-                        "content_filter_results": filters,
-                        "delta": delta,
-                        "finish_reason": finish_reason,
-                        "index": 0,
-                        "logprobs": None,
-                    }
-                ],
-                "created": created,
-                "id": ident,
-                "model": model,
-                "object": "chat.completion.chunk",
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-            }
-
-        body: list[dict[str, Any]] = []
-        if calls:
-            # As OpenAI streams tool calls: a delta with the call's index, id, type and name (arguments ""),
-            # then argument fragments carrying only the index.
-            for index, call in enumerate(calls):
-                head = {
-                    "index": index,
-                    "id": call["id"],
-                    "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""},
-                }
-                delta: dict[str, Any] = {"tool_calls": [head]}
-                if index == 0:
-                    delta = {"content": None, "refusal": None, "role": "assistant", "tool_calls": [head]}
-                body.append(chunk(delta, None, {}))
-                args = call["function"]["arguments"]
-                step = max(1, len(args) // 4)
-                for at in range(0, len(args), step):
-                    fragment = {"index": index, "function": {"arguments": args[at : at + step]}}
-                    body.append(chunk({"tool_calls": [fragment]}, None, {}))
-        else:
-            body.append(chunk({"content": "", "refusal": None, "role": "assistant"}, None, {}))
-            body.extend(chunk({"content": p}, None, _CONTENT_FILTER_RESULTS) for p in pieces)
-        events: list[dict[str, Any] | str] = [
-            {
-                "choices": [],
-                "created": 0,
-                "id": "",
-                "model": "",
-                "object": "",
-                "prompt_filter_results": _PROMPT_FILTER_RESULTS,
-            },
-            *body,
-            chunk({}, finish, {}),
-        ]
-        if usage is not None:
-            events.append(
-                {
-                    "choices": [],
-                    "created": created,
-                    "id": ident,
-                    "model": model,
-                    "object": "chat.completion.chunk",
-                    "system_fingerprint": SYSTEM_FINGERPRINT,
-                    "usage": usage,
-                }
-            )
-        events.append("[DONE]")
-        await self._send_stream(send, operation, ident, [_sse(e) for e in events])
+        return json_response(chat_completion(ident, created, model, pieces, calls, finish, usage))
 
     async def _send_stream(self, send: Send, operation: str, ident: str, frames: list[bytes]) -> None:
         faults = self.faults.take_stream(operation)
@@ -764,7 +547,67 @@ class OpenAIBackend(Service):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _split_json(text: str) -> list[str]:
-    """A JSON answer in a few stream pieces (joined, they are the text again)."""
-    step = max(1, len(text) // 6)
-    return [text[i : i + step] for i in range(0, len(text), step)]
+def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's ``messages``, checked as Azure OpenAI checks them."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _HttpError(
+            invalid_request("'messages' is a required property and must be a non-empty array", "messages")
+        )
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise _HttpError(invalid_request("Each message must be an object with a 'role'.", "messages"))
+    return messages
+
+
+def _chat_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's function tools, with ``tool_choice`` checked against them."""
+    tools = shapes.function_tools(body.get("tools"))
+    choice = body.get("tool_choice")
+    if choice is not None and choice != "none" and not tools:
+        # OpenAI's message for tool_choice without tools (Azure OpenAI relays it).
+        raise _HttpError(
+            invalid_request(
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                "tool_choice",
+            )
+        )
+    if isinstance(choice, dict):
+        wanted = (
+            (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        )
+        if not any(t["name"] == wanted for t in tools):
+            raise _HttpError(
+                invalid_request(
+                    f"Invalid value for 'tool_choice': no function named '{wanted}' was specified in "
+                    "the 'tools' parameter.",  # (inference: OpenAI's wording is not on record)
+                    "tool_choice",
+                )
+            )
+    return tools
+
+
+def _chat_answer(
+    body: dict[str, Any], tools: list[dict[str, Any]], last: str, has_result: bool
+) -> tuple[list[dict[str, Any]], list[str], str]:
+    """``(tool calls, content pieces, finish reason)``: the deterministic answer to a chat request."""
+    try:
+        choice, parallel = body.get("tool_choice"), body.get("parallel_tool_calls")
+        chosen = shapes.chosen_tools(tools, choice, parallel, has_result)
+        calls: list[dict[str, Any]] = [
+            {
+                "id": shapes.call_id("call_", last, tool["name"], index),
+                "type": "function",
+                "function": {"name": tool["name"], "arguments": shapes.arguments_for(tool, last)},
+            }
+            for index, tool in enumerate(chosen)
+        ]
+        structured = None if calls else shapes.structured_content(body.get("response_format"), last)
+    except shapes.SchemaError as exc:
+        raise _HttpError(invalid_request(f"Invalid schema: {exc}", "response_format")) from None
+    if calls:
+        return calls, [], "tool_calls"
+    pieces = split_json(structured) if structured is not None else reply_pieces(last)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(pieces):
+        return calls, pieces[:limit], "length"
+    return calls, pieces, "stop"

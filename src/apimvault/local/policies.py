@@ -48,7 +48,7 @@ from typing import Any
 import jwt
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope
 
 from ._faults import Counters
 from ._server import json_response
@@ -405,29 +405,6 @@ class PolicyEngine:
             if not set(policy.required_roles) & set(roles):
                 return f"Claim roles value of {', '.join(map(str, roles))} is not allowed. Access denied."
         return None
-
-
-async def forward_without_key(gateway: Any, scope: Scope, receive: Receive, send: Send) -> bool:
-    """For an API with ``subscription_required=False``: apply its policies to a request that carries no
-    key and forward it as the gateway forwards keyed ones. Returns False when the API requires a key."""
-    api = gateway.api_id
-    if gateway.policies.get(api).subscription_required:
-        return False
-    _, headers, query = gateway._extract(scope)
-    refused, receive = await gateway.policies.inbound(api, "", scope, receive)
-    if refused is not None:
-        await refused(scope, receive, send)
-        return True
-    headers.append((b"host", f"127.0.0.1:{gateway.backend.port}".encode()))
-    headers.append((b"api-key", gateway.backend.api_key.encode()))
-    forwarded = {
-        **scope,
-        "headers": headers,
-        "query_string": query,
-        "server": ("127.0.0.1", gateway.backend.port),
-    }
-    await gateway._backend_app(forwarded, receive, send)
-    return True
 
 
 async def _buffer(receive: Receive) -> tuple[bytes, Receive]:

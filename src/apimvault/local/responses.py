@@ -24,6 +24,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import _oai_shapes as shapes
+from ._chat_shapes import count_tokens as _count
+from ._chat_shapes import text_of as _text_of
+from ._chat_shapes import word_pieces as _words
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -37,29 +40,12 @@ class ResponsesError(ValueError):
         self.param = param
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
 def _input_items(raw: Any) -> list[dict[str, Any]]:
     if isinstance(raw, str):
         return [{"type": "message", "role": "user", "content": raw}]
     if isinstance(raw, list) and all(isinstance(i, dict) for i in raw):
         return list(raw)
     raise ResponsesError("Invalid type for 'input': expected a string or an array of input items.", "input")
-
-
-def _count(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def _words(text: str) -> list[str]:
-    words = text.split(" ")
-    return [words[0]] + [" " + w for w in words[1:]]
 
 
 class ResponsesApi:
@@ -90,34 +76,7 @@ class ResponsesApi:
         last = _text_of(users[-1].get("content")) if users else ""
         has_result = any(i.get("type") == "function_call_output" for i in items)
         chosen = shapes.chosen_tools(tools, choice, body.get("parallel_tool_calls"), has_result)
-        seed = last
-        output: list[dict[str, Any]] = []
-        if chosen:
-            for index, tool in enumerate(chosen):
-                output.append(
-                    {
-                        "type": "function_call",
-                        "id": "fc_" + shapes.call_id("", seed, tool["name"], index),
-                        "call_id": shapes.call_id("call_", seed, tool["name"], index),
-                        "name": tool["name"],
-                        "arguments": shapes.arguments_for(tool, seed),
-                        "status": "completed",
-                    }
-                )
-        else:
-            text_cfg = body.get("text")
-            fmt = text_cfg.get("format") if isinstance(text_cfg, dict) else None
-            structured = shapes.structured_content(fmt, seed)
-            text = structured if structured is not None else self._reply_for(last)
-            output.append(
-                {
-                    "type": "message",
-                    "id": "msg_" + secrets.token_hex(12),
-                    "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-                }
-            )
+        output = self._output(body, chosen, last)
         input_tokens = sum(_count(_text_of(i.get("content", i.get("output", "")))) for i in items)
         if isinstance(instructions, str):
             input_tokens += _count(instructions)
@@ -159,6 +118,39 @@ class ResponsesApi:
             "metadata": body.get("metadata") or {},
         }
         return response
+
+    def _output(self, body: dict[str, Any], chosen: list[dict[str, Any]], last: str) -> list[dict[str, Any]]:
+        """The output items: a ``function_call`` per chosen tool, else one assistant message (structured
+        JSON for ``text.format``, else the reply for the last user text)."""
+        seed = last
+        output: list[dict[str, Any]] = []
+        if chosen:
+            for index, tool in enumerate(chosen):
+                output.append(
+                    {
+                        "type": "function_call",
+                        "id": "fc_" + shapes.call_id("", seed, tool["name"], index),
+                        "call_id": shapes.call_id("call_", seed, tool["name"], index),
+                        "name": tool["name"],
+                        "arguments": shapes.arguments_for(tool, seed),
+                        "status": "completed",
+                    }
+                )
+        else:
+            text_cfg = body.get("text")
+            fmt = text_cfg.get("format") if isinstance(text_cfg, dict) else None
+            structured = shapes.structured_content(fmt, seed)
+            text = structured if structured is not None else self._reply_for(last)
+            output.append(
+                {
+                    "type": "message",
+                    "id": "msg_" + secrets.token_hex(12),
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+                }
+            )
+        return output
 
     @staticmethod
     def events(response: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from ..rotation import ApimSubscriptionRef
 from ._env import temporary_environ
 from ._server import ServerThread, Service
 from ._tls import LocalCA
@@ -30,6 +29,7 @@ from .apim import (
     Routing,
     normalize_operations,
     normalize_suffix,
+    subscription_resource_id,
 )
 from .identity import IdentityService, write_az_stub
 from .keyvault import ROLE_OFFICER, ROLE_USER, KeyVaultService
@@ -152,21 +152,8 @@ class LocalAzure:
         roles_file: str | Path | None = None,
     ) -> None:
         # Settings checked before any port is bound or directory made.
-        if rotate_as not in ("officer", "rotator"):
-            raise ValueError(f"rotate_as must be 'officer' or 'rotator', not {rotate_as!r}")
-        if gateway_routing not in ("balanced", "per-unit"):
-            raise ValueError(f"gateway_routing must be 'balanced' or 'per-unit', not {gateway_routing!r}")
-        if gateway_balance not in ("round-robin", "random"):
-            raise ValueError(f"gateway_balance must be 'round-robin' or 'random', not {gateway_balance!r}")
-        api_suffix = normalize_suffix(api_suffix)
-        api_operations = normalize_operations(api_operations)
-        units: Sequence[str]
-        if isinstance(gateway_units, int):
-            if isinstance(gateway_units, bool) or not 1 <= gateway_units <= 64:
-                raise ValueError(f"gateway_units must be 1 to 64 units or their names, not {gateway_units}")
-            units = tuple(f"unit{i}" for i in range(1, gateway_units + 1))
-        else:
-            units = gateway_units
+        units = _checked_settings(rotate_as, gateway_routing, gateway_balance, gateway_units)
+        api_suffix, api_operations = normalize_suffix(api_suffix), normalize_operations(api_operations)
         self.rotate_as: RotateAs = rotate_as
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
@@ -254,9 +241,7 @@ class LocalAzure:
     @property
     def apim_subscription_id(self) -> str:
         """The ARM resource id of the seeded APIM subscription."""
-        return ApimSubscriptionRef(
-            ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION
-        ).resource_id
+        return subscription_resource_id(ARM_SUBSCRIPTION, RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION)
 
     def seed(self) -> None:
         sub = self.apim_state.create_subscription(
@@ -453,3 +438,20 @@ class LocalAzure:
         if not (target / "az").exists():
             write_az_stub(target, self.identity, subscription=ARM_SUBSCRIPTION, ca_path=self.ca_path)
         return target
+
+
+def _checked_settings(
+    rotate_as: str, gateway_routing: str, gateway_balance: str, gateway_units: int | Sequence[str]
+) -> Sequence[str]:
+    """ValueError for a bad setting of :class:`LocalAzure`; else the gateway units' names."""
+    if rotate_as not in ("officer", "rotator"):
+        raise ValueError(f"rotate_as must be 'officer' or 'rotator', not {rotate_as!r}")
+    if gateway_routing not in ("balanced", "per-unit"):
+        raise ValueError(f"gateway_routing must be 'balanced' or 'per-unit', not {gateway_routing!r}")
+    if gateway_balance not in ("round-robin", "random"):
+        raise ValueError(f"gateway_balance must be 'round-robin' or 'random', not {gateway_balance!r}")
+    if not isinstance(gateway_units, int):
+        return gateway_units
+    if isinstance(gateway_units, bool) or not 1 <= gateway_units <= 64:
+        raise ValueError(f"gateway_units must be 1 to 64 units or their names, not {gateway_units}")
+    return tuple(f"unit{i}" for i in range(1, gateway_units + 1))

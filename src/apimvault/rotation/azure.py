@@ -115,7 +115,7 @@ def bounded_credential(**kwargs: Any) -> Any:
     timeouts, few retries) instead of azure-core's 300 s read timeout and up to 10 retries."""
     from azure.identity import DefaultAzureCredential
 
-    from .._base import DEFAULT_CREDENTIAL_KWARGS
+    from .._settings import DEFAULT_CREDENTIAL_KWARGS
 
     return DefaultAzureCredential(**{**DEFAULT_CREDENTIAL_KWARGS, **kwargs})
 
@@ -126,7 +126,7 @@ class Session:
     def __init__(self, vault_url: str, arm_endpoint: str, credential: TokenCredential | None) -> None:
         from azure.keyvault.secrets import SecretClient
 
-        from .._base import DEFAULT_CLIENT_KWARGS
+        from .._settings import DEFAULT_CLIENT_KWARGS
 
         self._owned: list[Any] = []
         if credential is None:

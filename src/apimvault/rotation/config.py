@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import _settings
 from ..exceptions import ConfigurationError
 
 __all__ = [
@@ -38,7 +39,7 @@ ENV_APIM_SUBSCRIPTION_ID = "APIMVAULT_APIM_SUBSCRIPTION_ID"
 ENV_GATEWAY_URLS = "APIMVAULT_GATEWAY_URLS"
 ENV_OPENAI_ENDPOINT = "AZURE_OPENAI_ENDPOINT"
 ENV_PROPAGATION_TIMEOUT = "APIMVAULT_PROPAGATION_TIMEOUT"
-ENV_VAULT_URL = "AZURE_KEYVAULT_URL"
+ENV_VAULT_URL = _settings.ENV_VAULT_URL
 DEFAULT_PROPAGATION_TIMEOUT = 600.0
 """Seconds to wait for the gateways to accept a regenerated key. One default for the CLI, the library and
 the rotation function (which used 180 s before): Microsoft Q&A question 5922487 reports up to 10 minutes
@@ -114,7 +115,7 @@ def _gateway_urls(value: Sequence[str] | str, name: str) -> tuple[str, ...]:
 
 
 def _header(value: str, name: str) -> str:
-    from .._base import check_header_name
+    from .._settings import check_header_name
 
     try:
         return check_header_name(value.strip())
@@ -235,7 +236,7 @@ class RotationConfig:
         ``APIMVAULT_APIM_SUBSCRIPTION_ID`` unread (the library's functions take the subscription from their
         argument or the secret's tag only).
         """
-        from .._base import DEFAULT_HEADER, ENV_HEADER
+        from .._settings import DEFAULT_HEADER, ENV_HEADER
 
         env = os.environ if environ is None else environ
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}

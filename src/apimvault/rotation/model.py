@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._key import fingerprint
+from .._settings import EVENT_EXPIRED, EVENT_NEAR_EXPIRY
 from ..exceptions import RotationError
 from .config import DEFAULT_PROPAGATION_TIMEOUT
 
@@ -23,8 +24,8 @@ ROTATOR_ACTIONS = (
     "Microsoft.ApiManagement/service/subscriptions/read, .../listSecrets/action, "
     ".../regeneratePrimaryKey/action and .../regenerateSecondaryKey/action"
 )
-NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
-EXPIRED = "Microsoft.KeyVault.SecretExpired"
+NEAR_EXPIRY = EVENT_NEAR_EXPIRY
+EXPIRED = EVENT_EXPIRED
 # Rotating on SecretNewVersionCreated would rotate again on the version the rotation itself wrote.
 ROTATING_EVENTS = frozenset({NEAR_EXPIRY, EXPIRED})
 SLOTS = ("primary", "secondary")

@@ -102,8 +102,8 @@ class GatewayProbe:
 
         import httpx2
 
-        from .._base import DEFAULT_HEADER, ENV_HEADER, check_header_name
         from .._entra import BearerTokenSource
+        from .._settings import DEFAULT_HEADER, ENV_HEADER, check_header_name
 
         self.urls = tuple(urls)
         self.header_name = check_header_name(
