@@ -200,10 +200,10 @@ class RotationConfig:
                 raise ConfigurationError(f"{names['apim_subscription_id']}: {exc}") from None
         scope = values.get("token_scope")
         if scope is not None:
-            from .._entra import _check_scope
+            from .._entra import check_scope
 
             try:
-                set_(self, "token_scope", _check_scope(scope))
+                set_(self, "token_scope", check_scope(scope))
             except ConfigurationError as exc:
                 raise ConfigurationError(f"{names['token_scope']}: {exc}") from None
         vault = values.get("vault_url")

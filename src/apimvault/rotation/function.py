@@ -48,6 +48,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._settings import EVENT_NEAR_EXPIRY
 from ..exceptions import ApimVaultError, ConfigurationError, RotationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,7 +80,7 @@ __all__ = [
 
 log = logging.getLogger("apimvault.rotation_function")
 
-SECRET_NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"  # noqa: S105 (an event type, not a password)
+SECRET_NEAR_EXPIRY = EVENT_NEAR_EXPIRY  # the name this module has always exported
 HANDLED_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY})
 """The Event Grid subscription (infra/modules/rotation.bicep) delivers only these."""
 LEASE_CONTAINER = "apimvault-rotation-leases"
@@ -561,6 +562,11 @@ def handle_event(
             exc,
         )
         raise
+    _log_outcome(result, event_id, secret, version)
+    return result
+
+
+def _log_outcome(result: RotationResultLike, event_id: str, secret: str, version: str) -> None:
     if result.skipped:
         log.info(
             "rotation skipped: event=%s secret=%s version=%s is no longer the latest (credential_id=%s)",
@@ -578,4 +584,3 @@ def handle_event(
             result.new_version,
             result.credential_id,
         )
-    return result

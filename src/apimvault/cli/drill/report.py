@@ -226,8 +226,14 @@ class DrillReport(DrillState):
 
 
 def print_report(out: Output, report: dict[str, Any]) -> None:
-    lat = report["latency_ms"]
+    """The report as text: the set-up the drill ran (identity, roles, delivery, gateway, traffic), then what
+    happened (requests, rotations, revocation, latency) and the verdict."""
     out.line("")
+    _print_setup(out, report)
+    _print_outcome(out, report)
+
+
+def _print_setup(out: Output, report: dict[str, Any]) -> None:
     out.line(f"target            {report['target']}")
     rotator = report["rotator"] or {}
     out.line(f"rotator           {rotator.get('identity', '?')}")
@@ -273,6 +279,10 @@ def print_report(out: Output, report: dict[str, Any]) -> None:
         f"asyncio tasks over {report['clients']} clients, {report['duration_s']:g}s "
         f"(ran {report['elapsed_s']:.1f}s, until every client held the last version)"
     )
+
+
+def _print_outcome(out: Output, report: dict[str, Any]) -> None:
+    lat = report["latency_ms"]
     out.line(
         f"requests          {report['requests']} ({report['streaming_requests']} streaming), "
         f"{report['requests_per_s']:.0f}/s"
