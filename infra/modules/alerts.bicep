@@ -282,7 +282,7 @@ resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
 //    expires_on, reported only from 7 days before it; attribute apimvault.secret = <vault URL>/secrets/<name>)
 //    as the Azure Monitor exporter stores it in the workspace's AppMetrics table (Name, Min, Properties),
 //    within the last hour, so a key rotated since then no longer counts. Needs clients that export their
-//    metrics to this Application Insights component (README "Telemetry").
+//    metrics to this Application Insights component (README "Observability").
 // Both legs yield daysToExpiry as a real number (union keeps one column only when the types agree).
 // Sample rows and tests: tests/infra/data/, tests/infra/test_alert_queries.py.
 var expiryQueryTemplate = '''
