@@ -43,6 +43,7 @@ def test_healthy(azure: LocalAzure) -> None:
     latest = azure.keyvault.latest(app.name)
     assert secret["version"] == latest.version and secret["credential_id"] == "primary"
     assert len(secret["fingerprint"]) == 8 and secret["age_s"] is not None
+    assert doc["warnings"] == [] and "WARN" not in human
     assert "OK: the whole path works" in human
     assert "ManagedIdentityCredential" in human and azure.default_identity.object_id in human
 
@@ -64,6 +65,27 @@ def test_the_credential_used_is_named_without_azure_identitys_log(azure: LocalAz
             assert credential_used(object(), scope, []) == "unknown"
         finally:
             credential.close()
+
+
+@pytest.mark.parametrize("days", [3, 8], ids=["3-days-warns", "8-days-quiet"])
+def test_key_expiring_within_7_days_warns(azure: LocalAzure, days: int) -> None:
+    """Issue 19.7: the vault serves a key that expires within 7 days: a WARN line and ``warnings`` in
+    ``--json``, while the path still works (exit 0, as the other warnings)."""
+    app = new_rotating_app(azure, expires=int(time.time()) + days * 86400)
+    code, doc, human = _check(app)
+    assert code == 0 and doc["ok"] is True
+    assert doc["secret"]["expires_on"] is not None
+    if days > 7:
+        assert doc["warnings"] == []
+        assert "WARN" not in human
+        return
+    [warning] = doc["warnings"]
+    assert warning["step"] == "secret" and warning["code"] == "expires_soon"
+    assert warning["expires_on"] == doc["secret"]["expires_on"]
+    assert 2 * 86400 < warning["expires_in_s"] <= 3 * 86400
+    lines = [line for line in human.splitlines() if line.startswith("WARN")]
+    assert len(lines) == 1 and "expires in 3.0 days" in lines[0] and "apimvault rotate" in lines[0], lines
+    assert "OK: the whole path works" in human
 
 
 def test_no_role_names_the_role_and_scope(azure: LocalAzure) -> None:

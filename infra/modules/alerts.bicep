@@ -17,6 +17,8 @@
 //     stored a key the gateway does not accept (or of clients holding a revoked key).
 //  6. A rotation event landed in the poison queue (its run failed host.json's maxDequeueCount times): a
 //     scheduled query on the storage account's queue logs. Stays fired until closed.
+//  7. The key expires within 7 days (sev 1), then within 1 day (sev 0): the overdue alert (4, sev 2) escalated.
+//     One query template, one rule per entry of expiryAlertThresholds (a loop).
 
 param location string
 param tags object = {}
@@ -236,7 +238,9 @@ resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   properties: {
     displayName: 'apimvault: APIM key near expiry and not rotated'
     description: 'Key Vault announced SecretNearExpiry for the APIM key more than ${rotationOverdueHours} hours ago and no new version was written. Clients keep working until the expiry (daysToExpiry in the result); rotate now with apimvault rotate and find out why the function did not.'
-    severity: 1
+    // The first of three escalating alerts: this one about 29 days before the expiry, then 7 days (sev 1)
+    // and 1 day (sev 0) before it (expiringAlerts below).
+    severity: 2
     enabled: true
     scopes: [
       logAnalyticsWorkspaceId
@@ -265,6 +269,105 @@ resource rotationOverdue 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
     }
   }
 }
+
+// The overdue alert (above) escalated: the key expires within `days` days and is still the one in use. A log
+// alert scans at most the last two days whatever its query says (Learn, "Create a log search alert rule":
+// "the alert time range is limited to a maximum of two days"), and Key Vault logs SecretNearExpiry 30 days
+// before the expiry (whether it repeats is undocumented, azure-docs#56992), so 7 or 1 day before the expiry
+// that row is usually out of reach. The query therefore reads two sources and fires on either:
+//  - vault: a SecretNearExpiryEventGridNotification for the secret within the window with no successful
+//    SecretSet after it, whose EXP is within `days` (a version written with a short expiry, or a repeated
+//    notification): the same shape and filters as the overdue query;
+//  - clients: the providers' OpenTelemetry gauge apimvault.key.expires_in (seconds until the served key's
+//    expires_on, reported only from 7 days before it; attribute apimvault.secret = <vault URL>/secrets/<name>)
+//    as the Azure Monitor exporter stores it in the workspace's AppMetrics table (Name, Min, Properties),
+//    within the last hour, so a key rotated since then no longer counts. Needs clients that export their
+//    metrics to this Application Insights component (README "Observability").
+// Both legs yield daysToExpiry as a real number (union keeps one column only when the types agree).
+// Sample rows and tests: tests/infra/data/, tests/infra/test_alert_queries.py.
+var expiryQueryTemplate = '''
+let secretName = "{0}";
+let vaultName = "{1}";
+let days = {2};
+let clientWindow = 1h;
+let vaultLogs = AzureDiagnostics
+  | where ResourceProvider == "MICROSOFT.KEYVAULT" and Resource =~ vaultName;
+let lastWrite = toscalar(vaultLogs
+  | where OperationName == "SecretSet" and column_ifexists("httpStatusCode_d", 0.0) == 200
+  | extend idUri = column_ifexists("id_s", ""), requestUri = column_ifexists("requestUri_s", "")
+  | extend objectName = extract(@"/secrets/([^/?]+)", 1, iff(isnotempty(idUri), idUri, requestUri))
+  | where objectName =~ secretName
+  | summarize max(TimeGenerated));
+let announced = vaultLogs
+  | where OperationName == "SecretNearExpiryEventGridNotification"
+  | where column_ifexists("eventGridEventProperties_data_ObjectName_s", "") =~ secretName
+  | extend expSeconds = column_ifexists("eventGridEventProperties_data_EXP_d", 0.0)
+  | summarize notifiedAt = max(TimeGenerated), expiresAt = max(unixtime_seconds_todatetime(expSeconds))
+  | where isnotnull(notifiedAt)
+  | where isnull(lastWrite) or lastWrite < notifiedAt
+  | extend daysToExpiry = (expiresAt - now()) / 1d, source = "vault";
+let reported = AppMetrics
+  | where TimeGenerated > ago(clientWindow) and Name == "apimvault.key.expires_in"
+  | extend secretUri = tostring(Properties["apimvault.secret"])
+  | where extract(@"^https://([^./]+)\.", 1, secretUri) =~ vaultName
+  | where extract(@"/secrets/([^/?]+)", 1, secretUri) =~ secretName
+  | summarize secondsLeft = min(Min)
+  | where isnotnull(secondsLeft)
+  | extend daysToExpiry = secondsLeft / 86400.0, source = "clients";
+union announced, reported
+  | where daysToExpiry <= days
+'''
+
+// The escalating expiry alerts: days before the expiry at which each fires, and its severity (0 is the most
+// severe). The overdue alert (sev 2) comes first, about 29 days before.
+var expiryAlertThresholds = [
+  {
+    days: 7
+    severity: 1
+  }
+  {
+    days: 1
+    severity: 0
+  }
+]
+
+resource expiringAlerts 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = [for threshold in expiryAlertThresholds: {
+  name: 'apimvault-key-expires-within-${threshold.days}d'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'apimvault: APIM key expires within ${threshold.days} day(s)'
+    description: 'The APIM key in use expires within ${threshold.days} day(s) (daysToExpiry and source in the result: vault = Key Vault\'s near-expiry notification with no new version since, clients = the providers\' apimvault.key.expires_in gauge). At the expiry the providers stop serving it and every client fails: rotate now with apimvault rotate, then find out why the rotation did not run (overdue alert, poison queue, function logs).'
+    severity: threshold.severity
+    enabled: true
+    scopes: [
+      logAnalyticsWorkspaceId
+    ]
+    evaluationFrequency: 'PT1H'
+    windowSize: 'P2D'
+    autoMitigate: false
+    // AzureDiagnostics has no Key Vault columns until the vault has logged: validate at run time.
+    skipQueryValidation: true
+    criteria: {
+      allOf: [
+        {
+          query: format(expiryQueryTemplate, secretName, keyVaultName, threshold.days)
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: queryAlertActionGroups
+    }
+  }
+}]
 
 output actionGroupId string = actionGroup.id
 

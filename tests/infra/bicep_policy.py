@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -204,11 +205,23 @@ def inline_json_content(node: Any, base: Path) -> Any:
 
 
 def config_of(res: dict[str, Any]) -> dict[str, Any]:
-    """A resource's body; a conditional resource (``= if (cond) {...}``) is checked as if deployed."""
+    """A resource's body; a conditional resource (``= if (cond) {...}``) is checked as if deployed, and a
+    loop (``= [for x in xs: {...}]``) by its body (``x.field`` left unresolved: see :func:`loop_items`)."""
     config = res.get("config") or {}
-    if set(config) == {"condition", "config"} and isinstance(config["config"], dict):
+    if set(config) in ({"condition", "config"}, {"loop_type", "condition", "config"}) and isinstance(
+        config["config"], dict
+    ):
         config = config["config"]
     return config
+
+
+def loop_items(t: Template, res: dict[str, Any]) -> tuple[str, list[Any]] | None:
+    """``(item name, items)`` of a resource loop over a literal array variable; ``None`` otherwise."""
+    detail = (((res.get("config") or {}).get("loop_type") or {}).get("detail")) or {}
+    items = t.resolve(detail.get("array_name"))
+    if isinstance(detail.get("item_name"), str) and isinstance(items, list):
+        return detail["item_name"], items
+    return None
 
 
 def _props(res: dict[str, Any]) -> dict[str, Any]:
@@ -868,6 +881,8 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
     templates = list(templates)
     found: set[tuple[str, str]] = set()
     overdue = unauthorized = False
+    overdue_severity: Any = None
+    expiring: dict[int, Any] = {}  # days before the expiry -> severity
     for t in templates:
         for symbol, res in t.of_type(METRIC_ALERT):
             where = f"{t.name}:{symbol}"
@@ -902,6 +917,7 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
             text = json.dumps([t.resolve(c.get("query")) for c in criteria if isinstance(c, dict)])
             if "SecretNearExpiryEventGridNotification" in text and "SecretSet" in text:
                 overdue = True
+                overdue_severity = p.get("severity")
                 if p.get("autoMitigate") is not False:
                     problems.append(f"{where}: autoMitigate must be false (the alert stays until closed)")
                 if "ago(overdue)" not in text:
@@ -914,6 +930,12 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
                     )
             if "ApiManagementGatewayLogs" in text and "ResponseCode == 401" in text:
                 unauthorized = True
+            for days, severity in _expiry_thresholds(t, res, criteria):
+                expiring[days] = severity
+                if p.get("autoMitigate") is not False or p.get("skipQueryValidation") is not True:
+                    problems.append(
+                        f"{where}: expiry alerts need autoMitigate false, skipQueryValidation true"
+                    )
             if not _notifies_created_group(t, (p.get("actions") or {}).get("actionGroups"), templates):
                 problems.append(f"{where}: does not notify the action group created with receivers")
     for key, what in REQUIRED_METRIC_ALERTS.items():
@@ -923,7 +945,44 @@ def check_alerts(templates: Iterable[Template]) -> list[str]:
         problems.append("no scheduled query alert for a secret near expiry without a new version")
     if not unauthorized:
         problems.append("no scheduled query alert on the gateway's 401 rate (ApiManagementGatewayLogs)")
+    for days in EXPIRY_ALERT_DAYS:
+        if days not in expiring:
+            problems.append(f"no scheduled query alert {days} day(s) before the key's expiry")
+    # escalating: overdue (about 29 days before), then 7 days, then 1 day; 0 is the most severe
+    ladder = [overdue_severity] + [expiring.get(d) for d in EXPIRY_ALERT_DAYS]
+    if all(isinstance(s, int) for s in ladder) and not all(a > b for a, b in itertools.pairwise(ladder)):
+        problems.append(f"expiry alert severities do not escalate (overdue, 7 days, 1 day): {ladder}")
     return problems
+
+
+EXPIRY_ALERT_DAYS = (7, 1)
+
+
+def _expiry_thresholds(t: Template, res: dict[str, Any], criteria: list[Any]) -> list[tuple[int, Any]]:
+    """(days, severity) of each rule a scheduled-query resource makes whose query is a near-expiry query
+    (the vault's notification and SecretSet rows) filtered on ``daysToExpiry <= days``: a loop over a literal
+    array whose items give ``days`` (the format argument) and ``severity``."""
+    loop = loop_items(t, res)
+    if loop is None:
+        return []
+    item, items = loop
+    found = []
+    for criterion in criteria:
+        fn = ((criterion.get("query") or {}) if isinstance(criterion, dict) else {}).get("function") or {}
+        params = fn.get("parameters") or {}
+        template = t.resolve(params.get("format_string"))
+        if fn.get("type") != "format" or not isinstance(template, str):
+            continue
+        if "SecretNearExpiryEventGridNotification" not in template or "daysToExpiry <= days" not in template:
+            continue
+        for arg in (params[k] for k in sorted(params) if k.startswith("arg_")):
+            if _accessor(arg) == (item, "days"):
+                severity = _accessor(_props(res).get("severity"))
+                for entry in items:
+                    if isinstance(entry, dict) and isinstance(entry.get("days"), int):
+                        value = entry.get("severity") if severity == (item, "severity") else None
+                        found.append((entry["days"], value))
+    return found
 
 
 # ------------------------------------------------------------------------------- APIM logging: key masked

@@ -5,16 +5,19 @@ read, never run. This interprets the subset those queries use, on a list of dict
 ``now`` (no clock):
 
 - statements separated by ``;``: ``let name = <scalar or tabular expression>``, then one tabular expression;
-- a tabular expression: a table name (a given row list) or a ``let``-bound table, then ``| where <expr>``,
+- a tabular expression: a table name (a given row list), a ``let``-bound table or ``union a, b, ...`` (the
+  rows of each in turn; a column a leg lacks reads as null), then ``| where <expr>``,
   ``| extend name = <expr>, ...``, ``| summarize name = agg(<expr>), ...`` (no ``by``; on no rows it yields
-  one row of nulls, as Kusto does) with ``count()``, ``countif(<expr>)``, ``max(<expr>)``;
+  one row of nulls, as Kusto does) with ``count()``, ``countif(<expr>)``, ``max(<expr>)``, ``min(<expr>)``;
 - ``toscalar(<tabular expression>)``: the first column of the first row;
 - scalar expressions: ``and``, ``or``, ``==``, ``!=``, ``=~`` (case-insensitive equals), ``contains``
   (case-insensitive substring), ``<``, ``>``,
   ``<=``, ``>=``, ``+ - * /``, string literals ("..." and verbatim @"..."), numbers, timespans (``26h``,
-  ``15m``, ``2d``), and the functions ``ago``, ``now``, ``extract``, ``iff``, ``isnotempty``, ``isempty``,
-  ``isnull``, ``isnotnull``, ``strcat``, ``unixtime_seconds_todatetime``, ``datetime_diff`` (``"day"``),
-  ``round``, ``tostring``, ``column_ifexists`` (the column where the table has it, else the default).
+  ``15m``, ``2d``; a timespan divided by a timespan is a real number), ``dynamic["key"]`` (a property of a
+  dict value, null when absent), and the functions ``ago``, ``now``, ``extract``, ``iff``, ``isnotempty``,
+  ``isempty``, ``isnull``, ``isnotnull``, ``strcat``, ``unixtime_seconds_todatetime``, ``datetime_diff``
+  (``"day"``), ``round``, ``tostring``, ``column_ifexists`` (the column where the table has it, else the
+  default).
 
 Anything else raises ``KqlUnsupported``: a query that grows past this subset fails its test loudly instead
 of being half-evaluated. A column a row lacks is an error too (``KqlUnknownColumn``), so a misspelt column
@@ -42,11 +45,12 @@ class KqlUnknownColumn(KeyError):
 
 _TOKEN = re.compile(
     r"""\s*(?:
-      (?P<verbatim>@"(?:[^"]|"")*")
+      (?P<comment>//[^\n]*)
+    | (?P<verbatim>@"(?:[^"]|"")*")
     | (?P<string>"(?:[^"\\]|\\.)*")
     | (?P<timespan>\d+(?:\.\d+)?(?:d|h|m|s|ms)\b)
     | (?P<number>\d+(?:\.\d+)?)
-    | (?P<op>==|!=|=~|<=|>=|[|=<>(),;+\-*/])
+    | (?P<op>==|!=|=~|<=|>=|[|=<>(),;+\-*/\[\]])
     | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
     )""",
     re.VERBOSE,
@@ -57,7 +61,6 @@ _UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds", "ms": "mill
 def _tokenize(text: str) -> list[tuple[str, Any]]:
     tokens: list[tuple[str, Any]] = []
     pos = 0
-    text = re.sub(r"//[^\n]*", "", text)
     while pos < len(text):
         if text[pos:].strip() == "":
             break
@@ -67,6 +70,8 @@ def _tokenize(text: str) -> list[tuple[str, Any]]:
         pos = match.end()
         kind = match.lastgroup or ""
         raw = match.group(kind)
+        if kind == "comment":  # a token, so that "//" inside a string literal (a URL) stays in it
+            continue
         if kind == "verbatim":
             tokens.append(("value", raw[2:-1].replace('""', '"')))
         elif kind == "string":
@@ -132,10 +137,13 @@ class _Parser:
 
     def tabular(self) -> list[Row]:
         _, name = self.take()
-        source = self.env.get(name)
-        if not isinstance(source, list):
-            raise KqlUnsupported(f"unknown table {name!r}")
-        rows = [dict(r) for r in source]
+        if name == "union":
+            rows = self.union()
+        else:
+            source = self.env.get(name)
+            if not isinstance(source, list):
+                raise KqlUnsupported(f"unknown table {name!r}")
+            rows = [dict(r) for r in source]
         while self.at("|"):
             self.take("|")
             _, op = self.take()
@@ -156,6 +164,23 @@ class _Parser:
             else:
                 raise KqlUnsupported(f"operator {op!r}")
         return rows
+
+    def union(self) -> list[Row]:
+        """``union a, b, ...`` of table names: every row of each, over the union of their columns."""
+        legs: list[list[Row]] = []
+        while True:
+            _, name = self.take()
+            source = self.env.get(name)
+            if not isinstance(source, list):
+                raise KqlUnsupported(f"union leg {name!r} is not a table name")
+            legs.append(source)
+            if not self.at(","):
+                break
+            self.take(",")
+        columns: list[str] = []
+        for leg in legs:
+            columns += [c for row in leg for c in row if c not in columns]
+        return [{c: row.get(c) for c in columns} for leg in legs for row in leg]
 
     def _assignments(self) -> list[tuple[str, int]]:
         """``name = <expr>, ...``: each name with the token index of its expression (expressions skipped)."""
@@ -205,9 +230,9 @@ class _Parser:
             self.take(")")
             if fn == "countif":
                 out[name] = sum(1 for v in values if v is True)
-            elif fn == "max":
+            elif fn in ("max", "min"):
                 present = [v for v in values if v is not None]
-                out[name] = max(present) if present else None
+                out[name] = (max if fn == "max" else min)(present) if present else None
             else:
                 raise KqlUnsupported(f"aggregation {fn!r}")
         self.i = end
@@ -249,8 +274,17 @@ class _Parser:
             raise KqlUnsupported(f"unexpected {value!r}")
         if self.at("("):
             return self.call(value, row, evaluate)
-        if not evaluate:
-            return None
+        found = self.name(value, row) if evaluate else None
+        if self.at("["):  # a property of a dynamic (dict) value
+            self.take("[")
+            key = self.expr(row, evaluate=evaluate)
+            self.take("]")
+            if not evaluate:
+                return None
+            return found.get(key) if isinstance(found, dict) else None
+        return found
+
+    def name(self, value: str, row: Mapping[str, Any]) -> Any:
         if value in ("true", "false"):
             return value == "true"
         if value in row:

@@ -216,3 +216,96 @@ def test_gateway_401_rate_alert(total: int, unauthorized: int, fires: bool) -> N
     assert bool(result) is fires, result
     if fires:
         assert result[0]["unauthorized"] == unauthorized
+
+
+# ------------------------------------------------------------------------ 7 days and 1 day before expiry
+
+CLIENT_DATA = Path(__file__).resolve().parent / "data" / "appmetrics_expires_in_rows.json"
+CLIENT_SAMPLE = json.loads(CLIENT_DATA.read_text())
+CLIENT_NOW = datetime.fromisoformat(CLIENT_SAMPLE["now"].replace("Z", "+00:00"))
+
+
+def _client_rows(labels: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for row in CLIENT_SAMPLE["rows"]:
+        if row["label"] in labels:
+            row = {k: v for k, v in row.items() if k != "label"}
+            row["TimeGenerated"] = datetime.fromisoformat(row["TimeGenerated"].replace("Z", "+00:00"))
+            rows.append(row)
+    return rows
+
+
+def expiry_query(days: int) -> str:
+    """The query of the expiry rule for ``days``, as the loop in alerts.bicep formats its template."""
+    t = _alerts()
+    assert days in [x["days"] for x in t.variables["expiryAlertThresholds"]["value"]]
+    text: str = t.variables["expiryQueryTemplate"]["value"]
+    for i, value in enumerate([SAMPLE["secret_name"], SAMPLE["vault_name"], days]):
+        text = text.replace("{" + str(i) + "}", str(value))
+    assert "{" not in text, text
+    return text
+
+
+def expiring(days: int, vault: list[str], clients: list[str], now: datetime) -> list[dict[str, Any]]:
+    return run_query(
+        expiry_query(days),
+        {"AzureDiagnostics": _rows(vault), "AppMetrics": _client_rows(clients)},
+        now=now,
+        schemas={"AzureDiagnostics": COLUMNS},
+    )
+
+
+def test_sample_client_rows_name_their_source() -> None:
+    assert "AppMetrics" in CLIENT_SAMPLE["source"] and "CONSTRUCTED" in CLIENT_SAMPLE["source"]
+    labels = [r["label"] for r in CLIENT_SAMPLE["rows"]]
+    assert len(labels) == len(set(labels))
+
+
+@pytest.mark.parametrize(
+    ("vault", "clients", "fires_7d", "fires_1d"),
+    [
+        pytest.param(["n30"], [], False, False, id="vault-30-days-quiet"),
+        pytest.param(["n5"], [], True, False, id="vault-5-days"),
+        pytest.param(["n20h"], [], True, True, id="vault-20-hours"),
+        pytest.param(["n5", "n20h", "s3"], [], False, False, id="vault-new-version-written-quiet"),
+        pytest.param(["n20h", "other-secret", "forbidden", "read"], [], True, True, id="vault-noise"),
+        pytest.param([], ["c3d"], True, False, id="clients-3-days"),
+        pytest.param([], ["c12h"], True, True, id="clients-12-hours"),
+        pytest.param([], ["c-old"], False, False, id="clients-report-older-than-1h-quiet"),
+        pytest.param(
+            [], ["c-other-secret", "c-other-vault", "c-other-metric"], False, False, id="clients-other"
+        ),
+        pytest.param([], [], False, False, id="nothing"),
+    ],
+)
+def test_expiry_alerts_fire_at_7_days_and_1_day(
+    vault: list[str], clients: list[str], fires_7d: bool, fires_1d: bool
+) -> None:
+    now = CLIENT_NOW  # 2026-11-20 12:00, after every sample row
+    for days, fires in ((7, fires_7d), (1, fires_1d)):
+        result = expiring(days, vault, clients, now)
+        assert bool(result) is fires, (days, result)
+        for row in result:
+            assert row["daysToExpiry"] <= days and row["source"] in ("vault", "clients")
+
+
+def test_expiry_alert_rows_say_how_long_and_where_from() -> None:
+    [row] = expiring(7, ["n5"], [], CLIENT_NOW)
+    assert row["source"] == "vault"
+    assert row["expiresAt"] == datetime(2026, 11, 25, tzinfo=UTC)
+    assert row["daysToExpiry"] == pytest.approx(4.5)  # 2026-11-20 12:00 -> 2026-11-25 00:00
+    rows = expiring(7, ["n20h"], ["c3d", "c12h"], CLIENT_NOW)
+    assert sorted(r["source"] for r in rows) == ["clients", "vault"]
+    [client] = [r for r in rows if r["source"] == "clients"]
+    assert client["secondsLeft"] == 43200.0  # the smallest value any client reported
+    assert client["daysToExpiry"] == pytest.approx(0.5)
+
+
+def test_expiry_query_reads_the_documented_columns() -> None:
+    query = expiry_query(7)
+    assert named_columns(query) <= set(COLUMNS)
+    assert named_columns(query) == named_columns(overdue_query())  # the overdue alert's vault filters
+    client_columns = {c for row in CLIENT_SAMPLE["rows"] for c in row if c != "label"}
+    for column in ("TimeGenerated", "Name", "Min", "Properties"):
+        assert column in client_columns and column in query
+    assert 'Properties["apimvault.secret"]' in query and '"apimvault.key.expires_in"' in query

@@ -708,10 +708,37 @@ def test_alerts_page_when_rotation_stops(templates: list[Template]) -> None:
 def test_overdue_rule_without_skip_query_validation_is_refused(templates: list[Template]) -> None:
     alerts = _one(templates, "modules/alerts.bicep")
     text = (INFRA / "modules" / "alerts.bicep").read_text()
-    assert text.count("skipQueryValidation: true") == 2
+    assert text.count("skipQueryValidation: true") == 3
     bad = parse_text(text.replace("skipQueryValidation: true", "skipQueryValidation: false"), alerts.name)
     problems = "\n".join(check_alerts([bad]))
     assert "rotationOverdue: skipQueryValidation is not true" in problems, problems
+    assert "expiringAlerts: expiry alerts need autoMitigate false" in problems, problems
+
+
+def _alerts_text_with(old: str, new: str) -> list[str]:
+    text = (INFRA / "modules" / "alerts.bicep").read_text()
+    assert text.count(old) == 1, old
+    return check_alerts([parse_text(text.replace(old, new), "modules/alerts.bicep")])
+
+
+def test_expiry_alerts_at_7_days_and_1_day_escalate(templates: list[Template]) -> None:
+    """Issue 19.7: besides the overdue alert, alerts 7 days and 1 day before the expiry, one rule per entry
+    of a thresholds array (one query template), severities escalating overdue -> 7 days -> 1 day."""
+    alerts = _one(templates, "modules/alerts.bicep")
+    rules = alerts.resources["expiringAlerts"]
+    assert rules["config"]["loop_type"]["detail"]["array_name"] == "expiryAlertThresholds"
+    thresholds = alerts.variables["expiryAlertThresholds"]["value"]
+    assert [(t["days"], t["severity"]) for t in thresholds] == [(7, 1), (1, 0)]
+    assert alerts.resources["rotationOverdue"]["config"]["properties"]["severity"] == 2
+    assert check_alerts(templates) == []
+    # each planted mistake is caught
+    one_day = "  {\n    days: 1\n    severity: 0\n  }\n"
+    missing = "\n".join(_alerts_text_with(one_day, ""))
+    assert "no scheduled query alert 1 day(s) before the key's expiry" in missing, missing
+    flat = "\n".join(_alerts_text_with("    days: 1\n    severity: 0\n", "    days: 1\n    severity: 1\n"))
+    assert "expiry alert severities do not escalate (overdue, 7 days, 1 day): [2, 1, 1]" in flat, flat
+    unfiltered = "\n".join(_alerts_text_with("  | where daysToExpiry <= days\n", ""))
+    assert "no scheduled query alert 7 day(s) before the key's expiry" in unfiltered, unfiltered
 
 
 def test_token_limit_and_metrics_have_safe_defaults(templates: list[Template]) -> None:

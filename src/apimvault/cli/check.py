@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._redact import watch_value
+from .._settings import EXPIRY_WARNING_WINDOW
 from ..exceptions import (
     AccessDeniedError,
     ConfigurationError,
@@ -93,6 +94,7 @@ class _Check:
         self.out = out
         self.resources = resources  # closed when the run ends, whatever step it stopped at
         self.steps: list[_Step] = []
+        self.warnings: list[dict[str, Any]] = []
         self.report: dict[str, Any] = {}
         self.vault_url = self.secret_name = self.endpoint = self.deployment = ""
         self.credential: Any = None
@@ -106,10 +108,17 @@ class _Check:
         mark = "ok  " if step.ok else "FAIL"
         self.out.line(f"{mark} {step.name:<10} {step.detail}")
 
+    def warn(self, step: str, code: str, message: str, **data: Any) -> None:
+        """A problem that does not break the path yet: a ``WARN`` line, and an entry of ``warnings`` in
+        ``--json``; the exit code stays that of the path (0 when it works), as for the other warnings."""
+        self.warnings.append({"step": step, "code": code, "message": message, **data})
+        self.out.line(f"WARN {step:<10} {message}")
+
     def finish(self, code: int) -> int:
         ok = code == EXIT_OK
         steps = [dataclasses.asdict(s) for s in self.steps]
-        self.out.document({"ok": ok, "exit_code": code, "steps": steps, **self.report})
+        doc = {"ok": ok, "exit_code": code, "steps": steps, "warnings": self.warnings, **self.report}
+        self.out.document(doc)
         if ok:
             self.out.line("OK: the whole path works")
         else:
@@ -321,6 +330,18 @@ def _secret_found(check: _Check, key: Any) -> None:
             secret_info,
         )
     )
+    left = None if key.expires_on is None else key.expires_on - now
+    if left is not None and left <= EXPIRY_WARNING_WINDOW:
+        # The providers stop serving the key at expires_on (an outage): a rotation is stuck or missing.
+        check.warn(
+            "secret",
+            "expires_soon",
+            f"the key expires in {left / 86400:.1f} days ({_iso(key.expires_on)}), under "
+            f"{EXPIRY_WARNING_WINDOW / 86400:.0f} days: clients stop using it then. Rotate now "
+            "(`apimvault rotate`) and find out why the rotation did not run",
+            expires_in_s=round(left, 1),
+            expires_on=_iso(key.expires_on),
+        )
 
 
 def _token_step(check: _Check) -> int | None:
