@@ -204,9 +204,8 @@ class ArmService(Service):
             if request.method != "GET":
                 return _arm_error(405, "MethodNotAllowed", f"The method '{request.method}' is not allowed.")
             subs = self.state.list(arm, rg, svc)
-            return json_response(
-                {"value": [s.contract() for s in subs], "count": len(subs), "nextLink": None}
-            )
+            # One page: no nextLink (the spec types it as a string; ``null`` would not validate).
+            return json_response({"value": [s.contract() for s in subs], "count": len(subs)})
         sub = self.state.find(arm, rg, svc, sid)
         if sub is None:
             return _arm_error(404, "ResourceNotFound", "Subscription not found.")

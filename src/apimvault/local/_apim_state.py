@@ -75,7 +75,9 @@ class Subscription:
         return self.primary_key if which == "primary" else self.secondary_key
 
     def contract(self) -> dict[str, Any]:
-        """The ARM GET shape (``SubscriptionContract``); like real APIM it carries no keys."""
+        """The ARM GET shape (``SubscriptionContract`` of API Management 2024-05-01); like real APIM it
+        carries no keys. Unset dates and comments are left out, as in the spec's examples: the spec types
+        them as strings, so ``null`` would not validate."""
         return {
             "id": self.id,
             "type": "Microsoft.ApiManagement/service/subscriptions",
@@ -85,11 +87,6 @@ class Subscription:
                 "displayName": self.display_name,
                 "state": self.state,
                 "createdDate": self.created_date,
-                "startDate": None,
-                "expirationDate": None,
-                "endDate": None,
-                "notificationDate": None,
-                "stateComment": None,
                 "allowTracing": self.allow_tracing,
             },
         }
