@@ -8,23 +8,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
-import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from apimvault.local.azurite import AZURITE_ACCOUNT, AZURITE_ACCOUNT_KEY, azurite_service
 from tests.conftest import SESSION_CA
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = f"cd {ROOT} && npm ci   # installs Azurite from package.json (needs Node 20+)"
-# Azurite's documented development account (public, the same in every installation).
-ACCOUNT = "devstoreaccount1"
-ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-_LISTENING = re.compile(r"listens on (https://127\.0\.0\.1:\d+)")
+ACCOUNT, ACCOUNT_KEY = AZURITE_ACCOUNT, AZURITE_ACCOUNT_KEY  # Azurite's documented development account
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,62 +54,12 @@ def _require_installed(program: Path) -> None:
 
 @contextlib.contextmanager
 def _start(service: str) -> Iterator[str]:
-    """One Azurite service (``blob`` or ``queue``) on 127.0.0.1 (a free port), TLS with the test session's
-    CA, in memory, telemetry off (it would otherwise call out to Application Insights); yields its URL."""
+    """One Azurite service (``blob`` or ``queue``) with the test session's CA, started as the drill starts it
+    (:func:`apimvault.local.azurite.azurite_service`); yields its URL."""
     program = ROOT / "node_modules" / ".bin" / f"azurite-{service}"
     _require_installed(program)
-    process = subprocess.Popen(
-        [
-            str(program),
-            f"--{service}Host",
-            "127.0.0.1",
-            f"--{service}Port",
-            "0",
-            "--inMemoryPersistence",
-            "--cert",
-            str(SESSION_CA.cert_path),
-            "--key",
-            str(SESSION_CA.key_path),
-            "--skipApiVersionCheck",
-            "--disableProductStyleUrl",
-            "--disableTelemetry",
-            "--silent",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    found: list[str] = []
-    output: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            match = _LISTENING.search(line)
-            if match and not found:
-                found.append(match.group(1))
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        ready.wait(60)
-        if not found:
-            raise RuntimeError(f"Azurite {service} did not start: {''.join(output)[-2000:]}")
-        yield found[0]
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(15)
-        reader.join(15)
-        if process.stdout is not None:
-            process.stdout.close()
+    with azurite_service(program.parent, service, SESSION_CA.cert_path, SESSION_CA.key_path) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -25,12 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ...exceptions import ConfigurationError
+from ...local.azurite import AZURITE_ACCOUNT, AZURITE_ACCOUNT_KEY, azurite_service
 
-# Azurite's documented development account (public, the same in every installation; not a secret).
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_ACCOUNT_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
 CHOICES = ("auto", "azurite", "memory")
 
 
@@ -63,66 +58,6 @@ def find_azurite(cwd: Path | None = None) -> Path | None:
         if (program.parent / "azurite-blob").exists():
             return program.parent
     return None
-
-
-@contextlib.contextmanager
-def _azurite_service(bin_dir: Path, service: str, cert: Path, key: Path) -> Iterator[str]:
-    """One Azurite service on 127.0.0.1 (a free port), TLS, in memory, telemetry off; yields its URL."""
-    import re
-
-    listening = re.compile(r"listens on (https://127\.0\.0\.1:\d+)")
-    process = subprocess.Popen(  # noqa: S603 - a fixed program and arguments, no shell
-        [
-            str(bin_dir / f"azurite-{service}"),
-            f"--{service}Host",
-            "127.0.0.1",
-            f"--{service}Port",
-            "0",
-            "--inMemoryPersistence",
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--skipApiVersionCheck",
-            "--disableProductStyleUrl",
-            "--disableTelemetry",
-            "--silent",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    found: list[str] = []
-    output: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            match = listening.search(line)
-            if match and not found:
-                found.append(match.group(1))
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=read, name=f"azurite-{service}", daemon=True)
-    reader.start()
-    try:
-        ready.wait(60)
-        if not found:
-            raise ConfigurationError(f"Azurite {service} did not start: {''.join(output)[-500:]}")
-        yield found[0]
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(15)
-        reader.join(15)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 @dataclasses.dataclass
@@ -299,8 +234,8 @@ def _azurite_delivery(bin_dir: Path) -> Iterator[Delivery]:
     try:
         ca = LocalCA(directory)  # the drill's own CA: Azurite's certificate, verified by the clients below
         with (
-            _azurite_service(bin_dir, "blob", ca.cert_path, ca.key_path) as blob_url,
-            _azurite_service(bin_dir, "queue", ca.cert_path, ca.key_path) as queue_url,
+            azurite_service(bin_dir, "blob", ca.cert_path, ca.key_path) as blob_url,
+            azurite_service(bin_dir, "queue", ca.cert_path, ca.key_path) as queue_url,
         ):
             connection = (
                 f"DefaultEndpointsProtocol=https;AccountName={AZURITE_ACCOUNT};"
