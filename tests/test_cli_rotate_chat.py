@@ -84,7 +84,8 @@ def test_rotate_errors_map_to_exit_codes(azure: LocalAzure) -> None:
     assert run.code == 10 and "RotationError" in run.json()["error"]
 
     reader = new_rotating_app(azure)
-    run = run_cli(["rotate"], {**reader.env(), "APIMVAULT_OFFICER_CLIENT_ID": None})  # default identity
+    default_identity = {"APIMVAULT_OFFICER_CLIENT_ID": None, "APIMVAULT_ROTATOR_CLIENT_ID": None}
+    run = run_cli(["rotate"], {**reader.env(), **default_identity})  # Secrets User on the secret only
     assert run.code == 5 and "Key Vault Secrets Officer" in run.err
 
     run = run_cli(["rotate"], {**reader.env(), "APIMVAULT_SECRET_NAME": None})

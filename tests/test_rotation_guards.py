@@ -198,19 +198,28 @@ def test_validity_below_31_days_is_refused_before_anything_changes(
 def test_a_second_secret_on_the_same_subscription_is_refused(
     azure: LocalAzure, rotator: RotatorAccess
 ) -> None:
+    """The guard needs to list the vault's secrets. Infra's rotator holds its roles on its ONE secret and
+    may not list (Microsoft.KeyVault/vaults/secrets/readMetadata/action at vault scope), so as deployed the
+    guard does not run: the plan says "not checked". The refusal itself is shown with the officer, which
+    deliberately holds more rights than infra grants (Secrets Officer on the vault: it may list)."""
     app = new_rotating_app(azure)
-    credential = rotator.for_app(app)
     twin = new_rotating_app(azure, tags={"ProviderAddress": app.resource_id})
     keys = app.keys()
-    with pytest.raises(SharedSubscriptionError, match=twin.name) as info:
-        plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
-    assert "one secret per APIM" in str(info.value)
-    with pytest.raises(SharedSubscriptionError):
-        rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
-    assert app.keys() == keys
-    azure.keyvault.put_secret(twin.name, "x" * 32, content_type="text/plain", tags={})  # untag the twin
-    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
-    assert plan.shared_checked and "no other secret" in "\n".join(plan.describe())
+    as_rotator = plan_rotation(
+        vault_url=azure.vault_url, secret_name=app.name, credential=rotator.for_app(app)
+    )
+    assert not as_rotator.shared_checked and "not checked" in "\n".join(as_rotator.describe())
+    officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+    with officer as credential:
+        with pytest.raises(SharedSubscriptionError, match=twin.name) as info:
+            plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
+        assert "one secret per APIM" in str(info.value)
+        with pytest.raises(SharedSubscriptionError):
+            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
+        assert app.keys() == keys
+        azure.keyvault.put_secret(twin.name, "x" * 32, content_type="text/plain", tags={})  # untag the twin
+        plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
+        assert plan.shared_checked and "no other secret" in "\n".join(plan.describe())
 
 
 def test_no_right_to_tag_stops_before_regenerating(azure: LocalAzure, rotator: RotatorAccess) -> None:
