@@ -146,3 +146,22 @@ def test_an_unmapped_error_is_not_its_own_cause(azure: LocalAzure) -> None:
             credential=_BrokenCredential(),
         )
     assert caught.value.__cause__ is not caught.value
+
+
+def test_rotate_runs_as_the_rotator_holding_only_infras_roles(azure: LocalAzure) -> None:
+    """The app's env rotates as the stack's rotator identity (not the officer): without infra's per-secret
+    grant on this app it is refused and nothing changes; with exactly that grant it rotates."""
+    app = new_rotating_app(azure, rotator=False)
+    keys = app.keys()
+    v1 = azure.keyvault.latest(app.name).version
+    assert app.env()["APIMVAULT_ROTATOR_CLIENT_ID"] == azure.rotator_identity.client_id
+    refused = run_cli(["rotate", "--json"], app.env())
+    assert refused.code == 5, refused.err + refused.out
+    assert app.keys() == keys and azure.keyvault.latest(app.name).version == v1
+
+    granted = azure.grant_rotator_roles(azure.rotator_identity, secret=app.name, apim_subscription=app.sid)
+    assert sorted(a.role for a in granted) == sorted(r.name for r in azure.infra_roles.values())
+    rotated = run_cli(["rotate", "--json"], app.env())
+    assert rotated.code == 0, rotated.err
+    assert azure.keyvault.latest(app.name).version == rotated.json()["result"]["new_version"] != v1
+    assert_no_key(refused.out + refused.err + rotated.out + rotated.err, app.seen_keys | set(app.keys()))
