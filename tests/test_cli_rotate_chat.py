@@ -165,3 +165,10 @@ def test_rotate_runs_as_the_rotator_holding_only_infras_roles(azure: LocalAzure)
     assert rotated.code == 0, rotated.err
     assert azure.keyvault.latest(app.name).version == rotated.json()["result"]["new_version"] != v1
     assert_no_key(refused.out + refused.err + rotated.out + rotated.err, app.seen_keys | set(app.keys()))
+
+
+def test_rotate_help_names_infras_roles() -> None:
+    """The help says what the rotation needs as deployed: infra's custom roles, not Secrets Officer alone."""
+    text = " ".join(run_cli(["rotate", "--help"]).out.split())
+    assert "apimvault secret rotator on the secret" in text
+    assert "apimvault APIM subscription key rotator on the subscription" in text
