@@ -44,19 +44,33 @@ class RotatingApp:
         return sub.primary_key, sub.secondary_key
 
     def env(self) -> dict[str, str | None]:
-        """Overrides pointing the CLI at this app instead of the stack's seeded secret."""
+        """Overrides pointing the CLI at this app instead of the stack's seeded secret. ``rotate`` runs as
+        the stack's rotator identity (``APIMVAULT_ROTATOR_CLIENT_ID``, which the CLI prefers to the
+        officer's), holding only infra's roles, granted on this app by :func:`new_rotating_app`."""
         return {
             "APIMVAULT_SECRET_NAME": self.name,
             "APIMVAULT_APIM_SUBSCRIPTION_ID": self.resource_id,
+            "APIMVAULT_ROTATOR_CLIENT_ID": self.azure.rotator_identity.client_id,
             "AZURE_CLIENT_ID": None,
         }
 
 
 def new_rotating_app(
-    azure: LocalAzure, *, tags: dict[str, str] | None = None, grant: bool = True, **secret_kwargs: Any
+    azure: LocalAzure,
+    *,
+    tags: dict[str, str] | None = None,
+    grant: bool = True,
+    rotator: bool = True,
+    **secret_kwargs: Any,
 ) -> RotatingApp:
-    """:func:`~tests.core_helpers.new_app_secret` tagged for rotation, wrapped with the CLI's helpers."""
+    """:func:`~tests.core_helpers.new_app_secret` tagged for rotation, wrapped with the CLI's helpers.
+
+    ``rotator`` grants the stack's rotator identity exactly infra's roles on this app's secret and APIM
+    subscription (infra assigns them per secret and subscription, so each app needs its own grant); the
+    ``azure`` fixture revokes grants made during a test."""
     secret = new_app_secret(azure, rotation=True, tags=tags, grant=grant, **secret_kwargs)
+    if rotator:
+        azure.grant_rotator_roles(azure.rotator_identity, secret=secret.name, apim_subscription=secret.sid)
     app = RotatingApp(azure, secret.name, secret.subscription)
     app.keys()
     return app

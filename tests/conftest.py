@@ -52,10 +52,15 @@ def local_azure() -> Iterator[LocalAzure]:
 
 @pytest.fixture
 def azure(local_azure: LocalAzure) -> Iterator[LocalAzure]:
-    """The session's stack with no faults and zeroed counters for this test."""
+    """The session's stack with no faults and zeroed counters for this test; role assignments the test
+    gave the shared rotator identity (per-app grants) are revoked after it."""
     for service in local_azure.services.values():
         service.faults.clear()
         service.counters.reset()
+    rotator = local_azure.rotator_identity
+    held = set(local_azure.rbac.assignments(rotator))
     yield local_azure
     for service in local_azure.services.values():
         service.faults.clear()
+    for extra in set(local_azure.rbac.assignments(rotator)) - held:
+        local_azure.revoke_role(rotator, extra.role, extra.scope)

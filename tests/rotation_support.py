@@ -1,13 +1,78 @@
-"""Helpers for the rotation tests: a manual clock, and a scheduler that forces how overlapping rotations
-interleave (each run stops at every step hook until the schedule lets it go on), so no test sleeps."""
+"""Helpers for the rotation tests: the rotator identity with exactly infra's roles, a manual clock, and a
+scheduler that forces how overlapping rotations interleave (each run stops at every step hook until the
+schedule lets it go on), so no test sleeps."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+from azure.identity import DefaultAzureCredential
+
+from apimvault.local import LocalAzure
+from apimvault.local.rbac import Assignment
 
 from .core_helpers import FakeClock
+
+
+class _AppLike(Protocol):
+    """An app secret of the suite (``core_helpers.AppSecret``, ``cli_support.RotatingApp``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sid(self) -> str: ...
+
+
+class RotatorAccess:
+    """The stack's rotator identity (:attr:`LocalAzure.rotator_identity`) holding exactly what ``infra/``
+    gives the rotation, per app secret: the roles file's secret-rotator role on the secret and its APIM
+    key-rotator role on the secret's APIM subscription (infra assigns both on the ONE secret and the ONE
+    subscription, so every new app secret needs its own grant: :meth:`for_app`). Not Secrets Officer.
+
+    The identity is shared by the whole test session, so :meth:`close` revokes exactly the assignments made
+    here (the seeded secret's grants, made by the stack, stay)."""
+
+    def __init__(self, azure: LocalAzure) -> None:
+        self.azure = azure
+        self.identity = azure.rotator_identity
+        self.client_id: str = azure.rotator_identity.client_id
+        self.credential = DefaultAzureCredential(managed_identity_client_id=self.client_id)
+        self._granted: list[Assignment] = []
+
+    def grant(self, secret: str, apim_subscription: str) -> DefaultAzureCredential:
+        """Grant infra's rotator roles on ``secret`` and APIM subscription ``apim_subscription`` (its sid);
+        returns the rotator's credential."""
+        existing = set(self.azure.rbac.assignments(self.identity))
+        for assignment in self.azure.grant_rotator_roles(
+            self.identity, secret=secret, apim_subscription=apim_subscription
+        ):
+            if assignment not in existing:  # a grant the stack made (the seeded secret) is not ours to revoke
+                self._granted.append(assignment)
+        return self.credential
+
+    def for_app(self, app: _AppLike) -> DefaultAzureCredential:
+        """:meth:`grant` on ``app``'s secret and subscription; returns the rotator's credential."""
+        return self.grant(app.name, app.sid)
+
+    def close(self) -> None:
+        for assignment in self._granted:
+            self.azure.revoke_role(self.identity, assignment.role, assignment.scope)
+        self._granted.clear()
+        self.credential.close()
+
+
+@contextlib.contextmanager
+def rotator_access(azure: LocalAzure) -> Iterator[RotatorAccess]:
+    """A :class:`RotatorAccess` for the block; its grants are revoked and its credential closed after."""
+    access = RotatorAccess(azure)
+    try:
+        yield access
+    finally:
+        access.close()
 
 
 class ManualClock(FakeClock):

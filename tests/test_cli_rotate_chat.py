@@ -84,7 +84,8 @@ def test_rotate_errors_map_to_exit_codes(azure: LocalAzure) -> None:
     assert run.code == 10 and "RotationError" in run.json()["error"]
 
     reader = new_rotating_app(azure)
-    run = run_cli(["rotate"], {**reader.env(), "APIMVAULT_OFFICER_CLIENT_ID": None})  # default identity
+    default_identity = {"APIMVAULT_OFFICER_CLIENT_ID": None, "APIMVAULT_ROTATOR_CLIENT_ID": None}
+    run = run_cli(["rotate"], {**reader.env(), **default_identity})  # Secrets User on the secret only
     assert run.code == 5 and "Key Vault Secrets Officer" in run.err
 
     run = run_cli(["rotate"], {**reader.env(), "APIMVAULT_SECRET_NAME": None})
@@ -145,3 +146,29 @@ def test_an_unmapped_error_is_not_its_own_cause(azure: LocalAzure) -> None:
             credential=_BrokenCredential(),
         )
     assert caught.value.__cause__ is not caught.value
+
+
+def test_rotate_runs_as_the_rotator_holding_only_infras_roles(azure: LocalAzure) -> None:
+    """The app's env rotates as the stack's rotator identity (not the officer): without infra's per-secret
+    grant on this app it is refused and nothing changes; with exactly that grant it rotates."""
+    app = new_rotating_app(azure, rotator=False)
+    keys = app.keys()
+    v1 = azure.keyvault.latest(app.name).version
+    assert app.env()["APIMVAULT_ROTATOR_CLIENT_ID"] == azure.rotator_identity.client_id
+    refused = run_cli(["rotate", "--json"], app.env())
+    assert refused.code == 5, refused.err + refused.out
+    assert app.keys() == keys and azure.keyvault.latest(app.name).version == v1
+
+    granted = azure.grant_rotator_roles(azure.rotator_identity, secret=app.name, apim_subscription=app.sid)
+    assert sorted(a.role for a in granted) == sorted(r.name for r in azure.infra_roles.values())
+    rotated = run_cli(["rotate", "--json"], app.env())
+    assert rotated.code == 0, rotated.err
+    assert azure.keyvault.latest(app.name).version == rotated.json()["result"]["new_version"] != v1
+    assert_no_key(refused.out + refused.err + rotated.out + rotated.err, app.seen_keys | set(app.keys()))
+
+
+def test_rotate_help_names_infras_roles() -> None:
+    """The help says what the rotation needs as deployed: infra's custom roles, not Secrets Officer alone."""
+    text = " ".join(run_cli(["rotate", "--help"]).out.split())
+    assert "apimvault secret rotator on the secret" in text
+    assert "apimvault APIM subscription key rotator on the subscription" in text

@@ -46,7 +46,8 @@ def balanced() -> Iterator[LocalAzure]:
 
 def _rotator_env(stack: LocalAzure, app: RotatingApp, *, drop: str | None = None) -> dict[str, str | None]:
     """The app's env on ``stack`` with a fresh rotator identity holding exactly infra's roles on the app's
-    secret and APIM subscription (``drop``: that data action removed from the Key Vault role)."""
+    secret and APIM subscription (``drop``: that data action removed from the Key Vault role). Its apps are
+    made with ``rotator=False``: the stack's own rotator identity keeps exactly its seeded roles."""
     identity = stack.add_identity(f"rotator-{app.name}")
     granted = stack.grant_rotator_roles(identity, secret=app.name, apim_subscription=app.sid)
     assert len(granted) == 2
@@ -113,7 +114,7 @@ def test_the_drill_rotates_through_the_queue_and_the_function_handler_as_the_rot
 ) -> None:
     if kind == "azurite":
         _azurite_or_skip()
-    app = new_rotating_app(balanced)
+    app = new_rotating_app(balanced, rotator=False)
     env = _rotator_env(balanced, app)
     run = run_cli(["drill", "--json", "--delivery", kind, *FAST], env)
     assert run.code == 0, run.err + run.out[-3000:]
@@ -127,7 +128,7 @@ def test_the_drill_rotates_through_the_queue_and_the_function_handler_as_the_rot
 
 
 def test_the_text_report_names_identity_roles_and_delivery(balanced: LocalAzure) -> None:
-    app = new_rotating_app(balanced)
+    app = new_rotating_app(balanced, rotator=False)
     env = _rotator_env(balanced, app)
     run = run_cli(["drill", "--delivery", "memory", *FAST], env)
     assert run.code == 0, run.err + run.out[-3000:]
@@ -144,7 +145,7 @@ def test_the_text_report_names_identity_roles_and_delivery(balanced: LocalAzure)
 
 
 def test_revocation_mid_traffic_kills_the_leaked_key_without_a_failed_request(balanced: LocalAzure) -> None:
-    app = new_rotating_app(balanced)
+    app = new_rotating_app(balanced, rotator=False)
     env = _rotator_env(balanced, app)
     run = run_cli(["drill", "--json", "--revoke", "--delivery", "memory", *FAST], env)
     assert run.code == 0, run.err + run.out[-3000:]
@@ -172,7 +173,7 @@ def test_a_rotator_without_update_is_refused_before_anything_is_regenerated(
     balanced: LocalAzure, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="apimvault.rotation_function")
-    app = new_rotating_app(balanced)
+    app = new_rotating_app(balanced, rotator=False)
     keys = app.keys()
     versions = len(balanced.keyvault.versions(app.name))
     env = _rotator_env(balanced, app, drop=UPDATE)
@@ -214,7 +215,7 @@ def test_the_handler_is_importable_from_the_package_and_infra_re_exports_it() ->
 @pytest.mark.slow
 def test_the_chaos_drill_through_azurite_as_the_rotator(balanced: LocalAzure) -> None:
     _azurite_or_skip()
-    app = new_rotating_app(balanced)
+    app = new_rotating_app(balanced, rotator=False)
     env = {**_rotator_env(balanced, app), "APIMVAULT_PROBE_SUCCESSES": None, "APIMVAULT_PROBE_INTERVAL": None}
     # default probe rule (10 x 0.5 s: 4.5 s > 1.5 x 2 s, the longest drawn delay)
     run = run_cli(["drill", "--chaos", "--json", "--delivery", "azurite", "--duration", "5"], env)

@@ -30,7 +30,7 @@ from apimvault.rotation import (
 from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
 from .conftest import SESSION_CA
 from .infra.events import near_expiry_event
-from .rotation_support import ManualClock
+from .rotation_support import ManualClock, RotatorAccess, rotator_access
 
 
 def gateway_status_at(azure: LocalAzure, url: str, key: str) -> int:
@@ -54,10 +54,10 @@ def quick_probes() -> Iterator[None]:
 
 
 @pytest.fixture
-def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
-    credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
-    yield credential
-    credential.close()
+def rotator(azure: LocalAzure) -> Iterator[RotatorAccess]:
+    """Infra's rotator identity (not Secrets Officer); each test grants it its own app (for_app)."""
+    with rotator_access(azure) as access:
+        yield access
 
 
 def _event(azure: LocalAzure, name: str, version: str, kind: str = "SecretNearExpiry") -> dict[str, Any]:
@@ -70,10 +70,9 @@ def _event(azure: LocalAzure, name: str, version: str, kind: str = "SecretNearEx
     )
 
 
-def test_rotate_flips_tag_keeps_tags_and_sets_expiry(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_rotate_flips_tag_keeps_tags_and_sets_expiry(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure, tags={"Owner": "team-a"})
+    credential = rotator.for_app(app)
     primary, old_secondary = app.keys()
     before = azure.keyvault.latest(app.name)
     now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -82,7 +81,7 @@ def test_rotate_flips_tag_keeps_tags_and_sets_expiry(
         vault_url=azure.vault_url,
         secret_name=app.name,
         apim_subscription_id=None,  # from the ProviderAddress tag
-        credential=officer,
+        credential=credential,
         now=now,
     )
 
@@ -104,9 +103,10 @@ def test_rotate_flips_tag_keeps_tags_and_sets_expiry(
 
 
 def test_old_key_is_revoked_only_after_its_successor_is_in_the_vault(
-    azure: LocalAzure, officer: DefaultAzureCredential
+    azure: LocalAzure, rotator: RotatorAccess
 ) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     started_with, _ = app.keys()
     v1 = azure.keyvault.latest(app.name).version
     observed: dict[str, Any] = {}
@@ -116,7 +116,7 @@ def test_old_key_is_revoked_only_after_its_successor_is_in_the_vault(
             vault_url=azure.vault_url,
             secret_name=app.name,
             apim_subscription_id=app.resource_id,
-            credential=officer,
+            credential=credential,
         )
 
     # Hold rotation 1's Key Vault write in flight and look at the gateway while it is.
@@ -144,7 +144,7 @@ def test_old_key_is_revoked_only_after_its_successor_is_in_the_vault(
         vault_url=azure.vault_url,
         secret_name=app.name,
         apim_subscription_id=app.resource_id,
-        credential=officer,
+        credential=credential,
     )
     new_primary, secondary = app.keys()
     assert second.credential_id == "primary" and second.old_version == v2.version
@@ -154,28 +154,28 @@ def test_old_key_is_revoked_only_after_its_successor_is_in_the_vault(
     assert azure.keyvault.latest(app.name).value == new_primary
 
 
-def test_event_for_an_old_version_is_skipped(azure: LocalAzure, officer: DefaultAzureCredential) -> None:
+def test_event_for_an_old_version_is_skipped(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     v1 = azure.keyvault.latest(app.name).version
 
-    first = rotate_from_event(_event(azure, app.name, v1), credential=officer)
+    first = rotate_from_event(_event(azure, app.name, v1), credential=credential)
     assert not first.skipped and first.old_version == v1
     keys_after_first = app.keys()
 
-    again = rotate_from_event(json.dumps([_event(azure, app.name, v1)]), credential=officer)  # redelivery
+    again = rotate_from_event(json.dumps([_event(azure, app.name, v1)]), credential=credential)  # redelivery
     assert again.skipped and "already rotated" in again.reason
     assert again.old_version == v1 and again.new_version is None and again.credential_id == "secondary"
     assert app.keys() == keys_after_first  # nothing regenerated
     assert azure.keyvault.latest(app.name).version == first.new_version
 
 
-def test_event_types_and_vaults_that_must_not_rotate(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_event_types_and_vaults_that_must_not_rotate(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     v1 = azure.keyvault.latest(app.name).version
     with pytest.raises(ConfigurationError, match="would loop"):
-        rotate_from_event(_event(azure, app.name, v1, "SecretNewVersionCreated"), credential=officer)
+        rotate_from_event(_event(azure, app.name, v1, "SecretNewVersionCreated"), credential=credential)
     other_vault = _event(azure, app.name, v1)
     other_vault["data"] = {
         **other_vault["data"],
@@ -183,15 +183,18 @@ def test_event_types_and_vaults_that_must_not_rotate(
     }
     other_vault["data"]["VaultName"] = "other"
     with pytest.raises(RotationError, match="not the configured"):
-        rotate_from_event(other_vault, credential=officer)
+        rotate_from_event(other_vault, credential=credential)
     assert azure.keyvault.latest(app.name).version == v1
 
 
-def test_refuses_when_the_tag_names_the_wrong_key(azure: LocalAzure, officer: DefaultAzureCredential) -> None:
+def test_refuses_when_the_tag_names_the_wrong_key(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure, tags={"CredentialId": "secondary"})  # but the value is the primary key
+    credential = rotator.for_app(app)
     keys = app.keys()
     with pytest.raises(RotationError, match="would revoke the key in use") as info:
-        rotate(vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer)
+        rotate(
+            vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=credential
+        )
     assert app.keys() == keys  # nothing regenerated
     # The vault was verified and repaired: a new version holds the same live key with the right tag.
     latest = azure.keyvault.latest(app.name)
@@ -200,10 +203,9 @@ def test_refuses_when_the_tag_names_the_wrong_key(azure: LocalAzure, officer: De
     assert_no_key(str(info.value), app.seen_keys)
 
 
-def test_refuses_a_subscription_the_secret_does_not_name(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_refuses_a_subscription_the_secret_does_not_name(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     other = new_rotating_app(azure)
     keys = app.keys()
     with pytest.raises(RotationError, match="ProviderAddress"):
@@ -211,15 +213,16 @@ def test_refuses_a_subscription_the_secret_does_not_name(
             vault_url=azure.vault_url,
             secret_name=app.name,
             apim_subscription_id=other.resource_id,
-            credential=officer,
+            credential=credential,
         )
     assert app.keys() == keys
 
 
-def test_needs_a_subscription_and_a_writer(azure: LocalAzure, officer: DefaultAzureCredential) -> None:
+def test_needs_a_subscription_and_a_writer(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure, tags={"ProviderAddress": ""})
+    credential = rotator.for_app(app)
     with pytest.raises(ConfigurationError, match="APIMVAULT_APIM_SUBSCRIPTION_ID"):
-        plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+        plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
 
     reader = new_rotating_app(azure)
     user = DefaultAzureCredential()  # the default identity: Key Vault Secrets User on the secret only
@@ -233,10 +236,11 @@ def test_needs_a_subscription_and_a_writer(azure: LocalAzure, officer: DefaultAz
     assert (azure.keyvault.latest(reader.name).tags or {})["CredentialId"] == "primary"
 
 
-def test_plan_describes_without_changing(azure: LocalAzure, officer: DefaultAzureCredential) -> None:
+def test_plan_describes_without_changing(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     keys = app.keys()
-    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     assert plan.credential_id == "primary" and plan.regenerate == "secondary"
     assert plan.validity_days == 60 and plan.apim_subscription == app.resource_id
     assert app.keys() == keys
@@ -284,19 +288,20 @@ def test_vault_gets_the_new_key_only_once_every_gateway_unit_accepts_it(
             )
 
     with azure.env():
-        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        access = RotatorAccess(azure)  # infra's rotator roles on this app only, revoked after
+        credential = access.for_app(app)
         try:
             result = rotate(
                 vault_url=azure.vault_url,
                 secret_name=app.name,
                 apim_subscription_id=None,
-                credential=officer,
+                credential=credential,
                 clock=slow_clock,
                 sleep=slow_clock.advance,
                 on_step=on_step,
             )
         finally:
-            officer.close()
+            access.close()
 
     _, secondary = app.keys()
     latest = azure.keyvault.latest(app.name)
@@ -327,7 +332,8 @@ def test_gateway_timeout_leaves_the_vault_unchanged_and_says_so(
         app = new_rotating_app(azure)
         v1 = azure.keyvault.latest(app.name)
         primary, _ = app.keys()
-        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        access = RotatorAccess(azure)  # infra's rotator roles on this app only, revoked after
+        credential = access.for_app(app)
         started = slow_clock()
         try:
             with azure.env(), pytest.raises(RotationError, match="vault was NOT changed") as info:
@@ -335,13 +341,13 @@ def test_gateway_timeout_leaves_the_vault_unchanged_and_says_so(
                     vault_url=azure.vault_url,
                     secret_name=app.name,
                     apim_subscription_id=None,
-                    credential=officer,
+                    credential=credential,
                     propagation_timeout=120,
                     clock=slow_clock,
                     sleep=slow_clock.advance,
                 )
         finally:
-            officer.close()
+            access.close()
         assert "still works" in str(info.value) and azure.gateway_unit_urls["region2"] in str(info.value)
         assert info.value.permanent is False
         assert 120 <= slow_clock() - started <= 140  # it gave up at the deadline, not before
@@ -359,20 +365,21 @@ def test_gateway_timeout_leaves_the_vault_unchanged_and_says_so(
             0, unit="region2"
         )  # later regenerations; the queued one keeps 3600 s
         slow_clock.advance(3600)
-        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        access = RotatorAccess(azure)  # infra's rotator roles on this app only, revoked after
+        credential = access.for_app(app)
         try:
             with azure.env():
                 again = rotate(
                     vault_url=azure.vault_url,
                     secret_name=app.name,
                     apim_subscription_id=None,
-                    credential=officer,
+                    credential=credential,
                     propagation_timeout=120,
                     clock=slow_clock,
                     sleep=slow_clock.advance,
                 )
         finally:
-            officer.close()
+            access.close()
         assert not again.skipped and "resumed" in again.reason
         assert app.keys() == (primary, pending)  # nothing regenerated this time
         latest = azure.keyvault.latest(app.name)
@@ -382,26 +389,28 @@ def test_gateway_timeout_leaves_the_vault_unchanged_and_says_so(
         azure.apim_state.settle()
 
 
-def test_probe_needs_a_gateway_and_says_what_it_sends(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_probe_needs_a_gateway_and_says_what_it_sends(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     keys = app.keys()
     with temporary_environ({"APIMVAULT_GATEWAY_URLS": None, "AZURE_OPENAI_ENDPOINT": None}):
         with pytest.raises(ConfigurationError, match="APIMVAULT_GATEWAY_URLS"):
             rotate(
-                vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer
+                vault_url=azure.vault_url,
+                secret_name=app.name,
+                apim_subscription_id=None,
+                credential=credential,
             )
         with pytest.raises(ConfigurationError, match="https"):
             rotate(
                 vault_url=azure.vault_url,
                 secret_name=app.name,
                 apim_subscription_id=None,
-                credential=officer,
+                credential=credential,
                 gateway_urls="http://127.0.0.1:1",
             )
     assert app.keys() == keys
-    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     assert plan.gateway_urls == azure.gateway_urls
     described = "\n".join(plan.describe())
     assert "GET " + azure.gateway_url + "/openai/v1/models" in described and "no tokens" in described
@@ -420,27 +429,29 @@ def test_probe_needs_a_gateway_and_says_what_it_sends(
 
 
 def test_missing_validity_tag_is_refused_before_anything_changes(
-    azure: LocalAzure, officer: DefaultAzureCredential
+    azure: LocalAzure, rotator: RotatorAccess
 ) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     keys = app.keys()
     tags = dict(azure.keyvault.latest(app.name).tags or {})
     del tags["ValidityPeriodDays"]
     azure.keyvault.put_secret(app.name, keys[0], content_type="text/plain", tags=tags)
     before = azure.keyvault.latest(app.name).version
     with pytest.raises(RotationError, match="no ValidityPeriodDays tag") as info:
-        rotate(vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer)
+        rotate(
+            vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=credential
+        )
     assert "ValidityPeriodDays=60" in str(info.value) and "Nothing was changed" in str(info.value)
     with pytest.raises(RotationError, match="ValidityPeriodDays"):
-        plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+        plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     assert app.keys() == keys and azure.keyvault.latest(app.name).version == before
     assert len(azure.keyvault.versions(app.name)) == 2  # no version was written
 
 
-def test_missing_credential_id_is_inferred_and_written(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_missing_credential_id_is_inferred_and_written(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     primary, secondary = app.keys()
     tags = dict(azure.keyvault.latest(app.name).tags or {})
     del tags["CredentialId"]
@@ -449,12 +460,12 @@ def test_missing_credential_id_is_inferred_and_written(
     )  # holds the secondary
     untagged = azure.keyvault.latest(app.name).version
 
-    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     assert plan.credential_id == "secondary" and plan.regenerate == "primary" and plan.credential_id_inferred
     assert "inferred from listSecrets" in "\n".join(plan.describe())
 
     result = rotate(
-        vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer
+        vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=credential
     )
     new_primary, still_secondary = app.keys()
     assert still_secondary == secondary and new_primary != primary  # the key in use was not regenerated
@@ -465,11 +476,14 @@ def test_missing_credential_id_is_inferred_and_written(
     assert latest.value == new_primary and (latest.tags or {})["CredentialId"] == "primary"
 
 
-def test_arm_403_names_the_custom_role(azure: LocalAzure, officer: DefaultAzureCredential) -> None:
+def test_arm_403_names_the_custom_role(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     azure.arm.faults.inject("status", operation="ListSecrets", status=403, times=1)
     with pytest.raises(RotationError) as info:
-        rotate(vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer)
+        rotate(
+            vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=credential
+        )
     message = str(info.value)
     assert "apimvault APIM subscription key rotator" in message and "regenerateSecondaryKey/action" in message
     assert "API Management Service Contributor" not in message
@@ -478,15 +492,14 @@ def test_arm_403_names_the_custom_role(azure: LocalAzure, officer: DefaultAzureC
     assert "API Management Service Contributor" not in rotation_module.__doc__
 
 
-def test_check_latest_reports_a_revoked_latest_version(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_check_latest_reports_a_revoked_latest_version(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
-    good = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    credential = rotator.for_app(app)
+    good = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     assert good.ok and good.live and good.credential_id == "primary"
     assert set(good.accepted) == set(azure.gateway_urls)
     azure.apim_state.regenerate(app.sid, "primary")  # the stored key is revoked elsewhere
-    bad = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+    bad = check_latest(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     assert not bad.ok and not bad.live and set(bad.accepted.values()) == {False}
     assert bad.version == good.version  # a check changes nothing
     assert_no_key(repr(bad) + json.dumps(bad.as_dict()), app.seen_keys | set(app.keys()))

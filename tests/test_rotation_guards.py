@@ -30,7 +30,7 @@ from apimvault.rotation import (
 from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
 from .conftest import SESSION_CA
 from .infra.events import near_expiry_event
-from .rotation_support import ManualClock
+from .rotation_support import ManualClock, RotatorAccess, rotator_access
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +40,10 @@ def quick_probes() -> Iterator[None]:
 
 
 @pytest.fixture
-def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
-    credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
-    yield credential
-    credential.close()
+def rotator(azure: LocalAzure) -> Iterator[RotatorAccess]:
+    """Infra's rotator identity (not Secrets Officer); each test grants it its own app (for_app)."""
+    with rotator_access(azure) as access:
+        yield access
 
 
 # ------------------------------------------------------------------------------ settings (19.6, 19.9)
@@ -101,21 +101,20 @@ def test_cli_names_the_bad_variable(azure: LocalAzure) -> None:
 # ---------------------------------------------------------------------------------- the probe (19.2)
 
 
-def test_an_unrouted_probe_path_is_refused_at_plan_time(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_an_unrouted_probe_path_is_refused_at_plan_time(azure: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     keys = app.keys()
     before = azure.keyvault.latest(app.name).version
     unrouted = f"{azure.gateway_url}/not-the-api"  # APIM answers 404 before it checks the key
     with pytest.raises(GatewayProbeError, match="404") as info:
         plan_rotation(
-            vault_url=azure.vault_url, secret_name=app.name, credential=officer, gateway_urls=unrouted
+            vault_url=azure.vault_url, secret_name=app.name, credential=credential, gateway_urls=unrouted
         )
     assert info.value.url == unrouted and info.value.status == 404
     assert f"{unrouted}/openai/v1/models" in str(info.value) and "GET operation" in str(info.value)
     with pytest.raises(GatewayProbeError, match="404"):
-        rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer, gateway_urls=unrouted)
+        rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential, gateway_urls=unrouted)
     assert app.keys() == keys  # refused before any regeneration
     assert azure.keyvault.latest(app.name).version == before
     assert_no_key(str(info.value), app.seen_keys)
@@ -123,15 +122,16 @@ def test_an_unrouted_probe_path_is_refused_at_plan_time(
 
 @pytest.mark.parametrize("status", [500, 401, 403, 400])
 def test_an_answer_that_says_nothing_about_the_key_stops_the_rotation(
-    azure: LocalAzure, officer: DefaultAzureCredential, status: int
+    azure: LocalAzure, rotator: RotatorAccess, status: int
 ) -> None:
     """The backend's 401 (not APIM's key refusal), 403, 400 or 5xx relayed by the gateway: no verdict."""
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     keys = app.keys()
     azure.openai.faults.inject("status", operation="Models", status=status, times=1)
     try:
         with pytest.raises(GatewayProbeError, match=str(status)):
-            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     finally:
         azure.openai.faults.clear()
     assert app.keys() == keys
@@ -157,19 +157,20 @@ def test_the_new_key_needs_k_consecutive_acceptances_spaced_over_time(
     app = new_rotating_app(azure)
     probes: list[float] = []
     with azure.env(APIMVAULT_PROBE_SUCCESSES="4", APIMVAULT_PROBE_INTERVAL="5"):
-        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        access = RotatorAccess(azure)  # infra's rotator roles on this app only, revoked after
+        credential = access.for_app(app)
         try:
-            plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+            plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
             result = rotate(
                 vault_url=azure.vault_url,
                 secret_name=app.name,
-                credential=officer,
+                credential=credential,
                 clock=lag_clock,
                 sleep=lag_clock.advance,
                 on_step=lambda step: probes.append(lag_clock()) if step == "probe" else None,
             )
         finally:
-            officer.close()
+            access.close()
     assert "4 consecutive 2xx 5 s apart" in "\n".join(plan.describe())
     assert not result.skipped and result.propagation_seconds is not None
     # region2 accepts after 30 s; then three more acceptances, 5 s apart, before the vault is written.
@@ -183,44 +184,54 @@ def test_the_new_key_needs_k_consecutive_acceptances_spaced_over_time(
 
 
 def test_validity_below_31_days_is_refused_before_anything_changes(
-    azure: LocalAzure, officer: DefaultAzureCredential
+    azure: LocalAzure, rotator: RotatorAccess
 ) -> None:
     app = new_rotating_app(azure, tags={"ValidityPeriodDays": "7"})
+    credential = rotator.for_app(app)
     keys = app.keys()
     with pytest.raises(RotationError, match="between 31 and 3650") as info:
-        rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+        rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     assert "30 days before expiry" in str(info.value)
     assert app.keys() == keys and len(azure.keyvault.versions(app.name)) == 1
 
 
 def test_a_second_secret_on_the_same_subscription_is_refused(
-    azure: LocalAzure, officer: DefaultAzureCredential
+    azure: LocalAzure, rotator: RotatorAccess
 ) -> None:
+    """The guard needs to list the vault's secrets. Infra's rotator holds its roles on its ONE secret and
+    may not list (Microsoft.KeyVault/vaults/secrets/readMetadata/action at vault scope), so as deployed the
+    guard does not run: the plan says "not checked". The refusal itself is shown with the officer, which
+    deliberately holds more rights than infra grants (Secrets Officer on the vault: it may list)."""
     app = new_rotating_app(azure)
     twin = new_rotating_app(azure, tags={"ProviderAddress": app.resource_id})
     keys = app.keys()
-    with pytest.raises(SharedSubscriptionError, match=twin.name) as info:
-        plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
-    assert "one secret per APIM" in str(info.value)
-    with pytest.raises(SharedSubscriptionError):
-        rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
-    assert app.keys() == keys
-    azure.keyvault.put_secret(twin.name, "x" * 32, content_type="text/plain", tags={})  # untag the twin
-    plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
-    assert plan.shared_checked and "no other secret" in "\n".join(plan.describe())
+    as_rotator = plan_rotation(
+        vault_url=azure.vault_url, secret_name=app.name, credential=rotator.for_app(app)
+    )
+    assert not as_rotator.shared_checked and "not checked" in "\n".join(as_rotator.describe())
+    officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+    with officer as credential:
+        with pytest.raises(SharedSubscriptionError, match=twin.name) as info:
+            plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
+        assert "one secret per APIM" in str(info.value)
+        with pytest.raises(SharedSubscriptionError):
+            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
+        assert app.keys() == keys
+        azure.keyvault.put_secret(twin.name, "x" * 32, content_type="text/plain", tags={})  # untag the twin
+        plan = plan_rotation(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
+        assert plan.shared_checked and "no other secret" in "\n".join(plan.describe())
 
 
-def test_no_right_to_tag_stops_before_regenerating(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_no_right_to_tag_stops_before_regenerating(azure: LocalAzure, rotator: RotatorAccess) -> None:
     """Issue 19.1: the pending tag is what lets a retry resume; without update/action the rotation must
     not regenerate (four attempts would make four regenerations)."""
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     keys = app.keys()
     azure.keyvault.faults.inject("status", operation="UpdateSecret", status=403, times=1)
     try:
         with pytest.raises(AccessDeniedError, match="update/action") as info:
-            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
     finally:
         azure.keyvault.faults.clear()
     assert "apimvault secret rotator" in str(info.value)
@@ -247,18 +258,19 @@ def test_revoke_current_rotates_waits_for_the_fleet_then_kills_the_leaked_key(
             seen["spread_at"] = lag_clock()
 
     with azure.env(APIMVAULT_REVOKE_WAIT="45"):
-        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        access = RotatorAccess(azure)  # infra's rotator roles on this app only, revoked after
+        credential = access.for_app(app)
         try:
             result = revoke_current(
                 vault_url=azure.vault_url,
                 secret_name=app.name,
-                credential=officer,
+                credential=credential,
                 clock=lag_clock,
                 sleep=lag_clock.advance,
                 on_step=on_step,
             )
         finally:
-            officer.close()
+            access.close()
     primary, secondary = app.keys()
     latest = azure.keyvault.latest(app.name)
     assert result.rotation.regenerated == "secondary" and result.revoked_slot == "primary"
@@ -327,14 +339,15 @@ def _frames(exc: BaseException) -> Iterator[types.FrameType]:
 
 
 def test_a_failed_rotation_leaves_no_key_in_traceback_locals(
-    azure: LocalAzure, officer: DefaultAzureCredential
+    azure: LocalAzure, rotator: RotatorAccess
 ) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     azure.keyvault.faults.inject("status", operation="SetSecret", status=500, times=5)
 
     def attempt() -> BaseException:
         try:
-            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=officer)
+            rotate(vault_url=azure.vault_url, secret_name=app.name, credential=credential)
         except Exception as exc:  # the failure is what the test looks at
             return exc
         raise AssertionError("the rotation should have failed")
@@ -352,7 +365,7 @@ def test_a_failed_rotation_leaves_no_key_in_traceback_locals(
         plan_rotation(
             vault_url=azure.vault_url,
             secret_name=app.name,
-            credential=officer,
+            credential=credential,
             gateway_urls=f"{azure.gateway_url}/not-the-api",
         )
     except GatewayProbeError as refused:
@@ -393,12 +406,14 @@ def test_a_lagging_unit_behind_one_url_holds_the_vault_back(local_azure: LocalAz
     with LocalAzure(ca=SESSION_CA, **options) as azure:  # type: ignore[arg-type]
         early, waited = new_rotating_app(azure), new_rotating_app(azure)
         with azure.env(APIMVAULT_PROBE_INTERVAL="0.5"):
-            officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+            access = RotatorAccess(azure)  # infra's rotator roles on these two apps only, revoked after
+            credential = access.for_app(early)
+            access.for_app(waited)
             try:
                 hasty = rotate(
                     vault_url=azure.vault_url,
                     secret_name=early.name,
-                    credential=officer,
+                    credential=credential,
                     config=RotationConfig.from_env(subscription_from_env=False, probe_successes=1),
                     clock=clock,
                     sleep=clock.advance,
@@ -408,12 +423,12 @@ def test_a_lagging_unit_behind_one_url_holds_the_vault_back(local_azure: LocalAz
                 result = rotate(
                     vault_url=azure.vault_url,
                     secret_name=waited.name,
-                    credential=officer,
+                    credential=credential,
                     clock=clock,
                     sleep=clock.advance,
                 )
             finally:
-                officer.close()
+                access.close()
     assert hasty.propagation_seconds is not None and hasty.propagation_seconds < 40  # the hazard
     assert result.propagation_seconds is not None and result.propagation_seconds >= 40
     assert clock() - started >= 40

@@ -21,7 +21,7 @@ from apimvault.rotation import RotationResult, rotate, rotate_from_event
 from .cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
 from .conftest import SESSION_CA
 from .infra.events import near_expiry_event
-from .rotation_support import ManualClock, Scheduler
+from .rotation_support import ManualClock, RotatorAccess, Scheduler, rotator_access
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +33,10 @@ def quick_probes() -> Iterator[None]:
 
 
 @pytest.fixture
-def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
-    credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
-    yield credential
-    credential.close()
+def rotator(azure: LocalAzure) -> Iterator[RotatorAccess]:
+    """Infra's rotator identity (not Secrets Officer); each test grants it its own app (for_app)."""
+    with rotator_access(azure) as access:
+        yield access
 
 
 def _event(azure: LocalAzure, name: str, version: str) -> dict[str, object]:
@@ -61,7 +61,7 @@ def assert_vault_live(azure: LocalAzure, app: RotatingApp) -> None:
 
 
 def overlap(
-    azure: LocalAzure, officer: DefaultAzureCredential, app: RotatingApp, n: int, order: list[int]
+    azure: LocalAzure, credential: DefaultAzureCredential, app: RotatingApp, n: int, order: list[int]
 ) -> tuple[list[Any], Scheduler]:
     """Run ``n`` overlapping rotations of ``app``: even runs are (re)deliveries of the SecretNearExpiry
     event for the current version, odd runs are rotations started by hand (no expected version)."""
@@ -70,12 +70,12 @@ def overlap(
 
     def run(i: int, hook: Any) -> RotationResult:
         if i % 2 == 0:
-            return rotate_from_event(event, credential=officer, on_step=hook)
+            return rotate_from_event(event, credential=credential, on_step=hook)
         return rotate(
             vault_url=azure.vault_url,
             secret_name=app.name,
             apim_subscription_id=None,
-            credential=officer,
+            credential=credential,
             on_step=hook,
         )
 
@@ -108,9 +108,10 @@ _PARAMS = [
 
 @pytest.mark.parametrize(("n", "name", "order"), _PARAMS)
 def test_overlapping_runs_end_with_a_live_latest_version(
-    azure: LocalAzure, officer: DefaultAzureCredential, n: int, name: str, order: list[int]
+    azure: LocalAzure, rotator: RotatorAccess, n: int, name: str, order: list[int]
 ) -> None:
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     azure.keyvault.put_secret(  # a version with an expiry, as the seeding does
         app.name,
         app.keys()[0],
@@ -118,7 +119,7 @@ def test_overlapping_runs_end_with_a_live_latest_version(
         tags=dict(azure.keyvault.latest(app.name).tags or {}),
         expires=2_000_000_000,
     )
-    results, scheduler = overlap(azure, officer, app, n, order)
+    results, scheduler = overlap(azure, credential, app, n, order)
 
     errors = [r for r in results if not isinstance(r, RotationResult)]
     assert errors == []  # no run failed, none hid anything
@@ -132,19 +133,18 @@ def test_overlapping_runs_end_with_a_live_latest_version(
     assert_no_key(repr(results), app.seen_keys)
 
 
-def test_a_write_of_a_key_revoked_meanwhile_is_repaired(
-    azure: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_a_write_of_a_key_revoked_meanwhile_is_repaired(azure: LocalAzure, rotator: RotatorAccess) -> None:
     """Both runs read version 1 and pass the in-use check; run 0 regenerates the secondary and sees the
     gateway accept it; run 1 (which read before run 0 named its key in RotationPending) regenerates the
     secondary again, revoking run 0's key, before run 0 writes. Run 0's write stores a revoked key, and its
     own check right after repairs it with the live secondary."""
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     # run 0: read, check -> at regenerate; run 1: read, check -> at regenerate; run 0: regenerate, probe
     # -> at write; run 1: regenerate -> at probe; then run 0 writes (the revoked key) and verifies.
     order = [0, 0, 1, 1, 0, 0, 1, 0]
     with temporary_environ({"APIMVAULT_PROBE_SUCCESSES": "1"}):  # the schedule names one probe round
-        results, scheduler = overlap(azure, officer, app, 2, order)
+        results, scheduler = overlap(azure, credential, app, 2, order)
     first, second = results
     assert isinstance(first, RotationResult) and isinstance(second, RotationResult)
     assert not first.skipped and first.repaired_versions  # wrote, found it revoked, repaired
@@ -157,18 +157,19 @@ def test_a_write_of_a_key_revoked_meanwhile_is_repaired(
 
 
 def test_a_skipped_redelivery_repairs_a_vault_left_with_a_revoked_key(
-    azure: LocalAzure, officer: DefaultAzureCredential
+    azure: LocalAzure, rotator: RotatorAccess
 ) -> None:
     """The issue's end state (the latest version holds a key revoked by another regeneration) is repaired
     by the next delivery, although that delivery is skipped as 'already rotated'."""
     app = new_rotating_app(azure)
+    credential = rotator.for_app(app)
     v1 = azure.keyvault.latest(app.name).version
-    first = rotate_from_event(_event(azure, app.name, v1), credential=officer)
+    first = rotate_from_event(_event(azure, app.name, v1), credential=credential)
     azure.apim_state.regenerate(app.sid, "secondary")  # revokes the key the vault's latest version holds
     _, live_secondary = app.keys()
     assert gateway_status(azure, azure.keyvault.latest(app.name).value) == 401
 
-    again = rotate_from_event(_event(azure, app.name, v1), credential=officer)
+    again = rotate_from_event(_event(azure, app.name, v1), credential=credential)
     assert again.skipped and "already rotated" in again.reason and "repaired the vault" in again.reason
     assert again.repaired_versions and again.credential_id == "secondary"
     latest = azure.keyvault.latest(app.name)
@@ -178,7 +179,7 @@ def test_a_skipped_redelivery_repairs_a_vault_left_with_a_revoked_key(
     assert_no_key(again.reason, app.seen_keys)
 
     # A skip with nothing to repair writes nothing.
-    third = rotate_from_event(_event(azure, app.name, v1), credential=officer)
+    third = rotate_from_event(_event(azure, app.name, v1), credential=credential)
     assert third.skipped and third.repaired_versions == () and third.verified_version == latest.version
 
 
@@ -223,7 +224,8 @@ def test_overlapping_runs_while_the_gateway_syncs(
     written_unsynced: list[str] = []
 
     with azure.env():
-        officer = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
+        access = RotatorAccess(azure)  # infra's rotator roles on this app only, revoked after
+        credential = access.for_app(app)
 
         def run(i: int, hook: Any) -> RotationResult:
             def on_step(step: str) -> None:
@@ -237,7 +239,7 @@ def test_overlapping_runs_while_the_gateway_syncs(
                 hook(step)
 
             common: dict[str, Any] = {
-                "credential": officer,
+                "credential": credential,
                 "on_step": on_step,
                 "clock": sync_clock,
                 "sleep": sync_clock.advance,
@@ -251,7 +253,7 @@ def test_overlapping_runs_while_the_gateway_syncs(
         try:
             results = Scheduler(order, n).run(run)
         finally:
-            officer.close()
+            access.close()
 
     assert [r for r in results if not isinstance(r, RotationResult)] == []
     assert any(not r.skipped for r in results)

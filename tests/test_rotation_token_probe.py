@@ -9,7 +9,6 @@ import types
 from collections.abc import Iterator
 
 import pytest
-from azure.identity import DefaultAzureCredential
 
 from apimvault import ConfigurationError
 from apimvault.local import LocalAzure, temporary_environ
@@ -25,6 +24,7 @@ from apimvault.rotation import (
 
 from .canary import LeakCapture
 from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
+from .rotation_support import RotatorAccess, rotator_access
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"
@@ -43,10 +43,10 @@ def gateway(azure: LocalAzure) -> Iterator[LocalAzure]:
 
 
 @pytest.fixture
-def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
-    credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
-    yield credential
-    credential.close()
+def rotator(azure: LocalAzure) -> Iterator[RotatorAccess]:
+    """Infra's rotator identity (not Secrets Officer); each test grants it its own app (for_app)."""
+    with rotator_access(azure) as access:
+        yield access
 
 
 def _token_refusals(azure: LocalAzure) -> int:
@@ -96,15 +96,14 @@ def test_config_reads_the_token_scope_and_names_the_variable_when_bad() -> None:
         GatewayProbe(["https://127.0.0.1:1"], token_scope=SCOPE)  # a token needs a credential
 
 
-def test_key_plus_token_rotation_probes_with_a_token(
-    gateway: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_key_plus_token_rotation_probes_with_a_token(gateway: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(gateway)
+    credential = rotator.for_app(app)
     old_primary, old_secondary = app.keys()
     gateway.gateway.counters.reset()
     with LeakCapture(["apimvault", "httpx2", "httpcore2", "azure", "msal"]) as capture:
         result = rotate(
-            vault_url=gateway.vault_url, secret_name=app.name, credential=officer, token_scope=SCOPE
+            vault_url=gateway.vault_url, secret_name=app.name, credential=credential, token_scope=SCOPE
         )
     assert not result.skipped and result.regenerated == "secondary"
     new_secondary = app.keys()[1]
@@ -121,19 +120,18 @@ def test_key_plus_token_rotation_probes_with_a_token(
     assert_no_key(capture.text() + repr(result), {old_primary, old_secondary, new_secondary})
 
 
-def test_the_environment_variable_reaches_plan_and_check(
-    gateway: LocalAzure, officer: DefaultAzureCredential
-) -> None:
+def test_the_environment_variable_reaches_plan_and_check(gateway: LocalAzure, rotator: RotatorAccess) -> None:
     app = new_rotating_app(gateway)
+    credential = rotator.for_app(app)
     gateway.gateway.counters.reset()
     with temporary_environ({ENV_TOKEN_SCOPE: SCOPE}):
-        plan = plan_rotation(vault_url=gateway.vault_url, secret_name=app.name, credential=officer)
-        check = check_latest(vault_url=gateway.vault_url, secret_name=app.name, credential=officer)
+        plan = plan_rotation(vault_url=gateway.vault_url, secret_name=app.name, credential=credential)
+        check = check_latest(vault_url=gateway.vault_url, secret_name=app.name, credential=credential)
     assert check.live and all(v is True for v in check.accepted.values())
     assert _token_refusals(gateway) == 0 and plan.credential_id == "primary"
     assert plan.token_scope == SCOPE and plan.as_dict()["token_scope"] == SCOPE
     assert f"bearer token for {SCOPE}" in "\n".join(plan.describe())
-    probe = GatewayProbe(plan.gateway_urls, token_scope=SCOPE, credential=officer)
+    probe = GatewayProbe(plan.gateway_urls, token_scope=SCOPE, credential=credential)
     try:
         assert probe.token_scope == SCOPE
         assert probe.describe()[0].endswith(f"<new key> and Authorization: Bearer <token for {SCOPE}>")
@@ -143,13 +141,14 @@ def test_the_environment_variable_reaches_plan_and_check(
 
 
 def test_without_a_token_scope_the_token_refusal_names_the_variable(
-    gateway: LocalAzure, officer: DefaultAzureCredential
+    gateway: LocalAzure, rotator: RotatorAccess
 ) -> None:
     app = new_rotating_app(gateway)
+    credential = rotator.for_app(app)
     keys = app.keys()
     version = gateway.keyvault.latest(app.name).version
     with pytest.raises(GatewayProbeError) as refused:
-        rotate(vault_url=gateway.vault_url, secret_name=app.name, credential=officer)
+        rotate(vault_url=gateway.vault_url, secret_name=app.name, credential=credential)
     message = str(refused.value)
     assert refused.value.status == 401
     assert "also requires an Entra token" in message
@@ -175,15 +174,16 @@ def test_cli_rotate_takes_the_token_scope(gateway: LocalAzure) -> None:
 
 
 def test_a_refused_token_is_typed_and_stays_out_of_traceback_locals(
-    gateway: LocalAzure, officer: DefaultAzureCredential
+    gateway: LocalAzure, rotator: RotatorAccess
 ) -> None:
     app = new_rotating_app(gateway)
+    credential = rotator.for_app(app)
     keys = app.keys()
     with pytest.raises(GatewayProbeError) as refused:  # a token for another audience
         plan_rotation(
             vault_url=gateway.vault_url,
             secret_name=app.name,
-            credential=officer,
+            credential=credential,
             token_scope="api://some-other-api/.default",
         )
     assert refused.value.status == 401 and "refused the probe's Entra token" in str(refused.value)

@@ -11,12 +11,10 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
-from azure.identity import DefaultAzureCredential
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -37,6 +35,7 @@ from apimvault.local import DEPLOYMENT, Fault, LocalAzure
 
 from .cli_support import new_rotating_app
 from .core_helpers import Events, FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from .rotation_support import rotator_access
 
 MESSAGES = user_messages("hello")
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5, max_staleness=3600)
@@ -97,13 +96,6 @@ class Otel:
 @pytest.fixture(scope="module")
 def otel() -> Otel:
     return Otel()
-
-
-@pytest.fixture
-def officer(azure: LocalAzure) -> Iterator[DefaultAzureCredential]:
-    credential = DefaultAzureCredential(managed_identity_client_id=azure.officer_identity.client_id)
-    yield credential
-    credential.close()
 
 
 def _chat(client: openai.AzureOpenAI) -> None:
@@ -251,22 +243,24 @@ def test_azure_sdk_spans_are_children_of_the_read_span(otel: Otel, azure: LocalA
     assert all(s.context.trace_id == read.context.trace_id for s in children)
 
 
-def test_rotate_runs_are_counted(otel: Otel, azure: LocalAzure, officer: DefaultAzureCredential) -> None:
+def test_rotate_runs_are_counted(otel: Otel, azure: LocalAzure) -> None:
     from apimvault.rotation import rotate
 
     app = new_rotating_app(azure)
     where = f"{azure.vault_url}/secrets/{app.name}"
-    result = rotate(
-        vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=officer
-    )
-    assert result.reason == "rotated"
-    skipped = rotate(
-        vault_url=azure.vault_url,
-        secret_name=app.name,
-        apim_subscription_id=None,
-        credential=officer,
-        expected_version=result.old_version,
-    )
+    with rotator_access(azure) as rotator:  # infra's rotator roles on this app only, not Secrets Officer
+        credential = rotator.for_app(app)
+        result = rotate(
+            vault_url=azure.vault_url, secret_name=app.name, apim_subscription_id=None, credential=credential
+        )
+        assert result.reason == "rotated"
+        skipped = rotate(
+            vault_url=azure.vault_url,
+            secret_name=app.name,
+            apim_subscription_id=None,
+            credential=credential,
+            expected_version=result.old_version,
+        )
     assert skipped.skipped
     assert otel.total("apimvault.rotate.runs", where, outcome="rotated") == 1
     assert otel.total("apimvault.rotate.runs", where, outcome="skipped") == 1

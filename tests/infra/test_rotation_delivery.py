@@ -135,7 +135,7 @@ def _env(azure: LocalAzure, app: RotatingApp, storage: Azurite, **extra: str | N
     return {
         "APIMVAULT_SECRET_NAME": app.name,
         "APIMVAULT_APIM_SUBSCRIPTION_ID": app.resource_id,
-        "AZURE_CLIENT_ID": azure.officer_identity.client_id,
+        "AZURE_CLIENT_ID": azure.rotator_identity.client_id,  # infra's rotator, granted by new_rotating_app
         "AzureWebJobsStorage": storage.connection_string,  # the lease, as in the deployed app
         **extra,
     }

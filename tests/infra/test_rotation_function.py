@@ -1,8 +1,9 @@
 """The rotation function end to end against the local Azure stack: a real-shaped SecretNearExpiry event in,
 a new secret version holding the other APIM key out.
 
-Activates once ``apimvault.rotation`` exists. The function runs as the officer identity
-(``AZURE_CLIENT_ID``), the way the deployed function runs as the rotator identity.
+Activates once ``apimvault.rotation`` exists. The function runs as the stack's rotator identity
+(``AZURE_CLIENT_ID``), which holds exactly the roles ``infra/`` assigns the deployed function's identity
+(``infra/roles/rotator.json`` on the seeded secret and its APIM subscription), not Secrets Officer.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ from .events import near_expiry_event
 
 @pytest.fixture
 def stack() -> Iterator[LocalAzure]:
-    """A fresh stack per test (rotation changes its state), with the function's identity: the officer."""
-    with LocalAzure() as azure:
-        officer = azure.environ()["APIMVAULT_OFFICER_CLIENT_ID"]
-        with azure.env(AZURE_CLIENT_ID=officer):
-            yield azure
+    """A fresh stack per test (rotation changes its state), with the function's identity: infra's rotator."""
+    with LocalAzure() as azure, azure.env(AZURE_CLIENT_ID=azure.rotator_identity.client_id):
+        yield azure
 
 
 def _sid(azure: LocalAzure) -> str:

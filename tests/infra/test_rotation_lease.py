@@ -103,7 +103,7 @@ def test_overlapping_deliveries_are_serialised_by_the_lease(
     env: dict[str, str | None] = {
         "APIMVAULT_SECRET_NAME": app.name,
         "APIMVAULT_APIM_SUBSCRIPTION_ID": app.resource_id,
-        "AZURE_CLIENT_ID": azure.officer_identity.client_id,
+        "AZURE_CLIENT_ID": azure.rotator_identity.client_id,  # infra's rotator, granted by new_rotating_app
     }
     with temporary_environ(env):
         results = scheduler.run(delivery)
@@ -146,7 +146,7 @@ def test_the_handler_takes_and_releases_the_lease_from_its_storage_setting(
     env: dict[str, str | None] = {
         "APIMVAULT_SECRET_NAME": app.name,
         "APIMVAULT_APIM_SUBSCRIPTION_ID": app.resource_id,
-        "AZURE_CLIENT_ID": azure.officer_identity.client_id,
+        "AZURE_CLIENT_ID": azure.rotator_identity.client_id,  # infra's rotator, granted by new_rotating_app
         "AzureWebJobsStorage": azurite.connection_string,
     }
     with temporary_environ(env):

@@ -145,7 +145,7 @@ def _env(azure: LocalAzure, app: RotatingApp) -> dict[str, str | None]:
     return {
         "APIMVAULT_SECRET_NAME": app.name,
         "APIMVAULT_APIM_SUBSCRIPTION_ID": app.resource_id,
-        "AZURE_CLIENT_ID": azure.officer_identity.client_id,
+        "AZURE_CLIENT_ID": azure.rotator_identity.client_id,  # infra's rotator, granted by new_rotating_app
     }
 
 

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         "CredentialId flipped and expiry now + ValidityPeriodDays, and verify the vault's latest version "
         "is live. The key in use stays valid. Asks before acting on a non-loopback target unless --yes. "
         "Credential: DefaultAzureCredential (managed identity client id from --client-id, "
-        "APIMVAULT_ROTATOR_CLIENT_ID or APIMVAULT_OFFICER_CLIENT_ID); needs Key Vault Secrets Officer and "
-        "the custom role infra/ defines (apimvault APIM subscription key rotator). "
+        "APIMVAULT_ROTATOR_CLIENT_ID or APIMVAULT_OFFICER_CLIENT_ID); needs the custom roles infra/ assigns "
+        "(apimvault secret rotator on the secret, or Key Vault Secrets Officer; apimvault APIM subscription "
+        "key rotator on the subscription). "
         "APIMVAULT_APIM_SUBSCRIPTION_ID (or the ProviderAddress tag) names the subscription; "
         "APIMVAULT_ARM_ENDPOINT defaults to https://management.azure.com.",
     )
