@@ -104,3 +104,24 @@ def test_trickling_identity_endpoint_meets_a_deadline_async(azure: LocalAzure, t
     asyncio.run(run())
     assert trickle.requests >= 1
     assert trickle.finished == 0
+
+
+def test_the_rotations_credential_meets_the_same_deadline(azure: LocalAzure, trickle: Trickle) -> None:
+    """Issue 19.6: `rotate` / `plan_rotation` (and the CLI, which builds the same credential) bound the
+    identity endpoint as the providers do: a trickling endpoint gives CredentialError, not a held rotation."""
+    from apimvault.rotation import plan_rotation
+    from apimvault.rotation.azure import bounded_credential
+
+    app = new_app_secret(azure)
+    credential = bounded_credential(**BOUNDS)
+    try:
+        with pytest.raises(CredentialError, match="within 3 s"):
+            plan_rotation(
+                vault_url=azure.vault_url,
+                secret_name=app.name,
+                credential=credential,
+                gateway_urls=[azure.gateway_url],
+            )
+    finally:
+        credential.close()
+    assert trickle.requests >= 1 and trickle.finished == 0  # it asked the endpoint and did not wait it out

@@ -187,7 +187,9 @@ def _credential_step(check: _Check) -> int | None:
     from azure.core.exceptions import ClientAuthenticationError
     from azure.identity import DefaultAzureCredential
 
-    credential = check.credential = DefaultAzureCredential()
+    from .._settings import DEFAULT_CREDENTIAL_KWARGS  # the providers' bounds on the identity endpoint
+
+    credential = check.credential = DefaultAzureCredential(**DEFAULT_CREDENTIAL_KWARGS)
     check.resources.callback(credential.close)
     chain = [type(c).__name__ for c in getattr(credential, "credentials", ())]
     with capture_identity_log() as log:

@@ -111,13 +111,23 @@ def arm_error(exc: BaseException, *, what: str, ref: ApimSubscriptionRef) -> Bas
 
 
 def bounded_credential(**kwargs: Any) -> Any:
-    """``DefaultAzureCredential`` with the providers' bounds on the identity endpoint (connection and read
-    timeouts, few retries) instead of azure-core's 300 s read timeout and up to 10 retries."""
+    """``DefaultAzureCredential`` bounded as the providers bound theirs: connection and read timeouts and few
+    retries on the identity endpoint (instead of azure-core's 300 s read timeout and up to 10 retries), and a
+    deadline for each whole token request (:func:`apimvault._vaultclient.token_deadline`, 30 s with the
+    defaults), so an endpoint that trickles its answer cannot hold a rotation. Closing it closes the
+    ``DefaultAzureCredential`` inside."""
     from azure.identity import DefaultAzureCredential
 
     from .._settings import DEFAULT_CREDENTIAL_KWARGS
+    from .._vaultclient import DeadlineCredential, token_deadline
 
-    return DefaultAzureCredential(**{**DEFAULT_CREDENTIAL_KWARGS, **kwargs})
+    class OwnedDeadlineCredential(DeadlineCredential):
+        def close(self) -> None:
+            inner.close()
+
+    bounds = {**DEFAULT_CREDENTIAL_KWARGS, **kwargs}
+    inner = DefaultAzureCredential(**bounds)
+    return OwnedDeadlineCredential(inner, token_deadline(bounds))
 
 
 class Session:

@@ -99,10 +99,12 @@ class Drill(RotationSchedule, DrillReport):
         with contextlib.suppress(ImportError):  # a heavy import: not during the first rotation
             import azure.mgmt.apimanagement  # noqa: F401
 
+        from ...rotation.azure import bounded_credential  # bounded like `apimvault rotate`'s
+
         self._rotation_credential = (
-            DefaultAzureCredential(managed_identity_client_id=self.target.rotator_client_id)
+            bounded_credential(managed_identity_client_id=self.target.rotator_client_id)
             if self.target.rotator_client_id
-            else DefaultAzureCredential()
+            else bounded_credential()
         )
         plan = plan_rotation(  # fail fast: tags, subscription, rotator access, gateway URLs
             vault_url=self.target.vault_url,
