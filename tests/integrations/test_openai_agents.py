@@ -9,14 +9,54 @@ import pytest
 
 pytest.importorskip("agents")
 
-from agents import Agent, Runner
+from agents import (
+    Agent,
+    OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
+    Runner,
+    function_tool,
+    set_tracing_disabled,
+)
 from pydantic import BaseModel
 
+from apimvault import AsyncSubscriptionKeyProvider, create_async_azure_openai
 from apimvault.local import LocalAzure
 
-from .support import LogCapture, Rotating, assert_no_key, run_readme_block
+from .support import LogCapture, Rotating, assert_no_key
 
 pytestmark = pytest.mark.integrations
+
+set_tracing_disabled(True)  # the SDK uploads traces to api.openai.com otherwise
+
+
+# As the README block builds them (the block itself runs as a script: test_readme_blocks.py).
+class Weather(BaseModel):
+    city: str
+    celsius: int
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The current weather in a city."""
+    return f"18 C in {city}"
+
+
+def _weather_agent(aprovider: AsyncSubscriptionKeyProvider) -> Agent[Any]:
+    responses_client = create_async_azure_openai(aprovider, api_version="2025-04-01-preview")
+    return Agent(
+        name="forecaster",
+        instructions="Look the weather up, then answer.",
+        model=OpenAIResponsesModel(model="gpt-4o-mini", openai_client=responses_client),
+        tools=[get_weather],
+        output_type=Weather,
+    )
+
+
+def _agent(aprovider: AsyncSubscriptionKeyProvider) -> Agent[Any]:
+    model = OpenAIChatCompletionsModel(
+        model="gpt-4o-mini", openai_client=create_async_azure_openai(aprovider)
+    )
+    return Agent(name="assistant", instructions="Answer briefly.", model=model)
 
 
 async def test_openai_agents_run_and_stream_through_rotation(
@@ -25,7 +65,7 @@ async def test_openai_agents_run_and_stream_through_rotation(
     debug_logs.debug("openai.agents")
     stack = Rotating.new(azure)
     async with stack.aprovider() as aprovider:
-        agent = run_readme_block("OpenAI Agents SDK", aprovider=aprovider)["agent"]
+        agent = _agent(aprovider)
         assert isinstance(agent, Agent)
 
         result = await Runner.run(agent, "hello")
@@ -55,8 +95,7 @@ async def test_openai_agents_default_responses_model_calls_a_tool_and_returns_st
     debug_logs.debug("openai.agents")
     stack = Rotating.new(azure)
     async with stack.aprovider() as aprovider:
-        ns = run_readme_block("OpenAI Agents SDK", aprovider=aprovider)
-        agent, weather = ns["weather_agent"], ns["Weather"]
+        agent, weather = _weather_agent(aprovider), Weather
         assert isinstance(agent, Agent) and issubclass(weather, BaseModel)
         before = azure.openai.counters["Responses"]
 
