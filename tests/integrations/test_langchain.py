@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 pytest.importorskip("langchain_openai")
@@ -102,11 +104,9 @@ async def test_langchain_structured_output_and_tool_calls_through_rotation(azure
     try:
         async with stack.aprovider() as aprovider:
             llm, _ = _readme_objects(provider, aprovider)
-            forecaster, tool_user, weather = (
-                llm.with_structured_output(Weather),
-                llm.bind_tools([get_weather]),
-                Weather,
-            )
+            forecaster: Any = llm.with_structured_output(Weather)
+            tool_user: Any = llm.bind_tools([get_weather])
+            weather = Weather
 
             first = forecaster.invoke("weather in Oslo?")
             assert isinstance(first, weather)

@@ -258,6 +258,7 @@ def test_custom_key_names(local_azure: LocalAzure) -> None:
             max_retries=0,
             timeout=10,
         )
+        _OPENED.append(c)
         assert c.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
         assert "api-key" in backend.seen()[-1].header_names  # replaced by the backend credential
         with pytest.raises(openai.AuthenticationError) as info:

@@ -152,6 +152,8 @@ class ServerThread:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(_signal)
             self._thread.join(timeout=15)
+        elif self._thread.ident is None and not self.loop.is_closed():
+            self.loop.close()  # never started: _run (which closes it) never ran
         for service in self.services:
             with contextlib.suppress(OSError):
                 service.socket.close()
