@@ -86,6 +86,8 @@ async def test_langchain_chat_and_embeddings_through_rotation(
             assert embeddings.embed_documents(["a", "b"]) and await embeddings.aembed_documents(["a", "b"])
             assert provider.stats().resends_401 == 3 and aprovider.stats().resends_401 == 3
             assert stack.slots()[-1] == "secondary"
+            llm.root_client.close()  # the clients the README block opens with `with`
+            await llm.root_async_client.close()
     finally:
         set_debug(False)
         provider.close()
@@ -127,6 +129,8 @@ async def test_langchain_structured_output_and_tool_calls_through_rotation(azure
                 merged = merged + chunk
             assert merged.tool_calls == message.tool_calls  # streamed deltas add up to the same call
             assert provider.stats().resends_401 == 1 and aprovider.stats().resends_401 == 2
+            llm.root_client.close()  # the clients the README block opens with `with`
+            await llm.root_async_client.close()
     finally:
         provider.close()
 

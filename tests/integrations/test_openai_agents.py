@@ -17,9 +17,10 @@ from agents import (
     function_tool,
     set_tracing_disabled,
 )
+from openai import AsyncAzureOpenAI
 from pydantic import BaseModel
 
-from apimvault import AsyncSubscriptionKeyProvider, create_async_azure_openai
+from apimvault import create_async_azure_openai
 from apimvault.local import LocalAzure
 
 from .support import LogCapture, Rotating, assert_no_key
@@ -41,8 +42,7 @@ def get_weather(city: str) -> str:
     return f"18 C in {city}"
 
 
-def _weather_agent(aprovider: AsyncSubscriptionKeyProvider) -> Agent[Any]:
-    responses_client = create_async_azure_openai(aprovider, api_version="2025-04-01-preview")
+def _weather_agent(responses_client: AsyncAzureOpenAI) -> Agent[Any]:
     return Agent(
         name="forecaster",
         instructions="Look the weather up, then answer.",
@@ -52,10 +52,8 @@ def _weather_agent(aprovider: AsyncSubscriptionKeyProvider) -> Agent[Any]:
     )
 
 
-def _agent(aprovider: AsyncSubscriptionKeyProvider) -> Agent[Any]:
-    model = OpenAIChatCompletionsModel(
-        model="gpt-4o-mini", openai_client=create_async_azure_openai(aprovider)
-    )
+def _agent(client: AsyncAzureOpenAI) -> Agent[Any]:
+    model = OpenAIChatCompletionsModel(model="gpt-4o-mini", openai_client=client)
     return Agent(name="assistant", instructions="Answer briefly.", model=model)
 
 
@@ -64,8 +62,8 @@ async def test_openai_agents_run_and_stream_through_rotation(
 ) -> None:
     debug_logs.debug("openai.agents")
     stack = Rotating.new(azure)
-    async with stack.aprovider() as aprovider:
-        agent = _agent(aprovider)
+    async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as client:
+        agent = _agent(client)
         assert isinstance(agent, Agent)
 
         result = await Runner.run(agent, "hello")
@@ -94,8 +92,11 @@ async def test_openai_agents_default_responses_model_calls_a_tool_and_returns_st
     """Issue 22.7 done-when: the default Responses model runs through rotations with 0 failed calls."""
     debug_logs.debug("openai.agents")
     stack = Rotating.new(azure)
-    async with stack.aprovider() as aprovider:
-        agent, weather = _weather_agent(aprovider), Weather
+    async with (
+        stack.aprovider() as aprovider,
+        create_async_azure_openai(aprovider, api_version="2025-04-01-preview") as responses_client,
+    ):
+        agent, weather = _weather_agent(responses_client), Weather
         assert isinstance(agent, Agent) and issubclass(weather, BaseModel)
         before = azure.openai.counters["Responses"]
 
