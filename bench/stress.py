@@ -330,6 +330,8 @@ def run_stress(
             looper.join(stall_s)
             if looper.is_alive():
                 result.stuck.append("asyncio loop did not stop (deadlock?)")
+        else:
+            loop.close()  # never run (no tasks): loop_thread, which closes it, never started
         client.close()
     result.elapsed_s = round(time.monotonic() - started, 2)
     result.simulated_s = result.steps * step_s

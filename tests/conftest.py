@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import tempfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 
@@ -64,3 +65,11 @@ def azure(local_azure: LocalAzure) -> Iterator[LocalAzure]:
         service.faults.clear()
     for extra in set(local_azure.rbac.assignments(rotator)) - held:
         local_azure.revoke_role(rotator, extra.role, extra.scope)
+
+
+@pytest.fixture
+def closing() -> Iterator[ExitStack]:
+    """Closes what a test hands it (``closing.enter_context(provider)``) when the test ends, passed or
+    failed, last opened first: so no socket is left for the garbage collector to report in another test."""
+    with ExitStack() as stack:
+        yield stack

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, ExitStack
 
 import httpx2
 import openai
@@ -33,16 +34,19 @@ POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interv
 
 
 def sync_setup(
-    azure: LocalAzure, *, clock: FakeClock | None = None
+    azure: LocalAzure, closing: ExitStack, *, clock: FakeClock | None = None
 ) -> tuple[SubscriptionKeyProvider, openai.AzureOpenAI, AppSecret]:
+    """A provider and its client, both closed by ``closing`` when the test ends."""
     app = new_app_secret(azure)
-    provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock or FakeClock(), policy=POLICY)
-    client = create_azure_openai(provider, max_retries=0)
+    provider = closing.enter_context(
+        SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock or FakeClock(), policy=POLICY)
+    )
+    client = closing.enter_context(create_azure_openai(provider, max_retries=0))
     return provider, client, app
 
 
-def test_chat_streaming_and_embeddings_carry_the_key(azure: LocalAzure) -> None:
-    provider, client, app = sync_setup(azure)
+def test_chat_streaming_and_embeddings_carry_the_key(azure: LocalAzure, closing: ExitStack) -> None:
+    provider, client, app = sync_setup(azure, closing)
     reply = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     assert reply.choices[0].message.content
     chunks = list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))
@@ -55,8 +59,8 @@ def test_chat_streaming_and_embeddings_carry_the_key(azure: LocalAzure) -> None:
     assert HEADER not in client.default_headers  # only the auth on the transport sets the key
 
 
-def test_placeholder_api_key_is_never_sent(azure: LocalAzure) -> None:
-    _, client, _ = sync_setup(azure)
+def test_placeholder_api_key_is_never_sent(azure: LocalAzure, closing: ExitStack) -> None:
+    _, client, _ = sync_setup(azure, closing)
     raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
     sent = raw.http_response.request.headers
     assert "api-key" not in sent
@@ -64,9 +68,9 @@ def test_placeholder_api_key_is_never_sent(azure: LocalAzure) -> None:
     assert sent[HEADER]
 
 
-def test_rotation_reaches_copies_and_next_request(azure: LocalAzure) -> None:
+def test_rotation_reaches_copies_and_next_request(azure: LocalAzure, closing: ExitStack) -> None:
     clock = FakeClock()
-    provider, client, app = sync_setup(azure, clock=clock)
+    provider, client, app = sync_setup(azure, closing, clock=clock)
     frozen = client.with_options(default_headers={"X-Trace": "1"})  # openai freezes a dict copy here
     copied = client.copy()
     client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
@@ -84,8 +88,10 @@ def test_rotation_reaches_copies_and_next_request(azure: LocalAzure) -> None:
     assert provider.stats().resends_401 == 0
 
 
-def test_revoked_key_in_flight_every_request_succeeds_after_one_refresh(azure: LocalAzure) -> None:
-    provider, client, app = sync_setup(azure)
+def test_revoked_key_in_flight_every_request_succeeds_after_one_refresh(
+    azure: LocalAzure, closing: ExitStack
+) -> None:
+    provider, client, app = sync_setup(azure, closing)
     client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)  # warm the cache
     rotate_to_secondary(azure, app)  # the cached key is now revoked at the gateway
     reads_before = provider.stats().vault_reads
@@ -109,9 +115,11 @@ def test_revoked_key_in_flight_every_request_succeeds_after_one_refresh(azure: L
     assert labels[f"sub:{app.sid}:secondary"] == 64
 
 
-def test_second_401_surfaces_and_forced_refresh_is_rate_limited(azure: LocalAzure) -> None:
+def test_second_401_surfaces_and_forced_refresh_is_rate_limited(
+    azure: LocalAzure, closing: ExitStack
+) -> None:
     clock = FakeClock()
-    provider, client, app = sync_setup(azure, clock=clock)
+    provider, client, app = sync_setup(azure, closing, clock=clock)
     client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     azure.apim_state.regenerate(app.sid, "primary")  # revoked, and the vault still holds the old key
     with pytest.raises(openai.AuthenticationError, match="invalid subscription key"):
@@ -127,8 +135,8 @@ def test_second_401_surfaces_and_forced_refresh_is_rate_limited(azure: LocalAzur
     assert provider.stats().vault_reads == 3
 
 
-def test_backend_401_does_not_trigger_a_refresh(azure: LocalAzure) -> None:
-    provider, client, _ = sync_setup(azure)
+def test_backend_401_does_not_trigger_a_refresh(azure: LocalAzure, closing: ExitStack) -> None:
+    provider, client, _ = sync_setup(azure, closing)
     client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
     azure.openai.faults.inject("status", status=401, times=1)
     with pytest.raises(openai.AuthenticationError):
@@ -139,14 +147,16 @@ def test_backend_401_does_not_trigger_a_refresh(azure: LocalAzure) -> None:
 
 def test_insecure_endpoint_refused(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
-    provider = SubscriptionKeyProvider(azure.vault_url, app.name)
-    with pytest.raises(InsecureTransportError):
+    with (
+        SubscriptionKeyProvider(azure.vault_url, app.name) as provider,
+        pytest.raises(InsecureTransportError),
+    ):
         create_azure_openai(provider, azure_endpoint="http://127.0.0.1:9")
 
 
-def test_insecure_request_url_refused_by_auth(azure: LocalAzure) -> None:
+def test_insecure_request_url_refused_by_auth(azure: LocalAzure, closing: ExitStack) -> None:
     app = new_app_secret(azure)
-    provider = SubscriptionKeyProvider(azure.vault_url, app.name)
+    provider = closing.enter_context(SubscriptionKeyProvider(azure.vault_url, app.name))
     auth = SubscriptionKeyAuth(provider)
     with httpx2.Client(auth=auth) as http, pytest.raises(InsecureTransportError):
         http.get("http://127.0.0.1:9/openai")
@@ -169,9 +179,11 @@ def test_conflicting_credentials_are_refused(azure: LocalAzure) -> None:
         create_async_azure_openai(provider)  # type: ignore[arg-type]
 
 
-def test_cross_origin_redirect_drops_the_key_same_origin_keeps_it(azure: LocalAzure) -> None:
+def test_cross_origin_redirect_drops_the_key_same_origin_keeps_it(
+    azure: LocalAzure, closing: ExitStack
+) -> None:
     app = new_app_secret(azure)
-    provider = SubscriptionKeyProvider(azure.vault_url, app.name)
+    provider = closing.enter_context(SubscriptionKeyProvider(azure.vault_url, app.name))
     auth = SubscriptionKeyAuth(provider)
     first = httpx2.Request("POST", f"{azure.gateway_url}/openai/x")
     flow = auth.sync_auth_flow(first)
@@ -189,12 +201,14 @@ def test_cross_origin_redirect_drops_the_key_same_origin_keeps_it(azure: LocalAz
     assert HEADER not in other.headers
 
 
-def test_key_never_in_debug_logs(azure: LocalAzure, caplog: pytest.LogCaptureFixture) -> None:
+def test_key_never_in_debug_logs(
+    azure: LocalAzure, closing: ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     for name in ("openai", "httpx2", "httpcore2", "azure", "apimvault"):
         logging.getLogger(name).setLevel(logging.DEBUG)
     try:
-        provider, client, app = sync_setup(azure)
+        provider, client, app = sync_setup(azure, closing)
         client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         list(client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True))
         rotate_to_secondary(azure, app)
@@ -212,10 +226,12 @@ def test_key_never_in_debug_logs(azure: LocalAzure, caplog: pytest.LogCaptureFix
 
 async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
-    async with AsyncSubscriptionKeyProvider(
-        azure.vault_url, app.name, clock=FakeClock(), policy=POLICY
-    ) as provider:
+    async with (
+        AsyncExitStack() as stack,
+        AsyncSubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY) as provider,
+    ):
         client = create_async_azure_openai(provider, max_retries=0)
+        await stack.enter_async_context(client)
         reply = await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         assert reply.choices[0].message.content
         assert HEADER not in client.default_headers
@@ -241,11 +257,10 @@ async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> Non
             model="text-embedding-3-small", input="x"
         )
         assert emb.data
-        await client.close()
 
 
-def test_many_threads_one_client_one_cold_read(azure: LocalAzure) -> None:
-    provider, client, _ = sync_setup(azure)
+def test_many_threads_one_client_one_cold_read(azure: LocalAzure, closing: ExitStack) -> None:
+    provider, client, _ = sync_setup(azure, closing)
     azure.keyvault.faults.inject("latency", operation="GetSecret", seconds=0.3, times=1)
     barrier = threading.Barrier(32)
 
@@ -258,13 +273,13 @@ def test_many_threads_one_client_one_cold_read(azure: LocalAzure) -> None:
     assert provider.stats().vault_reads == 1
 
 
-def test_api_key_mode_sends_the_key_in_api_key(local_azure: LocalAzure) -> None:
+def test_api_key_mode_sends_the_key_in_api_key(local_azure: LocalAzure, closing: ExitStack) -> None:
     """APIM reading ``api-key``: the auth puts the key in ``api-key`` (openai holds a placeholder)."""
     from tests.conftest import SESSION_CA
 
     with LocalAzure(ca=SESSION_CA, gateway_header_name="api-key") as azure, azure.env():
-        provider = SubscriptionKeyProvider.from_env(header_name="api-key")
-        client = create_azure_openai(provider, max_retries=0)
+        provider = closing.enter_context(SubscriptionKeyProvider.from_env(header_name="api-key"))
+        client = closing.enter_context(create_azure_openai(provider, max_retries=0))
         raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         sent = raw.http_response.request.headers
         assert sent["api-key"] == provider.get()
@@ -280,4 +295,3 @@ def test_api_key_mode_sends_the_key_in_api_key(local_azure: LocalAzure) -> None:
         client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
         assert provider.stats().resends_401 == 1
         assert provider.get() == sub.secondary_key
-        provider.close()

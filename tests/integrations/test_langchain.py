@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 pytest.importorskip("langchain_openai")
 
 from langchain_core.globals import set_debug
 from langchain_openai import AzureChatOpenAI, AzureOpenAIEmbeddings
+from pydantic import BaseModel
 
-from apimvault import ConfigurationError, create_azure_openai
-from apimvault.integrations.langchain import azure_chat_openai
+from apimvault import (
+    AsyncSubscriptionKeyProvider,
+    ConfigurationError,
+    SubscriptionKeyProvider,
+    create_async_azure_openai,
+    create_azure_openai,
+)
+from apimvault.integrations.langchain import azure_chat_openai, azure_openai_embeddings
 from apimvault.local import DEPLOYMENT, LocalAzure
 
-from .support import LogCapture, Rotating, assert_no_key, run_readme_block
+from .support import LogCapture, Rotating, assert_no_key
 
 pytestmark = pytest.mark.integrations
+
+
+# As the README block builds them (the block itself runs as a script: test_readme_blocks.py).
+class Weather(BaseModel):
+    city: str
+    celsius: int
+
+
+def get_weather(city: str) -> str:
+    """The current weather in a city."""
+    return f"18 C in {city}"
+
+
+def _readme_objects(
+    provider: SubscriptionKeyProvider, aprovider: AsyncSubscriptionKeyProvider
+) -> tuple[AzureChatOpenAI, AzureOpenAIEmbeddings]:
+    client, aclient = create_azure_openai(provider), create_async_azure_openai(aprovider)
+    llm = azure_chat_openai(client, aclient, deployment="gpt-4o-mini")
+    embeddings = azure_openai_embeddings(client, aclient, deployment="text-embedding-3-small")
+    return llm, embeddings
 
 
 async def test_langchain_chat_and_embeddings_through_rotation(
@@ -27,8 +56,7 @@ async def test_langchain_chat_and_embeddings_through_rotation(
     provider = stack.provider()
     try:
         async with stack.aprovider() as aprovider:
-            ns = run_readme_block("LangChain", provider=provider, aprovider=aprovider)
-            llm, embeddings = ns["llm"], ns["embeddings"]
+            llm, embeddings = _readme_objects(provider, aprovider)
             assert isinstance(llm, AzureChatOpenAI) and isinstance(embeddings, AzureOpenAIEmbeddings)
 
             # One call of each kind on the first key.
@@ -58,6 +86,8 @@ async def test_langchain_chat_and_embeddings_through_rotation(
             assert embeddings.embed_documents(["a", "b"]) and await embeddings.aembed_documents(["a", "b"])
             assert provider.stats().resends_401 == 3 and aprovider.stats().resends_401 == 3
             assert stack.slots()[-1] == "secondary"
+            llm.root_client.close()  # the clients the README block opens with `with`
+            await llm.root_async_client.close()
     finally:
         set_debug(False)
         provider.close()
@@ -75,8 +105,10 @@ async def test_langchain_structured_output_and_tool_calls_through_rotation(azure
     provider = stack.provider()
     try:
         async with stack.aprovider() as aprovider:
-            ns = run_readme_block("LangChain", provider=provider, aprovider=aprovider)
-            forecaster, tool_user, weather = ns["forecaster"], ns["tool_user"], ns["Weather"]
+            llm, _ = _readme_objects(provider, aprovider)
+            forecaster: Any = llm.with_structured_output(Weather)
+            tool_user: Any = llm.bind_tools([get_weather])
+            weather = Weather
 
             first = forecaster.invoke("weather in Oslo?")
             assert isinstance(first, weather)
@@ -97,6 +129,8 @@ async def test_langchain_structured_output_and_tool_calls_through_rotation(azure
                 merged = merged + chunk
             assert merged.tool_calls == message.tool_calls  # streamed deltas add up to the same call
             assert provider.stats().resends_401 == 1 and aprovider.stats().resends_401 == 2
+            llm.root_client.close()  # the clients the README block opens with `with`
+            await llm.root_async_client.close()
     finally:
         provider.close()
 

@@ -9,14 +9,52 @@ import pytest
 
 pytest.importorskip("agents")
 
-from agents import Agent, Runner
+from agents import (
+    Agent,
+    OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
+    Runner,
+    function_tool,
+    set_tracing_disabled,
+)
+from openai import AsyncAzureOpenAI
 from pydantic import BaseModel
 
+from apimvault import create_async_azure_openai
 from apimvault.local import LocalAzure
 
-from .support import LogCapture, Rotating, assert_no_key, run_readme_block
+from .support import LogCapture, Rotating, assert_no_key
 
 pytestmark = pytest.mark.integrations
+
+set_tracing_disabled(True)  # the SDK uploads traces to api.openai.com otherwise
+
+
+# As the README block builds them (the block itself runs as a script: test_readme_blocks.py).
+class Weather(BaseModel):
+    city: str
+    celsius: int
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The current weather in a city."""
+    return f"18 C in {city}"
+
+
+def _weather_agent(responses_client: AsyncAzureOpenAI) -> Agent[Any]:
+    return Agent(
+        name="forecaster",
+        instructions="Look the weather up, then answer.",
+        model=OpenAIResponsesModel(model="gpt-4o-mini", openai_client=responses_client),
+        tools=[get_weather],
+        output_type=Weather,
+    )
+
+
+def _agent(client: AsyncAzureOpenAI) -> Agent[Any]:
+    model = OpenAIChatCompletionsModel(model="gpt-4o-mini", openai_client=client)
+    return Agent(name="assistant", instructions="Answer briefly.", model=model)
 
 
 async def test_openai_agents_run_and_stream_through_rotation(
@@ -24,8 +62,8 @@ async def test_openai_agents_run_and_stream_through_rotation(
 ) -> None:
     debug_logs.debug("openai.agents")
     stack = Rotating.new(azure)
-    async with stack.aprovider() as aprovider:
-        agent = run_readme_block("OpenAI Agents SDK", aprovider=aprovider)["agent"]
+    async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as client:
+        agent = _agent(client)
         assert isinstance(agent, Agent)
 
         result = await Runner.run(agent, "hello")
@@ -54,9 +92,11 @@ async def test_openai_agents_default_responses_model_calls_a_tool_and_returns_st
     """Issue 22.7 done-when: the default Responses model runs through rotations with 0 failed calls."""
     debug_logs.debug("openai.agents")
     stack = Rotating.new(azure)
-    async with stack.aprovider() as aprovider:
-        ns = run_readme_block("OpenAI Agents SDK", aprovider=aprovider)
-        agent, weather = ns["weather_agent"], ns["Weather"]
+    async with (
+        stack.aprovider() as aprovider,
+        create_async_azure_openai(aprovider, api_version="2025-04-01-preview") as responses_client,
+    ):
+        agent, weather = _weather_agent(responses_client), Weather
         assert isinstance(agent, Agent) and issubclass(weather, BaseModel)
         before = azure.openai.counters["Responses"]
 

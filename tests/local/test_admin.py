@@ -39,8 +39,19 @@ def primary(azure: LocalAzure) -> str:
     return sub.primary_key
 
 
+_OPENED: list[openai.AzureOpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every client a test makes here is closed when it ends, not left to the garbage collector."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def chat_client(azure: LocalAzure) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(
+    made = openai.AzureOpenAI(
         azure_endpoint=azure.gateway_url,
         api_key="unused",
         api_version=API_VERSION,
@@ -48,6 +59,8 @@ def chat_client(azure: LocalAzure) -> openai.AzureOpenAI:
         max_retries=0,
         timeout=10,
     )
+    _OPENED.append(made)
+    return made
 
 
 def test_services(azure: LocalAzure, admin: AdminClient) -> None:

@@ -28,9 +28,20 @@ from apimvault.local.stack import APIM_SERVICE, APIM_SUBSCRIPTION, ARM_SUBSCRIPT
 MESSAGES: Any = [{"role": "user", "content": "ping"}]
 
 
+_OPENED: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every client a test makes here is closed when it ends, not left to the garbage collector."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def client(url: str, key: str | None = None) -> openai.AzureOpenAI:
     headers = {"Ocp-Apim-Subscription-Key": key} if key is not None else {}
-    return openai.AzureOpenAI(
+    made = openai.AzureOpenAI(
         azure_endpoint=url,
         api_key="unused",
         api_version=API_VERSION,
@@ -38,6 +49,8 @@ def client(url: str, key: str | None = None) -> openai.AzureOpenAI:
         max_retries=0,
         timeout=10,
     )
+    _OPENED.append(made)
+    return made
 
 
 def seeded(azure: LocalAzure) -> Subscription:
@@ -54,8 +67,11 @@ def fresh(azure: LocalAzure) -> Subscription:
     )
 
 
-def mgmt(azure: LocalAzure) -> ApiManagementClient:
-    return ApiManagementClient(DefaultAzureCredential(), ARM_SUBSCRIPTION, base_url=azure.arm_url)
+def mgmt(azure: LocalAzure, **kwargs: Any) -> ApiManagementClient:
+    credential = DefaultAzureCredential()
+    made = ApiManagementClient(credential, ARM_SUBSCRIPTION, base_url=azure.arm_url, **kwargs)
+    _OPENED.extend([credential, made])
+    return made
 
 
 # ---------------------------------------------------------------------------------------------- gateway
@@ -242,6 +258,7 @@ def test_custom_key_names(local_azure: LocalAzure) -> None:
             max_retries=0,
             timeout=10,
         )
+        _OPENED.append(c)
         assert c.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
         assert "api-key" in backend.seen()[-1].header_names  # replaced by the backend credential
         with pytest.raises(openai.AuthenticationError) as info:
@@ -397,9 +414,7 @@ def test_arm_bad_requests(azure: LocalAzure) -> None:
 
 def test_arm_fault_surfaces_in_mgmt_client(azure: LocalAzure) -> None:
     azure.arm.faults.fail_next(1, status=500, operation="ListSecrets")
-    apim = ApiManagementClient(
-        DefaultAzureCredential(), ARM_SUBSCRIPTION, base_url=azure.arm_url, retry_total=0
-    )
+    apim = mgmt(azure, retry_total=0)
     with pytest.raises(HttpResponseError) as info:
         apim.subscription.list_secrets(RESOURCE_GROUP, APIM_SERVICE, APIM_SUBSCRIPTION)
     assert info.value.status_code == 500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import httpx2
 import openai
@@ -18,10 +19,21 @@ from apimvault.local.stack import APIM_SUBSCRIPTION
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "fault"}]
 
 
+_OPENED: list[openai.AzureOpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every client a test makes is closed when it ends (with its streams' connections), not by the GC."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def client(azure: LocalAzure, timeout: float = 10) -> openai.AzureOpenAI:
     sub = azure.apim_state.get(APIM_SUBSCRIPTION)
     assert sub is not None
-    return openai.AzureOpenAI(
+    made = openai.AzureOpenAI(
         azure_endpoint=azure.gateway_url,
         api_key="unused",
         api_version=API_VERSION,
@@ -29,6 +41,8 @@ def client(azure: LocalAzure, timeout: float = 10) -> openai.AzureOpenAI:
         max_retries=0,
         timeout=timeout,
     )
+    _OPENED.append(made)
+    return made
 
 
 def chat(azure: LocalAzure, timeout: float = 10) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx2
@@ -27,8 +28,19 @@ def key(azure: LocalAzure) -> str:
     return sub.primary_key
 
 
+_OPENED: list[openai.AzureOpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every client a test makes here is closed when it ends, not left to the garbage collector."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def client(azure: LocalAzure) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(
+    made = openai.AzureOpenAI(
         azure_endpoint=azure.gateway_url,
         api_key="unused",
         api_version=API_VERSION,
@@ -36,6 +48,8 @@ def client(azure: LocalAzure) -> openai.AzureOpenAI:
         max_retries=0,
         timeout=10,
     )
+    _OPENED.append(made)
+    return made
 
 
 def raw(azure: LocalAzure, method: str, path: str, **kwargs: Any) -> httpx2.Response:

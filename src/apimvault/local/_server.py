@@ -121,6 +121,16 @@ class ServerThread:
             await asyncio.sleep(0.01)
         self._ready.set()
         await asyncio.gather(*tasks)
+        # uvicorn asks idle connections to close (a TLS shutdown that waits for the client) and a forced
+        # exit leaves busy ones open, while this loop stops when this returns. Abort what is left, then let
+        # the callbacks that close the sockets run, so no socket is left for the garbage collector.
+        for server in self._servers:
+            for connection in list(server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     def start(self, timeout: float = 30) -> None:
         self._thread.start()
@@ -142,6 +152,8 @@ class ServerThread:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(_signal)
             self._thread.join(timeout=15)
+        elif self._thread.ident is None and not self.loop.is_closed():
+            self.loop.close()  # never started: _run (which closes it) never ran
         for service in self.services:
             with contextlib.suppress(OSError):
                 service.socket.close()

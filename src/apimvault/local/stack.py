@@ -221,9 +221,9 @@ class LocalAzure:
         return self
 
     def stop(self) -> None:
-        if self._started:
-            self._thread.stop()
-            self._started = False
+        # Also when never started: the services' sockets are bound, and its loop made, at construction.
+        self._thread.stop()
+        self._started = False
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
