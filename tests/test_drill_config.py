@@ -14,8 +14,12 @@ import pytest
 from apimvault.cli.drill import DrillConfig, DrillDeclined, DrillPlan, run_drill
 from apimvault.cli.drill.config import MIN_DURATION
 from apimvault.cli.drill.context import DrillContext
-from apimvault.cli.drill.report import _stack_counts
+from apimvault.cli.drill.metrics import ClientSlot, RotationRecord
+from apimvault.cli.drill.report import DrillReport, _stack_counts
+from apimvault.cli.drill.rotations import Rotations
+from apimvault.cli.drill.schedule import Monitor, Schedule
 from apimvault.cli.drill.target import Target
+from apimvault.cli.drill.traffic import Traffic
 from apimvault.cli.output import Output
 from apimvault.cli.parser import build_parser
 from apimvault.exceptions import ConfigurationError
@@ -247,6 +251,115 @@ def test_stack_counts_subtract_the_probes_refused_while_units_synced() -> None:
     }
     assert _stack_counts(before, after) == ({"primary": 20, "secondary": 5, "invalid": 3}, 6, 2)
     assert _stack_counts(None, after) == (None, None, None)
+
+
+# ---------------------------------------------------------------------------- the parts, unopened
+
+
+@dataclasses.dataclass
+class Holding:
+    """What the monitor reads of a client's provider: the version it holds (a stand-in for the drill's
+    bookkeeping, not an SDK client)."""
+
+    version: str
+
+    def current(self) -> Holding:
+        return self
+
+
+@dataclasses.dataclass
+class Parts:
+    clock: Clock
+    ctx: DrillContext
+    traffic: Traffic
+    rotations: Rotations
+    schedule: Schedule
+    monitor: Monitor
+    report: DrillReport
+
+
+def _parts(*, revoke: bool = False) -> Parts:
+    """The drill's parts composed as :class:`~apimvault.cli.drill.run.Drill` composes them; nothing opened."""
+    clock = Clock()
+    ctx = DrillContext(_target(), Output(True), clock=clock)
+    plan = DrillConfig(revoke=revoke).plan(local=False)
+    traffic = Traffic(ctx, plan, None)
+    rotations = Rotations(ctx, plan, traffic, token_scope=None, delivery_choice="memory")
+    schedule = Schedule(ctx, plan, rotations, revoke=revoke)
+    report = DrillReport(ctx, traffic, rotations, schedule, token_scope=None)
+    return Parts(clock, ctx, traffic, rotations, schedule, Monitor(ctx, traffic, rotations), report)
+
+
+def _record(index: int, started: float, at: float) -> RotationRecord:
+    return RotationRecord(
+        index=index,
+        at_s=at,
+        old_version=f"v{index - 1}",
+        new_version=f"v{index}",
+        credential_id="primary",
+        regenerated="secondary",
+        fingerprint="fp",
+        push=False,
+        started_s=started,
+    )
+
+
+def test_monitor_records_recovery_then_convergence_when_the_last_client_moves() -> None:
+    parts = _parts()
+    ctx = parts.ctx
+    ctx.versions.extend(["v0", "v1", "v2"])
+    ctx.start_clock()
+    first = ClientSlot("sync-1", "sync", Holding("v1"), via=[("v1", "refresh-ahead")])
+    second = ClientSlot("async-1", "async", Holding("v0"))
+    parts.traffic.slots.extend([first, second])
+    parts.rotations.records.extend([_record(1, 0.5, 1.0), _record(2, 2.0, 3.0)])
+    parts.monitor.check()  # a client still on v0: rotation 2's key is held, rotation 1 not reached
+    assert [(r.convergence_s, r.revocation_recovery_s) for r in parts.rotations.records] == [
+        (None, None),
+        (None, None),
+    ]
+    second.provider = Holding("v2")
+    second.via.append(("v2", "401 -> refresh"))
+    parts.clock.now += 5.0
+    parts.monitor.check()
+    one, two = parts.rotations.records
+    assert (one.convergence_s, one.converged_via) == (4.0, {"refresh-ahead": 1, "401 -> refresh": 1})
+    assert (two.revocation_recovery_s, two.convergence_s) == (3.0, None)  # sync-1 is still on v1
+    assert ctx.timeline == [
+        "t=  5.0s  no client holds the key revoked by rotation 2 any more (3.00s after it began)",
+        "t=  5.0s  all 2 clients on version >= rotation 1 after 4.00s (refresh-ahead: 1, 401 -> refresh: 1)",
+    ]
+
+
+def test_verdict_passes_only_with_no_failure_every_client_converged_and_two_live_rotations() -> None:
+    parts = _parts()
+    records = parts.rotations.records
+    records.extend([_record(1, 0.5, 1.0), _record(2, 2.0, 3.0)])
+    for record in records:
+        record.convergence_s, record.vault_latest_live = 1.0, True
+    parts.ctx.metrics.ok(0.1, streaming=False)
+    assert parts.report._verdict([]) == (
+        True,
+        "PASS: 1 requests, 0 failed across 2 rotations (0 refused requests re-sent after a refresh); "
+        "every client converged",
+    )
+    parts.ctx.metrics.fail(0.1, False, TimeoutError("slow"))
+    records[1].convergence_s = None
+    parts.schedule.aborted = "1 of the latest 2 requests failed"
+    assert parts.report._verdict([]) == (
+        False,
+        "FAIL: 1 of 2 requests failed; not every client reached the last version; rotations stopped "
+        "because the traffic was failing (1 of the latest 2 requests failed)",
+    )
+
+
+def test_verdict_of_a_revoke_drill_needs_the_revocation() -> None:
+    parts = _parts(revoke=True)
+    parts.rotations.records.extend([_record(1, 0.5, 1.0), _record(2, 2.0, 3.0)])
+    for record in parts.rotations.records:
+        record.convergence_s, record.vault_latest_live = 1.0, True
+    parts.ctx.metrics.ok(0.1, streaming=True)
+    assert parts.report._verdict([]) == (False, "FAIL: the revocation did not run")
 
 
 # ---------------------------------------------------------------------------- the public face

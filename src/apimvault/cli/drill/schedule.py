@@ -143,31 +143,35 @@ class Monitor:
             self._thread.join(5)
 
     def _watch(self) -> None:
-        ctx = self.ctx
-        while not ctx.stop.is_set():
-            with ctx.lock:
-                records = self.rotations.records
-                pending = [r for r in records if r.convergence_s is None]
-                recovering = [r for r in records if r.revocation_recovery_s is None and r.index > 1]
-                slots = list(self.traffic.slots)
-                ranks = self.traffic.ranks()
-            low = min(ranks) if ranks else -1
-            for record in recovering:
-                if low > (record.index - 2 if record.revoked_rank is None else record.revoked_rank):
-                    record.revocation_recovery_s = round(max(0.0, ctx.elapsed() - record.started_s), 3)
-                    ctx.log(
-                        f"no client holds the key revoked by rotation {record.index} any more "
-                        f"({record.revocation_recovery_s:.2f}s after it began)"
-                    )
-            for record in pending:
-                if low >= record.index:
-                    record.convergence_s = round(max(0.0, ctx.elapsed() - record.at_s), 3)
-                    record.converged_via = self._via(record, slots)
-                    ctx.log(
-                        f"all {len(slots)} clients on version >= rotation {record.index} after "
-                        f"{record.convergence_s:.2f}s ({counts_text(record.converged_via)})"
-                    )
+        while not self.ctx.stop.is_set():
+            self.check()
             time.sleep(0.01)
+
+    def check(self) -> None:
+        """One look at the clients: record each convergence and revocation recovery now complete."""
+        ctx = self.ctx
+        with ctx.lock:
+            records = self.rotations.records
+            pending = [r for r in records if r.convergence_s is None]
+            recovering = [r for r in records if r.revocation_recovery_s is None and r.index > 1]
+            slots = list(self.traffic.slots)
+            ranks = self.traffic.ranks()
+        low = min(ranks) if ranks else -1
+        for record in recovering:
+            if low > (record.index - 2 if record.revoked_rank is None else record.revoked_rank):
+                record.revocation_recovery_s = round(max(0.0, ctx.elapsed() - record.started_s), 3)
+                ctx.log(
+                    f"no client holds the key revoked by rotation {record.index} any more "
+                    f"({record.revocation_recovery_s:.2f}s after it began)"
+                )
+        for record in pending:
+            if low >= record.index:
+                record.convergence_s = round(max(0.0, ctx.elapsed() - record.at_s), 3)
+                record.converged_via = self._via(record, slots)
+                ctx.log(
+                    f"all {len(slots)} clients on version >= rotation {record.index} after "
+                    f"{record.convergence_s:.2f}s ({counts_text(record.converged_via)})"
+                )
 
     def _via(self, record: RotationRecord, slots: list[ClientSlot]) -> dict[str, int]:
         counts: Counter[str] = Counter()
