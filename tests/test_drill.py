@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from apimvault.cli.drill import DrillConfig, run_drill
 from apimvault.local import LocalAzure
 
 from .cli_support import RotatingApp, assert_no_key, new_rotating_app, run_cli
@@ -78,3 +80,19 @@ def test_drill_refusals(azure: LocalAzure) -> None:
 @pytest.mark.parametrize("argv", [["--duration", "0"], ["--concurrency", "1"]])
 def test_drill_bad_arguments(argv: list[str]) -> None:
     assert run_cli(["drill", *argv]).code == 2
+
+
+def test_drill_from_python(azure: LocalAzure, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public face: a ``DrillConfig`` built in Python, run by ``run_drill``, returns the report."""
+    app = new_rotating_app(azure)
+    for name, value in app.env().items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    report = run_drill(DrillConfig(duration=5, concurrency=4, delivery="memory"))
+    _check_report(report)
+    assert report["delivery"]["kind"] == "memory"
+    assert report["concurrency"] == {"threads": 2, "asyncio_tasks": 2}
+    assert azure.keyvault.latest(app.name).version == report["rotation_log"][-1]["new_version"]
+    assert_no_key(json.dumps(report), _every_key(azure, app))

@@ -8,12 +8,10 @@ import math
 from .chat import cmd_chat
 from .check import cmd_check
 from .drill import cmd_drill
+from .drill.config import MIN_DURATION as MIN_DRILL_DURATION
 from .local import add_local_stack_options, cmd_local
 from .output import exit_code_table
 from .rotate import cmd_rotate
-
-MIN_DRILL_DURATION = 2.0
-"""Shortest drill (seconds of traffic): three rotations need at least two forced-refresh intervals apart."""
 
 
 class _Version(argparse.Action):

@@ -25,8 +25,7 @@ from typing import Any
 
 from ...exceptions import ConfigurationError
 from ...local.azurite import AZURITE_ACCOUNT, AZURITE_ACCOUNT_KEY, azurite_service
-
-CHOICES = ("auto", "azurite", "memory")
+from .config import DELIVERIES as CHOICES
 
 
 def host_settings() -> Any:

@@ -4,27 +4,48 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .metrics import counts_text
-from .state import DrillState
+from .metrics import ClientSlot, counts_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..output import Output
+    from .context import DrillContext
+    from .rotations import Rotations
+    from .schedule import Schedule
+    from .traffic import Traffic
 
 
-class DrillReport(DrillState):
-    """The live table while the drill runs, and the report at the end."""
+class DrillReport:
+    """The live table while the drill runs, and the report at the end. Owns the stack's counters from
+    before the drill and the display's ticker; reads the other parts."""
+
+    def __init__(
+        self,
+        ctx: DrillContext,
+        traffic: Traffic,
+        rotations: Rotations,
+        schedule: Schedule,
+        *,
+        token_scope: str | None,
+    ) -> None:
+        self.ctx = ctx
+        self.traffic = traffic
+        self.rotations = rotations
+        self.schedule = schedule
+        self.token_scope = token_scope
+        self._before: dict[str, Any] | None = None
+        self._ticking = False
 
     # ---------------------------------------------------------------------------- display
 
     @contextlib.contextmanager
-    def _display(self) -> Iterator[None]:
-        if not self.live:
+    def display(self) -> Iterator[None]:
+        """The live table (a terminal, not ``--json``) while the block runs."""
+        if not self.ctx.live:
             yield
             return
         from rich.live import Live
@@ -50,18 +71,19 @@ class DrillReport(DrillState):
         from rich.table import Table
         from rich.text import Text
 
+        ctx, metrics, slots = self.ctx, self.ctx.metrics, list(self.traffic.slots)
         head = Text(
-            f"apimvault drill  t={self.elapsed():5.1f}s/{self.duration:.0f}s  "
-            f"requests {self.metrics.requests}  "
-            f"{self.metrics.rate():6.0f} req/s  failed {self.metrics.failed}  "
-            f"401 recovered {sum(s.provider.stats().resends_401 for s in self.slots)}  "
-            f"rotations {len(self.rotations)}",
-            style="bold red" if self.metrics.failed else "bold",
+            f"apimvault drill  t={ctx.elapsed():5.1f}s/{self.traffic.plan.duration:.0f}s  "
+            f"requests {metrics.requests}  "
+            f"{metrics.rate():6.0f} req/s  failed {metrics.failed}  "
+            f"401 recovered {sum(s.provider.stats().resends_401 for s in slots)}  "
+            f"rotations {len(self.rotations.records)}",
+            style="bold red" if metrics.failed else "bold",
         )
         table = Table(box=None, pad_edge=False)
         for column in ("client", "kind", "version", "CredentialId", "state", "vault reads", "401 re-sends"):
             table.add_column(column)
-        for slot in list(self.slots):
+        for slot in slots:
             stats = slot.provider.stats()
             table.add_row(
                 slot.name,
@@ -72,84 +94,86 @@ class DrillReport(DrillState):
                 str(stats.vault_reads),
                 str(stats.resends_401),
             )
-        lines = Text("\n".join(self.timeline[-6:]), style="dim")
+        lines = Text("\n".join(ctx.timeline[-6:]), style="dim")
         return Group(head, table, lines)
 
     # ---------------------------------------------------------------------------- report
 
     def _counters(self) -> dict[str, Any] | None:
-        if self.target.faults is None:
+        faults = self.ctx.target.faults
+        if faults is None:
             return None
         try:
-            kv_ops, _ = self.target.faults.counters("keyvault")
-            _, gw_labels = self.target.faults.counters("gateway")
+            kv_ops, _ = faults.counters("keyvault")
+            _, gw_labels = faults.counters("gateway")
         except Exception:
             return None
         return {"GetSecret": kv_ops.get("GetSecret", 0), "labels": gw_labels}
 
-    def _report(
-        self, elapsed: float, before: dict[str, Any] | None, after: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        stats = [(s, s.provider.stats()) for s in self.slots]
-        recovered = sum(st.resends_401 for _, st in stats)
-        vault_reads = sum(st.vault_reads for _, st in stats)
-        convergence = [r.convergence_s for r in self.rotations]
-        converged = all(c is not None for c in convergence)
-        failed = self.metrics.failed
-        vault_live = all(r.vault_latest_live for r in self.rotations)
-        revocations = [r.revocation for r in self.rotations if r.revocation is not None]
-        revoked = not self.revoke or bool(revocations)
-        ok = (
-            failed == 0
-            and converged
-            and vault_live
-            and len(self.rotations) >= 2
-            and self.metrics.requests > 0
-            and revoked
-        )
-        gateway = None
-        server_reads = None
-        propagation_refused = None
-        if before is not None and after is not None:
+    def begin(self) -> None:
+        """Read the stack's counters before the drill (the report shows what the drill added)."""
+        self._before = self._counters()
 
-            def delta(name: str) -> int:
-                return int(after["labels"].get(name, 0)) - int(before["labels"].get(name, 0))
-
-            labels = {k.split(":", 1)[1]: delta(k) for k in after["labels"] if k.startswith("key:")}
-            # Refusals of a key a gateway unit had not synced yet: the rotation's own probes (clients only
-            # ever get a key from the vault once every unit accepts it). Not a client's 401.
-            propagation_refused = delta("propagation-refused")
-            if labels.get("invalid"):
-                labels["invalid"] -= propagation_refused
-            gateway = {k: v for k, v in labels.items() if v}
-            server_reads = after["GetSecret"] - before["GetSecret"]
-        if ok:
-            verdict = (
-                f"PASS: {self.metrics.requests} requests, 0 failed across {len(self.rotations)} rotations "
-                f"({recovered} refused requests re-sent after a refresh); every client converged"
-            )
-        else:
-            why = []
-            if failed:
-                why.append(f"{failed} of {self.metrics.requests} requests failed")
-            if not converged:
-                why.append("not every client reached the last version")
-            if self.aborted:
-                why.append(f"rotations stopped because the traffic was failing ({self.aborted})")
-            if len(self.rotations) < 2:
-                why.append("fewer than 2 rotations")
-            if not vault_live:
-                why.append("the vault's latest version was not live after every rotation")
-            if not revoked:
-                why.append("the revocation did not run")
-            verdict = "FAIL: " + "; ".join(why or ["no traffic"])
-        from ..._refusal import refusal_stats
-
-        refusals = [refusal_stats(s.provider) for s, _ in stats]
+    def build(self, elapsed: float) -> dict[str, Any]:
+        """The report (``--json``'s document; :func:`print_report` prints it)."""
+        stats = [(slot, slot.provider.stats()) for slot in self.traffic.slots]
+        gateway, server_reads, propagation_refused = _stack_counts(self._before, self._counters())
+        ok, verdict = self._verdict(stats)
         return {
             "ok": ok,
             "verdict": verdict,
-            "target": self.target.label,
+            **self._traffic_fields(stats, elapsed),
+            **self._rotation_fields(propagation_refused),
+            "errors": dict(self.ctx.metrics.errors.most_common(10)),
+            "clients_detail": [_client_detail(slot, st) for slot, st in stats],
+            "gateway_key_use": gateway,
+            "vault_get_secret_server": server_reads,
+            "timeline": list(self.ctx.timeline),
+        }
+
+    def _verdict(self, stats: list[tuple[ClientSlot, Any]]) -> tuple[bool, str]:
+        """Whether the drill passed, and the verdict line that says why (not)."""
+        metrics, records, aborted = self.ctx.metrics, self.rotations.records, self.schedule.aborted
+        converged = all(r.convergence_s is not None for r in records)
+        vault_live = all(r.vault_latest_live for r in records)
+        revoked = not self.schedule.revoke or any(r.revocation is not None for r in records)
+        failed = metrics.failed
+        if (
+            failed == 0
+            and converged
+            and vault_live
+            and len(records) >= 2
+            and metrics.requests > 0
+            and revoked
+        ):
+            recovered = sum(st.resends_401 for _, st in stats)
+            return True, (
+                f"PASS: {metrics.requests} requests, 0 failed across {len(records)} rotations "
+                f"({recovered} refused requests re-sent after a refresh); every client converged"
+            )
+        why = []
+        if failed:
+            why.append(f"{failed} of {metrics.requests} requests failed")
+        if not converged:
+            why.append("not every client reached the last version")
+        if aborted:
+            why.append(f"rotations stopped because the traffic was failing ({aborted})")
+        if len(records) < 2:
+            why.append("fewer than 2 rotations")
+        if not vault_live:
+            why.append("the vault's latest version was not live after every rotation")
+        if not revoked:
+            why.append("the revocation did not run")
+        return False, "FAIL: " + "; ".join(why or ["no traffic"])
+
+    def _traffic_fields(self, stats: list[tuple[ClientSlot, Any]], elapsed: float) -> dict[str, Any]:
+        """The report's fields from the target to the policy: refreshes, refusals, requests, latency."""
+        from ..._refusal import refusal_stats
+
+        metrics, plan, policy = self.ctx.metrics, self.traffic.plan, self.traffic.policy
+        refusals = [refusal_stats(s.provider) for s, _ in stats]
+        return {
+            "target": self.ctx.target.label,
             "token_scope": self.token_scope,
             "key_refreshes": sum(st.refreshes for _, st in stats),
             "token_refreshes": sum(r.token_refreshes for r in refusals),
@@ -157,72 +181,92 @@ class DrillReport(DrillState):
                 kind: sum(getattr(r, kind) for r in refusals)
                 for kind in ("key", "token", "quota", "rate", "backend", "other")
             },
-            "requests": self.metrics.requests,
-            "failed": failed,
-            "recovered_401": recovered,
-            "vault_reads": vault_reads,
-            "rotations": len(self.rotations),
-            "rotations_stopped": self.aborted,
-            "convergence_s": convergence,
-            "latency_ms": self.metrics.percentiles(),
-            "duration_s": self.duration,
+            "requests": metrics.requests,
+            "failed": metrics.failed,
+            "recovered_401": sum(st.resends_401 for _, st in stats),
+            "vault_reads": sum(st.vault_reads for _, st in stats),
+            "rotations": len(self.rotations.records),
+            "rotations_stopped": self.schedule.aborted,
+            "convergence_s": [r.convergence_s for r in self.rotations.records],
+            "latency_ms": metrics.percentiles(),
+            "duration_s": plan.duration,
             "elapsed_s": round(elapsed, 2),
-            "requests_per_s": round(self.metrics.requests / elapsed, 1) if elapsed else 0.0,
-            "streaming_requests": self.metrics.streaming,
-            "concurrency": {
-                "threads": math.ceil(self.concurrency / 2),
-                "asyncio_tasks": self.concurrency // 2,
-            },
-            "clients": len(self.slots),
+            "requests_per_s": round(metrics.requests / elapsed, 1) if elapsed else 0.0,
+            "streaming_requests": metrics.streaming,
+            "concurrency": {"threads": plan.threads, "asyncio_tasks": plan.asyncio_tasks},
+            "clients": len(self.traffic.slots),
             "policy": {
-                "ttl_s": self.policy.ttl,
-                "jitter": self.policy.jitter,
-                "refresh_margin_s": self.policy.margin,
-                "max_staleness_s": self.policy.max_staleness,
-                "forced_refresh_interval_s": self.policy.forced_refresh_interval,
+                "ttl_s": policy.ttl,
+                "jitter": policy.jitter,
+                "refresh_margin_s": policy.margin,
+                "max_staleness_s": policy.max_staleness,
+                "forced_refresh_interval_s": policy.forced_refresh_interval,
             },
-            "rotation_log": [dataclasses.asdict(r) for r in self.rotations],
-            "rotator": self.rotator,
-            "delivery": self.delivery.describe() if self.delivery is not None else None,
-            "gateway_urls": list(self.target.client_urls),
-            "probe_rule": {
-                "successes": self._rotation_config.probe_successes,
-                "interval_s": self._rotation_config.probe_interval,
-            }
-            if self._rotation_config is not None
+        }
+
+    def _rotation_fields(self, propagation_refused: int | None) -> dict[str, Any]:
+        """The report's fields from the rotation log to the chaos: who rotated how, and with what."""
+        rotations, records = self.rotations, self.rotations.records
+        revocations = [r.revocation for r in records if r.revocation is not None]
+        config, settings = rotations.config, rotations.propagation.settings
+        chaos = self.traffic.plan.chaos
+        return {
+            "rotation_log": [dataclasses.asdict(r) for r in records],
+            "rotator": rotations.rotator,
+            "delivery": rotations.delivery.describe() if rotations.delivery is not None else None,
+            "gateway_urls": list(self.ctx.target.client_urls),
+            "probe_rule": {"successes": config.probe_successes, "interval_s": config.probe_interval}
+            if config is not None
             else None,
             "revocation": revocations[0] if revocations else None,
             "propagation": {
-                "units_s": self.propagation_settings,
-                "random": self.chaos and bool(self.propagation_settings),
-                "measured_s": [r.propagation_s for r in self.rotations],
+                "units_s": settings,
+                "random": chaos and bool(settings),
+                "measured_s": [r.propagation_s for r in records],
                 "refused_probes": propagation_refused,
             },
-            "vault_latest_live": [r.vault_latest_live for r in self.rotations],
-            "overlapped_deliveries": sum(1 for r in self.rotations if r.overlapped),
-            "chaos": self.chaos_log if self.chaos else None,
-            "errors": dict(self.metrics.errors.most_common(10)),
-            "clients_detail": [
-                {
-                    "client": slot.name,
-                    "kind": slot.kind,
-                    "gateway_url": slot.gateway_url,
-                    "version": st.version,
-                    "fingerprint": st.fingerprint,
-                    "credential_id": st.credential_id,
-                    "vault_reads": st.vault_reads,
-                    "refreshes": st.refreshes,
-                    "rotations": st.rotations,
-                    "failures": st.failures,
-                    "forced_refreshes": st.forced_refreshes,
-                    "resends_401": st.resends_401,
-                }
-                for slot, st in stats
-            ],
-            "gateway_key_use": gateway,
-            "vault_get_secret_server": server_reads,
-            "timeline": list(self.timeline),
+            "vault_latest_live": [r.vault_latest_live for r in records],
+            "overlapped_deliveries": sum(1 for r in records if r.overlapped),
+            "chaos": self.schedule.chaos_log if chaos else None,
         }
+
+
+def _stack_counts(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> tuple[dict[str, int] | None, int | None, int | None]:
+    """What a local stack counted during the drill: the gateway's key use by label, Key Vault's GetSecret
+    calls, and the probes refused while gateway units synced (``None`` each without a local stack)."""
+    if before is None or after is None:
+        return None, None, None
+
+    def delta(name: str) -> int:
+        return int(after["labels"].get(name, 0)) - int(before["labels"].get(name, 0))
+
+    labels = {k.split(":", 1)[1]: delta(k) for k in after["labels"] if k.startswith("key:")}
+    # Refusals of a key a gateway unit had not synced yet: the rotation's own probes (clients only ever get
+    # a key from the vault once every unit accepts it). Not a client's 401.
+    propagation_refused = delta("propagation-refused")
+    if labels.get("invalid"):
+        labels["invalid"] -= propagation_refused
+    gateway = {k: v for k, v in labels.items() if v}
+    return gateway, after["GetSecret"] - before["GetSecret"], propagation_refused
+
+
+def _client_detail(slot: ClientSlot, st: Any) -> dict[str, Any]:
+    return {
+        "client": slot.name,
+        "kind": slot.kind,
+        "gateway_url": slot.gateway_url,
+        "version": st.version,
+        "fingerprint": st.fingerprint,
+        "credential_id": st.credential_id,
+        "vault_reads": st.vault_reads,
+        "refreshes": st.refreshes,
+        "rotations": st.rotations,
+        "failures": st.failures,
+        "forced_refreshes": st.forced_refreshes,
+        "resends_401": st.resends_401,
+    }
 
 
 def print_report(out: Output, report: dict[str, Any]) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import env_var, is_loopback_url, require, rotator_client_id, vault_url_variable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import DrillConfig
 
 
 class StackFaults:
@@ -90,13 +92,15 @@ class Target:
         return self.gateway_urls or (self.gateway_url,)
 
 
-def external_target(args: argparse.Namespace) -> Target:
+def external_target(config: DrillConfig) -> Target:
+    """The endpoints ``AZURE_KEYVAULT_URL`` and the library's variables name (with a local stack's admin API
+    when ``APIMVAULT_ADMIN_URL`` is set and every endpoint is loopback)."""
 
     vault_var = vault_url_variable()
     vault_url = env_var(vault_var)
     secret_name = env_var("APIMVAULT_SECRET_NAME")
     gateway = env_var("AZURE_OPENAI_ENDPOINT")
-    deployment = args.deployment or env_var("APIMVAULT_DEPLOYMENT")
+    deployment = config.deployment or env_var("APIMVAULT_DEPLOYMENT")
     require(
         (
             ("APIMVAULT_SECRET_NAME", secret_name),
@@ -124,7 +128,7 @@ def external_target(args: argparse.Namespace) -> Target:
         deployment=deployment,
         apim_subscription_id=env_var("APIMVAULT_APIM_SUBSCRIPTION_ID"),
         arm_endpoint=arm,
-        rotator_client_id=rotator_client_id(args.client_id),
+        rotator_client_id=rotator_client_id(config.client_id),
         label=f"{vault_url} (secret {secret_name}) via {gateway}",
         loopback=loopback,
         faults=faults,
