@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_command(sub: _Commands, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A command's parser with what every command has: the pointer to the exit codes and ``--json``."""
     p = sub.add_parser(
         name,
         help=help_text,
