@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TypeAlias
 
 from .chat import cmd_chat
 from .check import cmd_check
@@ -55,7 +56,12 @@ def _at_least(minimum: int) -> argparse._ActionType:
     return parse
 
 
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # where subcommands go
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``apimvault`` parser: global flags, then one subparser per command (each built by its
+    ``_add_<command>`` function, in the order ``--help`` lists them)."""
     parser = argparse.ArgumentParser(
         prog="apimvault",
         description="Azure OpenAI through APIM with the subscription key in Key Vault: diagnose, chat, "
@@ -68,19 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_local, _add_check, _add_chat, _add_rotate, _add_drill):
+        add(sub)
+    return parser
 
-    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=description,
-            epilog="exit codes: see `apimvault --help`",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.add_argument("--json", action="store_true", help="machine-readable output (one JSON document)")
-        return p
 
-    p = add(
+def _add_command(sub: _Commands, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A command's parser with what every command has: the pointer to the exit codes and ``--json``."""
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog="exit codes: see `apimvault --help`",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output (one JSON document)")
+    return p
+
+
+def _add_deployment(p: argparse.ArgumentParser) -> None:
+    """``--deployment`` (check, chat, drill)."""
+    p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
+
+
+def _add_client_id(p: argparse.ArgumentParser) -> None:
+    """``--client-id`` (rotate, drill)."""
+    p.add_argument("--client-id", help="managed identity client id of the rotator")
+
+
+def _add_local(sub: _Commands) -> None:
+    p = _add_command(
+        sub,
         "local",
         "run the embedded local Azure in the foreground",
         "Start Key Vault, managed identity, APIM (gateway + ARM) and Azure OpenAI on loopback TLS, seed "
@@ -95,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_local_stack_options(p)
     p.set_defaults(func=cmd_local)
 
-    p = add(
+
+def _add_check(sub: _Commands) -> None:
+    p = _add_command(
+        sub,
         "check",
         "walk the request path and stop at the first broken link",
         "Check, in order: configuration; which credential of DefaultAzureCredential gets a token and for "
@@ -106,22 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(api://<app-id>/.default) it also gets the Entra token a key-plus-token client sends, shows its "
         "claims and sends it with the chat.",
     )
-    p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
+    _add_deployment(p)
     p.add_argument("--endpoint", help="APIM gateway URL (default: AZURE_OPENAI_ENDPOINT)")
     p.set_defaults(func=cmd_check)
 
-    p = add(
+
+def _add_chat(sub: _Commands) -> None:
+    p = _add_command(
+        sub,
         "chat",
         "one streamed chat completion through the core's client",
         "Send one prompt, stream the answer.",
     )
     p.add_argument("prompt", help='the user message to send (quote it: apimvault chat "Hello there")')
-    p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
+    _add_deployment(p)
     p.add_argument("--timeout", type=float, default=60.0, help="request timeout in seconds")
     p.add_argument("--retries", type=int, default=2, help="openai's retries on transient errors")
     p.set_defaults(func=cmd_chat)
 
-    p = add(
+
+def _add_rotate(sub: _Commands) -> None:
+    p = _add_command(
+        sub,
         "rotate",
         "dual-key rotation of the APIM subscription key",
         "Read the secret's CredentialId, regenerate the OTHER APIM key (ARM), read it back, wait until every "
@@ -145,7 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--apim-subscription-id", help="default: APIMVAULT_APIM_SUBSCRIPTION_ID or the ProviderAddress tag"
     )
-    p.add_argument("--client-id", help="managed identity client id of the rotator")
+    _add_client_id(p)
+    _add_rotate_wait_options(p)
+    _add_rotate_revoke_options(p)
+    p.set_defaults(func=cmd_rotate)
+
+
+def _add_rotate_wait_options(p: argparse.ArgumentParser) -> None:
+    """``rotate``'s bounds and shape of the wait for the gateways to accept the new key."""
     p.add_argument(
         "--propagation-timeout",
         type=float,
@@ -169,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between those probes (default: APIMVAULT_PROBE_INTERVAL or 0.5)",
     )
+
+
+def _add_rotate_revoke_options(p: argparse.ArgumentParser) -> None:
+    """``rotate``'s emergency revocation, and the token its probes send to a key-plus-token gateway."""
     p.add_argument(
         "--revoke-current",
         action="store_true",
@@ -190,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(api://<app-id>/.default); the probes then send a token the rotator's credential gets for it "
         "(default: APIMVAULT_TOKEN_SCOPE; unset: the key alone)",
     )
-    p.set_defaults(func=cmd_rotate)
 
-    p = add(
+
+def _add_drill(sub: _Commands) -> None:
+    p = _add_command(
+        sub,
         "drill",
         "rotation drill under live traffic (embedded local Azure unless AZURE_KEYVAULT_URL is set)",
         "Run chat traffic (threads and asyncio tasks, plain and streaming) through clients built by the core "
@@ -203,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
         "identity, its roles and the delivery path. Exit 1 if any request failed. Against a non-loopback "
         "target it needs --yes.",
     )
+    _add_drill_load_options(p)
+    _add_drill_fault_options(p)
+    _add_deployment(p)
+    _add_client_id(p)
+    p.add_argument("--yes", action="store_true", help="allow regenerating keys of a non-loopback target")
+    p.set_defaults(func=cmd_drill)
+
+
+def _add_drill_load_options(p: argparse.ArgumentParser) -> None:
+    """``drill``'s traffic: how many workers, for how long, over how many clients."""
     p.add_argument(
         "--concurrency", type=_at_least(2), default=16, help="workers in total, >= 2 (default %(default)s)"
     )
@@ -218,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="providers/clients the workers share, >= 2 (default %(default)s)",
     )
+
+
+def _add_drill_fault_options(p: argparse.ArgumentParser) -> None:
+    """``drill``'s faults, token, event delivery and revocation."""
     p.add_argument(
         "--chaos",
         action="store_true",
@@ -251,8 +311,3 @@ def build_parser() -> argparse.ArgumentParser:
         help="make rotation 3 an emergency revocation (rotate --revoke-current) of the key the clients "
         "hold, mid-traffic; the report says when every gateway refused it",
     )
-    p.add_argument("--deployment", help="Azure OpenAI deployment (default: APIMVAULT_DEPLOYMENT)")
-    p.add_argument("--client-id", help="managed identity client id of the rotator")
-    p.add_argument("--yes", action="store_true", help="allow regenerating keys of a non-loopback target")
-    p.set_defaults(func=cmd_drill)
-    return parser
