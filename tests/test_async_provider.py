@@ -12,7 +12,6 @@ import pytest
 from apimvault import (
     AccessDeniedError,
     AsyncSubscriptionKeyProvider,
-    CachePolicy,
     InvalidSecretValueError,
     SecretDisabledError,
     SecretExpiredError,
@@ -21,19 +20,8 @@ from apimvault import (
     arefresh_from_event,
 )
 from apimvault.local import LocalAzure
-
-from .core_helpers import Events, FakeClock, new_app_secret
-
-POLICY = CachePolicy(
-    ttl=300, jitter=0, refresh_margin=60, max_staleness=600, backoff_initial=1, backoff_max=8
-)
-
-
-def provider(
-    azure: LocalAzure, name: str, clock: FakeClock | None = None, **kwargs: object
-) -> AsyncSubscriptionKeyProvider:
-    kwargs.setdefault("policy", POLICY)
-    return AsyncSubscriptionKeyProvider(azure.vault_url, name, clock=clock or FakeClock(), **kwargs)  # type: ignore[arg-type]
+from tests._support.core import Events, FakeClock, new_app_secret
+from tests._support.providers import async_provider as provider
 
 
 async def wait_for(predicate: Callable[..., object], limit_s: float = 30) -> None:

@@ -20,7 +20,6 @@ import pytest
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
-    CachePolicy,
     ConfigurationError,
     InsecureTransportError,
     KeyInHeadersError,
@@ -30,12 +29,11 @@ from apimvault import (
     refusal_stats,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure, temporary_environ
-
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.core import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.policies import FAST_REFRESH
 
 API_VERSION = "2024-02-01"  # the published snippet's
 MESSAGES = user_messages("hello")
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 HEADER = "Ocp-Apim-Subscription-Key"
 README = Path(__file__).resolve().parents[1] / "README.md"
 SUFFIXES = ["openai", ""]  # the local gateway's default API URL suffix, and none (the API at the root)
@@ -84,7 +82,9 @@ def test_published_snippet_through_apimvault_survives_a_revoking_rotation(
     static = published_snippet(base_url, app.subscription.primary_key)
     assert static.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices  # as published: works
     failures: list[BaseException] = []
-    with SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY) as provider:
+    with SubscriptionKeyProvider(
+        azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH
+    ) as provider:
         client = create_azure_openai(provider, base_url=base_url, api_version=API_VERSION, max_retries=0)
 
         def call(_: int) -> None:
@@ -130,7 +130,9 @@ def test_async_published_snippet_through_apimvault_survives_a_revoking_rotation(
         return reply.choices[0].message.content or ""
 
     async def run() -> tuple[list[Any], AsyncSubscriptionKeyProvider]:
-        provider = AsyncSubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY)
+        provider = AsyncSubscriptionKeyProvider(
+            azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH
+        )
         client = create_async_azure_openai(
             provider, base_url=base_url, api_version=API_VERSION, max_retries=0
         )
@@ -151,7 +153,7 @@ def test_base_url_pins_its_origin_and_https(azure: LocalAzure, loop: asyncio.Run
     app = new_app_secret(azure)
     cls: Any = SubscriptionKeyProvider if api == "sync" else AsyncSubscriptionKeyProvider
     factory: Any = create_azure_openai if api == "sync" else create_async_azure_openai
-    provider = cls(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY)
+    provider = cls(azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH)
     base_url = deployment_url(azure, "openai")
     with pytest.raises(InsecureTransportError, match="base_url"):
         factory(provider, base_url=base_url.replace("https://", "http://"), api_version=API_VERSION)

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from apimvault.local import LocalAzure
-
-from .cli_support import RotatingApp, assert_no_key, new_rotating_app, run_cli
+from tests._support.cli import RotatingApp, assert_no_key, new_rotating_app, run_cli
 
 
 def _check(app: RotatingApp, **env: str | None) -> tuple[int, dict[str, Any], str]:

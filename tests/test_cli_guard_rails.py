@@ -16,8 +16,8 @@ import pytest
 
 from apimvault.cli.drill.metrics import BROKEN_WINDOW, Metrics
 from apimvault.local import LocalAzure
+from tests._support.cli import new_rotating_app, run_cli
 
-from .cli_support import new_rotating_app, run_cli
 from .test_cli_local import APIMVAULT, _read_line, clean_env
 
 

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from apimvault.local import temporary_environ
-
-from .cli_support import assert_no_key, run_cli
+from tests._support.cli import assert_no_key, run_cli
 
 APIMVAULT = str(Path(sys.executable).parent / "apimvault")
 

@@ -16,8 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from apimvault.local import LocalAzure, ServerThread, Service
-
-from .cli_support import assert_no_key, new_rotating_app, run_cli
+from tests._support.cli import assert_no_key, new_rotating_app, run_cli
 
 SCOPE = "api://apimvault-gateway/.default"
 

@@ -10,9 +10,8 @@ import pytest
 from azure.core.credentials import AccessToken
 
 from apimvault.local import LocalAzure
-
-from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
-from .infra.events import near_expiry_event
+from tests._support.cli import assert_no_key, gateway_status, new_rotating_app, run_cli
+from tests._support.events import near_expiry_event
 
 
 def _event(azure: LocalAzure, name: str, version: str) -> str:

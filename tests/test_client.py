@@ -15,7 +15,6 @@ import pytest
 from apimvault import (
     PLACEHOLDER_API_KEY,
     AsyncSubscriptionKeyProvider,
-    CachePolicy,
     ConfigurationError,
     InsecureTransportError,
     SubscriptionKeyAuth,
@@ -25,12 +24,11 @@ from apimvault import (
     fingerprint,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure
-
-from .core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.core import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.policies import FAST_REFRESH
 
 HEADER = "Ocp-Apim-Subscription-Key"
 MESSAGES = user_messages("hello")
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 
 
 def sync_setup(
@@ -39,7 +37,7 @@ def sync_setup(
     """A provider and its client, both closed by ``closing`` when the test ends."""
     app = new_app_secret(azure)
     provider = closing.enter_context(
-        SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock or FakeClock(), policy=POLICY)
+        SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock or FakeClock(), policy=FAST_REFRESH)
     )
     client = closing.enter_context(create_azure_openai(provider, max_retries=0))
     return provider, client, app
@@ -228,7 +226,9 @@ async def test_async_client_chat_stream_and_revocation(azure: LocalAzure) -> Non
     app = new_app_secret(azure)
     async with (
         AsyncExitStack() as stack,
-        AsyncSubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY) as provider,
+        AsyncSubscriptionKeyProvider(
+            azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH
+        ) as provider,
     ):
         client = create_async_azure_openai(provider, max_retries=0)
         await stack.enter_async_context(client)

@@ -10,12 +10,10 @@ import threading
 
 import pytest
 
-from apimvault import AsyncSubscriptionKeyProvider, CachePolicy, ConfigurationError, SubscriptionKeyProvider
+from apimvault import AsyncSubscriptionKeyProvider, ConfigurationError, SubscriptionKeyProvider
 from apimvault.local import LocalAzure
-
-from .core_helpers import AsyncGate, FakeClock, Gate, blocked_in, new_app_secret, wait_until
-
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60)
+from tests._support.core import AsyncGate, FakeClock, Gate, blocked_in, new_app_secret, wait_until
+from tests._support.policies import STEADY
 
 
 def _closed(exc: object) -> bool:
@@ -29,7 +27,7 @@ def test_sync_close_during_a_read_gives_every_caller_the_closed_error(azure: Loc
         azure.vault_url,
         app.name,
         clock=FakeClock(),
-        policy=POLICY,
+        policy=STEADY,
         client_kwargs={"per_call_policies": [gate], "retry_total": 0},
     )
     errors: dict[str, BaseException | None] = {}
@@ -65,7 +63,7 @@ def test_sync_close_during_a_read_gives_every_caller_the_closed_error(azure: Loc
 
 def test_sync_closed_provider_never_serves_its_cached_key(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
-    provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY)
+    provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=STEADY)
     key = provider.get_key()
     assert provider.get_key() is key  # the lock-free fast path
     provider.close()
@@ -82,7 +80,7 @@ async def test_async_close_during_a_read_gives_every_caller_the_closed_error(azu
         azure.vault_url,
         app.name,
         clock=FakeClock(),
-        policy=POLICY,
+        policy=STEADY,
         client_kwargs={"per_call_policies": [gate], "retry_total": 0},
     )
     gate.armed = True
@@ -110,7 +108,7 @@ async def test_async_caller_cancelled_by_its_own_code_still_gets_cancelled_error
         azure.vault_url,
         app.name,
         clock=FakeClock(),
-        policy=POLICY,
+        policy=STEADY,
         client_kwargs={"per_call_policies": [gate], "retry_total": 0},
     )
     gate.armed = True

@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 
 from apimvault.local import LocalAzure
-
-from .cli_support import RotatingApp, assert_no_key, new_rotating_app, run_cli
+from tests._support.cli import RotatingApp, assert_no_key, new_rotating_app, run_cli
 
 STABLE_FIELDS = ("requests", "failed", "recovered_401", "vault_reads", "rotations", "convergence_s", "ok")
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from apimvault.local import LocalAzure
-
-from .cli_support import assert_no_key, new_rotating_app, run_cli
+from tests._support.cli import assert_no_key, new_rotating_app, run_cli
 
 
 @pytest.mark.slow

@@ -21,7 +21,6 @@ from apimvault import (
     AsyncBearerTokenSource,
     AsyncSubscriptionKeyProvider,
     BearerTokenSource,
-    CachePolicy,
     ConfigurationError,
     SubscriptionKeyProvider,
     create_async_azure_openai,
@@ -31,16 +30,16 @@ from apimvault import (
     refusal_stats,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure
+from tests._support.core import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.policies import FAST_REFRESH
 
 from .conftest import SESSION_CA
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"
 API = "/openai"
 HEADER = "Ocp-Apim-Subscription-Key"
 MESSAGES = user_messages("hello")
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 VALIDATE = {"validate_azure_ad_token": {"audiences": [AUDIENCE]}}
 
 
@@ -61,7 +60,7 @@ def clocked() -> Iterator[tuple[LocalAzure, FakeClock]]:
 
 def test_key_plus_token_sends_both_and_no_api_key(gateway: LocalAzure) -> None:
     app = new_app_secret(gateway)
-    with SubscriptionKeyProvider(gateway.vault_url, app.name, policy=POLICY) as provider:
+    with SubscriptionKeyProvider(gateway.vault_url, app.name, policy=FAST_REFRESH) as provider:
         client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
         raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         sent = raw.http_response.request.headers
@@ -81,7 +80,9 @@ def test_key_plus_token_sends_both_and_no_api_key(gateway: LocalAzure) -> None:
 def test_key_plus_token_through_a_rotation_fails_nothing(gateway: LocalAzure, stream: bool) -> None:
     app = new_app_secret(gateway)
     failures: list[BaseException] = []
-    with SubscriptionKeyProvider(gateway.vault_url, app.name, clock=FakeClock(), policy=POLICY) as provider:
+    with SubscriptionKeyProvider(
+        gateway.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH
+    ) as provider:
         client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
 
         def call(_: int) -> None:
@@ -112,7 +113,7 @@ def test_token_expiry_mid_traffic_one_token_refresh_nothing_fails(
     stack, clock = clocked
     app = new_app_secret(stack)
     # The provider keeps real time, so the key stays fresh in its cache while the stack's clock jumps.
-    with stack.env(), SubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY) as provider:
+    with stack.env(), SubscriptionKeyProvider(stack.vault_url, app.name, policy=FAST_REFRESH) as provider:
         client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
         for _ in range(3):
             assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
@@ -133,7 +134,7 @@ async def test_async_token_expiry_mid_traffic(clocked: tuple[LocalAzure, FakeClo
     stack, clock = clocked
     app = new_app_secret(stack)
     with stack.env():
-        async with AsyncSubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY) as provider:
+        async with AsyncSubscriptionKeyProvider(stack.vault_url, app.name, policy=FAST_REFRESH) as provider:
             client = create_async_azure_openai(provider, token_scope=SCOPE, max_retries=0)
             await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
             clock.advance(stack.tokens.lifetime_s + 60)
@@ -151,7 +152,7 @@ async def test_async_token_expiry_mid_traffic(clocked: tuple[LocalAzure, FakeClo
 
 async def test_async_key_plus_token_sends_both(gateway: LocalAzure) -> None:
     app = new_app_secret(gateway)
-    async with AsyncSubscriptionKeyProvider(gateway.vault_url, app.name, policy=POLICY) as provider:
+    async with AsyncSubscriptionKeyProvider(gateway.vault_url, app.name, policy=FAST_REFRESH) as provider:
         client = create_async_azure_openai(provider, token_scope=SCOPE, max_retries=0)
         raw = await client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)
         assert raw.http_response.request.headers["authorization"].startswith("Bearer ")
@@ -235,7 +236,7 @@ async def test_token_401_refresh_and_resend_on_a_stream(
     with stack.env():
         provider: Any
         if mode == "sync":
-            provider = SubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY)
+            provider = SubscriptionKeyProvider(stack.vault_url, app.name, policy=FAST_REFRESH)
             client: Any = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
             client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
             clock.advance(stack.tokens.lifetime_s + 60)
@@ -244,7 +245,7 @@ async def test_token_401_refresh_and_resend_on_a_stream(
             client.close()
             provider.close()
         else:
-            provider = AsyncSubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY)
+            provider = AsyncSubscriptionKeyProvider(stack.vault_url, app.name, policy=FAST_REFRESH)
             client = create_async_azure_openai(provider, token_scope=SCOPE, max_retries=0)
             await client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)
             clock.advance(stack.tokens.lifetime_s + 60)
@@ -261,7 +262,7 @@ async def test_token_401_refresh_and_resend_on_a_stream(
 
 
 def test_check_token_step_and_key_plus_token_request(gateway: LocalAzure) -> None:
-    from .cli_support import assert_no_key, new_rotating_app, run_cli
+    from tests._support.cli import assert_no_key, new_rotating_app, run_cli
 
     audience = "api://apimvault-check"  # its own app registration: the role granted here stays with it
     gateway.tokens.grant_app_role(gateway.default_identity, audience, "Gateway.Call")
@@ -283,7 +284,7 @@ def test_check_token_step_and_key_plus_token_request(gateway: LocalAzure) -> Non
 
 
 def test_check_names_a_refused_token(gateway: LocalAzure) -> None:
-    from .cli_support import assert_no_key, new_rotating_app, run_cli
+    from tests._support.cli import assert_no_key, new_rotating_app, run_cli
 
     app = new_rotating_app(gateway)
     run = run_cli(["check", "--json"], {**app.env(), "APIMVAULT_TOKEN_SCOPE": "api://another-api/.default"})
@@ -304,7 +305,7 @@ def test_check_names_a_refused_token(gateway: LocalAzure) -> None:
 
 @pytest.mark.slow
 def test_drill_key_plus_token_reports_token_refreshes(gateway: LocalAzure) -> None:
-    from .cli_support import assert_no_key, new_rotating_app, run_cli
+    from tests._support.cli import assert_no_key, new_rotating_app, run_cli
 
     app = new_rotating_app(gateway)
     gateway.gateway.counters.reset()
@@ -336,11 +337,11 @@ def test_drill_key_plus_token_reports_token_refreshes(gateway: LocalAzure) -> No
 
 
 def test_tokens_never_in_debug_logs_through_a_token_refresh(clocked: tuple[LocalAzure, FakeClock]) -> None:
-    from .canary import LeakCapture, find_leaks
+    from tests._support.canary import LeakCapture, find_leaks
 
     stack, clock = clocked
     app = new_app_secret(stack)
-    with stack.env(), SubscriptionKeyProvider(stack.vault_url, app.name, policy=POLICY) as provider:
+    with stack.env(), SubscriptionKeyProvider(stack.vault_url, app.name, policy=FAST_REFRESH) as provider:
         client = create_azure_openai(provider, token_scope=SCOPE, max_retries=0)
         with LeakCapture(["apimvault", "openai", "httpx2", "httpcore2", "azure", "msal"]) as capture:
             client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES)

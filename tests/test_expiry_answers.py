@@ -13,12 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from apimvault import AsyncSubscriptionKeyProvider, CachePolicy, SecretExpiredError, SubscriptionKeyProvider
+from apimvault import AsyncSubscriptionKeyProvider, SecretExpiredError, SubscriptionKeyProvider
 from apimvault.local import LocalAzure
-
-from .core_helpers import FakeClock, new_app_secret
-
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
+from tests._support.core import FakeClock, new_app_secret
+from tests._support.policies import FAST_REFRESH
 
 
 @pytest.fixture(params=["serves", "refuses"])
@@ -34,7 +32,7 @@ def test_expired_secret_is_refused_sync(azure: LocalAzure, vault_answer: str) ->
     app = new_app_secret(azure, expires=int(time.time()) - 60)
     before = azure.keyvault.counters["GetSecret"]
     with (
-        SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY) as p,
+        SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH) as p,
         pytest.raises(SecretExpiredError, match="expired"),
     ):
         p.get_key()
@@ -43,14 +41,16 @@ def test_expired_secret_is_refused_sync(azure: LocalAzure, vault_answer: str) ->
 
 async def test_expired_secret_is_refused_async(azure: LocalAzure, vault_answer: str) -> None:
     app = new_app_secret(azure, expires=int(time.time()) - 60)
-    async with AsyncSubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY) as p:
+    async with AsyncSubscriptionKeyProvider(
+        azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH
+    ) as p:
         with pytest.raises(SecretExpiredError, match="expired"):
             await p.get_key()
 
 
 def test_unexpired_secret_is_served_either_way(azure: LocalAzure, vault_answer: str) -> None:
     app = new_app_secret(azure, expires=int(time.time()) + 3600)
-    with SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY) as p:
+    with SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH) as p:
         assert p.get() == app.subscription.primary_key
 
 

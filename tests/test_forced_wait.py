@@ -19,11 +19,10 @@ from apimvault import (
     create_azure_openai,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure
+from tests._support.core import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.policies import FAST_REFRESH
 
-from .core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
-
-INTERVAL = 5.0
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=INTERVAL)
+INTERVAL = FAST_REFRESH.forced_refresh_interval  # the waits below are computed from it
 MESSAGES = user_messages("emergency rotation")
 
 
@@ -56,7 +55,9 @@ def test_second_revocation_within_the_interval_waits_for_the_next_read(azure: Lo
     app = new_app_secret(azure)
     clock = FakeClock()
     sleeps = Sleeps(clock)
-    provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=clock, policy=POLICY, sleep=sleeps)
+    provider = SubscriptionKeyProvider(
+        azure.vault_url, app.name, clock=clock, policy=FAST_REFRESH, sleep=sleeps
+    )
     client = create_azure_openai(provider, max_retries=0)
     try:
         assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
@@ -80,7 +81,7 @@ async def test_second_revocation_within_the_interval_waits_for_the_next_read_asy
     clock = FakeClock()
     sleeps = Sleeps(clock)
     provider = AsyncSubscriptionKeyProvider(
-        azure.vault_url, app.name, clock=clock, policy=POLICY, sleep=sleeps.asleep
+        azure.vault_url, app.name, clock=clock, policy=FAST_REFRESH, sleep=sleeps.asleep
     )
     client = create_async_azure_openai(provider, max_retries=0)
     try:

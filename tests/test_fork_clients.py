@@ -35,11 +35,11 @@ from apimvault import (
     refusal_stats,
 )
 from apimvault.local import DEPLOYMENT, Fault, LocalAzure
-
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages, wait_until
+from tests._support.core import FakeClock, new_app_secret, rotate_to_secondary, user_messages, wait_until
+from tests._support.policies import FAST_REFRESH
 
 MESSAGES = user_messages("hello")
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
+# Its own numbers: on the real clock, a forced refresh every 0.5 s lets each rotation's 401 refresh at once.
 FAST = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=0.5)
 WORKERS = 3
 PER_PHASE = 5
@@ -144,7 +144,9 @@ def _sync_fleet(azure: LocalAzure, workers: int, rotations: int, per_phase: int)
     app = new_app_secret(azure)
     # One rotation: a clock that never moves (no refresh but the 401's). More: the real clock, so the next
     # revocation's forced read is allowed again (a 401 inside the interval waits for it, issue 21 item 18).
-    clocked: dict[str, Any] = {"clock": FakeClock(), "policy": POLICY} if rotations == 1 else {"policy": FAST}
+    clocked: dict[str, Any] = (
+        {"clock": FakeClock(), "policy": FAST_REFRESH} if rotations == 1 else {"policy": FAST}
+    )
     provider = SubscriptionKeyProvider(azure.vault_url, app.name, **clocked)
     sockets = Sockets()
     http = openai.DefaultHttpxClient(event_hooks={"response": [sockets]})
@@ -194,7 +196,7 @@ def test_prefork_fleet_of_sixteen_through_two_revoking_rotations(azure: LocalAzu
 
 def test_prefork_fleet_async_through_a_revoking_rotation(azure: LocalAzure) -> None:
     app = new_app_secret(azure)
-    provider = AsyncSubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY)
+    provider = AsyncSubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH)
     sockets = Sockets()
     http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [sockets.hook]})
     client = create_async_azure_openai(provider, max_retries=0, http_client=http)

@@ -37,6 +37,7 @@ def _closed_port() -> int:
 
 VAULT = f"https://127.0.0.1:{_closed_port()}"
 NAME = "apim-key"
+# Its own numbers: no backoff, so no fuzzed event's refresh waits on an earlier failure's backoff.
 POLICY = CachePolicy(ttl=300, jitter=0, backoff_initial=0, backoff_max=0)
 
 

@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from apimvault import (
     PLACEHOLDER_API_KEY,
     AsyncSubscriptionKeyProvider,
-    CachePolicy,
     InsecureTransportError,
     InvalidSecretValueError,
     SubscriptionKey,
@@ -36,13 +35,12 @@ from apimvault import (
     create_azure_openai,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure, ServerThread, Service
-
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.core import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.policies import FAST_REFRESH
 
 HEADER = "Ocp-Apim-Subscription-Key"
 CHAT_PATH = f"/openai/deployments/{DEPLOYMENT}/chat/completions"
 MESSAGES = user_messages("hello")
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 COMPLETION = {
     "id": "chatcmpl-guard",
     "object": "chat.completion",
@@ -183,7 +181,7 @@ def new_http_client(api: str) -> Any:
 
 def provider_for(api: str, azure: LocalAzure, name: str, **kwargs: Any) -> Any:
     cls = SubscriptionKeyProvider if api == "sync" else AsyncSubscriptionKeyProvider
-    return cls(azure.vault_url, name, clock=FakeClock(), policy=POLICY, **kwargs)
+    return cls(azure.vault_url, name, clock=FakeClock(), policy=FAST_REFRESH, **kwargs)
 
 
 def close(loop: asyncio.Runner, *things: Any) -> None:

@@ -32,8 +32,7 @@ from apimvault import (
     refresh_from_event,
 )
 from apimvault.local import LocalAzure
-
-from .core_helpers import (
+from tests._support.core import (
     AppSecret,
     AsyncGate,
     Events,
@@ -44,25 +43,24 @@ from .core_helpers import (
     new_version_event,
     wait_until,
 )
+from tests._support.policies import SHORT_BACKOFF
 
-POLICY = CachePolicy(
-    ttl=300, jitter=0, refresh_margin=60, max_staleness=600, backoff_initial=1, backoff_max=8
-)
 # A long back-off, so that a probe is what makes recovery quick (item 14).
 SLOW_BACKOFF = CachePolicy(
     ttl=300, jitter=0, refresh_margin=60, max_staleness=600, backoff_initial=30, backoff_max=60
 )
+
 NO_SDK_RETRY = {"retry_total": 0}
 
 
 def sync_provider(azure: LocalAzure, app: AppSecret, **kwargs: Any) -> SubscriptionKeyProvider:
-    kwargs.setdefault("policy", POLICY)
+    kwargs.setdefault("policy", SHORT_BACKOFF)
     kwargs.setdefault("clock", FakeClock())
     return SubscriptionKeyProvider(azure.vault_url, app.name, **kwargs)
 
 
 def async_provider(azure: LocalAzure, app: AppSecret, **kwargs: Any) -> AsyncSubscriptionKeyProvider:
-    kwargs.setdefault("policy", POLICY)
+    kwargs.setdefault("policy", SHORT_BACKOFF)
     kwargs.setdefault("clock", FakeClock())
     return AsyncSubscriptionKeyProvider(azure.vault_url, app.name, **kwargs)
 
@@ -408,7 +406,7 @@ def test_a_flood_of_forged_events_costs_one_read_per_interval(azure: LocalAzure)
         assert refresh_from_event(new_version_event(azure, app, held.version), [p]) == []  # held: free
         p.get_key()
         assert p.stats().vault_reads == 2
-        clock.advance(POLICY.forced_refresh_interval)  # the coalesced events: one background read
+        clock.advance(SHORT_BACKOFF.forced_refresh_interval)  # the coalesced events: one background read
         p.get_key()
         events.wait("refreshed", 3)
         p.get_key()
@@ -429,7 +427,7 @@ async def test_a_flood_of_forged_events_costs_one_async_read_per_interval(azure:
         assert await arefresh_from_event(new_version_event(azure, app, held.version), [p]) == []
         await p.get_key()
         assert p.stats().vault_reads == 2
-        clock.advance(POLICY.forced_refresh_interval)
+        clock.advance(SHORT_BACKOFF.forced_refresh_interval)
         await p.get_key()
         await until(lambda: len(events.refreshed) == 3, "the coalesced refresh")
         await p.get_key()

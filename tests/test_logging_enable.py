@@ -21,17 +21,15 @@ from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
-    CachePolicy,
     ConfigurationError,
     InsecureTransportError,
     SubscriptionKeyProvider,
     fingerprint,
 )
 from apimvault.local import LocalAzure
+from tests._support.core import FakeClock, new_app_secret, rotate_to_secondary
+from tests._support.policies import STEADY
 
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary
-
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60)
 TRACE_LOGGER = "azure.core.pipeline.policies._universal"
 
 
@@ -57,7 +55,7 @@ def test_logging_enable_never_logs_the_key(
     kwargs: dict[str, Any] = {"logging_enable": not per_call}
     if api == "sync":
         with SubscriptionKeyProvider(
-            azure.vault_url, app.name, clock=FakeClock(), policy=POLICY, client_kwargs=kwargs
+            azure.vault_url, app.name, clock=FakeClock(), policy=STEADY, client_kwargs=kwargs
         ) as provider:
             if per_call:
                 provider.secret_client.get_secret(app.name, logging_enable=True)
@@ -68,7 +66,7 @@ def test_logging_enable_never_logs_the_key(
 
         async def go() -> tuple[str, str]:
             async with AsyncSubscriptionKeyProvider(
-                azure.vault_url, app.name, clock=FakeClock(), policy=POLICY, client_kwargs=kwargs
+                azure.vault_url, app.name, clock=FakeClock(), policy=STEADY, client_kwargs=kwargs
             ) as provider:
                 if per_call:
                     await provider.secret_client.get_secret(app.name, logging_enable=True)

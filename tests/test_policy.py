@@ -10,8 +10,7 @@ import pytest
 
 from apimvault import CachePolicy, ConfigurationError, SubscriptionKey
 from apimvault._policy import Action, ForceDecision, KeyCache
-
-from .core_helpers import FakeClock
+from tests._support.core import FakeClock
 
 START = 1_800_000_000.0  # a fixed epoch: the pure policy never meets Key Vault's clock
 

@@ -9,7 +9,6 @@ import pytest
 
 from apimvault import (
     AccessDeniedError,
-    CachePolicy,
     ConfigurationError,
     InvalidSecretValueError,
     SecretDisabledError,
@@ -20,19 +19,8 @@ from apimvault import (
     VaultUnavailableError,
 )
 from apimvault.local import LocalAzure
-
-from .core_helpers import Events, FakeClock, new_app_secret, new_version_event
-
-POLICY = CachePolicy(
-    ttl=300, jitter=0, refresh_margin=60, max_staleness=600, backoff_initial=1, backoff_max=8
-)
-
-
-def provider(
-    azure: LocalAzure, name: str, clock: FakeClock | None = None, **kwargs: object
-) -> SubscriptionKeyProvider:
-    kwargs.setdefault("policy", POLICY)
-    return SubscriptionKeyProvider(azure.vault_url, name, clock=clock or FakeClock(), **kwargs)  # type: ignore[arg-type]
+from tests._support.core import Events, FakeClock, new_app_secret, new_version_event
+from tests._support.providers import sync_provider as provider
 
 
 def test_from_env_reads_the_seeded_secret(azure: LocalAzure) -> None:

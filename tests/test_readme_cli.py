@@ -15,8 +15,8 @@ import pytest
 import apimvault
 from apimvault.cli.config import LOCAL_ENV_VARIABLES, unset_local_env_command
 from apimvault.local import LocalAzure
+from tests._support.cli import new_rotating_app, run_cli
 
-from .cli_support import new_rotating_app, run_cli
 from .test_cli_local import APIMVAULT, _read_line, clean_env
 
 

@@ -8,8 +8,7 @@ import pytest
 
 from apimvault import SubscriptionKeyProvider, install_log_redaction
 from apimvault.local import LocalAzure
-
-from .core_helpers import new_app_secret
+from tests._support.core import new_app_secret
 
 
 def test_watched_key_and_key_headers_are_masked(azure: LocalAzure, caplog: pytest.LogCaptureFixture) -> None:
@@ -40,8 +39,7 @@ def test_install_is_idempotent() -> None:
 def test_redact_text_masks_every_key_and_token_the_process_holds(azure: LocalAzure) -> None:
     from apimvault import SubscriptionKeyProvider
     from apimvault._redact import redact_text, watch_value
-
-    from .core_helpers import new_app_secret
+    from tests._support.core import new_app_secret
 
     app = new_app_secret(azure)
     key = app.subscription.primary_key

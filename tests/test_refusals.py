@@ -16,7 +16,6 @@ import pytest
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
-    CachePolicy,
     QuotaExceededError,
     SubscriptionKeyProvider,
     create_async_azure_openai,
@@ -25,11 +24,10 @@ from apimvault import (
 )
 from apimvault._refusal import classify, renewal_seconds
 from apimvault.local import DEPLOYMENT, Fault, LocalAzure
-
-from .core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.core import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.policies import FAST_REFRESH
 
 MESSAGES = user_messages("hello")
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 API = "/openai"
 
 
@@ -70,12 +68,12 @@ class Rig:
         self.client: Any
         if self.is_async:
             self.provider = AsyncSubscriptionKeyProvider(
-                azure.vault_url, self.app.name, clock=self.clock, policy=POLICY
+                azure.vault_url, self.app.name, clock=self.clock, policy=FAST_REFRESH
             )
             self.client = create_async_azure_openai(self.provider, max_retries=0)
         else:
             self.provider = SubscriptionKeyProvider(
-                azure.vault_url, self.app.name, clock=self.clock, policy=POLICY
+                azure.vault_url, self.app.name, clock=self.clock, policy=FAST_REFRESH
             )
             self.client = create_azure_openai(self.provider, max_retries=0)
 

@@ -26,11 +26,11 @@ from apimvault.rotation import (
     rotate,
     rotate_from_event,
 )
+from tests._support.cli import assert_no_key, gateway_status, new_rotating_app, run_cli
+from tests._support.events import near_expiry_event
+from tests._support.rotation import ManualClock, RotatorAccess, rotator_access
 
-from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
 from .conftest import SESSION_CA
-from .infra.events import near_expiry_event
-from .rotation_support import ManualClock, RotatorAccess, rotator_access
 
 
 def gateway_status_at(azure: LocalAzure, url: str, key: str) -> int:

@@ -26,11 +26,11 @@ from apimvault.rotation import (
     revoke_current,
     rotate,
 )
+from tests._support.cli import assert_no_key, gateway_status, new_rotating_app, run_cli
+from tests._support.events import near_expiry_event
+from tests._support.rotation import ManualClock, RotatorAccess, rotator_access
 
-from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
 from .conftest import SESSION_CA
-from .infra.events import near_expiry_event
-from .rotation_support import ManualClock, RotatorAccess, rotator_access
 
 
 @pytest.fixture(autouse=True)
@@ -397,13 +397,13 @@ def test_a_lagging_unit_behind_one_url_holds_the_vault_back(local_azure: LocalAz
     """Four units behind one URL, round-robin, one of them 40 s late: one acceptance per URL (K=1) stores the
     key while that unit still refuses it; the default rule waits for it."""
     clock = ManualClock()
-    options = {
-        "gateway_units": 4,
-        "gateway_balance": "round-robin",
-        "propagation_delay": {"unit1": 0, "unit2": 0, "unit3": 40, "unit4": 0},
-        "propagation_clock": clock,
-    }
-    with LocalAzure(ca=SESSION_CA, **options) as azure:  # type: ignore[arg-type]
+    with LocalAzure(
+        ca=SESSION_CA,
+        gateway_units=4,
+        gateway_balance="round-robin",
+        propagation_delay={"unit1": 0, "unit2": 0, "unit3": 40, "unit4": 0},
+        propagation_clock=clock,
+    ) as azure:
         early, waited = new_rotating_app(azure), new_rotating_app(azure)
         with azure.env(APIMVAULT_PROBE_INTERVAL="0.5"):
             access = RotatorAccess(azure)  # infra's rotator roles on these two apps only, revoked after

@@ -17,11 +17,11 @@ from azure.identity import DefaultAzureCredential
 
 from apimvault.local import LocalAzure, temporary_environ
 from apimvault.rotation import RotationResult, rotate, rotate_from_event
+from tests._support.cli import RotatingApp, assert_no_key, gateway_status, new_rotating_app
+from tests._support.events import near_expiry_event
+from tests._support.rotation import ManualClock, RotatorAccess, Scheduler, rotator_access
 
-from .cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
 from .conftest import SESSION_CA
-from .infra.events import near_expiry_event
-from .rotation_support import ManualClock, RotatorAccess, Scheduler, rotator_access
 
 
 @pytest.fixture(autouse=True)

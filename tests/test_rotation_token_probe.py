@@ -21,10 +21,9 @@ from apimvault.rotation import (
     plan_rotation,
     rotate,
 )
-
-from .canary import LeakCapture
-from .cli_support import assert_no_key, gateway_status, new_rotating_app, run_cli
-from .rotation_support import RotatorAccess, rotator_access
+from tests._support.canary import LeakCapture
+from tests._support.cli import assert_no_key, gateway_status, new_rotating_app, run_cli
+from tests._support.rotation import RotatorAccess, rotator_access
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"

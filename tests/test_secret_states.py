@@ -25,7 +25,6 @@ from azure.keyvault.secrets import SecretClient
 
 from apimvault import (
     AccessDeniedError,
-    CachePolicy,
     ConfigurationError,
     CredentialError,
     InvalidSecretValueError,
@@ -38,13 +37,10 @@ from apimvault import (
     create_azure_openai,
 )
 from apimvault.local import DEPLOYMENT, ROLE_USER, LocalAzure
+from tests._support.core import AppSecret, FakeClock, Gate, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.faults import Api, Harness, make, outcome
+from tests._support.policies import SHORT_BACKOFF
 
-from .core_helpers import AppSecret, FakeClock, Gate, new_app_secret, rotate_to_secondary, user_messages
-from .faults.harness import Api, Harness, make, outcome
-
-POLICY = CachePolicy(
-    ttl=300, jitter=0, refresh_margin=60, max_staleness=600, backoff_initial=1, backoff_max=8
-)
 STALE = 310
 HARD_LIMIT = 900
 APIS: list[Api] = ["sync", "async"]
@@ -67,7 +63,7 @@ def gateway_uses(azure: LocalAzure, app: AppSecret) -> list[str]:
 
 
 def harness(api: Api, azure: LocalAzure, app: AppSecret, **kwargs: Any) -> Harness:
-    return make(api, azure, app.name, policy=POLICY, **kwargs)
+    return make(api, azure, app.name, policy=SHORT_BACKOFF, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ secret values
@@ -384,7 +380,7 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("api", APIS)
 def test_wrong_vault_url_nothing_listening(azure: LocalAzure, api: Api) -> None:
     url = f"https://127.0.0.1:{_closed_port()}"
-    h = make(api, azure, "apim-subscription-key", policy=POLICY, vault_url=url)
+    h = make(api, azure, "apim-subscription-key", policy=SHORT_BACKOFF, vault_url=url)
     try:
         seen, exc = outcome(h.get_key)
         assert isinstance(exc, VaultUnavailableError), seen
@@ -398,7 +394,7 @@ def test_wrong_vault_url_nothing_listening(azure: LocalAzure, api: Api) -> None:
 @pytest.mark.parametrize("api", APIS)
 def test_wrong_vault_url_another_https_service(azure: LocalAzure, api: Api) -> None:
     """Pointed at an https service that is not a vault (the APIM gateway): a typed error, never a key."""
-    h = make(api, azure, "apim-subscription-key", policy=POLICY, vault_url=azure.gateway_url)
+    h = make(api, azure, "apim-subscription-key", policy=SHORT_BACKOFF, vault_url=azure.gateway_url)
     try:
         seen, exc = outcome(h.get_key)
         # The SDK's first request carries no token; the gateway answers 404 without a challenge.
@@ -415,7 +411,11 @@ def test_wrong_host_for_the_vault_fails_challenge_verification(azure: LocalAzure
     url = azure.vault_url.replace("127.0.0.1", "localhost")
     with (
         SubscriptionKeyProvider(
-            url, "apim-subscription-key", clock=FakeClock(), policy=POLICY, client_kwargs={"retry_total": 0}
+            url,
+            "apim-subscription-key",
+            clock=FakeClock(),
+            policy=SHORT_BACKOFF,
+            client_kwargs={"retry_total": 0},
         ) as provider,
         pytest.raises(ConfigurationError, match=r"(?i)challenge"),
     ):
@@ -458,7 +458,7 @@ def test_wrong_tenant_is_a_credential_error(azure: LocalAzure) -> None:
         app.name,
         credential=ForeignTenantCredential(),
         clock=FakeClock(),
-        policy=POLICY,
+        policy=SHORT_BACKOFF,
         client_kwargs={"retry_total": 0},
     ) as provider:
         with pytest.raises(CredentialError) as info:
@@ -487,7 +487,7 @@ def test_401_that_joins_a_read_started_before_the_rotation_still_recovers(azure:
         azure.vault_url,
         app.name,
         clock=clock,
-        policy=POLICY,
+        policy=SHORT_BACKOFF,
         client_kwargs={"retry_total": 0, "per_call_policies": [gate]},
     )
     client = create_azure_openai(provider, max_retries=0)

@@ -32,12 +32,12 @@ from apimvault import (
     refusal_stats,
 )
 from apimvault.local import DEPLOYMENT, Fault, LocalAzure
-
-from .cli_support import new_rotating_app
-from .core_helpers import Events, FakeClock, new_app_secret, rotate_to_secondary, user_messages
-from .rotation_support import rotator_access
+from tests._support.cli import new_rotating_app
+from tests._support.core import Events, FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.rotation import rotator_access
 
 MESSAGES = user_messages("hello")
+# Its own numbers: FAST_REFRESH's plus an hour of staleness, so a key past its TTL reads "stale", not expired.
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5, max_staleness=3600)
 
 
@@ -292,7 +292,7 @@ print(json.dumps([out, calls, t._active() is None, t._instruments is None, len(t
 
 
 def test_canary_key_never_appears_in_any_export(otel: Otel, azure: LocalAzure) -> None:
-    from .canary import CANARY_PRIMARY, CANARY_SECONDARY, find_leaks, seed_canary_app
+    from tests._support.canary import CANARY_PRIMARY, CANARY_SECONDARY, find_leaks, seed_canary_app
 
     app = seed_canary_app(azure, "otel")
     provider = SubscriptionKeyProvider(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY)

@@ -19,8 +19,7 @@ import pytest
 
 from apimvault import AsyncSubscriptionKeyProvider, CredentialError, SubscriptionKeyProvider
 from apimvault.local import LocalAzure
-
-from .core_helpers import new_app_secret
+from tests._support.core import new_app_secret
 
 # Per read 2 s (the trickle sends a byte every 0.5 s, so no read ever times out); deadline 1 x (1 + 2) = 3 s.
 BOUNDS = {"connection_timeout": 1, "read_timeout": 2, "retry_total": 0}

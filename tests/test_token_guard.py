@@ -30,7 +30,6 @@ from apimvault import (
     AsyncBearerTokenSource,
     AsyncSubscriptionKeyProvider,
     BearerTokenSource,
-    CachePolicy,
     ConfigurationError,
     InsecureTransportError,
     SubscriptionKeyAuth,
@@ -42,15 +41,14 @@ from apimvault import (
     refusal_stats,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure, ServerThread, Service
-
-from .core_helpers import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.core import FakeClock, new_app_secret, rotate_to_secondary, user_messages
+from tests._support.policies import FAST_REFRESH
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"
 API = "/openai"
 HEADER = "Ocp-Apim-Subscription-Key"
 MESSAGES = user_messages("hello")
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 CHAT_PATH = f"/openai/deployments/{DEPLOYMENT}/chat/completions"
 COMPLETION = {
     "id": "chatcmpl-token-guard",
@@ -221,7 +219,7 @@ class Rig:
             app = new_app_secret(azure)
             self.key = app.subscription.primary_key
             cls: Any = SubscriptionKeyProvider if api == "sync" else AsyncSubscriptionKeyProvider
-            self.provider = cls(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY)
+            self.provider = cls(azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH)
             factory: Any = create_azure_openai if api == "sync" else create_async_azure_openai
             self.client = factory(
                 self.provider, azure_endpoint=endpoint, token_scope=source, max_retries=0, **extra
@@ -477,7 +475,7 @@ def test_public_auth_never_sends_the_key_across_a_cross_origin_redirect(
     app = new_app_secret(azure)
     key = app.subscription.primary_key
     cls: Any = SubscriptionKeyProvider if api == "sync" else AsyncSubscriptionKeyProvider
-    provider = cls(azure.vault_url, app.name, clock=FakeClock(), policy=POLICY)
+    provider = cls(azure.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH)
     http = _redirect_client(api, azure, SubscriptionKeyAuth(provider))  # no factory, no request hook
     url = f"{origin.url}/openai/chat"
 
@@ -599,7 +597,7 @@ async def _achunks() -> AsyncIterator[bytes]:
 def test_key_401_resend_of_a_generator_body(gateway: LocalAzure, loop: asyncio.Runner, api: str) -> None:
     app = new_app_secret(gateway)
     cls: Any = SubscriptionKeyProvider if api == "sync" else AsyncSubscriptionKeyProvider
-    provider = cls(gateway.vault_url, app.name, clock=FakeClock(), policy=POLICY)
+    provider = cls(gateway.vault_url, app.name, clock=FakeClock(), policy=FAST_REFRESH)
     http = _redirect_client(api, gateway, SubscriptionKeyAuth(provider))
     url = f"{gateway.gateway_url}{CHAT_PATH}?api-version=2024-02-01"
 

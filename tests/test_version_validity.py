@@ -23,20 +23,16 @@ from azure.keyvault.secrets import SecretClient
 
 from apimvault import (
     AsyncSubscriptionKeyProvider,
-    CachePolicy,
     SecretDisabledError,
     SecretExpiredError,
     arefresh_from_event,
     refresh_from_event,
 )
 from apimvault.local import LocalAzure
+from tests._support.core import AppSecret, FakeClock, new_app_secret, new_version_event
+from tests._support.faults import Api, AsyncHarness, Harness, make, outcome
+from tests._support.policies import SHORT_BACKOFF
 
-from .core_helpers import AppSecret, FakeClock, new_app_secret, new_version_event
-from .faults.harness import Api, AsyncHarness, Harness, make, outcome
-
-POLICY = CachePolicy(
-    ttl=300, jitter=0, refresh_margin=60, max_staleness=600, backoff_initial=1, backoff_max=8
-)
 STALE = 310
 APIS: list[Api] = ["sync", "async"]
 
@@ -53,7 +49,7 @@ def officer(azure: LocalAzure) -> Iterator[SecretClient]:
 
 
 def harness(api: Api, azure: LocalAzure, app: AppSecret, **kwargs: Any) -> Harness:
-    return make(api, azure, app.name, policy=POLICY, **kwargs)
+    return make(api, azure, app.name, policy=SHORT_BACKOFF, **kwargs)
 
 
 def slots(azure: LocalAzure, app: AppSecret) -> list[str]:

@@ -17,13 +17,14 @@ import pytest
 
 from apimvault import CachePolicy, KeyUnavailableError, VaultUnavailableError
 from apimvault.local import LocalAzure
+from tests._support.core import AppSecret, new_app_secret, rotate_to_secondary
+from tests._support.faults import Api, make, outcome
 
-from ..core_helpers import AppSecret, new_app_secret, rotate_to_secondary
 from .conftest import OutcomeLog, recorded
-from .harness import Api, make, outcome
 
 pytestmark = pytest.mark.timeout(60)
 
+# Its own numbers: SHORT_BACKOFF's plus a forced refresh every 5 s; STALE and HARD_LIMIT derive from them.
 POLICY = CachePolicy(
     ttl=300,
     jitter=0,

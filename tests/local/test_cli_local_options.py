@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cli_support import run_cli
+from tests._support.cli import run_cli
 
 
 def test_check_with_an_empty_suffix_three_units_and_infras_rotator() -> None:

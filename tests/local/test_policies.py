@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from apimvault.local import DEPLOYMENT, LocalAzure
 from apimvault.local.policies import ApiPolicies, timespan
-
-from ..core_helpers import FakeClock, new_app_secret
+from tests._support.core import FakeClock, new_app_secret
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"

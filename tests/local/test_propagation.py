@@ -22,8 +22,8 @@ from apimvault.local.admin import AdminClient, AdminError
 from apimvault.local.apim import ApimState, Subscription
 from apimvault.local.openai_backend import reply_for
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
+from tests._support.rotation import ManualClock
 from tests.conftest import SESSION_CA
-from tests.rotation_support import ManualClock
 
 MESSAGES: Any = [{"role": "user", "content": "ping"}]
 
@@ -150,7 +150,8 @@ def test_changes_apply_in_order_and_an_old_value_never_returns(
     k2 = sub.primary_key
 
     def on_region2() -> tuple[int, int, int]:
-        return tuple(statuses(azure_p, k)["region2"] for k in (k0, k1, k2))  # type: ignore[return-value]
+        first, second, third = (statuses(azure_p, k)["region2"] for k in (k0, k1, k2))
+        return first, second, third
 
     assert on_region2() == (200, 401, 401)
     clock.advance(5)  # the first change applied: k1 is served, although ARM already shows k2

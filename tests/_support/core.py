@@ -7,9 +7,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from azure.core.pipeline.policies import AsyncHTTPPolicy, SansIOHTTPPolicy
 from openai.types.chat import ChatCompletionMessageParam
@@ -128,6 +128,14 @@ def new_version_event(azure: LocalAzure, app: AppSecret, version: str) -> dict[s
     }
 
 
+class Callbacks(TypedDict, total=False):
+    """The providers' event callbacks, as keyword arguments (what :meth:`Events.callbacks` returns)."""
+
+    on_refresh: Callable[[KeyEvent], None] | None
+    on_error: Callable[[KeyEvent], None] | None
+    on_rotate: Callable[[KeyEvent], None] | None
+
+
 class Events:
     """Collects provider callbacks and lets a test wait for them (an Event, not a sleep)."""
 
@@ -152,7 +160,7 @@ class Events:
             self.rotated.append(e)
             self._cond.notify_all()
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> Callbacks:
         return {"on_refresh": self.on_refresh, "on_error": self.on_error, "on_rotate": self.on_rotate}
 
     def wait(self, what: str, count: int, timeout: float = 30) -> None:

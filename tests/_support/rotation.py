@@ -13,12 +13,11 @@ from azure.identity import DefaultAzureCredential
 
 from apimvault.local import LocalAzure
 from apimvault.local.rbac import Assignment
-
-from .core_helpers import FakeClock
+from tests._support.core import FakeClock
 
 
 class _AppLike(Protocol):
-    """An app secret of the suite (``core_helpers.AppSecret``, ``cli_support.RotatingApp``)."""
+    """An app secret of the suite (``core.AppSecret``, ``cli.RotatingApp``)."""
 
     @property
     def name(self) -> str: ...
@@ -76,7 +75,7 @@ def rotator_access(azure: LocalAzure) -> Iterator[RotatorAccess]:
 
 
 class ManualClock(FakeClock):
-    """The suite's :class:`~tests.core_helpers.FakeClock` at a fixed epoch (1000.0); ``advance`` doubles as
+    """The suite's :class:`~tests._support.core.FakeClock` at a fixed epoch (1000.0); ``advance`` doubles as
     the rotation's ``sleep``."""
 
     def __init__(self, start: float = 1000.0) -> None:

@@ -9,7 +9,7 @@
 
 Whole-suite mode (no conftest change needed)::
 
-    .venv/bin/python -m pytest -p tests.canary --canary
+    .venv/bin/python -m pytest -p tests._support.canary --canary
 
 With ``--canary`` every test runs with DEBUG logging on; after each phase its log records and captured
 stdout/stderr are scanned for every key the session's local APIM currently knows (both slots of every
@@ -28,10 +28,8 @@ import pytest
 
 from apimvault import fingerprint
 from apimvault.local import LocalAzure
-from apimvault.local.apim import Subscription
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
-
-from .core_helpers import new_app_secret
+from tests._support.core import AppSecret, new_app_secret
 
 # 32 hex characters, like real APIM keys, so the canary looks like the real thing to every code path.
 CANARY_PRIMARY = "c0ffee00deadbeefcafef00d5eed1e55"
@@ -48,18 +46,10 @@ EXEMPT = ("tests/local/", "tests/test_canary.py::test_capture_sees_debug_records
 
 
 @dataclasses.dataclass
-class CanaryApp:
+class CanaryApp(AppSecret):
+    """The suite's :class:`AppSecret` holding the canary keys, with the stack it lives on."""
+
     azure: LocalAzure
-    name: str
-    subscription: Subscription
-
-    @property
-    def sid(self) -> str:
-        return self.subscription.sid
-
-    @property
-    def resource_id(self) -> str:
-        return self.subscription.id
 
     def keys(self) -> set[str]:
         """The canaries plus whatever keys the subscription holds now (rotations regenerate them)."""
@@ -90,7 +80,7 @@ def seed_canary_app(azure: LocalAzure, name: str) -> CanaryApp:
         rotation=True,
         expires=int(azure.clock()) + 60 * 86400,
     )
-    return CanaryApp(azure, secret.name, secret.subscription)
+    return CanaryApp(secret.name, secret.subscription, azure)
 
 
 # ---------------------------------------------------------------------------------------- capturing

@@ -14,28 +14,16 @@ from typing import Any
 import httpx2
 
 from apimvault.local import DEPLOYMENT, LocalAzure, temporary_environ
-from apimvault.local.apim import Subscription
 from apimvault.local.stack import API_VERSION
-
-from .core_helpers import new_app_secret
+from tests._support.core import AppSecret, new_app_secret
 
 
 @dataclass
-class RotatingApp:
-    """An APIM subscription of its own and a vault secret holding its primary key, tagged for rotation."""
+class RotatingApp(AppSecret):
+    """The suite's :class:`AppSecret`, tagged for rotation, with the stack it lives on and the keys seen."""
 
     azure: LocalAzure
-    name: str
-    subscription: Subscription
     seen_keys: set[str] = field(default_factory=set)
-
-    @property
-    def sid(self) -> str:
-        return self.subscription.sid
-
-    @property
-    def resource_id(self) -> str:
-        return self.subscription.id
 
     def keys(self) -> tuple[str, str]:
         sub = self.azure.apim_state.get(self.sid)
@@ -63,7 +51,7 @@ def new_rotating_app(
     rotator: bool = True,
     **secret_kwargs: Any,
 ) -> RotatingApp:
-    """:func:`~tests.core_helpers.new_app_secret` tagged for rotation, wrapped with the CLI's helpers.
+    """:func:`~tests._support.core.new_app_secret` tagged for rotation, wrapped with the CLI's helpers.
 
     ``rotator`` grants the stack's rotator identity exactly infra's roles on this app's secret and APIM
     subscription (infra assigns them per secret and subscription, so each app needs its own grant); the
@@ -71,7 +59,7 @@ def new_rotating_app(
     secret = new_app_secret(azure, rotation=True, tags=tags, grant=grant, **secret_kwargs)
     if rotator:
         azure.grant_rotator_roles(azure.rotator_identity, secret=secret.name, apim_subscription=secret.sid)
-    app = RotatingApp(azure, secret.name, secret.subscription)
+    app = RotatingApp(secret.name, secret.subscription, azure)
     app.keys()
     return app
 

@@ -24,8 +24,7 @@ from apimvault import (
     create_azure_openai,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure
-
-from ..core_helpers import FakeClock, user_messages
+from tests._support.core import FakeClock, user_messages
 
 Api = Literal["sync", "async"]
 T = TypeVar("T")
