@@ -16,9 +16,7 @@ import pytest
 
 from apimvault.cli.drill.metrics import BROKEN_WINDOW, Metrics
 from apimvault.local import LocalAzure
-from tests._support.cli import new_rotating_app, run_cli
-
-from .test_cli_local import APIMVAULT, _read_line, clean_env
+from tests._support.cli import APIMVAULT, clean_env, new_rotating_app, read_line, run_cli
 
 
 def _closed_loopback_port() -> int:
@@ -123,7 +121,7 @@ def test_second_local_on_the_same_env_file_is_refused(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        lines = [_read_line(first, 60)]
+        lines = [read_line(first, 60)]
         assert first.stdout is not None
         while "Ctrl-C" not in lines[-1] and len(lines) < 20:  # the rest of the banner follows at once
             lines.append(first.stdout.readline())

@@ -4,37 +4,16 @@ driven by ``check`` and a ``drill --chaos`` from other processes through its env
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from apimvault.local import temporary_environ
-from tests._support.cli import assert_no_key, run_cli
-
-APIMVAULT = str(Path(sys.executable).parent / "apimvault")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """A child environment without the test session's local-Azure variables."""
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "no output from `apimvault local` in time"
-    return proc.stdout.readline()
+from tests._support.cli import APIMVAULT, assert_no_key, clean_env, read_line, run_cli
 
 
 def test_local_check_in_process() -> None:
@@ -96,7 +75,7 @@ def test_local_foreground_serves_other_processes_and_stops_on_sigterm(tmp_path: 
         text=True,
     )
     try:
-        ready = json.loads(_read_line(proc, 60))
+        ready = json.loads(read_line(proc, 60))
         assert ready["event"] == "ready" and set(ready["services"]) >= {"keyvault", "gateway", "arm", "admin"}
         file_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line)
         assert file_env["AZURE_TOKEN_CREDENTIALS"] == "managedidentitycredential"

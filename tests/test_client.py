@@ -23,7 +23,7 @@ from apimvault import (
     create_azure_openai,
     fingerprint,
 )
-from apimvault.local import DEPLOYMENT, LocalAzure
+from apimvault.local import DEPLOYMENT, LocalAzure, LocalCA
 from tests._support.core import AppSecret, FakeClock, new_app_secret, rotate_to_secondary, user_messages
 from tests._support.policies import FAST_REFRESH
 
@@ -273,11 +273,11 @@ def test_many_threads_one_client_one_cold_read(azure: LocalAzure, closing: ExitS
     assert provider.stats().vault_reads == 1
 
 
-def test_api_key_mode_sends_the_key_in_api_key(local_azure: LocalAzure, closing: ExitStack) -> None:
+def test_api_key_mode_sends_the_key_in_api_key(
+    local_azure: LocalAzure, closing: ExitStack, session_ca: LocalCA
+) -> None:
     """APIM reading ``api-key``: the auth puts the key in ``api-key`` (openai holds a placeholder)."""
-    from tests.conftest import SESSION_CA
-
-    with LocalAzure(ca=SESSION_CA, gateway_header_name="api-key") as azure, azure.env():
+    with LocalAzure(ca=session_ca, gateway_header_name="api-key") as azure, azure.env():
         provider = closing.enter_context(SubscriptionKeyProvider.from_env(header_name="api-key"))
         client = closing.enter_context(create_azure_openai(provider, max_retries=0))
         raw = client.chat.completions.with_raw_response.create(model=DEPLOYMENT, messages=MESSAGES)

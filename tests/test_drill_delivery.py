@@ -25,9 +25,8 @@ from apimvault.cli.drill.delivery import find_azurite, host_settings
 from apimvault.local import LocalAzure
 from apimvault.local.eventgrid import QueueSettings
 from apimvault.local.rbac import SECRET_ROTATOR_KEY, RoleDefinition, load_infra_roles
+from tests._support.ca import SESSION_CA
 from tests._support.cli import RotatingApp, assert_no_key, new_rotating_app, run_cli
-
-from .conftest import SESSION_CA
 
 ROOT = Path(__file__).resolve().parents[1]
 UPDATE = "Microsoft.KeyVault/vaults/secrets/update/action"

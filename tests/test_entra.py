@@ -29,11 +29,9 @@ from apimvault import (
     create_token_azure_openai,
     refusal_stats,
 )
-from apimvault.local import DEPLOYMENT, LocalAzure
+from apimvault.local import DEPLOYMENT, LocalAzure, LocalCA
 from tests._support.core import FakeClock, new_app_secret, rotate_to_secondary, user_messages
 from tests._support.policies import FAST_REFRESH
-
-from .conftest import SESSION_CA
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"
@@ -51,10 +49,10 @@ def gateway(azure: LocalAzure) -> Iterator[LocalAzure]:
 
 
 @pytest.fixture(scope="module")
-def clocked() -> Iterator[tuple[LocalAzure, FakeClock]]:
+def clocked(session_ca: LocalCA) -> Iterator[tuple[LocalAzure, FakeClock]]:
     """A stack of its own whose clock the test moves, so its tokens expire without waiting."""
     clock = FakeClock()
-    with LocalAzure(ca=SESSION_CA, clock=clock, policies=VALIDATE) as stack:
+    with LocalAzure(ca=session_ca, clock=clock, policies=VALIDATE) as stack:
         yield stack, clock
 
 

@@ -16,7 +16,7 @@ from azure.identity import DefaultAzureCredential
 
 import apimvault.rotation as rotation_module
 from apimvault import AccessDeniedError, ConfigurationError
-from apimvault.local import DEPLOYMENT, LocalAzure, temporary_environ
+from apimvault.local import DEPLOYMENT, LocalAzure, LocalCA, temporary_environ
 from apimvault.local.stack import API_VERSION
 from apimvault.rotation import (
     GatewayProbe,
@@ -29,8 +29,6 @@ from apimvault.rotation import (
 from tests._support.cli import assert_no_key, gateway_status, new_rotating_app, run_cli
 from tests._support.events import near_expiry_event
 from tests._support.rotation import ManualClock, RotatorAccess, rotator_access
-
-from .conftest import SESSION_CA
 
 
 def gateway_status_at(azure: LocalAzure, url: str, key: str) -> int:
@@ -256,10 +254,12 @@ def slow_clock() -> ManualClock:
 
 
 @pytest.fixture(scope="module")
-def slow_gateway(slow_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
+def slow_gateway(
+    slow_clock: ManualClock, local_azure: LocalAzure, session_ca: LocalCA
+) -> Iterator[LocalAzure]:
     """A stack whose gateway units take 20 s and 45 s (on a manual clock) to accept a regenerated key."""
     with LocalAzure(
-        ca=SESSION_CA,
+        ca=session_ca,
         propagation_clock=slow_clock,
         propagation_delay={"region1": 20, "region2": 45},
     ) as stack:  # both units behind one URL (balanced, in turn): only this module's requests reach them

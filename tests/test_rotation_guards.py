@@ -16,7 +16,7 @@ import pytest
 from azure.identity import DefaultAzureCredential
 
 from apimvault import AccessDeniedError, ConfigurationError
-from apimvault.local import LocalAzure, temporary_environ
+from apimvault.local import LocalAzure, LocalCA, temporary_environ
 from apimvault.rotation import (
     GatewayProbeError,
     RotationConfig,
@@ -29,8 +29,6 @@ from apimvault.rotation import (
 from tests._support.cli import assert_no_key, gateway_status, new_rotating_app, run_cli
 from tests._support.events import near_expiry_event
 from tests._support.rotation import ManualClock, RotatorAccess, rotator_access
-
-from .conftest import SESSION_CA
 
 
 @pytest.fixture(autouse=True)
@@ -143,9 +141,9 @@ def lag_clock() -> ManualClock:
 
 
 @pytest.fixture(scope="module")
-def lagging(lag_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
+def lagging(lag_clock: ManualClock, local_azure: LocalAzure, session_ca: LocalCA) -> Iterator[LocalAzure]:
     with LocalAzure(
-        ca=SESSION_CA, propagation_clock=lag_clock, propagation_delay={"region1": 0, "region2": 30}
+        ca=session_ca, propagation_clock=lag_clock, propagation_delay={"region1": 0, "region2": 30}
     ) as stack:
         yield stack
 
@@ -393,12 +391,14 @@ def _balanced_stack_available() -> bool:
 
 
 @pytest.mark.skipif(not _balanced_stack_available(), reason="no balanced gateway units in the stack yet")
-def test_a_lagging_unit_behind_one_url_holds_the_vault_back(local_azure: LocalAzure) -> None:
+def test_a_lagging_unit_behind_one_url_holds_the_vault_back(
+    local_azure: LocalAzure, session_ca: LocalCA
+) -> None:
     """Four units behind one URL, round-robin, one of them 40 s late: one acceptance per URL (K=1) stores the
     key while that unit still refuses it; the default rule waits for it."""
     clock = ManualClock()
     with LocalAzure(
-        ca=SESSION_CA,
+        ca=session_ca,
         gateway_units=4,
         gateway_balance="round-robin",
         propagation_delay={"unit1": 0, "unit2": 0, "unit3": 40, "unit4": 0},
@@ -442,13 +442,13 @@ def _rotator_stack_available() -> bool:
 
 @pytest.mark.skipif(not _rotator_stack_available(), reason="no rotator identity with infra's roles yet")
 def test_the_rotator_with_infras_roles_times_out_and_resumes_without_regenerating(
-    local_azure: LocalAzure,
+    local_azure: LocalAzure, session_ca: LocalCA
 ) -> None:
     """Issue 19.1: as the identity holding exactly infra's roles, a rotation that times out waiting for a
     slow unit leaves RotationPending, and the retry resumes the wait for the same key (no second
     regeneration, no write the role does not grant)."""
     clock = ManualClock()
-    with LocalAzure(ca=SESSION_CA, propagation_clock=clock, propagation_delay={"region2": 3600}) as azure:
+    with LocalAzure(ca=session_ca, propagation_clock=clock, propagation_delay={"region2": 3600}) as azure:
         app = new_rotating_app(azure)
         stack: Any = azure  # the rotator's API arrives with the localtwin branch
         stack.grant_rotator_roles(stack.rotator_identity, secret=app.name, apim_subscription=app.sid)

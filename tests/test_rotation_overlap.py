@@ -15,13 +15,11 @@ from typing import Any
 import pytest
 from azure.identity import DefaultAzureCredential
 
-from apimvault.local import LocalAzure, temporary_environ
+from apimvault.local import LocalAzure, LocalCA, temporary_environ
 from apimvault.rotation import RotationResult, rotate, rotate_from_event
 from tests._support.cli import RotatingApp, assert_no_key, gateway_status, new_rotating_app
 from tests._support.events import near_expiry_event
 from tests._support.rotation import ManualClock, RotatorAccess, Scheduler, rotator_access
-
-from .conftest import SESSION_CA
 
 
 @pytest.fixture(autouse=True)
@@ -192,10 +190,10 @@ def sync_clock() -> ManualClock:
 
 
 @pytest.fixture(scope="module")
-def syncing(sync_clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
+def syncing(sync_clock: ManualClock, local_azure: LocalAzure, session_ca: LocalCA) -> Iterator[LocalAzure]:
     """A stack whose units take 20 s and 45 s (manual clock) to accept a regenerated key."""
     with LocalAzure(
-        ca=SESSION_CA,
+        ca=session_ca,
         propagation_clock=sync_clock,
         propagation_delay={"region1": 20, "region2": 45},
     ) as stack:  # both units behind one URL (balanced, in turn)

@@ -6,9 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import select
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -114,3 +119,26 @@ def run_cli(argv: list[str], env: dict[str, str | None] | None = None, stdin: st
             stack.callback(setattr, sys, "stdin", saved)
         code = main(argv)
     return Run(code, out.getvalue(), err.getvalue())
+
+
+# ------------------------------------------------------------------------------------- subprocesses
+
+#: The ``apimvault`` console script of the running interpreter's environment.
+APIMVAULT = str(Path(sys.executable).parent / "apimvault")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """A child environment without the test session's local-Azure variables."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line the child printed, waited for at most ``timeout`` s (``select``, not a sleep)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no output from `apimvault local` in time"
+    return proc.stdout.readline()

@@ -18,9 +18,7 @@ import pytest
 from apimvault import CachePolicy, KeyUnavailableError, VaultUnavailableError
 from apimvault.local import LocalAzure
 from tests._support.core import AppSecret, new_app_secret, rotate_to_secondary
-from tests._support.faults import Api, make, outcome
-
-from .conftest import OutcomeLog, recorded
+from tests._support.faults import Api, OutcomeLog, make, outcome, recorded
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests._support.paths import FUNCTION_DIR
+
 if TYPE_CHECKING:
     from .bicep_policy import Template
-
-FUNCTION_DIR = Path(__file__).resolve().parents[2] / "infra" / "rotation_function"
 
 
 @pytest.fixture

@@ -47,10 +47,10 @@ from apimvault.local.eventgrid import (
 from apimvault.rotation import RotationConfig
 from tests._support.cli import RotatingApp, assert_no_key, gateway_status, new_rotating_app
 from tests._support.events import near_expiry_event
+from tests._support.paths import FUNCTION_DIR
 from tests._support.rotation import ManualClock
 
 from .azurite import Azurite, azurite, azurite_storage  # noqa: F401 - the fixtures
-from .conftest import FUNCTION_DIR
 
 HOST_JSON = FUNCTION_DIR / "host.json"
 
