@@ -54,7 +54,7 @@ def local_azure(session_ca: LocalCA) -> Iterator[LocalAzure]:
     # The stack's default: both gateway units behind one URL, each request to one of them in turn, as real
     # APIM's units of a region. `rotate` stores a key only after K consecutive accepted probes per URL; the
     # drills that rotate here with propagation keep (K - 1) x interval above the longest unit delay, so which
-    # unit each probe reaches cannot matter (tests/test_drill_delivery.py's module doc).
+    # unit each probe reaches cannot matter (tests/cli/test_drill_delivery.py's module doc).
     with LocalAzure(ca=session_ca) as azure, azure.env():
         yield azure
 

@@ -27,8 +27,8 @@ from apimvault.local.eventgrid import QueueSettings
 from apimvault.local.rbac import SECRET_ROTATOR_KEY, RoleDefinition, load_infra_roles
 from tests._support.ca import SESSION_CA
 from tests._support.cli import RotatingApp, assert_no_key, new_rotating_app, run_cli
+from tests._support.paths import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 UPDATE = "Microsoft.KeyVault/vaults/secrets/update/action"
 # (K - 1) * I = 1.25 s > P = 1 s (see the module doc); the chaos test uses the library's defaults.
 FAST_PROBES = {"APIMVAULT_PROBE_SUCCESSES": "6", "APIMVAULT_PROBE_INTERVAL": "0.25"}

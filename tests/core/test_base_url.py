@@ -35,7 +35,7 @@ from tests._support.policies import FAST_REFRESH
 API_VERSION = "2024-02-01"  # the published snippet's
 MESSAGES = user_messages("hello")
 HEADER = "Ocp-Apim-Subscription-Key"
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 SUFFIXES = ["openai", ""]  # the local gateway's default API URL suffix, and none (the API at the root)
 
 

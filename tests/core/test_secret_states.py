@@ -1,9 +1,9 @@
 """Every state a secret (or its vault, or our access to it) can be in: a clear typed error or the documented
 handling, and never a header built from a bad value.
 
-Extends tests/test_provider.py (which covers the cold disabled / expired / not-yet-valid / missing cases and a
-few bad values): here the states change *mid-run*, go through the openai client (sync and async), and the
-vault is changed with a real SecretClient under the officer identity (delete, recover, purge, disable).
+Extends tests/core/test_provider.py (which covers the cold disabled / expired / not-yet-valid / missing cases
+and a few bad values): here the states change *mid-run*, go through the openai client (sync and async), and
+the vault is changed with a real SecretClient under the officer identity (delete, recover, purge, disable).
 """
 
 from __future__ import annotations

@@ -301,7 +301,7 @@ def test_stdout_json_is_one_document_per_command_also_on_errors(azure: LocalAzur
 
 
 def _readme_use_snippets() -> list[str]:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("\n## Use\n", 1)[1].split("\n### ", 1)[0]
     return [
         block.split("\n", 1)[1]

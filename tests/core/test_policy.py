@@ -271,7 +271,7 @@ def test_fall_back_to_the_previous_version_until_a_newer_one() -> None:
 
 @pytest.mark.parametrize("name", ["ttl", "refresh_margin", "max_staleness", "backoff_multiplier", "jitter"])
 def test_an_integer_too_large_for_a_float_is_a_configuration_error(name: str) -> None:
-    # Found by tests/test_fuzz_config.py once its strategies stopped excluding large numbers: float()
+    # Found by tests/core/test_fuzz_config.py once its strategies stopped excluding large numbers: float()
     # raised OverflowError instead of the documented ConfigurationError.
     with pytest.raises(ConfigurationError, match=f"{name} must be .* too large for a float"):
         CachePolicy(**{name: 10**400})
