@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("SECURITY.md", "README.md", "infra/README.md", "BENCHMARKS.md")
-# A path under tests/ (no glob), optionally ``::name`` (a parametrized id's brackets are not part of it).
-CITATION = re.compile(r"(?<![\w/.])(tests/[A-Za-z0-9_./-]*[A-Za-z0-9_/])(?:::([A-Za-z_][A-Za-z0-9_]*))?")
+# A path under tests/ (``*`` a glob), optionally ``::name`` (a parametrized id's brackets are not part of it).
+CITATION = re.compile(r"(?<![\w/.])(tests/[A-Za-z0-9_.*/-]*[A-Za-z0-9_/*])(?:::([A-Za-z_][A-Za-z0-9_]*))?")
 
 
 def citations(text: str) -> list[tuple[str, str | None]]:
@@ -35,7 +35,10 @@ def missing(root: Path, cited: list[tuple[str, str | None]]) -> list[str]:
     bad: list[str] = []
     for path, name in cited:
         target = root / path
-        if not target.exists():
+        if "*" in path:
+            if not list(root.glob(path)):
+                bad.append(path)
+        elif not target.exists():
             bad.append(path)
         elif name is not None and (target.suffix != ".py" or name not in defined_names(target)):
             bad.append(f"{path}::{name}")
@@ -45,14 +48,22 @@ def missing(root: Path, cited: list[tuple[str, str | None]]) -> list[str]:
 def test_the_citation_check_finds_a_moved_file_and_a_renamed_test(tmp_path: Path) -> None:
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_a.py").write_text("def test_here() -> None:\n    pass\n")
-    text = "`tests/test_a.py::test_here`, `tests/test_a.py::test_gone`, `tests/test_b.py`, tests/x/."
+    text = "`tests/test_a.py::test_here`, `tests/test_a.py::test_gone`, `tests/test_b.py`, tests/x/, "
+    text += "tests/t*.py, tests/u*.py"
     assert citations(text) == [
         ("tests/test_a.py", "test_here"),
         ("tests/test_a.py", "test_gone"),
         ("tests/test_b.py", None),
         ("tests/x/", None),
+        ("tests/t*.py", None),
+        ("tests/u*.py", None),
     ]
-    assert missing(tmp_path, citations(text)) == ["tests/test_a.py::test_gone", "tests/test_b.py", "tests/x/"]
+    assert missing(tmp_path, citations(text)) == [
+        "tests/test_a.py::test_gone",
+        "tests/test_b.py",
+        "tests/x/",
+        "tests/u*.py",
+    ]
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)

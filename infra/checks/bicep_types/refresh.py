@@ -1,6 +1,6 @@
 """Refresh the vendored subset of Azure's Bicep resource type definitions from a bicep-types-az checkout.
 
-    python tests/infra/bicep_types/refresh.py /path/to/bicep-types-az [--commit SHA]
+    python infra/checks/bicep_types/refresh.py /path/to/bicep-types-az [--commit SHA]
 
 - Reads every ``resource <symbol> '<type>@<api-version>'`` declaration under ``infra/`` (``existing`` ones
   too: their api-version must exist as well).

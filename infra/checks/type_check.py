@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .bicep_policy import Template
+from .bicep import Template
 
 TYPES_DIR = Path(__file__).resolve().parent / "bicep_types"
 SUBSET = TYPES_DIR / "subset.json"
@@ -149,7 +149,7 @@ class _Checker:
             hint = f"vendored api-versions of this type: {', '.join(known)}" if known else "type not vendored"
             return [
                 f"{where}: {rtype}@{version} is not in the published type definitions ({hint}; a wrong "
-                "api-version, or a new type: run tests/infra/bicep_types/refresh.py)"
+                "api-version, or a new type: run infra/checks/bicep_types/refresh.py)"
             ]
         if res.get("existing"):
             return []
