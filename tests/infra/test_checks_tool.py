@@ -71,3 +71,11 @@ def test_runs_as_a_module_from_the_repository_root(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout + done.stderr
     assert "check_rotation_secret: " in done.stdout
     assert "finding(s)" in done.stderr
+
+
+def test_no_module_of_the_tool_over_700_lines() -> None:
+    """The rule src/ keeps (tests/test_structure.py) holds for the checks tool too."""
+    modules = sorted((REPO / "infra" / "checks").rglob("*.py"))
+    assert len(modules) >= 10
+    long = {str(p.relative_to(REPO)): n for p in modules if (n := len(p.read_text().splitlines())) > 700}
+    assert long == {}
