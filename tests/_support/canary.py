@@ -18,6 +18,10 @@ subscription) plus the canary values. Any hit fails the session and is listed in
 
 from __future__ import annotations
 
+# First: a plugin (``-p``) loads before tests/conftest.py, and the session CA must precede aiohttp.
+import tests._support.ca  # noqa: F401  # isort: skip
+
+# isort: split
 import dataclasses
 import logging
 import traceback
