@@ -89,3 +89,22 @@ def test_shared_helpers_live_in_support_and_are_not_test_modules() -> None:
     names = {p.name for p in support.glob("*.py")}
     assert {"core.py", "policies.py", "providers.py", "cli.py", "ca.py"} <= names, names
     assert not [n for n in names if n.startswith("test_")], names
+
+
+def test_the_test_folders_mirror_src() -> None:
+    """Each package of ``src/apimvault`` has its test folder (the core's ``_*.py`` modules: ``core/``), and no
+    test module but the tree-wide ones (README, structure, canary, bench) sits at the top."""
+    src = TESTS.parent / "src" / "apimvault"
+    packages = {p.name for p in src.iterdir() if (p / "__init__.py").exists()}
+    folders = {p.name for p in TESTS.iterdir() if (p / "__init__.py").exists()}
+    assert packages | {"core"} <= folders, sorted(packages | {"core"} - folders)
+    top = sorted(p.name for p in TESTS.glob("test_*.py"))
+    allowed = (
+        "test_readme_",
+        "test_structure",
+        "test_test_tree",
+        "test_docs_paths",
+        "test_canary",
+        "test_bench_",
+    )
+    assert [name for name in top if not name.startswith(allowed)] == []
