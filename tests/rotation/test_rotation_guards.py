@@ -245,7 +245,7 @@ def test_revoke_current_rotates_waits_for_the_fleet_then_kills_the_leaked_key(
     azure = lagging
     app = new_rotating_app(azure)
     leaked, _ = app.keys()
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
     def on_step(step: str) -> None:
         if step == "revoke":  # the fleet window is over, the leaked key not yet regenerated
@@ -274,7 +274,7 @@ def test_revoke_current_rotates_waits_for_the_fleet_then_kills_the_leaked_key(
     assert result.rotation.regenerated == "secondary" and result.revoked_slot == "primary"
     assert latest.value == secondary and latest.version == result.rotation.new_version
     assert seen["latest"] == latest.version and seen["leaked_status"] == 200  # stored, then waited
-    assert result.waited_seconds >= 45 and float(seen["at"]) - float(seen["spread_at"]) >= 45  # type: ignore[arg-type]
+    assert result.waited_seconds >= 45 and float(seen["at"]) - float(seen["spread_at"]) >= 45
     assert primary != leaked  # regenerated...
     assert gateway_status(azure, leaked) == 401  # ...and refused
     assert gateway_status(azure, secondary) == 200
