@@ -6,20 +6,21 @@ Nothing here patches an SDK: the real clients talk HTTPS to the stack on 127.0.0
 from __future__ import annotations
 
 import socket
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
 
-from apimvault.local import LocalAzure, prepare_ca
+from apimvault.local import LocalAzure, LocalCA
 
 # aiohttp (azure-core's async transport) builds its default SSL context from SSL_CERT_FILE once, when it
 # is first imported. So the session's CA exists, and the variable points at it, before anything imports it.
-SESSION_CA = prepare_ca(tempfile.mkdtemp(prefix="apimvault-tests-"))
+from tests._support.ca import SESSION_CA
+
+# isort: split
 # Imported now, aiohttp keeps trusting the session CA even when a test (an in-process `apimvault local`)
 # points SSL_CERT_FILE at another stack's CA for a while, whatever order the tests run in.
-import aiohttp  # noqa: E402, F401
+import aiohttp  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,12 +43,19 @@ def _loopback_only() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def local_azure() -> Iterator[LocalAzure]:
+def session_ca() -> LocalCA:
+    """The test session's CA (made before aiohttp was imported): give it to any ``LocalAzure`` a test
+    starts, so every stack of the session is trusted alike."""
+    return SESSION_CA
+
+
+@pytest.fixture(scope="session")
+def local_azure(session_ca: LocalCA) -> Iterator[LocalAzure]:
     # The stack's default: both gateway units behind one URL, each request to one of them in turn, as real
     # APIM's units of a region. `rotate` stores a key only after K consecutive accepted probes per URL; the
     # drills that rotate here with propagation keep (K - 1) x interval above the longest unit delay, so which
-    # unit each probe reaches cannot matter (tests/test_drill_delivery.py's module doc).
-    with LocalAzure(ca=SESSION_CA) as azure, azure.env():
+    # unit each probe reaches cannot matter (tests/cli/test_drill_delivery.py's module doc).
+    with LocalAzure(ca=session_ca) as azure, azure.env():
         yield azure
 
 

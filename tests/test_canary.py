@@ -3,7 +3,8 @@ apimvault, openai, httpx2, httpcore2 and azure; all logs, stdout/stderr, excepti
 and the str()/repr() of every public object are scanned for the key and every >= 8-character piece of it.
 Expected: 0. Plus redirects: a cross-origin 3xx never carries the key, a same-origin one does.
 
-The same scan over the whole suite: ``pytest -p tests.canary --canary`` (see tests/canary.py).
+The same scan over the whole suite: ``pytest -p tests._support.canary --canary``
+(see tests/_support/canary.py).
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ from apimvault import (
     refresh_from_event,
 )
 from apimvault.local import DEPLOYMENT, LocalAzure, ServerThread, Service
-
-from .canary import (
+from tests._support.canary import (
     CANARY_PRIMARY,
     CANARY_SECONDARY,
     CanaryApp,
@@ -45,10 +45,11 @@ from .canary import (
     find_leaks,
     seed_canary_app,
 )
-from .core_helpers import FakeClock, user_messages
+from tests._support.core import FakeClock, user_messages
 
 HEADER = "Ocp-Apim-Subscription-Key"
 MESSAGES = user_messages("canary")
+# Its own numbers (not a tests._support.policies preset): FAST_REFRESH's, plus a 600 s staleness bound.
 POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, max_staleness=600, forced_refresh_interval=5)
 
 
@@ -211,7 +212,7 @@ def test_openai_default_headers_never_hold_the_key(azure: LocalAzure) -> None:
 
 def test_every_cli_command_never_leaks_the_key(azure: LocalAzure) -> None:
     pytest.importorskip("apimvault.cli")
-    from .cli_support import run_cli
+    from tests._support.cli import run_cli
 
     app = seed_canary_app(azure, "cli")
     texts = Texts()

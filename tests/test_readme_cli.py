@@ -15,9 +15,7 @@ import pytest
 import apimvault
 from apimvault.cli.config import LOCAL_ENV_VARIABLES, unset_local_env_command
 from apimvault.local import LocalAzure
-
-from .cli_support import new_rotating_app, run_cli
-from .test_cli_local import APIMVAULT, _read_line, clean_env
+from tests._support.cli import APIMVAULT, clean_env, new_rotating_app, read_line, run_cli
 
 
 def test_the_unset_hint_names_every_variable_the_env_file_sets(azure: LocalAzure) -> None:
@@ -48,7 +46,7 @@ def test_local_stops_on_sighup_removing_env_file_and_ca(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        ready = json.loads(_read_line(proc, 60))
+        ready = json.loads(read_line(proc, 60))
         assert ready["event"] == "ready"
         file_env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line)
         ca = Path(file_env["SSL_CERT_FILE"])

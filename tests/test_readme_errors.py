@@ -15,8 +15,7 @@ from apimvault import (
     create_azure_openai,
 )
 from apimvault.local import LocalAzure
-
-from .core_helpers import new_app_secret
+from tests._support.core import new_app_secret
 
 
 def test_a_misspelt_name_and_a_missing_role_are_both_named_role_first(azure: LocalAzure) -> None:

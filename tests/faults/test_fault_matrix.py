@@ -4,6 +4,10 @@ For each case: what the caller sees (success or which typed apimvault / openai e
 the fault cost, and that the good key is never dropped (the cached key survives every transient fault until
 its documented hard limit, and every request that reached the gateway carried a valid key).
 
+The matrix is one declared table, :data:`MATRIX`: a row per (service, fault, phase) with the modes it runs in
+and what the caller sees; every row runs for both APIs (sync, async). The tests below take their cases and
+their expected outcome from it, so a new fault is a new row (plus its injection, if it is a new kind).
+
 Outcomes are recorded (``outcome_log``; rows land even when a case fails, flagged) and rendered into
 SECURITY.md by ``tests/faults/gen_table.py``. Time is a FakeClock; waits are on callbacks, never on sleeps.
 SecretClient retries are off (``retry_total=0``) so each vault read is one HTTP attempt and counts are exact.
@@ -11,19 +15,19 @@ SecretClient retries are off (``retry_total=0``) so each vault read is one HTTP 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from apimvault import CachePolicy, KeyUnavailableError, VaultUnavailableError
 from apimvault.local import LocalAzure
-
-from ..core_helpers import AppSecret, new_app_secret, rotate_to_secondary
-from .conftest import OutcomeLog, recorded
-from .harness import Api, make, outcome
+from tests._support.core import AppSecret, new_app_secret, rotate_to_secondary
+from tests._support.faults import Api, OutcomeLog, make, outcome, recorded
 
 pytestmark = pytest.mark.timeout(60)
 
+# Its own numbers: SHORT_BACKOFF's plus a forced refresh every 5 s; STALE and HARD_LIMIT derive from them.
 POLICY = CachePolicy(
     ttl=300,
     jitter=0,
@@ -38,6 +42,70 @@ PAST_BACKOFF = 9  # > backoff_max
 HARD_LIMIT = 300 + 600  # fresh period + max_staleness
 APIS: list[Api] = ["sync", "async"]
 MODES = ["plain", "stream"]
+PLAIN = ["plain"]
+STREAM = ["stream"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the matrix: run for every API in :data:`APIS` and every mode in ``modes``."""
+
+    service: str  # "keyvault", "identity", "gateway", "backend"
+    fault: str
+    phase: str  # "warm" (key or token cached), "cold" (nothing cached), "-" (the gateway / backend faults)
+    modes: list[str]
+    caller_sees: str  # "ok", or the class name of what the caller gets; a sequence is ", "-joined
+
+
+# fmt: off
+MATRIX: tuple[Row, ...] = (
+    # Key Vault, key cached: the caller is served the cached key whatever the refresh meets.
+    Row("keyvault", "latency 0.3 s",                   "warm", MODES, "ok"),
+    Row("keyvault", "500",                             "warm", MODES, "ok"),
+    Row("keyvault", "503",                             "warm", MODES, "ok"),
+    Row("keyvault", "429 + Retry-After 30",            "warm", MODES, "ok"),
+    Row("keyvault", "connection reset",                "warm", MODES, "ok"),
+    Row("keyvault", "hang past read_timeout (1 s)",    "warm", MODES, "ok"),
+    # Key Vault, cold start: nothing to serve, so the typed transient error.
+    Row("keyvault", "latency 0.3 s",                   "cold", PLAIN, "ok"),
+    Row("keyvault", "500",                             "cold", PLAIN, "VaultUnavailableError"),
+    Row("keyvault", "503",                             "cold", PLAIN, "VaultUnavailableError"),
+    Row("keyvault", "429 + Retry-After 30",            "cold", PLAIN, "VaultUnavailableError"),
+    Row("keyvault", "connection reset",                "cold", PLAIN, "VaultUnavailableError"),
+    Row("keyvault", "hang past read_timeout (1 s)",    "cold", PLAIN, "VaultUnavailableError"),
+    # Key Vault fails twice then recovers (three requests, one vault read each).
+    Row("keyvault", "503 x2 then recover",             "cold", PLAIN,
+        "VaultUnavailableError, VaultUnavailableError, success"),
+    Row("keyvault", "503 x2 then recover",             "warm", PLAIN, "success, success, success"),
+    # Managed identity, a fresh credential (no token cached).
+    Row("identity", "down (500)",                      "cold", PLAIN, "CredentialError"),
+    Row("identity", "down (connection reset)",         "cold", PLAIN, "CredentialError"),
+    Row("identity", "503 once",                        "cold", PLAIN, "ok"),
+    Row("identity", "slow (0.3 s)",                    "cold", PLAIN, "ok"),
+    Row("identity", "down (500)",                      "warm", PLAIN, "ok"),
+    # APIM gateway (max_retries=0, so openai's own retries do not hide the answer).
+    Row("gateway",  "401 key rotated",                 "-",    MODES, "ok"),
+    Row("gateway",  "401 key revoked",                 "-",    MODES, "AuthenticationError"),
+    Row("gateway",  "429",                             "-",    MODES, "RateLimitError"),
+    Row("gateway",  "503",                             "-",    MODES, "InternalServerError"),
+    # Azure OpenAI backend behind the gateway.
+    Row("backend",  "500",                             "-",    MODES, "InternalServerError"),
+    Row("backend",  "connection reset",                "-",    MODES, "APIConnectionError"),
+    Row("backend",  "slow stream (0.05 s/chunk)",      "-",    STREAM, "ok"),
+    Row("backend",  "dropped stream (after 2 events)", "-",    STREAM, "APIConnectionError"),
+)
+# fmt: on
+
+
+def faults(service: str, phase: str) -> list[str]:
+    """The faults of ``service`` in ``phase``, in table order."""
+    return [r.fault for r in MATRIX if (r.service, r.phase) == (service, phase)]
+
+
+def expected(service: str, fault: str, phase: str) -> str:
+    """What the caller sees in the table's one row for (service, fault, phase); fails if there is none."""
+    (found,) = [r for r in MATRIX if (r.service, r.fault, r.phase) == (service, fault, phase)]
+    return found.caller_sees
 
 
 def used_slots(azure: LocalAzure, app: AppSecret) -> list[str]:
@@ -62,7 +130,8 @@ HANG_KWARGS = {"read_timeout": 1, "connection_timeout": 2}
 
 
 def _kv_params() -> list[Any]:
-    return list(KV_FAULTS)
+    """The injected Key Vault faults (each a warm and a cold row of the table)."""
+    return [f for f in faults("keyvault", "warm") if f in KV_FAULTS]
 
 
 def _kv_kwargs(fault: str) -> dict[str, Any]:
@@ -96,7 +165,9 @@ def test_keyvault_fault_with_warm_cache(
             h.advance(STALE)  # the next request triggers a background refresh that meets the fault
             seen, _ = outcome(lambda: h.chat(stream))
             row["caller_sees"] = "success (cached key)" if seen == "ok" else seen
-            assert seen == "ok", "a caller waited on (or failed because of) a failing vault"
+            assert seen == expected("keyvault", fault, "warm"), (
+                "a caller waited on (or failed because of) a failing vault"
+            )
             if fault.startswith("latency"):
                 h.wait("refreshed", 2)
                 row["refresh_sees"] = "fresh (after the delay)"
@@ -150,6 +221,7 @@ def test_keyvault_fault_on_cold_start(
             seen, exc = outcome(lambda: h.chat(False))
             row["vault_reads"] = h.stats().vault_reads
             row["good_key_kept"] = "n/a"
+            assert seen == expected("keyvault", fault, "cold"), repr(exc)
             if fault.startswith("latency"):
                 row["caller_sees"] = "success (after the delay)"
                 assert seen == "ok"
@@ -205,10 +277,8 @@ def test_keyvault_fails_twice_then_recovers(
             row["refresh_sees"] = "VaultUnavailableError x2, then fresh" if phase == "warm" else "-"
             row["vault_reads"] = h.stats().vault_reads - reads0
             row["good_key_kept"] = h.current() == good if phase == "warm" else "n/a"
-            if phase == "cold":
-                assert seen == ["VaultUnavailableError", "VaultUnavailableError", "success"]
-            else:
-                assert seen == ["success"] * 3
+            assert seen == expected("keyvault", "503 x2 then recover", phase).split(", ")
+            if phase == "warm":
                 assert h.current() == good
             assert row["vault_reads"] == 3
             assert set(used_slots(azure, app)) == {"primary"}
@@ -269,10 +339,7 @@ IDENTITY_FAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize(
-    "fault",
-    list(IDENTITY_FAULTS),
-)
+@pytest.mark.parametrize("fault", [f for f in faults("identity", "cold") if f in IDENTITY_FAULTS])
 @pytest.mark.parametrize("api", APIS)
 def test_identity_fault_on_cold_credential(
     azure: LocalAzure, outcome_log: OutcomeLog, api: Api, fault: str
@@ -297,12 +364,10 @@ def test_identity_fault_on_cold_credential(
             row["caller_sees"] = "success" if seen == "ok" else f"{seen} (permanent=False)"
             row["vault_reads"] = h.stats().vault_reads
             row["notes"] = f"{azure.identity.counters['GetToken']} token request(s)"
+            assert seen == expected("identity", fault, "cold")  # "503 once": azure-identity retries it itself
             if fault.startswith("down"):
                 assert isinstance(exc, KeyUnavailableError) and not exc.permanent, seen
-                assert seen == "CredentialError"
                 assert used_slots(azure, app) == []
-            else:
-                assert seen == "ok"  # azure-identity retries a single 5xx itself
         finally:
             h.close()
         # Recovery, with a fresh credential: MSAL (sync ManagedIdentityCredential) replays a 5xx answer
@@ -340,7 +405,11 @@ def test_identity_down_with_warm_credential(azure: LocalAzure, outcome_log: Outc
             row["refresh_sees"] = "fresh (token from the credential's cache)"
             row["vault_reads"] = 1
             row["good_key_kept"] = h.current() == good
-            assert seen == "ok" and h.rec.errors == [] and h.current() == good
+            assert (
+                seen == expected("identity", "down (500)", "warm")
+                and h.rec.errors == []
+                and h.current() == good
+            )
             assert azure.identity.counters["GetToken"] == 1  # only the cold start asked for a token
         finally:
             h.close()
@@ -377,7 +446,7 @@ def test_gateway_401_after_rotation_is_resent_once(
             row["good_key_kept"] = h.current() is not None and (
                 h.current_key().reveal() == app.subscription.secondary_key
             )
-            assert seen == "ok"
+            assert seen == expected("gateway", "401 key rotated", "-")
             assert (stats.vault_reads, stats.forced_refreshes, stats.resends_401) == (2, 1, 1)
             assert invalid_count(azure) == stats.resends_401
             assert row["good_key_kept"]
@@ -410,26 +479,26 @@ def test_gateway_401_revoked_key(azure: LocalAzure, outcome_log: OutcomeLog, api
             row["caller_sees"] = f"openai.{seen}"
             stats = h.stats()
             row["vault_reads"] = stats.vault_reads - 1
-            assert seen == again == "AuthenticationError"
+            assert seen == again == expected("gateway", "401 key revoked", "-")
             assert (stats.vault_reads, stats.forced_refreshes, stats.resends_401) == (2, 1, 0)
             assert h.current() is not None  # the vault's current version stays cached
         finally:
             h.close()
 
 
-GATEWAY_FAULTS: dict[str, tuple[dict[str, Any], str]] = {
-    "429": ({"kind": "throttle", "retry_after": 1}, "RateLimitError"),
-    "503": ({"kind": "status", "status": 503}, "InternalServerError"),
+GATEWAY_FAULTS: dict[str, dict[str, Any]] = {
+    "429": {"kind": "throttle", "retry_after": 1},
+    "503": {"kind": "status", "status": 503},
 }
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fault", list(GATEWAY_FAULTS))
+@pytest.mark.parametrize("fault", [f for f in faults("gateway", "-") if f in GATEWAY_FAULTS])
 @pytest.mark.parametrize("api", APIS)
 def test_gateway_error_status(
     azure: LocalAzure, outcome_log: OutcomeLog, api: Api, fault: str, mode: str
 ) -> None:
-    spec, expected = GATEWAY_FAULTS[fault]
+    spec, caller_sees = GATEWAY_FAULTS[fault], expected("gateway", fault, "-")
     app = new_app_secret(azure)
     stream = mode == "stream"
     with recorded(
@@ -452,7 +521,7 @@ def test_gateway_error_status(
             stats = h.stats()
             row["vault_reads"] = stats.vault_reads - 1
             row["good_key_kept"] = h.current() == good
-            assert seen == expected
+            assert seen == caller_sees
             assert (stats.vault_reads, stats.forced_refreshes) == (1, 0)
             assert row["good_key_kept"]
             assert h.chat(stream)
@@ -461,13 +530,6 @@ def test_gateway_error_status(
 
 
 # ------------------------------------------------------------------------------ Azure OpenAI backend
-
-BACKEND_FAULTS: dict[str, tuple[list[str], str]] = {
-    "500": (MODES, "InternalServerError"),
-    "connection reset": (MODES, "APIConnectionError"),
-    "slow stream (0.05 s/chunk)": (["stream"], "ok"),
-    "dropped stream (after 2 events)": (["stream"], "APIConnectionError"),
-}
 
 
 def _inject_backend(azure: LocalAzure, fault: str) -> None:
@@ -483,11 +545,11 @@ def _inject_backend(azure: LocalAzure, fault: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "mode"), [(f, m) for f, (modes, _) in BACKEND_FAULTS.items() for m in modes]
+    ("fault", "mode"), [(r.fault, m) for r in MATRIX if r.service == "backend" for m in r.modes]
 )
 @pytest.mark.parametrize("api", APIS)
 def test_backend_fault(azure: LocalAzure, outcome_log: OutcomeLog, api: Api, fault: str, mode: str) -> None:
-    expected = BACKEND_FAULTS[fault][1]
+    caller_sees = expected("backend", fault, "-")
     app = new_app_secret(azure)
     stream = mode == "stream"
     with recorded(
@@ -515,10 +577,43 @@ def test_backend_fault(azure: LocalAzure, outcome_log: OutcomeLog, api: Api, fau
             stats = h.stats()
             row["vault_reads"] = stats.vault_reads - 1
             row["good_key_kept"] = h.current() == good
-            assert seen == expected, repr(exc)
+            assert seen == caller_sees, repr(exc)
             assert (stats.vault_reads, stats.forced_refreshes, stats.resends_401) == (1, 0, 0)
             assert row["good_key_kept"]
             assert h.chat(stream)
             assert set(used_slots(azure, app)) == {"primary"}
         finally:
             h.close()
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+#: The rows run by a test of their own (not through an injection table above).
+OWN_TESTS = {
+    ("keyvault", "503 x2 then recover", "cold"),
+    ("keyvault", "503 x2 then recover", "warm"),
+    ("identity", "down (500)", "warm"),
+    ("gateway", "401 key rotated", "-"),
+    ("gateway", "401 key revoked", "-"),
+}
+
+
+def test_every_row_of_the_matrix_is_run_by_a_test() -> None:
+    """A row the tests do not run would sit in the table unchecked: each is injected by a table above or
+    has its own test; and each (service, fault, phase) has exactly one row."""
+    keys = [(r.service, r.fault, r.phase) for r in MATRIX]
+    assert len(keys) == len(set(keys))
+    injected = {
+        "keyvault": set(KV_FAULTS),
+        "identity": set(IDENTITY_FAULTS),
+        "gateway": set(GATEWAY_FAULTS),
+        "backend": {
+            "500",
+            "connection reset",
+            "slow stream (0.05 s/chunk)",
+            "dropped stream (after 2 events)",
+        },
+    }
+    not_run = [k for k in keys if k not in OWN_TESTS and k[1] not in injected[k[0]]]
+    assert not_run == []
+    assert all(set(r.modes) <= set(MODES) and r.modes for r in MATRIX)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from apimvault.local import LocalCA
 from apimvault.local.azurite import AZURITE_ACCOUNT, AZURITE_ACCOUNT_KEY, azurite_service
-from tests.conftest import SESSION_CA
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = f"cd {ROOT} && npm ci   # installs Azurite from package.json (needs Node 20+)"
@@ -53,25 +53,25 @@ def _require_installed(program: Path) -> None:
 
 
 @contextlib.contextmanager
-def _start(service: str) -> Iterator[str]:
+def _start(service: str, ca: LocalCA) -> Iterator[str]:
     """One Azurite service (``blob`` or ``queue``) with the test session's CA, started as the drill starts it
     (:func:`apimvault.local.azurite.azurite_service`); yields its URL."""
     program = ROOT / "node_modules" / ".bin" / f"azurite-{service}"
     _require_installed(program)
-    with azurite_service(program.parent, service, SESSION_CA.cert_path, SESSION_CA.key_path) as url:
+    with azurite_service(program.parent, service, ca.cert_path, ca.key_path) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
-def azurite() -> Iterator[Azurite]:
+def azurite(session_ca: LocalCA) -> Iterator[Azurite]:
     """Azurite's blob service (the rotation function's lease)."""
-    with _start("blob") as url:
+    with _start("blob", session_ca) as url:
         yield Azurite(url)
 
 
 @pytest.fixture(scope="session")
-def azurite_storage(azurite: Azurite) -> Iterator[Azurite]:
+def azurite_storage(azurite: Azurite, session_ca: LocalCA) -> Iterator[Azurite]:
     """Azurite's blob and queue services: the function's storage account as ``AzureWebJobsStorage`` sees it
     (the lease blob, the rotation queue and its poison queue)."""
-    with _start("queue") as url:
+    with _start("queue", session_ca) as url:
         yield Azurite(azurite.blob_url, url)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-if TYPE_CHECKING:
-    from .bicep_policy import Template
+from tests._support.paths import FUNCTION_DIR
 
-FUNCTION_DIR = Path(__file__).resolve().parents[2] / "infra" / "rotation_function"
+if TYPE_CHECKING:
+    from infra.checks.bicep_policy import Template
 
 
 @pytest.fixture
@@ -36,6 +36,6 @@ def handler(function_dir: Path) -> ModuleType:
 def templates() -> list[Template]:
     """Every ``infra/**/*.bicep`` file parsed by pycep, once per test session."""
     pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
-    from .bicep_policy import load_templates
+    from infra.checks.bicep_policy import load_templates
 
     return load_templates()

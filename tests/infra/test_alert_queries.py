@@ -1,4 +1,4 @@
-"""The log-alert queries of infra/modules/alerts.bicep, run (tests/infra/kql_mini.py) over sample rows.
+"""The log-alert queries of infra/modules/alerts.bicep, run (infra/checks/kql_mini.py) over sample rows.
 
 - Overdue rotation (issue 20): the SecretSet row format is Microsoft's documented AuditEvent record as
   AzureDiagnostics stores it; tests/infra/data/keyvault_azurediagnostics_rows.json holds the rows and says
@@ -21,8 +21,8 @@ import pytest
 
 pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
 
-from .bicep_policy import INFRA, Template, parse_bicep
-from .kql_mini import KqlUnknownColumn, KqlUnsupported, run_query
+from infra.checks.bicep_policy import INFRA, Template, parse_bicep
+from infra.checks.kql_mini import KqlUnknownColumn, KqlUnsupported, run_query
 
 DATA = Path(__file__).resolve().parent / "data" / "keyvault_azurediagnostics_rows.json"
 

@@ -1,14 +1,14 @@
-"""APIM policy XML in infra/: well-formed, known policies per section, expressions that parse (apim_policy.py
-says what is and is not checked). Each check is also shown to fail on a planted error."""
+"""APIM policy XML in infra/: well-formed, known policies per section, expressions that parse
+(infra/checks/apim_policy.py says what is and is not checked). Each check is also shown to fail on a planted
+error."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
 import pytest
-
-from .apim_policy import check_expression, check_policy_document, policy_files
-from .bicep_policy import INFRA
+from infra.checks.apim_policy import check_expression, check_policy_document, policy_files
+from infra.checks.bicep_policy import INFRA
 
 OPENAI_POLICY = INFRA / "modules" / "policies" / "openai-api.xml"
 
@@ -29,7 +29,7 @@ def test_openai_policy_limits_tokens_per_subscription_and_emits_token_metrics() 
     assert limit.get("counter-key") == "@(context.Subscription.Id)"
     assert limit.get("tokens-per-minute") == "{{apimvault-tokens-per-minute}}"
     # Issue 20 item 5: the API is hand-defined (no prompt schema to estimate from), so the limit counts the
-    # usage reported in responses instead of promising an estimate (bicep_policy.check_token_limits).
+    # usage reported in responses instead of promising an estimate (infra.checks.apim.check_token_limits).
     assert limit.get("estimate-prompt-tokens") == "false"
     metric = inbound.find("azure-openai-emit-token-metric")
     assert metric is not None

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
 
-from .bicep_policy import (
+from infra.checks.bicep_policy import (
     APIM_SUBSCRIPTION,
     EVENT_SUBSCRIPTION,
     INFRA,

@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
 
-from .bicep_policy import Template, parse_text
-from .bicep_types.refresh import RESOURCE_DECL, used_resource_types
-from .type_check import SUBSET, TYPES_DIR, check_module_wiring, check_resource_types, load_index
+from infra.checks.bicep_policy import Template, parse_text
+from infra.checks.bicep_types.refresh import RESOURCE_DECL, used_resource_types
+from infra.checks.type_check import SUBSET, TYPES_DIR, check_module_wiring, check_resource_types, load_index
 
 
 def test_every_resource_block_matches_the_published_type_definitions(templates: list[Template]) -> None:
@@ -27,7 +27,7 @@ def test_every_resource_block_matches_the_published_type_definitions(templates: 
 
 def test_vendored_subset_is_exactly_the_types_infra_uses_with_licence_and_commit() -> None:
     index = load_index()
-    assert index.names == used_resource_types(), "run tests/infra/bicep_types/refresh.py <checkout>"
+    assert index.names == used_resource_types(), "run infra/checks/bicep_types/refresh.py <checkout>"
     assert index.repository == "https://github.com/Azure/bicep-types-az"
     assert re.fullmatch(r"[0-9a-f]{40}", index.commit)
     licence = (TYPES_DIR / "LICENSE").read_text()

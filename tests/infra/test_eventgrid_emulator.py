@@ -25,7 +25,7 @@ from apimvault.local.eventgrid import (
     StorageQueueDestination,
     retry_delay,
 )
-from tests.rotation_support import ManualClock
+from tests._support.rotation import ManualClock
 
 HOST_JSON = Path(__file__).resolve().parents[2] / "infra" / "rotation_function" / "host.json"
 

@@ -45,12 +45,12 @@ from apimvault.local.eventgrid import (
     StorageQueueDestination,
 )
 from apimvault.rotation import RotationConfig
-from tests.cli_support import RotatingApp, assert_no_key, gateway_status, new_rotating_app
-from tests.rotation_support import ManualClock
+from tests._support.cli import RotatingApp, assert_no_key, gateway_status, new_rotating_app
+from tests._support.events import near_expiry_event
+from tests._support.paths import FUNCTION_DIR
+from tests._support.rotation import ManualClock
 
 from .azurite import Azurite, azurite, azurite_storage  # noqa: F401 - the fixtures
-from .conftest import FUNCTION_DIR
-from .events import near_expiry_event
 
 HOST_JSON = FUNCTION_DIR / "host.json"
 

@@ -19,8 +19,7 @@ pytest.importorskip("apimvault.rotation")
 
 from apimvault.exceptions import ApimVaultError
 from apimvault.local import SECRET_NAME, LocalAzure
-
-from .events import near_expiry_event
+from tests._support.events import near_expiry_event
 
 
 @pytest.fixture

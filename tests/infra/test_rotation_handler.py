@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .events import near_expiry_event
+from tests._support.events import near_expiry_event
 
 VAULT = "https://kv-apimvault-local.vault.azure.net"
 SECRET = "apim-subscription-key"

@@ -8,8 +8,7 @@ from types import ModuleType
 import pytest
 
 from apimvault import ConfigurationError
-
-from .events import near_expiry_event
+from tests._support.events import near_expiry_event
 
 SECRET = "apim-subscription-key"
 

@@ -17,11 +17,11 @@ from azure.storage.blob import ContainerClient
 
 from apimvault.exceptions import RotationError
 from apimvault.local import LocalAzure, temporary_environ
-from tests.cli_support import assert_no_key, gateway_status, new_rotating_app
-from tests.rotation_support import ManualClock, Scheduler
+from tests._support.cli import assert_no_key, gateway_status, new_rotating_app
+from tests._support.events import near_expiry_event
+from tests._support.rotation import ManualClock, Scheduler
 
 from .azurite import Azurite, azurite  # noqa: F401 - the fixture
-from .events import near_expiry_event
 
 
 @pytest.fixture

@@ -26,11 +26,11 @@ from azure.storage.blob import BlobLeaseClient, ContainerClient
 
 from apimvault.exceptions import RotationError
 from apimvault.local import LocalAzure, temporary_environ
-from tests.cli_support import RotatingApp, gateway_status, new_rotating_app
-from tests.rotation_support import ManualClock
+from tests._support.cli import RotatingApp, gateway_status, new_rotating_app
+from tests._support.events import near_expiry_event
+from tests._support.rotation import ManualClock
 
 from .azurite import Azurite, azurite  # noqa: F401 - the fixture
-from .events import near_expiry_event
 
 
 class FailingRenewals(RequestsTransport):  # type: ignore[misc]  # azure-core exports it untyped

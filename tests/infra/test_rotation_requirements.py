@@ -14,11 +14,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from infra.checks.bicep_policy import INFRA, REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-from .bicep_policy import INFRA, REPO
 
 REQUIREMENTS = INFRA / "rotation_function" / "requirements.txt"
 BUILD_SCRIPT = INFRA / "rotation_function" / "build_package.sh"

@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apimvault import AsyncSubscriptionKeyProvider, CachePolicy, SubscriptionKeyProvider
+from apimvault import AsyncSubscriptionKeyProvider, SubscriptionKeyProvider
 from apimvault.local import LocalAzure
-
-from ..core_helpers import AppSecret, FakeClock, new_app_secret, rotate_to_secondary
+from tests._support.core import AppSecret, FakeClock, new_app_secret, rotate_to_secondary
+from tests._support.policies import FAST_REFRESH
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Use with your framework"
-POLICY = CachePolicy(ttl=300, jitter=0, refresh_margin=60, forced_refresh_interval=5)
 
 
 def readme_block(title: str) -> str:
@@ -74,18 +73,20 @@ class Rotating:
         self.keys |= {sub.primary_key, sub.secondary_key}
 
     def provider(self) -> SubscriptionKeyProvider:
-        return SubscriptionKeyProvider(self.azure.vault_url, self.app.name, clock=self.clock, policy=POLICY)
+        return SubscriptionKeyProvider(
+            self.azure.vault_url, self.app.name, clock=self.clock, policy=FAST_REFRESH
+        )
 
     def aprovider(self) -> AsyncSubscriptionKeyProvider:
         return AsyncSubscriptionKeyProvider(
-            self.azure.vault_url, self.app.name, clock=self.clock, policy=POLICY
+            self.azure.vault_url, self.app.name, clock=self.clock, policy=FAST_REFRESH
         )
 
     def rotate(self) -> None:
         """Rotate so the key every provider holds is revoked at the gateway, and allow a forced refresh."""
         rotate_to_secondary(self.azure, self.app)
         self._remember()
-        self.clock.advance(POLICY.forced_refresh_interval + 1)
+        self.clock.advance(FAST_REFRESH.forced_refresh_interval + 1)
 
     def slots(self) -> list[str]:
         """Which key slot the gateway accepted, request by request, for this app (oldest first)."""

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from apimvault.local import LocalAzure
-
-from ..test_readme_blocks import (
+from tests._support.readme import (
     FRAMEWORK_SECTION,
     Block,
     Ran,
@@ -20,6 +19,7 @@ from ..test_readme_blocks import (
     readme_blocks,
     run_blocks,
 )
+
 from .support import README, SECTION, readme_block
 
 HERE = Path(__file__).parent

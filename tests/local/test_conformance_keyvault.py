@@ -1,6 +1,6 @@
 """Conformance: all twelve Key Vault secrets operations, success and error answers, against the spec.
 
-Every answer here passes through ``SpecValidator`` (``test_keyvault.py``: the 2026-04-01 spec, with
+Every answer here passes through ``SpecValidator`` (``tests/_support/keyvault.py``: the 2026-04-01 spec, with
 properties the spec does not name refused); this module drives each ``operationId`` once with the real
 HTTP shape and checks that none was left out, plus the fidelity fixes of issue 22: an unknown api-version
 is Key Vault's 400 ``BadParameter`` (22.1), ``x-ms-request-id`` is on every answer (22.2), no
@@ -19,8 +19,7 @@ import pytest
 import requests
 
 from apimvault.local import LocalAzure
-
-from .test_keyvault import Raw, SpecValidator
+from tests._support.keyvault import Raw, SpecValidator
 
 UUID_LEN = 36
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -12,10 +13,10 @@ from apimvault.local import LocalAzure
 
 @pytest.mark.parametrize("routing", ["balanced", "per-unit"])
 def test_env_file_sources_in_a_shell_with_every_value_intact(
-    azure: LocalAzure, tmp_path: Path, routing: str
+    azure: LocalAzure, tmp_path: Path, routing: Literal["balanced", "per-unit"]
 ) -> None:
     # Not started: the env file needs only the bound ports. per-unit routing lists several gateway URLs.
-    stack = LocalAzure(ca=azure.ca, seed=False, gateway_routing=routing, rotate_as="rotator")  # type: ignore[arg-type]
+    stack = LocalAzure(ca=azure.ca, seed=False, gateway_routing=routing, rotate_as="rotator")
     try:
         path = stack.write_env_file(tmp_path / ".env")
     finally:

@@ -11,12 +11,11 @@ import httpx2
 import openai
 import pytest
 
-from apimvault.local import DEPLOYMENT, LocalAzure
+from apimvault.local import DEPLOYMENT, LocalAzure, LocalCA
 from apimvault.local.admin import AdminClient, AdminError
 from apimvault.local.apim import Subscription, normalize_operations, normalize_suffix
 from apimvault.local.openai_backend import reply_for
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
-from tests.conftest import SESSION_CA
 
 MESSAGES: Any = [{"role": "user", "content": "ping"}]
 NOT_FOUND = {"statusCode": 404, "message": "Resource not found"}
@@ -24,8 +23,8 @@ PUBLISHED_API_VERSION = "2024-02-01"  # the published openai-python-behind-APIM 
 
 
 @pytest.fixture(scope="module")
-def stack(local_azure: LocalAzure) -> Iterator[LocalAzure]:
-    with LocalAzure(ca=SESSION_CA, seed=False, gateway_units=3) as azure:
+def stack(local_azure: LocalAzure, session_ca: LocalCA) -> Iterator[LocalAzure]:
+    with LocalAzure(ca=session_ca, seed=False, gateway_units=3) as azure:
         yield azure
 
 
@@ -183,8 +182,8 @@ def test_a_custom_suffix_and_the_admin_api(gw: LocalAzure) -> None:
         gw.gateway.policies.set(gw.gateway.api_id, None)
 
 
-def test_the_stack_takes_the_suffix_at_construction() -> None:
-    with LocalAzure(ca=SESSION_CA, api_suffix="") as azure:
+def test_the_stack_takes_the_suffix_at_construction(session_ca: LocalCA) -> None:
+    with LocalAzure(ca=session_ca, api_suffix="") as azure:
         sub = azure.apim_state.get("apimvault-app")
         assert sub is not None
         base = f"{azure.gateway_url}/deployments/{DEPLOYMENT}"
@@ -212,10 +211,10 @@ def test_units_share_one_url_and_take_requests_in_turn(gw: LocalAzure) -> None:
     assert units[:3] == units[3:] and len(set(units[:3])) == 3  # round-robin
 
 
-def _units_served(seed: int) -> list[str]:
+def _units_served(session_ca: LocalCA, seed: int) -> list[str]:
     gateway_units = ("a", "b", "c", "d")
     with LocalAzure(
-        ca=SESSION_CA,
+        ca=session_ca,
         seed=False,
         gateway_units=gateway_units,
         gateway_balance="random",
@@ -227,13 +226,13 @@ def _units_served(seed: int) -> list[str]:
         return [u.unit for u in azure.gateway.recent()]
 
 
-def test_random_balancing_is_reproducible_with_a_seed() -> None:
-    first, again = _units_served(11), _units_served(11)
+def test_random_balancing_is_reproducible_with_a_seed(session_ca: LocalCA) -> None:
+    first, again = _units_served(session_ca, 11), _units_served(session_ca, 11)
     assert first == again and len(first) == 12
     assert set(first) <= {"a", "b", "c", "d"} and len(set(first)) >= 2
 
 
-def test_bad_gateway_configuration_is_refused() -> None:
+def test_bad_gateway_configuration_is_refused(session_ca: LocalCA) -> None:
     for kwargs, message in (
         ({"gateway_units": 0}, "gateway_units"),
         ({"gateway_units": True}, "gateway_units"),
@@ -242,4 +241,4 @@ def test_bad_gateway_configuration_is_refused() -> None:
         ({"api_suffix": "a?b"}, "suffix"),
     ):
         with pytest.raises(ValueError, match=message):
-            LocalAzure(ca=SESSION_CA, seed=False, **kwargs)
+            LocalAzure(ca=session_ca, seed=False, **kwargs)

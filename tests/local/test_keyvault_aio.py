@@ -23,8 +23,7 @@ from azure.identity.aio import DefaultAzureCredential
 from azure.keyvault.secrets.aio import SecretClient
 
 from apimvault.local import SECRET_NAME, Identity, LocalAzure
-
-from .test_keyvault import (
+from tests._support.keyvault import (
     NOT_FOUND,
     VERSION_RE,
     AsyncStaticToken,

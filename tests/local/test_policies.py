@@ -16,10 +16,9 @@ import pytest
 from azure.identity import ManagedIdentityCredential
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from apimvault.local import DEPLOYMENT, LocalAzure
+from apimvault.local import DEPLOYMENT, LocalAzure, LocalCA
 from apimvault.local.policies import ApiPolicies, timespan
-
-from ..core_helpers import FakeClock, new_app_secret
+from tests._support.core import FakeClock, new_app_secret
 
 AUDIENCE = "api://apimvault-gateway"
 SCOPE = AUDIENCE + "/.default"
@@ -137,12 +136,11 @@ def test_required_role_granted_passes(gateway: LocalAzure) -> None:
     assert ok.status_code == 200
 
 
-def test_expired_token_is_refused_by_the_stack_clock() -> None:
-    from ..conftest import SESSION_CA
+def test_expired_token_is_refused_by_the_stack_clock(session_ca: LocalCA) -> None:
 
     clock = FakeClock()
     with LocalAzure(
-        ca=SESSION_CA, clock=clock, policies={"validate_azure_ad_token": {"audiences": [AUDIENCE]}}
+        ca=session_ca, clock=clock, policies={"validate_azure_ad_token": {"audiences": [AUDIENCE]}}
     ) as stack:
         with stack.env():
             token = _token(stack)

@@ -17,13 +17,12 @@ import pytest
 from azure.identity import DefaultAzureCredential
 from azure.mgmt.apimanagement import ApiManagementClient
 
-from apimvault.local import API_VERSION, DEPLOYMENT, LocalAzure
+from apimvault.local import API_VERSION, DEPLOYMENT, LocalAzure, LocalCA
 from apimvault.local.admin import AdminClient, AdminError
 from apimvault.local.apim import ApimState, Subscription
 from apimvault.local.openai_backend import reply_for
 from apimvault.local.stack import APIM_SERVICE, ARM_SUBSCRIPTION, RESOURCE_GROUP
-from tests.conftest import SESSION_CA
-from tests.rotation_support import ManualClock
+from tests._support.rotation import ManualClock
 
 MESSAGES: Any = [{"role": "user", "content": "ping"}]
 
@@ -34,10 +33,10 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture(scope="module")
-def stack(clock: ManualClock, local_azure: LocalAzure) -> Iterator[LocalAzure]:
+def stack(clock: ManualClock, local_azure: LocalAzure, session_ca: LocalCA) -> Iterator[LocalAzure]:
     # Tests enter a.env() only where they need it, so other tests keep the session stack's environment.
     with LocalAzure(
-        ca=SESSION_CA, propagation_clock=clock, propagation_delay={"region1": 10, "region2": 30}
+        ca=session_ca, propagation_clock=clock, propagation_delay={"region1": 10, "region2": 30}
     ) as a:
         yield a
 
@@ -150,7 +149,8 @@ def test_changes_apply_in_order_and_an_old_value_never_returns(
     k2 = sub.primary_key
 
     def on_region2() -> tuple[int, int, int]:
-        return tuple(statuses(azure_p, k)["region2"] for k in (k0, k1, k2))  # type: ignore[return-value]
+        first, second, third = (statuses(azure_p, k)["region2"] for k in (k0, k1, k2))
+        return first, second, third
 
     assert on_region2() == (200, 401, 401)
     clock.advance(5)  # the first change applied: k1 is served, although ARM already shows k2
@@ -207,8 +207,8 @@ def test_admin_api_sets_and_shows_the_delays(azure_p: LocalAzure, clock: ManualC
         assert admin.propagation()["region2"]["max"] == 6  # a refused change changed nothing
 
 
-def test_default_is_no_delay_and_units_are_not_addressable() -> None:
-    with LocalAzure(ca=SESSION_CA, seed=False) as azure:  # the defaults: balanced units, no delay
+def test_default_is_no_delay_and_units_are_not_addressable(session_ca: LocalCA) -> None:
+    with LocalAzure(ca=session_ca, seed=False) as azure:  # the defaults: balanced units, no delay
         sub = fresh(azure)
         old = sub.primary_key
         azure.apim_state.regenerate(sub.sid, "primary")
@@ -220,9 +220,9 @@ def test_default_is_no_delay_and_units_are_not_addressable() -> None:
         assert status(f"{azure.gateway_url}/region9", sub.primary_key) == 404
 
 
-def test_per_unit_routing_serves_each_unit_under_its_prefix(clock: ManualClock) -> None:
+def test_per_unit_routing_serves_each_unit_under_its_prefix(clock: ManualClock, session_ca: LocalCA) -> None:
     with LocalAzure(
-        ca=SESSION_CA,
+        ca=session_ca,
         seed=False,
         gateway_routing="per-unit",
         propagation_clock=clock,

@@ -107,7 +107,7 @@ def test_the_bicep_and_the_local_stack_read_the_same_roles_file(azure: LocalAzur
         assert not any(action in text for action in doc[key][field]), f"{module} repeats an action"
     pycep = pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
     assert pycep is not None
-    from tests.infra.bicep_policy import ROLE_DEFINITION, load_templates
+    from infra.checks.bicep import ROLE_DEFINITION, load_templates
 
     compiled = {}
     for template in load_templates():

@@ -42,7 +42,7 @@ def add_local_stack_options(p: argparse.ArgumentParser) -> None:
         help="gateway units behind the one gateway URL, each request balanced to one (default %(default)s)",
     )
     # Default balanced (as real APIM): `rotate` requires K consecutive accepted probes per URL, each on a
-    # fresh connection, so it sees a lagging unit behind the shared URL (tests/test_drill_delivery.py).
+    # fresh connection, so it sees a lagging unit behind the shared URL (tests/cli/test_drill_delivery.py).
     p.add_argument(
         "--gateway-routing",
         choices=("balanced", "per-unit"),

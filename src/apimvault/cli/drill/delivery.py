@@ -30,7 +30,7 @@ from .config import DELIVERIES as CHOICES
 
 def host_settings() -> Any:
     """``infra/rotation_function/host.json``'s ``extensions.queues`` and ``functionTimeout`` (the wheel does
-    not carry host.json; tests/test_drill_delivery.py checks these equal the file's)."""
+    not carry host.json; tests/cli/test_drill_delivery.py checks these equal the file's)."""
     from ...local.eventgrid import QueueSettings
 
     return QueueSettings(
