@@ -30,7 +30,7 @@ def _check_report(report: dict[str, Any]) -> None:
     assert all(c is not None for c in report["convergence_s"])
     # Both keys were regenerated. Whether a client still held the key rotation 2 revoked depends on when
     # its refresh-ahead ran (scheduling), so the 401 path is asserted only as consistent here; its
-    # deterministic proof is tests/test_client.py (a revoked key is re-sent once after one refresh).
+    # deterministic proof is tests/core/test_client.py (a revoked key is re-sent once after one refresh).
     log = report["rotation_log"]
     assert {r["regenerated"] for r in log} == {"primary", "secondary"}
     for rotation in log:  # a client caught on a revoked key was brought back, and the time measured

@@ -22,10 +22,9 @@ import pytest
 
 from apimvault._key import fingerprint
 from apimvault.cli.drill.delivery import find_azurite, host_settings
-from apimvault.local import LocalAzure
+from apimvault.local import LocalAzure, LocalCA
 from apimvault.local.eventgrid import QueueSettings
 from apimvault.local.rbac import SECRET_ROTATOR_KEY, RoleDefinition, load_infra_roles
-from tests._support.ca import SESSION_CA
 from tests._support.cli import RotatingApp, assert_no_key, new_rotating_app, run_cli
 from tests._support.paths import REPO as ROOT
 
@@ -36,10 +35,10 @@ FAST = ["--duration", "5", "--concurrency", "6", "--propagation", "1"]
 
 
 @pytest.fixture(scope="module")
-def balanced() -> Iterator[LocalAzure]:
+def balanced(session_ca: LocalCA) -> Iterator[LocalAzure]:
     """A stack of its own whose two gateway units answer behind one URL (the stack's default), each
     request to one of them in turn; the session stack's environment stays applied around it."""
-    with LocalAzure(ca=SESSION_CA, rotate_as="rotator") as stack:
+    with LocalAzure(ca=session_ca, rotate_as="rotator") as stack:
         yield stack
 
 
