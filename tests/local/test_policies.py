@@ -6,6 +6,7 @@ endpoint through azure-identity's ManagedIdentityCredential.
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -187,6 +188,7 @@ def test_policies_reject_bad_configuration() -> None:
         {"rate_limit_by_key": {"calls": 1, "renewal_period": 0}},
         {"azure_openai_token_limit": {}},
         {"azure_openai_token_limit": {"token_quota": 5, "token_quota_period": "Fortnightly"}},
+        {"azure_openai_token_limit": {"tokens_per_minute": 5, "estimate_prompt_tokens": "false"}},
         {"validate_azure_ad_token": {"audiences": []}},
         {"validate_azure_ad_token": {"audiences": "api://x"}},
         {"quota_by_key": {"calls": 1, "unknown": 2}},
@@ -200,3 +202,53 @@ def test_timespan_is_dotnet_format() -> None:
     assert timespan(0) == "00:00:00"
     assert timespan(59.2) == "00:01:00"
     assert timespan(5 * 86400 + 3 * 3600 + 23 * 60 + 11) == "5.03:23:11"
+
+
+def _post(http: httpx2.Client, azure: LocalAzure, key: str, body: bytes) -> httpx2.Response:
+    return http.post(
+        f"{azure.gateway_url}/openai/deployments/{DEPLOYMENT}/chat/completions?api-version=2024-10-21",
+        content=body,
+        headers={"Ocp-Apim-Subscription-Key": key, "Content-Type": "application/json"},
+    )
+
+
+def _statuses(azure: LocalAzure, limit: dict[str, Any], body: bytes, calls: int) -> list[int]:
+    """The statuses of ``calls`` identical requests under a fresh token limit (one minute's window)."""
+    app = new_app_secret(azure)
+    azure.gateway.policies.set(API, {"azure_openai_token_limit": limit})
+    with _http(azure) as http:
+        return [_post(http, azure, app.subscription.primary_key, body).status_code for _ in range(calls)]
+
+
+# A prompt whose estimate (len // 4 = 1,000 tokens) dwarfs what the local model reports for it.
+LONG_PROMPT = json.dumps({"messages": [{"role": "user", "content": "x" * 3950}]}).encode()
+
+
+def test_token_limit_without_estimate_charges_the_reported_usage(gateway: LocalAzure) -> None:
+    """``estimate-prompt-tokens="false"`` (infra's setting): a request is admitted while the window has
+    tokens left and charged the response's ``usage.total_tokens``; the one that crosses the limit passes."""
+    app = new_app_secret(gateway)
+    with _http(gateway) as http:
+        first = _post(http, gateway, app.subscription.primary_key, LONG_PROMPT)
+    reported = first.json()["usage"]["total_tokens"]
+    assert 0 < reported < len(LONG_PROMPT) // 4  # else this test cannot tell the two modes apart
+    limit = {"tokens_per_minute": reported + 1, "estimate_prompt_tokens": False}
+    # used 0 -> admitted, charged `reported`; used < limit -> admitted (crosses it); then refused.
+    assert _statuses(gateway, limit, LONG_PROMPT, 3) == [200, 200, 429]
+    # The same limit estimating the prompt charges ~1,000 tokens on admission: the second is refused.
+    assert _statuses(gateway, {**limit, "estimate_prompt_tokens": True}, LONG_PROMPT, 2) == [200, 429]
+    assert gateway.gateway.counters.labels()["policy:token-rate"] >= 2
+
+
+def test_token_limit_without_estimate_still_estimates_a_stream(gateway: LocalAzure) -> None:
+    """Learn: with ``stream: true`` prompt and completion tokens are estimated whatever the attribute says,
+    so a stream is charged its prompt estimate on admission and its streamed text when it ends."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    prompt = len(body) // 4
+    # Prompt alone would leave one token for the second stream; the completion's estimate uses it up.
+    limit = {"tokens_per_minute": prompt + 1, "estimate_prompt_tokens": False}
+    assert _statuses(gateway, limit, body, 2) == [200, 429]
+    # A non-streamed request under the same limit is charged only its (reported) usage.
+    plain = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    limit = {"tokens_per_minute": 10_000, "estimate_prompt_tokens": False}
+    assert _statuses(gateway, limit, plain, 2) == [200, 200]

@@ -370,7 +370,7 @@ class ApimGateway(Service):
                 429, f"Rate limit is exceeded. Try again in {wait} seconds.", {"Retry-After": str(wait)}
             )(scope, receive, send)
             return
-        refused, receive = await self.policies.inbound(self.api_id, sub.sid, scope, receive)
+        refused, receive, send = await self.policies.inbound(self.api_id, sub.sid, scope, receive, send)
         if refused is not None:
             await refused(scope, receive, send)
             return
@@ -383,7 +383,7 @@ class ApimGateway(Service):
         if self.policies.get(self.api_id).subscription_required:
             return False
         _, headers, query = self._extract(scope)
-        refused, receive = await self.policies.inbound(self.api_id, "", scope, receive)
+        refused, receive, send = await self.policies.inbound(self.api_id, "", scope, receive, send)
         if refused is not None:
             await refused(scope, receive, send)
             return True

@@ -18,8 +18,13 @@ Each policy answers as Microsoft documents it; every refusal has APIM's own erro
   are optional headers (sent here, as ``0``, on a refusal). Learn does not print the message texts; the
   ones used here (``Token limit is exceeded. Try again in N seconds.`` / ``Token quota is exceeded. Try
   again in d.hh:mm:ss.``) follow the other policies' wording, so a client must not depend on them:
-  apimvault's classifier uses status, shape and the word "quota" only. Prompt tokens are estimated from
-  the request body (``estimate-prompt-tokens``), about four bytes a token.
+  apimvault's classifier uses status, shape and the word "quota" only. ``estimate-prompt-tokens`` as
+  Learn's usage notes describe it: ``true`` (this stack's default) charges an estimate of the prompt when
+  the request is admitted, about four bytes of request body a token; ``false`` (what ``infra/`` deploys)
+  admits a request while the window has tokens left and charges the ``usage.total_tokens`` of the model's
+  response, so the request that crosses the limit passes and the following ones are refused. A streamed
+  request (``"stream": true``) is always estimated: its prompt when admitted, its completion from the
+  streamed text when the stream ends.
 * ``validate-azure-ad-token`` (Learn validate-azure-ad-token-policy): ``failed-validation-httpcode``
   (default 401) and ``failed-validation-error-message``; without a custom message the reasons of Learn's
   "Error handling in API Management policies" table for JWT validation: ``JWT not present.``, the token
@@ -48,7 +53,7 @@ from typing import Any
 import jwt
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from ._faults import Counters
 from ._server import json_response
@@ -124,8 +129,12 @@ class AzureOpenAITokenLimit:
     token_quota_period: str = "Hourly"  # noqa: S105 - a period name
     remaining_tokens_header_name: str | None = None
     remaining_quota_tokens_header_name: str | None = None
+    #: ``estimate-prompt-tokens``: ``False`` charges the usage the model reports instead of an estimate.
+    estimate_prompt_tokens: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.estimate_prompt_tokens, bool):
+            raise ValueError("estimate_prompt_tokens must be true or false")
         if self.tokens_per_minute is None and self.token_quota is None:
             raise ValueError("set tokens_per_minute, token_quota or both")
         if self.tokens_per_minute is not None:
@@ -276,34 +285,69 @@ class PolicyEngine:
     # ----------------------------------------------------------------------------------- evaluate
 
     async def inbound(
-        self, api: str, sid: str, scope: Scope, receive: Receive
-    ) -> tuple[Response | None, Receive]:
+        self, api: str, sid: str, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[Response | None, Receive, Send]:
         """Apply ``api``'s policies to one request of subscription ``sid``.
 
-        Returns the refusal (or ``None``) and the ``receive`` to forward with (the body is buffered when
-        the token limit needs its size).
+        Returns the refusal (or ``None``) and the ``receive`` and ``send`` to forward with: the body is
+        buffered when the token limit needs it, and ``send`` charges the response's tokens when the limit
+        counts reported usage or a stream.
         """
         policies = self.get(api)
         if policies.validate_azure_ad_token is not None:
             refused = self._validate(policies.validate_azure_ad_token, scope)
             if refused is not None:
                 self.counters.label("policy:token")
-                return refused, receive
+                return refused, receive, send
         if policies.rate_limit_by_key is not None:
             refused = self._count("rate", policies.rate_limit_by_key, sid)
             if refused is not None:
                 self.counters.label("policy:rate-limit")
-                return refused, receive
+                return refused, receive, send
         if policies.quota_by_key is not None:
             refused = self._count("quota", policies.quota_by_key, sid)
             if refused is not None:
                 self.counters.label("policy:quota")
-                return refused, receive
+                return refused, receive, send
         limit = policies.azure_openai_token_limit
         if limit is None:
-            return None, receive
+            return None, receive, send
         body, receive = await _buffer(receive)
-        return self._tokens(limit, sid, max(1, len(body) // _BYTES_PER_TOKEN)), receive
+        streamed = _is_stream(body)
+        prompt = max(1, len(body) // _BYTES_PER_TOKEN) if limit.estimate_prompt_tokens or streamed else 0
+        refused = self._tokens(limit, sid, prompt)
+        if refused is not None or (limit.estimate_prompt_tokens and not streamed):
+            return refused, receive, send
+        return None, receive, self._metered(limit, sid, send, streamed)
+
+    def _metered(self, limit: AzureOpenAITokenLimit, sid: str, send: Send, streamed: bool) -> Send:
+        """``send`` that charges, once the response ends, its reported usage (or, for a stream, an
+        estimate of the streamed text) to ``sid``'s token windows."""
+        chunks: list[bytes] = []
+
+        async def charging(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body = b"".join(chunks)
+                    self._charge(limit, sid, _streamed_tokens(body) if streamed else _reported_tokens(body))
+            await send(message)
+
+        return charging
+
+    def _charge(self, limit: AzureOpenAITokenLimit, sid: str, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            if limit.tokens_per_minute is not None:
+                window = self._windows["token-rate"]
+                window.usage(sid, 60, now)  # renew a window that ended while the response streamed
+                window.used[sid] += tokens
+            if limit.token_quota is not None:
+                window = self._windows["token-quota"]
+                window.usage(sid, QUOTA_PERIODS[limit.token_quota_period], now)
+                window.used[sid] += tokens
 
     def _count(self, name: str, policy: QuotaByKey | RateLimitByKey, sid: str) -> Response | None:
         now = self.clock()
@@ -405,6 +449,45 @@ class PolicyEngine:
             if not set(policy.required_roles) & set(roles):
                 return f"Claim roles value of {', '.join(map(str, roles))} is not allowed. Access denied."
         return None
+
+
+def _is_stream(body: bytes) -> bool:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("stream") is True
+
+
+def _reported_tokens(body: bytes) -> int:
+    """``usage.total_tokens`` of a JSON response (chat completions, embeddings, responses), else 0."""
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError):
+        return 0
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) and total > 0 else 0
+
+
+def _streamed_tokens(body: bytes) -> int:
+    """An estimate of the completion in a server-sent event stream: its text deltas, four bytes a token."""
+    size = 0
+    for line in body.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            continue  # "[DONE]"
+        if not isinstance(event, dict):
+            continue
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            text = delta.get("content") if isinstance(delta, dict) else None
+            size += len(text.encode()) if isinstance(text, str) else 0
+        text = event.get("delta") if event.get("type") == "response.output_text.delta" else None
+        size += len(text.encode()) if isinstance(text, str) else 0
+    return -(-size // _BYTES_PER_TOKEN)
 
 
 async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
