@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from apimvault.cli.parser import build_parser
+from tests._support.paths import REPO
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 # A value for each placeholder of the README's command table, valid for the option that names it.
 PLACEHOLDERS = {
