@@ -5,6 +5,7 @@ Nothing here patches an SDK: the real clients talk HTTPS to the stack on 127.0.0
 
 from __future__ import annotations
 
+import gc
 import socket
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -40,6 +41,22 @@ def _loopback_only() -> Iterator[None]:
         yield
     finally:
         socket.socket.connect = original  # type: ignore[method-assign]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what collection imported and built (modules, test items: live for the whole session) out of the
+    collector's sight, so the full collection after each test scans only what tests create."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after every test, so an unclosed socket or transport is reported (as an error, see
+    pyproject's ``filterwarnings``) in the test that leaked it, not in whichever test the collector next
+    happens to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
