@@ -58,6 +58,7 @@ class RemoteStack:
         line = self._proc.stdout.readline()
         if not line:
             self._proc.wait(10)
+            self._proc.stdout.close()
             raise RuntimeError("the benchmark's local Azure child process did not start")
         self.environ = json.loads(line)
         return self
@@ -78,6 +79,8 @@ class RemoteStack:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(5)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
             self._proc = None
 
 

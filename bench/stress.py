@@ -230,8 +230,12 @@ def run_stress(
             n += 1
             try:
                 if n % 2:
-                    chunks = client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES, stream=True)
-                    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+                    # `with`: `any` stops at the first chunk with text; leaving the block closes the response.
+                    streamed = client.chat.completions.create(
+                        model=DEPLOYMENT, messages=MESSAGES, stream=True
+                    )
+                    with streamed as chunks:
+                        assert any(c.choices and c.choices[0].delta.content for c in chunks)
                 else:
                     assert client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES).choices
                 progress.record(index, None)

@@ -113,6 +113,10 @@ def test_one_framework_test_command_in_the_readme_and_ci() -> None:
     assert all(len(c) == 1 for c in commands), commands
     assert commands[0] == commands[1] == commands[2], commands
     assert "-W default::DeprecationWarning" in commands[0][0]
+    # A leaked socket is reported as an unraisable-exception warning (a UserWarning): named last, an error.
+    assert commands[0][0].index("default::UserWarning") < commands[0][0].index(
+        "error::pytest.PytestUnraisableExceptionWarning"
+    )
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -23,12 +23,10 @@ async def test_agent_framework_run_and_stream_through_rotation(
 ) -> None:
     debug_logs.debug("agent_framework")
     stack = Rotating.new(azure)
-    async with stack.aprovider() as aprovider:
+    async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as aclient:
         # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
         agent = Agent(
-            client=OpenAIChatCompletionClient(
-                model="gpt-4o-mini", async_client=create_async_azure_openai(aprovider)
-            ),
+            client=OpenAIChatCompletionClient(model="gpt-4o-mini", async_client=aclient),
             instructions="Answer briefly.",
         )
         assert isinstance(agent, Agent)

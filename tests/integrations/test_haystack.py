@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 
 pytest.importorskip("haystack")
@@ -23,17 +25,16 @@ def _reply(result: dict[str, list[ChatMessage]]) -> str:
 
 
 async def test_haystack_chat_generator_through_rotation(
-    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str]
+    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str], closing: ExitStack
 ) -> None:
     debug_logs.debug("haystack")
     stack = Rotating.new(azure)
     provider = stack.provider()
     try:
-        async with stack.aprovider() as aprovider:
+        async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as aclient:
             # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
-            generator = azure_openai_chat_generator(
-                create_azure_openai(provider), create_async_azure_openai(aprovider), deployment="gpt-4o-mini"
-            )
+            client = closing.enter_context(create_azure_openai(provider))
+            generator = azure_openai_chat_generator(client, aclient, deployment="gpt-4o-mini")
             assert isinstance(generator, AzureOpenAIChatGenerator)
             generator.warm_up()  # what a pipeline does first: must keep apimvault's clients
             await generator.warm_up_async()
@@ -69,18 +70,19 @@ async def test_haystack_chat_generator_through_rotation(
     assert_no_key(stack.keys, *debug_logs.texts, printed.out, printed.err, repr(generator))
 
 
-async def test_haystack_half_not_given_refuses_to_send(azure: LocalAzure) -> None:
+async def test_haystack_half_not_given_refuses_to_send(azure: LocalAzure, closing: ExitStack) -> None:
     stack = Rotating.new(azure)
     provider = stack.provider()
     try:
-        generator = azure_openai_chat_generator(create_azure_openai(provider), deployment=DEPLOYMENT)
+        client = closing.enter_context(create_azure_openai(provider))
+        generator = azure_openai_chat_generator(client, deployment=DEPLOYMENT)
         assert _reply(generator.run([ChatMessage.from_user("hello")]))
         sent = azure.gateway.counters.total()
         with pytest.raises(ConfigurationError, match="async_client=create_async_azure_openai"):
             await generator.run_async([ChatMessage.from_user("hello")])
         assert azure.gateway.counters.total() == sent  # nothing reached the gateway
         with pytest.raises(ConfigurationError, match="api_key"):
-            azure_openai_chat_generator(create_azure_openai(provider), deployment=DEPLOYMENT, api_key=None)
+            azure_openai_chat_generator(client, deployment=DEPLOYMENT, api_key=None)
         # Serializing would lose apimvault's clients: Haystack refuses the placeholder token secret.
         with pytest.raises(ValueError, match="token-based secret"):
             generator.to_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -135,18 +136,19 @@ async def test_langchain_structured_output_and_tool_calls_through_rotation(azure
         provider.close()
 
 
-async def test_langchain_half_not_given_refuses_to_send(azure: LocalAzure) -> None:
+async def test_langchain_half_not_given_refuses_to_send(azure: LocalAzure, closing: ExitStack) -> None:
     stack = Rotating.new(azure)
     provider = stack.provider()
     try:
-        llm = azure_chat_openai(create_azure_openai(provider), deployment=DEPLOYMENT)
+        client = closing.enter_context(create_azure_openai(provider))
+        llm = azure_chat_openai(client, deployment=DEPLOYMENT)
         assert llm.invoke("hello").content
         sent = azure.gateway.counters.total()
         with pytest.raises(ConfigurationError, match="async_client=create_async_azure_openai"):
             await llm.ainvoke("hello")
         assert azure.gateway.counters.total() == sent  # nothing reached the gateway
         with pytest.raises(ConfigurationError, match="api_key"):
-            azure_chat_openai(create_azure_openai(provider), deployment=DEPLOYMENT, api_key="k")
+            azure_chat_openai(client, deployment=DEPLOYMENT, api_key="k")
         with pytest.raises(ConfigurationError, match="client="):
             azure_chat_openai(deployment=DEPLOYMENT)
     finally:

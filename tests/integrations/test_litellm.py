@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 
 pytest.importorskip("litellm")
@@ -21,16 +23,16 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 @pytest.mark.slow  # LiteLLM's first calls import much of the library (several seconds on a loaded machine)
 async def test_litellm_completion_sync_async_streaming_through_rotation(
-    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str]
+    azure: LocalAzure, debug_logs: LogCapture, capsys: pytest.CaptureFixture[str], closing: ExitStack
 ) -> None:
     debug_logs.debug("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm")
     litellm._turn_on_debug()  # LiteLLM's verbose mode: request details logged at DEBUG
     stack = Rotating.new(azure)
     provider = stack.provider()
     try:
-        async with stack.aprovider() as aprovider:
+        async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as aclient:
             # as the README block calls it (the block itself runs as a script: test_readme_blocks.py)
-            client, aclient = create_azure_openai(provider), create_async_azure_openai(aprovider)
+            client = closing.enter_context(create_azure_openai(provider))
             assert (
                 litellm.completion(model=MODEL, messages=MESSAGES, client=client).choices[0].message.content
             )

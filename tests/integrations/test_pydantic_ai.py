@@ -23,11 +23,9 @@ async def test_pydantic_ai_run_and_stream_through_rotation(
 ) -> None:
     debug_logs.debug("pydantic_ai")
     stack = Rotating.new(azure)
-    async with stack.aprovider() as aprovider:
+    async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as aclient:
         # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
-        model = OpenAIChatModel(
-            "gpt-4o-mini", provider=AzureProvider(openai_client=create_async_azure_openai(aprovider))
-        )
+        model = OpenAIChatModel("gpt-4o-mini", provider=AzureProvider(openai_client=aclient))
         agent = Agent(model, instructions="Answer briefly.")
         assert isinstance(agent, Agent)
 

@@ -29,11 +29,9 @@ async def test_semantic_kernel_chat_through_rotation(
     debug_logs.debug("semantic_kernel")
     stack = Rotating.new(azure)
     settings = AzureChatPromptExecutionSettings()
-    async with stack.aprovider() as aprovider:
+    async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as aclient:
         # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
-        chat = AzureChatCompletion(
-            deployment_name="gpt-4o-mini", async_client=create_async_azure_openai(aprovider)
-        )
+        chat = AzureChatCompletion(deployment_name="gpt-4o-mini", async_client=aclient)
         assert isinstance(chat, AzureChatCompletion)
 
         reply = await chat.get_chat_message_content(_history("hello"), settings)
@@ -59,11 +57,9 @@ async def test_semantic_kernel_chat_through_rotation(
 async def test_semantic_kernel_to_dict_carries_no_key(azure: LocalAzure) -> None:
     """SK's ``to_dict()`` copies the client's ``default_headers``; they must not hold the key."""
     stack = Rotating.new(azure)
-    async with stack.aprovider() as aprovider:
+    async with stack.aprovider() as aprovider, create_async_azure_openai(aprovider) as aclient:
         # as the README block builds it (the block itself runs as a script: test_readme_blocks.py)
-        chat = AzureChatCompletion(
-            deployment_name="gpt-4o-mini", async_client=create_async_azure_openai(aprovider)
-        )
+        chat = AzureChatCompletion(deployment_name="gpt-4o-mini", async_client=aclient)
         await aprovider.get()
         if any(value in stack.keys for value in chat.client.default_headers.values()):
             pytest.xfail("this apimvault shows the key in client.default_headers (LiveHeaders)")
