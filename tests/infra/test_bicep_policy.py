@@ -43,6 +43,8 @@ from infra.checks.bicep_policy import (
     role_grants,
 )
 
+from tests._support.bicep import BAD_SECRET
+
 
 def _one(templates: list[Template], name: str) -> Template:
     return next(t for t in templates if t.name == name)
@@ -510,24 +512,6 @@ resource quiet 'Microsoft.ApiManagement/service/subscriptions@2024-05-01' = {
   name: 'other'
   properties: {
     scope: '/products/p'
-  }
-}
-"""
-
-BAD_SECRET = """
-param validityDays int = 30
-resource apim 'Microsoft.ApiManagement/service@2024-05-01' existing = {
-  name: 'apim'
-}
-resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
-  name: 'kv/apim-subscription-key'
-  tags: {
-    CredentialId: 'key1'
-    ProviderAddress: apim.id
-    ValidityPeriodDays: string(validityDays)
-  }
-  properties: {
-    value: 'literal'
   }
 }
 """

@@ -9,30 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests._support.bicep import BAD_SECRET
 from tests._support.paths import REPO
 
 pytest.importorskip("pycep", reason="pycep-parser is in the dev extra")
 
 from infra.checks.__main__ import main
 from infra.checks.bicep_policy import BICEP_CHECKS
-
-BAD_SECRET = """
-param validityDays int = 30
-resource apim 'Microsoft.ApiManagement/service@2024-05-01' existing = {
-  name: 'apim'
-}
-resource s 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
-  name: 'kv/apim-subscription-key'
-  tags: {
-    CredentialId: 'key1'
-    ProviderAddress: apim.id
-    ValidityPeriodDays: string(validityDays)
-  }
-  properties: {
-    value: 'literal'
-  }
-}
-"""
 
 
 def test_every_bicep_check_is_in_the_tool() -> None:
