@@ -336,18 +336,21 @@ class PolicyEngine:
         return charging
 
     def _charge(self, limit: AzureOpenAITokenLimit, sid: str, tokens: int) -> None:
-        if tokens <= 0:
-            return
-        now = self.clock()
-        with self._lock:
-            if limit.tokens_per_minute is not None:
-                window = self._windows["token-rate"]
-                window.usage(sid, 60, now)  # renew a window that ended while the response streamed
-                window.used[sid] += tokens
-            if limit.token_quota is not None:
-                window = self._windows["token-quota"]
-                window.usage(sid, QUOTA_PERIODS[limit.token_quota_period], now)
-                window.used[sid] += tokens
+        if tokens > 0:
+            now = self.clock()
+            with self._lock:
+                self._add_locked(limit, sid, tokens, now)
+
+    def _add_locked(self, limit: AzureOpenAITokenLimit, sid: str, tokens: int, now: float) -> None:
+        """Charge ``tokens`` to ``sid``'s token windows (renewing one that has ended); hold ``_lock``."""
+        if limit.tokens_per_minute is not None:
+            window = self._windows["token-rate"]
+            window.usage(sid, 60, now)
+            window.used[sid] += tokens
+        if limit.token_quota is not None:
+            window = self._windows["token-quota"]
+            window.usage(sid, QUOTA_PERIODS[limit.token_quota_period], now)
+            window.used[sid] += tokens
 
     def _count(self, name: str, policy: QuotaByKey | RateLimitByKey, sid: str) -> Response | None:
         now = self.clock()
@@ -392,9 +395,7 @@ class PolicyEngine:
                     if limit.remaining_tokens_header_name:
                         extra[limit.remaining_tokens_header_name] = "0"
                     return _error(429, f"Token limit is exceeded. Try again in {wait} seconds.", extra)
-                window.used[sid] += tokens
-            if limit.token_quota is not None:
-                self._windows["token-quota"].used[sid] += tokens
+            self._add_locked(limit, sid, tokens, now)
         return None
 
     def _validate(self, policy: ValidateAzureAdToken, scope: Scope) -> Response | None:
